@@ -1,0 +1,37 @@
+"""Shared test fixtures.
+
+Tests that need ``../shared`` (golden outputs, slide fixtures, HIPT split files) use the ``shared_dir``
+fixture: they skip when it is absent on a developer machine and fail in CI (``CI=true``), where it must exist.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ZOOMFEAT_SHARED", ROOT.parent / "shared"))
+
+
+def require_shared(*parts: str) -> Path:
+    """Path under ``../shared``; skip the test when missing, fail when missing in CI."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        message = f"{path} is missing (the ../shared folder beside the checkout)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI requires {message}")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    return require_shared()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads(monkeypatch):
+    """Keep torch to the CI machine's two cores and avoid oversubscription between workers."""
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
