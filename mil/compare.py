@@ -1,0 +1,264 @@
+"""Compare ``train-mil`` runs: a feature-set x task table of mean +- std test AUC, paired per-fold tests.
+
+Runs are grouped by task (config ``task``). Within a task every run is paired fold by fold with the reference
+run of that task (``reference`` when it is of that task, else the task's first run): the per-fold AUC
+differences (run - reference), a Wilcoxon signed-rank p-value over them, and a paired bootstrap 95% CI of their
+mean (slides resampled with replacement within each fold's test set, stratified by class so every draw has an
+AUC, the same draw for both runs). Runs of one task must share their splits: ``split_fingerprints`` in
+config.json, else the test slide ids of each fold; otherwise a DataError names the folds that differ.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import wilcoxon
+
+from mil import html, plots
+from mil.report import RunResult, auc, auc_rows, fmt, fmt_mean_std, load_run, mean_std
+from zoomfeat.config import write_json_atomic
+from zoomfeat.errors import DataError
+
+
+def feature_set_name(config: dict) -> str:
+    """``<extractor>@<mags>`` (e.g. ``zoomldm@20x+5x``); the feature folder's name when no extractor is recorded."""
+    spec = config.get("features") or config.get("feature_spec") or ""
+    if isinstance(spec, dict):
+        spec = spec.get("spec") or spec.get("text") or ""
+    directory, _, mags = str(spec).rpartition("@") if "@" in str(spec) else (str(spec), "", "")
+    base = config.get("extractor") or Path(directory.rstrip("/")).name or "features"
+    return f"{base}@{mags}" if mags else str(base)
+
+
+def task_name(config: dict) -> str:
+    return str(config.get("task") or "task")
+
+
+# ---------------------------------------------------------------------------------------------- splits
+def _test_ids(run: RunResult, fold: int) -> frozenset[str]:
+    return frozenset(run.test(fold)["slide_id"].astype(str))
+
+
+def differing_folds(a: RunResult, b: RunResult) -> list[int]:
+    """Folds whose splits differ between two runs (fingerprints when both have them, else test slide ids)."""
+    fa, fb = a.config.get("split_fingerprints"), b.config.get("split_fingerprints")
+    if fa and fb:
+        fa, fb = {int(k): v for k, v in fa.items()}, {int(k): v for k, v in fb.items()}
+        return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+    folds = set(a.folds) | set(b.folds)
+    return sorted(k for k in folds if k not in a.predictions or k not in b.predictions
+                  or _test_ids(a, k) != _test_ids(b, k))
+
+
+def check_same_splits(reference: RunResult, runs: list[RunResult], task: str) -> None:
+    """DataError naming the folds that differ when a run of ``task`` was not made on the reference's splits."""
+    for run in runs:
+        if run is reference:
+            continue
+        bad = differing_folds(reference, run)
+        if bad:
+            raise DataError(
+                f"task {task!r}: {run.run_dir} and {reference.run_dir} were not made on the same splits "
+                f"(folds {', '.join(map(str, bad))} differ): rerun train-mil with the same --splits")
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def fold_aucs(run: RunResult) -> dict[int, float | None]:
+    return {k: auc(run.test(k)["label"].to_numpy(), run.test(k)["prob"].to_numpy(dtype=float)) for k in run.folds}
+
+
+def _aligned(run: RunResult, ref: RunResult, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """labels [n], run probs [n], reference probs [n] on the test slides both runs scored in ``fold``."""
+    a = run.test(fold).drop_duplicates("slide_id").set_index("slide_id")
+    b = ref.test(fold).drop_duplicates("slide_id").set_index("slide_id")
+    ids = sorted(set(a.index) & set(b.index))
+    return (b.loc[ids, "label"].to_numpy(), a.loc[ids, "prob"].to_numpy(dtype=float),
+            b.loc[ids, "prob"].to_numpy(dtype=float))
+
+
+def paired_bootstrap_ci(run: RunResult, ref: RunResult, folds: list[int], n_bootstrap: int, seed: int) -> dict:
+    """95% percentile CI of mean over ``folds`` of AUC(run) - AUC(reference), slides resampled per fold by class."""
+    if not folds or n_bootstrap <= 0:
+        return {"low": None, "high": None, "n_bootstrap": n_bootstrap, "seed": seed}
+    rng = np.random.default_rng(seed)
+    total = np.zeros(n_bootstrap)
+    for k in folds:
+        labels, p_run, p_ref = _aligned(run, ref, k)
+        pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+        idx = np.concatenate([rng.choice(pos, size=(n_bootstrap, pos.size)),
+                              rng.choice(neg, size=(n_bootstrap, neg.size))], axis=1)
+        total += auc_rows(labels[idx], p_run[idx]) - auc_rows(labels[idx], p_ref[idx])
+    low, high = np.percentile(total / len(folds), [2.5, 97.5])
+    return {"low": float(low), "high": float(high), "n_bootstrap": n_bootstrap, "seed": seed}
+
+
+def wilcoxon_p(differences: list[float]) -> float | None:
+    """Two-sided Wilcoxon signed-rank p-value; None with fewer than two non-zero differences."""
+    if sum(1 for d in differences if d != 0) < 2:
+        return None
+    return float(wilcoxon(differences).pvalue)
+
+
+def paired_comparison(run: RunResult, ref: RunResult, n_bootstrap: int, seed: int) -> dict:
+    """Per-fold AUC differences (run - reference) on folds where both AUCs are defined, and their tests."""
+    a, b = fold_aucs(run), fold_aucs(ref)
+    folds = [k for k in sorted(set(a) & set(b)) if a[k] is not None and b[k] is not None]
+    diffs = {k: a[k] - b[k] for k in folds}
+    values = list(diffs.values())
+    return {
+        "folds": folds,
+        "differences": diffs,
+        "mean_difference": float(np.mean(values)) if values else None,
+        "wilcoxon_p": wilcoxon_p(values),
+        "bootstrap_ci95": paired_bootstrap_ci(run, ref, folds, n_bootstrap, seed),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- assembly
+def _group_by_task(runs: list[RunResult]) -> dict[str, list[RunResult]]:
+    groups: dict[str, list[RunResult]] = {}
+    for run in runs:
+        groups.setdefault(task_name(run.config), []).append(run)
+    return groups
+
+
+def _row_names(runs: list[RunResult]) -> dict[Path, str]:
+    """Feature-set name of each run, made unique within a task by adding the run folder's name."""
+    names, seen = {}, set()
+    for run in runs:
+        name = feature_set_name(run.config)
+        key = (name, task_name(run.config))
+        if key in seen:
+            name = f"{name} ({run.run_dir.name})"
+        seen.add((name, task_name(run.config)))
+        names[run.run_dir] = name
+    return names
+
+
+def compute_comparison(runs: list[RunResult], reference: RunResult | None = None, *, n_bootstrap: int = 1000,
+                       seed: int = 0) -> dict:
+    """Every number of the comparison (JSON-ready); raises DataError for runs of one task on different splits."""
+    names = _row_names(runs)
+    groups = _group_by_task(runs)
+    entries, comparisons, references = [], [], {}
+    for task, members in groups.items():
+        ref = reference if reference is not None and task_name(reference.config) == task else members[0]
+        references[task] = str(ref.run_dir)
+        check_same_splits(ref, members, task)
+        for run in members:
+            per_fold = fold_aucs(run)
+            entries.append({"run_dir": str(run.run_dir), "task": task, "feature_set": names[run.run_dir],
+                            "fold_auc": per_fold, "auc": mean_std(list(per_fold.values()))})
+            if run is not ref:
+                comparisons.append({"task": task, "feature_set": names[run.run_dir], "run_dir": str(run.run_dir),
+                                    "reference": names[ref.run_dir], "reference_run_dir": str(ref.run_dir),
+                                    **paired_comparison(run, ref, n_bootstrap, seed)})
+    feature_sets = list(dict.fromkeys(e["feature_set"] for e in entries))
+    table = {fs: {e["task"]: e["auc"] for e in entries if e["feature_set"] == fs} for fs in feature_sets}
+    return {"tasks": list(groups), "feature_sets": feature_sets, "references": references, "runs": entries,
+            "table": table, "comparisons": comparisons, "n_bootstrap": n_bootstrap, "seed": seed,
+            "notes": _notes(entries)}
+
+
+def _notes(entries: list[dict]) -> list[str]:
+    notes = ["Cells: mean ± standard deviation (ddof=1) of the test AUC over folds; paired tests are over the "
+             "folds where both runs have an AUC."]
+    for e in entries:
+        if e["auc"]["n_excluded"]:
+            notes.append(f"{e['feature_set']} / {e['task']}: {e['auc']['n_excluded']} fold(s) with a single-class "
+                         "test set have no AUC and are excluded.")
+    return notes
+
+
+def _table_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for fs in result["feature_sets"]:
+        cells = [result["table"][fs].get(t) for t in result["tasks"]]
+        rows.append([fs] + ["—" if c is None else f"{fmt_mean_std(c)} (n={c['n']})" for c in cells])
+    return rows
+
+
+def _comparison_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for c in result["comparisons"]:
+        ci = c["bootstrap_ci95"]
+        ci_text = "n/a" if ci["low"] is None else f"[{ci['low']:+.3f}, {ci['high']:+.3f}]"
+        mean = "n/a" if c["mean_difference"] is None else f"{c['mean_difference']:+.3f}"
+        diffs = ", ".join(f"{d:+.3f}" for d in c["differences"].values()) or "n/a"
+        rows.append([c["task"], c["feature_set"], c["reference"], str(len(c["folds"])), diffs, mean, ci_text,
+                     fmt(c["wilcoxon_p"])])
+    return rows
+
+
+COMPARISON_HEADER = ["task", "feature set", "reference", "folds", "per-fold ΔAUC", "mean ΔAUC",
+                     "bootstrap 95% CI", "Wilcoxon p"]
+
+
+def render_html(result: dict, images: dict[str, bytes]) -> str:
+    parts = [html.heading("Test AUC per feature set and task"),
+             html.table(["feature set", *result["tasks"]], _table_rows(result)),
+             html.heading("Paired differences against the reference")]
+    if result["comparisons"]:
+        parts.append(html.table(COMPARISON_HEADER, _comparison_rows(result)))
+    else:
+        parts.append(html.paragraph("No pairs: every task has a single run."))
+    parts += [html.paragraph(n, "note") for n in result["notes"]]
+    parts.append(html.paragraph(f"Bootstrap: {result['n_bootstrap']} resamples, seed {result['seed']}, slides "
+                                "resampled within each fold's test set, stratified by class."))
+    for name, png in images.items():
+        parts += [html.heading(f"Per-fold test AUC: {name}", 3), html.image(png, f"per-fold AUC {name}")]
+    return html.page("Feature-set comparison", parts)
+
+
+def render_markdown(result: dict, images: dict[str, bytes]) -> str:
+    lines = ["# Feature-set comparison", "", "## Test AUC per feature set and task", "",
+             html.markdown_table(["feature set", *result["tasks"]], _table_rows(result)), "",
+             "## Paired differences against the reference", ""]
+    lines.append(html.markdown_table(COMPARISON_HEADER, _comparison_rows(result)) if result["comparisons"]
+                 else "No pairs: every task has a single run.")
+    lines += [""] + [f"> {n}" for n in result["notes"]] + [""]
+    lines += [f"![per-fold AUC {name}]({name})" for name in images] + [""]
+    return "\n".join(lines)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "task"
+
+
+def build_comparison(run_dirs: list[str | Path], out_dir: str | Path, reference: str | Path | None = None, *,
+                     n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Write compare.html (and the same page as index.html), compare.md, compare.json, per-task per-fold PNGs.
+
+    Returns compare.json's dict, with ``files`` (name -> path).
+    """
+    runs = [load_run(d) for d in run_dirs]
+    if not runs:
+        raise DataError("no run directories to compare: pass at least one RUN_DIR")
+    ref = None
+    if reference is not None:
+        ref_path = Path(reference).resolve()
+        ref = next((r for r in runs if r.run_dir.resolve() == ref_path), None) or load_run(reference)
+        if not any(r is ref for r in runs):
+            runs = [ref, *runs]
+    result = compute_comparison(runs, ref, n_bootstrap=n_bootstrap, seed=seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = {}
+    for task in result["tasks"]:
+        series = {e["feature_set"]: e["fold_auc"] for e in result["runs"] if e["task"] == task}
+        images[f"fold_auc_{_safe(task)}.png"] = plots.fold_auc_figure(series, f"test AUC per fold: {task}")
+    files = {name: out / name for name in images}
+    for name, png in images.items():
+        files[name].write_bytes(png)
+    page = render_html(result, images)
+    for name in ("compare.html", "index.html"):
+        files[name] = out / name
+        files[name].write_text(page)
+    files["compare.md"] = out / "compare.md"
+    files["compare.md"].write_text(render_markdown(result, images))
+    files["compare.json"] = out / "compare.json"
+    result["files"] = {k: str(v) for k, v in files.items()}
+    write_json_atomic(files["compare.json"], result)
+    return result

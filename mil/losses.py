@@ -1,0 +1,35 @@
+"""Smooth top-1 multiclass SVM loss (Berrada, Zisserman & Kumar, ICLR 2018), CLAM's instance loss.
+
+For scores ``s`` [B, C] and labels ``y`` [B], with margin ``alpha`` and temperature ``tau``:
+
+    loss = tau * log sum_j exp((alpha * [j != y] + s_j - s_y) / tau)        (mean over the batch)
+
+It is a smooth upper bound of the hinge ``max_j(alpha * [j != y] + s_j) - s_y``; tau -> 0 gives the hinge.
+CLAM uses C = 2, alpha = 1, tau = 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def smooth_top1_svm(scores: torch.Tensor, target: torch.Tensor, alpha: float = 1.0,
+                    tau: float = 1.0) -> torch.Tensor:
+    """Mean smooth top-1 SVM loss of ``scores`` [B, C] against integer ``target`` [B]."""
+    margin = torch.full_like(scores, alpha)
+    margin.scatter_(1, target.view(-1, 1), 0.0)
+    true_score = scores.gather(1, target.view(-1, 1))
+    return (tau * torch.logsumexp((scores + margin - true_score) / tau, dim=1)).mean()
+
+
+class SmoothTop1SVM(nn.Module):
+    """Module form of :func:`smooth_top1_svm` with fixed ``alpha`` and ``tau``."""
+
+    def __init__(self, alpha: float = 1.0, tau: float = 1.0):
+        super().__init__()
+        self.alpha = alpha
+        self.tau = tau
+
+    def forward(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return smooth_top1_svm(scores, target, self.alpha, self.tau)

@@ -1,0 +1,76 @@
+"""Synthetic feature files, label tables and split folders for the MIL tests (real HDF5, DESIGN.md format)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from splits.io import make_fold, write_splits_dir
+
+
+def write_feature_file(directory: Path, slide_id: str, feats_20x: np.ndarray, feats_5x: np.ndarray | None = None,
+                       parent_5x: np.ndarray | None = None, complete: bool = True, extractor: str = "toy",
+                       dtype=np.float32) -> Path:
+    """One ``<slide_id>.h5``: group 20x (coords, features, parent_5x when 5x given) and optional group 5x."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{slide_id}.h5"
+    n = len(feats_20x)
+    with h5py.File(path, "w") as fh:
+        fh.attrs.update({"format": "zoomfeat", "format_version": 1, "slide_id": slide_id,
+                         "extractor": extractor, "extractor_config": json.dumps({"dim": int(feats_20x.shape[1])})})
+        g = fh.create_group("20x")
+        g.create_dataset("coords", data=np.stack([np.arange(n) * 256, np.zeros(n)], 1).astype(np.int64))
+        g.create_dataset("features", data=np.asarray(feats_20x, dtype=dtype).reshape(n, -1))
+        if feats_5x is not None:
+            m = len(feats_5x)
+            parents = parent_5x if parent_5x is not None else np.arange(n) % max(m, 1)
+            g.create_dataset("parent_5x", data=np.asarray(parents, dtype=np.int64))
+            g5 = fh.create_group("5x")
+            g5.create_dataset("coords", data=np.stack([np.arange(m) * 1024, np.zeros(m)], 1).astype(np.int64))
+            g5.create_dataset("features", data=np.asarray(feats_5x, dtype=dtype))
+        if complete:
+            fh.attrs["complete"] = True
+    return path
+
+
+def planted_bag(rng: np.random.Generator, label: int, n: int, dim: int, amplitude: float = 2.5,
+                share: float = 0.05) -> np.ndarray:
+    """[n, dim] N(0, 1) instances; ``share`` of them carry a pattern on dims 0-3.
+
+    Positive bags: pattern (a, a, a, a). Negative bags: as many (a, a, 0, 0) and (0, 0, a, a) instances.
+    The mean feature of both classes is the same, so only a head that finds the key instances separates them.
+    """
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    k = max(1, int(round(share * n)))
+    idx = rng.choice(n, size=2 * k, replace=False)
+    if label == 1:
+        x[idx[:k], :4] += amplitude
+    else:
+        x[idx[:k], :2] += amplitude
+        x[idx[k:], 2:4] += amplitude
+    return x
+
+
+def planted_cohort(root: Path, n_slides: int = 60, dim: int = 32, sizes: tuple[int, int] = (100, 200),
+                   folds: int = 5, seed: int = 0) -> dict[str, Path]:
+    """Feature folder, labels.csv and a stratified k-fold split folder (test = fold k, val = fold k+1)."""
+    rng = np.random.default_rng(seed)
+    labels = np.array([i % 2 for i in range(n_slides)])
+    rows = []
+    for i, y in enumerate(labels):
+        sid = f"S{i:03d}"
+        write_feature_file(root / "feats", sid, planted_bag(rng, int(y), int(rng.integers(*sizes)), dim))
+        rows.append({"case_id": f"C{i:03d}", "slide_id": sid, "label": "ILC" if y else "IDC"})
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    chunk = [[r["slide_id"] for j, r in enumerate(rows) if j % folds == k] for k in range(folds)]
+    split_folds = []
+    for k in range(folds):
+        val = (k + 1) % folds
+        train = [s for j in range(folds) if j not in (k, val) for s in chunk[j]]
+        split_folds.append(make_fold(k, train, chunk[val], chunk[k]))
+    write_splits_dir(split_folds, root / "splits", source="synthetic", seed=seed, command="tests")
+    return {"features": root / "feats", "labels": root / "labels.csv", "splits": root / "splits"}

@@ -1,0 +1,179 @@
+"""``zoomfeat heatmap``: a tiny ABMIL trained by ``train-mil`` on feature-planted bags attends the signal tiles.
+
+One real synthetic slide (OpenSlide) gives the tile grid (``make_grid``) and the signal boxes. Features are
+planted at the feature level: tiles of the signal get a shifted mean, others pure noise. Training slides reuse
+the grid with a random 2x2 block of signal tiles (label 1) or none (label 0). The run built here is also the
+"real train-mil run" of tests/test_report.py and tests/test_compare.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cli
+from zoomfeat.mags import PATCH_SIZE
+
+DIM = 8
+N_TRAIN = 16
+SLIDE_SIZE = 2048
+
+
+def _in_boxes(coords: np.ndarray, tile: int, boxes) -> np.ndarray:
+    """bool [N]: at least half of the tile's area lies in one of the boxes (x0, y0, x1, y1), level-0 px."""
+    inside = np.zeros(len(coords), bool)
+    for x0, y0, x1, y1 in boxes:
+        w = np.clip(np.minimum(coords[:, 0] + tile, x1) - np.maximum(coords[:, 0], x0), 0, None)
+        h = np.clip(np.minimum(coords[:, 1] + tile, y1) - np.maximum(coords[:, 1], y0), 0, None)
+        inside |= w * h >= tile * tile / 2
+    return inside
+
+
+def _write_bag(feature_dir: Path, info, grid, signal: np.ndarray, rng) -> None:
+    from zoomfeat.store import TileStoreWriter, h5_path
+
+    feats = rng.normal(0.0, 1.0, (len(signal), DIM)).astype(np.float32)
+    feats[signal, :3] += 2.5
+    with TileStoreWriter(h5_path(feature_dir, info.slide_id), info, grid, extractor="planted",
+                         extractor_config={"rule": "signal tiles: +2.5 on dims 0-2, N(0,1) noise"},
+                         feature_dim=DIM) as writer:
+        writer.write_features("20x", 0, feats)
+        writer.commit()
+
+
+def _random_block(coords: np.ndarray, rng) -> np.ndarray:
+    """bool [N]: a 2x2 block of lattice tiles around a random tile (fewer at the tissue edge)."""
+    x, y = coords[rng.integers(len(coords))]
+    return ((coords[:, 0] >= x) & (coords[:, 0] <= x + PATCH_SIZE)
+            & (coords[:, 1] >= y) & (coords[:, 1] <= y + PATCH_SIZE))
+
+
+def _write_splits(directory: Path, ids: list[str], n_folds: int = 2) -> None:
+    directory.mkdir(parents=True)
+    for k in range(n_folds):
+        test = ids[4 * k:4 * k + 4]
+        val = ids[4 * ((k + 1) % n_folds):4 * ((k + 1) % n_folds) + 2]
+        train = [s for s in ids if s not in test and s not in val]
+        cols = {"train": train, "val": val, "test": test}
+        n = max(map(len, cols.values()))
+        pd.DataFrame({c: v + [""] * (n - len(v)) for c, v in cols.items()}).to_csv(
+            directory / f"splits_{k}.csv", index=False)
+
+
+@functools.lru_cache(maxsize=None)
+def build_cohort(base: Path) -> dict:
+    """The slide, feature folder, labels and splits (once per test session)."""
+    from zoomfeat.slides import Slide
+    from zoomfeat.synthetic import write_synthetic_slide
+    from zoomfeat.tiling import make_grid
+
+    root = base / "mil_cohort"
+    rng = np.random.default_rng(0)
+    info = write_synthetic_slide(root / "target.svs", size=SLIDE_SIZE, label=1, seed=5)
+    with Slide(info.path) as slide:
+        grid = make_grid(slide, [20.0])
+        slide_info = slide.info
+    coords = grid.coords["20x"]
+    feature_dir = root / "features"
+    signal = _in_boxes(coords, PATCH_SIZE, info.signal_boxes_level0)
+    _write_bag(feature_dir, slide_info, grid, signal, rng)
+    ids = [f"train-{i:02d}" for i in range(N_TRAIN)]
+    for i, slide_id in enumerate(ids):
+        planted = _random_block(coords, rng) if i % 2 else np.zeros(len(coords), bool)
+        _write_bag(feature_dir, dataclasses.replace(slide_info, slide_id=slide_id), grid, planted, rng)
+    pd.DataFrame({"case_id": [f"case-{s}" for s in ids], "slide_id": ids, "label": [i % 2 for i in range(N_TRAIN)]}
+                 ).to_csv(root / "labels.csv", index=False)
+    _write_splits(root / "splits", ids)
+    return {"root": root, "slide": info.path, "features": feature_dir, "signal": signal, "coords": coords,
+            "boxes": info.signal_boxes_level0}
+
+
+def train_run(cohort: dict, out: Path, model: str = "abmil", seed: int = 0) -> Path:
+    """A real cross-validation run (2 folds) on the planted cohort, through ``zoomfeat train-mil``."""
+    from zoomfeat.commands import train_mil  # noqa: F401  (fails clearly if the command is missing)
+
+    argv = ["train-mil", "--features", f"{cohort['features']}@20x", "--labels", str(cohort["root"] / "labels.csv"),
+            "--splits", str(cohort["root"] / "splits"), "--task", "custom", "--model", model, "--protocol", "hipt",
+            "--epochs", "15", "--lr", "1e-3", "--model-kwargs", json.dumps(_MODEL_KWARGS[model]),
+            "--seed", str(seed), "--out", str(out)]
+    assert cli.main(argv) == 0
+    return out
+
+
+_MODEL_KWARGS = {"abmil": {"hidden": 32, "attn_dim": 16, "dropout": 0.0}, "mean": {"hidden": 32, "dropout": 0.0}}
+
+
+@functools.lru_cache(maxsize=None)
+def real_runs(base: Path) -> tuple[Path, Path]:
+    """Two real runs on the same splits: ABMIL and mean pooling (once per test session)."""
+    cohort = build_cohort(base)
+    return (train_run(cohort, base / "runs" / "abmil", "abmil"), train_run(cohort, base / "runs" / "mean", "mean"))
+
+
+@pytest.fixture
+def cohort(tmp_path_factory):
+    return build_cohort(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture
+def runs(tmp_path_factory):
+    return real_runs(tmp_path_factory.getbasetemp())
+
+
+def test_attention_lands_on_the_planted_signal(cohort, runs):
+    from mil.heatmap import attention_map
+
+    coords, attention = attention_map(runs[0], 0, cohort["slide"], f"{cohort['features']}@20x")
+    np.testing.assert_array_equal(coords, cohort["coords"])
+    signal = cohort["signal"]
+    chance = signal.mean()
+    assert 0 < chance < 0.5
+    k = max(1, int(signal.sum()) // 2)
+    top = np.argsort(-attention)[:k]
+    hit_rate = signal[top].mean()
+    assert hit_rate >= 0.9 and hit_rate > 2 * chance
+    assert attention[signal].mean() > 3 * attention[~signal].mean()
+
+
+def test_heatmap_cli_writes_images(cohort, runs, tmp_path):
+    from matplotlib import image as mpimg
+
+    from zoomfeat.slides import Slide
+
+    out = tmp_path / "maps" / "target.png"
+    argv = ["heatmap", "--run", str(runs[0]), "--fold", "1", "--slide", str(cohort["slide"]), "--features",
+            f"{cohort['features']}@20x", "--out", str(out), "--top", "4", "--max-size", "512"]
+    assert cli.main(argv) == 0
+    heat = mpimg.imread(out)
+    with Slide(cohort["slide"]) as slide:
+        thumb = slide.thumbnail(512)
+    assert heat.shape[:2] == thumb.shape[:2] and heat[..., :3].std() > 0.05
+    assert np.abs(heat[..., :3] * 255 - thumb).mean() > 5  # the overlay changed the thumbnail
+    top = mpimg.imread(out.with_name("target_top.png"))
+    assert top.shape[0] == top.shape[1] == 2 * PATCH_SIZE + 3 * 4 and top[..., :3].std() > 0.02
+
+
+def test_heatmap_rejects_other_magnifications(cohort, runs, tmp_path, capsys):
+    argv = ["heatmap", "--run", str(runs[0]), "--fold", "0", "--slide", str(cohort["slide"]), "--features",
+            f"{cohort['features']}@5x", "--out", str(tmp_path / "x.png")]
+    assert cli.main(argv) == 2
+    assert "was trained on" in capsys.readouterr().err
+
+
+def test_render_and_percentiles():
+    from mil.heatmap import attention_percentiles, montage, render_heatmap
+
+    np.testing.assert_allclose(attention_percentiles(np.array([0.1, 0.5, 0.3])), [0, 1, 0.5])
+    thumb = np.full((64, 64, 3), 255, np.uint8)
+    coords = np.array([[0, 0], [512, 512]])
+    img = render_heatmap(thumb, coords, 512, (1024, 1024), np.array([0.0, 1.0]), alpha=1.0, cmap="gray")
+    assert (img[:32, :32] == 0).all() and (img[32:, 32:] == 255).all() and (img[:32, 32:] == 255).all()
+    grid = montage([np.zeros((8, 8, 3), np.uint8)] * 3, border=2)
+    assert grid.shape == (2 * 10 + 2, 2 * 10 + 2, 3) and (grid == 0).sum() == 3 * 8 * 8 * 3

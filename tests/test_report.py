@@ -1,0 +1,177 @@
+"""``zoomfeat report``: numbers checked against sklearn on fabricated runs; files parsed back; a real run."""
+
+from __future__ import annotations
+
+import io
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib import image as mpimg
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+import cli
+from mil.report import auc_rows, bootstrap_auc_ci, build_report
+
+
+def fabricate_run(run_dir: Path, *, n_folds=5, n_per_fold=12, seed=0, one_class_fold=None, task="subtype",
+                  extractor="zoomldm", spec="/data/feats_zoomldm@20x+5x") -> Path:
+    """A run directory with config.json and fold_k/predictions.csv of known, noisy predictions."""
+    rng = np.random.default_rng(seed)
+    run_dir.mkdir(parents=True)
+    config = {"task": task, "protocol": "hipt-5fold", "model": "abmil", "features": spec,
+              "split_source": "splits/brca.csv", "labels": "labels.csv", "label_map": {"IDC": 0, "ILC": 1},
+              "extractor": extractor, "extractor_config": {"timestep": 50, "block": 3, "pooling": "mean"},
+              "split_fingerprints": {str(k): f"sha{k}" for k in range(n_folds)}}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    for k in range(n_folds):
+        ids = [f"slide{k}_{i:02d}" for i in range(n_per_fold)]
+        labels = np.arange(n_per_fold) % 2 if k != one_class_fold else np.ones(n_per_fold, int)
+        probs = np.clip(0.5 + 0.25 * (labels - 0.5) + rng.normal(0, 0.25, n_per_fold), 0, 1).round(4)
+        val = pd.DataFrame({"slide_id": [f"v{k}_{i}" for i in range(4)], "case_id": "c", "label": [0, 1, 0, 1],
+                            "prob": [0.9, 0.1, 0.9, 0.1], "split": "val"})  # must be ignored by the report
+        test = pd.DataFrame({"slide_id": ids, "case_id": ids, "label": labels, "prob": probs, "split": "test"})
+        (run_dir / f"fold_{k}").mkdir()
+        pd.concat([val, test]).to_csv(run_dir / f"fold_{k}" / "predictions.csv", index=False)
+    return run_dir
+
+
+class _Page(HTMLParser):
+    """Collects table rows (cell texts), <img> sources and external references of an HTML page."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.images, self.external, self._row, self._cell = [], [], [], None, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "tr":
+            self._row = []
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "img":
+            self.images.append(attrs.get("src", ""))
+        if tag in ("link", "script") or (tag == "img" and not attrs.get("src", "").startswith("data:")):
+            self.external.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._row is not None:
+            self._row.append(self._cell.strip())
+            self._cell = None
+        elif tag == "tr":
+            self.rows.append(self._row)
+            self._row = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+
+def parse_html(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text())
+    return page
+
+
+def assert_nontrivial_png(data: bytes, min_side: int = 100) -> np.ndarray:
+    pixels = mpimg.imread(io.BytesIO(data), format="png")
+    assert pixels.shape[0] >= min_side and pixels.shape[1] >= min_side
+    assert pixels[..., :3].std() > 0.02
+    return pixels
+
+
+def expected_fold_metrics(run_dir: Path) -> dict[int, dict]:
+    """Independent computation from predictions.csv with sklearn."""
+    out = {}
+    for k in range(5):
+        df = pd.read_csv(run_dir / f"fold_{k}" / "predictions.csv")
+        df = df[df["split"] == "test"]
+        y, p = df["label"].to_numpy(), df["prob"].to_numpy()
+        pred = (p >= 0.5).astype(int)
+        out[k] = {"auc": roc_auc_score(y, p) if len(set(y)) == 2 else None,
+                  "f1": f1_score(y, pred, zero_division=0),
+                  "balanced_accuracy": balanced_accuracy_score(y, pred) if len(set(y)) == 2 else float(
+                      np.mean(pred[y == y[0]] == y[0]))}
+    return out
+
+
+def test_auc_rows_matches_sklearn_with_ties():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, size=(20, 30))
+    s = rng.integers(0, 5, size=(20, 30)).astype(float)  # many ties
+    got = auc_rows(y, s)
+    want = [roc_auc_score(y[i], s[i]) for i in range(20)]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert np.isnan(auc_rows(np.ones((1, 5)), np.arange(5.0)))[0]
+
+
+def test_report_numbers_files_and_html(tmp_path):
+    run = fabricate_run(tmp_path / "run", one_class_fold=2)
+    result = build_report(run, n_bootstrap=300, seed=1)
+    out = run / "report"
+    want = expected_fold_metrics(run)
+
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["n_folds"] == 5
+    for m in saved["folds"]:
+        w = want[m["fold"]]
+        assert m["n_test"] == 12
+        assert (m["auc"] is None) == (w["auc"] is None)
+        if w["auc"] is not None:
+            assert m["auc"] == pytest.approx(w["auc"], abs=1e-12)
+        assert m["f1"] == pytest.approx(w["f1"])
+        assert m["balanced_accuracy"] == pytest.approx(w["balanced_accuracy"])
+    defined = [w["auc"] for w in want.values() if w["auc"] is not None]
+    assert saved["summary"]["auc"]["mean"] == pytest.approx(np.mean(defined))
+    assert saved["summary"]["auc"]["std"] == pytest.approx(np.std(defined, ddof=1))
+    assert saved["summary"]["auc"]["n_excluded"] == 1 and saved["folds_auc_undefined"] == [2]
+
+    pooled = pd.concat(pd.read_csv(run / f"fold_{k}" / "predictions.csv") for k in range(5))
+    pooled = pooled[pooled["split"] == "test"]
+    assert saved["pooled"]["auc"] == pytest.approx(roc_auc_score(pooled["label"], pooled["prob"]))
+    ci = saved["pooled"]["auc_ci95"]
+    assert ci["low"] < saved["pooled"]["auc"] < ci["high"] and ci["n_bootstrap"] == 300
+    (tn, fp), (fn, tp) = saved["pooled"]["confusion_matrix"]
+    pred = pooled["prob"] >= 0.5
+    assert tp == int((pred & (pooled["label"] == 1)).sum()) and tn + fp + fn + tp == 60
+    assert result["pooled"]["auc"] == saved["pooled"]["auc"]
+
+    page = parse_html(out / "report.html")
+    assert not page.external and len(page.images) == 2
+    table = {r[0]: r for r in page.rows if r}
+    for k, w in want.items():
+        assert table[str(k)][3] == ("n/a" if w["auc"] is None else f"{w['auc']:.3f}")
+        assert table[str(k)][5] == f"{w['f1']:.3f}"
+    settings = {r[0]: r[1] for r in page.rows if len(r) == 2}
+    assert settings["protocol"] == "hipt-5fold" and settings["model"] == "abmil"
+    assert settings["extractor"] == "zoomldm" and settings["extractor_config.timestep"] == "50"
+    assert settings["split source"] == "splits/brca.csv" and settings["folds"] == "5"
+    text = (out / "report.html").read_text()
+    assert "excluded from the mean" in text and "5 folds" in text
+    for name in ("roc.png", "confusion.png"):
+        assert_nontrivial_png((out / name).read_bytes())
+    assert "| 2 | 12 | 12/0 | n/a |" in (out / "report.md").read_text()
+
+
+def test_bootstrap_ci_is_seeded_and_sane():
+    rng = np.random.default_rng(0)
+    y = np.arange(80) % 2
+    s = y * 0.6 + rng.normal(0, 0.5, 80)
+    a, b = bootstrap_auc_ci(y, s, 500, seed=7), bootstrap_auc_ci(y, s, 500, seed=7)
+    assert a == b and a["low"] < roc_auc_score(y, s) < a["high"] and a["high"] - a["low"] < 0.4
+    assert bootstrap_auc_ci(np.ones(5), np.arange(5.0), 100, 0)["low"] is None
+
+
+def test_report_cli_and_errors(tmp_path, capsys):
+    run = fabricate_run(tmp_path / "run")
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "rep"), "--n-bootstrap", "50"]) == 0
+    assert (tmp_path / "rep" / "report.html").is_file() and "pooled AUC" in capsys.readouterr().out
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    bad = run / "fold_0" / "predictions.csv"
+    bad.write_text("slide_id,label\na,1\n")
+    assert cli.main(["report", str(run)]) == 2
+    assert "lacks columns" in capsys.readouterr().err

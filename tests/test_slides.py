@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+from conftest import require_shared
+from helpers_slides import synthetic_slide  # noqa: F401
+
+from zoomfeat.errors import ConfigError, SlideError
+from zoomfeat.slides import Slide, find_slides, resolve_scale
+
+FIX = ("fixtures", "openslide-python")
+
+
+@pytest.mark.parametrize(
+    "props, base_mag, mpp, expected",
+    [
+        ({"openslide.objective-power": "40", "openslide.mpp-x": "0.25"}, None, None, (40.0, "objective-power", 0.25, "mpp")),
+        ({"openslide.mpp-x": "0.26"}, None, None, (40.0, "mpp", 0.26, "mpp")),
+        ({"openslide.mpp-x": "0.9"}, None, None, (10.0, "mpp", 0.9, "mpp")),
+        ({"openslide.mpp-x": "352.8"}, 20, None, (20.0, "--base-mag", None, "missing")),
+        ({"openslide.objective-power": "40"}, None, 0.5, (20.0, "--mpp", 0.5, "--mpp")),
+    ],
+)
+def test_resolve_scale(props, base_mag, mpp, expected, tmp_path):
+    assert resolve_scale(props, tmp_path, base_mag, mpp) == expected
+
+
+def test_resolve_scale_errors(tmp_path):
+    with pytest.raises(SlideError, match="--base-mag.*--mpp"):
+        resolve_scale({"openslide.mpp-x": "352.8"}, tmp_path, None, None)
+    with pytest.raises(ConfigError, match="--mpp"):
+        resolve_scale({}, tmp_path, None, 5.0)
+
+
+def test_read_patch_geometry_and_antialiasing(synthetic_slide):
+    info = synthetic_slide(size=2048, label=1)
+    with Slide(info.path) as slide:
+        assert slide.info.base_magnification == 20 and slide.info.magnification_source == "objective-power"
+        assert slide.info.base_mpp == pytest.approx(0.5) and slide.info.vendor == "aperio"
+        assert slide.downsample(5) == 4
+        fine = slide.read_patch(512, 512, 20.0)
+        coarse = slide.read_patch(512, 512, 5.0)
+        assert fine.shape == coarse.shape == (256, 256, 3) and fine.dtype == np.uint8
+        # the 5x patch's top-left quarter shows the same place as the 20x patch, box-averaged
+        quarter = coarse[:64, :64].astype(np.float32)
+        pooled = fine.reshape(64, 4, 64, 4, 3).mean((1, 3))
+        assert np.abs(quarter - pooled).mean() < 12
+        outside = slide.read_patch(1920, 1920, 20.0)  # half outside the slide -> white there
+        assert (outside[200:, 200:] == 255).all()
+        assert slide.thumbnail(128).shape == (128, 128, 3)
+
+
+def test_fixture_slides():
+    small = require_shared(*FIX, "small.svs")
+    with Slide(small) as slide:
+        assert (slide.info.width, slide.info.height) == (16, 16)
+        assert slide.info.base_magnification == 20
+    with pytest.raises(SlideError, match="cannot be opened"):
+        Slide(require_shared(*FIX, "unopenable.tiff"))
+    with Slide(require_shared(*FIX, "unreadable.svs")) as slide, pytest.raises(SlideError, match="damaged"):
+        slide.read_patch(0, 0, 20.0)
+    boxes = require_shared(*FIX, "boxes.tiff")
+    with pytest.raises(SlideError, match="--mpp"):
+        Slide(boxes)
+    with Slide(boxes, mpp=0.5) as slide:
+        assert slide.info.base_magnification == 20 and slide.info.mpp_source == "--mpp"
+
+
+def test_find_slides(tmp_path):
+    (tmp_path / "a.svs").write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.tiff").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    assert [p.name for p in find_slides([tmp_path])] == ["a.svs", "b.tiff"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no slides found"):
+        find_slides([empty])
+    with pytest.raises(ConfigError, match="does not exist"):
+        find_slides([tmp_path / "missing.svs"])

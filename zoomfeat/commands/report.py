@@ -1,0 +1,29 @@
+"""``zoomfeat report RUN_DIR``: cross-validation report of one train-mil run (HTML, Markdown, JSON, PNG)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "cross-validation report of a train-mil run: per-fold test metrics, pooled AUC CI, ROC, confusion matrix"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a train-mil run directory")
+    parser.add_argument("--out", metavar="DIR", default=None, help="output folder (default RUN_DIR/report)")
+    parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples of the pooled AUC CI")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mil.report import build_report, fmt, fmt_mean_std
+    from zoomfeat.errors import ConfigError
+
+    if args.n_bootstrap < 0:
+        raise ConfigError(f"--n-bootstrap {args.n_bootstrap} is negative: use 0 (no CI) or more")
+    result = build_report(args.run_dir, args.out, n_bootstrap=args.n_bootstrap, seed=args.seed)
+    ci = result["pooled"]["auc_ci95"]
+    ci_text = "n/a" if ci["low"] is None else f"[{ci['low']:.3f}, {ci['high']:.3f}]"
+    print(f"{result['n_folds']} folds: test AUC {fmt_mean_std(result['summary']['auc'])}, "
+          f"pooled AUC {fmt(result['pooled']['auc'])} 95% CI {ci_text}")
+    print(f"wrote {result['files']['report.html']}")
+    return 0

@@ -1,0 +1,185 @@
+"""Conditioning grids: the 20x-tile embeddings (UNI, or a stand-in encoder) under every requested patch.
+
+A patch at magnification ``m`` covers ``g x g`` 20x tiles (``g = grid_width(m)``: 1 at 20x, 4 at 5x,
+128 at 0.15625x). ZoomLDM is conditioned on the grid of their embeddings. :class:`ConditioningGrids` embeds,
+for one slide, the union of the 20x tiles under every requested patch exactly once (tiles shared by several
+patches or magnifications are deduplicated; background tiles are included, because the grid needs them), and
+keeps one float32 row per distinct tile. Grids are gathered from that table on demand, a batch at a time, so
+memory does not grow with the number of patches times the grid area.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from zoomfeat.errors import DataError
+from zoomfeat.mags import CONDITIONING_MAG, PATCH_SIZE, grid_width, mag_name, parse_mag
+
+
+def tile_size_level0(mag: float, base_mag: float) -> int:
+    """Side, in level-0 px, of a 256-px patch at ``mag`` on a slide scanned at ``base_mag``."""
+    return int(round(PATCH_SIZE * base_mag / parse_mag(mag)))
+
+
+def lattice_20x(coords_level0: np.ndarray, mag: float | str, base_mag: float) -> np.ndarray:
+    """Level-0 top-left corners of the 20x tiles under each patch. int64 [N, g, g, 2], row-major.
+
+    ``coords_level0`` is int64 [N, 2] of (x, y) patch corners at ``mag``; entry ``[n, i, j]`` is the tile in
+    row ``i`` (y) and column ``j`` (x) of patch ``n``'s grid, ``g = grid_width(mag)``.
+    """
+    coords = np.asarray(coords_level0, dtype=np.int64).reshape(-1, 2)
+    g = grid_width(mag)
+    step = tile_size_level0(CONDITIONING_MAG, base_mag)
+    offsets = np.arange(g, dtype=np.int64) * step
+    out = np.empty((len(coords), g, g, 2), dtype=np.int64)
+    out[..., 0] = coords[:, None, None, 0] + offsets[None, None, :]
+    out[..., 1] = coords[:, None, None, 1] + offsets[None, :, None]
+    return out
+
+
+def _keys(coords: np.ndarray) -> np.ndarray:
+    """One sortable int64 key per (x, y) pair (coordinates are below 2**31 px)."""
+    coords = np.asarray(coords, dtype=np.int64)
+    return (coords[..., 1] << np.int64(32)) | coords[..., 0]
+
+
+def pool_grid(grids: np.ndarray, pool_to: int) -> np.ndarray:
+    """Average-pool [n, C, g, g] grids to at most ``pool_to`` x ``pool_to`` (g a multiple of it when larger)."""
+    g = grids.shape[-1]
+    if g <= pool_to:
+        return grids
+    f = g // pool_to
+    n, c = grids.shape[:2]
+    return grids.reshape(n, c, pool_to, f, pool_to, f).mean(axis=(3, 5), dtype=np.float32)
+
+
+class EmbeddingTable:
+    """Distinct 20x tiles of one slide and one embedding row per tile.
+
+    ``coords``: int64 [U, 2] sorted by (y, x); ``embeddings``: float32 [U, C] (filled by the owner).
+    """
+
+    def __init__(self, coords: np.ndarray, embeddings: np.ndarray | None = None, dim: int | None = None):
+        coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        keys = _keys(coords)
+        order = np.argsort(keys, kind="stable")
+        self.coords = coords[order]
+        self._keys = keys[order]
+        if embeddings is not None:
+            self.embeddings = np.asarray(embeddings, dtype=np.float32)[order]
+        else:
+            self.embeddings = np.zeros((len(coords), int(dim or 0)), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def rows(self, coords: np.ndarray, source: str = "conditioning table") -> np.ndarray:
+        """Row index of each (x, y) in ``coords`` ([..., 2]); DataError when a tile is missing."""
+        keys = _keys(coords)
+        if len(self._keys) == 0:
+            idx = np.zeros(keys.shape, dtype=np.int64)
+            missing = np.ones(keys.shape, dtype=bool)
+        else:
+            idx = np.minimum(np.searchsorted(self._keys, keys), len(self._keys) - 1)
+            missing = self._keys[idx] != keys
+        if np.any(missing):
+            x, y = np.asarray(coords).reshape(-1, 2)[np.flatnonzero(missing.reshape(-1))[0]]
+            raise DataError(
+                f"{source} has no embedding for the 20x tile at level-0 ({x}, {y}): "
+                "recompute the conditioning (drop --conditioning) or point it at the folder written with these tiles"
+            )
+        return idx
+
+
+class ConditioningGrids:
+    """Raw conditioning grids of one slide's requested patches, from one embedding per distinct 20x tile.
+
+    ``coords_by_mag`` maps a magnification name (``"5x"``) to int64 [N, 2] level-0 patch corners.
+    Either give ``encoder`` (the 20x tiles are read with :class:`zoomfeat.patches.TilePatchDataset` and embedded
+    in batches) or build from precomputed embeddings with :meth:`from_embeddings`. ``base_mag`` is the slide's
+    base magnification (it fixes the 20x tile size in level-0 px); ``slide_kwargs`` (``base_mag``/``mpp``
+    overrides) go to the patch dataset; ``autocast`` is a context-manager factory wrapped around the encoder.
+    """
+
+    def __init__(
+        self,
+        slide_path: str | Path | None,
+        coords_by_mag: Mapping[str, np.ndarray],
+        encoder=None,
+        batch_size: int = 32,
+        workers: int = 0,
+        device="cpu",
+        *,
+        base_mag: float,
+        slide_kwargs: Mapping | None = None,
+        autocast: Callable | None = None,
+        progress: Callable[[int], None] | None = None,
+        table: EmbeddingTable | None = None,
+    ):
+        self.base_mag = float(base_mag)
+        self._index: dict[str, np.ndarray] = {}
+        lattices = {name: lattice_20x(c, name, self.base_mag) for name, c in coords_by_mag.items()}
+        if table is None:
+            union = np.concatenate([v.reshape(-1, 2) for v in lattices.values()] + [np.zeros((0, 2), np.int64)])
+            union = np.unique(union, axis=0)
+            table = EmbeddingTable(union, dim=encoder.spec.dim if encoder is not None else 0)
+            if encoder is not None:
+                self._embed(table, slide_path, encoder, batch_size, workers, device,
+                            slide_kwargs or {}, autocast, progress)
+        for name, lat in lattices.items():
+            self._index[mag_name(name)] = table.rows(lat).astype(np.int32)
+        self.table = table
+
+    @classmethod
+    def from_embeddings(
+        cls, coords_by_mag: Mapping[str, np.ndarray], coords_20x: np.ndarray, embeddings: np.ndarray,
+        *, base_mag: float, source: str = "conditioning table",
+    ) -> ConditioningGrids:
+        """Grids from precomputed 20x embeddings (``coords_20x`` int64 [U, 2], ``embeddings`` float32 [U, C])."""
+        table = EmbeddingTable(coords_20x, embeddings)
+        try:
+            return cls(None, coords_by_mag, base_mag=base_mag, table=table)
+        except DataError as exc:
+            raise DataError(str(exc).replace("conditioning table", source)) from exc
+
+    @staticmethod
+    def _embed(table, slide_path, encoder, batch_size, workers, device, slide_kwargs, autocast, progress) -> None:
+        import contextlib
+
+        import torch
+
+        from zoomfeat.patches import TilePatchDataset, patch_loader
+
+        if len(table) == 0:
+            return
+        dataset = TilePatchDataset(slide_path, table.coords, CONDITIONING_MAG, size=PATCH_SIZE, **slide_kwargs)
+        ctx = autocast or contextlib.nullcontext
+        with torch.inference_mode():
+            for rows, images in patch_loader(dataset, batch_size, workers):
+                with ctx():
+                    x = encoder.preprocess(images.to(device, non_blocking=True))
+                    emb = encoder(x)
+                table.embeddings[rows.numpy()] = emb.float().cpu().numpy()
+                if progress is not None:
+                    progress(len(rows))
+
+    @property
+    def dim(self) -> int:
+        """Channels C of one embedding."""
+        return int(self.table.embeddings.shape[1])
+
+    def grid(self, mag: str | float, rows: np.ndarray | None = None, pool_to: int | None = None) -> np.ndarray:
+        """Raw grids of the patches ``rows`` (rows of that mag's coords; all when None). float32 [n, C, g, g]."""
+        index = self._index[mag_name(mag)]
+        if rows is not None:
+            index = index[np.asarray(rows)]
+        grids = self.table.embeddings[index]  # [n, g, g, C]
+        grids = np.ascontiguousarray(grids.transpose(0, 3, 1, 2))
+        return pool_grid(grids, pool_to) if pool_to else grids
+
+    def embeddings_20x(self, coords_level0: np.ndarray) -> np.ndarray:
+        """Embeddings of the given 20x tiles (int64 [N, 2] corners). float32 [N, C]."""
+        return self.table.embeddings[self.table.rows(coords_level0)]

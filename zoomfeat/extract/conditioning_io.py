@@ -1,0 +1,98 @@
+"""The conditioner's 20x embeddings, written as baseline feature files and read back with ``--conditioning``.
+
+A ZoomLDM run embeds every 20x tile under its patches once; those embeddings are saved in
+``<conditioning_out>/<slide_id>.h5`` (default ``<out>/../<conditioner>``, e.g. ``features/uni`` beside
+``features/zoomldm``), a normal feature file (``extractor`` = the conditioner's name) with:
+
+* group ``20x``: the kept 20x tiles of the run's grid (the same tiles as the ZoomLDM 20x features; empty when
+  20x was not requested) -- i.e. the UNI baseline features of those tiles, usable by MIL as they are;
+* group ``conditioning_extra_20x`` (``coords`` int64 [M, 2], ``features`` float32 [M, C]): every other 20x tile
+  under a requested patch (background tiles under coarse patches). Its name is not a magnification, so
+  ``store.read_grid`` and ``verify`` ignore it.
+
+``--conditioning DIR`` reads both groups back; a tile missing from them is a :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from zoomfeat.conditioning import ConditioningGrids, tile_size_level0
+from zoomfeat.errors import DataError
+from zoomfeat.store import TileStoreWriter, h5_path, is_complete, read_attrs
+from zoomfeat.tiling import TileGrid
+
+EXTRA_GROUP = "conditioning_extra_20x"
+CHUNK = 4096  # rows written per slice
+
+
+class ConditioningWriter(TileStoreWriter):
+    """A feature-file writer that can also store the extra 20x tiles group before ``commit``."""
+
+    def write_extra(self, coords: np.ndarray, embeddings: np.ndarray) -> None:
+        group = self._file.create_group(EXTRA_GROUP)
+        group.create_dataset("coords", data=np.asarray(coords, np.int64).reshape(-1, 2))
+        group.create_dataset("features", data=np.asarray(embeddings, np.float32))
+        group.attrs["description"] = "20x tiles under requested patches that are not rows of the 20x group"
+
+
+def _split(kept: np.ndarray, table_coords: np.ndarray) -> np.ndarray:
+    """Boolean mask over ``table_coords`` of the tiles NOT in ``kept``."""
+    kept_set = {(int(x), int(y)) for x, y in kept}
+    return np.array([(int(x), int(y)) not in kept_set for x, y in table_coords], dtype=bool)
+
+
+def write_conditioning(path: Path, info, grid: TileGrid, cond: ConditioningGrids, config: dict) -> Path:
+    """Write the conditioning embeddings of one slide (atomic); returns the final path."""
+    kept = np.asarray(grid.coords.get("20x", np.zeros((0, 2), np.int64)), np.int64).reshape(-1, 2)
+    grid20 = TileGrid(mags=(20.0,), coords={"20x": kept}, parents={"20x": {}},
+                      patch_size_level0={"20x": tile_size_level0(20.0, info.base_magnification)})
+    extra = _split(kept, cond.table.coords)
+    with ConditioningWriter(path, info, grid20, extractor=config["encoder"], extractor_config=config,
+                            feature_dim=cond.dim) as writer:
+        for start in range(0, len(kept), CHUNK):
+            writer.write_features("20x", start, cond.embeddings_20x(kept[start : start + CHUNK]))
+        writer.write_extra(cond.table.coords[extra], cond.table.embeddings[extra])
+        return writer.commit()
+
+
+def load_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All 20x tiles of a conditioning file: (coords int64 [U, 2], embeddings float32 [U, C])."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "20x" not in f:
+            raise DataError(f"{path} has no 20x group: give --conditioning a folder written by `zoomfeat extract`")
+        coords = [f["20x"]["coords"][()]]
+        feats = [f["20x"]["features"][()]]
+        if EXTRA_GROUP in f:
+            coords.append(f[EXTRA_GROUP]["coords"][()])
+            feats.append(f[EXTRA_GROUP]["features"][()])
+    return np.concatenate(coords).astype(np.int64), np.concatenate(feats).astype(np.float32)
+
+
+def read_conditioning(folder: Path, info, coords_by_mag: Mapping[str, np.ndarray], dim: int) -> ConditioningGrids:
+    """ConditioningGrids of one slide from ``<folder>/<slide_id>.h5``; DataError when missing or incompatible."""
+    path = h5_path(folder, info.slide_id)
+    if not is_complete(path):
+        raise DataError(f"no complete conditioning file {path}: drop --conditioning to compute the embeddings")
+    coords, embeddings = load_table(path)
+    if embeddings.shape[1] != dim:
+        raise DataError(f"{path} holds {embeddings.shape[1]}-d embeddings but the ZoomLDM Summarizer takes "
+                        f"{dim}-d: use the conditioner the checkpoint was trained with")
+    return ConditioningGrids.from_embeddings(coords_by_mag, coords, embeddings,
+                                             base_mag=info.base_magnification, source=str(path))
+
+
+def is_reusable(path: Path | None, slide_path: Path, config: dict | None) -> bool:
+    """True when ``path`` is a complete conditioning file of this slide made with the same conditioner."""
+    if path is None or config is None or not is_complete(path, slide_path):
+        return False
+    try:
+        return json.loads(read_attrs(path).get("extractor_config", "{}")) == json.loads(json.dumps(config))
+    except ValueError:
+        return False

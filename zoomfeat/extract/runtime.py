@@ -1,0 +1,53 @@
+"""Device and precision: resolve ``auto`` and build the autocast context used around every network."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from zoomfeat.errors import ConfigError
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how networks run: ``device`` ("cpu", "cuda", "cuda:1"), ``precision`` ("fp32"|"bf16"|"fp16")."""
+
+    device: str
+    precision: str
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def autocast(self) -> Callable[[], contextlib.AbstractContextManager]:
+        """Factory of the autocast context (a no-op for fp32)."""
+        import torch
+
+        if self.precision == "fp32":
+            return contextlib.nullcontext
+        dtype = getattr(torch, _DTYPES[self.precision])
+        device_type = "cuda" if self.is_cuda else "cpu"
+        return lambda: torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def resolve_runtime(device: str, precision: str, local_rank: int | None = None) -> Runtime:
+    """``auto`` device = CUDA when available; ``auto`` precision = bf16 on CUDA (fp16 if bf16 is unsupported),
+    fp32 on the CPU. ``local_rank`` picks the GPU of a distributed rank."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA GPU is visible: use --device cpu (or auto)")
+        if local_rank is not None:
+            device = f"cuda:{local_rank}"
+    if precision == "auto":
+        if device.startswith("cuda"):
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    return Runtime(device=device, precision=precision)

@@ -1,0 +1,10 @@
+"""ZoomLDM in the official state_dict layout: config reader, model, loader (see DESIGN.md "ZoomLDM model API").
+
+``from zoomfeat.model import load_zoomldm``; importing this package imports torch.
+"""
+
+from zoomfeat.model.config import ZoomLDMConfig, read_config
+from zoomfeat.model.samplers import SAMPLERS
+from zoomfeat.model.zoomldm import ZoomLDM, build_zoomldm, load_zoomldm
+
+__all__ = ["SAMPLERS", "ZoomLDM", "ZoomLDMConfig", "build_zoomldm", "load_zoomldm", "read_config"]

@@ -1,0 +1,135 @@
+"""Aligned multi-magnification tile grids on one level-0 lattice.
+
+A tile at magnification ``m`` is ``PATCH_SIZE`` px at ``m``, i.e. ``patch_size_level0 = 256 * base_mag / m``
+level-0 px (must be an integer). All tiles sit on the lattice of the coarsest requested magnification,
+anchored at level-0 (0, 0), so every coarse tile splits exactly into finer tiles.
+
+Selection: finest tiles lying fully inside the slide whose tissue fraction is >= ``min_tissue``; a tile at
+a coarser magnification is kept whenever it contains a kept finest tile (it may reach past the slide edge,
+which reads as white). Order (documented, deterministic): coarsest tiles row-major (y, then x); at every
+other magnification, tiles grouped by their coarsest ancestor in that order, row-major inside it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from zoomfeat.errors import SlideError
+from zoomfeat.mags import PATCH_SIZE, mag_name, parse_mag
+from zoomfeat.tissue import TissueMask, TissueParams, tissue_mask
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Kept tiles per magnification. Names are canonical ("20x"); coords are level-0 top-left (x, y)."""
+
+    mags: tuple[float, ...]  # finest first
+    coords: dict[str, np.ndarray]  # mag name -> int64 [N, 2]
+    parents: dict[str, dict[str, np.ndarray]]  # fine name -> {coarser name: int64 [N] row into coarser coords}
+    patch_size_level0: dict[str, int]  # mag name -> 256 * base_mag / mag
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(mag_name(m) for m in self.mags)
+
+    def __len__(self) -> int:
+        """Number of tiles at the finest magnification."""
+        return len(self.coords[self.names[0]]) if self.mags else 0
+
+
+def patch_sizes_level0(base_mag: float, mags: Sequence[float], slide_name: str = "slide") -> dict[str, int]:
+    """Level-0 size of a 256-px tile at each magnification; :class:`SlideError` if not a whole number."""
+    sizes = {}
+    for mag in mags:
+        if mag > base_mag + 1e-9:
+            raise SlideError(f"{slide_name}: base magnification {base_mag:g}x is below the requested {mag_name(mag)}: "
+                             "drop it from --mags or pass the right --base-mag")
+        size = PATCH_SIZE * base_mag / mag
+        if abs(size - round(size)) > 1e-6:
+            raise SlideError(f"{slide_name}: a {mag_name(mag)} tile would be {size:g} level-0 px at base "
+                             f"{base_mag:g}x (not whole): pick --mags that divide the base magnification")
+        sizes[mag_name(mag)] = int(round(size))
+    coarsest = sizes[mag_name(min(mags))]
+    for name, size in sizes.items():
+        if coarsest % size:
+            raise SlideError(f"{slide_name}: {name} tiles ({size} px) do not divide the coarsest tiles "
+                             f"({coarsest} px): use magnifications a power of two apart")
+    return sizes
+
+
+def grid_from_mask(width: int, height: int, base_mag: float, mags: Sequence[float], mask: TissueMask | None,
+                   min_tissue: float, slide_name: str = "slide") -> TileGrid:
+    """Grid over a ``width`` x ``height`` level-0 slide; ``mask=None`` keeps every tile (no tissue check)."""
+    mags = tuple(sorted({parse_mag(m) for m in mags}, reverse=True))
+    names = [mag_name(m) for m in mags]
+    sizes = patch_sizes_level0(base_mag, mags, slide_name)
+    fine, coarse = names[0], names[-1]
+    fine_xy = _lattice(width, height, sizes[fine])
+    if len(fine_xy) and mask is not None:
+        fine_xy = fine_xy[mask.fractions(fine_xy, sizes[fine]) >= min_tissue]
+    coords = {}
+    for name in names:
+        cells = np.unique(fine_xy // sizes[name], axis=0) if len(fine_xy) else np.zeros((0, 2), np.int64)
+        coords[name] = _order(cells.astype(np.int64) * sizes[name], sizes[name], sizes[coarse])
+    parents = {fine_name: {coarse_name: _parent_rows(coords[fine_name], coords[coarse_name], sizes[coarse_name])
+                           for coarse_name in names[i + 1 :]}
+               for i, fine_name in enumerate(names)}
+    return TileGrid(mags=mags, coords=coords, parents=parents, patch_size_level0=sizes)
+
+
+def _lattice(width: int, height: int, size: int) -> np.ndarray:
+    """Top-left corners of the tiles of side ``size`` that lie fully inside the slide, int64 [N, 2]."""
+    xs = np.arange(0, width - size + 1, size, dtype=np.int64)
+    ys = np.arange(0, height - size + 1, size, dtype=np.int64)
+    gx, gy = np.meshgrid(xs, ys)
+    return np.stack([gx.ravel(), gy.ravel()], axis=1)
+
+
+def _order(coords: np.ndarray, size: int, coarsest: int) -> np.ndarray:
+    """Sort by coarsest ancestor (row-major), then row-major inside it."""
+    if len(coords) == 0:
+        return coords.reshape(0, 2)
+    x, y = coords[:, 0], coords[:, 1]
+    order = np.lexsort((x, y, x // coarsest, y // coarsest))
+    return np.ascontiguousarray(coords[order])
+
+
+def _parent_rows(fine: np.ndarray, coarse: np.ndarray, coarse_size: int) -> np.ndarray:
+    """Row in ``coarse`` of the tile containing each ``fine`` tile, int64 [N]."""
+    if len(fine) == 0:
+        return np.zeros(0, np.int64)
+    cells = coarse // coarse_size
+    lookup = np.full((cells[:, 1].max() + 1, cells[:, 0].max() + 1), -1, np.int64)
+    lookup[cells[:, 1], cells[:, 0]] = np.arange(len(coarse))
+    rows = lookup[fine[:, 1] // coarse_size, fine[:, 0] // coarse_size]
+    if (rows < 0).any():  # cannot happen by construction; guards a future change
+        raise RuntimeError("tile grid invariant broken: a kept tile has no kept parent")
+    return rows
+
+
+def make_grid(slide, mags: Sequence[float], tissue: TissueParams = TissueParams()) -> TileGrid:
+    """Tile grid of an open :class:`zoomfeat.slides.Slide` at ``mags`` (any order; stored finest first).
+
+    A slide smaller than one finest tile gives an empty grid and a warning; a slide without tissue is a
+    :class:`SlideError`.
+    """
+    info = slide.info
+    mags = tuple(sorted({parse_mag(m) for m in mags}, reverse=True))
+    sizes = patch_sizes_level0(info.base_magnification, mags, str(info.path))
+    fine = sizes[mag_name(mags[0])]
+    mask = tissue_mask(slide, tissue)  # also proves the pixels are readable
+    if info.width < fine or info.height < fine:
+        warnings.warn(f"{info.path}: {info.width}x{info.height} px is smaller than one {mag_name(mags[0])} tile "
+                      f"({fine} px): empty grid", stacklevel=2)
+        return grid_from_mask(info.width, info.height, info.base_magnification, mags, None, tissue.min_tissue,
+                              str(info.path))
+    grid = grid_from_mask(info.width, info.height, info.base_magnification, mags, mask, tissue.min_tissue,
+                          str(info.path))
+    if len(grid) == 0:
+        raise SlideError(f"{info.path}: no tissue found (no {mag_name(mags[0])} tile reaches --min-tissue "
+                         f"{tissue.min_tissue:g}): lower --min-tissue or --saturation-threshold, or exclude the slide")
+    return grid

@@ -1,0 +1,154 @@
+"""``ZoomLDMLightning``: the thin LightningModule that trains a :class:`zoomfeat.model.ZoomLDM`.
+
+Objective (the official LatentDiffusion recipe): eps-prediction MSE with ``t`` uniform over the schedule,
+the whole context replaced by zeros with probability ``p_uncond`` (classifier-free dropout), the U-Net and
+the Summarizer trained jointly with AdamW, the first stage frozen (eval mode, no grad, not in the optimiser),
+an EMA of the U-Net updated after every optimiser step (``model_ema.*``). The random draws of a step (t,
+noise, dropout mask) come from a generator seeded by ``(seed, global_step, rank)``, so resuming is exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from zoomfeat.mags import MAGNIFICATIONS, mag_name
+from zoomfeat.train.config import OptimSection, ValidationSection
+
+
+def warmup_factor(step: int, warmup_steps: int, start_factor: float) -> float:
+    """LR multiplier: linear from ``start_factor`` to 1 over ``warmup_steps`` optimiser steps, then 1."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return 1.0
+    return start_factor + (1.0 - start_factor) * step / warmup_steps
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """CPU generator for one training step's random draws."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, rank, 7]).generate_state(1)[0]))
+
+
+def ema_context(model):
+    """Context with the EMA weights in the U-Net when the model keeps an EMA; a no-op otherwise."""
+    return model.ema_swap() if hasattr(model, "model_ema") else contextlib.nullcontext(model)
+
+
+class ZoomLDMLightning(L.LightningModule):
+    """Holds ``model`` (a ZoomLDM) and trains it; ``sample_dir`` receives validation sample PNGs."""
+
+    def __init__(self, model, optim: OptimSection, validation: ValidationSection, seed: int = 0,
+                 sample_dir: str | Path | None = None):
+        super().__init__()
+        self.model = model
+        self.optim_cfg = optim
+        self.val_cfg = validation
+        self.seed = int(seed)
+        self.sample_dir = Path(sample_dir) if sample_dir is not None else None
+        self._freeze_first_stage()
+        self._val_contexts: dict[int, list[torch.Tensor]] = {}
+
+    # -- parameters -------------------------------------------------------------------------------
+    def _freeze_first_stage(self) -> None:
+        fs = self.model.first_stage_model
+        fs.eval()
+        for p in fs.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.first_stage_model.eval()  # stays in eval whatever Lightning asks
+        return self
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """U-Net + Summarizer parameters (the first stage and the EMA buffers are excluded)."""
+        params = list(self.model.model.parameters()) + list(self.model.cond_stage_model.parameters())
+        return [p for p in params if p.requires_grad]
+
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_factor(step, o.warmup_steps, o.warmup_start_factor))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # -- loss -------------------------------------------------------------------------------------
+    def context(self, grids: list[torch.Tensor], mags: torch.Tensor) -> torch.Tensor:
+        """Summarizer context [B, 65, D] from raw grids (preprocessed as the model does)."""
+        prepped = [self.model.preprocess_ssl(g.to(self.device)) for g in grids]
+        return self.model.summarize(prepped, mags.to(self.device))
+
+    def diffusion_loss(self, batch: dict, gen: torch.Generator, p_uncond: float) -> torch.Tensor:
+        """Per-sample eps MSE, float32 [B]."""
+        z = batch["latents"].to(self.device)
+        b = z.shape[0]
+        t = torch.randint(0, int(self.model.num_timesteps), (b,), generator=gen).to(self.device)
+        noise = torch.randn(z.shape, generator=gen).to(self.device, z.dtype)
+        keep = (torch.rand(b, generator=gen) >= p_uncond).to(self.device)
+        context = self.context(batch["grids"], batch["mags"])
+        context = context * keep.to(context.dtype)[:, None, None]
+        x_t = self.model.q_sample(z, t, noise)
+        eps = self.model.unet(x_t, t, context)
+        return F.mse_loss(eps.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        gen = step_generator(self.seed, self.global_step, self.global_rank)
+        loss = self.diffusion_loss(batch, gen, self.optim_cfg.p_uncond).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["mags"]))
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(batch["mags"]))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if hasattr(self.model, "model_ema"):
+            self.model.update_ema(self.optim_cfg.ema_decay)
+
+    # -- validation -------------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        gen = step_generator(self.seed, 10**9 + batch_idx, self.global_rank)
+        losses = self.diffusion_loss(batch, gen, 0.0)
+        mags = batch["mags"]
+        for m in torch.unique(mags).tolist():
+            sel = mags == m
+            self.log(f"val/loss_{mag_name(MAGNIFICATIONS[m])}", losses[sel.to(losses.device)].mean(),
+                     batch_size=int(sel.sum()), sync_dist=True, add_dataloader_idx=False)
+        self.log("val/loss", losses.mean(), batch_size=len(mags), sync_dist=True, prog_bar=True)
+        if self.val_cfg.samples and self.sample_dir is not None:
+            self._keep_contexts(batch)
+
+    @torch.no_grad()
+    def _keep_contexts(self, batch: dict) -> None:
+        want = self.val_cfg.samples_per_mag
+        for m in torch.unique(batch["mags"]).tolist():
+            have = self._val_contexts.setdefault(m, [])
+            rows = [i for i, v in enumerate(batch["mags"].tolist()) if v == m][: max(want - len(have), 0)]
+            if rows:
+                have.append(self.context([batch["grids"][i] for i in rows], batch["mags"][rows]))
+
+    def on_validation_epoch_end(self) -> None:
+        contexts, self._val_contexts = self._val_contexts, {}
+        if not contexts or self.sample_dir is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        from zoomfeat.train.samples import save_sample_grid
+
+        with torch.no_grad(), ema_context(self.model):
+            for m, parts in sorted(contexts.items()):
+                images = self._sample(torch.cat(parts))
+                path = self.sample_dir / f"step_{self.global_step:07d}_{mag_name(MAGNIFICATIONS[m])}.png"
+                save_sample_grid(images, path)
+
+    def _sample(self, context: torch.Tensor) -> torch.Tensor:
+        """Decoded DDIM samples in [-1, 1], float32 [n, 3, H, W]; x_T seeded by the step."""
+        gen = step_generator(self.seed, self.global_step, 99)
+        shape = (context.shape[0], *self._latent_shape())
+        x_T = torch.randn(shape, generator=gen).to(self.device)
+        z = self.model.sample(context, x_T, steps=self.val_cfg.sample_steps, guidance=self.val_cfg.guidance,
+                              sampler="ddim")
+        return self.model.decode_first_stage(z).float().clamp(-1, 1).cpu()
+
+    def _latent_shape(self) -> tuple[int, int, int]:
+        d = self.model.config.diffusion
+        return (int(d.channels), int(d.image_size), int(d.image_size))
