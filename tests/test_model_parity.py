@@ -22,6 +22,15 @@ def rel_err(actual: torch.Tensor, expected: np.ndarray) -> float:
     return float((actual.float() - expected_t).abs().max() / expected_t.abs().max().clamp_min(1e-12))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids thread-pool contention on the shared 2-core CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def golden_dir():
     return require_shared("golden", "zoomldm_tiny")
@@ -58,6 +67,13 @@ def test_ssl_preprocessing_and_context(raw_model, cases, mag):
     with torch.no_grad():
         ctx = raw_model.summarize([t(cases, f"ssl_prep_mag{mag}")], torch.tensor([mag]))
     assert rel_err(ctx, cases[f"context_mag{mag}"]) < FORWARD_TOL
+
+
+def test_preprocessing_of_a_batch(raw_model, cases):
+    raw = torch.stack([t(cases, "ssl_raw_mag5"), t(cases, "ssl_raw_mag5") * 2 + 1])
+    prep = raw_model.preprocess_ssl(raw)
+    assert rel_err(prep[0], cases["ssl_prep_mag5"]) < FORWARD_TOL
+    assert rel_err(prep[1], cases["ssl_prep_mag5"]) < FORWARD_TOL  # standardisation removes scale and shift
 
 
 def test_context_batch_mixes_grid_sizes(raw_model, cases):

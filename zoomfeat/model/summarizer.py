@@ -18,15 +18,15 @@ from zoomfeat.model.vit import vit_encoder
 
 
 def preprocess_ssl(grid: torch.Tensor, side: int = 8) -> torch.Tensor:
-    """Raw grid [C,h,w] -> adaptive-average-pooled to ``side`` x ``side`` when wider, then standardised per
-    location over channels: (x - mean) / (std + 1e-8) with the unbiased std. Returns float [C,h',w']."""
-    if grid.dim() != 3:
-        raise DataError(f"conditioning grid must be [C,h,w], got shape {tuple(grid.shape)}")
+    """Raw grid [C,h,w] (or a batch [B,C,h,w]) -> adaptive-average-pooled to ``side`` x ``side`` when wider,
+    then standardised per location over channels: (x - mean) / (std + 1e-8), unbiased std. Float32."""
+    if grid.dim() not in (3, 4):
+        raise DataError(f"conditioning grid must be [C,h,w] or [B,C,h,w], got shape {tuple(grid.shape)}")
     x = grid.float()
-    if x.shape[1] > side or x.shape[2] > side:
-        x = F.adaptive_avg_pool2d(x[None], (side, side))[0]
-    mean = x.mean(dim=0, keepdim=True)
-    std = x.std(dim=0, keepdim=True, unbiased=True)
+    if x.shape[-2] > side or x.shape[-1] > side:
+        x = F.adaptive_avg_pool2d(x, (side, side))
+    mean = x.mean(dim=-3, keepdim=True)
+    std = x.std(dim=-3, keepdim=True, unbiased=True)
     return (x - mean) / (std + 1e-8)
 
 
@@ -48,6 +48,7 @@ class Summarizer(nn.Module):
         """One preprocessed grid [C,h,w] -> [seq_length, D]: projected positions, centred among pad tokens."""
         if grid.dim() == 2:
             grid = grid[None]
+        grid = grid.to(device=self.pad_token.device, dtype=self.pad_token.dtype)
         c, h, w = grid.shape
         s = self.cfg.seq_length
         if c != self.cfg.input_channels:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoomfeat.model.attention import SpatialTransformer
 from zoomfeat.errors import ConfigError
+from zoomfeat.model.attention import SpatialTransformer
 from zoomfeat.model.config import UNetConfig
 
 

@@ -89,7 +89,7 @@ class ZoomLDM(nn.Module):
 
     # ----- conditioning ------------------------------------------------------------------------------
     def preprocess_ssl(self, grid: torch.Tensor) -> torch.Tensor:
-        """Raw conditioning grid [C,h,w] -> pooled to at most 8x8 (the Summarizer's grid), standardised."""
+        """Raw conditioning grid [C,h,w] (or [B,C,h,w]) -> pooled to at most 8x8, standardised per location."""
         return preprocess_ssl(grid, self.config.summarizer.grid_side)
 
     def summarize(self, grids, mags: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,167 @@
+"""ZoomLDM weights: official key layout of the full-size model, strict loading, save/load round trip, EMA."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from tests.conftest import require_shared
+from zoomfeat.errors import CheckpointError, ConfigError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir():
+    return require_shared("golden", "zoomldm_tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tiny_dir):
+    return torch.load(tiny_dir / "weights.ckpt", map_location="cpu", weights_only=True)
+
+
+def test_full_size_model_has_the_official_keys_and_shapes():
+    from zoomfeat.model import build_zoomldm
+
+    expected = json.loads(require_shared("golden", "zoomldm_brca_keys.json").read_text())
+    m = build_zoomldm(require_shared("golden", "zoomldm_brca_config.yaml"), device="meta")
+    ours = {k: list(v.shape) for k, v in m.state_dict().items()}
+    assert len(expected) == 1750
+    assert sorted(set(ours) ^ set(expected)) == []
+    assert {k: v for k, v in ours.items() if v != expected[k]} == {}
+    assert m.feature_dim(3) == 576 and m.context_dim == 512 and m.conditioning_dim == 1024
+    assert m.first_stage_resolution == 256 and m.num_timesteps == 1000 and m.mag_levels == 8
+
+
+@pytest.mark.parametrize("use_ema", [True, False])
+def test_save_official_round_trip_is_exact(tiny_dir, tiny_weights, tmp_path, use_ema):
+    from zoomfeat.model import load_zoomldm
+
+    m = load_zoomldm(tiny_dir, use_ema=use_ema)
+    path = m.save_official(tmp_path / "out.ckpt")
+    saved = torch.load(path, weights_only=True)
+    assert set(saved) == set(tiny_weights)
+    assert all(torch.equal(saved[k], tiny_weights[k]) and saved[k].dtype == tiny_weights[k].dtype for k in saved)
+    again = load_zoomldm(tiny_dir / "config.yaml", path, use_ema=use_ema)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), again.state_dict().values()))
+
+
+def test_use_ema_puts_the_ema_weights_in_the_unet(tiny_dir, tiny_weights):
+    from zoomfeat.model import load_zoomldm
+
+    m = load_zoomldm(tiny_dir, use_ema=True)
+    w = m.model.diffusion_model.out[2].weight
+    assert torch.equal(w, tiny_weights["model_ema.diffusion_modelout2weight"])
+    assert not torch.equal(w, tiny_weights["model.diffusion_model.out.2.weight"])
+
+
+def test_lightning_checkpoint_and_unsafe_flag(tiny_weights, tmp_path):
+    from zoomfeat.model.checkpoint import read_state_dict
+
+    plain = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": tiny_weights, "epoch": 3}, plain)
+    assert read_state_dict(plain).keys() == tiny_weights.keys()
+    pickled = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": tiny_weights, "hyper_parameters": argparse.Namespace(lr=1e-4)}, pickled)
+    with pytest.raises(CheckpointError, match="unsafe"):
+        read_state_dict(pickled)
+    assert read_state_dict(pickled, unsafe=True).keys() == tiny_weights.keys()
+
+
+def test_load_zoomldm_reads_a_lightning_checkpoint(tiny_dir, tiny_weights, tmp_path):
+    from zoomfeat.model import load_zoomldm
+
+    path = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": tiny_weights, "global_step": 10}, path)
+    m = load_zoomldm(tiny_dir / "config.yaml", path, use_ema=False)
+    assert torch.equal(m.cond_stage_model.pad_token.detach(), tiny_weights["cond_stage_model.pad_token"])
+
+
+def test_mismatched_weights_name_missing_and_unexpected_keys(tiny_dir, tiny_weights, tmp_path):
+    from zoomfeat.model import load_zoomldm
+
+    broken = dict(tiny_weights)
+    for key in [k for k in broken if k.startswith("first_stage_model.decoder.up.0")]:
+        del broken[key]
+    broken["cond_stage_model.extra.weight"] = torch.zeros(1)
+    path = tmp_path / "broken.ckpt"
+    torch.save(broken, path)
+    with pytest.raises(CheckpointError) as err:
+        load_zoomldm(tiny_dir / "config.yaml", path)
+    message = str(err.value)
+    assert "24 missing: first_stage_model.decoder.up.0" in message and "(+19 more)" in message
+    assert "1 unexpected: cond_stage_model.extra.weight" in message and "\n" not in message
+
+
+def test_missing_files_are_user_errors(tmp_path, tiny_dir):
+    from zoomfeat.model import load_zoomldm
+
+    with pytest.raises(ConfigError, match="config.yaml"):
+        load_zoomldm(tmp_path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_zoomldm(tiny_dir / "config.yaml", tmp_path / "nope.ckpt")
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_zoomldm(tiny_dir / "config.yaml", garbage)
+
+
+def test_weights_none_gives_random_init(tiny_dir):
+    from zoomfeat.model import load_zoomldm
+
+    m = load_zoomldm(tiny_dir / "config.yaml", None, use_ema=False)
+    assert float(m.model.diffusion_model.out[2].weight.detach().abs().sum()) == 0.0  # official zero init
+    assert int(m.model_ema.num_updates) == 0 and float(m.model_ema.decay) == pytest.approx(0.9999)
+
+
+def test_update_ema_follows_litema(tiny_dir):
+    from zoomfeat.model import load_zoomldm
+
+    m = load_zoomldm(tiny_dir, use_ema=False)
+    raw = m.model.diffusion_model.time_embed[0].weight.detach().clone()
+    before = m.model_ema.diffusion_modeltime_embed0weight.clone()
+    n = int(m.model_ema.num_updates) + 1
+    used = m.update_ema(0.999)
+    assert used == pytest.approx(min(0.999, (1 + n) / (10 + n)))
+    assert int(m.model_ema.num_updates) == n
+    expected = before - (1 - used) * (before - raw)
+    torch.testing.assert_close(m.model_ema.diffusion_modeltime_embed0weight, expected)
+    with m.ema_swap():
+        torch.testing.assert_close(m.model.diffusion_model.time_embed[0].weight.detach(), expected)
+        with pytest.raises(ConfigError, match="use_ema=False"):
+            m.update_ema()
+    assert torch.equal(m.model.diffusion_model.time_embed[0].weight.detach(), raw)
+
+
+def test_unet_features_never_runs_later_blocks(tiny_dir):
+    from zoomfeat.model import load_zoomldm
+
+    m = load_zoomldm(tiny_dir)
+    unet = m.model.diffusion_model
+    x, t, ctx = torch.randn(2, 3, 16, 16), torch.tensor([5, 900]), torch.randn(2, 65, 64)
+    fired, captured = [], {}
+    later = unet.output_blocks[4].register_forward_hook(lambda *a: fired.append(1))
+    out_hook = unet.out.register_forward_hook(lambda *a: fired.append(2))
+    with torch.no_grad():
+        feats = m.unet_features(x, t, ctx, block=3)
+    later.remove()
+    out_hook.remove()
+    assert fired == []
+    keep = unet.output_blocks[3].register_forward_hook(lambda mod, inp, out: captured.setdefault("b3", out))
+    with torch.no_grad():
+        m.unet(x, t, ctx)
+    keep.remove()
+    torch.testing.assert_close(feats, captured["b3"], rtol=1e-5, atol=1e-6)
+    assert feats.shape == (2, m.feature_dim(3), 4, 4)
+    with pytest.raises(ConfigError, match="out of range"):
+        m.unet_features(x, t, ctx, block=12)
