@@ -41,7 +41,8 @@ def shifted_window_mask(num_windows: int, window: int = WINDOW, shift: int = SHI
     bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     for label, (rows, cols) in enumerate((r, c) for r in bounds for c in bounds):
         labels[rows, cols] = label
-    windows = labels.view(side // window, window, side // window, window).permute(0, 2, 1, 3).reshape(-1, window * window)
+    grid = labels.view(side // window, window, side // window, window)
+    windows = grid.permute(0, 2, 1, 3).reshape(-1, window * window)
     diff = windows[:, None, :] - windows[:, :, None]
     return torch.where(diff != 0, torch.tensor(-100.0), torch.tensor(0.0))
 

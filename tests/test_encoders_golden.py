@@ -26,7 +26,7 @@ def _golden(name):
 
 
 def _loaded(name, tmp_path_factory, full_checks: bool):
-    """(encoder loaded from the official files, cases) for one golden encoder."""
+    """(encoder loaded from the official files, cases, their folder) for one golden encoder."""
     keys, cases = _golden(name)
     weights = rule_weights(keys)
     if full_checks:
@@ -37,16 +37,18 @@ def _loaded(name, tmp_path_factory, full_checks: bool):
                                                                             "cls", "pos", "patch"))]}
         assert len(sample["keys"]) > 20 and check_mismatches(sample, weights) == []
     folder = write_official(name, keys, weights, tmp_path_factory.mktemp(name))
+    if name == "phikon":  # also the other official file, with a `vit.` prefix and the pooler kept
+        torch.save({f"vit.{k}": v for k, v in weights.items()}, folder / "pytorch_model.bin")
     del weights
     gc.collect()
-    return load_encoder(name, folder), cases
+    return load_encoder(name, folder), cases, folder
 
 
 @pytest.fixture(scope="module")
 def uni(tmp_path_factory):
-    encoder, cases = _loaded("uni", tmp_path_factory, full_checks=False)
-    yield encoder, cases
-    del encoder
+    loaded = _loaded("uni", tmp_path_factory, full_checks=False)
+    yield loaded
+    del loaded
     gc.collect()
 
 
@@ -78,7 +80,7 @@ def _run(encoder, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def test_uni_matches_golden_224_and_256(uni):
-    encoder, cases = uni
+    encoder, cases, _ = uni
     embedding, patch_mean = _run(encoder, cases["input"])
     np.testing.assert_allclose(embedding, cases["embedding"], rtol=0, atol=ATOL)
     np.testing.assert_allclose(patch_mean, cases["patch_token_mean"], rtol=0, atol=ATOL)
@@ -88,15 +90,21 @@ def test_uni_matches_golden_224_and_256(uni):
 
 
 def test_phikon_matches_golden(phikon):
-    encoder, cases = phikon
+    encoder, cases, _ = phikon
     assert encoder.config.layer_norm_eps == 1e-6
     embedding, patch_mean = _run(encoder, cases["input"])
     np.testing.assert_allclose(embedding, cases["embedding"], rtol=0, atol=ATOL)
     np.testing.assert_allclose(patch_mean, cases["patch_token_mean"], rtol=0, atol=ATOL)
 
 
+def test_phikon_loads_the_pytorch_bin_with_a_vit_prefix_too(phikon):
+    _, cases, folder = phikon
+    embedding, _ = _run(load_encoder("phikon", folder / "pytorch_model.bin"), cases["input"])
+    np.testing.assert_allclose(embedding, cases["embedding"], rtol=0, atol=ATOL)
+
+
 def test_ctranspath_matches_golden(ctranspath):
-    encoder, cases = ctranspath
+    encoder, cases, _ = ctranspath
     embedding, _ = _run(encoder, cases["input"])
     np.testing.assert_allclose(embedding, cases["embedding"], rtol=0, atol=ATOL)
     # the two golden images differ by 0.03 at most: make sure we are not matching a constant

@@ -117,7 +117,7 @@ class CTransPathEncoder(Encoder):
     @classmethod
     def from_weights(cls, spec: EncoderSpec, path: Path) -> "CTransPathEncoder":
         file = resolve_file(path, spec.weight_files, "ctranspath")
-        model = ctranspath_architecture()
         state = convert_swin_054(read_state_dict(file, container_key="model"))
+        model = ctranspath_architecture()
         load_strict(model, state, file, "CTransPath (Swin-T + ConvStem, timm 0.5.4 layout)")
         return cls(spec, model)

@@ -172,8 +172,9 @@ class PhikonEncoder(Encoder):
             raise ConfigError(f"phikon: {config_path} is missing: Phikon needs config.json beside "
                               f"{file.name} (the Hugging Face folder layout)")
         config = parse_config(config_path)
-        if config.hidden_size != spec.dim:
-            raise ConfigError(f"phikon: {config_path} has hidden_size {config.hidden_size}, Phikon has {spec.dim}")
+        if (config.hidden_size, config.image_size) != (spec.dim, spec.input_size):
+            raise ConfigError(f"phikon: {config_path} has hidden_size {config.hidden_size} and image_size "
+                              f"{config.image_size}; Phikon has {spec.dim} and {spec.input_size}")
         model = build_on_meta(partial(phikon_architecture, config))
         load_strict(model, hf_to_timm(read_state_dict(file), file), file, "Phikon ViTModel", assign=True)
         return cls(spec, model, config)

@@ -77,7 +77,7 @@ class Encoder(nn.Module):
         size = self.spec.input_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        return (x - self._mean) / self._std
+        return (x - self._mean.float()) / self._std.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """Preprocessed float [B, 3, S, S] -> embeddings [B, D]."""

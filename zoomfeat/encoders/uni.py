@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from zoomfeat.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderSpec, register_encoder
-from zoomfeat.encoders.weights import build_on_meta, fill_random, import_timm, load_strict, read_state_dict, resolve_file
+from zoomfeat.encoders.weights import (build_on_meta, fill_random, import_timm, load_strict, read_state_dict,
+                                       resolve_file)
 
 UNI = EncoderSpec(
     name="uni",

@@ -7,6 +7,7 @@ unexpected and mis-shaped keys.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -49,8 +50,10 @@ def read_state_dict(path: Path, container_key: str | None = None) -> dict[str, t
             obj = load_file(str(path), device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as error:
-        raise CheckpointError(f"cannot read weight file {path}: {error}".splitlines()[0]) from error
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot read weight file {path}: {reason}; "
+                              "pass the official, unmodified file") from error
     if container_key is not None and isinstance(obj, Mapping) and isinstance(obj.get(container_key), Mapping):
         obj = obj[container_key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
