@@ -145,16 +145,3 @@ def test_config_missing_section(tmp_path):
     path.write_text("model:\n  params:\n    timesteps: 10\n")
     with pytest.raises(ConfigError, match="unet_config"):
         read_config(path)
-
-
-def test_fallback_vit_matches_torchvision():
-    from zoomfeat.model.vit import FallbackEncoder, torchvision_encoder_class
-
-    cls = torchvision_encoder_class()
-    if cls is None:
-        pytest.skip("torchvision cannot be imported here; the stand-in ViT is checked by the golden parity tests")
-    ref = cls(seq_length=5, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16, dropout=0.0, attention_dropout=0.0)
-    ours = FallbackEncoder(5, 2, 2, 8, 16)
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(3, 5, 8)
-    torch.testing.assert_close(ours(x), ref(x))

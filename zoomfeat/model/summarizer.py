@@ -14,7 +14,7 @@ from torch import nn
 
 from zoomfeat.errors import DataError
 from zoomfeat.model.config import SummarizerConfig
-from zoomfeat.model.vit import vit_encoder
+from torchvision.models.vision_transformer import Encoder as ViTEncoder
 
 
 def preprocess_ssl(grid: torch.Tensor, side: int = 8) -> torch.Tensor:
@@ -40,7 +40,9 @@ class Summarizer(nn.Module):
         self.mag_embedding = nn.Embedding(cfg.mag_levels, d)
         self.dim_reduce = nn.Linear(cfg.input_channels, d)
         self.pad_token = nn.Parameter(torch.randn(1, 1, d))
-        self.encoder = vit_encoder(cfg.seq_length + 1, cfg.num_layers, cfg.num_heads, d, cfg.vit_mlp_dim)
+        # torchvision's ViT Encoder, as the official Summarizer: its parameter names are the checkpoint's
+        self.encoder = ViTEncoder(seq_length=cfg.seq_length + 1, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                                  hidden_dim=d, mlp_dim=cfg.vit_mlp_dim, dropout=0.0, attention_dropout=0.0)
         self.final_proj = nn.Linear(d, cfg.output_channels)
         self.layer_norm = nn.LayerNorm(d)
 
