@@ -81,7 +81,8 @@ def render_heatmap(thumb: np.ndarray, coords_level0: np.ndarray, tile_level0: fl
     covered = np.zeros((h, w, 1))
     for (x, y), colour in zip(np.asarray(coords_level0), colours):
         c0, r0 = int(math.floor(x * sx)), int(math.floor(y * sy))
-        c1, r1 = max(int(math.ceil((x + tile_level0) * sx)), c0 + 1), max(int(math.ceil((y + tile_level0) * sy)), r0 + 1)
+        c1 = max(int(math.ceil((x + tile_level0) * sx)), c0 + 1)
+        r1 = max(int(math.ceil((y + tile_level0) * sy)), r0 + 1)
         layer[r0:r1, c0:c1] = colour
         covered[r0:r1, c0:c1] = 1.0
     base = thumb.astype(float) / 255.0

@@ -187,7 +187,9 @@ class DSMIL(nn.Module):
     Q = q(x) with q = Linear(D, 128) + ReLU + Linear(128, 128) + Tanh; the critical instance of each class
     (highest instance score) gives q_max; A = softmax_N(Q q_max^T / sqrt(128)) [N, C]; B = A^T V [C, D]
     (V = x, or Linear(D, D) + ReLU with ``passing_v``); logits = Conv1d(C, C, kernel D)(B). Loss 0.5 bag +
-    0.5 max-instance (cross-entropy for both here).
+    0.5 max-instance: cross-entropy on the bag logits, and, as in DSMIL, per-class binary cross-entropy of
+    the max instance logits against the one-hot label (a softmax over class maxima does not learn: the
+    class-0 maximum has no instance-level meaning).
     """
 
     bag_weight = 0.5
@@ -213,8 +215,9 @@ class DSMIL(nn.Module):
         logits = self.head(b.unsqueeze(0)).squeeze(-1)  # [1, C]
         extra = None
         if label is not None:
-            max_logits = inst.max(dim=0).values.unsqueeze(0)
-            extra = F.cross_entropy(max_logits, label.view(1).long())
+            max_logits = inst.max(dim=0).values.unsqueeze(0)  # [1, C]
+            target = F.one_hot(label.view(1).long(), inst.shape[1]).to(max_logits.dtype)
+            extra = F.binary_cross_entropy_with_logits(max_logits, target)
         return MILOutput(logits, a[:, int(logits.argmax())], extra)
 
 

@@ -79,12 +79,12 @@ def confusion_figure(matrix: list[list[int]]) -> bytes:
 
 
 def fold_auc_figure(series: dict[str, dict[int, float | None]], title: str) -> bytes:
-    """PNG of per-fold AUCs: one line of points per feature set, x = fold; undefined AUCs are left out."""
+    """PNG of per-fold AUCs: one line of points per feature set, x = fold; undefined AUCs leave a gap."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     folds = sorted({k for values in series.values() for k in values})
     for name, values in series.items():
-        xs = [k for k in folds if values.get(k) is not None]
-        ax.plot(xs, [values[k] for k in xs], marker="o", lw=1, label=name)
+        ys = [np.nan if values.get(k) is None else values[k] for k in folds]  # NaN: a gap, not a line
+        ax.plot(folds, ys, marker="o", lw=1, label=name)
     ax.set(xticks=folds, xlabel="fold", ylabel="test AUC", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")

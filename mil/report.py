@@ -25,6 +25,7 @@ from zoomfeat.config import write_json_atomic
 from zoomfeat.errors import DataError
 
 THRESHOLD = 0.5
+BOOTSTRAP_CELLS = 2_000_000  # resampled predictions held in memory at once by the bootstrap
 PREDICTION_COLUMNS = ("slide_id", "case_id", "label", "prob", "split")
 _FOLD_RE = re.compile(r"^fold_(\d+)$")
 
@@ -142,9 +143,15 @@ def bootstrap_auc_ci(labels: np.ndarray, scores: np.ndarray, n_bootstrap: int, s
     if n_bootstrap <= 0 or auc(labels, scores) is None:
         return {"low": None, "high": None, "n_bootstrap": n_bootstrap, "n_valid": 0, "seed": seed}
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(labels), size=(n_bootstrap, len(labels)))
-    values = auc_rows(labels[idx], scores[idx])
+    chunk = max(1, BOOTSTRAP_CELLS // len(labels))  # resamples per batch: bounded memory on large cohorts
+    parts = []
+    for start in range(0, n_bootstrap, chunk):
+        idx = rng.integers(0, len(labels), size=(min(chunk, n_bootstrap - start), len(labels)))
+        parts.append(auc_rows(labels[idx], scores[idx]))
+    values = np.concatenate(parts)
     values = values[~np.isnan(values)]
+    if values.size == 0:
+        return {"low": None, "high": None, "n_bootstrap": n_bootstrap, "n_valid": 0, "seed": seed}
     low, high = np.percentile(values, [2.5, 97.5])
     return {"low": float(low), "high": float(high), "n_bootstrap": n_bootstrap, "n_valid": int(values.size),
             "seed": seed}

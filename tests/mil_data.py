@@ -24,7 +24,7 @@ def write_feature_file(directory: Path, slide_id: str, feats_20x: np.ndarray, fe
                          "extractor": extractor, "extractor_config": json.dumps({"dim": int(feats_20x.shape[1])})})
         g = fh.create_group("20x")
         g.create_dataset("coords", data=np.stack([np.arange(n) * 256, np.zeros(n)], 1).astype(np.int64))
-        g.create_dataset("features", data=np.asarray(feats_20x, dtype=dtype).reshape(n, -1))
+        g.create_dataset("features", data=np.asarray(feats_20x, dtype=dtype))
         if feats_5x is not None:
             m = len(feats_5x)
             parents = parent_5x if parent_5x is not None else np.arange(n) % max(m, 1)
@@ -37,21 +37,23 @@ def write_feature_file(directory: Path, slide_id: str, feats_20x: np.ndarray, fe
     return path
 
 
-def planted_bag(rng: np.random.Generator, label: int, n: int, dim: int, amplitude: float = 2.5,
-                share: float = 0.05) -> np.ndarray:
-    """[n, dim] N(0, 1) instances; ``share`` of them carry a pattern on dims 0-3.
+def planted_bag(rng: np.random.Generator, label: int, n: int, dim: int, amplitude: float = 7.0,
+                share: float = 0.05, spread: float = 3.0) -> np.ndarray:
+    """[n, dim] N(0, 1) instances; in positive bags ``share`` of them (the key instances) are drawn from
+    N(amplitude * u, spread^2 I) with u = (1, 1, 1, 1, 0, ...) / 2 instead. Negative bags are pure noise.
 
-    Positive bags: pattern (a, a, a, a). Negative bags: as many (a, a, 0, 0) and (0, 0, a, a) instances.
-    The mean feature of both classes is the same, so only a head that finds the key instances separates them.
+    The other instances of a positive bag move by a small opposite amount, so both classes have the same
+    expected bag mean: mean pooling sees little, while a head that finds the few key instances separates them.
     """
     x = rng.standard_normal((n, dim)).astype(np.float32)
-    k = max(1, int(round(share * n)))
-    idx = rng.choice(n, size=2 * k, replace=False)
     if label == 1:
-        x[idx[:k], :4] += amplitude
-    else:
-        x[idx[:k], :2] += amplitude
-        x[idx[k:], 2:4] += amplitude
+        k = max(1, int(round(share * n)))
+        u = np.zeros(dim, dtype=np.float32)
+        u[:4] = 0.5
+        key = np.zeros(n, dtype=bool)
+        key[rng.choice(n, size=k, replace=False)] = True
+        x[key] = spread * x[key] + amplitude * u
+        x[~key] -= amplitude * k / (n - k) * u  # keeps the expected bag mean at 0, as in negative bags
     return x
 
 

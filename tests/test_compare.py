@@ -105,3 +105,20 @@ def test_compare_cli(three_runs, tmp_path, capsys):
     a, b, _ = three_runs
     assert cli.main(["compare", str(a), str(b), "--out", str(tmp_path / "o"), "--n-bootstrap", "20"]) == 0
     assert "uni@20x" in capsys.readouterr().out and (tmp_path / "o" / "compare.json").is_file()
+
+
+def test_compare_real_train_mil_runs(tmp_path_factory):
+    from test_heatmap import real_runs
+
+    abmil, mean = real_runs(tmp_path_factory.getbasetemp())
+    out = tmp_path_factory.mktemp("real_compare")
+    result = build_comparison([abmil, mean], out, reference=abmil, n_bootstrap=100)
+    assert result["tasks"] == ["custom"] and result["feature_sets"] == ["planted@20x", "planted@20x (mean)"]
+    (pair,) = result["comparisons"]
+    want = [b - a for a, b in zip(fold_aucs(abmil).values(), fold_aucs(mean).values())]
+    assert list(pair["differences"].values()) == pytest.approx(want)
+    nonzero = [d for d in want if d != 0]
+    assert pair["wilcoxon_p"] == (pytest.approx(wilcoxon(want).pvalue) if len(nonzero) >= 2 else None)
+    page = parse_html(out / "index.html")
+    assert not page.external and any(r and r[0] == "planted@20x" for r in page.rows)
+    assert_nontrivial_png((out / "fold_auc_custom.png").read_bytes())

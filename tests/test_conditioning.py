@@ -83,7 +83,7 @@ def test_embeds_each_distinct_tile_once_and_matches_the_encoder(tmp_path):
     cond = ConditioningGrids(slide.path, patches, Counting(), batch_size=5, workers=0, base_mag=20.0)
     assert sum(seen) == 16 and len(cond.table) == 16
     with Slide(slide.path) as s:
-        pixels = torch.from_numpy(s.read_patch(256, 768, 20.0)).permute(2, 0, 1)[None]
+        pixels = torch.tensor(s.read_patch(256, 768, 20.0)).permute(2, 0, 1)[None]
     with torch.inference_mode():
         expected = encoder(encoder.preprocess(pixels)).numpy()
     np.testing.assert_allclose(cond.grid("20x")[1, :, 0, 0], expected[0], rtol=1e-5, atol=1e-5)

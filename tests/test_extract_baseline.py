@@ -34,7 +34,7 @@ def test_toy_baseline_rows_equal_the_encoder_on_read_patch(tmp_path):
                 coords, feats = f[name]["coords"][:], f[name]["features"][:]
                 assert feats.shape == (len(coords), encoder.spec.dim)
                 for row in (0, len(coords) - 1):
-                    pixels = torch.from_numpy(s.read_patch(*coords[row], mag)).permute(2, 0, 1)[None]
+                    pixels = torch.tensor(s.read_patch(*coords[row], mag)).permute(2, 0, 1)[None]
                     expected = encoder(encoder.preprocess(pixels))[0].numpy()
                     np.testing.assert_allclose(feats[row], expected, rtol=1e-5, atol=1e-5)
     assert not (tmp_path / "uni").exists()  # baselines write no conditioning folder

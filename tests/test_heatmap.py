@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from zoomfeat.mags import PATCH_SIZE
 
 DIM = 8
 N_TRAIN = 16
-SLIDE_SIZE = 2048
+SLIDE_SIZE = 3072
 
 
 def _in_boxes(coords: np.ndarray, tile: int, boxes) -> np.ndarray:
@@ -76,7 +75,7 @@ def build_cohort(base: Path) -> dict:
 
     root = base / "mil_cohort"
     rng = np.random.default_rng(0)
-    info = write_synthetic_slide(root / "target.svs", size=SLIDE_SIZE, label=1, seed=5)
+    info = write_synthetic_slide(root / "target.svs", size=SLIDE_SIZE, label=1, seed=5, n_signal_boxes=1)
     with Slide(info.path) as slide:
         grid = make_grid(slide, [20.0])
         slide_info = slide.info
@@ -97,12 +96,11 @@ def build_cohort(base: Path) -> dict:
 
 def train_run(cohort: dict, out: Path, model: str = "abmil", seed: int = 0) -> Path:
     """A real cross-validation run (2 folds) on the planted cohort, through ``zoomfeat train-mil``."""
-    from zoomfeat.commands import train_mil  # noqa: F401  (fails clearly if the command is missing)
-
-    argv = ["train-mil", "--features", f"{cohort['features']}@20x", "--labels", str(cohort["root"] / "labels.csv"),
-            "--splits", str(cohort["root"] / "splits"), "--task", "custom", "--model", model, "--protocol", "hipt",
-            "--epochs", "15", "--lr", "1e-3", "--model-kwargs", json.dumps(_MODEL_KWARGS[model]),
-            "--seed", str(seed), "--out", str(out)]
+    features, root = f"{cohort['features']}@20x", cohort["root"]
+    argv = ["train-mil", "--features", features, "--labels", str(root / "labels.csv"), "--splits",
+            str(root / "splits"), "--task", "custom", "--model", model, "--protocol", "hipt", "--epochs", "12",
+            "--lr", "5e-3", "--model-kwargs", json.dumps(_MODEL_KWARGS[model]), "--seed", str(seed),
+            "--out", str(out)]
     assert cli.main(argv) == 0
     return out
 

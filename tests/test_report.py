@@ -175,3 +175,27 @@ def test_report_cli_and_errors(tmp_path, capsys):
     bad.write_text("slide_id,label\na,1\n")
     assert cli.main(["report", str(run)]) == 2
     assert "lacks columns" in capsys.readouterr().err
+
+
+def test_report_on_a_real_train_mil_run(tmp_path_factory):
+    from test_heatmap import real_runs
+
+    run = real_runs(tmp_path_factory.getbasetemp())[0]
+    out = tmp_path_factory.mktemp("real_report")
+    build_report(run, out, n_bootstrap=200)
+    saved = json.loads((out / "report.json").read_text())
+    folds = sorted(int(p.name.split("_")[1]) for p in run.glob("fold_*"))
+    assert saved["n_folds"] == len(folds) == 2
+    for m in saved["folds"]:
+        df = pd.read_csv(run / f"fold_{m['fold']}" / "predictions.csv")
+        df = df[df["split"] == "test"]
+        assert m["auc"] == pytest.approx(roc_auc_score(df["label"], df["prob"]))
+        assert m["f1"] == pytest.approx(f1_score(df["label"], df["prob"] >= 0.5))
+        metrics = json.loads((run / f"fold_{m['fold']}" / "metrics.json").read_text())
+        assert m["auc"] == pytest.approx(metrics["test_auc"])
+    settings = {r[0]: r[1] for r in parse_html(out / "report.html").rows if len(r) == 2}
+    assert settings["task"] == "custom" and settings["model"] == "abmil" and settings["protocol"] == "hipt"
+    assert settings["extractor"] == "planted" and "signal tiles" in settings["extractor_config.rule"]
+    assert settings["split source"].endswith("splits") and settings["feature set"].endswith("features@20x")
+    for name in ("roc.png", "confusion.png"):
+        assert_nontrivial_png((out / name).read_bytes())

@@ -93,11 +93,9 @@ def _load_zoomldm(cfg: ExtractConfig, runtime: Runtime) -> Networks:
 
     model = load_zoomldm(cfg.zoomldm_config, cfg.weights, use_ema=True, device=runtime.device).eval()
     if not 0 <= cfg.timestep < model.num_timesteps:
-        raise ConfigError(f"bad --timestep {cfg.timestep}: the model has {model.num_timesteps} steps (0..{model.num_timesteps - 1})")
-    try:
-        model.feature_dim(cfg.block)
-    except (IndexError, KeyError, ValueError) as exc:
-        raise ConfigError(f"bad --block {cfg.block}: not an output block of this U-Net ({exc})") from exc
+        raise ConfigError(f"bad --timestep {cfg.timestep}: the model has {model.num_timesteps} steps "
+                          f"(0..{model.num_timesteps - 1})")
+    model.feature_dim(cfg.block)  # ConfigError naming the valid blocks
     if runtime.is_cuda:
         model = model.to(memory_format=torch.channels_last)
     featurizer = ZoomLDMFeaturizer(model, cfg.timestep, cfg.block, cfg.pooling, cfg.noise, runtime.device,

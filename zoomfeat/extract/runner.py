@@ -117,6 +117,9 @@ class SlideExtractor:
 
         if not self.cfg.is_zoomldm:
             return None
+        if info.base_magnification < 20.0:
+            raise SlideError(f"{slide_path}: base magnification {info.base_magnification:g}x is below 20x, but "
+                             "ZoomLDM is conditioned on 20x tiles: pass the right --base-mag/--mpp or skip this slide")
         coords = {n: grid.coords[n] for n in self.cfg.mag_names}
         dim = self.net.featurizer.model.conditioning_dim
         if self.cfg.conditioning_dir is not None:
@@ -151,14 +154,17 @@ class SlideExtractor:
         if len(coords) == 0:
             return
         dataset = TilePatchDataset(slide_path, coords, mag, size=PATCH_SIZE, **self.cfg.slide_kwargs)
-        for rows, images in patch_loader(dataset, self.cfg.batch_size, self.cfg.workers):
-            rows = rows.numpy()
-            grids = cond.grid(name, rows, pool_to=8) if cond is not None else None
-            feats = self.net.featurizer(images, grids, mag, name, coords[rows], info.slide_id)
-            for start, stop in _contiguous_runs(rows):
-                writer.write_features(name, int(rows[start]), feats[start:stop])
-            bar.update(len(rows))
-            self.stats.patches += len(rows)
+        try:
+            for rows, images in patch_loader(dataset, self.cfg.batch_size, self.cfg.workers):
+                rows = rows.numpy()
+                grids = cond.grid(name, rows, pool_to=8) if cond is not None else None
+                feats = self.net.featurizer(images, grids, mag, name, coords[rows], info.slide_id)
+                for start, stop in _contiguous_runs(rows):
+                    writer.write_features(name, int(rows[start]), feats[start:stop])
+                bar.update(len(rows))
+                self.stats.patches += len(rows)
+        finally:
+            dataset.close()
 
 
 def _contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:

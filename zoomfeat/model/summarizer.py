@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.vision_transformer import Encoder as ViTEncoder
 
 from zoomfeat.errors import DataError
 from zoomfeat.model.config import SummarizerConfig
-from torchvision.models.vision_transformer import Encoder as ViTEncoder
 
 
 def preprocess_ssl(grid: torch.Tensor, side: int = 8) -> torch.Tensor:

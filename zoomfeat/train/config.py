@@ -14,14 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from zoomfeat.errors import ConfigError
-from zoomfeat.mags import mag_name, parse_mags
+from zoomfeat.mags import parse_mags
 
 MAG_SAMPLING = ("uniform", "proportional")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
 def resolve_zoomldm_config(path: str | Path) -> Path:
-    """An official ``config.yaml``, given as the file or as the folder that holds it."""
+    """An official ``config.yaml``, given as the file, the folder that holds it, or ``tiny`` (the packaged one)."""
+    if str(path) == "tiny":
+        from zoomfeat.train import TINY_ZOOMLDM_YAML
+
+        return TINY_ZOOMLDM_YAML
     path = Path(path)
     if path.is_dir():
         path = path / "config.yaml"
@@ -58,6 +62,7 @@ class PrepareConfig:
             raise ConfigError("--conditioner uni needs its weight file: use --conditioner uni=PATH")
         if self.conditioner_weights is not None and not Path(self.conditioner_weights).is_file():
             raise ConfigError(f"conditioner weights {self.conditioner_weights} not found: pass an existing file")
+        resolve_zoomldm_config(self.zoomldm)
         if self.zoomldm_weights is not None and not Path(self.zoomldm_weights).is_file():
             raise ConfigError(f"ZoomLDM weights {self.zoomldm_weights} not found: pass an existing weights.ckpt")
         if self.max_patches_per_mag is not None and self.max_patches_per_mag < 1:
@@ -143,7 +148,8 @@ def _check(ok: bool, message: str) -> None:
 
 def _validate(c: TrainConfig) -> None:
     d, o, t, v = c.data, c.optim, c.trainer, c.validation
-    _check(c.model.zoomldm is not None, "model.zoomldm is not set: pass --zoomldm CONFIG_OR_DIR")
+    _check(c.model.zoomldm is not None, "model.zoomldm is not set: pass --zoomldm CONFIG_OR_DIR (or tiny)")
+    resolve_zoomldm_config(c.model.zoomldm)
     _check(d.mag_sampling in MAG_SAMPLING, f"data.mag_sampling {d.mag_sampling!r}: use one of {MAG_SAMPLING}")
     _check(d.batch_size >= 1, f"data.batch_size {d.batch_size} must be at least 1")
     _check(d.workers >= 0, f"data.workers {d.workers} must be 0 or more")
@@ -247,16 +253,14 @@ def load_train_config(path: str | Path | None = None, overrides: Mapping[str, An
     return TrainConfig(**{name: _section(name, raw.get(name)) for name in _SECTION_TYPES})
 
 
-def parse_set_options(items: list[str] | None) -> dict[str, str]:
-    """``["optim.lr=1e-4", ...]`` (from ``--set``) -> ``{"optim.lr": "1e-4"}``."""
-    out: dict[str, str] = {}
+def parse_set_options(items: list[str] | None) -> dict[str, str | None]:
+    """``["optim.lr=1e-4", "model.init_from=null"]`` (``--set``) -> ``{"optim.lr": "1e-4", "model.init_from": None}``."""
+    out: dict[str, str | None] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: use section.key=value")
-        out[key.strip()] = None if value.strip().lower() in ("null", "none") else value.strip()  # type: ignore[assignment]
+        value = value.strip()
+        out[key.strip()] = None if value.lower() in ("null", "none") else value
     return out
 
-
-def mags_label(mags: tuple[float, ...]) -> str:
-    return ",".join(mag_name(m) for m in mags)

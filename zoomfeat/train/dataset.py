@@ -43,6 +43,7 @@ class TrainingSet(torch.utils.data.Dataset):
             self.shards = [s.decode() if isinstance(s, bytes) else str(s) for s in f["shards"][()]]
             self.latent_shape = tuple(json.loads(f.attrs["latent_shape"]))
             self.grid_channels = int(f.attrs["grid_channels"])
+            self.first_stage_digest = str(f.attrs.get("first_stage_digest", ""))
             names = [mag_name(m) for m in MAGNIFICATIONS]
             self.shard_of = np.concatenate([f[n]["shard"][()] for n in names]).astype(np.int64)
             self.row_of = np.concatenate([f[n]["row"][()] for n in names]).astype(np.int64)

@@ -102,33 +102,50 @@ class ZoomLDMLightning(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(batch["mags"]))
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimiser step, then the EMA update (here, so checkpoints saved at this step include it)."""
+        super().optimizer_step(*args, **kwargs)
         if hasattr(self.model, "model_ema"):
             self.model.update_ema(self.optim_cfg.ema_decay)
 
     # -- validation -------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        n = len(MAGNIFICATIONS)
+        self._val_sum = torch.zeros(n, dtype=torch.float64, device=self.device)
+        self._val_count = torch.zeros(n, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Accumulate the eps-MSE per magnification (fixed t / noise per batch, no context dropout)."""
         gen = step_generator(self.seed, 10**9 + batch_idx, self.global_rank)
-        losses = self.diffusion_loss(batch, gen, 0.0)
-        mags = batch["mags"]
-        for m in torch.unique(mags).tolist():
-            sel = mags == m
-            self.log(f"val/loss_{mag_name(MAGNIFICATIONS[m])}", losses[sel.to(losses.device)].mean(),
-                     batch_size=int(sel.sum()), sync_dist=True, add_dataloader_idx=False)
-        self.log("val/loss", losses.mean(), batch_size=len(mags), sync_dist=True, prog_bar=True)
+        losses = self.diffusion_loss(batch, gen, 0.0).double()
+        mags = batch["mags"].to(self.device)
+        self._val_sum.index_add_(0, mags, losses)
+        self._val_count.index_add_(0, mags, torch.ones_like(losses))
         if self.val_cfg.samples and self.sample_dir is not None:
             self._keep_contexts(batch)
+
+    def _log_val_losses(self) -> None:
+        """Reduce the sums over ranks (same keys on every rank, so DDP cannot deadlock), then log."""
+        sums = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        counts = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
+        if float(counts.sum()) == 0:
+            return
+        for m in torch.nonzero(counts).flatten().tolist():
+            self.log(f"val/loss_{mag_name(MAGNIFICATIONS[m])}", float(sums[m] / counts[m]), rank_zero_only=True)
+        self.log("val/loss", float(sums.sum() / counts.sum()), prog_bar=True, rank_zero_only=True)
 
     @torch.no_grad()
     def _keep_contexts(self, batch: dict) -> None:
         want = self.val_cfg.samples_per_mag
         for m in torch.unique(batch["mags"]).tolist():
             have = self._val_contexts.setdefault(m, [])
-            rows = [i for i, v in enumerate(batch["mags"].tolist()) if v == m][: max(want - len(have), 0)]
+            room = want - sum(int(c.shape[0]) for c in have)
+            rows = [i for i, v in enumerate(batch["mags"].tolist()) if v == m][: max(room, 0)]
             if rows:
                 have.append(self.context([batch["grids"][i] for i in rows], batch["mags"][rows]))
 
     def on_validation_epoch_end(self) -> None:
+        self._log_val_losses()
         contexts, self._val_contexts = self._val_contexts, {}
         if not contexts or self.sample_dir is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return

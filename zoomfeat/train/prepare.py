@@ -12,7 +12,9 @@ Layout under ``OUT`` (format ``zoomfeat-trainset`` version 1):
 - ``index.h5``: attrs (format, mags, latent_shape, grid_channels, grid_pool_to, grid_storage, conditioner,
   zoomldm_config, counts JSON), datasets ``shards`` / ``slide_ids`` (strings), ``counts`` int64 [S, 8] (columns:
   20x ... 0.15625x), and per magnification a group with ``shard`` int32 [N], ``row`` int64 [N], ``coords``.
-- ``prepare_config.json``: the settings of the last run.
+- ``prepare_config.json``: the settings of the last run; ``first_stage.pt``: the first-stage weights
+  (``first_stage_model.*`` without the prefix) that encoded the latents, so training decodes with the same
+  ones; its digest is the index attr ``first_stage_digest``.
 
 A slide whose complete shard exists with the same fingerprint and settings is skipped (resumable).
 """
@@ -36,6 +38,7 @@ SHARD_FORMAT = "zoomfeat-trainshard"
 INDEX_FORMAT = "zoomfeat-trainset"
 FORMAT_VERSION = 1
 INDEX_NAME = "index.h5"
+FIRST_STAGE_NAME = "first_stage.pt"  # the first-stage state_dict the latents were made with
 GRID_STORAGE = "raw (unstandardised) grids of 20x-tile embeddings; grids wider than grid_pool_to average-pooled to it"
 
 
@@ -58,13 +61,14 @@ def fingerprint(slide_path: Path) -> str:
     return json.dumps({"path": str(Path(slide_path).resolve()), "size": st.st_size, "mtime": int(st.st_mtime)})
 
 
-def content_settings(cfg: PrepareConfig, conditioner_dim: int) -> str:
+def content_settings(cfg: PrepareConfig, conditioner_dim: int, first_stage: str) -> str:
     """JSON of everything a shard's content depends on (a change redoes the slide)."""
     return json.dumps(to_jsonable({
         "conditioner": cfg.conditioner, "conditioner_weights": cfg.conditioner_weights,
         "conditioner_dim": conditioner_dim, "zoomldm": resolve_zoomldm_config(cfg.zoomldm),
         "zoomldm_weights": cfg.zoomldm_weights, "mags": [mag_name(m) for m in cfg.mags],
         "max_patches_per_mag": cfg.max_patches_per_mag, "seed": cfg.seed, "grid_pool_to": cfg.grid_pool_to,
+        "first_stage_digest": first_stage,
     }), sort_keys=True)
 
 
@@ -204,11 +208,36 @@ class SlideShardWriter:
             grd[rows] = grids.grid(name, rows, pool_to=self.cfg.grid_pool_to).astype(np.float16)
 
 
+def first_stage_digest(model) -> str:
+    """sha256 over the first stage's tensors (names, shapes, float32 bytes): which encoder made the latents."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, value in sorted(model.first_stage_model.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_first_stage(model, out: Path) -> str:
+    import torch
+
+    state = {k: v.detach().cpu() for k, v in model.first_stage_model.state_dict().items()}
+    tmp = out / f".{FIRST_STAGE_NAME}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, out / FIRST_STAGE_NAME)
+    return first_stage_digest(model)
+
+
 def _load_models(cfg: PrepareConfig):
+    import torch
+
     from zoomfeat.encoders import load_encoder
     from zoomfeat.model import load_zoomldm
 
-    model = load_zoomldm(cfg.zoomldm, cfg.zoomldm_weights, use_ema=False, device=cfg.device)
+    torch.manual_seed(cfg.seed)  # a random first stage (no weights: tests, demo) is reproducible
+    source = cfg.zoomldm if Path(cfg.zoomldm).is_dir() else resolve_zoomldm_config(cfg.zoomldm)
+    model = load_zoomldm(source, cfg.zoomldm_weights, use_ema=False, device=cfg.device)
     model.eval()
     if cfg.conditioner == "toy":
         encoder = load_encoder("toy", dim=cfg.conditioner_dim or int(model.conditioning_dim), seed=cfg.seed)
@@ -227,12 +256,13 @@ def prepare_training_set(cfg: PrepareConfig) -> PrepareReport:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "prepare_config.json")
     model, encoder = _load_models(cfg)
-    settings = content_settings(cfg, int(encoder.spec.dim))
+    digest = _save_first_stage(model, out)
+    settings = content_settings(cfg, int(encoder.spec.dim), digest)
     writer = SlideShardWriter(cfg, FirstStageEncoder(model, cfg.device), encoder, settings)
     batch = run_batch(slides, out, writer, desc="prepare-train")
     counts, n_shards = write_index(out, settings=settings, conditioner=cfg.conditioner,
                                    zoomldm_config=str(resolve_zoomldm_config(cfg.zoomldm)),
-                                   grid_pool_to=cfg.grid_pool_to)
+                                   grid_pool_to=cfg.grid_pool_to, first_stage=digest)
     print("patches per magnification: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return PrepareReport(out=out, counts=counts, n_shards=n_shards, exit_code=int(batch.exit_code))
 
@@ -259,7 +289,7 @@ def _shard_entries(path: Path):
 
 
 def write_index(out: str | Path, *, settings: str | None = None, conditioner: str = "",
-                zoomldm_config: str = "", grid_pool_to: int = 8) -> tuple[dict[str, int], int]:
+                zoomldm_config: str = "", grid_pool_to: int = 8, first_stage: str = "") -> tuple[dict[str, int], int]:
     """Rebuild ``OUT/index.h5`` from the complete shards (those made with ``settings`` when given)."""
     import h5py
 
@@ -288,7 +318,7 @@ def write_index(out: str | Path, *, settings: str | None = None, conditioner: st
                         "latent_shape": json.dumps(list(latent_shape)), "grid_channels": int(grid_channels),
                         "grid_pool_to": int(grid_pool_to), "grid_storage": GRID_STORAGE,
                         "conditioner": conditioner, "zoomldm_config": zoomldm_config,
-                        "counts": json.dumps(totals)})
+                        "counts": json.dumps(totals), "first_stage_digest": first_stage})
         f.create_dataset("shards", data=np.array([p.name for p in shards], dtype=object),
                          dtype=h5py.string_dtype())
         f.create_dataset("slide_ids", data=np.array(slide_ids, dtype=object), dtype=h5py.string_dtype())

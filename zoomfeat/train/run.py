@@ -91,6 +91,24 @@ def build_model(cfg: TrainConfig):
     return build_zoomldm(config)
 
 
+def adopt_first_stage(data: TrainingSet, model, from_checkpoint: bool) -> None:
+    """Make the model's first stage the one that encoded the training latents.
+
+    From scratch, the first stage comes from ``DATA/first_stage.pt``; when fine-tuning, the checkpoint's
+    first stage must be that one (same digest), or the latents would not match the decoder.
+    """
+    from zoomfeat.train.prepare import FIRST_STAGE_NAME, first_stage_digest
+
+    if not from_checkpoint:
+        path = data.root / FIRST_STAGE_NAME
+        if not path.is_file():
+            raise DataError(f"{path} not found: rerun prepare-train (it saves the first stage it used)")
+        model.first_stage_model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    if data.first_stage_digest and first_stage_digest(model) != data.first_stage_digest:
+        raise DataError(f"{data.root}: the latents were made with another first stage than {model.config.source}'s "
+                        "weights: rerun prepare-train with --zoomldm-weights set to the --init-from file")
+
+
 def check_data(data: TrainingSet, model) -> None:
     """The training set must have been prepared for this architecture and conditioner width."""
     d = model.config.diffusion
@@ -125,7 +143,8 @@ def build_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
         val_check_interval=t.every_n_steps, check_val_every_n_epoch=None, limit_val_batches=limit_val,
         num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, default_root_dir=out,
         use_distributed_sampler=False, gradient_clip_val=cfg.optim.grad_clip, logger=_loggers(out),
-        callbacks=[ckpt, OfficialExport(out / "official", t.every_n_steps)], enable_model_summary=False)
+        callbacks=[ckpt, OfficialExport(out / "official", t.every_n_steps)],
+        enable_model_summary=False)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -134,6 +153,7 @@ def train(cfg: TrainConfig) -> Path:
     data = TrainingSet(cfg.data.path)  # fail early on a missing or mismatched set
     model = build_model(cfg)
     check_data(data, model)
+    adopt_first_stage(data, model, from_checkpoint=cfg.model.init_from is not None)
     resume = resolve_resume(cfg.trainer.resume, out)
     (out / "official").mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "train_config.json")
