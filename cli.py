@@ -49,10 +49,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only is not None and name != only:
             sub.add_parser(name, add_help=False)
             continue
-        try:
-            module = _command_module(name)
-        except ModuleNotFoundError:  # a command whose module is not written yet
-            continue
+        module = _command_module(name)
         sp = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sp)
         sp.set_defaults(_run=module.run)
