@@ -62,6 +62,25 @@ def parse_devices(value: str) -> int | str | list[int]:
         raise ConfigError(f"trainer.devices {value!r}: use auto, a count (4) or a list (0,1)") from e
 
 
+def resolve_strategy(strategy: str, devices: int | str | list[int], num_nodes: int):
+    """DDP without buffer broadcasting for ``ddp`` (or ``auto`` on several devices).
+
+    The EMA shadows are buffers as large as the U-Net; DDP would broadcast them every step although every
+    rank updates them identically from identical weights.
+    """
+    many = num_nodes > 1 or (isinstance(devices, list) and len(devices) > 1) or \
+        (isinstance(devices, int) and devices > 1) or (devices == "auto" and torch.cuda.device_count() > 1)
+    if strategy == "ddp" or (strategy == "auto" and many):
+        import inspect
+
+        from lightning.pytorch.strategies import DDPStrategy
+        from torch.nn.parallel import DistributedDataParallel
+
+        newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+        return DDPStrategy(**({"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}))
+    return strategy
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     """``auto`` -> bf16-mixed when a GPU will be used, 32-true on CPU."""
     if precision != "auto":
@@ -137,8 +156,10 @@ def build_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step_{step:07d}", auto_insert_metric_name=False,
                            every_n_train_steps=t.every_n_steps, save_top_k=-1, save_last=True)
     limit_val = (v.max_batches if v.max_batches is not None else 1.0) if v.enabled else 0
+    devices = parse_devices(t.devices)
     return L.Trainer(
-        accelerator=t.accelerator, devices=parse_devices(t.devices), num_nodes=t.num_nodes, strategy=t.strategy,
+        accelerator=t.accelerator, devices=devices, num_nodes=t.num_nodes,
+        strategy=resolve_strategy(t.strategy, devices, t.num_nodes),
         precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps, max_epochs=-1,
         val_check_interval=t.every_n_steps, check_val_every_n_epoch=None, limit_val_batches=limit_val,
         num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, default_root_dir=out,

@@ -1,0 +1,90 @@
+"""Training config, sampling and schedule: fast unit tests (no model, no slides)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from zoomfeat.errors import ConfigError
+from zoomfeat.train import EXAMPLE_TRAIN_YAML, TINY_ZOOMLDM_YAML
+from zoomfeat.train.config import load_train_config, parse_set_options, resolve_zoomldm_config
+from zoomfeat.train.dataset import StepBatchSampler, split_rows, val_batches
+
+
+def test_example_yaml_is_valid_and_overrides_win(tmp_path):
+    cfg = load_train_config(EXAMPLE_TRAIN_YAML)
+    assert cfg.optim.lr == 2e-5 and cfg.optim.weight_decay == 0.01 and cfg.optim.warmup_steps == 1000
+    assert cfg.optim.p_uncond == 0.1 and cfg.data.mag_sampling == "uniform" and cfg.trainer.resume == "auto"
+    assert resolve_zoomldm_config(cfg.model.zoomldm) == TINY_ZOOMLDM_YAML
+    cfg = load_train_config(EXAMPLE_TRAIN_YAML, {"optim.lr": "1e-3", "data.batch_size": "2",
+                                                 "validation.samples": "false", "model.init_from": None})
+    assert cfg.optim.lr == 1e-3 and cfg.data.batch_size == 2 and cfg.validation.samples is False
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"optim.lr": -1}, "optim.lr"),
+    ({"data.mag_sampling": "random"}, "mag_sampling"),
+    ({"optim.warmup_steps": "many"}, "optim.warmup_steps"),
+    ({"optim.learning_rate": 1}, "unknown key optim.learning_rate"),
+    ({"trainer.resume": "/no/such.ckpt"}, "trainer.resume"),
+    ({"model.init_from": "/no/such.ckpt"}, "model.init_from"),
+    ({"model.zoomldm": "/no/such/config.yaml"}, "not found"),
+    ({"validation.samples": "maybe"}, "boolean"),
+])
+def test_bad_values_fail_up_front_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(EXAMPLE_TRAIN_YAML, override)
+
+
+def test_bad_yaml_sections(tmp_path):
+    bad = tmp_path / "t.yaml"
+    bad.write_text("optimizer:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown section 'optimizer'"):
+        load_train_config(bad)
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_set_options(["lr"])
+    assert parse_set_options(["optim.lr=0.1", "model.init_from=null"]) == {"optim.lr": "0.1", "model.init_from": None}
+
+
+def test_uniform_sampling_balances_magnifications_and_proportional_does_not():
+    by_mag = [np.arange(0, 90), np.arange(90, 99), np.arange(99, 100)] + [np.zeros(0, np.int64)] * 5
+    mag_of = np.repeat([0, 1, 2], [90, 9, 1])
+    for sampling, expected in (("uniform", [1 / 3, 1 / 3, 1 / 3]), ("proportional", [0.9, 0.09, 0.01])):
+        sampler = StepBatchSampler(by_mag, 50, seed=1, sampling=sampling)
+        draws = np.concatenate([sampler.batch(s) for s in range(200)])
+        freq = np.bincount(mag_of[draws], minlength=3) / len(draws)
+        np.testing.assert_allclose(freq, expected, atol=0.02)
+
+
+def test_batches_depend_only_on_seed_step_and_rank():
+    by_mag = [np.arange(10), np.arange(10, 20)] + [np.zeros(0, np.int64)] * 6
+    step = {"s": 0}
+    a = StepBatchSampler(by_mag, 4, seed=0, steps_per_epoch=5, start_step=lambda: step["s"])
+    first = list(a)
+    assert len(first) == 5 and first[3] == a.batch(3)
+    step["s"] = 3  # a run resumed at step 3 finishes the epoch with the same batches
+    assert list(a) == first[3:]
+    assert a.batch(3) != StepBatchSampler(by_mag, 4, seed=0, rank=1).batch(3)
+    assert a.batch(3) != StepBatchSampler(by_mag, 4, seed=1).batch(3)
+
+
+def test_validation_split_is_seeded_disjoint_and_capped():
+    counts = np.array([40, 10, 1, 0, 0, 0, 0, 0])
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    train, val = split_rows(counts, offsets, 0.1, 3, seed=0)
+    assert [len(v) for v in val[:3]] == [3, 1, 0] and [len(t) for t in train[:3]] == [37, 9, 1]
+    for t, v in zip(train, val):
+        assert not set(t) & set(v)
+    again = split_rows(counts, offsets, 0.1, 3, seed=0)[1]
+    assert all(np.array_equal(x, y) for x, y in zip(val, again))
+    batches = val_batches(val, 2)
+    assert batches == [val[0][:2].tolist(), val[0][2:].tolist(), val[1].tolist()]
+
+
+def test_warmup_is_linear_then_constant():
+    from zoomfeat.train.module import warmup_factor
+
+    assert warmup_factor(0, 1000, 1e-6) == pytest.approx(1e-6)
+    assert warmup_factor(500, 1000, 1e-6) == pytest.approx(0.5, rel=1e-4)
+    assert warmup_factor(1000, 1000, 1e-6) == warmup_factor(10**6, 1000, 1e-6) == 1.0
+    assert warmup_factor(0, 0, 1e-6) == 1.0

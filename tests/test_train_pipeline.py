@@ -1,0 +1,229 @@
+"""ZoomLDM training end to end on a tiny synthetic cohort: prepare-train -> Lightning training -> official export.
+
+Everything is real (pyramidal SVS read by OpenSlide, HDF5 shards, Lightning loops) but tiny: two 2048-px
+slides, the packaged tiny ZoomLDM (64-px images, [3, 16, 16] latents), a 32-d toy conditioner, a few steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import require_shared
+from zoomfeat.mags import PATCH_SIZE
+from zoomfeat.train import TINY_ZOOMLDM_YAML
+from zoomfeat.train.config import PrepareConfig, load_train_config
+from zoomfeat.train.dataset import TrainingSet, collate
+from zoomfeat.train.module import ZoomLDMLightning, step_generator
+from zoomfeat.train.prepare import prepare_training_set, shard_path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: the tiny model is faster that way on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    from zoomfeat.synthetic import write_cohort
+
+    return write_cohort(tmp_path_factory.mktemp("cohort"), n=2, size=2048, seed=3)
+
+
+def _prepare_cfg(cohort: Path, out: Path, **kw) -> PrepareConfig:
+    return PrepareConfig(slides=(cohort,), out=out, conditioner="toy", conditioner_weights=None,
+                         zoomldm=TINY_ZOOMLDM_YAML, batch_size=16, **kw)
+
+
+@pytest.fixture(scope="module")
+def trainset(cohort, tmp_path_factory) -> Path:
+    """Written through the CLI: `zoomfeat prepare-train COHORT --out DIR --conditioner toy --zoomldm tiny`."""
+    from cli import main
+
+    out = tmp_path_factory.mktemp("trainset")
+    assert main(["prepare-train", str(cohort), "--out", str(out), "--conditioner", "toy", "--zoomldm", "tiny",
+                 "--batch-size", "16"]) == 0
+    return out
+
+
+def _train_cfg(trainset: Path, out: Path, **overrides):
+    values = {"model.zoomldm": "tiny", "data.path": trainset, "data.batch_size": 4, "data.workers": 0,
+              "data.val_fraction": 0.1, "data.val_max_per_mag": 2, "data.steps_per_epoch": 4,
+              "optim.lr": 2e-3, "optim.warmup_steps": 0, "trainer.out": out, "trainer.accelerator": "cpu",
+              "trainer.devices": "1", "trainer.log_every_n_steps": 1, "validation.enabled": False}
+    values.update(overrides)
+    return load_train_config(None, values)
+
+
+# -- prepare-train ---------------------------------------------------------------------------------------
+
+def test_prepare_counts_shapes_and_index(trainset):
+    with h5py.File(trainset / "index.h5", "r") as f:
+        counts = {k: int(v) for k, v in zip(["20x", "10x", "5x", "2.5x", "1.25x", "0.625x", "0.3125x",
+                                               "0.15625x"], f["counts"][()].sum(axis=0))}
+        assert f.attrs["grid_pool_to"] == 8 and "pooled" in f.attrs["grid_storage"]
+        assert len(f["slide_ids"]) == 2 and f["counts"].shape == (2, 8)
+    # 2048-px slides at 20x: tiles of 256, 512, 1024, 2048 px fit; 1.25x (4096 px) and coarser give nothing
+    assert all(counts[m] > 0 for m in ("20x", "10x", "5x", "2.5x"))
+    assert all(counts[m] == 0 for m in ("1.25x", "0.625x", "0.3125x", "0.15625x"))
+    data = TrainingSet(trainset)
+    assert data.latent_shape == (3, 16, 16) and data.grid_channels == 32
+    shard = sorted((trainset / "shards").glob("*.h5"))[0]
+    with h5py.File(shard, "r") as f:
+        assert f["20x/latents"].dtype == np.float16 and f["20x/grids"].shape[1:] == (32, 1, 1)
+        assert f["2.5x/grids"].shape[1:] == (32, 8, 8)
+        assert f["5x/grids"].shape[1:] == (32, 4, 4)
+
+
+def test_prepare_latents_and_grids_match_the_model_and_conditioner(trainset):
+    import torch.nn.functional as F
+
+    from zoomfeat.conditioning import ConditioningGrids
+    from zoomfeat.encoders import load_encoder
+    from zoomfeat.model import load_zoomldm
+    from zoomfeat.slides import Slide
+
+    shard = sorted((trainset / "shards").glob("*.h5"))[0]
+    with h5py.File(shard, "r") as f:
+        slide_path = Path(f.attrs["slide_path"])
+        coords = f["5x/coords"][()]
+        latent, grid = f["5x/latents"][0].astype(np.float32), f["5x/grids"][0].astype(np.float32)
+    model = load_zoomldm(TINY_ZOOMLDM_YAML, None, use_ema=False)
+    model.first_stage_model.load_state_dict(torch.load(trainset / "first_stage.pt", weights_only=True))
+    with Slide(slide_path) as slide:
+        pixels = slide.read_patch(int(coords[0, 0]), int(coords[0, 1]), 5.0, PATCH_SIZE)
+        base_mag = slide.info.base_magnification
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        expected = model.encode_first_stage(x)[0].numpy()
+    np.testing.assert_allclose(latent, expected, rtol=1e-2, atol=1e-2)
+    grids = ConditioningGrids(slide_path, {"5x": coords[:1]}, load_encoder("toy", dim=32, seed=0), base_mag=base_mag)
+    np.testing.assert_allclose(grid, grids.grid("5x", None, pool_to=8)[0], rtol=1e-3, atol=1e-3)
+
+
+def test_prepare_resumes_and_limits(cohort, trainset, tmp_path):
+    shard = sorted((trainset / "shards").glob("*.h5"))[0]
+    mtime = shard.stat().st_mtime_ns
+    report = prepare_training_set(_prepare_cfg(cohort, trainset))
+    assert shard.stat().st_mtime_ns == mtime and report.n_shards == 2  # finished slides are skipped
+    limited = prepare_training_set(_prepare_cfg(cohort, tmp_path, max_patches_per_mag=2, mags=(20.0, 5.0)))
+    assert limited.counts["20x"] == 4 and limited.counts["10x"] == 0 and 0 < limited.counts["5x"] <= 4
+    assert shard_path(tmp_path, shard.stem).is_file()
+
+
+# -- training --------------------------------------------------------------------------------------------
+
+def _fixed_loss(model, trainset: Path) -> float:
+    """Mean eps-MSE over a fixed set of patches with fixed t and noise (no context dropout)."""
+    data = TrainingSet(trainset)
+    rows = np.linspace(0, len(data) - 1, 16).astype(int)
+    batch = collate([data[int(i)] for i in rows])
+    module = ZoomLDMLightning(model, _dummy_optim(), _dummy_val())
+    with torch.no_grad():
+        return float(module.diffusion_loss(batch, step_generator(123, 0, 0), 0.0).mean())
+
+
+def _dummy_optim():
+    from zoomfeat.train.config import OptimSection
+    return OptimSection()
+
+
+def _dummy_val():
+    from zoomfeat.train.config import ValidationSection
+    return ValidationSection()
+
+
+def test_training_lowers_the_loss_validates_and_exports(trainset, tmp_path):
+    from zoomfeat.model import load_zoomldm
+    from zoomfeat.train.run import build_model, train
+
+    cfg = _train_cfg(trainset, tmp_path / "run", **{
+        "trainer.max_steps": 16, "trainer.every_n_steps": 8, "validation.enabled": True, "data.val_fraction": 0.3,
+        "validation.sample_steps": 2, "validation.samples_per_mag": 2})
+    initial = build_model(cfg).eval()
+    start = _fixed_loss(initial, trainset)
+    out = train(cfg)
+    official = out / "official"
+    assert sorted(p.name for p in official.iterdir()) == ["config.yaml", "last.ckpt", "step_0000008.ckpt",
+                                                           "step_0000016.ckpt"]
+    trained = load_zoomldm(official / "config.yaml", official / "last.ckpt", use_ema=False)  # strict
+    end = _fixed_loss(trained, trainset)
+    assert end < 0.8 * start, (start, end)
+    before, after = initial.state_dict(), trained.state_dict()
+    for prefix in ("model.diffusion_model.", "cond_stage_model."):  # both trained jointly
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+    first_stage = torch.load(trainset / "first_stage.pt", weights_only=True)  # adopted from the set, frozen
+    assert all(torch.equal(after[f"first_stage_model.{k}"], v) for k, v in first_stage.items())
+    metrics = (next((out / "logs").glob("version_*")) / "metrics.csv").read_text().splitlines()[0]
+    assert "val/loss_20x" in metrics and "val/loss_5x" in metrics
+    assert any(p.name.endswith("_20x.png") for p in (out / "samples").iterdir())
+    ema = load_zoomldm(official / "config.yaml", official / "last.ckpt", use_ema=True)
+    assert int(ema.model_ema.num_updates) == 16
+
+
+def _lightning_state(path: Path) -> tuple[dict, dict, int]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt["state_dict"], ckpt["optimizer_states"][0], int(ckpt["global_step"])
+
+
+def test_resume_matches_an_uninterrupted_run(trainset, tmp_path):
+    from zoomfeat.train.run import train
+
+    whole = train(_train_cfg(trainset, tmp_path / "whole", **{"trainer.max_steps": 4, "trainer.every_n_steps": 2}))
+    from cli import main
+
+    part = tmp_path / "part"  # the first half through the CLI, the same settings as flags
+    assert main(["train", "--data", str(trainset), "--zoomldm", "tiny", "--out", str(part), "--max-steps", "2",
+                 "--every-n-steps", "2", "--batch-size", "4", "--workers", "0", "--lr", "2e-3", "--warmup-steps",
+                 "0", "--accelerator", "cpu", "--devices", "1", "--set", "validation.enabled=false",
+                 "--set", "data.val_fraction=0.1", "--set", "data.val_max_per_mag=2",
+                 "--set", "data.steps_per_epoch=4"]) == 0
+    resumed = train(_train_cfg(trainset, tmp_path / "part", **{"trainer.max_steps": 4, "trainer.every_n_steps": 2}))
+    a_state, a_opt, a_step = _lightning_state(whole / "checkpoints" / "last.ckpt")
+    b_state, b_opt, b_step = _lightning_state(resumed / "checkpoints" / "last.ckpt")
+    assert a_step == b_step == 4
+    for key, value in a_state.items():
+        torch.testing.assert_close(b_state[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for pid, entry in a_opt["state"].items():
+        torch.testing.assert_close(b_opt["state"][pid]["exp_avg_sq"], entry["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+        assert float(b_opt["state"][pid]["step"]) == float(entry["step"]) == 4
+
+
+def test_finetuning_needs_latents_from_the_same_first_stage(trainset, tmp_path):
+    golden = require_shared("golden", "zoomldm_tiny")
+    from zoomfeat.errors import DataError
+    from zoomfeat.train.run import train
+
+    cfg = _train_cfg(trainset, tmp_path / "ft", **{"model.zoomldm": golden, "model.init_from": golden / "weights.ckpt"})
+    with pytest.raises(DataError, match="first stage"):
+        train(cfg)
+
+
+def test_finetuning_from_golden_tiny_keeps_the_official_keys(cohort, tmp_path):
+    golden = require_shared("golden", "zoomldm_tiny")
+    from zoomfeat.train.run import train
+
+    data = tmp_path / "data"
+    prepare_training_set(PrepareConfig(slides=(cohort,), out=data, conditioner="toy", conditioner_weights=None,
+                                       zoomldm=golden, mags=(20.0, 5.0), max_patches_per_mag=3))
+    cfg = _train_cfg(data, tmp_path / "ft", **{"model.zoomldm": golden, "model.init_from": golden / "weights.ckpt",
+                                                  "trainer.max_steps": 2, "trainer.every_n_steps": 2})
+    out = train(cfg)
+    reference = torch.load(golden / "weights.ckpt", map_location="cpu", weights_only=True)
+    exported = torch.load(out / "official" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert set(exported) == set(reference)
+    assert all(exported[k].shape == reference[k].shape for k in reference)
+    changed = [k for k in reference if k.startswith("model.diffusion_model.")
+               and not torch.equal(exported[k], reference[k])]
+    assert changed  # the U-Net was trained
+    frozen = [k for k in reference if k.startswith("first_stage_model.")]
+    assert all(torch.equal(exported[k], reference[k]) for k in frozen)  # the first stage was not

@@ -1,0 +1,64 @@
+"""``zoomfeat prepare-train``: slides -> a ZoomLDM training set (first-stage latents + conditioning grids)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "write a ZoomLDM training set: per-magnification latents and 20x conditioning grids in HDF5 shards"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("slides", nargs="+", help="slide files and/or folders holding slides")
+    parser.add_argument("--out", required=True, help="output folder (index.h5, shards/<slide_id>.h5)")
+    parser.add_argument("--conditioner", required=True,
+                        help="conditioning encoder of the 20x tiles: uni=PATH (UNI weights) or toy (random, tests)")
+    parser.add_argument("--conditioner-dim", type=int, default=None,
+                        help="toy conditioner width (default: the model's Summarizer input channels)")
+    parser.add_argument("--mags", default="all", help="magnifications: all (default) or e.g. 20x,10x,5x")
+    parser.add_argument("--zoomldm", default="tiny",
+                        help="official config.yaml or release folder whose first stage encodes the latents "
+                             "(default: tiny, the packaged CPU-sized config)")
+    parser.add_argument("--zoomldm-weights", default=None,
+                        help="weights.ckpt for the first stage (default: <folder>/weights.ckpt, else random init)")
+    parser.add_argument("--max-patches-per-mag", type=int, default=None,
+                        help="at most N patches per slide and magnification (a reproducible random subset)")
+    parser.add_argument("--batch-size", type=int, default=32, help="patches per batch for the encoders")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes reading tiles")
+    parser.add_argument("--device", default="cpu", help="torch device for the encoders (cpu, cuda, cuda:1)")
+    parser.add_argument("--seed", type=int, default=0, help="subset draws and the random init of toy/tiny models")
+
+
+def parse_conditioner(value: str) -> tuple[str, Path | None]:
+    """``toy`` -> ("toy", None); ``uni=PATH`` -> ("uni", PATH)."""
+    from zoomfeat.errors import ConfigError
+
+    name, sep, path = value.partition("=")
+    name = name.strip().lower()
+    if name == "toy" and not sep:
+        return "toy", None
+    if name == "uni" and sep and path:
+        return "uni", Path(path)
+    raise ConfigError(f"--conditioner {value!r}: use uni=PATH (local UNI weights) or toy")
+
+
+def build_config(args: argparse.Namespace):
+    from zoomfeat.mags import parse_mags
+    from zoomfeat.train.config import PrepareConfig
+
+    name, weights = parse_conditioner(args.conditioner)
+    return PrepareConfig(
+        slides=tuple(Path(s) for s in args.slides), out=Path(args.out), conditioner=name,
+        conditioner_weights=weights, zoomldm=Path(args.zoomldm),
+        zoomldm_weights=Path(args.zoomldm_weights) if args.zoomldm_weights else None,
+        mags=parse_mags(args.mags), max_patches_per_mag=args.max_patches_per_mag,
+        conditioner_dim=args.conditioner_dim, batch_size=args.batch_size, workers=args.workers,
+        device=args.device, seed=args.seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    from zoomfeat.train.prepare import prepare_training_set
+
+    report = prepare_training_set(build_config(args))
+    print(f"training set: {report.out} ({report.n_shards} slides, {sum(report.counts.values())} patches)")
+    return report.exit_code
