@@ -173,8 +173,8 @@ def scan_bags(spec: FeatureSpec, slide_ids: Iterable[str]) -> ScanResult:
         (usable if n > 0 else empty).append(slide_id)
     _report("have no feature file", missing, spec)
     _report("have an empty bag", empty, spec)
-    if dim is None:
-        raise DataError(f"{spec.directory}: no feature file for any slide of the run; check --features")
+    if not usable:
+        raise DataError(f"{spec.directory}: no non-empty feature file for any slide of the run; check --features")
     return ScanResult(tuple(usable), dim, tuple(missing), tuple(empty))
 
 

@@ -13,8 +13,6 @@ Protocol presets fix the training schedule; every value can be overridden (``--e
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-
 from zoomfeat.errors import ConfigError
 
 SELECTIONS: tuple[str, ...] = ("last", "val_loss", "val_auc")
@@ -106,5 +104,10 @@ def make_protocol(name: str, **overrides) -> Protocol:
     return replace(PROTOCOLS[name], **given)
 
 
-def run_dir(cfg: MILConfig) -> Path:
-    return Path(cfg.out)
+def effective_model_kwargs(cfg: MILConfig) -> dict:
+    """``model_kwargs`` plus CLAM's ``subtyping=True`` for ``--task subtyping`` unless given explicitly
+    (subtypes are mutually exclusive: no out-of-class negative clustering)."""
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.model in ("clam_sb", "clam_mb") and cfg.task == "subtyping":
+        kwargs.setdefault("subtyping", True)
+    return kwargs

@@ -2,7 +2,8 @@
 
 Layout of RUN_DIR:
     config.json            validated config, label map, feature dim, split fingerprints, extractor info
-    fold_<k>/predictions.csv   slide_id,case_id,label,prob,split (val and test rows; prob = P(class 1))
+    fold_<k>/predictions.csv   slide_id,case_id,label,prob,split: val and test rows; label = class index
+                               (config.json label_map), prob = P(class 1)
     fold_<k>/metrics.json      test/val metrics, sizes, epochs_trained, best_epoch (1-based)
     fold_<k>/model.ckpt        state_dict + model name/kwargs + feature spec + label map (torch.save)
     summary.csv                fold,test_auc per fold, then rows "mean" and "std" (ddof=1)
@@ -17,13 +18,12 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from mil.bags import BagStore, FeatureSpec, MILDataWarning, read_extractor, scan_bags
-from mil.config import MILConfig
+from mil.config import MILConfig, effective_model_kwargs
 from mil.models import build_model
 from mil.tasks import LabelledCohort, apply_task
 from mil.train import FoldData, train_fold
@@ -98,7 +98,7 @@ def _check_resume(path: Path, record: dict) -> None:
 def _write_fold(fold_dir: Path, result, cfg: MILConfig, cohort: LabelledCohort, dim: int) -> None:
     fold_dir.mkdir(parents=True, exist_ok=True)
     ckpt = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "model": cfg.model,
-            "model_kwargs": {**cfg.model_kwargs, "in_dim": dim, "n_classes": len(cohort.label_map)},
+            "model_kwargs": {**effective_model_kwargs(cfg), "in_dim": dim, "n_classes": len(cohort.label_map)},
             "features": cfg.features, "label_map": cohort.label_map, "task": cfg.task, **result.checkpoint}
     tmp = fold_dir / f".model.ckpt.tmp{os.getpid()}"
     torch.save(ckpt, tmp)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
 from mil.bags import BagStore, MILDataWarning
-from mil.config import MILConfig
+from mil.config import MILConfig, effective_model_kwargs
 from mil.metrics import auroc_or_none, balanced_accuracy, f1
 from mil.models import build_model
 from mil.module import MILModule
@@ -77,7 +77,7 @@ def quiet_lightning():
         lg.setLevel(logging.WARNING)
     with warnings.catch_warnings():
         for pattern in (".*does not have many workers.*", ".*smaller than the logging interval.*",
-                        ".*GPU available but not used.*", ".*LeafSpec.*"):
+                        ".*GPU available but not used.*", ".*LeafSpec.*", ".*no `val_dataloader`.*"):
             warnings.filterwarnings("ignore", message=pattern)
         try:
             yield
@@ -139,7 +139,7 @@ def train_fold(cfg: MILConfig, fold: int, data: FoldData, store: BagStore, in_di
     """Train one head on ``data.parts["train"]`` and evaluate it on val and test."""
     with quiet_lightning():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        model = build_model(cfg.model, in_dim, n_classes, **cfg.model_kwargs)
+        model = build_model(cfg.model, in_dim, n_classes, **effective_model_kwargs(cfg))
         module = MILModule(model, cfg.protocol.lr, cfg.protocol.weight_decay, n_classes, cfg.protocol.selection)
         train = BagDataset(store, data.parts["train"], [data.target[s] for s in data.parts["train"]])
         val = BagDataset(store, data.parts["val"], [data.target[s] for s in data.parts["val"]])

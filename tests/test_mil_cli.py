@@ -1,0 +1,47 @@
+"""``zoomfeat train-mil`` through the real CLI dispatcher."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import cli
+from mil_data import planted_cohort
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_train_mil_cli_runs_resumes_and_reports_errors(tmp_path, capsys):
+    paths = planted_cohort(tmp_path / "c", n_slides=20, dim=8, sizes=(4, 9))
+    args = ["train-mil", "--task", "subtyping", "--features", f"{paths['features']}@20x", "--model", "dsmil",
+            "--labels", str(paths["labels"]), "--splits", str(paths["splits"]), "--out", str(tmp_path / "run"),
+            "--protocol", "simil", "--epochs", "2", "--lr", "1e-3", "--seed", "3",
+            "--model-kwargs", '{"query_dim": 8}']
+    assert cli.main([*args, "--folds", "0,1"]) == 0
+    out = capsys.readouterr().out
+    assert "mean" in out and "summary.csv" in out
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["config"]["protocol"] == {"name": "simil", "lr": 1e-3, "weight_decay": 1e-5, "epochs": 2,
+                                            "selection": "val_auc", "patience": None, "min_epochs": 1}
+    assert config["config"]["model_kwargs"] == {"query_dim": 8} and config["config"]["folds"] == [0, 1]
+    assert list(pd.read_csv(tmp_path / "run" / "summary.csv").fold) == ["0", "1", "mean", "std"]
+    assert cli.main([*args, "--folds", "0,1,2"]) == 0  # resumes: folds 0 and 1 are skipped
+    assert (tmp_path / "run" / "fold_2" / "metrics.json").is_file()
+
+    bad = ["train-mil", "--features", str(paths["features"]), "--labels", str(paths["labels"]),
+           "--splits", str(paths["splits"]), "--out", str(tmp_path / "bad")]
+    assert cli.main(bad) == 2
+    assert "lacks a magnification" in capsys.readouterr().err
+    assert cli.main([*bad[:2], f"{paths['features']}@20x", *bad[3:], "--folds", "7"]) == 2
+    assert "--folds 7 not in" in capsys.readouterr().err
+    assert cli.main([*bad[:2], f"{paths['features']}@20x", *bad[3:], "--model-kwargs", "[1]"]) == 2
+    assert "must be a JSON object" in capsys.readouterr().err

@@ -1,0 +1,215 @@
+"""Cross-validated MIL training end to end: real HDF5 bags, real Lightning loops, real output files."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mil.bags import FeatureSpec, MILDataWarning, load_bag
+from mil.config import MILConfig, make_protocol
+from mil.cv import load_fold_model, run_cv
+from splits.io import make_fold, write_splits_dir
+from mil_data import planted_cohort, write_feature_file
+from zoomfeat.errors import ConfigError, DataError
+
+HEADS = {"abmil": {"hidden": 64, "attn_dim": 32}, "clam_sb": {"hidden": 64, "attn_dim": 32},
+         "clam_mb": {"hidden": 64, "attn_dim": 32}, "dsmil": {"query_dim": 32}}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny bags: one intra-op thread is many times faster than two on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(paths: dict, out: Path, model: str = "abmil", kwargs: dict | None = None, **overrides) -> MILConfig:
+    protocol = make_protocol(overrides.pop("protocol", "hipt"), epochs=overrides.pop("epochs", 10),
+                             lr=overrides.pop("lr", 2e-3))
+    return MILConfig(features=f"{paths['features']}@20x", labels=str(paths["labels"]), splits=str(paths["splits"]),
+                     out=str(out), task=overrides.pop("task", "subtyping"), model=model,
+                     model_kwargs=kwargs if kwargs is not None else HEADS.get(model, {"hidden": 64}),
+                     protocol=protocol, **overrides)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return planted_cohort(tmp_path_factory.mktemp("planted"))
+
+
+@pytest.fixture(scope="module")
+def planted_runs(planted, tmp_path_factory):
+    """5-fold CV of every attention head and of mean pooling on 60 bags (5% key instances), 10 epochs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for model in [*HEADS, "mean"]:
+        cfg = _config(planted, root / model, model)
+        runs[model] = (cfg, run_cv(cfg))
+    torch.set_num_threads(threads)
+    return runs
+
+
+def _mean_auc(summary: pd.DataFrame) -> float:
+    return float(summary.set_index("fold").at["mean", "test_auc"])
+
+
+@pytest.mark.parametrize("model", sorted(HEADS))
+def test_attention_heads_find_the_planted_signal(planted_runs, model):
+    assert _mean_auc(planted_runs[model][1]) >= 0.95
+
+
+def test_mean_pooling_is_clearly_worse(planted_runs):
+    mean = _mean_auc(planted_runs["mean"][1])
+    assert mean < 0.95
+    assert all(mean < _mean_auc(planted_runs[m][1]) - 0.03 for m in HEADS)
+
+
+def test_attention_concentrates_on_key_instances(planted_runs, planted):
+    cfg, _ = planted_runs["abmil"]
+    model, config = load_fold_model(cfg.out, 0)
+    assert not model.training and config["label_map"] == {"IDC": 0, "ILC": 1}
+    preds = pd.read_csv(Path(cfg.out) / "fold_0" / "predictions.csv")
+    positive = preds[(preds.label == 1) & (preds.split == "test")].slide_id.iloc[0]
+    bag = load_bag(FeatureSpec.parse(cfg.features), positive)
+    with torch.no_grad():
+        attention = model(bag.features).attention
+    u = torch.zeros(bag.features.shape[1])
+    u[:4] = 0.5
+    key = (bag.features @ u) > 3.5  # key instances sit at 7 along u
+    assert attention[key].sum() > 0.5  # about 5% of the instances get most of the attention
+
+
+def test_run_outputs(planted_runs, planted):
+    cfg, summary = planted_runs["abmil"]
+    run = Path(cfg.out)
+    assert list(summary.fold) == ["0", "1", "2", "3", "4", "mean", "std"]
+    aucs = summary.test_auc.iloc[:5].astype(float)
+    assert np.isclose(summary.test_auc.iloc[5], aucs.mean()) and np.isclose(summary.test_auc.iloc[6], aucs.std(ddof=1))
+    assert pd.read_csv(run / "summary.csv").shape == (7, 2)
+    config = json.loads((run / "config.json").read_text())
+    assert config["feature_dim"] == 32 and config["extractor"] == "toy" and config["extractor_config"] == {"dim": 32}
+    assert config["config"]["protocol"]["name"] == "hipt" and config["config"]["protocol"]["epochs"] == 10
+    assert sorted(config["split_fingerprints"]) == ["0", "1", "2", "3", "4"]
+    assert all(len(v) == 64 for v in config["split_fingerprints"].values())
+    preds = pd.read_csv(run / "fold_2" / "predictions.csv")
+    assert list(preds.columns) == ["slide_id", "case_id", "label", "prob", "split"]
+    assert preds.split.value_counts().to_dict() == {"val": 12, "test": 12}
+    assert preds.prob.between(0, 1).all()
+    metrics = json.loads((run / "fold_2" / "metrics.json").read_text())
+    for key in ("fold", "test_auc", "test_balanced_accuracy", "test_f1", "val_auc", "val_loss", "n_train",
+                "n_val", "n_test", "epochs_trained", "best_epoch"):
+        assert key in metrics
+    assert (metrics["n_train"], metrics["n_val"], metrics["n_test"]) == (36, 12, 12)
+    assert metrics["epochs_trained"] == 10 and metrics["best_epoch"] == 10  # hipt: the last epoch
+    # the saved model reproduces the saved predictions
+    model, _ = load_fold_model(run, 2)
+    spec = FeatureSpec.parse(cfg.features)
+    with torch.no_grad():
+        probs = [float(torch.softmax(model(load_bag(spec, s).features).logits, 1)[0, 1]) for s in preds.slide_id]
+    assert np.allclose(probs, preds.prob, atol=1e-5)
+
+
+def test_resume_skips_done_folds_and_rejects_another_config(planted_runs):
+    cfg, _ = planted_runs["abmil"]
+    metrics = Path(cfg.out) / "fold_0" / "metrics.json"
+    before = metrics.stat().st_mtime_ns
+    run_cv(replace(cfg, folds=(0,)))
+    assert metrics.stat().st_mtime_ns == before
+    with pytest.raises(ConfigError, match="another config"):
+        run_cv(replace(cfg, seed=1))
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return planted_cohort(tmp_path / "tiny", n_slides=20, dim=8, sizes=(4, 9))
+
+
+def test_same_seed_same_metrics(tiny, tmp_path):
+    results = []
+    for name in ("a", "b"):
+        cfg = _config(tiny, tmp_path / name, "clam_sb", {"hidden": 8, "attn_dim": 4}, epochs=2, folds=(0, 1),
+                      protocol="simil", balanced=True)
+        run_cv(cfg)
+        results.append([json.loads((tmp_path / name / f"fold_{k}" / "metrics.json").read_text()) for k in (0, 1)])
+    assert results[0] == results[1]
+
+
+def test_clam_protocol_early_stopping_restores_best(tiny, tmp_path):
+    cfg = _config(tiny, tmp_path / "run", "abmil", {"hidden": 8, "attn_dim": 4}, folds=(0,), lr=1e-2,
+                  protocol="clam", epochs=None)
+    cfg = replace(cfg, protocol=make_protocol("clam", epochs=8, min_epochs=2, patience=1))
+    run_cv(cfg)
+    metrics = json.loads((tmp_path / "run" / "fold_0" / "metrics.json").read_text())
+    assert 2 <= metrics["epochs_trained"] <= 8
+    assert 1 <= metrics["best_epoch"] <= metrics["epochs_trained"]
+
+
+def test_duplicate_slide_with_two_labels_is_refused(tiny, tmp_path):
+    labels = pd.read_csv(tiny["labels"])
+    row = labels.iloc[[0]].assign(label="ILC" if labels.label.iloc[0] == "IDC" else "IDC")
+    pd.concat([labels, row]).to_csv(tmp_path / "dup.csv", index=False)
+    with pytest.raises(DataError, match="different labels"):
+        run_cv(_config({**tiny, "labels": tmp_path / "dup.csv"}, tmp_path / "run", epochs=1))
+
+
+def test_unknown_class_is_refused(tiny, tmp_path):
+    labels = pd.read_csv(tiny["labels"]).assign(label=lambda d: np.where(np.arange(len(d)) % 2, "1", "0"))
+    labels.loc[3, "label"] = "maybe"
+    labels.to_csv(tmp_path / "hrd.csv", index=False)
+    with pytest.raises(DataError, match="unknown class.*'maybe'"):
+        run_cv(_config({**tiny, "labels": tmp_path / "hrd.csv"}, tmp_path / "run", task="hrd", epochs=1))
+
+
+def test_slides_without_features_or_empty_bags_are_left_out_with_a_count(tiny, tmp_path):
+    fold = json.loads((Path(tiny["splits"]) / "splits.json").read_text())["sizes"]["0"]
+    train = pd.read_csv(Path(tiny["splits"]) / "splits_0.csv").train.dropna().tolist()
+    (Path(tiny["features"]) / f"{train[0]}.h5").unlink()
+    (Path(tiny["features"]) / f"{train[1]}.h5").unlink()
+    write_feature_file(Path(tiny["features"]), train[2], np.zeros((0, 8), dtype=np.float32))
+    with pytest.warns(MILDataWarning) as record:
+        run_cv(_config(tiny, tmp_path / "run", "mean", {"hidden": 8}, epochs=1, folds=(0,)))
+    messages = " | ".join(str(w.message) for w in record)
+    assert "2 slide(s) have no feature file" in messages and "1 slide(s) have an empty bag" in messages
+    metrics = json.loads((tmp_path / "run" / "fold_0" / "metrics.json").read_text())
+    assert metrics["n_train"] == fold["train"] - 3
+    left_out = json.loads((tmp_path / "run" / "config.json").read_text())["left_out"]
+    assert left_out == {"no_label": 0, "no_features": 2, "empty_bag": 1}
+
+
+def test_one_class_test_set_gives_null_auc_and_a_warning(tiny, tmp_path):
+    labels = pd.read_csv(tiny["labels"])
+    neg = labels[labels.label == "IDC"].slide_id.tolist()
+    pos = labels[labels.label == "ILC"].slide_id.tolist()
+    write_splits_dir([make_fold(0, neg[:6] + pos[:6], neg[6:8] + pos[6:8], pos[8:])], tmp_path / "splits",
+                     source="test", command="test")
+    with pytest.warns(MILDataWarning, match="test AUC is undefined"):
+        summary = run_cv(_config({**tiny, "splits": tmp_path / "splits"}, tmp_path / "run", "mean",
+                                 {"hidden": 8}, epochs=1))
+    metrics = json.loads((tmp_path / "run" / "fold_0" / "metrics.json").read_text())
+    assert metrics["test_auc"] is None and metrics["val_auc"] is not None
+    assert metrics["test_balanced_accuracy"] is not None
+    assert summary.test_auc.isna().all()
+
+
+def test_subtyping_drops_other_codes_with_a_count(tiny, tmp_path):
+    labels = pd.read_csv(tiny["labels"])
+    labels.loc[:2, "label"] = "MDLC"
+    labels.to_csv(tmp_path / "codes.csv", index=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run_cv(_config({**tiny, "labels": tmp_path / "codes.csv"}, tmp_path / "run", "mean", {"hidden": 8},
+                       epochs=1, folds=(0,)))
+    messages = " | ".join(str(w.message) for w in record)
+    assert "dropped 3 slide(s) whose label is not IDC/ILC (MDLC: 3)" in messages
+    assert "3 slide(s) named in the splits have no usable label" in messages
