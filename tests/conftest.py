@@ -31,7 +31,13 @@ def shared_dir() -> Path:
     return require_shared()
 
 
-@pytest.fixture(autouse=True)
-def _quiet_threads(monkeypatch):
-    """Keep torch to the CI machine's two cores and avoid oversubscription between workers."""
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module of tiny models: on a 2-core machine the thread pool's overhead
+    dominates such forward passes (measured 10-20x slower with two threads under load)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,13 +11,7 @@ import torch
 import cli
 from mil_data import planted_cohort
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_mil_cli_runs_resumes_and_reports_errors(tmp_path, capsys):

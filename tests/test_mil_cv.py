@@ -19,17 +19,10 @@ from splits.io import make_fold, write_splits_dir
 from mil_data import planted_cohort, write_feature_file
 from zoomfeat.errors import ConfigError, DataError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HEADS = {"abmil": {"hidden": 64, "attn_dim": 32}, "clam_sb": {"hidden": 64, "attn_dim": 32},
          "clam_mb": {"hidden": 64, "attn_dim": 32}, "dsmil": {"query_dim": 32}}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny bags: one intra-op thread is many times faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(paths: dict, out: Path, model: str = "abmil", kwargs: dict | None = None, **overrides) -> MILConfig:

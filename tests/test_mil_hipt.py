@@ -15,17 +15,11 @@ from splits.io import read_splits_dir
 from conftest import require_shared
 from mil_data import write_feature_file
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HIPT = ("splits_data", "HIPT", "2-Weakly-Supervised-Subtyping")
 EXPECTED = [(715, 79, 81), (711, 84, 80), (718, 80, 77), (708, 81, 86), (716, 80, 79), (716, 77, 82),
             (712, 81, 82), (715, 75, 85), (709, 82, 84), (709, 80, 86)]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_hipt_ten_folds_use_the_labelled_slides_only(tmp_path):

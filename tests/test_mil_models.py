@@ -13,17 +13,11 @@ from mil.module import bag_loss
 from zoomfeat.commands.train_mil import MODEL_CHOICES
 from zoomfeat.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = {"abmil": {"hidden": 16, "attn_dim": 8}, "clam_sb": {"hidden": 16, "attn_dim": 8},
          "clam_mb": {"hidden": 16, "attn_dim": 8}, "dsmil": {"query_dim": 8}, "mean": {"hidden": 16},
          "max": {"hidden": 16}}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_cli_choices_are_the_registry():

@@ -11,13 +11,7 @@ import torch
 from tests.conftest import require_shared
 from zoomfeat.errors import CheckpointError, ConfigError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ import yaml
 from tests.conftest import require_shared
 from zoomfeat.errors import CheckpointError, ConfigError, DataError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ import torch
 
 from tests.conftest import require_shared
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FORWARD_TOL = 1e-4
 SAMPLER_TOL = 1e-3
 
@@ -20,15 +22,6 @@ def rel_err(actual: torch.Tensor, expected: np.ndarray) -> float:
     expected_t = torch.from_numpy(expected)
     assert actual.shape == expected_t.shape
     return float((actual.float() - expected_t).abs().max() / expected_t.abs().max().clamp_min(1e-12))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids thread-pool contention on the shared 2-core CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ from zoomfeat.train.dataset import TrainingSet, collate
 from zoomfeat.train.module import ZoomLDMLightning, step_generator
 from zoomfeat.train.prepare import prepare_training_set, shard_path
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the tiny model is faster that way on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
