@@ -80,7 +80,7 @@ def test_embeds_each_distinct_tile_once_and_matches_the_encoder(tmp_path):
 
     # one 5x patch (1024 level-0 px) and two 20x tiles under it: 16 distinct tiles, each embedded once
     patches = {"5x": np.array([[0, 0]], np.int64), "20x": np.array([[0, 0], [256, 768]], np.int64)}
-    cond = ConditioningGrids(slide.path, patches, Counting(), batch_size=5, workers=0, base_mag=20.0)
+    cond = ConditioningGrids(slide.path, patches, Counting(), batch_size=5, workers=0)  # base mag from the file
     assert sum(seen) == 16 and len(cond.table) == 16
     with Slide(slide.path) as s:
         pixels = torch.tensor(s.read_patch(256, 768, 20.0)).permute(2, 0, 1)[None]

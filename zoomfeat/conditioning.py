@@ -100,7 +100,7 @@ class ConditioningGrids:
     ``coords_by_mag`` maps a magnification name (``"5x"``) to int64 [N, 2] level-0 patch corners.
     Either give ``encoder`` (the 20x tiles are read with :class:`zoomfeat.patches.TilePatchDataset` and embedded
     in batches) or build from precomputed embeddings with :meth:`from_embeddings`. ``base_mag`` is the slide's
-    base magnification (it fixes the 20x tile size in level-0 px); ``slide_kwargs`` (``base_mag``/``mpp``
+    base magnification (it fixes the 20x tile size in level-0 px; read from the slide when None); ``slide_kwargs`` (``base_mag``/``mpp``
     overrides) go to the patch dataset; ``autocast`` is a context-manager factory wrapped around the encoder.
     """
 
@@ -113,12 +113,17 @@ class ConditioningGrids:
         workers: int = 0,
         device="cpu",
         *,
-        base_mag: float,
+        base_mag: float | None = None,
         slide_kwargs: Mapping | None = None,
         autocast: Callable | None = None,
         progress: Callable[[int], None] | None = None,
         table: EmbeddingTable | None = None,
     ):
+        if base_mag is None:  # read from the slide (honouring --base-mag / --mpp overrides)
+            from zoomfeat.slides import Slide
+
+            with Slide(slide_path, **dict(slide_kwargs or {})) as slide:
+                base_mag = slide.info.base_magnification
         self.base_mag = float(base_mag)
         self._index: dict[str, np.ndarray] = {}
         lattices = {name: lattice_20x(c, name, self.base_mag) for name, c in coords_by_mag.items()}
