@@ -35,35 +35,10 @@ BRCA = ROOT.parent / "shared" / "golden" / "zoomldm_brca_config.yaml"
 
 
 def _uni():
-    """UNI (ViT-L/16, random weights) from the registry; when timm cannot be imported here, a stand-in with
-    the same shape (nn.TransformerEncoder: 24 layers, width 1024, 16 heads, MLP 4096, 197 tokens)."""
-    import torch
-    from torch import nn
+    """UNI (timm ViT-L/16, random weights) from the encoder registry."""
+    from zoomfeat.encoders import ENCODERS, encoder_class
 
-    from zoomfeat.encoders import ENCODERS, Encoder, encoder_class
-    from zoomfeat.errors import ConfigError
-
-    try:
-        return encoder_class("uni").build(ENCODERS["uni"]), "uni (timm ViT-L/16)"
-    except ConfigError as exc:
-        print(f"note: {exc}; timing a ViT-L/16-shaped stand-in instead", file=sys.stderr)
-
-    class StandIn(Encoder):
-        def __init__(self):
-            super().__init__(ENCODERS["uni"])
-            self.patch = nn.Conv2d(3, 1024, 16, 16)
-            self.cls = nn.Parameter(torch.zeros(1, 1, 1024))
-            self.pos = nn.Parameter(torch.zeros(1, 197, 1024))
-            layer = nn.TransformerEncoderLayer(1024, 16, 4096, activation="gelu", batch_first=True, norm_first=True)
-            self.blocks = nn.TransformerEncoder(layer, 24, enable_nested_tensor=False)
-            self.norm = nn.LayerNorm(1024)
-
-        def forward(self, x):
-            tokens = self.patch(x).flatten(2).transpose(1, 2)
-            tokens = torch.cat([self.cls.expand(len(x), -1, -1), tokens], dim=1) + self.pos
-            return self.norm(self.blocks(tokens))[:, 0]
-
-    return StandIn().eval(), "ViT-L/16-shaped stand-in (timm unavailable)"
+    return encoder_class("uni").build(ENCODERS["uni"]).eval(), "uni (timm ViT-L/16)"
 
 
 # ----- FLOPs ------------------------------------------------------------------------------------------

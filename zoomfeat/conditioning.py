@@ -6,6 +6,11 @@ for one slide, the union of the 20x tiles under every requested patch exactly on
 patches or magnifications are deduplicated; background tiles are included, because the grid needs them), and
 keeps one float32 row per distinct tile. Grids are gathered from that table on demand, a batch at a time, so
 memory does not grow with the number of patches times the grid area.
+
+Read once at 20x: given ``first`` (the 20x patches of the run, in their row order) and ``on_batch``, those
+tiles are embedded first, in batches of exactly the rows the 20x feature pass would read, and ``on_batch``
+gets each batch's pixels and embeddings, so the caller computes the 20x features from the same pixels
+instead of reading every tile a second time. The other tiles of the table are embedded after them.
 """
 
 from __future__ import annotations
@@ -94,6 +99,54 @@ class EmbeddingTable:
         return idx
 
 
+class _TileReader:
+    """Reads 20x tiles of one slide with DataLoader workers and embeds them, batch by batch."""
+
+    def __init__(self, slide_path, encoder, batch_size, workers, device, slide_kwargs, autocast, progress):
+        import contextlib
+
+        self.slide_path, self.encoder, self.device = slide_path, encoder, device
+        self.batch_size, self.workers, self.slide_kwargs = batch_size, workers, slide_kwargs
+        self.autocast = autocast or contextlib.nullcontext
+        self.progress = progress
+
+    def embed(self, table: EmbeddingTable, first: np.ndarray | None, on_batch) -> None:
+        """Fill ``table.embeddings``: the rows of ``first`` (in its order, with ``on_batch``), then the rest."""
+        if len(table) == 0:
+            return
+        if first is None or len(first) == 0:
+            self._embed_rows(table, np.arange(len(table)), None)
+            return
+        first_rows = table.rows(np.asarray(first, np.int64).reshape(-1, 2))
+        rest = np.ones(len(table), dtype=bool)
+        rest[first_rows] = False
+        self._embed_rows(table, first_rows, on_batch)
+        self._embed_rows(table, np.flatnonzero(rest), None)
+
+    def _embed_rows(self, table: EmbeddingTable, rows: np.ndarray, on_batch) -> None:
+        import torch
+
+        from zoomfeat.patches import TilePatchDataset, patch_loader
+
+        if len(rows) == 0:
+            return
+        dataset = TilePatchDataset(self.slide_path, table.coords[rows], CONDITIONING_MAG, size=PATCH_SIZE,
+                                   **self.slide_kwargs)
+        try:
+            for positions, images in patch_loader(dataset, self.batch_size, self.workers):
+                positions = positions.numpy()
+                with torch.inference_mode(), self.autocast():
+                    emb = self.encoder(self.encoder.preprocess(images.to(self.device, non_blocking=True)))
+                emb = emb.float().cpu().numpy()
+                table.embeddings[rows[positions]] = emb
+                if on_batch is not None:
+                    on_batch(positions, images, emb)
+                if self.progress is not None:
+                    self.progress(len(positions))
+        finally:
+            dataset.close()
+
+
 class ConditioningGrids:
     """Raw conditioning grids of one slide's requested patches, from one embedding per distinct 20x tile.
 
@@ -102,6 +155,10 @@ class ConditioningGrids:
     in batches) or build from precomputed embeddings with :meth:`from_embeddings`. ``base_mag`` is the slide's
     base magnification (it fixes the 20x tile size in level-0 px; read from the slide when None); ``slide_kwargs`` (``base_mag``/``mpp``
     overrides) go to the patch dataset; ``autocast`` is a context-manager factory wrapped around the encoder.
+    ``first`` (int64 [N, 2] 20x tile corners, all in the table) are embedded first, in that order and in
+    batches of ``batch_size``; ``on_batch(positions, images, embeddings)`` is then called per batch with the
+    positions into ``first`` (int64 [B]), the pixels (uint8 tensor [B, 3, 256, 256]) and the embeddings
+    (float32 [B, C]).
     """
 
     def __init__(
@@ -118,6 +175,8 @@ class ConditioningGrids:
         autocast: Callable | None = None,
         progress: Callable[[int], None] | None = None,
         table: EmbeddingTable | None = None,
+        first: np.ndarray | None = None,
+        on_batch: Callable[[np.ndarray, object, np.ndarray], None] | None = None,
     ):
         if base_mag is None:  # read from the slide (honouring --base-mag / --mpp overrides)
             from zoomfeat.slides import Slide
@@ -132,8 +191,9 @@ class ConditioningGrids:
             union = np.unique(union, axis=0)
             table = EmbeddingTable(union, dim=encoder.spec.dim if encoder is not None else 0)
             if encoder is not None:
-                self._embed(table, slide_path, encoder, batch_size, workers, device,
-                            slide_kwargs or {}, autocast, progress)
+                reader = _TileReader(slide_path, encoder, batch_size, workers, device, slide_kwargs or {},
+                                     autocast, progress)
+                reader.embed(table, first, on_batch)
         for name, lat in lattices.items():
             self._index[mag_name(name)] = table.rows(lat).astype(np.int32)
         self.table = table
@@ -149,27 +209,6 @@ class ConditioningGrids:
             return cls(None, coords_by_mag, base_mag=base_mag, table=table)
         except DataError as exc:
             raise DataError(str(exc).replace("conditioning table", source)) from exc
-
-    @staticmethod
-    def _embed(table, slide_path, encoder, batch_size, workers, device, slide_kwargs, autocast, progress) -> None:
-        import contextlib
-
-        import torch
-
-        from zoomfeat.patches import TilePatchDataset, patch_loader
-
-        if len(table) == 0:
-            return
-        dataset = TilePatchDataset(slide_path, table.coords, CONDITIONING_MAG, size=PATCH_SIZE, **slide_kwargs)
-        ctx = autocast or contextlib.nullcontext
-        with torch.inference_mode():
-            for rows, images in patch_loader(dataset, batch_size, workers):
-                with ctx():
-                    x = encoder.preprocess(images.to(device, non_blocking=True))
-                    emb = encoder(x)
-                table.embeddings[rows.numpy()] = emb.float().cpu().numpy()
-                if progress is not None:
-                    progress(len(rows))
 
     @property
     def dim(self) -> int:

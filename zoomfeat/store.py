@@ -156,6 +156,29 @@ class TileStoreWriter:
         self._file[mag_name]["features"][start : start + len(rows)] = rows
         written[start : start + len(rows)] = True
 
+    def write_extra_group(self, name: str, coords: np.ndarray, features: np.ndarray,
+                          description: str = "") -> None:
+        """Store a side group ``name`` (``coords`` int64 [M, 2], ``features`` float32 [M, C]) before ``commit``.
+
+        ``name`` must not parse as a magnification (e.g. ``"conditioning_extra_20x"``), so ``read_grid`` and
+        ``verify_file`` keep ignoring the group; ValueError when it does or when the rows disagree.
+        """
+        try:
+            parse_mag(name)
+        except ValueError:
+            pass
+        else:
+            raise ValueError(f"extra group name {name!r} reads as a magnification: pick a name like 'extra_{name}'")
+        coords = np.asarray(coords, np.int64).reshape(-1, 2)
+        features = np.asarray(features, np.float32)
+        if len(features) != len(coords):
+            raise ValueError(f"extra group {name!r}: {len(coords)} coords but {len(features)} feature rows")
+        group = self._file.create_group(name)
+        group.create_dataset("coords", data=coords)
+        group.create_dataset("features", data=features)
+        if description:
+            group.attrs["description"] = description
+
     def commit(self) -> Path:
         """Mark complete (last), flush, fsync, rename to the final path; return it."""
         missing = {name: int((~w).sum()) for name, w in self._written.items() if not w.all()}

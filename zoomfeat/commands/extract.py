@@ -26,11 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="noise at t seeded by (slide, mag, x, y), or none (clean latent)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers reading tiles")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", "--accelerator", dest="device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where the networks run (auto = cuda when visible)")
+    parser.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes) per node; "
+                        "more than 1 runs DDP through Lightning Fabric, one slide shard per rank")
+    parser.add_argument("--num-nodes", type=int, default=1, help="nodes of a multi-node run (torchrun/SLURM)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    parser.add_argument("--shard", metavar="i/n", help="process shard i of n (job arrays); under torchrun, "
-                        "rank r of world w takes r/w")
+    parser.add_argument("--shard", metavar="i/n", help="process shard i of n (job arrays); with --devices, "
+                        "the ranks split that shard")
     parser.add_argument("--tiles", metavar="DIR", help="tile stores from `zoomfeat tile` (default: tile on the fly)")
     parser.add_argument("--conditioning", metavar="DIR", help="read the 20x conditioning embeddings from this "
                         "folder (written by an earlier run) instead of computing them")
@@ -85,7 +89,7 @@ def build_config(args: argparse.Namespace):
         weights=weights, conditioner=conditioner, conditioner_weights=Path(cond_weights) if cond_weights else None,
         timestep=args.timestep, block=args.block, pooling=args.pooling, noise=args.noise,
         batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
-        shard=args.shard, tiles_dir=Path(args.tiles) if args.tiles else None,
+        devices=args.devices, num_nodes=args.num_nodes, shard=args.shard, tiles_dir=Path(args.tiles) if args.tiles else None,
         conditioning_dir=Path(args.conditioning) if args.conditioning else None,
         conditioning_out=Path(args.conditioning_out) if args.conditioning_out else None,
         base_mag=args.base_mag, mpp=args.mpp, min_tissue=args.min_tissue, toy_seed=args.toy_seed,

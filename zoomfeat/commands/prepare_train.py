@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="patches per batch for the encoders")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes reading tiles")
     parser.add_argument("--device", default="cpu", help="torch device for the encoders (cpu, cuda, cuda:1)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--base-mag", type=float, help="objective power of level 0, when the slides lack it")
+    group.add_argument("--mpp", type=float, help="microns per level-0 px, when the slides lack it")
     parser.add_argument("--seed", type=int, default=0, help="subset draws and the random init of toy/tiny models")
 
 
@@ -59,6 +62,6 @@ def build_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from zoomfeat.train.prepare import prepare_training_set
 
-    report = prepare_training_set(build_config(args))
+    report = prepare_training_set(build_config(args), base_mag=args.base_mag, mpp=args.mpp)
     print(f"training set: {report.out} ({report.n_shards} slides, {sum(report.counts.values())} patches)")
     return report.exit_code

@@ -30,16 +30,6 @@ EXTRA_GROUP = "conditioning_extra_20x"
 CHUNK = 4096  # rows written per slice
 
 
-class ConditioningWriter(TileStoreWriter):
-    """A feature-file writer that can also store the extra 20x tiles group before ``commit``."""
-
-    def write_extra(self, coords: np.ndarray, embeddings: np.ndarray) -> None:
-        group = self._file.create_group(EXTRA_GROUP)
-        group.create_dataset("coords", data=np.asarray(coords, np.int64).reshape(-1, 2))
-        group.create_dataset("features", data=np.asarray(embeddings, np.float32))
-        group.attrs["description"] = "20x tiles under requested patches that are not rows of the 20x group"
-
-
 def _split(kept: np.ndarray, table_coords: np.ndarray) -> np.ndarray:
     """Boolean mask over ``table_coords`` of the tiles NOT in ``kept``."""
     kept_set = {(int(x), int(y)) for x, y in kept}
@@ -52,11 +42,12 @@ def write_conditioning(path: Path, info, grid: TileGrid, cond: ConditioningGrids
     grid20 = TileGrid(mags=(20.0,), coords={"20x": kept}, parents={"20x": {}},
                       patch_size_level0={"20x": tile_size_level0(20.0, info.base_magnification)})
     extra = _split(kept, cond.table.coords)
-    with ConditioningWriter(path, info, grid20, extractor=config["encoder"], extractor_config=config,
-                            feature_dim=cond.dim) as writer:
+    with TileStoreWriter(path, info, grid20, extractor=config["encoder"], extractor_config=config,
+                         feature_dim=cond.dim) as writer:
         for start in range(0, len(kept), CHUNK):
             writer.write_features("20x", start, cond.embeddings_20x(kept[start : start + CHUNK]))
-        writer.write_extra(cond.table.coords[extra], cond.table.embeddings[extra])
+        writer.write_extra_group(EXTRA_GROUP, cond.table.coords[extra], cond.table.embeddings[extra],
+                                 "20x tiles under requested patches that are not rows of the 20x group")
         return writer.commit()
 
 

@@ -25,7 +25,8 @@ class ExtractConfig:
     init, for benchmarks only), ``conditioner`` (``"uni"`` with ``conditioner_weights``, or ``"toy"``);
     baselines use ``weights`` for the encoder. ``mags`` are finest first. ``conditioning_out`` is where the
     conditioner's 20x embeddings are written as feature files (default ``<out>/../<conditioner>``);
-    ``conditioning_dir`` reads them back instead of recomputing.
+    ``conditioning_dir`` reads them back instead of recomputing. ``devices`` x ``num_nodes`` processes
+    (Lightning Fabric, DDP) each take one slide shard; ``shard`` ("i/n") is applied before that split.
     """
 
     out_dir: Path
@@ -43,6 +44,8 @@ class ExtractConfig:
     workers: int = 2
     device: str = "auto"
     precision: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
     shard: str | None = None
     tiles_dir: Path | None = None
     conditioning_dir: Path | None = None
@@ -130,6 +133,10 @@ def validate(c: ExtractConfig) -> None:
         raise ConfigError(f"bad --workers {c.workers}: use 0 or more")
     _choice("device", c.device, DEVICES)
     _choice("precision", c.precision, PRECISIONS)
+    if c.devices < 1:
+        raise ConfigError(f"bad --devices {c.devices}: use the number of processes per node, 1 or more")
+    if c.num_nodes < 1:
+        raise ConfigError(f"bad --num-nodes {c.num_nodes}: use 1 or more")
     if c.shard is not None:
         parse_shard(c.shard)
     if c.base_mag is not None and c.mpp is not None:

@@ -3,12 +3,14 @@
 Per slide: the tile grid (from ``--tiles`` or made on the fly), the conditioning grids (read back from
 ``--conditioning``, or from this run's own complete conditioning file, else computed once), then one
 streamed pass per magnification through the featurizer into a temporary HDF5 file renamed on commit.
+When the conditioning is computed and 20x is requested, the 20x tiles are read once: the conditioning pass
+embeds them first and the 20x features are computed from the same batches of pixels.
+Several devices or nodes: :mod:`zoomfeat.extract.distributed` (Lightning Fabric, one slide shard per rank).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from zoomfeat.config import to_jsonable, write_json_atomic
 from zoomfeat.errors import ConfigError, DataError, SlideError
 from zoomfeat.extract.config import CONFIG_NAME, ExtractConfig
 from zoomfeat.extract.loading import Networks, load_networks
-from zoomfeat.extract.runtime import Runtime, resolve_runtime
+from zoomfeat.extract.runtime import Runtime, on_device, resolve_runtime
 from zoomfeat.mags import PATCH_SIZE, mag_name
 
 
@@ -31,17 +33,6 @@ class ExtractStats:
     patches: int = 0
     seconds: float = 0.0
     per_slide: dict[str, int] = field(default_factory=dict)
-
-
-def distributed_shard(shard: str | None) -> tuple[str | None, int | None]:
-    """(shard, local_rank): under torchrun/SLURM-style env (``WORLD_SIZE`` > 1, ``RANK``) without an explicit
-    ``--shard``, rank r of world w processes shard r/w on GPU ``LOCAL_RANK``."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
-        return shard, None
-    rank = int(os.environ.get("RANK", "0") or 0)
-    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    return (shard if shard is not None else f"{rank}/{world}"), local
 
 
 def restrict_grid(grid, names: tuple[str, ...], source: Path):
@@ -97,6 +88,7 @@ class SlideExtractor:
     def __call__(self, slide_path: Path) -> str:
         """Process one slide; "skipped" when its complete files exist (fingerprint checked), else "done"."""
         from zoomfeat.slides import Slide, slide_id_of
+        from zoomfeat.store import TileStoreWriter
 
         slide_id = slide_id_of(slide_path)
         if self.is_done(Path(slide_path), slide_id):
@@ -104,47 +96,68 @@ class SlideExtractor:
         with Slide(slide_path, **self.cfg.slide_kwargs) as slide:
             info = slide.info
             grid = slide_grid(slide, self.cfg)
+        self._check_base_mag(Path(slide_path), info)
         bar = _progress_bar(info.slide_id, sum(len(c) for c in grid.coords.values()))
         try:
-            cond = self._conditioning(Path(slide_path), info, grid, bar)
-            self._write_features(Path(slide_path), info, grid, cond, bar)
+            with TileStoreWriter(self.out_path(info.slide_id), info, grid, extractor=self.net.extractor,
+                                 extractor_config=self.net.extractor_config,
+                                 feature_dim=self.net.featurizer.dim) as writer:
+                cond, fused = self._conditioning(Path(slide_path), info, grid, writer, bar)
+                for mag in self.cfg.mags:
+                    if mag_name(mag) not in fused:
+                        self._extract_mag(Path(slide_path), info, grid, mag, cond, writer, bar)
+                writer.commit()
         finally:
             bar.close()
         return "done"
 
-    def _conditioning(self, slide_path: Path, info, grid, bar):
+    def _check_base_mag(self, slide_path: Path, info) -> None:
+        if self.cfg.is_zoomldm and info.base_magnification < 20.0:
+            raise SlideError(f"{slide_path}: base magnification {info.base_magnification:g}x is below 20x, but "
+                             "ZoomLDM is conditioned on 20x tiles: pass the right --base-mag/--mpp or skip this slide")
+
+    def _conditioning(self, slide_path: Path, info, grid, writer, bar):
+        """(conditioning grids or None, names of the magnifications whose features are already written)."""
         from zoomfeat.extract import conditioning_io as cio
 
         if not self.cfg.is_zoomldm:
-            return None
-        if info.base_magnification < 20.0:
-            raise SlideError(f"{slide_path}: base magnification {info.base_magnification:g}x is below 20x, but "
-                             "ZoomLDM is conditioned on 20x tiles: pass the right --base-mag/--mpp or skip this slide")
+            return None, ()
         coords = {n: grid.coords[n] for n in self.cfg.mag_names}
         dim = self.net.featurizer.model.conditioning_dim
         if self.cfg.conditioning_dir is not None:
-            return cio.read_conditioning(self.cfg.conditioning_dir, info, coords, dim)
+            return cio.read_conditioning(self.cfg.conditioning_dir, info, coords, dim), ()
         path = self.cond_path(info.slide_id)
         if cio.is_reusable(path, slide_path, self.net.conditioning_config):
-            return cio.read_conditioning(path.parent, info, coords, dim)
+            return cio.read_conditioning(path.parent, info, coords, dim), ()
         from zoomfeat.conditioning import ConditioningGrids
+        from zoomfeat.mags import CONDITIONING_MAG
+
+        name20 = mag_name(CONDITIONING_MAG)
+        first, on_batch, fused = None, None, ()
+        if name20 in coords and len(coords[name20]) > 0:  # read each 20x tile once: features from its pixels
+            first, fused = coords[name20], (name20,)
+
+            def on_batch(rows, images, embeddings):
+                grids = embeddings[:, :, None, None]  # the 1 x 1 grid of a 20x patch is its own tile
+                self._features_batch(writer, name20, CONDITIONING_MAG, rows, images, grids, info.slide_id, bar)
 
         cond = ConditioningGrids(slide_path, coords, self.net.conditioner, self.cfg.batch_size, self.cfg.workers,
                                  self.runtime.device, base_mag=info.base_magnification,
                                  slide_kwargs=self.cfg.slide_kwargs, autocast=self.runtime.autocast(),
-                                 progress=lambda n: bar.set_postfix_str(f"conditioning +{n}", refresh=False))
+                                 progress=lambda n: bar.set_postfix_str(f"conditioning +{n}", refresh=False),
+                                 first=first, on_batch=on_batch)
         cio.write_conditioning(path, info, grid, cond, self.net.conditioning_config)
-        return cond
+        return cond, fused
 
-    def _write_features(self, slide_path: Path, info, grid, cond, bar) -> None:
-        from zoomfeat.store import TileStoreWriter
-
-        with TileStoreWriter(self.out_path(info.slide_id), info, grid, extractor=self.net.extractor,
-                             extractor_config=self.net.extractor_config,
-                             feature_dim=self.net.featurizer.dim) as writer:
-            for mag in self.cfg.mags:
-                self._extract_mag(slide_path, info, grid, mag, cond, writer, bar)
-            writer.commit()
+    def _features_batch(self, writer, name: str, mag: float, rows: np.ndarray, images, grids, slide_id: str,
+                        bar) -> None:
+        """Features of one batch of patches (rows of ``name``'s coords, in order) streamed into ``writer``."""
+        coords = writer.grid.coords[name]
+        feats = self.net.featurizer(images, grids, mag, name, coords[rows], slide_id)
+        for start, stop in _contiguous_runs(rows):
+            writer.write_features(name, int(rows[start]), feats[start:stop])
+        bar.update(len(rows))
+        self.stats.patches += len(rows)
 
     def _extract_mag(self, slide_path: Path, info, grid, mag: float, cond, writer, bar) -> None:
         from zoomfeat.patches import TilePatchDataset, patch_loader
@@ -158,11 +171,7 @@ class SlideExtractor:
             for rows, images in patch_loader(dataset, self.cfg.batch_size, self.cfg.workers):
                 rows = rows.numpy()
                 grids = cond.grid(name, rows, pool_to=8) if cond is not None else None
-                feats = self.net.featurizer(images, grids, mag, name, coords[rows], info.slide_id)
-                for start, stop in _contiguous_runs(rows):
-                    writer.write_features(name, int(rows[start]), feats[start:stop])
-                bar.update(len(rows))
-                self.stats.patches += len(rows)
+                self._features_batch(writer, name, mag, rows, images, grids, info.slide_id, bar)
         finally:
             dataset.close()
 
@@ -192,8 +201,8 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changed
 
 
-def check_out_dir(cfg: ExtractConfig, networks: Networks) -> None:
-    """Save the config in the out dir; refuse an out dir that holds features made with other settings."""
+def check_out_dir(cfg: ExtractConfig, networks: Networks, write: bool = True) -> None:
+    """Refuse an out dir that holds features made with other settings; save the config there when ``write``."""
     record = {"extractor": networks.extractor, "extractor_config": networks.extractor_config,
               "min_tissue": cfg.min_tissue, "base_mag": cfg.base_mag, "mpp": cfg.mpp,
               "tiles_dir": str(cfg.tiles_dir) if cfg.tiles_dir else None}
@@ -207,28 +216,48 @@ def check_out_dir(cfg: ExtractConfig, networks: Networks) -> None:
             changed = _changed_keys(old, to_jsonable(record))
             raise ConfigError(f"{cfg.out_dir} holds features made with other settings ({', '.join(changed)}): "
                               "use a new --out or the same settings")
-    write_json_atomic(path, {"config": cfg, "features": record})
+    if write:
+        write_json_atomic(path, {"config": cfg, "features": record})
 
 
 def extract(cfg: ExtractConfig, slides: list[str | Path]) -> int:
-    """Run extraction over ``slides`` (files or folders); returns the exit code (1 if any slide failed)."""
-    from zoomfeat.batch import run_batch, shard_slides
+    """Run extraction over ``slides`` (files or folders) on ``cfg.devices`` x ``cfg.num_nodes`` processes;
+    returns the exit code (1 if any slide failed on any rank)."""
+    from zoomfeat.batch import run_batch
+    from zoomfeat.extract import distributed as dist
     from zoomfeat.slides import find_slides
 
-    shard, local_rank = distributed_shard(cfg.shard)
-    paths = shard_slides(find_slides(slides), shard)
-    runtime = resolve_runtime(cfg.device, cfg.precision, local_rank)
-    networks = load_networks(cfg, runtime)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    check_out_dir(cfg, networks)
-    stats = ExtractStats()
-    start = time.perf_counter()
-    report = run_batch(paths, cfg.out_dir, SlideExtractor(cfg, networks, runtime, stats), desc="extract")
-    stats.seconds = time.perf_counter() - start
-    rate = stats.patches / stats.seconds if stats.seconds > 0 else 0.0
-    print(f"extract: {stats.patches} patches in {stats.seconds:.1f} s ({rate:.1f} patches/s) on "
-          f"{runtime.device} ({runtime.precision}); features in {cfg.out_dir}", file=sys.stderr)
-    return report.exit_code
+    all_slides = find_slides(slides)
+    runtime = resolve_runtime(cfg.device, cfg.precision)
+    fabric = dist.start_fabric(runtime, cfg.devices, cfg.num_nodes)
+    try:
+        rank, world = fabric.global_rank, fabric.world_size
+        runtime = on_device(runtime, fabric.device)
+        networks = load_networks(cfg, runtime)
+        check_out_dir(cfg, networks, write=False)
+        if rank == 0:
+            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+            check_out_dir(cfg, networks)
+        fabric.barrier()
+        stats = ExtractStats()
+        start = time.perf_counter()
+        report = run_batch(dist.rank_slides(all_slides, cfg.shard, rank, world),
+                           dist.errors_dir(cfg.out_dir, rank, world),
+                           SlideExtractor(cfg, networks, runtime, stats), desc="extract", progress=rank == 0)
+        stats.seconds = time.perf_counter() - start
+        counts = {"done": report.count("done"), "skipped": report.count("skipped"),
+                  "failed": report.count("failed"), "patches": stats.patches, "seconds": stats.seconds}
+        totals = dist.gather_counts(fabric, counts)
+        fabric.barrier()  # every rank's errors.csv is written
+        if rank == 0:
+            if world > 1:
+                dist.merge_errors(Path(cfg.out_dir), world)
+            print(f"extract: {dist.summary(totals, world)} on {runtime.device} ({runtime.precision}); "
+                  f"features in {cfg.out_dir}", file=sys.stderr)
+        fabric.barrier()
+        return 1 if totals[:, dist.COUNTS.index("failed")].sum() > 0 else 0
+    finally:
+        dist.end_process_group()
 
 
 __all__ = ["ExtractStats", "SlideExtractor", "extract", "restrict_grid"]

@@ -33,9 +33,9 @@ class Runtime:
         return lambda: torch.autocast(device_type=device_type, dtype=dtype)
 
 
-def resolve_runtime(device: str, precision: str, local_rank: int | None = None) -> Runtime:
+def resolve_runtime(device: str, precision: str) -> Runtime:
     """``auto`` device = CUDA when available; ``auto`` precision = bf16 on CUDA (fp16 if bf16 is unsupported),
-    fp32 on the CPU. ``local_rank`` picks the GPU of a distributed rank."""
+    fp32 on the CPU. The GPU of a rank is picked later by Lightning Fabric (``fabric.device``)."""
     import torch
 
     if device == "auto":
@@ -43,11 +43,14 @@ def resolve_runtime(device: str, precision: str, local_rank: int | None = None) 
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda but no CUDA GPU is visible: use --device cpu (or auto)")
-        if local_rank is not None:
-            device = f"cuda:{local_rank}"
     if precision == "auto":
         if device.startswith("cuda"):
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             precision = "fp32"
     return Runtime(device=device, precision=precision)
+
+
+def on_device(runtime: Runtime, device) -> Runtime:
+    """The same precision on a rank's own device (``fabric.device``: ``cpu`` or ``cuda:<local rank>``)."""
+    return Runtime(device=str(device), precision=runtime.precision)

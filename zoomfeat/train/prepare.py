@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.config import save_config, to_jsonable
-from zoomfeat.errors import DataError
+from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.mags import MAGNIFICATIONS, PATCH_SIZE, grid_width, mag_name
 from zoomfeat.train.config import PrepareConfig, resolve_zoomldm_config
 
@@ -61,9 +61,23 @@ def fingerprint(slide_path: Path) -> str:
     return json.dumps({"path": str(Path(slide_path).resolve()), "size": st.st_size, "mtime": int(st.st_mtime)})
 
 
-def content_settings(cfg: PrepareConfig, conditioner_dim: int, first_stage: str) -> str:
-    """JSON of everything a shard's content depends on (a change redoes the slide)."""
-    return json.dumps(to_jsonable({
+def slide_overrides(base_mag: float | None = None, mpp: float | None = None) -> dict:
+    """``Slide`` keyword overrides for slides without (or with bogus) metadata; ConfigError on a bad value."""
+    if base_mag is not None and mpp is not None:
+        raise ConfigError("give --base-mag or --mpp, not both")
+    if base_mag is not None and base_mag <= 0:
+        raise ConfigError(f"bad --base-mag {base_mag}: use the scan's objective power, e.g. 40")
+    if mpp is not None and not 0.1 <= mpp <= 2.0:
+        raise ConfigError(f"bad --mpp {mpp}: use microns per level-0 pixel in 0.1-2.0, e.g. 0.25")
+    return {"base_mag": base_mag, "mpp": mpp}
+
+
+def content_settings(cfg: PrepareConfig, conditioner_dim: int, first_stage: str,
+                     slide_kwargs: dict | None = None) -> str:
+    """JSON of everything a shard's content depends on (a change redoes the slide); the base-mag/mpp
+    overrides are included only when given, so sets prepared without them stay current."""
+    extra = {k: v for k, v in (slide_kwargs or {}).items() if v is not None}
+    return json.dumps(to_jsonable({**extra,
         "conditioner": cfg.conditioner, "conditioner_weights": cfg.conditioner_weights,
         "conditioner_dim": conditioner_dim, "zoomldm": resolve_zoomldm_config(cfg.zoomldm),
         "zoomldm_weights": cfg.zoomldm_weights, "mags": [mag_name(m) for m in cfg.mags],
@@ -141,8 +155,10 @@ def _coords_by_mag(slide, mags: tuple[float, ...], cfg: PrepareConfig) -> dict[s
 class SlideShardWriter:
     """Writes one slide's shard: per magnification, latents and grids streamed in batches."""
 
-    def __init__(self, cfg: PrepareConfig, first_stage: FirstStageEncoder, encoder, settings: str):
+    def __init__(self, cfg: PrepareConfig, first_stage: FirstStageEncoder, encoder, settings: str,
+                 slide_kwargs: dict | None = None):
         self.cfg = cfg
+        self.slide_kwargs = dict(slide_kwargs or {})  # base_mag / mpp overrides for every slide reader
         self.first_stage = first_stage
         self.encoder = encoder
         self.settings = settings
@@ -154,7 +170,7 @@ class SlideShardWriter:
         path = shard_path(self.cfg.out, Path(slide_path).stem)
         if shard_is_current(path, slide_path, self.settings):
             return "skipped"
-        with Slide(slide_path) as slide:
+        with Slide(slide_path, **self.slide_kwargs) as slide:
             coords = _coords_by_mag(slide, self.cfg.mags, self.cfg)
             base_mag = slide.info.base_magnification
             slide_id = slide.info.slide_id
@@ -169,7 +185,7 @@ class SlideShardWriter:
 
         cfg = self.cfg
         grids = ConditioningGrids(slide_path, coords, self.encoder, cfg.batch_size, cfg.workers, cfg.device,
-                                  base_mag=base_mag)
+                                  base_mag=base_mag, slide_kwargs=self.slide_kwargs)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
@@ -199,7 +215,7 @@ class SlideShardWriter:
                                    chunks=(1, *grid_shape) if n else None)
         if n == 0:
             return
-        dataset = TilePatchDataset(slide_path, coords, float(name[:-1]), size=PATCH_SIZE)
+        dataset = TilePatchDataset(slide_path, coords, float(name[:-1]), size=PATCH_SIZE, **self.slide_kwargs)
         for rows, images in patch_loader(dataset, self.cfg.batch_size, self.cfg.workers):
             rows = rows.numpy()
             order = np.argsort(rows)
@@ -246,19 +262,22 @@ def _load_models(cfg: PrepareConfig):
     return model, encoder.to(cfg.device).eval()
 
 
-def prepare_training_set(cfg: PrepareConfig) -> PrepareReport:
-    """Write (or complete) the training set under ``cfg.out``; returns the per-magnification counts."""
+def prepare_training_set(cfg: PrepareConfig, *, base_mag: float | None = None,
+                         mpp: float | None = None) -> PrepareReport:
+    """Write (or complete) the training set under ``cfg.out``; returns the per-magnification counts.
+    ``base_mag`` / ``mpp`` override the slides' metadata in every reader (tiling, conditioning, latents)."""
     from zoomfeat.batch import run_batch
     from zoomfeat.slides import find_slides
 
+    overrides = slide_overrides(base_mag, mpp)
     slides = find_slides(cfg.slides)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "prepare_config.json")
     model, encoder = _load_models(cfg)
     digest = _save_first_stage(model, out)
-    settings = content_settings(cfg, int(encoder.spec.dim), digest)
-    writer = SlideShardWriter(cfg, FirstStageEncoder(model, cfg.device), encoder, settings)
+    settings = content_settings(cfg, int(encoder.spec.dim), digest, overrides)
+    writer = SlideShardWriter(cfg, FirstStageEncoder(model, cfg.device), encoder, settings, overrides)
     batch = run_batch(slides, out, writer, desc="prepare-train")
     counts, n_shards = write_index(out, settings=settings, conditioner=cfg.conditioner,
                                    zoomldm_config=str(resolve_zoomldm_config(cfg.zoomldm)),
