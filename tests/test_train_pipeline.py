@@ -6,6 +6,7 @@ slides, the packaged tiny ZoomLDM (64-px images, [3, 16, 16] latents), a 32-d to
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import require_shared
+from zoomfeat.errors import ConfigError
 from zoomfeat.mags import PATCH_SIZE
 from zoomfeat.train import TINY_ZOOMLDM_YAML
 from zoomfeat.train.config import PrepareConfig, load_train_config
@@ -220,3 +222,23 @@ def test_finetuning_from_golden_tiny_keeps_the_official_keys(cohort, tmp_path):
     assert changed  # the U-Net was trained
     frozen = [k for k in reference if k.startswith("first_stage_model.")]
     assert all(torch.equal(exported[k], reference[k]) for k in frozen)  # the first stage was not
+
+
+def test_prepare_needs_and_uses_base_mag_or_mpp_for_slides_without_metadata(tmp_path):
+    """A generic TIFF with a bogus 352 um/px (no objective power) fails on its own line, then works with --mpp."""
+    from cli import main
+    from zoomfeat.synthetic import write_synthetic_slide
+
+    slides = tmp_path / "slides"
+    write_synthetic_slide(slides / "nometa.tiff", size=2048, fmt="tiff", mpp=352.8, seed=1)
+    argv = ["prepare-train", str(slides), "--conditioner", "toy", "--zoomldm", "tiny", "--mags", "20x,5x",
+            "--max-patches-per-mag", "2"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 1
+    assert "--mpp" in (tmp_path / "a" / "errors.csv").read_text()
+    assert main([*argv, "--out", str(tmp_path / "b"), "--mpp", "0.5"]) == 0
+    saved = json.loads((tmp_path / "b" / "prepare_config.json").read_text())
+    assert saved["mpp"] == 0.5 and saved["base_mag"] is None
+    with h5py.File(tmp_path / "b" / "shards" / "nometa.h5", "r") as f:
+        assert len(f["20x"]["coords"]) == 2 and len(f["5x"]["coords"]) == 2
+    with pytest.raises(ConfigError, match="not both"):
+        _prepare_cfg(slides, tmp_path / "c", base_mag=20.0, mpp=0.5)

@@ -56,12 +56,12 @@ def build_config(args: argparse.Namespace):
         zoomldm_weights=Path(args.zoomldm_weights) if args.zoomldm_weights else None,
         mags=parse_mags(args.mags), max_patches_per_mag=args.max_patches_per_mag,
         conditioner_dim=args.conditioner_dim, batch_size=args.batch_size, workers=args.workers,
-        device=args.device, seed=args.seed)
+        device=args.device, seed=args.seed, base_mag=args.base_mag, mpp=args.mpp)
 
 
 def run(args: argparse.Namespace) -> int:
     from zoomfeat.train.prepare import prepare_training_set
 
-    report = prepare_training_set(build_config(args), base_mag=args.base_mag, mpp=args.mpp)
+    report = prepare_training_set(build_config(args))
     print(f"training set: {report.out} ({report.n_shards} slides, {sum(report.counts.values())} patches)")
     return report.exit_code

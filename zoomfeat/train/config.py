@@ -52,10 +52,18 @@ class PrepareConfig:
     device: str = "cpu"
     seed: int = 0
     grid_pool_to: int = 8                 # grids wider than this are stored average-pooled to it
+    base_mag: float | None = None         # overrides of the slides' metadata (slides without, or with bogus, mpp)
+    mpp: float | None = None
 
     def __post_init__(self) -> None:
         if not self.slides:
             raise ConfigError("no slide given: pass slide files or folders to prepare-train")
+        if self.base_mag is not None and self.mpp is not None:
+            raise ConfigError("give --base-mag or --mpp, not both")
+        if self.base_mag is not None and self.base_mag <= 0:
+            raise ConfigError(f"bad --base-mag {self.base_mag}: use the scan's objective power, e.g. 40")
+        if self.mpp is not None and not 0.1 <= self.mpp <= 2.0:
+            raise ConfigError(f"bad --mpp {self.mpp}: use microns per level-0 pixel in 0.1-2.0, e.g. 0.25")
         if self.conditioner not in ("toy", "uni"):
             raise ConfigError(f"unknown --conditioner {self.conditioner!r}: use uni=PATH or toy")
         if self.conditioner == "uni" and self.conditioner_weights is None:

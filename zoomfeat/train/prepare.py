@@ -61,17 +61,6 @@ def fingerprint(slide_path: Path) -> str:
     return json.dumps({"path": str(Path(slide_path).resolve()), "size": st.st_size, "mtime": int(st.st_mtime)})
 
 
-def slide_overrides(base_mag: float | None = None, mpp: float | None = None) -> dict:
-    """``Slide`` keyword overrides for slides without (or with bogus) metadata; ConfigError on a bad value."""
-    if base_mag is not None and mpp is not None:
-        raise ConfigError("give --base-mag or --mpp, not both")
-    if base_mag is not None and base_mag <= 0:
-        raise ConfigError(f"bad --base-mag {base_mag}: use the scan's objective power, e.g. 40")
-    if mpp is not None and not 0.1 <= mpp <= 2.0:
-        raise ConfigError(f"bad --mpp {mpp}: use microns per level-0 pixel in 0.1-2.0, e.g. 0.25")
-    return {"base_mag": base_mag, "mpp": mpp}
-
-
 def content_settings(cfg: PrepareConfig, conditioner_dim: int, first_stage: str,
                      slide_kwargs: dict | None = None) -> str:
     """JSON of everything a shard's content depends on (a change redoes the slide); the base-mag/mpp
@@ -262,14 +251,13 @@ def _load_models(cfg: PrepareConfig):
     return model, encoder.to(cfg.device).eval()
 
 
-def prepare_training_set(cfg: PrepareConfig, *, base_mag: float | None = None,
-                         mpp: float | None = None) -> PrepareReport:
+def prepare_training_set(cfg: PrepareConfig) -> PrepareReport:
     """Write (or complete) the training set under ``cfg.out``; returns the per-magnification counts.
-    ``base_mag`` / ``mpp`` override the slides' metadata in every reader (tiling, conditioning, latents)."""
+    ``cfg.base_mag`` / ``cfg.mpp`` override the slides' metadata in every reader (tiling, conditioning, latents)."""
     from zoomfeat.batch import run_batch
     from zoomfeat.slides import find_slides
 
-    overrides = slide_overrides(base_mag, mpp)
+    overrides = {"base_mag": cfg.base_mag, "mpp": cfg.mpp}
     slides = find_slides(cfg.slides)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
