@@ -1,4 +1,4 @@
-"""Benchmark of ``zoomfeat extract`` (run by hand; results go to benchmarks/RESULTS_extract.md).
+"""Benchmark of ``zoomfeat extract`` (run by hand; results go to benchmarks/RESULTS.md).
 
 Three parts, each short enough for a shared CPU:
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_report.py            # prints a Markdown table
 
 Inputs are fabricated (predictions.csv with random scores; a random attention map), so this measures the
-reporting code, not training. Results go to benchmarks/RESULTS_report.md.
+reporting code, not training. Results go to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ZoomLDM training step time and memory (run by hand; results go to benchmarks/RESULTS_train.md).
+"""ZoomLDM training step time and memory (run by hand; results go to benchmarks/RESULTS.md).
 
     python benchmarks/bench_train.py [--config ../shared/golden/zoomldm_brca_config.yaml] [--batch-size 2]
                                      [--steps 3] [--threads 2]
