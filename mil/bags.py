@@ -2,8 +2,8 @@
 
 A feature-set spec names a folder and one or more magnifications: ``DIR@20x`` is a bag of 20x features,
 ``DIR@20x+5x`` a bag of 20x instances, each concatenated with the feature of its parent 5x tile (found
-through ``20x/parent_5x``). Any finer+coarser list works the same way; the finest magnification comes first
-and decides the instances and their coordinates.
+through ``20x/parent_5x``). Any finer+coarser list works the same way; the finest magnification must come first
+(``DIR@5x+20x`` is refused) and decides the instances and their coordinates.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ class FeatureSpec:
         if len(set(names)) != len(names) or not names:
             raise ConfigError(f"feature set {text!r}: repeated or empty magnification; write e.g. DIR@20x+5x")
         ordered = tuple(sorted(names, key=parse_mag, reverse=True))
+        if tuple(names) != ordered:
+            raise ConfigError(f"feature set {text!r}: magnifications go finest first (the first one gives the "
+                              f"instances); write {folder}@{'+'.join(ordered)}")
         return cls(Path(folder), ordered)
 
     def __str__(self) -> str:
@@ -154,8 +157,12 @@ def scan_bags(spec: FeatureSpec, slide_ids: Iterable[str]) -> ScanResult:
     """Check every slide's file from its shapes only: complete, right groups, one feature dimension.
 
     Slides without a file or with an empty bag are reported once (a MILDataWarning with the count) and
-    left out; an incomplete file or a dimension that differs from the first file raises DataError.
+    left out; an incomplete file or a dimension that differs from the first file raises DataError; a
+    feature folder that does not exist raises ConfigError.
     """
+    if not spec.directory.is_dir():
+        raise ConfigError(f"feature folder {spec.directory} not found (from feature set {spec}); "
+                          "check --features DIR@MAG")
     usable, missing, empty = [], [], []
     dim, first = None, None
     for slide_id in sorted(set(slide_ids)):

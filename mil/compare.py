@@ -87,6 +87,9 @@ def paired_bootstrap_ci(run: RunResult, ref: RunResult, folds: list[int], n_boot
     for k in folds:
         labels, p_run, p_ref = _aligned(run, ref, k)
         pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+        if pos.size == 0 or neg.size == 0:  # the slides both runs scored lack a class: no paired AUC
+            return {"low": None, "high": None, "n_bootstrap": n_bootstrap, "seed": seed,
+                    "undefined_fold": k}
         idx = np.concatenate([rng.choice(pos, size=(n_bootstrap, pos.size)),
                               rng.choice(neg, size=(n_bootstrap, neg.size))], axis=1)
         total += auc_rows(labels[idx], p_run[idx]) - auc_rows(labels[idx], p_ref[idx])

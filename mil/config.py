@@ -106,7 +106,8 @@ def make_protocol(name: str, **overrides) -> Protocol:
 
 def effective_model_kwargs(cfg: MILConfig) -> dict:
     """``model_kwargs`` plus CLAM's ``subtyping=True`` for ``--task subtyping`` unless given explicitly
-    (subtypes are mutually exclusive: no out-of-class negative clustering)."""
+    (subtypes are mutually exclusive: the most attended instances are also negatives for the other
+    classes' instance classifiers, as in CLAM's reference code)."""
     kwargs = dict(cfg.model_kwargs)
     if cfg.model in ("clam_sb", "clam_mb") and cfg.task == "subtyping":
         kwargs.setdefault("subtyping", True)

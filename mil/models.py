@@ -95,10 +95,11 @@ class _CLAMBase(nn.Module):
     """Shared parts of CLAM-SB / CLAM-MB (Lu et al. 2021, 'small' size: D -> 512 -> 256).
 
     Instance clustering: for the bag's class, the ``k_sample`` most attended instances are pseudo-positive
-    and the ``k_sample`` least attended pseudo-negative for that class's instance classifier; for the other
-    classes (unless ``subtyping``, where they are mutually exclusive subtypes) the most attended ones are
-    pseudo-negative. Loss: smooth top-1 SVM. Bags with fewer than 2 instances skip it;
-    k = min(k_sample, N // 2) otherwise.
+    and the ``k_sample`` least attended pseudo-negative for that class's instance classifier. Only with
+    ``subtyping`` (mutually exclusive classes, as in CLAM's reference code) are the most attended instances
+    also pseudo-negative for every other class's classifier, and the summed loss is then divided by the
+    number of classes; without it the other classes are skipped. Loss: smooth top-1 SVM. Bags with fewer
+    than 2 instances skip it; k = min(k_sample, N // 2) otherwise.
     """
 
     bag_weight = 0.7
@@ -134,8 +135,8 @@ class _CLAMBase(nn.Module):
         y = int(label)
         total = h.new_zeros(())
         for c, classifier in enumerate(self.instance_classifiers):
-            if c != y and self.subtyping:
-                continue
+            if c != y and not self.subtyping:
+                continue  # out-of-class clustering only for mutually exclusive subtypes
             a = attn[c if attn.shape[0] > 1 else 0]
             total = total + self._cluster_loss(h, a, classifier, c == y, k)
         if self.subtyping:

@@ -122,3 +122,17 @@ def test_compare_real_train_mil_runs(tmp_path_factory):
     page = parse_html(out / "index.html")
     assert not page.external and any(r and r[0] == "planted@20x" for r in page.rows)
     assert_nontrivial_png((out / "fold_auc_custom.png").read_bytes())
+
+
+def test_paired_ci_is_undefined_not_a_crash_when_shared_test_slides_lack_a_class(tmp_path):
+    """Same split fingerprints, but run b scored other positive slides in fold 0 (e.g. features missing
+    for a's): both fold AUCs exist, the paired bootstrap over the shared slides cannot."""
+    a = fabricate_run(tmp_path / "a", seed=0)
+    b = fabricate_run(tmp_path / "b", seed=1)
+    preds = pd.read_csv(b / "fold_0" / "predictions.csv")
+    positive = (preds.split == "test") & (preds.label == 1)
+    preds.loc[positive, "slide_id"] = "b_only_" + preds.loc[positive, "slide_id"]
+    preds.to_csv(b / "fold_0" / "predictions.csv", index=False)
+    (pair,) = build_comparison([a, b], tmp_path / "cmp", n_bootstrap=20)["comparisons"]
+    assert pair["folds"] == [0, 1, 2, 3, 4] and pair["mean_difference"] is not None
+    assert pair["bootstrap_ci95"]["low"] is None and pair["bootstrap_ci95"]["undefined_fold"] == 0

@@ -14,9 +14,12 @@ from zoomfeat.errors import ConfigError, DataError
 
 
 def test_feature_spec_parse():
-    spec = FeatureSpec.parse("/data/feats@5x+20x")
+    spec = FeatureSpec.parse("/data/feats@20x+5x")
     assert spec == FeatureSpec(Path("/data/feats"), ("20x", "5x"))
     assert str(spec) == "/data/feats@20x+5x"
+    assert FeatureSpec.parse("f@10x+2_5x").mags == ("10x", "2.5x")
+    with pytest.raises(ConfigError, match="finest first.*write /data/feats@20x\\+5x"):
+        FeatureSpec.parse("/data/feats@5x+20x")  # coarser first: refused, not silently reordered
     assert FeatureSpec.parse("a@b/c@2_5x").mags == ("2.5x",)
     assert FeatureSpec.parse("a@b/c@2_5x").directory == Path("a@b/c")
     for bad in ("feats", "feats@", "@20x", "feats@20x+20x", "feats@7x"):
@@ -83,3 +86,29 @@ def test_missing_coarse_group_or_parent_link(tmp_path):
     write_feature_file(tmp_path, "a", np.ones((3, 4)))
     with pytest.raises(DataError, match="no features at 5x"):
         load_bag(FeatureSpec.parse(f"{tmp_path}@20x+5x"), "a")
+
+
+def test_missing_feature_folder_is_one_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"feature folder .*nowhere not found.*--features"):
+        scan_bags(FeatureSpec.parse(f"{tmp_path / 'nowhere'}@20x"), ["a"])
+
+
+def test_any_finer_coarser_pair_fuses_through_its_own_parent_link(tmp_path):
+    """10x+2.5x: 10x rows pick their 2.5x parent through 10x/parent_2.5x, not through any 20x/5x link."""
+    import h5py
+
+    with h5py.File(tmp_path / "s.h5", "w") as fh:
+        fh.attrs["complete"] = True
+        g10 = fh.create_group("10x")
+        g10.create_dataset("coords", data=np.array([[0, 0], [512, 0], [0, 512]], dtype=np.int64))
+        g10.create_dataset("features", data=np.array([[1.0], [2.0], [3.0]], dtype=np.float32))
+        g10.create_dataset("parent_2.5x", data=np.array([1, 1, 0], dtype=np.int64))
+        g10.create_dataset("parent_5x", data=np.array([0, 0, 0], dtype=np.int64))  # a decoy link
+        g25 = fh.create_group("2.5x")
+        g25.create_dataset("coords", data=np.array([[0, 0], [2048, 0]], dtype=np.int64))
+        g25.create_dataset("features", data=np.array([[10.0, 11.0], [20.0, 21.0]], dtype=np.float32))
+    spec = FeatureSpec.parse(f"{tmp_path}@10x+2_5x")
+    bag = load_bag(spec, "s")
+    assert bag.features.tolist() == [[1.0, 20.0, 21.0], [2.0, 20.0, 21.0], [3.0, 10.0, 11.0]]
+    assert bag.coords_level0.tolist() == [[0, 0], [512, 0], [0, 512]]
+    assert scan_bags(spec, ["s"]).dim == 3

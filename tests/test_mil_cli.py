@@ -39,3 +39,25 @@ def test_train_mil_cli_runs_resumes_and_reports_errors(tmp_path, capsys):
     assert "--folds 7 not in" in capsys.readouterr().err
     assert cli.main([*bad[:2], f"{paths['features']}@20x", *bad[3:], "--model-kwargs", "[1]"]) == 2
     assert "must be a JSON object" in capsys.readouterr().err
+
+
+def test_train_mil_user_errors_are_one_line(tmp_path, capsys):
+    paths = planted_cohort(tmp_path / "c", n_slides=10, dim=4, sizes=(4, 6), folds=2)
+    feats, labels, splits = str(paths["features"]), str(paths["labels"]), str(paths["splits"])
+
+    def error(features=f"{feats}@20x", labels=labels, extra=()):
+        code = cli.main(["train-mil", "--features", features, "--labels", labels, "--splits", splits,
+                         "--out", str(tmp_path / "run"), "--epochs", "1", *extra])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err and "usage:" not in err, err
+        return lines[0]
+
+    assert "nope.csv" in error(labels=str(tmp_path / "nope.csv"))
+    assert "unknown magnification '7x'" in error(features=f"{feats}@7x")
+    assert f"write {feats}@20x+5x" in error(features=f"{feats}@5x+20x")
+    assert "feature folder" in error(features=f"{tmp_path / 'absent'}@20x")
+    assert "unknown model 'transmil'" in error(extra=("--model", "transmil"))
+    assert "unknown protocol 'fast'" in error(extra=("--protocol", "fast"))
+    assert "unknown task 'grading'" in error(extra=("--task", "grading"))
+    assert not (tmp_path / "run").exists()

@@ -70,7 +70,8 @@ def test_clam_instance_loss_small_bags_and_subtyping():
     clam = build_model("clam_sb", 12, 2, hidden=16, attn_dim=8)
     assert clam(torch.randn(1, 12), torch.tensor(1)).extra_loss is None  # k = min(8, N // 2) = 0
     assert clam(torch.randn(3, 12), torch.tensor(1)).extra_loss is not None  # k = 1
-    # subtyping: only the bag's class clusters, and the total is averaged over the classes
+    # CLAM's reference code: without subtyping only the bag's class clusters; with subtyping the other
+    # classes also get the top-attended instances as negatives, and the total is averaged over the classes
     torch.manual_seed(0)
     sub = build_model("clam_sb", 12, 2, hidden=16, attn_dim=8, subtyping=True)
     torch.manual_seed(0)
@@ -81,8 +82,20 @@ def test_clam_instance_loss_small_bags_and_subtyping():
     attn = torch.softmax(full.attention(h).T, dim=1)
     own = full._cluster_loss(h, attn[0], full.instance_classifiers[0], True, 8)
     other = full._cluster_loss(h, attn[0], full.instance_classifiers[1], False, 8)
-    assert torch.allclose(full(x, y).extra_loss, own + other)
-    assert torch.allclose(sub(x, y).extra_loss, own / 2)
+    assert torch.allclose(full(x, y).extra_loss, own)
+    assert torch.allclose(sub(x, y).extra_loss, (own + other) / 2)
+
+
+def test_clam_mb_subtyping_uses_each_class_branch_for_its_instance_loss():
+    torch.manual_seed(0)
+    clam = build_model("clam_mb", 12, 3, hidden=16, attn_dim=8, subtyping=True).eval()
+    x, y = torch.randn(30, 12), torch.tensor(2)
+    h = clam.embed(x)
+    attn = torch.softmax(clam.attention(h).T, dim=1)  # [3, N]
+    parts = [clam._cluster_loss(h, attn[c], clam.instance_classifiers[c], c == 2, 8) for c in range(3)]
+    assert torch.allclose(clam(x, y).extra_loss, sum(parts) / 3)
+    clam.subtyping = False
+    assert torch.allclose(clam(x, y).extra_loss, parts[2])
 
 
 def test_smooth_top1_svm_matches_its_formula_and_bounds_the_hinge():
