@@ -38,3 +38,25 @@ def test_toy_baseline_rows_equal_the_encoder_on_read_patch(tmp_path):
                     expected = encoder(encoder.preprocess(pixels))[0].numpy()
                     np.testing.assert_allclose(feats[row], expected, rtol=1e-5, atol=1e-5)
     assert not (tmp_path / "uni").exists()  # baselines write no conditioning folder
+
+
+def test_a_complete_file_from_other_settings_is_neither_skipped_nor_overwritten(tmp_path, capsys):
+    """A 32-d toy file in --out is not "done" for a 64-d toy run: the slide fails naming what differs."""
+    from zoomfeat.synthetic import write_synthetic_slide
+
+    slide = write_synthetic_slide(tmp_path / "s.svs", size=1024, seed=2)
+    base = ["extract", str(slide.path), "--encoder", "toy", "--mags", "20x", "--device", "cpu", "--workers", "0"]
+    assert cli.main([*base, "--out", str(tmp_path / "a"), "--toy-seed", "1"]) == 0
+    before = (tmp_path / "a" / "s.h5").read_bytes()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "s.h5").write_bytes(before)  # the same file, in a folder with no saved run config
+    assert cli.main([*base, "--out", str(tmp_path / "b"), "--toy-seed", "1"]) == 0  # same settings: skipped
+    assert "skipped 1" in capsys.readouterr().err
+    assert cli.main([*base, "--out", str(tmp_path / "b"), "--toy-seed", "2"]) == 2  # the folder's run config says no
+    from zoomfeat.extract.config import CONFIG_NAME
+
+    (tmp_path / "b" / CONFIG_NAME).unlink()  # without it (a copied file), the file's own provenance decides
+    assert cli.main([*base, "--out", str(tmp_path / "b"), "--toy-seed", "2"]) == 1
+    errors = (tmp_path / "b" / "errors.csv").read_text()
+    assert "other settings" in errors and "seed" in errors
+    assert (tmp_path / "b" / "s.h5").read_bytes() == before

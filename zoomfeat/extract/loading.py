@@ -78,6 +78,7 @@ def _load_baseline(cfg: ExtractConfig, runtime: Runtime) -> Networks:
     encoder = load_encoder(cfg.encoder, cfg.weights, seed=cfg.toy_seed).to(runtime.device)
     config = {
         "encoder": cfg.encoder, "checkpoint_sha256": file_sha256(cfg.weights), "dim": encoder.spec.dim,
+        "seed": cfg.toy_seed if cfg.encoder == "toy" else None,  # the toy encoder's weights come from its seed
         "input_size": encoder.spec.input_size, "patch_size": 256, "precision": runtime.precision,
         "mags": list(cfg.mag_names), "code_version": __version__,
     }

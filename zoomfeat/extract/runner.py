@@ -80,10 +80,13 @@ class SlideExtractor:
         return h5_path(self.cfg.conditioning_out_dir(), slide_id) if self.cfg.writes_conditioning() else None
 
     def is_done(self, slide_path: Path, slide_id: str) -> bool:
-        from zoomfeat.store import is_complete
+        """True when this slide's files are complete, of this slide file, and made with this run's settings.
 
+        A complete file made with other settings (another encoder, dimension, checkpoint ...) is never
+        overwritten nor taken as done: the slide fails with a message naming the file and what differs."""
         cond = self.cond_path(slide_id)
-        return is_complete(self.out_path(slide_id), slide_path) and (cond is None or is_complete(cond, slide_path))
+        return _finished(self.out_path(slide_id), slide_path, self.net.extractor_config) and (
+            cond is None or _finished(cond, slide_path, self.net.conditioning_config))
 
     def __call__(self, slide_path: Path) -> str:
         """Process one slide; "skipped" when its complete files exist (fingerprint checked), else "done"."""
@@ -174,6 +177,23 @@ class SlideExtractor:
                 self._features_batch(writer, name, mag, rows, images, grids, info.slide_id, bar)
         finally:
             dataset.close()
+
+
+def _finished(path: Path, slide_path: Path, extractor_config: dict | None) -> bool:
+    """``path`` is complete for ``slide_path``; SlideError when it was made with another extractor config."""
+    from zoomfeat.store import is_complete, read_attrs
+
+    if not is_complete(path, slide_path):
+        return False
+    try:
+        made_with = json.loads(read_attrs(path).get("extractor_config", "{}"))
+    except ValueError:
+        made_with = {}
+    changed = _changed_keys(made_with, to_jsonable(extractor_config or {}))
+    if changed:
+        raise SlideError(f"{path} holds features made with other settings ({', '.join(changed)}): "
+                         "use another --out (or --conditioning-out), or delete the file")
+    return True
 
 
 def _contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
