@@ -30,7 +30,7 @@ class _Cells(HTMLParser):
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("demo") / "out"
-    argv = ["demo", "--out", str(out), "--slides", "10", "--size", "2048", "--seed", "3",
+    argv = ["demo", "--out", str(out), "--slides", "20", "--size", "2048", "--seed", "3",
             "--train-steps", "6", "--mil-epochs", "2"]
     assert cli.main(argv) == 0
     return out
@@ -51,14 +51,14 @@ def test_demo_writes_the_comparison_page_with_every_feature_set(demo_dir, capsys
         assert (demo_dir / "runs" / name / "report" / "report.html").exists()
 
 
-def test_demo_ran_the_public_commands_and_reruns_skip_finished_work(demo_dir, capsys):
-    cfg = DemoConfig(out=demo_dir, slides=10, size=2048, seed=3, train_steps=6, mil_epochs=2)
+def test_demo_runs_the_public_commands_in_order_and_its_features_verify(demo_dir, capsys):
+    cfg = DemoConfig(out=demo_dir, slides=20, size=2048, seed=3, train_steps=6, mil_epochs=2)
     commands = [argv[0] for _, argv in stages(cfg)]
     assert commands[:7] == ["synth", "tile", "prepare-train", "train", "extract", "extract", "splits"]
-    assert (demo_dir / "features" / "zoomldm").glob("*.h5")
+    assert len(list((demo_dir / "features" / "zoomldm").glob("*.h5"))) == 20
     assert cli.main(["verify", str(demo_dir / "features" / "zoomldm")]) == 0
 
 
 def test_demo_refuses_a_cohort_too_small_for_its_folds():
-    with pytest.raises(ConfigError, match="--slides 4"):
-        DemoConfig(slides=4)
+    with pytest.raises(ConfigError, match="--slides 10 .* at least 20"):
+        DemoConfig(slides=10)

@@ -34,14 +34,16 @@ class DemoConfig:
     seed: int = 0
     size: int = 4096  # level-0 side of each synthetic slide (20x, 0.5 um/px)
     slides_per_patient: int = 2
-    train_steps: int = 300  # tiny ZoomLDM training steps
+    train_steps: int = 200  # tiny ZoomLDM training steps
     folds: int = 5
     mil_epochs: int = 12
 
     def __post_init__(self) -> None:
-        if self.slides < 2 * self.folds:
-            raise ConfigError(f"--slides {self.slides} is too few for {self.folds}-fold CV: use at least "
-                              f"{2 * self.folds}")
+        # patient-level stratified folds need at least one patient of each of the two classes per fold
+        needed = 2 * self.folds * self.slides_per_patient
+        if self.slides < needed:
+            raise ConfigError(f"--slides {self.slides} is too few for {self.folds}-fold patient-level CV with "
+                              f"{self.slides_per_patient} slides per patient: use at least {needed}")
         if self.size < 2048 or self.size % 1024:
             raise ConfigError(f"--size {self.size} must be a multiple of 1024 and at least 2048 px")
         if self.train_steps < 1 or self.mil_epochs < 1:
@@ -66,17 +68,19 @@ def stages(cfg: DemoConfig) -> list[tuple[str, list[str]]]:
          ["tile", slides, "--out", d / "tiles", "--mags", "20x,5x", "--preview"]),
         ("prepare the ZoomLDM training set (latents + conditioning grids)",
          ["prepare-train", slides, "--out", d / "trainset", "--conditioner", "toy", "--zoomldm",
-          tiny_model_config(), "--mags", "20x,10x,5x"]),
+          tiny_model_config(), "--mags", "20x,10x,5x", "--max-patches-per-mag", 24, "--seed", cfg.seed]),
         ("train a tiny ZoomLDM on CPU",
          ["train", "--data", d / "trainset", "--zoomldm", tiny_model_config(), "--out", model_dir,
-          "--max-steps", cfg.train_steps, "--batch-size", 16, "--lr", "1e-3", "--warmup-steps", 20,
-          "--every-n-steps", cfg.train_steps, "--seed", cfg.seed, "--no-samples"]),
+          "--max-steps", cfg.train_steps, "--batch-size", 8, "--lr", "1e-3", "--warmup-steps", 20,
+          "--every-n-steps", cfg.train_steps, "--seed", cfg.seed, "--no-val-samples"]),
         ("extract ZoomLDM features at 20x and 5x (conditioned on the toy encoder)",
          ["extract", slides, "--tiles", d / "tiles", "--out", d / "features" / "zoomldm", "--encoder", "zoomldm",
-          "--zoomldm", model_dir / "official", "--conditioner", "toy", "--mags", "20x,5x"]),
+          "--zoomldm", model_dir / "official" / "config.yaml", "--weights", model_dir / "official" / "last.ckpt",
+          "--conditioner", "toy", "--toy-seed", cfg.seed, "--conditioning-out", d / "features" / "toy_conditioning",
+          "--mags", "20x,5x"]),
         ("extract the toy-encoder baseline at 20x",
          ["extract", slides, "--tiles", d / "tiles", "--out", d / "features" / "toy", "--encoder", "toy",
-          "--mags", "20x"]),
+          "--toy-seed", cfg.seed, "--mags", "20x"]),
         ("patient-level, stratified 5-fold splits",
          ["splits", "make", "--labels", labels, "--out", d / "splits", "--folds", cfg.folds, "--mode", "kfold",
           "--seed", cfg.seed]),

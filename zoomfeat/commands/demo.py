@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slides", type=int, default=20, help="number of synthetic slides (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the cohort, splits and training")
     parser.add_argument("--size", type=int, default=4096, help="level-0 side of each slide in px (default 4096)")
-    parser.add_argument("--train-steps", type=int, default=300, help="tiny ZoomLDM training steps (default 300)")
+    parser.add_argument("--train-steps", type=int, default=200, help="tiny ZoomLDM training steps (default 200)")
     parser.add_argument("--mil-epochs", type=int, default=12, help="ABMIL epochs per fold (default 12)")
 
 
