@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from zoomfeat.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderSpec, register_encoder
+from zoomfeat.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, ModuleEncoder, register_encoder
 from zoomfeat.encoders.weights import import_timm, load_strict, read_state_dict, resolve_file
 
 CTRANSPATH = EncoderSpec(
@@ -98,15 +98,8 @@ def convert_swin_054(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 
 @register_encoder(CTRANSPATH)
-class CTransPathEncoder(Encoder):
+class CTransPathEncoder(ModuleEncoder):
     """float [B, 3, 224, 224] -> mean of the final-norm tokens [B, 768]."""
-
-    def __init__(self, spec: EncoderSpec, model: nn.Module) -> None:
-        super().__init__(spec)
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
 
     @classmethod
     def build(cls, spec: EncoderSpec, *, dim: int | None = None, seed: int = 0) -> "CTransPathEncoder":

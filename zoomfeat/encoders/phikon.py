@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from zoomfeat.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderSpec, register_encoder
+from zoomfeat.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, ModuleEncoder, register_encoder
 from zoomfeat.encoders.weights import (build_on_meta, fill_random, import_timm, load_strict, read_state_dict,
                                        resolve_file)
 from zoomfeat.errors import CheckpointError, ConfigError
@@ -149,16 +149,12 @@ def hf_to_timm(state_dict: Mapping[str, torch.Tensor], source: Path) -> dict[str
 
 
 @register_encoder(PHIKON)
-class PhikonEncoder(Encoder):
+class PhikonEncoder(ModuleEncoder):
     """float [B, 3, 224, 224] -> CLS token of the last hidden state [B, 768]."""
 
     def __init__(self, spec: EncoderSpec, model: nn.Module, config: PhikonConfig) -> None:
-        super().__init__(spec)
-        self.model = model
+        super().__init__(spec, model)
         self.config = config
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
 
     @classmethod
     def build(cls, spec: EncoderSpec, *, dim: int | None = None, seed: int = 0) -> "PhikonEncoder":

@@ -94,6 +94,18 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
 
+class ModuleEncoder(Encoder):
+    """An encoder whose network is one module (a timm model) from preprocessed images to [B, D]; its weights
+    sit under ``model.``."""
+
+    def __init__(self, spec: EncoderSpec, model: nn.Module) -> None:
+        super().__init__(spec)
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
 ENCODERS: dict[str, EncoderSpec] = {}
 _CLASSES: dict[str, type[Encoder]] = {}
 E = TypeVar("E", bound=type[Encoder])

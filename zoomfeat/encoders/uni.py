@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from zoomfeat.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderSpec, register_encoder
+from zoomfeat.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, ModuleEncoder, register_encoder
 from zoomfeat.encoders.weights import (build_on_meta, fill_random, import_timm, load_strict, read_state_dict,
                                        resolve_file)
 
@@ -37,15 +36,8 @@ def uni_architecture() -> nn.Module:
 
 
 @register_encoder(UNI)
-class UNIEncoder(Encoder):
+class UNIEncoder(ModuleEncoder):
     """float [B, 3, H, W] (224 after ``preprocess``; any multiple of 16 works) -> CLS [B, 1024]."""
-
-    def __init__(self, spec: EncoderSpec, model: nn.Module) -> None:
-        super().__init__(spec)
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
 
     @classmethod
     def build(cls, spec: EncoderSpec, *, dim: int | None = None, seed: int = 0) -> "UNIEncoder":

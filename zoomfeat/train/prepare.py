@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.config import save_config, to_jsonable
-from zoomfeat.errors import ConfigError, DataError
+from zoomfeat.errors import DataError
 from zoomfeat.mags import MAGNIFICATIONS, PATCH_SIZE, grid_width, mag_name
 from zoomfeat.train.config import PrepareConfig, resolve_zoomldm_config
 
