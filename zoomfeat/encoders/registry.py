@@ -6,6 +6,7 @@ Each encoder module defines one ``EncoderSpec`` and one ``Encoder`` subclass, de
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -49,7 +50,7 @@ class EncoderSpec:
             raise ConfigError(f"encoder {self.name!r}: mean and std need 3 values with std > 0")
 
 
-class Encoder(nn.Module):
+class Encoder(nn.Module, ABC):
     """Base of every encoder: ``preprocess`` (uint8 tiles -> normalised float) and ``forward`` (-> [B, D]).
 
     Subclasses implement ``build(spec, dim=..., seed=...)`` (architecture with random weights) and
@@ -79,19 +80,19 @@ class Encoder(nn.Module):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return (x - self._mean.float()) / self._std.float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed float [B, 3, S, S] -> embeddings [B, D]."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def build(cls, spec: EncoderSpec, *, dim: int | None = None, seed: int = 0) -> "Encoder":
         """The architecture with random weights (tests, registry checks)."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def from_weights(cls, spec: EncoderSpec, path: Path) -> "Encoder":
         """The architecture with the official weights at ``path`` (file or folder)."""
-        raise NotImplementedError
 
 
 class ModuleEncoder(Encoder):
