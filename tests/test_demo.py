@@ -60,5 +60,5 @@ def test_demo_runs_the_public_commands_in_order_and_its_features_verify(demo_dir
 
 
 def test_demo_refuses_a_cohort_too_small_for_its_folds():
-    with pytest.raises(ConfigError, match="--slides 10 .* at least 20"):
+    with pytest.raises(ConfigError, match="--slides 10 gives 6 patients.* at least 19"):
         DemoConfig(slides=10)

@@ -72,3 +72,17 @@ def test_cohort_tables(tmp_path):
     assert set(signal) == {r["slide_id"] for r in rows}
     assert all((out / f"{r['slide_id']}.svs").is_file() for r in rows)
     assert signal[rows[0]["slide_id"]] == [] and len(signal[rows[2]["slide_id"]]) == 2
+
+
+def test_cohort_slides_per_patient_pattern_gives_some_patients_several_slides(tmp_path):
+    import pandas as pd
+
+    from zoomfeat.synthetic import patient_slide_counts
+
+    assert patient_slide_counts(7, (1, 2, 3)) == [1, 2, 3, 1]
+    assert patient_slide_counts(4, 2) == [2, 2]
+    out = write_cohort(tmp_path / "cohort", n=6, size=256, seed=1, slides_per_patient=(1, 2, 3))
+    labels = pd.read_csv(out / "labels.csv")
+    assert labels.groupby("case_id").size().tolist() == [1, 2, 3]
+    assert labels.groupby("case_id")["label"].nunique().eq(1).all()
+    assert sorted(p.stem for p in out.glob("*.svs")) == sorted(labels["slide_id"])

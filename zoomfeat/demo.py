@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from zoomfeat.errors import ConfigError
+from zoomfeat.synthetic import patient_slide_counts
 
 # The four ABMIL runs of the comparison: (run name, feature set directory, magnification spec)
 FEATURE_SETS: tuple[tuple[str, str, str], ...] = (
@@ -33,17 +34,19 @@ class DemoConfig:
     slides: int = 20
     seed: int = 0
     size: int = 4096  # level-0 side of each synthetic slide (20x, 0.5 um/px)
-    slides_per_patient: int = 2
+    slides_per_patient: tuple[int, ...] = (1, 2, 3)  # cycled over patients: some patients have several slides
     train_steps: int = 200  # tiny ZoomLDM training steps
     folds: int = 5
     mil_epochs: int = 12
 
     def __post_init__(self) -> None:
         # patient-level stratified folds need at least one patient of each of the two classes per fold
-        needed = 2 * self.folds * self.slides_per_patient
-        if self.slides < needed:
-            raise ConfigError(f"--slides {self.slides} is too few for {self.folds}-fold patient-level CV with "
-                              f"{self.slides_per_patient} slides per patient: use at least {needed}")
+        patients = len(patient_slide_counts(self.slides, self.slides_per_patient))
+        if patients // 2 < self.folds:
+            needed = next(n for n in range(self.slides, 100 * self.folds)
+                          if len(patient_slide_counts(n, self.slides_per_patient)) // 2 >= self.folds)
+            raise ConfigError(f"--slides {self.slides} gives {patients} patients, too few for {self.folds}-fold "
+                              f"patient-level CV of two classes: use at least {needed}")
         if self.size < 2048 or self.size % 1024:
             raise ConfigError(f"--size {self.size} must be a multiple of 1024 and at least 2048 px")
         if self.train_steps < 1 or self.mil_epochs < 1:
@@ -63,7 +66,7 @@ def stages(cfg: DemoConfig) -> list[tuple[str, list[str]]]:
     out: list[tuple[str, list[str]]] = [
         ("synthesise a two-class cohort (signal at 20x and 5x)",
          ["synth", "--out", slides, "--n", cfg.slides, "--size", cfg.size, "--seed", cfg.seed,
-          "--slides-per-patient", cfg.slides_per_patient]),
+          "--slides-per-patient", ",".join(map(str, cfg.slides_per_patient))]),
         ("tile: tissue masks and aligned 20x/5x grids",
          ["tile", slides, "--out", d / "tiles", "--mags", "20x,5x", "--preview"]),
         ("prepare the ZoomLDM training set (latents + conditioning grids)",

@@ -308,25 +308,37 @@ def write_synthetic_slide(path: str | Path, *, size: int = 8192, label: int = 0,
                               signal_boxes_level0=boxes)
 
 
+def patient_slide_counts(n: int, slides_per_patient: int | Sequence[int]) -> list[int]:
+    """Slides of each patient for a cohort of ``n`` slides: a constant, or a pattern cycled over patients
+    (``(1, 2, 3)``: one slide for patient 0, two for patient 1, ...; the last patient takes what is left)."""
+    pattern = [slides_per_patient] if isinstance(slides_per_patient, int) else list(slides_per_patient)
+    if n < 1 or not pattern or min(pattern) < 1:
+        raise ConfigError(f"cohort needs n >= 1 and slides per patient >= 1 (got n={n}, {slides_per_patient})")
+    counts: list[int] = []
+    while sum(counts) < n:
+        counts.append(min(pattern[len(counts) % len(pattern)], n - sum(counts)))
+    return counts
+
+
 def write_cohort(out_dir: str | Path, n: int = 8, size: int = 8192, seed: int = 0, *,
-                 slides_per_patient: int = 1, fmt: str = "aperio", signal_strength: float = 1.0,
+                 slides_per_patient: int | Sequence[int] = 1, fmt: str = "aperio", signal_strength: float = 1.0,
                  signal_scales: Sequence[str] = ("20x", "5x")) -> Path:
-    """Write ``n`` slides (labels alternate 0/1 by patient) + ``labels.csv`` + ``signal.json``; return ``out_dir``.
+    """Write ``n`` slides (labels alternate 0/1 by patient; ``slides_per_patient`` a number or a pattern cycled
+    over patients, see :func:`patient_slide_counts`) + ``labels.csv`` + ``signal.json``; return ``out_dir``.
 
     ``labels.csv`` has columns case_id,slide_id,label; ``signal.json`` maps slide_id -> list of level-0
     boxes [x0, y0, x1, y1] (empty for label 0).
     """
-    if n < 1 or slides_per_patient < 1:
-        raise ConfigError(f"cohort needs n >= 1 and slides_per_patient >= 1 (got n={n}, {slides_per_patient})")
+    counts = patient_slide_counts(n, slides_per_patient)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     suffix = ".svs" if fmt == "aperio" else ".tiff"
     rows, signal = [], {}
-    for i in range(n):
-        patient = i // slides_per_patient
+    slide_of = [(p, k) for p, c in enumerate(counts) for k in range(c)]
+    for i, (patient, k) in enumerate(slide_of):
         label = patient % 2
         case_id = f"case-{patient:03d}"
-        slide_id = f"{case_id}-slide-{i % slides_per_patient}"
+        slide_id = f"{case_id}-slide-{k}"
         info = write_synthetic_slide(out / f"{slide_id}{suffix}", size=size, label=label, seed=seed * 100003 + i,
                                      fmt=fmt, signal_strength=signal_strength, signal_scales=signal_scales)
         rows.append((case_id, slide_id, label))

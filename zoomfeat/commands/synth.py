@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=8192, help="level-0 side in px (multiple of 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", choices=("aperio", "tiff"), default="aperio")
-    parser.add_argument("--slides-per-patient", type=int, default=1)
+    parser.add_argument("--slides-per-patient", default="1",
+                        help="slides per patient: a number, or a pattern cycled over patients such as 1,2,3")
     parser.add_argument("--signal-strength", type=float, default=1.0, help="0 (none) to 1 (full)")
     parser.add_argument("--signal-scales", default="20x,5x", help="scales carrying the signal: 20x, 5x or both")
 
@@ -21,8 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from zoomfeat.synthetic import write_cohort
 
+    from zoomfeat.errors import ConfigError
+
     scales = tuple(s for s in args.signal_scales.split(",") if s.strip())
-    out = write_cohort(args.out, n=args.n, size=args.size, seed=args.seed, slides_per_patient=args.slides_per_patient,
+    try:
+        per_patient = tuple(int(v) for v in args.slides_per_patient.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"--slides-per-patient {args.slides_per_patient!r}: use a number or a list like 1,2,3") from exc
+    out = write_cohort(args.out, n=args.n, size=args.size, seed=args.seed, slides_per_patient=per_patient,
                        fmt=args.format, signal_strength=args.signal_strength, signal_scales=scales)
     print(f"wrote {args.n} slides, labels.csv and signal.json to {out}")
     return 0
