@@ -92,12 +92,22 @@ def _nearest_objective(mpp: float) -> float:
     return min(STANDARD_OBJECTIVES, key=lambda o: abs(math.log(o / target)))
 
 
-def resolve_scale(properties: dict, path: Path, base_mag: float | None, mpp: float | None) -> tuple[float, str, float | None, str]:
-    """(base magnification, its source, base mpp or None, its source) from OpenSlide properties and overrides."""
+def check_scale_overrides(base_mag: float | None, mpp: float | None) -> None:
+    """Validate the ``--base-mag`` / ``--mpp`` overrides a command was given (ConfigError naming the fix)."""
+    if base_mag is not None and mpp is not None:
+        raise ConfigError("give --base-mag or --mpp, not both")
     if mpp is not None and _plausible_mpp(mpp) is None:
-        raise ConfigError(f"--mpp {mpp} is outside {MPP_RANGE[0]}-{MPP_RANGE[1]} um/px: give the level-0 mpp")
+        raise ConfigError(f"--mpp {mpp} is outside {MPP_RANGE[0]}-{MPP_RANGE[1]} um/px: give the level-0 mpp, "
+                          "e.g. 0.25")
     if base_mag is not None and not (math.isfinite(base_mag) and base_mag > 0):
         raise ConfigError(f"--base-mag {base_mag} must be a positive magnification such as 20 or 40")
+
+
+def resolve_scale(properties: dict, path: Path, base_mag: float | None, mpp: float | None) -> tuple[float, str, float | None, str]:
+    """(base magnification, its source, base mpp or None, its source) from OpenSlide properties and overrides;
+    with both overrides, ``base_mag`` wins (the CLI lets a user give only one)."""
+    check_scale_overrides(None, mpp)
+    check_scale_overrides(base_mag, None)
     if mpp is not None:
         slide_mpp, mpp_source = float(mpp), "--mpp"
     else:

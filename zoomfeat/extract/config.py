@@ -8,6 +8,7 @@ from pathlib import Path
 
 from zoomfeat.errors import ConfigError
 from zoomfeat.mags import mag_name
+from zoomfeat.slides import check_scale_overrides
 
 POOLINGS = ("mean", "meanmax")
 NOISES = ("seeded", "none")
@@ -139,11 +140,6 @@ def validate(c: ExtractConfig) -> None:
         raise ConfigError(f"bad --num-nodes {c.num_nodes}: use 1 or more")
     if c.shard is not None:
         parse_shard(c.shard)
-    if c.base_mag is not None and c.mpp is not None:
-        raise ConfigError("give --base-mag or --mpp, not both")
-    if c.base_mag is not None and c.base_mag <= 0:
-        raise ConfigError(f"bad --base-mag {c.base_mag}: use the scan's objective power, e.g. 40")
-    if c.mpp is not None and not 0.1 <= c.mpp <= 2.0:
-        raise ConfigError(f"bad --mpp {c.mpp}: use microns per level-0 pixel in 0.1-2.0, e.g. 0.25")
+    check_scale_overrides(c.base_mag, c.mpp)
     if not 0.0 <= c.min_tissue <= 1.0:
         raise ConfigError(f"bad --min-tissue {c.min_tissue}: use a fraction in [0, 1]")

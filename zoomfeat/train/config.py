@@ -15,6 +15,7 @@ from typing import Any
 
 from zoomfeat.errors import ConfigError
 from zoomfeat.mags import parse_mags
+from zoomfeat.slides import check_scale_overrides
 
 MAG_SAMPLING = ("uniform", "proportional")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
@@ -58,12 +59,7 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if not self.slides:
             raise ConfigError("no slide given: pass slide files or folders to prepare-train")
-        if self.base_mag is not None and self.mpp is not None:
-            raise ConfigError("give --base-mag or --mpp, not both")
-        if self.base_mag is not None and self.base_mag <= 0:
-            raise ConfigError(f"bad --base-mag {self.base_mag}: use the scan's objective power, e.g. 40")
-        if self.mpp is not None and not 0.1 <= self.mpp <= 2.0:
-            raise ConfigError(f"bad --mpp {self.mpp}: use microns per level-0 pixel in 0.1-2.0, e.g. 0.25")
+        check_scale_overrides(self.base_mag, self.mpp)
         if self.conditioner not in ("toy", "uni"):
             raise ConfigError(f"unknown --conditioner {self.conditioner!r}: use uni=PATH or toy")
         if self.conditioner == "uni" and self.conditioner_weights is None:
