@@ -20,25 +20,80 @@ CONDITIONING_MAG = 20.0  # the UNI tiles that condition every patch are 20x tile
 _MAG_RE = re.compile(r"^\s*(\d+(?:[._]\d+)?)\s*x?\s*$", re.IGNORECASE)
 
 
-def parse_mag(value: str | float) -> float:
-    """Parse ``"20x"``, ``"2.5x"``, ``"2_5x"``, ``"2.5"`` or ``2.5`` into one of :data:`MAGNIFICATIONS`."""
-    if isinstance(value, (int, float)):
-        mag = float(value)
-    else:
-        match = _MAG_RE.match(str(value))
-        if not match:
+class Magnification(float):
+    """One magnification of the ZoomLDM ladder, parsed once at the boundary and carried everywhere.
+
+    A ``float`` subclass (``Magnification("5x") == 5.0``, usable as a dict key next to plain floats) that
+    also knows its canonical ``name`` ("5x"), ZoomLDM ``index`` (20x=0 ... 0.15625x=7), conditioning
+    ``grid_width`` (20x tiles per side of one patch) and its patch size in level-0 px for a base magnification.
+    ``str(m)`` is the canonical name. Construct it with :func:`parse_mag` or ``Magnification(value)``.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, value: "str | float | Magnification") -> "Magnification":
+        if isinstance(value, Magnification):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            mag = float(value)
+        else:
+            match = _MAG_RE.match(str(value))
+            if not match:
+                raise ConfigError(f"unknown magnification {value!r}: use one of {', '.join(mag_names())}")
+            mag = float(match.group(1).replace("_", "."))
+        if mag not in MAGNIFICATIONS:
             raise ConfigError(f"unknown magnification {value!r}: use one of {', '.join(mag_names())}")
-        mag = float(match.group(1).replace("_", "."))
-    if mag not in MAGNIFICATIONS:
-        raise ConfigError(f"unknown magnification {value!r}: use one of {', '.join(mag_names())}")
-    return mag
+        return super().__new__(cls, mag)
+
+    @property
+    def name(self) -> str:
+        """Canonical name: ``"20x"``, ``"2.5x"``, ``"0.15625x"``."""
+        return f"{float(self):g}x"
+
+    @property
+    def index(self) -> int:
+        """ZoomLDM magnification token: 20x=0, 10x=1, ..., 0.15625x=7."""
+        return MAGNIFICATIONS.index(float(self))
+
+    @property
+    def grid_width(self) -> int:
+        """Conditioning grid width: 20x tiles per side of one 256-px patch (1 at 20x, 4 at 5x)."""
+        return int(round(CONDITIONING_MAG / float(self)))
+
+    @property
+    def downsample_from_20x(self) -> int:
+        """20x px per px at this magnification (= ``grid_width``)."""
+        return self.grid_width
+
+    def level0_size(self, base_magnification: float, patch_size: int = PATCH_SIZE) -> int:
+        """Level-0 px covered by one ``patch_size`` patch at this magnification on a slide scanned at
+        ``base_magnification`` (``256 * 40 / 5 = 2048`` for a 5x patch of a 40x slide)."""
+        size = patch_size * float(base_magnification) / float(self)
+        if abs(size - round(size)) > 1e-6 or size < 1:
+            raise ConfigError(f"a {self.name} patch of a {base_magnification:g}x slide is {size:g} level-0 px, "
+                              f"not a whole number: pass --base-mag with the scanner's objective power")
+        return int(round(size))
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"Magnification({self.name!r})"
+
+    def __reduce__(self):
+        return (Magnification, (float(self),))
 
 
-def parse_mags(value: str | Iterable[str | float]) -> tuple[float, ...]:
+def parse_mag(value: str | float) -> Magnification:
+    """Parse ``"20x"``, ``"2.5x"``, ``"2_5x"``, ``"2.5"`` or ``2.5`` into a :class:`Magnification`."""
+    return Magnification(value)
+
+
+def parse_mags(value: str | Iterable[str | float]) -> tuple[Magnification, ...]:
     """Parse a list such as ``"20x,5x"`` (or ``"all"``) into unique magnifications, finest first."""
     if isinstance(value, str):
         if value.strip().lower() == "all":
-            return MAGNIFICATIONS
+            return tuple(Magnification(m) for m in MAGNIFICATIONS)
         items = [v for v in value.split(",") if v.strip()]
     else:
         items = list(value)
@@ -47,9 +102,9 @@ def parse_mags(value: str | Iterable[str | float]) -> tuple[float, ...]:
     return tuple(sorted({parse_mag(v) for v in items}, reverse=True))
 
 
-def mag_name(mag: float) -> str:
+def mag_name(mag: float | str) -> str:
     """Canonical name of a magnification: ``20.0 -> "20x"``, ``2.5 -> "2.5x"``."""
-    return f"{parse_mag(mag):g}x"
+    return parse_mag(mag).name
 
 
 def mag_names() -> list[str]:
@@ -58,9 +113,9 @@ def mag_names() -> list[str]:
 
 def mag_index(mag: float | str) -> int:
     """ZoomLDM magnification index: 20x=0, 10x=1, ..., 0.15625x=7."""
-    return MAGNIFICATIONS.index(parse_mag(mag))
+    return parse_mag(mag).index
 
 
 def grid_width(mag: float | str) -> int:
     """Width, in 20x tiles, of the conditioning grid of one patch at ``mag`` (1 at 20x, 4 at 5x)."""
-    return int(round(CONDITIONING_MAG / parse_mag(mag)))
+    return parse_mag(mag).grid_width

@@ -14,9 +14,11 @@ Writes go to a hidden temporary file in the same folder, fsync'ed and renamed wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,38 @@ def temp_path(path: str | Path) -> Path:
     """Hidden temporary name, in the same folder, under which ``path`` is written before the rename."""
     path = Path(path)
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def commit_file(tmp: str | Path, path: str | Path) -> Path:
+    """Make a finished temporary file the real ``path``: fsync it, rename it over ``path``, fsync the folder.
+
+    The one rename of the package: every writer (feature files, JSON/YAML records, CSV tables, checkpoints,
+    images) ends here, directly or through :func:`atomic_write`.
+    """
+    tmp, path = Path(tmp), Path(path)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """``with atomic_write(out) as tmp: <write the file tmp>``: ``out`` appears complete or not at all.
+
+    The parent folder is created; the temporary file (hidden, same folder) is removed when the block raises,
+    including on KeyboardInterrupt.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        commit_file(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def fingerprint(slide_path: str | Path) -> dict:
@@ -187,11 +221,7 @@ class TileStoreWriter:
         self._file.attrs["complete"] = True
         self._file.flush()
         self._file.close()
-        with open(self.tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self.tmp, self.path)
-        _fsync_dir(self.path.parent)
-        return self.path
+        return commit_file(self.tmp, self.path)
 
     def abort(self) -> None:
         """Close and delete the temporary file (idempotent)."""

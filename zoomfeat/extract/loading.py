@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,36 +9,13 @@ from zoomfeat import __version__
 from zoomfeat.errors import ConfigError
 from zoomfeat.extract.config import ExtractConfig
 from zoomfeat.extract.runtime import Runtime
-
-WEIGHT_NAMES = ("weights.ckpt", "model.ckpt", "last.ckpt")
-
-
-def file_sha256(path: str | Path | None) -> str | None:
-    """sha256 of a file (of every file, in sorted order, for a folder); None for None."""
-    if path is None:
-        return None
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+from zoomfeat.resolve import WEIGHT_NAMES, file_sha256, resolve_zoomldm  # noqa: F401 (re-exported)
 
 
 def resolve_zoomldm_paths(zoomldm: str | Path, weights: str | Path | None) -> tuple[Path, Path]:
     """(config.yaml, checkpoint) from ``--zoomldm CONFIG_OR_DIR`` and an optional ``--weights CKPT``."""
-    path = Path(zoomldm)
-    config = path / "config.yaml" if path.is_dir() else path
-    if not config.is_file():
-        raise ConfigError(f"ZoomLDM config {config} not found: pass --zoomldm with the config.yaml or its folder")
-    if weights is not None:
-        return config, Path(weights)
-    for name in WEIGHT_NAMES:
-        if (config.parent / name).is_file():
-            return config, config.parent / name
-    raise ConfigError(f"no ZoomLDM checkpoint beside {config} ({' / '.join(WEIGHT_NAMES)}): pass --weights CKPT")
+    source = resolve_zoomldm(zoomldm, weights)
+    return source.config, source.weights
 
 
 @dataclass
