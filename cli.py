@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "compare": "compare",
     "heatmap": "heatmap",
     "demo": "demo",
+    "config": "config",
 }
 
 
@@ -34,9 +35,20 @@ def _command_module(name: str):
     return importlib.import_module(f"zoomfeat.commands.{COMMANDS[name]}")
 
 
+def _leaf_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...]):
+    """(path, parser) of every leaf command under ``parser`` (``splits`` has hipt/simil/make/audit)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+        return
+    for name, child in subs[0].choices.items():
+        yield from _leaf_parsers(child, path + (name,))
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with ``only``, import just that subcommand's module (fast dispatch)."""
     from zoomfeat import __version__
+    from zoomfeat.config import add_config_options
 
     parser = argparse.ArgumentParser(
         prog="zoomfeat",
@@ -53,21 +65,92 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sp)
         sp.set_defaults(_run=module.run)
+        for _path, leaf in _leaf_parsers(sp, (name,)):
+            if getattr(module, "CONFIG_SYSTEM", True) and "--config" not in leaf._option_string_actions:  # `train` has its own sectioned config
+                add_config_options(leaf)
+                leaf.set_defaults(_config_system=True)
     return parser
+
+
+def _find_leaf(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[tuple[str, ...], argparse.ArgumentParser]:
+    """The leaf command parser that ``argv`` selects (first non-option token at each level)."""
+    path: tuple[str, ...] = ()
+    current = parser
+    rest = list(argv)
+    while True:
+        subs = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            return path, current
+        token = next((t for t in rest if not t.startswith("-")), None)
+        if token is None or token not in subs[0].choices:
+            return path, current
+        path += (token,)
+        current = subs[0].choices[token]
+        rest = rest[rest.index(token) + 1 :]
+
+
+def _scan(argv: list[str], flag: str) -> list[str]:
+    """Values of ``flag`` in ``argv`` (``--flag V`` and ``--flag=V``)."""
+    values = []
+    for i, token in enumerate(argv):
+        if token == flag and i + 1 < len(argv):
+            values.append(argv[i + 1])
+        elif token.startswith(flag + "="):
+            values.append(token[len(flag) + 1 :])
+    return values
+
+
+def resolve(argv: list[str]):
+    """Parse ``argv`` with the config system: ``(args, command path, resolved config or None)``."""
+    from zoomfeat.config import apply_config_defaults, config_actions, parse_set_items, read_config_file, \
+        resolved_config
+
+    name = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=name if name in COMMANDS else None)
+    path, leaf = _find_leaf(parser, argv)
+    if not leaf.get_default("_config_system"):
+        return parser.parse_args(argv), path, None
+    command = " ".join(path)
+    table = config_actions(leaf)
+    values: dict = {}
+    for file in _scan(argv, "--config")[-1:]:
+        values.update(read_config_file(file, command, table))
+    values.update(parse_set_items(_scan(argv, "--set"), table))
+    if values:
+        apply_config_defaults(leaf, values, table)
+    args = parser.parse_args(argv)
+    return args, path, resolved_config(command, args, table)
+
+
+def _save_config(args: argparse.Namespace, config: dict | None, code: int) -> None:
+    from zoomfeat.config import save_resolved_config
+
+    out = getattr(args, "out", None)
+    if config is None or out is None or code not in (0, 1):
+        return
+    save_resolved_config(config, out)
 
 
 def main(argv: list[str] | None = None) -> int:
     from zoomfeat.errors import ZoomfeatError
+    from zoomfeat.log import setup_cli_logging
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    name = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(only=name if name in COMMANDS else None)
-    args = parser.parse_args(argv)
+    setup_cli_logging(debug="--debug" in argv)
+    try:
+        args, _path, config = resolve(argv)
+    except ZoomfeatError as exc:
+        if "--debug" in argv:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not getattr(args, "_run", None):
-        parser.print_help()
+        build_parser().print_help()
         return 0 if args.command is None else 2
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        _save_config(args, config, code)
+        return code
     except ZoomfeatError as exc:
         if args.debug:
             raise
