@@ -19,6 +19,7 @@ from zoomfeat.errors import ConfigError, SlideError
 
 SLIDE_EXTENSIONS: tuple[str, ...] = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi",
+    ".png", ".jpg", ".jpeg",  # plain images (zoomfeat.plain_images): need --mpp or --base-mag
 )
 STANDARD_OBJECTIVES: tuple[float, ...] = (1.25, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0)
 MPP_RANGE: tuple[float, float] = (0.1, 2.0)  # um/px; values outside are treated as missing
@@ -139,14 +140,8 @@ class Slide:
     """An open slide with resolved scale. Context manager; every failure is a :class:`SlideError`."""
 
     def __init__(self, path: str | Path, base_mag: float | None = None, mpp: float | None = None):
-        import openslide
-
         self.path = Path(path)
-        try:
-            self._slide = openslide.OpenSlide(str(self.path))
-        except (openslide.OpenSlideError, OSError, ValueError) as exc:
-            raise SlideError(f"{self.path}: cannot be opened by OpenSlide ({_one_line(exc)}): "
-                             "check that it is a whole-slide image in a supported format") from exc
+        self._slide = _open_backend(self.path)
         try:
             self.info = self._make_info(base_mag, mpp)
         except Exception:
@@ -217,6 +212,29 @@ class Slide:
             raise SlideError(f"{self.path}: reading the thumbnail failed ({_one_line(exc)}): "
                              "the file is damaged; re-export or exclude it") from exc
         return np.asarray(thumb.convert("RGB"), dtype=np.uint8)
+
+
+def _open_backend(path: Path):
+    """OpenSlide for slides; :class:`zoomfeat.plain_images.PlainImage` for PNG/JPEG and flat TIFFs."""
+    import openslide
+
+    from zoomfeat.plain_images import PlainImage, PlainImageError, is_plain_image
+
+    if not path.exists():
+        raise SlideError(f"{path}: no such file: check the path")
+    if path.is_dir():
+        raise SlideError(f"{path} is a folder, not a slide file: give the slide file (or use a command that takes "
+                         "folders of slides)")
+    if is_plain_image(path):
+        try:
+            return PlainImage(path)
+        except PlainImageError as exc:
+            raise SlideError(f"{path}: {exc}: check that it is a PNG, JPEG or TIFF image") from exc
+    try:
+        return openslide.OpenSlide(str(path))
+    except (openslide.OpenSlideError, OSError, ValueError) as exc:
+        raise SlideError(f"{path}: cannot be opened by OpenSlide ({_one_line(exc)}): "
+                         "check that it is a whole-slide image in a supported format") from exc
 
 
 def _flatten_white(region):
