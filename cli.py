@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "export": "export",
     "prepare-train": "prepare_train",
     "train": "train",
+    "prepare-cdm": "prepare_cdm",
+    "train-cdm": "train_cdm",
     "splits": "splits",
     "train-mil": "train_mil",
     "report": "report",
