@@ -21,6 +21,8 @@ EXAMPLES: dict[str, list[str]] = {
     "extract": ["extract", "slides", "--out", "feats", "--encoder", "toy", "--mags", "20x", "--batch-size", "8"],
     "export": ["export", "feats", "--format", "clam", "--out", "clam"],
     "prepare-train": ["prepare-train", "slides", "--out", "ts", "--conditioner", "toy"],
+    "prepare-cdm": ["prepare-cdm", "--data", "ts", "--zoomldm", "tiny", "--weights", "w.ckpt", "--out", "ctx"],
+    "train-cdm": ["train-cdm", "--data", "ctx", "--out", "run", "--set", "model.depth=2", "--max-steps", "10"],
     "splits hipt": ["splits", "hipt", "--splits-dir", "s", "--labels", "l.csv", "--out", "o"],
     "splits simil": ["splits", "simil", "--labels", "l.csv", "--out", "o", "--folds", "3"],
     "splits make": ["splits", "make", "--labels", "l.csv", "--out", "o", "--folds", "4", "--mode", "repeated"],
