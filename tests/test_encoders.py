@@ -20,8 +20,9 @@ def _tiles(batch: int = 2, size: int = 256, seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_holds_the_baselines_and_toy():
-    assert encoder_names() == ["ctranspath", "phikon", "toy", "uni"]
-    assert {n: ENCODERS[n].dim for n in encoder_names()} == {"ctranspath": 768, "phikon": 768, "toy": 64, "uni": 1024}
+    assert encoder_names() == ["ctranspath", "dinov2", "phikon", "toy", "uni"]
+    assert {n: ENCODERS[n].dim for n in encoder_names()} == {"ctranspath": 768, "dinov2": 1024, "phikon": 768,
+                                                             "toy": 64, "uni": 1024}
     for name, spec in ENCODERS.items():
         assert isinstance(spec, EncoderSpec) and spec.name == name and spec.magnification == 20.0
         assert issubclass(encoder_class(name), Encoder)
@@ -96,7 +97,7 @@ def test_toy_rejects_bad_dims(dim):
 
 
 def test_load_encoder_errors_name_the_fix(tmp_path):
-    with pytest.raises(ConfigError, match="unknown encoder 'vit'.*ctranspath, phikon, toy, uni"):
+    with pytest.raises(ConfigError, match="unknown encoder 'vit'.*ctranspath, dinov2, phikon, toy, uni"):
         load_encoder("vit")
     with pytest.raises(ConfigError, match="needs a weight path"):
         load_encoder("uni")
@@ -106,7 +107,7 @@ def test_load_encoder_errors_name_the_fix(tmp_path):
         load_encoder("uni", tmp_path, dim=32)
 
 
-@pytest.mark.parametrize("name", ["uni", "phikon", "ctranspath"])
+@pytest.mark.parametrize("name", ["uni", "phikon", "ctranspath", "dinov2"])
 def test_missing_weight_file_names_path_and_expected_files(tmp_path, name):
     with pytest.raises(ConfigError, match=f"{tmp_path}.*{ENCODERS[name].weight_files[0]}"):
         load_encoder(name, tmp_path)

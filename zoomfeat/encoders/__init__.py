@@ -1,4 +1,4 @@
-"""Patch encoders: UNI, Phikon, CTransPath and a random ``toy`` encoder, behind one registry.
+"""Patch encoders: UNI, Phikon, CTransPath, DINOv2 (ViT-L/14-reg4) and a random ``toy`` encoder, behind one registry.
 
 >>> from zoomfeat.encoders import load_encoder
 >>> enc = load_encoder("toy", dim=32, seed=0)
@@ -21,6 +21,7 @@ from zoomfeat.encoders import toy  # noqa: F401  (registers "toy")
 from zoomfeat.encoders import uni  # noqa: F401  (registers "uni")
 from zoomfeat.encoders import phikon  # noqa: F401  (registers "phikon")
 from zoomfeat.encoders import ctranspath  # noqa: F401  (registers "ctranspath")
+from zoomfeat.encoders import dinov2  # noqa: F401  (registers "dinov2")
 
 __all__ = [
     "ENCODERS",
