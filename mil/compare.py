@@ -1,11 +1,12 @@
 """Compare ``train-mil`` runs: a feature-set x task table of mean +- std test AUC, paired per-fold tests.
 
-Runs are grouped by task (config ``task``). Within a task every run is paired fold by fold with the reference
+Runs are grouped by the task of their run record. Within a task every run is paired fold by fold with the reference
 run of that task (``reference`` when it is of that task, else the task's first run): the per-fold AUC
-differences (run - reference), a Wilcoxon signed-rank p-value over them, and a paired bootstrap 95% CI of their
+differences (run - reference; AUC from :mod:`mil.metrics`, scikit-learn), a Wilcoxon signed-rank p-value over them, and a paired bootstrap 95% CI of their
 mean (slides resampled with replacement within each fold's test set, stratified by class so every draw has an
-AUC, the same draw for both runs). Runs of one task must share their splits: ``split_fingerprints`` in
-config.json, else the test slide ids of each fold; otherwise a DataError names the folds that differ.
+AUC, the same draw for both runs). Runs of one task must share their splits and
+their label map: the ``split_fingerprints`` of their records (:mod:`mil.record`), else (records without them) the
+test slide ids of each fold; otherwise a DataError names the folds that differ.
 """
 
 from __future__ import annotations
@@ -17,23 +18,24 @@ import numpy as np
 from scipy.stats import wilcoxon
 
 from mil import html, plots
-from mil.report import RunResult, auc, auc_rows, fmt, fmt_mean_std, load_run, mean_std
+from mil.metrics import auroc
+from mil.record import RunRecord
+from mil.report import RunResult, fmt, fmt_mean_std, load_run, mean_std, resampled_aucs
 from zoomfeat.config import write_json_atomic
 from zoomfeat.errors import DataError
+from zoomfeat.features import FeatureSpec
+from zoomfeat.store import write_text
 
 
-def feature_set_name(config: dict) -> str:
+def feature_set_name(record: RunRecord) -> str:
     """``<extractor>@<mags>`` (e.g. ``zoomldm@20x+5x``); the feature folder's name when no extractor is recorded."""
-    spec = config.get("features") or config.get("feature_spec") or ""
-    if isinstance(spec, dict):
-        spec = spec.get("spec") or spec.get("text") or ""
-    directory, _, mags = str(spec).rpartition("@") if "@" in str(spec) else (str(spec), "", "")
-    base = config.get("extractor") or Path(directory.rstrip("/")).name or "features"
-    return f"{base}@{mags}" if mags else str(base)
+    spec = FeatureSpec.parse(record.feature_spec)
+    base = record.extractor or spec.directory.name or "features"
+    return f"{base}@{spec.mags_text}"
 
 
-def task_name(config: dict) -> str:
-    return str(config.get("task") or "task")
+def task_name(record: RunRecord) -> str:
+    return record.task
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -43,7 +45,7 @@ def _test_ids(run: RunResult, fold: int) -> frozenset[str]:
 
 def differing_folds(a: RunResult, b: RunResult) -> list[int]:
     """Folds whose splits differ between two runs (fingerprints when both have them, else test slide ids)."""
-    fa, fb = a.config.get("split_fingerprints"), b.config.get("split_fingerprints")
+    fa, fb = a.record.split_fingerprints, b.record.split_fingerprints
     if fa and fb:
         fa, fb = {int(k): v for k, v in fa.items()}, {int(k): v for k, v in fb.items()}
         return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
@@ -57,6 +59,9 @@ def check_same_splits(reference: RunResult, runs: list[RunResult], task: str) ->
     for run in runs:
         if run is reference:
             continue
+        if run.record.label_map != reference.record.label_map:
+            raise DataError(f"task {task!r}: {run.run_dir} has classes {run.record.label_map}, {reference.run_dir} "
+                            f"has {reference.record.label_map}: compare runs of one label map")
         bad = differing_folds(reference, run)
         if bad:
             raise DataError(
@@ -66,33 +71,32 @@ def check_same_splits(reference: RunResult, runs: list[RunResult], task: str) ->
 
 # ---------------------------------------------------------------------------------------------- statistics
 def fold_aucs(run: RunResult) -> dict[int, float | None]:
-    return {k: auc(run.test(k)["label"].to_numpy(), run.test(k)["prob"].to_numpy(dtype=float)) for k in run.folds}
+    return {k: auroc(run.scores(k)[1], run.scores(k)[0], len(run.classes)) for k in run.folds}
 
 
 def _aligned(run: RunResult, ref: RunResult, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """labels [n], run probs [n], reference probs [n] on the test slides both runs scored in ``fold``."""
+    """labels [n], run probs [n, C], reference probs [n, C] on the test slides both runs scored in ``fold``."""
     a = run.test(fold).drop_duplicates("slide_id").set_index("slide_id")
     b = ref.test(fold).drop_duplicates("slide_id").set_index("slide_id")
     ids = sorted(set(a.index) & set(b.index))
-    return (b.loc[ids, "label"].to_numpy(), a.loc[ids, "prob"].to_numpy(dtype=float),
-            b.loc[ids, "prob"].to_numpy(dtype=float))
+    return b.loc[ids, "label"].to_numpy(dtype=int), run.probs(a.loc[ids]), ref.probs(b.loc[ids])
 
 
 def paired_bootstrap_ci(run: RunResult, ref: RunResult, folds: list[int], n_bootstrap: int, seed: int) -> dict:
-    """95% percentile CI of mean over ``folds`` of AUC(run) - AUC(reference), slides resampled per fold by class."""
+    """95% percentile CI of mean over ``folds`` of AUC(run) - AUC(reference), slides resampled per fold by class
+    (every class keeps its count, so every draw has an AUC; the same draw for both runs)."""
     if not folds or n_bootstrap <= 0:
         return {"low": None, "high": None, "n_bootstrap": n_bootstrap, "seed": seed}
     rng = np.random.default_rng(seed)
     total = np.zeros(n_bootstrap)
     for k in folds:
         labels, p_run, p_ref = _aligned(run, ref, k)
-        pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-        if pos.size == 0 or neg.size == 0:  # the slides both runs scored lack a class: no paired AUC
+        members = [np.flatnonzero(labels == c) for c in range(p_run.shape[1])]
+        if any(m.size == 0 for m in members):  # the slides both runs scored lack a class: no paired AUC
             return {"low": None, "high": None, "n_bootstrap": n_bootstrap, "seed": seed,
                     "undefined_fold": k}
-        idx = np.concatenate([rng.choice(pos, size=(n_bootstrap, pos.size)),
-                              rng.choice(neg, size=(n_bootstrap, neg.size))], axis=1)
-        total += auc_rows(labels[idx], p_run[idx]) - auc_rows(labels[idx], p_ref[idx])
+        idx = np.concatenate([rng.choice(m, size=(n_bootstrap, m.size)) for m in members], axis=1)
+        total += resampled_aucs(labels, p_run, idx) - resampled_aucs(labels, p_ref, idx)
     low, high = np.percentile(total / len(folds), [2.5, 97.5])
     return {"low": float(low), "high": float(high), "n_bootstrap": n_bootstrap, "seed": seed}
 
@@ -123,7 +127,7 @@ def paired_comparison(run: RunResult, ref: RunResult, n_bootstrap: int, seed: in
 def _group_by_task(runs: list[RunResult]) -> dict[str, list[RunResult]]:
     groups: dict[str, list[RunResult]] = {}
     for run in runs:
-        groups.setdefault(task_name(run.config), []).append(run)
+        groups.setdefault(task_name(run.record), []).append(run)
     return groups
 
 
@@ -131,11 +135,11 @@ def _row_names(runs: list[RunResult]) -> dict[Path, str]:
     """Feature-set name of each run, made unique within a task by adding the run folder's name."""
     names, seen = {}, set()
     for run in runs:
-        name = feature_set_name(run.config)
-        key = (name, task_name(run.config))
+        name = feature_set_name(run.record)
+        key = (name, task_name(run.record))
         if key in seen:
             name = f"{name} ({run.run_dir.name})"
-        seen.add((name, task_name(run.config)))
+        seen.add((name, task_name(run.record)))
         names[run.run_dir] = name
     return names
 
@@ -147,7 +151,7 @@ def compute_comparison(runs: list[RunResult], reference: RunResult | None = None
     groups = _group_by_task(runs)
     entries, comparisons, references = [], [], {}
     for task, members in groups.items():
-        ref = reference if reference is not None and task_name(reference.config) == task else members[0]
+        ref = reference if reference is not None and task_name(reference.record) == task else members[0]
         references[task] = str(ref.run_dir)
         check_same_splits(ref, members, task)
         for run in members:
@@ -247,20 +251,17 @@ def build_comparison(run_dirs: list[str | Path], out_dir: str | Path, reference:
             runs = [ref, *runs]
     result = compute_comparison(runs, ref, n_bootstrap=n_bootstrap, seed=seed)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     images = {}
     for task in result["tasks"]:
         series = {e["feature_set"]: e["fold_auc"] for e in result["runs"] if e["task"] == task}
         images[f"fold_auc_{_safe(task)}.png"] = plots.fold_auc_figure(series, f"test AUC per fold: {task}")
     files = {name: out / name for name in images}
     for name, png in images.items():
-        files[name].write_bytes(png)
+        plots.write_png(files[name], png)
     page = render_html(result, images)
     for name in ("compare.html", "index.html"):
-        files[name] = out / name
-        files[name].write_text(page)
-    files["compare.md"] = out / "compare.md"
-    files["compare.md"].write_text(render_markdown(result, images))
+        files[name] = write_text(out / name, page)
+    files["compare.md"] = write_text(out / "compare.md", render_markdown(result, images))
     files["compare.json"] = out / "compare.json"
     result["files"] = {k: str(v) for k, v in files.items()}
     write_json_atomic(files["compare.json"], result)

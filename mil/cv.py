@@ -1,20 +1,22 @@
-"""The cross-validation run: every fold of a split folder, resumable, with provenance.
+"""The cross-validation run: every fold of a split folder, resumable, with a typed record of its inputs.
 
 Layout of RUN_DIR:
-    config.json            validated config, label map, feature dim, split fingerprints, extractor info
-    fold_<k>/predictions.csv   slide_id,case_id,label,prob,split: val and test rows; label = class index
-                               (config.json label_map), prob = P(class 1)
+    config.json                the run record (mil.record: config, label map, feature spec, feature dim, split
+                               fingerprints, input fingerprints, extractor provenance, schema version)
+    fold_<k>/predictions.csv   slide_id,case_id,label,prob,split,prob_<class>...: val and test rows; label =
+                               class index (record label_map); prob_<class> = P(class) for every class; prob =
+                               P(class 1), written for binary tasks only
     fold_<k>/metrics.json      test/val metrics, sizes, epochs_trained, best_epoch (1-based)
     fold_<k>/model.ckpt        state_dict + model name/kwargs + feature spec + label map (torch.save)
     summary.csv                fold,test_auc per fold, then rows "mean" and "std" (ddof=1)
-A fold whose metrics.json exists is skipped.
+A fold whose metrics.json exists is skipped, and only when the run's record matches the new invocation's
+(settings, labels file content, feature files, splits); every check runs before any training. Every file is
+written through :func:`zoomfeat.store.atomic_write` (a crash or Ctrl-C leaves no partial or temp file).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -23,24 +25,21 @@ import torch
 from torch import nn
 
 from mil.bags import BagStore, FeatureSpec, MILDataWarning, read_extractor, scan_bags
+from mil.checks import CheckedBagStore
 from mil.config import MILConfig, effective_model_kwargs
+from mil.metrics import check_finite
 from mil.models import build_model
+from mil.record import RECORD_NAME, RunRecord, check_resume, input_fingerprints, split_fingerprint, write_record
 from mil.tasks import LabelledCohort, apply_task
 from mil.train import FoldData, train_fold
+from splits.audit import trainability_problems
 from splits.io import PARTS, SplitFold, read_splits_dir
 from splits.labels import read_labels
 from zoomfeat.config import to_jsonable, write_json_atomic
-from zoomfeat.errors import CheckpointError, ConfigError
+from zoomfeat.errors import CheckpointError, ConfigError, DataError
 
 CHECKPOINT_FORMAT = "zoomfeat-mil"
 CHECKPOINT_VERSION = 1
-_RESUME_IGNORED = ("folds", "devices", "accelerator")
-
-
-def split_fingerprint(fold: SplitFold) -> str:
-    """sha256 of the fold's sorted train/val/test slide ids (as read from the split file)."""
-    text = json.dumps({p: sorted(fold.part(p)) for p in PARTS}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _select_folds(folds: list[SplitFold], wanted: tuple[int, ...] | None, source: str) -> list[SplitFold]:
@@ -72,61 +71,105 @@ def _fold_data(fold: SplitFold, usable: set[str], cohort: LabelledCohort) -> Fol
                     {s: str(table.at[s, "case_id"]) for s in ids})
 
 
-def _config_record(cfg: MILConfig, cohort: LabelledCohort, dim: int, folds: list[SplitFold], spec: FeatureSpec,
-                   first_slide: str, left_out: dict[str, int]) -> dict:
-    extractor, extractor_config = read_extractor(spec, first_slide)
-    return {"config": to_jsonable(cfg), "label_map": cohort.label_map, "feature_dim": dim,
-            "split_source": str(Path(cfg.splits).resolve()),
-            "split_fingerprints": {str(f.index): split_fingerprint(f) for f in folds},
-            "extractor": extractor, "extractor_config": extractor_config,
-            "left_out": left_out, "labels_dropped": cohort.dropped}
+def check_trainable(folds: dict[int, FoldData], label_map: dict[str, int], source: str) -> None:
+    """DataError, before any training, for a fold with no training or test slide or a one-class training part."""
+    names = {v: k for k, v in label_map.items()}
+    problems = [p for k, data in folds.items() for p in trainability_problems(
+        k, {part: len(ids) for part, ids in data.parts.items()}, {names[data.target[s]] for s in data.parts["train"]})]
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DataError(f"{source}: {problems[0]}{more}; `zoomfeat splits audit` lists every problem")
 
 
-def _check_resume(path: Path, record: dict) -> None:
-    if not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    strip = lambda c: {k: v for k, v in c.items() if k not in _RESUME_IGNORED}  # noqa: E731
-    same = strip(old.get("config", {})) == strip(record["config"])
-    for key in ("label_map", "feature_dim", "split_fingerprints"):
-        same = same and old.get(key) == record[key]
-    if not same:
-        raise ConfigError(f"{path.parent} holds a run with another config or other splits; "
-                          "use a new --out or delete that folder")
+def check_model_kwargs(cfg: MILConfig, in_dim: int, n_classes: int) -> None:
+    """Build the head once with ``--model-kwargs`` so a bad value is a one-line error before any work."""
+    try:
+        build_model(cfg.model, in_dim, n_classes, **effective_model_kwargs(cfg))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"--model-kwargs {json.dumps(cfg.model_kwargs)} does not make a {cfg.model} head "
+                          f"({reason}); see the head's arguments in mil/models.py") from exc
+
+
+def _record(cfg: MILConfig, spec: FeatureSpec, cohort: LabelledCohort, dim: int, folds: list[SplitFold],
+            usable: tuple[str, ...], left_out: dict[str, int]) -> RunRecord:
+    from zoomfeat import __version__
+
+    extractor, extractor_config = read_extractor(spec, usable[0])
+    return RunRecord(
+        config=to_jsonable(cfg), task=cfg.task, label_map=cohort.label_map, feature_spec=str(spec),
+        feature_dim=dim, split_source=str(Path(cfg.splits).resolve()),
+        split_fingerprints={str(f.index): split_fingerprint({p: f.part(p) for p in PARTS}) for f in folds},
+        inputs=input_fingerprints(cfg.labels, {s: spec.path(s) for s in usable}),
+        extractor=extractor, extractor_config=extractor_config, left_out=left_out,
+        labels_dropped=dict(cohort.dropped), zoomfeat_version=__version__)
+
+
+def _class_columns(frame: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """``prob_0 .. prob_{C-1}`` of mil.train renamed ``prob_<class name>``; ``prob`` kept for two classes only."""
+    frame = frame.rename(columns={f"prob_{i}": f"prob_{name}" for i, name in enumerate(classes)})
+    if len(classes) != 2:
+        frame = frame.drop(columns=["prob"], errors="ignore")
+    return frame
 
 
 def _write_fold(fold_dir: Path, result, cfg: MILConfig, cohort: LabelledCohort, dim: int) -> None:
-    fold_dir.mkdir(parents=True, exist_ok=True)
+    from zoomfeat.store import atomic_write
+
+    classes = [n for n, _ in sorted(cohort.label_map.items(), key=lambda kv: kv[1])]
+    predictions = _class_columns(result.predictions, classes)
+    check_finite(predictions[[f"prob_{c}" for c in classes]].to_numpy(dtype=float),
+                 f"fold {result.metrics['fold']} predictions")
     ckpt = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "model": cfg.model,
             "model_kwargs": {**effective_model_kwargs(cfg), "in_dim": dim, "n_classes": len(cohort.label_map)},
             "features": cfg.features, "label_map": cohort.label_map, "task": cfg.task, **result.checkpoint}
-    tmp = fold_dir / f".model.ckpt.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, fold_dir / "model.ckpt")
-    tmp = fold_dir / f".predictions.csv.tmp{os.getpid()}"
-    result.predictions.to_csv(tmp, index=False)
-    os.replace(tmp, fold_dir / "predictions.csv")
+    with atomic_write(fold_dir / "model.ckpt") as tmp:
+        torch.save(ckpt, tmp)
+    with atomic_write(fold_dir / "predictions.csv") as tmp:
+        predictions.to_csv(tmp, index=False)
     write_json_atomic(fold_dir / "metrics.json", result.metrics)  # last: marks the fold done
+
+
+def done_folds(run: Path) -> list[int]:
+    """Folds of ``run`` whose metrics.json exists (finished)."""
+    return sorted(int(p.parent.name.split("_")[1]) for p in run.glob("fold_*/metrics.json")
+                  if p.parent.name.split("_")[1].isdigit())
 
 
 def write_summary(run: Path) -> pd.DataFrame:
     """summary.csv from every fold_<k>/metrics.json: fold,test_auc rows, then mean and std (ddof=1)."""
-    rows = []
-    for path in sorted(run.glob("fold_*/metrics.json"), key=lambda p: int(p.parent.name.split("_")[1])):
-        m = json.loads(path.read_text())
-        rows.append({"fold": str(m["fold"]), "test_auc": m["test_auc"]})
+    from zoomfeat.store import atomic_write
+
+    rows = [{"fold": str(k), "test_auc": json.loads((run / f"fold_{k}" / "metrics.json").read_text())["test_auc"]}
+            for k in done_folds(run)]
     frame = pd.DataFrame(rows, columns=["fold", "test_auc"])
     aucs = pd.to_numeric(frame["test_auc"], errors="coerce").dropna().to_numpy(dtype=float)
     mean = float(aucs.mean()) if len(aucs) else None
     std = float(aucs.std(ddof=1)) if len(aucs) > 1 else None
     frame = pd.concat([frame, pd.DataFrame([{"fold": "mean", "test_auc": mean},
                                             {"fold": "std", "test_auc": std}])], ignore_index=True)
-    frame.to_csv(run / "summary.csv", index=False)
+    with atomic_write(run / "summary.csv") as tmp:
+        frame.to_csv(tmp, index=False)
     return frame
 
 
+def _train_one(cfg: MILConfig, fold: int, data: FoldData, store, dim: int, n_classes: int, progress: bool):
+    try:
+        return train_fold(cfg, fold, data, store, dim, n_classes, progress)
+    except DataError as exc:  # bag, loss and prediction checks: name the fold once
+        if str(exc).startswith(f"fold {fold}"):
+            raise
+        raise DataError(f"fold {fold}: {exc}") from exc
+
+
 def run_cv(cfg: MILConfig, progress: bool = False) -> pd.DataFrame:
-    """Train and evaluate every selected fold (skipping done ones); returns the summary table."""
+    """Train and evaluate every selected fold (skipping done ones); returns the summary table.
+
+    Everything that can be checked is checked before the first fold trains: labels, splits, feature files,
+    trainable folds, model arguments, Lightning device settings, and that a resumed run has the same inputs.
+    """
+    from zoomfeat.fitting import check_trainer_settings
+
     spec = FeatureSpec.parse(cfg.features)
     cohort = apply_task(read_labels(cfg.labels, label_col=cfg.label_col), cfg.task, cfg.label_col,
                         cfg.hrd_threshold, cfg.classes)
@@ -135,38 +178,67 @@ def run_cv(cfg: MILConfig, progress: bool = False) -> pd.DataFrame:
     named = _report_unlabelled(folds, cohort)
     scan = scan_bags(spec, named)
     usable = set(scan.usable)
+    data = {f.index: _fold_data(f, usable, cohort) for f in folds}
+    check_trainable(data, cohort.label_map, cfg.splits)
+    n_classes = len(cohort.label_map)
+    check_model_kwargs(cfg, scan.dim, n_classes)
+    check_trainer_settings({"devices": "--devices", "accelerator": "--accelerator"}, accelerator=cfg.accelerator,
+                           devices=int(cfg.devices) if str(cfg.devices).isdigit() else cfg.devices)
     left_out = {"no_label": len({s for f in folds for s in f.all_slides()} - named),
                 "no_features": len(scan.missing), "empty_bag": len(scan.empty)}
     run = Path(cfg.out)
-    record = _config_record(cfg, cohort, scan.dim, all_folds, spec, scan.usable[0], left_out)
-    _check_resume(run / "config.json", record)
-    write_json_atomic(run / "config.json", record)
-    store = BagStore(spec, cache=cfg.cache)
+    record = _record(cfg, spec, cohort, scan.dim, all_folds, scan.usable, left_out)
+    check_resume(run, record, done_folds(run))
+    write_record(run, record)
+    store = CheckedBagStore(BagStore(spec, cache=cfg.cache))
     for fold in folds:
         fold_dir = run / f"fold_{fold.index}"
         if (fold_dir / "metrics.json").is_file():
             continue
-        data = _fold_data(fold, usable, cohort)
-        result = train_fold(cfg, fold.index, data, store, scan.dim, len(cohort.label_map), progress)
+        result = _train_one(cfg, fold.index, data[fold.index], store, scan.dim, n_classes, progress)
         _write_fold(fold_dir, result, cfg, cohort, scan.dim)
     return write_summary(run)
 
 
-def load_fold_model(run_dir: str | Path, fold: int) -> tuple[nn.Module, dict]:
-    """The trained head of ``fold`` in eval mode, and the run's config.json record (plus ``checkpoint``:
-    the checkpoint's metadata without weights: model, model_kwargs, features, label_map, best_epoch)."""
+def _load_checkpoint(path: Path) -> dict:
+    import pickle
+    import zipfile
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
+            KeyError, IndexError, UnicodeDecodeError) as exc:
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({reason}); retrain this fold with "
+                              "`zoomfeat train-mil` (delete the fold folder first)") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: not a zoomfeat MIL checkpoint (format {found!r}); pass a train-mil run")
+    return ckpt
+
+
+def load_fold_model(run_dir: str | Path, fold: int) -> tuple[nn.Module, RunRecord]:
+    """The trained head of ``fold`` in eval mode and the run's record; CheckpointError for a missing,
+    unreadable or foreign checkpoint, or one whose weights do not fit its own architecture."""
+    from mil.record import read_record
+
     run = Path(run_dir)
+    record = read_record(run)
     path = run / f"fold_{fold}" / "model.ckpt"
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint for fold {fold}; train it with `zoomfeat train-mil`")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a zoomfeat MIL checkpoint (format {ckpt.get('format')!r})")
-    kwargs = dict(ckpt["model_kwargs"])
-    model = build_model(ckpt["model"], kwargs.pop("in_dim"), kwargs.pop("n_classes"), **kwargs)
-    model.load_state_dict(ckpt["state_dict"])
+    ckpt = _load_checkpoint(path)
+    try:
+        kwargs = dict(ckpt["model_kwargs"])
+        model = build_model(ckpt["model"], kwargs.pop("in_dim"), kwargs.pop("n_classes"), **kwargs)
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise CheckpointError(f"{path}: checkpoint does not rebuild its head ({reason}); retrain this fold") \
+            from exc
     model.eval()
-    config_path = run / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    config["checkpoint"] = {k: v for k, v in ckpt.items() if k != "state_dict"}
-    return model, config
+    if FeatureSpec.parse(str(ckpt.get("features", record.feature_spec))).mags != \
+            FeatureSpec.parse(record.feature_spec).mags:
+        raise CheckpointError(f"{path}: trained on {ckpt.get('features')}, but {run}/{RECORD_NAME} says "
+                              f"{record.feature_spec}; the fold belongs to another run")
+    return model, record

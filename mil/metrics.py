@@ -1,34 +1,115 @@
-"""Fold metrics (torchmetrics): AUROC (None when undefined), balanced accuracy, F1."""
+"""The one metric code path of MIL training, reports and comparisons (scikit-learn).
+
+Every metric takes ``probs`` (class probabilities, [n, C], rows summing to 1) and ``labels`` (class indices,
+[n]), numpy arrays or torch tensors (the training loop's order); predicted class = P(class 1) >= 0.5 for two classes, else argmax. Non-finite probabilities are refused with a DataError (a NaN score must never become an AUC).
+
+- ``auroc``: ROC AUC (binary: of P(class 1); more classes: macro one-vs-rest); None when a class is absent;
+- ``balanced_accuracy``: mean recall over the classes present in ``labels`` (sklearn's definition);
+- ``f1``: F1 of class 1 for two classes, macro F1 for more;
+- ``confusion``: C x C counts, rows = true class, columns = predicted class;
+- ``auc_rows``: many binary AUCs at once (bootstrap resamples), equal to sklearn's ``roc_auc_score``.
+"""
 
 from __future__ import annotations
 
-import torch
-from torchmetrics.functional.classification import (
-    binary_auroc, binary_f1_score, multiclass_auroc, multiclass_f1_score, multiclass_recall)
+import warnings
+
+import numpy as np
+from scipy.stats import rankdata
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
+
+from zoomfeat.errors import DataError
+
+THRESHOLD = 0.5  # P(class 1) at or above which a binary prediction is class 1
 
 
-def auroc_or_none(probs: torch.Tensor, target: torch.Tensor, n_classes: int) -> float | None:
-    """AUROC of ``probs`` [n, C] against ``target`` [n]; None when the set lacks a class (undefined)."""
-    if target.numel() == 0 or len(torch.unique(target)) < n_classes:
+def _as_numpy(probs, labels) -> tuple[np.ndarray, np.ndarray]:
+    to_np = lambda v: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)  # noqa: E731
+    y = to_np(labels).astype(np.int64).reshape(-1)
+    p = to_np(probs).astype(np.float64)
+    p = p.reshape(len(y), -1) if p.size else np.zeros((len(y), 0))
+    return y, p
+
+
+def check_finite(probs, what: str = "predictions") -> None:
+    """DataError when ``probs`` holds NaN or Inf (``what`` names them: ``fold 3 test predictions``)."""
+    p = probs.detach().cpu().numpy() if hasattr(probs, "detach") else np.asarray(probs, dtype=float)
+    bad = int(np.size(p) - np.isfinite(p).sum())
+    if bad:
+        raise DataError(f"{what}: {bad} non-finite (NaN/Inf) probabilities; the model diverged or its inputs are "
+                        "not finite (check the features and --lr/--weight-decay)")
+
+
+def predicted_class(probs: np.ndarray) -> np.ndarray:
+    """Class of each row ([n, C] -> [n]): P(class 1) >= 0.5 for two classes (ties go to class 1), else argmax."""
+    if len(probs) == 0:
+        return np.zeros(0, dtype=np.int64)
+    if probs.shape[1] == 2:
+        return (probs[:, 1] >= THRESHOLD).astype(np.int64)
+    return probs.argmax(axis=1)
+
+
+def auroc(probs, labels, n_classes: int | None = None) -> float | None:
+    """ROC AUC; None when the set is empty or lacks one of the ``n_classes`` classes (undefined)."""
+    y, p = _as_numpy(probs, labels)
+    check_finite(p)
+    n_classes = n_classes or p.shape[1]
+    if len(y) == 0 or len(np.unique(y)) < n_classes:
         return None
     if n_classes == 2:
-        return float(binary_auroc(probs[:, 1], target))
-    return float(multiclass_auroc(probs, target, num_classes=n_classes, average="macro"))
+        return float(roc_auc_score(y, p[:, 1]))
+    return float(roc_auc_score(y, p, multi_class="ovr", average="macro", labels=list(range(n_classes))))
 
 
-def balanced_accuracy(probs: torch.Tensor, target: torch.Tensor, n_classes: int) -> float | None:
-    """Mean recall over the classes present in ``target`` (sklearn's balanced accuracy)."""
-    if target.numel() == 0:
+def balanced_accuracy(probs, labels, n_classes: int | None = None) -> float | None:
+    """Mean recall over the classes present in ``labels``; None for an empty set."""
+    y, p = _as_numpy(probs, labels)
+    check_finite(p)
+    if len(y) == 0:
         return None
-    recall = multiclass_recall(probs.argmax(1), target, num_classes=n_classes, average=None)
-    present = torch.bincount(target, minlength=n_classes) > 0
-    return float(recall[present].mean())
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": recall over present classes
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(y, predicted_class(p)))
 
 
-def f1(probs: torch.Tensor, target: torch.Tensor, n_classes: int) -> float | None:
-    """Binary F1 of class 1 (macro F1 for more classes)."""
-    if target.numel() == 0:
+def f1(probs, labels, n_classes: int | None = None) -> float | None:
+    """F1 of class 1 (two classes) or macro F1 (more); 0 when nothing is predicted right; None when empty."""
+    y, p = _as_numpy(probs, labels)
+    check_finite(p)
+    if len(y) == 0:
         return None
+    n_classes = n_classes or p.shape[1]
     if n_classes == 2:
-        return float(binary_f1_score(probs[:, 1], target))
-    return float(multiclass_f1_score(probs.argmax(1), target, num_classes=n_classes, average="macro"))
+        return float(f1_score(y, predicted_class(p), pos_label=1, zero_division=0))
+    return float(f1_score(y, predicted_class(p), average="macro", labels=list(range(n_classes)), zero_division=0))
+
+
+def confusion(probs, labels, n_classes: int | None = None) -> list[list[int]]:
+    """C x C counts (rows: true class, columns: predicted class)."""
+    y, p = _as_numpy(probs, labels)
+    check_finite(p)
+    n_classes = n_classes or p.shape[1]
+    return confusion_matrix(y, predicted_class(p), labels=list(range(n_classes))).astype(int).tolist()
+
+
+auroc_or_none = auroc  # the training loop's name for it (mil.train, mil.module)
+
+
+def auc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Binary ROC AUC of each row: [B, n] (or [n]) labels 0/1 and scores -> [B] (or 0-d); NaN for a single class.
+
+    The Mann-Whitney U statistic with average ranks for ties, which is what ``roc_auc_score`` computes; used
+    where thousands of resamples are scored at once (the bootstrap), tested against sklearn.
+    """
+    labels = np.atleast_2d(np.asarray(labels, dtype=bool))
+    scores = np.atleast_2d(np.asarray(scores, dtype=float))
+    check_finite(scores, "scores")
+    ranks = rankdata(scores, axis=1)
+    n_pos = labels.sum(axis=1).astype(float)
+    n_neg = labels.shape[1] - n_pos
+    u = (ranks * labels).sum(axis=1) - n_pos * (n_pos + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = u / (n_pos * n_neg)
+    auc[(n_pos == 0) | (n_neg == 0)] = np.nan
+    return auc
+

@@ -21,6 +21,17 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def write_png(path, png: bytes):
+    """Write PNG bytes to ``path`` atomically (zoomfeat.store.atomic_write); returns the path."""
+    from pathlib import Path
+
+    from zoomfeat.store import atomic_write
+
+    with atomic_write(path) as tmp:
+        Path(tmp).write_bytes(png)
+    return Path(path)
+
+
 def mean_roc(folds: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict:
     """TPR of each fold interpolated on :data:`FPR_GRID`, then mean and std (ddof=1) over the folds.
 
@@ -65,15 +76,18 @@ def roc_figure(folds: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[bytes, 
     return _png(fig), data
 
 
-def confusion_figure(matrix: list[list[int]]) -> bytes:
-    """PNG of a 2x2 confusion matrix (rows: true class, columns: predicted class)."""
+def confusion_figure(matrix: list[list[int]], classes: list[str] | None = None) -> bytes:
+    """PNG of a C x C confusion matrix (rows: true class, columns: predicted class), axes named by ``classes``."""
     counts = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(4, 3.6))
+    names = list(classes) if classes else [str(i) for i in range(len(counts))]
+    side = 2.2 + 0.9 * len(names)
+    fig, ax = plt.subplots(figsize=(side + 0.4, side))
     ax.imshow(counts, cmap="Blues")
     for (i, j), value in np.ndenumerate(counts):
         colour = "white" if value > counts.max() / 2 else "black"
         ax.text(j, i, str(value), ha="center", va="center", color=colour, fontsize=14)
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["0", "1"], yticklabels=["0", "1"],
+    ticks = list(range(len(names)))
+    ax.set(xticks=ticks, yticks=ticks, xticklabels=names, yticklabels=names,
            xlabel="predicted class", ylabel="true class", title="pooled test predictions")
     return _png(fig)
 

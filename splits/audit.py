@@ -2,7 +2,8 @@
 
 Per fold: part sizes, class counts, patients with slides on two sides (train/val, train/test, val/test),
 slides without a label, slides without ``<slide_id>.h5`` features. Across folds: whether the test sets
-partition the slides or overlap (independent draws, as in CLAM/HIPT). Problems are warnings; the caller
+partition the slides or overlap (independent draws, as in CLAM/HIPT). Folds that cannot be trained (an empty
+training or test part, a single-class training part) are listed first. Problems are warnings; the caller
 decides whether they are fatal (``--strict``).
 Patient of a slide: its ``case_id`` in the label table, else its TCGA barcode, else the slide id itself.
 """
@@ -13,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Mapping, Sequence
 
 import pandas as pd
 
@@ -79,8 +80,21 @@ def audit_fold(fold: SplitFold, labels: pd.DataFrame, features: set[str] | None)
                      tuple(sorted(s for s in slides if s not in label_of)), missing)
 
 
+def trainability_problems(index: int, sizes: Mapping[str, int], train_classes: Collection) -> list[str]:
+    """Why a fold cannot be trained and evaluated: an empty training or test part, or a training part whose
+    slides all have one class (a head learns nothing; its test AUC would be noise). ``train-mil`` refuses
+    such folds before training; ``splits audit`` lists them (``--strict`` fails on them)."""
+    out = [f"fold {index}: the {part} part has no (labelled) slide" for part in ("train", "test") if not sizes[part]]
+    if sizes["train"] and len(set(train_classes)) < 2:
+        only = ", ".join(map(str, sorted(set(train_classes)))) or "none"
+        out.append(f"fold {index}: every training slide has the same class ({only}); a head cannot learn from one "
+                   "class: fix the split")
+    return out
+
+
 def _fold_warnings(fa: FoldAudit, classes: Sequence[str]) -> list[str]:
-    out = []
+    labelled = {p: sum(fa.class_counts[p].values()) for p in PARTS}
+    out = trainability_problems(fa.index, labelled, fa.class_counts["train"])
     for pair, patients in fa.shared_patients.items():
         if patients:
             out.append(f"fold {fa.index}: {len(patients)} patient(s) have slides in both {pair.replace('/', ' and ')} "

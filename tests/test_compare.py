@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 import cli
 from mil.compare import build_comparison, feature_set_name
+from mil.record import RunRecord
 from test_report import assert_nontrivial_png, fabricate_run, parse_html
 from zoomfeat.errors import DataError
 
@@ -35,9 +36,14 @@ def three_runs(tmp_path):
 
 
 def test_feature_set_names():
-    assert feature_set_name({"extractor": "zoomldm", "features": "/x/feats@20x+5x"}) == "zoomldm@20x+5x"
-    assert feature_set_name({"extractor": "phikon", "features": "feats@20x"}) == "phikon@20x"
-    assert feature_set_name({"features": "/data/ctranspath_feats/@5x"}) == "ctranspath_feats@5x"
+    def record(spec, extractor=None):
+        return RunRecord(config={}, task="t", label_map={"a": 0, "b": 1}, feature_spec=spec, feature_dim=4,
+                         split_source="s", split_fingerprints={}, inputs=None, extractor=extractor)
+
+    assert feature_set_name(record("/x/feats@20x+5x", "zoomldm")) == "zoomldm@20x+5x"
+    assert feature_set_name(record("feats@20x", "phikon")) == "phikon@20x"
+    assert feature_set_name(record("/data/ctranspath_feats/@5x")) == "ctranspath_feats@5x"
+    assert feature_set_name(record("/data/f@2_5x")) == "f@2.5x"
 
 
 def test_comparison_numbers_and_files(three_runs, tmp_path):
@@ -92,7 +98,7 @@ def test_different_splits_are_refused(tmp_path):
     # without fingerprints, the test slide ids of each fold decide
     for run in (a, b):
         config = json.loads((run / "config.json").read_text())
-        config.pop("split_fingerprints")
+        config["split_fingerprints"] = {}
         (run / "config.json").write_text(json.dumps(config))
     preds = pd.read_csv(b / "fold_1" / "predictions.csv")
     preds.loc[preds.index[-1], "slide_id"] = "someone_else"

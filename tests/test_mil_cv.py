@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from dataclasses import replace
@@ -70,8 +71,8 @@ def test_mean_pooling_is_clearly_worse(planted_runs):
 
 def test_attention_concentrates_on_key_instances(planted_runs, planted):
     cfg, _ = planted_runs["abmil"]
-    model, config = load_fold_model(cfg.out, 0)
-    assert not model.training and config["label_map"] == {"IDC": 0, "ILC": 1}
+    model, record = load_fold_model(cfg.out, 0)
+    assert not model.training and record.label_map == {"IDC": 0, "ILC": 1} and record.classes == ["IDC", "ILC"]
     preds = pd.read_csv(Path(cfg.out) / "fold_0" / "predictions.csv")
     positive = preds[(preds.label == 1) & (preds.split == "test")].slide_id.iloc[0]
     bag = load_bag(FeatureSpec.parse(cfg.features), positive)
@@ -95,8 +96,13 @@ def test_run_outputs(planted_runs, planted):
     assert config["config"]["protocol"]["name"] == "hipt" and config["config"]["protocol"]["epochs"] == 10
     assert sorted(config["split_fingerprints"]) == ["0", "1", "2", "3", "4"]
     assert all(len(v) == 64 for v in config["split_fingerprints"].values())
+    assert config["format"] == "zoomfeat-mil-run" and config["schema_version"] == 2
+    assert config["feature_spec"] == f"{planted['features']}@20x" and config["task"] == "subtyping"
+    assert config["inputs"]["labels_sha256"] == hashlib.sha256(Path(planted["labels"]).read_bytes()).hexdigest()
+    assert len(config["inputs"]["feature_files"]) == 60
     preds = pd.read_csv(run / "fold_2" / "predictions.csv")
-    assert list(preds.columns) == ["slide_id", "case_id", "label", "prob", "split"]
+    assert list(preds.columns) == ["slide_id", "case_id", "label", "prob", "split", "prob_IDC", "prob_ILC"]
+    assert np.allclose(preds.prob_ILC, preds.prob) and np.allclose(preds.prob_IDC + preds.prob_ILC, 1, atol=1e-6)
     assert preds.split.value_counts().to_dict() == {"val": 12, "test": 12}
     assert preds.prob.between(0, 1).all()
     metrics = json.loads((run / "fold_2" / "metrics.json").read_text())
@@ -119,7 +125,7 @@ def test_resume_skips_done_folds_and_rejects_another_config(planted_runs):
     before = metrics.stat().st_mtime_ns
     run_cv(replace(cfg, folds=(0,)))
     assert metrics.stat().st_mtime_ns == before
-    with pytest.raises(ConfigError, match="another config"):
+    with pytest.raises(ConfigError, match="other inputs or settings: settings seed 0 -> 1"):
         run_cv(replace(cfg, seed=1))
 
 

@@ -14,19 +14,24 @@ from matplotlib import image as mpimg
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 import cli
-from mil.report import auc_rows, bootstrap_auc_ci, build_report
+from mil.metrics import auc_rows
+from mil.report import bootstrap_auc_ci, build_report
 
 
 def fabricate_run(run_dir: Path, *, n_folds=5, n_per_fold=12, seed=0, one_class_fold=None, task="subtype",
-                  extractor="zoomldm", spec="/data/feats_zoomldm@20x+5x") -> Path:
-    """A run directory with config.json and fold_k/predictions.csv of known, noisy predictions."""
+                  extractor="zoomldm", spec="/data/feats_zoomldm@20x+5x", legacy_prob_only=False) -> Path:
+    """A run folder with a schema-2 record (written by hand, as documented in mil/record.py) and
+    fold_k/predictions.csv of known, noisy predictions (prob_IDC, prob_ILC and the binary prob column)."""
     rng = np.random.default_rng(seed)
     run_dir.mkdir(parents=True)
-    config = {"task": task, "protocol": "hipt-5fold", "model": "abmil", "features": spec,
-              "split_source": "splits/brca.csv", "labels": "labels.csv", "label_map": {"IDC": 0, "ILC": 1},
-              "extractor": extractor, "extractor_config": {"timestep": 50, "block": 3, "pooling": "mean"},
-              "split_fingerprints": {str(k): f"sha{k}" for k in range(n_folds)}}
-    (run_dir / "config.json").write_text(json.dumps(config))
+    record = {"format": "zoomfeat-mil-run", "schema_version": 2, "task": task,
+              "config": {"model": "abmil", "labels": "labels.csv", "model_kwargs": {"hidden": 8},
+                         "protocol": {"name": "hipt-5fold", "lr": 2e-4, "epochs": 20}},
+              "label_map": {"IDC": 0, "ILC": 1}, "feature_spec": spec, "feature_dim": 8,
+              "split_source": "splits/brca.csv", "split_fingerprints": {str(k): f"sha{k}" for k in range(n_folds)},
+              "inputs": {"labels_sha256": "0" * 64, "feature_files": {}},
+              "extractor": extractor, "extractor_config": {"timestep": 50, "block": 3, "pooling": "mean"}}
+    (run_dir / "config.json").write_text(json.dumps(record))
     for k in range(n_folds):
         ids = [f"slide{k}_{i:02d}" for i in range(n_per_fold)]
         labels = np.arange(n_per_fold) % 2 if k != one_class_fold else np.ones(n_per_fold, int)
@@ -34,8 +39,11 @@ def fabricate_run(run_dir: Path, *, n_folds=5, n_per_fold=12, seed=0, one_class_
         val = pd.DataFrame({"slide_id": [f"v{k}_{i}" for i in range(4)], "case_id": "c", "label": [0, 1, 0, 1],
                             "prob": [0.9, 0.1, 0.9, 0.1], "split": "val"})  # must be ignored by the report
         test = pd.DataFrame({"slide_id": ids, "case_id": ids, "label": labels, "prob": probs, "split": "test"})
+        frame = pd.concat([val, test])
+        if not legacy_prob_only:
+            frame = frame.assign(prob_IDC=1 - frame["prob"], prob_ILC=frame["prob"])
         (run_dir / f"fold_{k}").mkdir()
-        pd.concat([val, test]).to_csv(run_dir / f"fold_{k}" / "predictions.csv", index=False)
+        frame.to_csv(run_dir / f"fold_{k}" / "predictions.csv", index=False)
     return run_dir
 
 
@@ -146,7 +154,7 @@ def test_report_numbers_files_and_html(tmp_path):
         assert table[str(k)][3] == ("n/a" if w["auc"] is None else f"{w['auc']:.3f}")
         assert table[str(k)][5] == f"{w['f1']:.3f}"
     settings = {r[0]: r[1] for r in page.rows if len(r) == 2}
-    assert settings["protocol"] == "hipt-5fold" and settings["model"] == "abmil"
+    assert settings["protocol"] == "hipt-5fold" and settings["model"] == "abmil" and settings["classes"] == "IDC, ILC"
     assert settings["extractor"] == "zoomldm" and settings["extractor_config.timestep"] == "50"
     assert settings["split source"] == "splits/brca.csv" and settings["folds"] == "5"
     text = (out / "report.html").read_text()
@@ -170,7 +178,7 @@ def test_report_cli_and_errors(tmp_path, capsys):
     assert cli.main(["report", str(run), "--out", str(tmp_path / "rep"), "--n-bootstrap", "50"]) == 0
     assert (tmp_path / "rep" / "report.html").is_file() and "pooled AUC" in capsys.readouterr().out
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
-    assert "config.json is missing" in capsys.readouterr().err
+    assert "not a train-mil run folder" in capsys.readouterr().err
     bad = run / "fold_0" / "predictions.csv"
     bad.write_text("slide_id,label\na,1\n")
     assert cli.main(["report", str(run)]) == 2

@@ -1,0 +1,55 @@
+"""Running Lightning the zoomfeat way: quiet, interruptible, with settings checked before any work.
+
+- :func:`fit` calls ``trainer.fit``. Lightning catches Ctrl-C itself, tears down, leaves SIGINT ignored and
+  calls ``sys.exit(1)``; here that becomes a ``KeyboardInterrupt`` again (the CLI prints ``interrupted`` and
+  exits 130) and the previous SIGINT handler is restored.
+- :func:`make_trainer` builds a ``lightning.Trainer`` after :func:`zoomfeat.log.quiet_third_party`, with
+  Lightning's own parsing of accelerator / devices / precision; what it refuses (``devices=0``, an unknown
+  accelerator, a GPU that is not there) is a one-line ConfigError naming the option.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from zoomfeat.errors import ConfigError
+
+
+def make_trainer(*, options: dict[str, str] | None = None, **kwargs: Any):
+    """``lightning.Trainer(**kwargs)``; ``options`` maps Trainer argument names to the CLI option that set them
+    (``{"devices": "--devices"}``) for the error message."""
+    import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from zoomfeat.log import quiet_third_party
+
+    quiet_third_party()
+    try:
+        return L.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError, TypeError) as exc:
+        names = options or {}
+        given = ", ".join(f"{names.get(k, k)} {kwargs[k]!r}" for k in ("accelerator", "devices", "num_nodes",
+                                                                          "precision", "strategy") if k in kwargs)
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"Lightning refuses {given}: {reason}") from exc
+
+
+def check_trainer_settings(options: dict[str, str] | None = None, **kwargs: Any) -> None:
+    """Validate accelerator / devices / precision (the Trainer arguments given) before any work starts."""
+    make_trainer(options=options, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                 enable_model_summary=False, **kwargs)
+
+
+def fit(trainer, *args: Any, **kwargs: Any) -> None:
+    """``trainer.fit(*args, **kwargs)``; Ctrl-C raises KeyboardInterrupt (not Lightning's ``sys.exit(1)``)."""
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(*args, **kwargs)
+    except SystemExit as exc:
+        if trainer.interrupted:  # Lightning's KeyboardInterrupt handler ends in sys.exit(1)
+            raise KeyboardInterrupt from exc
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
