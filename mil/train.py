@@ -21,10 +21,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
 from mil.bags import BagStore, MILDataWarning
+from mil.checks import FiniteLossCheck
 from mil.config import MILConfig, effective_model_kwargs
 from mil.metrics import auroc_or_none, balanced_accuracy, f1
 from mil.models import build_model
 from mil.module import MILModule
+from zoomfeat.fitting import fit
 
 
 class BagDataset(Dataset):
@@ -128,9 +130,10 @@ def _evaluate(model: nn.Module, store: BagStore, data: FoldData, n_classes: int,
         metrics[f"{split}_loss"] = loss
         metrics[f"{split}_balanced_accuracy"] = balanced_accuracy(probs, target, n_classes)
         metrics[f"{split}_f1"] = f1(probs, target, n_classes)
-        rows += [(s, data.case[s], data.target[s], float(p[1]) if p.numel() > 1 else float("nan"), split)
-                 for s, p in zip(ids, probs)]
-    frame = pd.DataFrame(rows, columns=["slide_id", "case_id", "label", "prob", "split"])
+        rows += [(s, data.case[s], data.target[s], float(p[1]) if p.numel() > 1 else float("nan"), split,
+                  *map(float, p)) for s, p in zip(ids, probs)]
+    columns = ["slide_id", "case_id", "label", "prob", "split", *(f"prob_{c}" for c in range(n_classes))]
+    frame = pd.DataFrame(rows, columns=columns)  # prob_<c>: every class probability (mil.cv names the classes)
     return metrics, frame
 
 
@@ -144,8 +147,9 @@ def train_fold(cfg: MILConfig, fold: int, data: FoldData, store: BagStore, in_di
         train = BagDataset(store, data.parts["train"], [data.target[s] for s in data.parts["train"]])
         val = BagDataset(store, data.parts["val"], [data.target[s] for s in data.parts["val"]])
         trainer = _trainer(cfg, len(val) > 0, progress)
-        trainer.fit(module, _loader(train, True, cfg.balanced, cfg.seed),
-                    _loader(val, False, False, cfg.seed) if len(val) else None)
+        trainer.callbacks.append(FiniteLossCheck(fold))  # a NaN/Inf loss stops the fold with a DataError
+        fit(trainer, module, _loader(train, True, cfg.balanced, cfg.seed),
+            _loader(val, False, False, cfg.seed) if len(val) else None)  # Ctrl-C -> KeyboardInterrupt
         module.restore_best()
     epochs = int(trainer.current_epoch)
     best = module.best_epoch if module.best_state is not None else epochs
