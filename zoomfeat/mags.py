@@ -17,6 +17,12 @@ PATCH_SIZE = 256
 MAGNIFICATIONS: tuple[float, ...] = (20.0, 10.0, 5.0, 2.5, 1.25, 0.625, 0.3125, 0.15625)
 CONDITIONING_MAG = 20.0  # the UNI tiles that condition every patch are 20x tiles
 
+# Other domains name the same factor-2 ladder of scale levels differently; their names are aliases parsed at the
+# boundary onto the ladder's slots (index 0 = the finest level), and stored canonically. ZoomLDM's NAIP model uses
+# four levels at 1, 2, 4 and 8 m/px (its `mag_levels: 4`): "2m" is slot 1, stored as "10x".
+SCALE_NAMES: dict[str, tuple[str, ...]] = {"naip": ("1m", "2m", "4m", "8m")}
+_ALIASES: dict[str, float] = {name: MAGNIFICATIONS[i] for names in SCALE_NAMES.values() for i, name in enumerate(names)}
+
 _MAG_RE = re.compile(r"^\s*(\d+(?:[._]\d+)?)\s*x?\s*$", re.IGNORECASE)
 
 
@@ -36,6 +42,8 @@ class Magnification(float):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             mag = float(value)
+        elif str(value).strip().lower() in _ALIASES:
+            mag = _ALIASES[str(value).strip().lower()]
         else:
             match = _MAG_RE.match(str(value))
             if not match:
