@@ -1,0 +1,111 @@
+"""Synthetic augmentation of a fold's training set and label-efficiency subsets (Graikos et al. 2024, §5).
+
+Two pure functions decide which bags a fold trains on; :mod:`mil.cv` applies them per fold and records the
+outcome in the run record:
+
+* :func:`training_fraction` subsamples a fold's training slides **by patient**, stratified by class, seeded,
+  and **nested**: one seeded permutation of each class's patients per fold, of which a fraction takes a prefix,
+  so the 10% set contains the 1% set and curves over fractions are paired. Validation and test are untouched.
+* :func:`synthetic_for_fold` picks the synthetic copies (``<slide_id>~syn<k>``, written by
+  ``zoomfeat synthesize``) of the fold's training slides, and only those: never a copy of a validation or test
+  slide, never a copy of any slide of a patient who has a slide held out in that fold.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from zoomfeat.errors import ConfigError
+
+SYNTHETIC_SEP = "~syn"
+_SYNTHETIC_RE = re.compile(r"^(?P<source>.+)~syn(?P<k>\d+)$")
+
+
+def synthetic_id(slide_id: str, copy: int) -> str:
+    """``("TCGA-01", 2) -> "TCGA-01~syn2"``: the slide id of a synthetic copy (also its file stem)."""
+    return f"{slide_id}{SYNTHETIC_SEP}{int(copy)}"
+
+
+def source_of(slide_id: str) -> str | None:
+    """The real slide a synthetic id copies (``"a~syn0" -> "a"``), None for a real slide id."""
+    match = _SYNTHETIC_RE.match(slide_id)
+    return match.group("source") if match else None
+
+
+@dataclass(frozen=True)
+class FoldAugmentation:
+    """What one fold trains on beyond its (possibly subsampled) real training slides."""
+
+    train_real: tuple[str, ...]
+    synthetic: tuple[str, ...]
+    fraction: float
+    dropped_patients: int
+
+    def record(self) -> dict:
+        return {"train_real": len(self.train_real), "synthetic_added": len(self.synthetic),
+                "fraction": self.fraction, "patients_dropped_by_fraction": self.dropped_patients}
+
+
+def _patient_label(slides: Sequence[str], label_of: Mapping[str, object]) -> object:
+    labels = sorted({str(label_of[s]) for s in slides})
+    return labels[0] if len(labels) == 1 else "|".join(labels)  # mixed-label patients form their own stratum
+
+
+def training_fraction(train: Sequence[str], case_of: Mapping[str, str], label_of: Mapping[str, object],
+                      fraction: float, seed: int, fold: int) -> tuple[list[str], int]:
+    """(slides kept, patients dropped): a stratified, seeded, nested patient subset of ``train``.
+
+    Each class keeps ``max(1, round(fraction * n_patients))`` of its patients, taken as a prefix of one
+    permutation drawn from ``(seed, fold)`` alone, so for the same fold a smaller fraction's set is contained in
+    a larger one's. ``fraction`` must be in (0, 1].
+    """
+    if not (isinstance(fraction, (int, float)) and 0.0 < float(fraction) <= 1.0 and math.isfinite(fraction)):
+        raise ConfigError(f"--train-fraction {fraction!r}: use a fraction in (0, 1], e.g. 0.1")
+    if float(fraction) == 1.0:
+        return list(train), 0
+    patients: dict[str, list[str]] = {}
+    for slide in train:
+        patients.setdefault(str(case_of[slide]), []).append(slide)
+    strata: dict[str, list[str]] = {}
+    for patient in sorted(patients):
+        strata.setdefault(str(_patient_label(patients[patient], label_of)), []).append(patient)
+    rng = np.random.default_rng([int(seed), int(fold), 20240101])
+    keep: set[str] = set()
+    for label in sorted(strata):
+        members = strata[label]
+        order = rng.permutation(len(members))  # drawn for every stratum, whatever the fraction: nested prefixes
+        count = max(1, int(round(float(fraction) * len(members))))
+        keep.update(members[i] for i in order[:count])
+    kept = [s for s in train if str(case_of[s]) in keep]
+    return kept, len(patients) - len(keep)
+
+
+def synthetic_for_fold(train: Iterable[str], held_out: Iterable[str], case_of: Mapping[str, str],
+                       available: Iterable[str]) -> list[str]:
+    """The synthetic ids among ``available`` whose source is a training slide of this fold and whose patient has
+    no slide in ``held_out`` (validation + test); sorted."""
+    train_set = set(train)
+    held_patients = {str(case_of[s]) for s in held_out if s in case_of}
+    chosen = []
+    for syn in available:
+        source = source_of(syn)
+        if source is None or source not in train_set:
+            continue
+        if str(case_of[source]) in held_patients:
+            continue
+        chosen.append(syn)
+    return sorted(chosen)
+
+
+def plan_fold(train: Sequence[str], held_out: Sequence[str], case_of: Mapping[str, str],
+              label_of: Mapping[str, object], *, fraction: float = 1.0, seed: int = 0, fold: int = 0,
+              available: Iterable[str] = ()) -> FoldAugmentation:
+    """Fraction first (on real slides), then the synthetic copies of the slides that remain."""
+    kept, dropped = training_fraction(train, case_of, label_of, fraction, seed, fold)
+    synthetic = synthetic_for_fold(kept, held_out, case_of, available)
+    return FoldAugmentation(tuple(kept), tuple(synthetic), float(fraction), dropped)
