@@ -3,7 +3,9 @@
 HIPT's split files list 1,041 TCGA-BRCA slides, but its dataset CSV labels only IDC and ILC (by
 ``oncotree_code``, map {IDC: 0, ILC: 1}); HIPT silently drops every other slide when it builds a fold. This
 module does the same, explicitly: it keeps slides with a kept class, counts what it dropped and why, and
-returns normalised folds plus a ``case_id, slide_id, label`` table.
+returns normalised folds plus a ``case_id, slide_id, label`` table. Requested classes that the table lacks (a
+typo such as ``IDC,XYZ``) are refused before anything is written; folds left without a trainable part are
+listed by :meth:`HiptImport.problems` (the command warns about them).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pandas as pd
 
 from splits.io import PARTS, SplitFold, make_fold, read_splits_dir, write_splits_dir
 from splits.labels import read_labels, write_labels
+from zoomfeat.errors import ConfigError
 
 HIPT_CLASSES: tuple[str, ...] = ("IDC", "ILC")
 HIPT_LABEL_COLUMN = "oncotree_code"
@@ -51,6 +54,27 @@ class HiptImport:
             lines.append(f"fold {fold.index}: train/val/test {sizes} (dropped {gone})")
         return lines
 
+    def problems(self) -> list[str]:
+        """Folds that cannot be trained (empty train/test part, one-class training part): see splits.audit."""
+        from splits.audit import trainability_problems
+
+        label_of = dict(zip(self.labels["slide_id"], self.labels["label"]))
+        return [p for f in self.folds for p in trainability_problems(
+            f.index, dict(zip(PARTS, f.sizes())), {label_of[s] for s in f.train})]
+
+
+def _check_classes(table: pd.DataFrame, classes: Sequence[str], label_col: str, source: str) -> None:
+    """ConfigError for a requested class absent from the table, or fewer than two classes (one-class folds)."""
+    present = set(table["label"])
+    absent = [c for c in classes if c not in present]
+    if absent:
+        seen = ", ".join(sorted(map(str, present))[:8])
+        raise ConfigError(f"--classes {','.join(classes)}: {', '.join(absent)} not in column {label_col!r} of "
+                          f"{source} (values there: {seen}); every fold would lack it")
+    if len(set(classes)) < 2:
+        raise ConfigError(f"--classes {','.join(classes)}: give at least two classes (one class makes folds "
+                          "a MIL head cannot learn from)")
+
 
 def _drop_reason(slide: str, all_labels: dict[str, str], classes: Sequence[str], label_col: str) -> str:
     if slide not in all_labels:
@@ -62,6 +86,7 @@ def import_hipt(splits_dir: str | Path, labels_path: str | Path, *, classes: Seq
                 label_col: str = HIPT_LABEL_COLUMN) -> HiptImport:
     """Read HIPT split files and label table (CSV or HIPT's zip); keep slides whose label is in ``classes``."""
     table = read_labels(labels_path, label_col=label_col)
+    _check_classes(table, classes, label_col, str(labels_path))
     all_labels = dict(zip(table["slide_id"], table["label"]))
     kept = table[table["label"].isin(classes)][["case_id", "slide_id", "label"]].reset_index(drop=True)
     keep = set(kept["slide_id"])

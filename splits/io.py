@@ -158,13 +158,12 @@ def write_splits_dir(folds: Sequence[SplitFold], directory: str | Path, *, sourc
                      seed: int | None = None, command: str | None = None,
                      extra: dict[str, Any] | None = None) -> Path:
     """Write ``splits_<k>.csv`` (train,val,test) per fold and ``splits.json`` (provenance) into ``directory``."""
+    from zoomfeat.store import atomic_write
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     for fold in folds:
-        path = directory / f"splits_{fold.index}.csv"
-        tmp = path.with_name(f".{path.name}.tmp")
-        _fold_frame(fold).to_csv(tmp, index=False)
-        tmp.replace(path)
+        with atomic_write(directory / f"splits_{fold.index}.csv") as tmp:
+            _fold_frame(fold).to_csv(tmp, index=False)
     provenance = {
         "format": SPLITS_FORMAT, "format_version": SPLITS_FORMAT_VERSION, "source": source, "seed": seed,
         "command": command if command is not None else " ".join(["zoomfeat", *sys.argv[1:]]),

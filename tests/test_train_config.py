@@ -81,10 +81,19 @@ def test_validation_split_is_seeded_disjoint_and_capped():
     assert batches == [val[0][:2].tolist(), val[0][2:].tolist(), val[1].tolist()]
 
 
-def test_warmup_is_linear_then_constant():
-    from zoomfeat.train.module import warmup_factor
+@pytest.mark.parametrize("warmup, start", [(1000, 1e-6), (10, 0.1), (0, 1e-6)])
+def test_warmup_is_linear_then_constant(warmup, start):
+    """torch's LinearLR gives lr * (start + (1 - start) * k / warmup) at step k < warmup, then lr."""
+    import torch
 
-    assert warmup_factor(0, 1000, 1e-6) == pytest.approx(1e-6)
-    assert warmup_factor(500, 1000, 1e-6) == pytest.approx(0.5, rel=1e-4)
-    assert warmup_factor(1000, 1000, 1e-6) == warmup_factor(10**6, 1000, 1e-6) == 1.0
-    assert warmup_factor(0, 0, 1e-6) == 1.0
+    from zoomfeat.train.module import warmup_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-5)
+    sched = warmup_scheduler(opt, warmup, start)
+    got = []
+    for _ in range(max(warmup, 5) + 5):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    want = [2e-5 * (start + (1 - start) * k / warmup) if k < warmup else 2e-5 for k in range(len(got))]
+    np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -242,3 +242,48 @@ def test_prepare_needs_and_uses_base_mag_or_mpp_for_slides_without_metadata(tmp_
         assert len(f["20x"]["coords"]) == 2 and len(f["5x"]["coords"]) == 2
     with pytest.raises(ConfigError, match="not both"):
         _prepare_cfg(slides, tmp_path / "c", base_mag=20.0, mpp=0.5)
+
+
+def _cli_train(trainset: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(trainset), "--zoomldm", "tiny", "--out", str(out), "--max-steps", "2",
+            "--every-n-steps", "2", "--batch-size", "4", "--workers", "0", "--lr", "2e-3", "--warmup-steps", "0",
+            "--accelerator", "cpu", "--devices", "1", "--set", "validation.enabled=false", *extra]
+
+
+def test_resume_with_other_settings_is_refused_naming_the_keys(trainset, tmp_path, capsys):
+    """A resume must keep what shaped the steps already taken (lr, batch size, ...); it may run longer."""
+    from cli import main
+
+    out = tmp_path / "run"
+    assert main(_cli_train(trainset, out)) == 0
+    record = (out / "train_config.json").read_bytes()
+    last = (out / "checkpoints" / "last.ckpt").read_bytes()
+    capsys.readouterr()
+    for extra, key in ((("--lr", "1e-3"), "optim.lr 0.002 -> 0.001"), (("--batch-size", "2"), "data.batch_size 4 -> 2")):
+        argv = _cli_train(trainset, out, "--max-steps", "4")
+        argv[argv.index(extra[0]) + 1] = extra[1]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and key in lines[0] and "Traceback" not in err, err
+    assert main([*_cli_train(trainset, out), "--resume", "none"]) == 2
+    assert "--resume auto" in capsys.readouterr().err
+    assert (out / "train_config.json").read_bytes() == record and (out / "checkpoints" / "last.ckpt").read_bytes() == last
+    assert main([*_cli_train(trainset, out)[:-2], "--max-steps", "3", "--set", "validation.enabled=false"]) == 0
+    assert json.loads((out / "train_config.json").read_text())["trainer"]["max_steps"] == 3  # longer is fine
+
+
+def test_ctrl_c_in_train_prints_interrupted_and_exits_130(trainset, tmp_path, capsys, monkeypatch):
+    import signal
+
+    from cli import main
+
+    def interrupt(self, batch, batch_idx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ZoomLDMLightning, "training_step", interrupt)
+    assert main(_cli_train(trainset, tmp_path / "run")) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert not [p for p in (tmp_path / "run").rglob("*") if ".tmp" in p.name]

@@ -8,12 +8,16 @@ HELP = "compare train-mil runs: mean +- std AUC per feature set and task, paired
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="train-mil run directories")
-    parser.add_argument("--out", metavar="DIR", required=True, help="output folder")
-    parser.add_argument("--reference", metavar="RUN_DIR", default=None,
-                        help="run that the others of its task are paired with (default: each task's first run)")
-    parser.add_argument("--n-bootstrap", type=int, default=1000, help="paired bootstrap resamples")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="train-mil run folders (one or more)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", metavar="DIR", required=True,
+                        help="folder for compare.html (= index.html), compare.md, compare.json, PNGs; required")
+    stats = parser.add_argument_group("statistics")
+    stats.add_argument("--reference", metavar="RUN_DIR", default=None,
+                       help="run the others of its task are paired with (default: each task's first run)")
+    stats.add_argument("--n-bootstrap", type=int, default=1000,
+                       help="paired bootstrap resamples of the mean AUC difference, 0 = no CI (default 1000)")
+    stats.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:

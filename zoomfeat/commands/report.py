@@ -8,10 +8,14 @@ HELP = "cross-validation report of a train-mil run: per-fold test metrics, poole
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a train-mil run directory")
-    parser.add_argument("--out", metavar="DIR", default=None, help="output folder (default RUN_DIR/report)")
-    parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples of the pooled AUC CI")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a train-mil run folder (its --out)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", metavar="DIR", default=None,
+                        help="folder for report.html/.md/.json and the PNG plots (default RUN_DIR/report)")
+    stats = parser.add_argument_group("statistics")
+    stats.add_argument("--n-bootstrap", type=int, default=1000,
+                       help="resamples of slides for the pooled-AUC 95%% CI, 0 = no CI (default 1000)")
+    stats.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:

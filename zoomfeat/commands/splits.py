@@ -11,47 +11,73 @@ HELP = "import (HIPT, SI-MIL), generate (patient-grouped, stratified) and audit 
 
 def _add_hipt(sub) -> None:
     p = sub.add_parser("hipt", help="normalise HIPT/CLAM split files and keep labelled slides")
-    p.add_argument("--splits-dir", required=True, help="folder with splits_<k>.csv (or splits_<k>_bool.csv)")
-    p.add_argument("--labels", required=True, help="HIPT dataset CSV, or its zip (read in memory)")
-    p.add_argument("--out", required=True, help="output folder: splits_<k>.csv, splits.json, labels.csv")
-    p.add_argument("--label-col", default="oncotree_code", help="label column (default: oncotree_code)")
-    p.add_argument("--classes", default="IDC,ILC", help="labels to keep, comma-separated (default: IDC,ILC)")
+    data = p.add_argument_group("data")
+    data.add_argument("--splits-dir", required=True, metavar="DIR",
+                      help="folder with splits_<k>.csv (or splits_<k>_bool.csv); required")
+    data.add_argument("--labels", required=True, metavar="CSV",
+                      help="HIPT dataset CSV, or its zip (read in memory); required")
+    data.add_argument("--label-col", default="oncotree_code", help="label column (default oncotree_code)")
+    data.add_argument("--classes", default="IDC,ILC", metavar="A,B",
+                      help="labels to keep, comma-separated; each must occur in the table (default IDC,ILC)")
+    output = p.add_argument_group("output")
+    output.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder: splits_<k>.csv, splits.json, labels.csv; required")
 
 
 def _add_simil(sub) -> None:
     p = sub.add_parser("simil", help="SI-MIL protocol: fixed test set, k folds of train/val on the rest")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--labels", help="label CSV (case_id,slide_id,label): draw the test set here")
-    src.add_argument("--from-json", help="SI-MIL split JSON {train_dict, test_dict}: keep its test set")
-    p.add_argument("--case-labels", help="with --from-json: label CSV giving case_id per slide")
-    p.add_argument("--out", required=True)
-    p.add_argument("--test-frac", type=float, default=0.2)
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--group", default="case_id", help="patient column (slide_id: no grouping)")
+    data = p.add_argument_group("data")
+    src = data.add_mutually_exclusive_group(required=True)
+    src.add_argument("--labels", metavar="CSV", help="label CSV (case_id,slide_id,label): draw the test set here")
+    src.add_argument("--from-json", metavar="JSON", help="SI-MIL split JSON {train_dict, test_dict}: keep its test set")
+    data.add_argument("--case-labels", metavar="CSV",
+                      help="with --from-json: label CSV giving case_id per slide (default: TCGA barcodes)")
+    output = p.add_argument_group("output")
+    output.add_argument("--out", required=True, metavar="DIR", help="output folder: splits_<k>.csv, splits.json, "
+                                                                    "labels.csv; required")
+    split = p.add_argument_group("split")
+    split.add_argument("--test-frac", type=float, default=0.2,
+                       help="fraction (0-1) of patients in the fixed test set (default 0.2)")
+    split.add_argument("--folds", type=int, default=5, help="train/val folds on the rest (default 5)")
+    split.add_argument("--seed", type=int, default=0, help="seed of the patient draw (default 0)")
+    split.add_argument("--group", default="case_id",
+                       help="patient column; slide_id = no grouping (default case_id)")
 
 
 def _add_make(sub) -> None:
     p = sub.add_parser("make", help="patient-grouped, stratified k-fold or repeated (CLAM-style) splits")
-    p.add_argument("--labels", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--folds", type=int, default=10)
-    p.add_argument("--val-frac", type=float, default=0.1)
-    p.add_argument("--test-frac", type=float, default=None, help="repeated mode only (default 0.1)")
-    p.add_argument("--mode", choices=("kfold", "repeated"), default="kfold",
-                   help="kfold: test sets partition the patients; repeated: independent draws per fold")
-    p.add_argument("--group", default="case_id", help="patient column (slide_id: no grouping)")
-    p.add_argument("--seed", type=int, default=0)
+    data = p.add_argument_group("data")
+    data.add_argument("--labels", required=True, metavar="CSV", help="label CSV (case_id,slide_id,label); required")
+    output = p.add_argument_group("output")
+    output.add_argument("--out", required=True, metavar="DIR", help="output folder: splits_<k>.csv, splits.json; "
+                                                                    "required")
+    split = p.add_argument_group("split")
+    split.add_argument("--folds", type=int, default=10, help="number of folds (default 10)")
+    split.add_argument("--val-frac", type=float, default=0.1,
+                       help="fraction (0-1) of the non-test patients held out for validation (default 0.1)")
+    split.add_argument("--test-frac", type=float, default=None,
+                       help="repeated mode only: fraction (0-1) of patients in each test set (default 0.1)")
+    split.add_argument("--mode", choices=("kfold", "repeated"), default="kfold",
+                       help="kfold: test sets partition the patients; repeated: independent draws per fold "
+                            "(default kfold)")
+    split.add_argument("--group", default="case_id", help="patient column; slide_id = no grouping (default case_id)")
+    split.add_argument("--seed", type=int, default=0, help="seed of the patient assignment (default 0)")
 
 
 def _add_audit(sub) -> None:
-    p = sub.add_parser("audit", help="leaks across patients, class counts, test overlap, missing labels/features")
-    p.add_argument("dir", help="split folder (splits_<k>.csv)")
-    p.add_argument("--labels", required=True, help="label CSV or zip")
-    p.add_argument("--label-col", default="label")
-    p.add_argument("--features", help="feature folder with <slide_id>.h5 files")
-    p.add_argument("--strict", action="store_true", help="exit 1 when there are warnings")
-    p.add_argument("--json", help="also write the findings as JSON here")
+    p = sub.add_parser("audit", help="leaks across patients, class counts, test overlap, missing labels/features, "
+                                     "folds that cannot be trained")
+    data = p.add_argument_group("data")
+    data.add_argument("dir", help="split folder (splits_<k>.csv)")
+    data.add_argument("--labels", required=True, metavar="CSV", help="label CSV or zip; required")
+    data.add_argument("--label-col", default="label", help="label column (default label)")
+    data.add_argument("--features", metavar="DIR",
+                      help="feature folder with <slide_id>.h5 files (default: features not checked)")
+    output = p.add_argument_group("output")
+    output.add_argument("--strict", action="store_true",
+                        help="exit 1 when there is any warning, e.g. an empty test part or a one-class training "
+                             "part (default: exit 0, warnings printed)")
+    output.add_argument("--json", metavar="FILE", help="also write the findings as JSON here (default: none)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,10 +93,14 @@ def _command_line() -> str:
 def _run_hipt(args) -> int:
     from splits.hipt import import_hipt, write_hipt
 
+    from zoomfeat.log import warn
+
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
     result = import_hipt(args.splits_dir, args.labels, classes=classes, label_col=args.label_col)
     write_hipt(result, args.out, source=f"hipt: {args.splits_dir} + {args.labels}", command=_command_line())
     print("\n".join(result.summary()))
+    for problem in result.problems():
+        warn(f"{problem} (the files are written; `train-mil` refuses such folds)")
     print(f"wrote {len(result.folds)} folds and labels.csv to {args.out}")
     return 0
 

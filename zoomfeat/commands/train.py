@@ -19,30 +19,49 @@ FLAGS: dict[str, str] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None,
+    parser.add_argument("--config", default=None, metavar="YAML",
                         help="train.yaml with sections data/model/optim/trainer/validation "
-                             "(example: zoomfeat/train/example_train.yaml)")
-    parser.add_argument("--data", help="training set folder written by prepare-train")
-    parser.add_argument("--zoomldm", help="official config.yaml or folder of the architecture (or: tiny)")
-    parser.add_argument("--init-from", help="official weights.ckpt to fine-tune (default: from scratch)")
-    parser.add_argument("--out", help="run folder (checkpoints/, official/, logs/, samples/)")
-    parser.add_argument("--accelerator", help="auto | cpu | gpu")
-    parser.add_argument("--devices", help="auto | a count (4) | a list (0,1)")
-    parser.add_argument("--num-nodes", type=int)
-    parser.add_argument("--strategy", help="auto | ddp | ...")
-    parser.add_argument("--precision", help="auto (bf16-mixed on GPU, 32-true on CPU) | 32-true | bf16-mixed ...")
-    parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--batch-size", type=int, help="per device")
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--warmup-steps", type=int)
-    parser.add_argument("--every-n-steps", type=int, help="checkpoint, official export and validation interval")
-    parser.add_argument("--workers", type=int, help="DataLoader workers per device")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--mag-sampling", choices=("uniform", "proportional"))
-    parser.add_argument("--resume", help="auto (OUT/checkpoints/last.ckpt when present) | none | PATH")
-    parser.add_argument("--no-val-samples", action="store_true", help="skip the decoded validation sample PNGs")
+                             "(example: zoomfeat/train/example_train.yaml); flags override it (default: none)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", metavar="DIR", help="training set folder written by prepare-train (data.path)")
+    data.add_argument("--batch-size", type=int, metavar="N", help="patches per device per step (default 8)")
+    data.add_argument("--workers", type=int, metavar="N", help="DataLoader worker processes per device (default 2)")
+    data.add_argument("--seed", type=int, help="seed of init, batch draws, noise and dropout (default 0)")
+    data.add_argument("--mag-sampling", choices=("uniform", "proportional"),
+                      help="magnification of each patch: uniform (official recipe) or proportional to patch "
+                           "counts (default uniform)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--zoomldm", metavar="CONFIG_OR_DIR",
+                       help="official config.yaml or the folder holding it, or tiny (required unless in --config)")
+    model.add_argument("--init-from", metavar="CKPT",
+                       help="official weights.ckpt to fine-tune (default: random init, training from scratch)")
+    optim = parser.add_argument_group("optim")
+    optim.add_argument("--lr", type=float, help="AdamW learning rate after warm-up (default 2e-5)")
+    optim.add_argument("--warmup-steps", type=int, metavar="N",
+                       help="optimiser steps of linear LR warm-up (torch LinearLR) from lr x 1e-6 (default 1000)")
+    trainer = parser.add_argument_group("trainer")
+    trainer.add_argument("--out", metavar="DIR",
+                         help="run folder: checkpoints/, official/, logs/, samples/ (default runs/zoomldm)")
+    trainer.add_argument("--max-steps", type=int, metavar="N", help="optimiser steps in all (default 10000)")
+    trainer.add_argument("--every-n-steps", type=int, metavar="N",
+                         help="steps between checkpoint, official export and validation (default 1000)")
+    trainer.add_argument("--resume", metavar="auto|none|CKPT",
+                         help="auto: OUT/checkpoints/last.ckpt when present; none; or a checkpoint file; a resume "
+                              "must keep the run's settings (default auto)")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--accelerator", help="Lightning accelerator: auto, cpu or gpu (default auto)")
+    runtime.add_argument("--devices", help="Lightning devices: auto, a count (4) or a list (0,1) (default auto)")
+    runtime.add_argument("--num-nodes", type=int, metavar="N", help="machines for DDP (default 1)")
+    runtime.add_argument("--strategy", help="Lightning strategy: auto or ddp (default auto: DDP when several "
+                                            "processes)")
+    runtime.add_argument("--precision",
+                         help="auto (bf16-mixed on GPU, 32-true on CPU), fp32, bf16, fp16 or a Lightning precision "
+                              "such as bf16-mixed (default auto)")
+    validation = parser.add_argument_group("validation")
+    validation.add_argument("--no-val-samples", action="store_true",
+                            help="skip the decoded validation sample PNGs (default: write them)")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                        help="any other config value, e.g. --set optim.p_uncond=0.2 (repeatable)")
+                        help="any other config value, e.g. --set optim.p_uncond=0.2 (repeatable; default: none)")
 
 
 def overrides(args: argparse.Namespace) -> dict:

@@ -18,30 +18,63 @@ def _folds(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--features", required=True, help="feature set DIR@MAG or DIR@20x+5x")
-    parser.add_argument("--labels", required=True, help="labels CSV (case_id,slide_id,<label column>)")
-    parser.add_argument("--splits", required=True, help="folder of splits_<k>.csv files")
-    parser.add_argument("--out", required=True, help="run folder (config.json, fold_<k>/, summary.csv)")
     # names are checked by MILConfig / make_protocol (a one-line error), not by argparse choices (usage dump)
-    parser.add_argument("--task", default="subtyping", help="subtyping (default), hrd or custom")
-    parser.add_argument("--label-col", default=None, help="label column (default: label; HIPT: oncotree_code)")
-    parser.add_argument("--hrd-threshold", type=float, default=None, help="HRD score >= this is HRD (e.g. 42)")
-    parser.add_argument("--classes", default=None, help="custom task: class names in index order, A,B")
-    parser.add_argument("--model", default="abmil", help=f"one of {', '.join(MODEL_CHOICES)} (default abmil)")
-    parser.add_argument("--model-kwargs", default="{}", help='JSON object, e.g. \'{"hidden": 256}\'')
-    parser.add_argument("--protocol", default="hipt", help="hipt (default), clam or simil")
-    parser.add_argument("--epochs", type=int, default=None, help="(maximum) epochs; preset by --protocol")
-    parser.add_argument("--min-epochs", type=int, default=None)
-    parser.add_argument("--patience", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--weight-decay", type=float, default=None)
-    parser.add_argument("--selection", choices=("last", "val_loss", "val_auc"), default=None)
-    parser.add_argument("--balanced", action="store_true", help="class-balanced sampling of training bags")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--folds", type=_folds, default=None, help="only these folds, e.g. 0,1")
-    parser.add_argument("--accelerator", default="cpu", help="cpu (default), gpu, mps or auto")
-    parser.add_argument("--devices", default="1")
-    parser.add_argument("--no-cache", action="store_true", help="do not keep bags in memory between epochs")
+    data = parser.add_argument_group("data")
+    data.add_argument("--features", required=True, metavar="DIR@MAGS",
+                      help="feature set: a folder of <slide_id>.h5 files and its magnification(s), finest first, "
+                           "e.g. features/zoomldm@20x or features/zoomldm@20x+5x (fused); required")
+    data.add_argument("--labels", required=True, metavar="CSV",
+                      help="labels table with case_id, slide_id and the label column; required")
+    data.add_argument("--splits", required=True, metavar="DIR",
+                      help="folder of splits_<k>.csv files (columns train,val,test); required")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", required=True, metavar="DIR",
+                        help="run folder: config.json (run record), fold_<k>/, summary.csv; rerunning into it "
+                             "resumes only when inputs and settings match; required")
+    task = parser.add_argument_group("task")
+    task.add_argument("--task", default="subtyping",
+                      help="subtyping (IDC vs ILC), hrd (binary or thresholded score) or custom (default subtyping)")
+    task.add_argument("--label-col", default=None,
+                      help="label column (default: label; HIPT tables without it: oncotree_code)")
+    task.add_argument("--hrd-threshold", type=float, default=None,
+                      help="--task hrd on a score column: score >= this is HRD, e.g. 42 (default: none, the column "
+                           "is binary)")
+    task.add_argument("--classes", default=None, metavar="A,B",
+                      help="--task custom: class names in index order (default: the sorted distinct labels)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="abmil",
+                       help=f"MIL head, one of {', '.join(MODEL_CHOICES)} (default abmil)")
+    model.add_argument("--model-kwargs", default="{}", metavar="JSON",
+                       help='head arguments as a JSON object, e.g. \'{"hidden": 256}\' (default {}: the head\'s '
+                            "defaults)")
+    schedule = parser.add_argument_group("protocol")
+    schedule.add_argument("--protocol", default="hipt",
+                          help="training preset: hipt (20 epochs, last), clam (early stopping on val loss) or simil "
+                               "(50 epochs, best val AUC) (default hipt)")
+    schedule.add_argument("--epochs", type=int, default=None,
+                          help="(maximum) epochs over the training bags (default: the protocol's)")
+    schedule.add_argument("--min-epochs", type=int, default=None,
+                          help="epochs before early stopping may stop (default: the protocol's)")
+    schedule.add_argument("--patience", type=int, default=None,
+                          help="early-stopping patience in epochs without a better val loss (default: the "
+                               "protocol's; none for hipt/simil)")
+    schedule.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the protocol's, 2e-4)")
+    schedule.add_argument("--weight-decay", type=float, default=None,
+                          help="Adam weight decay (L2), >= 0 (default: the protocol's, 1e-5)")
+    schedule.add_argument("--selection", choices=("last", "val_loss", "val_auc"), default=None,
+                          help="which epoch's weights are evaluated (default: the protocol's)")
+    schedule.add_argument("--balanced", action="store_true",
+                          help="draw training bags class-balanced, with replacement (default: a seeded shuffle)")
+    schedule.add_argument("--seed", type=int, default=0, help="seed of initialisation and bag order (default 0)")
+    schedule.add_argument("--folds", type=_folds, default=None, metavar="K,K",
+                          help="train only these folds, e.g. 0,1 (default: every fold of --splits)")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--accelerator", default="cpu", help="Lightning accelerator: cpu, gpu, mps or auto "
+                                                              "(default cpu)")
+    runtime.add_argument("--devices", default="1",
+                         help="Lightning devices: a count (1) or a list (0,1) (default 1)")
+    runtime.add_argument("--no-cache", action="store_true",
+                         help="read bags from disk every epoch instead of keeping them in memory (default: cache)")
 
 
 def _model_kwargs(text: str) -> dict:
@@ -73,14 +106,11 @@ def build_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     import sys
-    import warnings
 
     from mil.cv import run_cv
 
     cfg = build_config(args)
-    with warnings.catch_warnings():
-        warnings.showwarning = lambda message, *rest, **kw: print(f"warning: {message}", file=sys.stderr)
-        summary = run_cv(cfg, progress=sys.stderr.isatty())
+    summary = run_cv(cfg, progress=sys.stderr.isatty())  # warnings go through the zoomfeat logger
     print(summary.to_string(index=False))
     print(f"wrote {cfg.out}/summary.csv")
     return 0

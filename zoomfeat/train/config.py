@@ -18,7 +18,8 @@ from zoomfeat.mags import parse_mags
 from zoomfeat.slides import check_scale_overrides
 
 MAG_SAMPLING = ("uniform", "proportional")
-PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+# zoomfeat's runtime vocabulary (auto/fp32/bf16/fp16, as extract) and Lightning's own precision strings
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
 def resolve_zoomldm_config(path: str | Path) -> Path:
@@ -114,7 +115,7 @@ class TrainerSection:
     num_nodes: int = 1
     strategy: str = "auto"                # "auto", "ddp", ...
     accelerator: str = "auto"
-    precision: str = "auto"               # "auto": bf16-mixed on GPU, 32-true on CPU
+    precision: str = "auto"               # "auto": bf16-mixed on GPU (16-mixed without bf16), 32-true on CPU
     max_steps: int = 10000
     every_n_steps: int = 1000             # checkpoint + official export + validation
     log_every_n_steps: int = 50

@@ -21,11 +21,12 @@ from zoomfeat.mags import MAGNIFICATIONS, mag_name
 from zoomfeat.train.config import OptimSection, ValidationSection
 
 
-def warmup_factor(step: int, warmup_steps: int, start_factor: float) -> float:
-    """LR multiplier: linear from ``start_factor`` to 1 over ``warmup_steps`` optimiser steps, then 1."""
-    if warmup_steps <= 0 or step >= warmup_steps:
-        return 1.0
-    return start_factor + (1.0 - start_factor) * step / warmup_steps
+def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, start_factor: float):
+    """torch's ``LinearLR``: lr x ``start_factor`` at step 0, rising linearly to lr at ``warmup_steps``, then lr."""
+    if warmup_steps <= 0:
+        return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=1.0, total_iters=0)
+    return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=start_factor, end_factor=1.0,
+                                             total_iters=warmup_steps)
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -72,8 +73,7 @@ class ZoomLDMLightning(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim_cfg
         opt = torch.optim.AdamW(self.trainable_parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: warmup_factor(step, o.warmup_steps, o.warmup_start_factor))
+        sched = warmup_scheduler(opt, o.warmup_steps, o.warmup_start_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     # -- loss -------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ class OfficialExport(L.Callback):
         if not trainer.is_global_zero or step == self._last_step:
             return
         path = module.model.save_official(self.out_dir / f"step_{step:07d}.ckpt")
-        shutil.copyfile(path, self.out_dir / "last.ckpt")
+        _copy_atomic(path, self.out_dir / "last.ckpt")
         self._last_step = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -49,28 +49,33 @@ class OfficialExport(L.Callback):
         self.export(trainer, pl_module)
 
 
-def parse_devices(value: str) -> int | str | list[int]:
-    """``"auto"`` -> "auto", ``"4"`` -> 4, ``"0,1"`` -> [0, 1]."""
-    value = str(value).strip()
-    if value == "auto":
-        return value
+def parse_devices(value: str) -> str:
+    """``trainer.devices`` as Lightning takes it (``"auto"``, ``"4"``, ``"0,1"``): Lightning parses it."""
+    return str(value).strip()
+
+
+def world_size(accelerator: str, devices, num_nodes: int = 1) -> int:
+    """Processes Lightning will start, from its accelerators' own device parsing (ConfigError when refused)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and CUDAAccelerator.is_available())
+    kind = CUDAAccelerator if cuda else CPUAccelerator
     try:
-        if "," in value:
-            return [int(v) for v in value.split(",") if v.strip()]
-        return int(value)
-    except ValueError as e:
-        raise ConfigError(f"trainer.devices {value!r}: use auto, a count (4) or a list (0,1)") from e
+        parsed = kind.auto_device_count() if str(devices) == "auto" else kind.parse_devices(devices)
+    except (MisconfigurationException, ValueError, TypeError) as exc:
+        raise ConfigError(f"trainer.devices {devices!r} (--devices): {' '.join(str(exc).split())}") from exc
+    count = len(parsed) if isinstance(parsed, (list, tuple)) else int(parsed or 0)
+    return count * int(num_nodes)
 
 
-def resolve_strategy(strategy: str, devices: int | str | list[int], num_nodes: int):
-    """DDP without buffer broadcasting for ``ddp`` (or ``auto`` on several devices).
+def resolve_strategy(strategy: str, devices, num_nodes: int = 1, accelerator: str = "auto"):
+    """DDP without buffer broadcasting for ``ddp`` (or ``auto`` when Lightning would start several processes).
 
     The EMA shadows are buffers as large as the U-Net; DDP would broadcast them every step although every
     rank updates them identically from identical weights.
     """
-    many = num_nodes > 1 or (isinstance(devices, list) and len(devices) > 1) or \
-        (isinstance(devices, int) and devices > 1) or (devices == "auto" and torch.cuda.device_count() > 1)
-    if strategy == "ddp" or (strategy == "auto" and many):
+    if strategy == "ddp" or (strategy == "auto" and world_size(accelerator, devices, num_nodes) > 1):
         import inspect
 
         from lightning.pytorch.strategies import DDPStrategy
@@ -81,12 +86,19 @@ def resolve_strategy(strategy: str, devices: int | str | list[int], num_nodes: i
     return strategy
 
 
+LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """``auto`` -> bf16-mixed when a GPU will be used, 32-true on CPU."""
-    if precision != "auto":
-        return precision
-    gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if gpu else "32-true"
+    """A Lightning precision string: ``auto`` follows extract's rule (:func:`zoomfeat.extract.runtime.resolve_runtime`:
+    bf16, or fp16 where bf16 is unsupported, on a GPU; fp32 on the CPU); fp32/bf16/fp16 map to 32-true /
+    bf16-mixed / 16-mixed; Lightning's own strings pass through (its precision plugins do the rest)."""
+    if precision == "auto":
+        from zoomfeat.extract.runtime import resolve_runtime
+
+        device = "cpu" if accelerator == "cpu" else "auto"
+        precision = resolve_runtime(device, "auto").precision
+    return LIGHTNING_PRECISION.get(precision, precision)
 
 
 def resolve_resume(resume: str, out: Path) -> str | None:
@@ -150,16 +162,22 @@ def _loggers(out: Path) -> list:
 
 
 def build_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
+    """The Lightning Trainer of a run; devices, precision and strategy are parsed by Lightning (one-line
+    ConfigError for what it refuses)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from zoomfeat.fitting import make_trainer
 
     t, v = cfg.trainer, cfg.validation
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step_{step:07d}", auto_insert_metric_name=False,
                            every_n_train_steps=t.every_n_steps, save_top_k=-1, save_last=True)
     limit_val = (v.max_batches if v.max_batches is not None else 1.0) if v.enabled else 0
     devices = parse_devices(t.devices)
-    return L.Trainer(
+    return make_trainer(
+        options={"accelerator": "--accelerator", "devices": "--devices", "num_nodes": "--num-nodes",
+                 "precision": "--precision", "strategy": "--strategy"},
         accelerator=t.accelerator, devices=devices, num_nodes=t.num_nodes,
-        strategy=resolve_strategy(t.strategy, devices, t.num_nodes),
+        strategy=resolve_strategy(t.strategy, devices, t.num_nodes, t.accelerator),
         precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps, max_epochs=-1,
         val_check_interval=t.every_n_steps, check_val_every_n_epoch=None, limit_val_batches=limit_val,
         num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, default_root_dir=out,
@@ -168,18 +186,120 @@ def build_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
         enable_model_summary=False)
 
 
+# ------------------------------------------------------------------------------------------------ resume
+CONFIG_NAME = "train_config.json"
+INPUTS_NAME = "train_inputs.json"
+# settings that may change when a run is resumed: how long it runs, how often it saves and validates, how it
+# reads the data; everything else (optimiser, batch, devices, data, model) shapes the steps already taken
+# (the folders may move: the training set's content is checked by its fingerprint instead of its path)
+RESUME_FREE: tuple[str, ...] = ("trainer.max_steps", "trainer.resume", "trainer.every_n_steps",
+                                "trainer.log_every_n_steps", "trainer.out", "data.path", "data.workers",
+                                "validation")
+
+
+def run_inputs(data: TrainingSet) -> dict:
+    """Content fingerprints of a run's inputs: the training set's index (sha256) and first-stage digest."""
+    from zoomfeat.resolve import file_sha256
+    from zoomfeat.store.trainset import INDEX_NAME
+
+    return {"index_sha256": file_sha256(data.root / INDEX_NAME), "first_stage_digest": data.first_stage_digest}
+
+
+def _fixed(settings: dict) -> dict:
+    """The settings of a run that a resume must keep (RESUME_FREE dropped), in dotted form."""
+    from zoomfeat.config import to_jsonable
+
+    flat = {f"{section}.{key}": value for section, values in to_jsonable(settings).items()
+            if isinstance(values, dict) for key, value in values.items()}
+    return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE)}
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path} is not a readable JSON record ({exc}); use a new --out") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def check_resume(cfg: TrainConfig, out: Path, resume: str | None, inputs: dict) -> None:
+    """Refuse a resume whose settings or inputs differ from those the run began with, and a fresh start
+    (``--resume none``) over a folder that holds another run's checkpoints. ConfigError naming the keys."""
+    from zoomfeat.store import describe_diff, settings_diff
+
+    if resume is None:
+        if any((out / "checkpoints").glob("*.ckpt")):
+            raise ConfigError(f"{out} holds checkpoints of an earlier run and --resume is none: continue it with "
+                              "--resume auto, or train into a new --out")
+        return
+    record = Path(resume).parent.parent / CONFIG_NAME if not (out / CONFIG_NAME).is_file() else out / CONFIG_NAME
+    if not record.is_file():
+        return
+    diff = settings_diff(_fixed(_read_json(record)), _fixed(to_settings(cfg)))
+    old_inputs = _read_json(record.with_name(INPUTS_NAME)) if record.with_name(INPUTS_NAME).is_file() else None
+    diff.update({f"inputs.{k}": v for k, v in settings_diff(old_inputs or {}, inputs).items()} if old_inputs else {})
+    if diff:
+        raise ConfigError(f"resuming {resume} with other settings than the run began with ({describe_diff(diff)}): "
+                          f"pass the run's values ({record}), or train into a new --out. Changeable on resume: "
+                          f"{', '.join(RESUME_FREE)}")
+
+
+def to_settings(cfg: TrainConfig) -> dict:
+    from zoomfeat.config import to_jsonable
+
+    return to_jsonable(cfg)
+
+
+def check_resume_checkpoint(path: str | None) -> None:
+    """CheckpointError (one line) for a resume file that is not a Lightning checkpoint of this trainer."""
+    import pickle
+    import zipfile
+
+    from zoomfeat.errors import CheckpointError
+
+    if path is None:
+        return
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError,
+            IndexError, UnicodeDecodeError) as exc:
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CheckpointError(f"--resume {path}: not a readable checkpoint ({reason}); pass OUT/checkpoints/"
+                              "last.ckpt of a `zoomfeat train` run, or --resume none") from exc
+    missing = [k for k in ("state_dict", "global_step", "optimizer_states") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"--resume {path}: not a Lightning training checkpoint (no {', '.join(missing)}); "
+                              "pass OUT/checkpoints/last.ckpt of a `zoomfeat train` run")
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    from zoomfeat.store import atomic_write
+
+    with atomic_write(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
 def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) training; returns the output folder."""
+    """Run (or resume) training; returns the output folder. Every check (Lightning settings, training set,
+    model, resume settings and checkpoint) runs before anything is written."""
+    from zoomfeat.config import write_json_atomic
+    from zoomfeat.fitting import fit
+
     out = Path(cfg.trainer.out)
+    trainer = build_trainer(cfg, out)
+    resume = resolve_resume(cfg.trainer.resume, out)
+    check_resume_checkpoint(resume)
     data = TrainingSet(cfg.data.path)  # fail early on a missing or mismatched set
     model = build_model(cfg)
     check_data(data, model)
     adopt_first_stage(data, model, from_checkpoint=cfg.model.init_from is not None)
-    resume = resolve_resume(cfg.trainer.resume, out)
-    (out / "official").mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "train_config.json")
-    shutil.copyfile(resolve_zoomldm_config(cfg.model.zoomldm), out / "official" / "config.yaml")
+    inputs = run_inputs(data)
+    check_resume(cfg, out, resume, inputs)
+    save_config(cfg, out / CONFIG_NAME)
+    write_json_atomic(out / INPUTS_NAME, inputs)
+    _copy_atomic(resolve_zoomldm_config(cfg.model.zoomldm), out / "official" / "config.yaml")
     module = ZoomLDMLightning(model, cfg.optim, cfg.validation, seed=cfg.data.seed, sample_dir=out / "samples")
-    trainer = build_trainer(cfg, out)
-    trainer.fit(module, datamodule=ZoomLDMDataModule(cfg.data), ckpt_path=resume)
+    fit(trainer, module, datamodule=ZoomLDMDataModule(cfg.data), ckpt_path=resume, weights_only=True)
     return out

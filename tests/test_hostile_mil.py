@@ -1,0 +1,420 @@
+"""Hostile input over the MIL-evaluation and training commands: train-mil, splits, report, compare, train.
+
+Every case runs the real CLI dispatcher on a bad input and asserts what a user must get: the exit status, exactly
+one ``error:`` line that names the problem, no traceback, and nothing else lost or changed (every existing file
+keeps its bytes; a new output folder gets no finished fold, no summary and no temporary file). Cases are built
+from one small synthetic cohort and one finished run (real HDF5, real Lightning), made once per module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cli
+from mil_data import planted_cohort, write_feature_file
+from splits.io import make_fold, write_splits_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+def _train_mil_args(paths: dict, out: Path, *extra: str) -> list[str]:
+    return ["train-mil", "--features", f"{paths['features']}@20x", "--labels", str(paths["labels"]),
+            "--splits", str(paths["splits"]), "--out", str(out), "--model", "mean", "--model-kwargs",
+            '{"hidden": 4}', "--epochs", "1", "--lr", "1e-2", *extra]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A 12-slide cohort (2 folds) and a finished 1-epoch run on it; tests copy what they change."""
+    root = tmp_path_factory.mktemp("hostile")
+    paths = planted_cohort(root / "cohort", n_slides=12, dim=4, sizes=(4, 7), folds=3)
+    assert cli.main(_train_mil_args(paths, root / "run")) == 0
+    return {**paths, "run": root / "run"}
+
+
+@pytest.fixture
+def work(base, tmp_path):
+    """A private copy of the cohort and the finished run."""
+    shutil.copytree(base["run"].parent / "cohort", tmp_path / "cohort")
+    shutil.copytree(base["run"], tmp_path / "run")
+    c = tmp_path / "cohort"
+    return {"features": c / "feats", "labels": c / "labels.csv", "splits": c / "splits", "run": tmp_path / "run",
+            "root": tmp_path}
+
+
+def snapshot(*folders: Path) -> dict[str, tuple[str, int]]:
+    """relative path -> (sha256, mtime_ns) of every file under the folders."""
+    out = {}
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                out[str(path)] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+    return out
+
+
+def one_error(argv: list[str], capsys, code: int = 2) -> str:
+    """Run the CLI; assert the exit status, exactly one error line and no traceback; return the error line."""
+    got = cli.main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert got == code, err
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def _no_partial_output(out: Path) -> None:
+    """A refused or failed train-mil run into a new folder leaves no finished fold, summary or temp file."""
+    if not out.exists():
+        return
+    names = [p.name for p in out.rglob("*")]
+    assert not any(n in ("metrics.json", "summary.csv", "model.ckpt", "predictions.csv") for n in names), names
+    assert not any(".tmp" in n for n in names), names
+
+
+# ---------------------------------------------------------------------------------------------- train-mil
+def _nan_slide(w):
+    write_feature_file(w["features"], "S000", np.full((5, 4), np.nan, np.float32))
+    return _train_mil_args(w, w["root"] / "new"), ["S000", "NaN|non-finite"]
+
+
+def _inf_weight_decay(w):
+    return _train_mil_args(w, w["root"] / "new", "--weight-decay", "inf"), ["fold 0", "not finite|non-finite|nan"]
+
+
+def _negative_hidden(w):
+    argv = _train_mil_args(w, w["root"] / "new")
+    argv[argv.index("--model-kwargs") + 1] = '{"hidden": -5}'
+    return argv, ["--model-kwargs", "hidden"]
+
+
+def _unknown_kwarg(w):
+    argv = _train_mil_args(w, w["root"] / "new")
+    argv[argv.index("--model-kwargs") + 1] = '{"hidden": 4, "depth": 3}'
+    return argv, ["--model-kwargs", "depth"]
+
+
+def _devices_zero(w):
+    return _train_mil_args(w, w["root"] / "new", "--devices", "0"), ["--devices", "0"]
+
+
+def _single_class_train(w):
+    labels = pd.read_csv(w["labels"])
+    neg, pos = labels[labels.label == "IDC"].slide_id.tolist(), labels[labels.label == "ILC"].slide_id.tolist()
+    write_splits_dir([make_fold(0, neg[:4], neg[4:5] + pos[:1], neg[5:] + pos[1:])], w["root"] / "sp1",
+                     source="t", command="t")
+    return _train_mil_args({**w, "splits": w["root"] / "sp1"}, w["root"] / "new"), ["fold 0", "same class"]
+
+
+def _empty_test(w):
+    labels = pd.read_csv(w["labels"]).slide_id.tolist()
+    write_splits_dir([make_fold(0, labels[:9], labels[9:], [])], w["root"] / "sp2", source="t", command="t")
+    return _train_mil_args({**w, "splits": w["root"] / "sp2"}, w["root"] / "new"), ["fold 0", "test part"]
+
+
+def _truncated_h5(w):
+    path = w["features"] / "S003.h5"
+    path.write_bytes(path.read_bytes()[:300])
+    return _train_mil_args(w, w["root"] / "new"), ["S003"]
+
+
+def _garbage_h5(w):
+    (w["features"] / "S004.h5").write_bytes(os.urandom(2048))
+    return _train_mil_args(w, w["root"] / "new"), ["S004"]
+
+
+def _labels_changed_in_place(w):
+    labels = pd.read_csv(w["labels"])
+    labels.loc[0, "label"] = "ILC" if labels.loc[0, "label"] == "IDC" else "IDC"
+    labels.to_csv(w["labels"], index=False)
+    return _train_mil_args(w, w["run"], "--folds", "0,1,2"), ["labels file content"]
+
+
+def _features_changed_in_place(w):
+    write_feature_file(w["features"], "S005", np.ones((6, 4), np.float32))
+    return _train_mil_args(w, w["run"]), ["feature file", "S005"]
+
+
+def _other_seed_on_resume(w):
+    return _train_mil_args(w, w["run"], "--seed", "7"), ["seed 0 -> 7"]
+
+
+def _out_is_a_file(w):
+    (w["root"] / "afile").write_text("x")
+    return _train_mil_args(w, w["root"] / "afile"), ["afile"]
+
+
+def _labels_missing_column(w):
+    pd.read_csv(w["labels"]).drop(columns=["label"]).to_csv(w["root"] / "l.csv", index=False)
+    return _train_mil_args({**w, "labels": w["root"] / "l.csv"}, w["root"] / "new"), ["label"]
+
+
+TRAIN_MIL_CASES = {
+    "nan features": _nan_slide, "weight decay inf": _inf_weight_decay, "hidden -5": _negative_hidden,
+    "unknown model kwarg": _unknown_kwarg, "devices 0": _devices_zero, "single-class train": _single_class_train,
+    "empty test": _empty_test, "truncated h5": _truncated_h5, "garbage h5": _garbage_h5,
+    "labels changed": _labels_changed_in_place, "features changed": _features_changed_in_place,
+    "other seed on resume": _other_seed_on_resume, "out is a file": _out_is_a_file,
+    "labels without label column": _labels_missing_column,
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_MIL_CASES))
+def test_train_mil_hostile(case, work, capsys):
+    import re
+
+    argv, needles = TRAIN_MIL_CASES[case](work)
+    before = snapshot(work["run"], work["splits"])
+    line = one_error(argv, capsys)
+    for needle in needles:
+        assert re.search(needle, line, re.IGNORECASE), line
+    assert snapshot(work["run"], work["splits"]) == before
+    _no_partial_output(work["root"] / "new")
+
+
+# ---------------------------------------------------------------------------------------------- report / compare
+def _report_missing(w):
+    return ["report", str(w["root"] / "nope")], ["nope"]
+
+
+def _report_on_a_file(w):
+    (w["root"] / "f.txt").write_text("x")
+    return ["report", str(w["root"] / "f.txt")], ["f.txt"]
+
+
+def _report_garbage_record(w):
+    (w["run"] / "config.json").write_text("{not json")
+    return ["report", str(w["run"]), "--out", str(w["root"] / "rep")], ["config.json"]
+
+
+def _report_foreign_record(w):
+    (w["run"] / "config.json").write_text(json.dumps({"format": "something-else"}))
+    return ["report", str(w["run"]), "--out", str(w["root"] / "rep")], ["not a train-mil run record"]
+
+
+def _report_nan_prediction(w):
+    path = w["run"] / "fold_1" / "predictions.csv"
+    frame = pd.read_csv(path)
+    frame.loc[frame.index[-1], "prob_ILC"] = np.nan
+    frame.to_csv(path, index=False)
+    return ["report", str(w["run"]), "--out", str(w["root"] / "rep")], ["prob_ILC", "fold_1"]
+
+
+def _report_negative_bootstrap(w):
+    return ["report", str(w["run"]), "--n-bootstrap", "-1"], ["--n-bootstrap"]
+
+
+def _report_out_is_a_file(w):
+    (w["root"] / "repfile").write_text("x")
+    return ["report", str(w["run"]), "--out", str(w["root"] / "repfile")], ["repfile"]
+
+
+def _compare_other_splits(w):
+    other = w["root"] / "run2"
+    shutil.copytree(w["run"], other)
+    record = json.loads((other / "config.json").read_text())
+    record["split_fingerprints"]["1"] = "0" * 64
+    (other / "config.json").write_text(json.dumps(record))
+    return ["compare", str(w["run"]), str(other), "--out", str(w["root"] / "cmp")], ["folds 1 differ"]
+
+
+def _compare_other_classes(w):
+    other = w["root"] / "run2"
+    shutil.copytree(w["run"], other)
+    record = json.loads((other / "config.json").read_text())
+    record["label_map"] = {"ILC": 0, "IDC": 1}
+    (other / "config.json").write_text(json.dumps(record))
+    return ["compare", str(w["run"]), str(other), "--out", str(w["root"] / "cmp")], ["classes"]
+
+
+def _compare_missing_run(w):
+    return ["compare", str(w["run"]), str(w["root"] / "ghost"), "--out", str(w["root"] / "cmp")], ["ghost"]
+
+
+REPORT_CASES = {
+    "report missing run": _report_missing, "report on a file": _report_on_a_file,
+    "report garbage record": _report_garbage_record, "report foreign record": _report_foreign_record,
+    "report nan prediction": _report_nan_prediction, "report negative bootstrap": _report_negative_bootstrap,
+    "report out is a file": _report_out_is_a_file, "compare other splits": _compare_other_splits,
+    "compare other classes": _compare_other_classes, "compare missing run": _compare_missing_run,
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPORT_CASES))
+def test_report_and_compare_hostile(case, work, capsys):
+    argv, needles = REPORT_CASES[case](work)
+    before = snapshot(work["run"])
+    line = one_error(argv, capsys)
+    assert all(n in line for n in needles), line
+    assert snapshot(work["run"]) == before
+    for name in ("rep", "cmp"):
+        out = work["root"] / name
+        assert not out.exists() or not any(p.is_file() for p in out.rglob("*")), list(out.rglob("*"))
+
+
+def test_bad_checkpoint_is_one_line_for_heatmap_and_library(work, capsys):
+    from mil.cv import load_fold_model
+    from zoomfeat.errors import CheckpointError
+
+    for content in (b"", b"not a checkpoint at all\n", os.urandom(4096)):
+        (work["run"] / "fold_0" / "model.ckpt").write_bytes(content)
+        with pytest.raises(CheckpointError, match="model.ckpt"):
+            load_fold_model(work["run"], 0)
+
+
+# ---------------------------------------------------------------------------------------------- splits
+def _hipt_like(w) -> tuple[Path, Path]:
+    labels = pd.read_csv(w["labels"]).rename(columns={"label": "oncotree_code"})
+    labels.to_csv(w["root"] / "hipt.csv", index=False)
+    return w["splits"], w["root"] / "hipt.csv"
+
+
+def _hipt_unknown_class(w):
+    splits, labels = _hipt_like(w)
+    return ["splits", "hipt", "--splits-dir", str(splits), "--labels", str(labels), "--out", str(w["root"] / "o"),
+            "--classes", "IDC,XYZ"], ["XYZ"], 2
+
+
+def _hipt_one_class(w):
+    splits, labels = _hipt_like(w)
+    return ["splits", "hipt", "--splits-dir", str(splits), "--labels", str(labels), "--out", str(w["root"] / "o"),
+            "--classes", "IDC"], ["two classes"], 2
+
+
+def _audit_missing_labels(w):
+    return ["splits", "audit", str(w["splits"]), "--labels", str(w["root"] / "none.csv")], ["none.csv"], 2
+
+
+def _simil_bad_fraction(w):
+    return ["splits", "simil", "--labels", str(w["labels"]), "--out", str(w["root"] / "o"), "--test-frac", "2"], \
+        ["test"], 2
+
+
+def _make_one_fold(w):
+    return ["splits", "make", "--labels", str(w["labels"]), "--out", str(w["root"] / "o"), "--folds", "1"], \
+        ["folds"], 2
+
+
+SPLITS_CASES = {"hipt unknown class": _hipt_unknown_class, "hipt one class": _hipt_one_class,
+                "audit missing labels": _audit_missing_labels, "simil bad fraction": _simil_bad_fraction,
+                "make one fold": _make_one_fold}
+
+
+@pytest.mark.parametrize("case", sorted(SPLITS_CASES))
+def test_splits_hostile(case, work, capsys):
+    argv, needles, code = SPLITS_CASES[case](work)
+    before = snapshot(work["splits"])
+    line = one_error(argv, capsys, code)
+    assert all(n in line for n in needles), line
+    assert snapshot(work["splits"]) == before
+    assert not (work["root"] / "o").exists() or not any((work["root"] / "o").iterdir())
+
+
+@pytest.mark.parametrize("bad", ["empty test", "single-class train"])
+def test_audit_strict_fails_on_untrainable_folds(bad, work, capsys):
+    ids = pd.read_csv(work["labels"])
+    neg, pos = ids[ids.label == "IDC"].slide_id.tolist(), ids[ids.label == "ILC"].slide_id.tolist()
+    fold = (make_fold(0, neg[:3] + pos[:3], neg[3:4] + pos[3:4], []) if bad == "empty test"
+            else make_fold(0, neg[:4], pos[:1], neg[4:] + pos[1:]))
+    write_splits_dir([fold], work["root"] / "sp", source="t", command="t")
+    argv = ["splits", "audit", str(work["root"] / "sp"), "--labels", str(work["labels"])]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("test part has no" in out) if bad == "empty test" else ("same class" in out), out
+    assert cli.main([*argv, "--strict"]) == 1
+    capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------------------------- train
+def _train_devices_zero(w):
+    return ["train", "--data", str(w["root"]), "--zoomldm", "tiny", "--out", str(w["root"] / "t"),
+            "--accelerator", "cpu", "--devices", "0"], ["--devices"]
+
+
+def _train_bad_precision(w):
+    return ["train", "--data", str(w["root"]), "--zoomldm", "tiny", "--out", str(w["root"] / "t"),
+            "--accelerator", "cpu", "--devices", "1", "--precision", "bf99"], ["precision"]
+
+
+def _train_not_a_trainset(w):
+    return ["train", "--data", str(w["root"]), "--zoomldm", "tiny", "--out", str(w["root"] / "t"),
+            "--accelerator", "cpu", "--devices", "1"], ["index.h5"]
+
+
+def _train_garbage_resume(w):
+    (w["root"] / "bad.ckpt").write_bytes(os.urandom(1000))
+    return ["train", "--data", str(w["root"]), "--zoomldm", "tiny", "--out", str(w["root"] / "t"),
+            "--accelerator", "cpu", "--devices", "1", "--resume", str(w["root"] / "bad.ckpt")], ["bad.ckpt"]
+
+
+def _train_text_resume(w):
+    (w["root"] / "notes.ckpt").write_text("a text file\n")
+    return ["train", "--data", str(w["root"]), "--zoomldm", "tiny", "--out", str(w["root"] / "t"),
+            "--accelerator", "cpu", "--devices", "1", "--resume", str(w["root"] / "notes.ckpt")], ["notes.ckpt"]
+
+
+TRAIN_CASES = {"devices 0": _train_devices_zero, "precision bf99": _train_bad_precision,
+               "not a training set": _train_not_a_trainset, "garbage resume": _train_garbage_resume,
+               "text resume": _train_text_resume}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_CASES))
+def test_train_hostile(case, work, capsys):
+    argv, needles = TRAIN_CASES[case](work)
+    line = one_error(argv, capsys)
+    assert all(n in line for n in needles), line
+    assert not (work["root"] / "t").exists() or not any(p.is_file() for p in (work["root"] / "t").rglob("*"))
+
+
+# ---------------------------------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_in_train_mil_prints_interrupted_and_exits_130(work, capsys, monkeypatch):
+    """Ctrl-C inside Lightning's loop (KeyboardInterrupt in a training step) reaches the CLI: 130, no leftovers."""
+    from mil.module import MILModule
+
+    def interrupt(self, batch, batch_idx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MILModule, "training_step", interrupt)
+    out = work["root"] / "new"
+    assert cli.main(_train_mil_args(work, out)) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    _no_partial_output(out)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Lightning's SIG_IGN undone
+
+
+@pytest.mark.slow
+def test_real_sigint_and_no_third_party_noise(base, tmp_path):
+    """A real SIGINT to a train-mil process: 'interrupted', exit 130, no temp file; a normal run prints no
+    Lightning tips, litlogger, eval-mode or pytree lines."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run([sys.executable, "-m", "cli", *_train_mil_args(base, tmp_path / "quiet")], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    noise = [line for line in ok.stderr.splitlines() if line.strip() and not line.startswith("warning:")]
+    assert not noise, noise
+    out = tmp_path / "long"
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *_train_mil_args(base, out, "--epochs", "100000")],
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "config.json").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    _no_partial_output(out)
