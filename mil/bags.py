@@ -8,51 +8,23 @@ through ``20x/parent_5x``). Any finer+coarser list works the same way; the fines
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
-import h5py
 import numpy as np
 import torch
 
 from zoomfeat.errors import ConfigError, DataError
-from zoomfeat.mags import mag_name, parse_mag
+from zoomfeat.features import FeatureSpec
+from zoomfeat.store import FeatureFile
+
+__all__ = ["Bag", "BagStore", "FeatureSpec", "MILDataWarning", "ScanResult", "load_bag", "read_extractor",
+           "scan_bags"]
 
 
 class MILDataWarning(UserWarning):
     """Slides left out of a run (no features, no label, empty bag): reported once, with a count."""
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """A feature set: ``directory`` of ``<slide_id>.h5`` files and the magnifications fused, finest first."""
-
-    directory: Path
-    mags: tuple[str, ...]
-
-    @classmethod
-    def parse(cls, text: str) -> "FeatureSpec":
-        """``"feats/zoomldm@20x+5x"`` -> FeatureSpec(Path("feats/zoomldm"), ("20x", "5x"))."""
-        folder, sep, mags_text = str(text).rpartition("@")
-        if not sep or not folder or not mags_text:
-            raise ConfigError(f"feature set {text!r} lacks a magnification: write DIR@20x or DIR@20x+5x")
-        names = [mag_name(parse_mag(m)) for m in mags_text.split("+") if m.strip()]
-        if len(set(names)) != len(names) or not names:
-            raise ConfigError(f"feature set {text!r}: repeated or empty magnification; write e.g. DIR@20x+5x")
-        ordered = tuple(sorted(names, key=parse_mag, reverse=True))
-        if tuple(names) != ordered:
-            raise ConfigError(f"feature set {text!r}: magnifications go finest first (the first one gives the "
-                              f"instances); write {folder}@{'+'.join(ordered)}")
-        return cls(Path(folder), ordered)
-
-    def __str__(self) -> str:
-        return f"{self.directory}@{'+'.join(self.mags)}"
-
-    def path(self, slide_id: str) -> Path:
-        return self.directory / f"{slide_id}.h5"
 
 
 @dataclass(frozen=True)
@@ -65,75 +37,29 @@ class Bag:
     coords_level0: np.ndarray
 
 
-def _group(fh: h5py.File, mag: str, path: Path) -> h5py.Group:
-    if mag not in fh or "features" not in fh[mag]:
-        present = ", ".join(k for k in fh.keys()) or "none"
-        raise DataError(f"{path}: no features at {mag} (groups present: {present}); "
-                        f"extract {mag} or change the feature set")
-    return fh[mag]
-
-
-def _check_complete(fh: h5py.File, path: Path) -> None:
-    if not bool(fh.attrs.get("complete", False)):
-        raise DataError(f"{path}: incomplete feature file (no 'complete' attribute); rerun the extraction")
-
-
-def _bag_shape(fh: h5py.File, spec: FeatureSpec, path: Path) -> tuple[int, int]:
-    """(N instances, fused dimension D) from dataset shapes only (no feature data is read)."""
-    _check_complete(fh, path)
-    groups = [_group(fh, m, path) for m in spec.mags]
-    n = int(groups[0]["features"].shape[0])
-    for coarse in spec.mags[1:]:
-        if f"parent_{coarse}" not in groups[0]:
-            raise DataError(f"{path}: group {spec.mags[0]} has no parent_{coarse}; extract with both "
-                            f"magnifications ({'+'.join(spec.mags)}) in one run")
-    return n, sum(int(g["features"].shape[1]) for g in groups)
-
-
-def _read_fused(fh: h5py.File, spec: FeatureSpec, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    fine = _group(fh, spec.mags[0], path)
-    parts = [np.asarray(fine["features"][()], dtype=np.float32)]
-    for coarse in spec.mags[1:]:
-        parents = np.asarray(fine[f"parent_{coarse}"][()], dtype=np.int64)
-        coarse_feats = np.asarray(_group(fh, coarse, path)["features"][()], dtype=np.float32)
-        if parents.size and (parents.min() < 0 or parents.max() >= len(coarse_feats)):
-            raise DataError(f"{path}: {spec.mags[0]}/parent_{coarse} points outside {coarse}/features "
-                            f"({len(coarse_feats)} rows); rerun the extraction")
-        parts.append(coarse_feats[parents])
-    coords = np.asarray(fine["coords"][()], dtype=np.int64)
-    return np.concatenate(parts, axis=1), coords
-
-
 def load_bag(spec: FeatureSpec, slide_id: str) -> Bag:
     """Read one slide's fused bag; float16 storage is upcast to float32. DataError for a missing,
-    incomplete or empty file."""
+    incomplete, empty or non-finite file."""
     path = spec.path(slide_id)
     if not path.is_file():
         raise DataError(f"{path}: feature file not found; extract slide {slide_id} or drop it from the split")
-    try:
-        with h5py.File(path, "r") as fh:
-            n, _ = _bag_shape(fh, spec, path)
-            if n == 0:
-                raise DataError(f"{path}: empty bag (0 instances at {spec.mags[0]}); "
-                                "check the tissue mask or drop the slide")
-            feats, coords = _read_fused(fh, spec, path)
-    except OSError as exc:
-        raise DataError(f"{path}: unreadable HDF5 file ({exc}); rerun the extraction") from exc
+    with FeatureFile(path) as f:
+        n, _ = f.require_complete().fused_shape(spec.mags)
+        if n == 0:
+            raise DataError(f"{path}: empty bag (0 instances at {spec.names[0]}); "
+                            "check the tissue mask or drop the slide")
+        feats, coords = f.fused(spec.mags)
+    if not np.isfinite(feats).all():
+        bad = int((~np.isfinite(feats)).any(axis=1).sum())
+        raise DataError(f"{path}: {bad} of {n} instances of slide {slide_id} have NaN or inf features; "
+                        "extract the slide again (and run `zoomfeat verify`) or drop it")
     return Bag(slide_id, torch.from_numpy(feats), coords)
 
 
 def read_extractor(spec: FeatureSpec, slide_id: str) -> tuple[str | None, dict | None]:
     """(``extractor``, parsed ``extractor_config``) root attributes of one feature file."""
-    with h5py.File(spec.path(slide_id), "r") as fh:
-        name = fh.attrs.get("extractor")
-        raw = fh.attrs.get("extractor_config")
-    name = name.decode() if isinstance(name, bytes) else name
-    raw = raw.decode() if isinstance(raw, bytes) else raw
-    try:
-        config = json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        config = {"raw": str(raw)}
-    return (str(name) if name is not None else None), config
+    with FeatureFile(spec.path(slide_id)) as f:
+        return f.extractor, f.extractor_config
 
 
 @dataclass(frozen=True)
@@ -170,8 +96,8 @@ def scan_bags(spec: FeatureSpec, slide_ids: Iterable[str]) -> ScanResult:
         if not path.is_file():
             missing.append(slide_id)
             continue
-        with h5py.File(path, "r") as fh:
-            n, d = _bag_shape(fh, spec, path)
+        with FeatureFile(path) as f:
+            n, d = f.require_complete().fused_shape(spec.mags)
         if dim is None:
             dim, first = d, path
         elif d != dim:

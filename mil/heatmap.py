@@ -17,7 +17,9 @@ import numpy as np
 from scipy.stats import rankdata
 
 from zoomfeat.errors import ConfigError, DataError
-from zoomfeat.mags import PATCH_SIZE, parse_mag
+from zoomfeat.features import FeatureSpec
+from zoomfeat.mags import PATCH_SIZE
+from zoomfeat.store import FeatureFile, atomic_write, fingerprint
 
 
 @dataclass(frozen=True)
@@ -30,23 +32,56 @@ class HeatmapResult:
     top_indices: tuple[int, ...]
 
 
-def attention_map(run_dir: str | Path, fold: int, slide_path: str | Path, spec) -> tuple[np.ndarray, np.ndarray]:
+def trained_spec(record, run_dir: str | Path, fold: int) -> FeatureSpec | None:
+    """The feature set fold ``fold`` of a run was trained on: its run record's (mil.record.RunRecord; the fold's
+    checkpoint is checked against it by mil.cv.load_fold_model)."""
+    return FeatureSpec.parse(record.feature_spec)
+
+
+def check_slide_identity(feature_file: FeatureFile, slide_path: str | Path) -> None:
+    """Refuse a slide that is not the file the features were made from (same stem, other file).
+
+    The feature file stores the slide's fingerprint (path, size, mtime): the size and the modification time
+    must match (a moved slide keeps both; another scan or a re-export does not)."""
+    stored = feature_file.slide_fingerprint
+    if not stored:
+        return  # written without a slide file (imported features): nothing to check
+    current = fingerprint(slide_path)
+    if stored.get("size") != current["size"] or stored.get("mtime_ns") != current["mtime_ns"]:
+        raise DataError(f"{slide_path} is not the slide the features in {feature_file.path} were made from "
+                        f"({stored.get('path')}, {stored.get('size')} bytes; this one has {current['size']} bytes or "
+                        "another modification time): give that slide file, or extract this slide's features")
+
+
+def attention_map(run_dir: str | Path, fold: int, slide_path: str | Path, spec=None) -> tuple[np.ndarray, np.ndarray]:
     """The fold model's attention on one slide: coords int64 [N, 2] (level-0 x, y) and attention float [N].
 
-    ``spec`` is a FeatureSpec or its text (``DIR@20x+5x``); its magnifications must be the run's.
+    ``spec`` is a FeatureSpec or its text (``DIR@20x+5x``), by default the one the fold was trained on; its
+    magnifications must be the run's. The slide must be the file the features were made from.
     """
+    return _attention(run_dir, fold, slide_path, spec)[1:]
+
+
+def _attention(run_dir, fold: int, slide_path, spec) -> tuple[FeatureSpec, np.ndarray, np.ndarray]:
     import torch
 
-    from mil.bags import FeatureSpec, load_bag
+    from mil.bags import load_bag
     from mil.cv import load_fold_model
 
-    spec = spec if isinstance(spec, FeatureSpec) else FeatureSpec.parse(str(spec))
     model, config = load_fold_model(run_dir, fold)
-    trained = config.get("checkpoint", {}).get("features") or config.get("config", {}).get("features")
-    if trained and FeatureSpec.parse(str(trained)).mags != spec.mags:
+    trained = trained_spec(config, run_dir, fold)
+    if spec is None:
+        if trained is None:
+            raise ConfigError(f"{run_dir} does not record its feature set: pass --features DIR@MAGS")
+        spec = trained
+    spec = FeatureSpec.parse(spec)
+    if trained is not None and trained.mags != spec.mags:
         raise ConfigError(f"fold {fold} of {run_dir} was trained on {trained}, not on {spec}: pass --features "
-                          f"DIR@{'+'.join(FeatureSpec.parse(str(trained)).mags)}")
-    bag = load_bag(spec, Path(slide_path).stem)
+                          f"DIR@{trained.mags_text}")
+    slide_id = Path(slide_path).stem
+    with FeatureFile(spec.path(slide_id)) as f:
+        check_slide_identity(f, slide_path)
+    bag = load_bag(spec, slide_id)
     model.eval()
     with torch.no_grad():
         out = model(bag.features.float())
@@ -54,7 +89,7 @@ def attention_map(run_dir: str | Path, fold: int, slide_path: str | Path, spec) 
     if attention.shape[0] != len(bag.coords_level0):
         raise DataError(f"model of fold {fold} returned {attention.shape[0]} attention values for "
                         f"{len(bag.coords_level0)} tiles of {spec.path(bag.slide_id)}")
-    return bag.coords_level0, attention
+    return spec, bag.coords_level0, attention
 
 
 def attention_percentiles(attention: np.ndarray) -> np.ndarray:
@@ -107,27 +142,38 @@ def montage(patches: list[np.ndarray], border: int = 4) -> np.ndarray:
 def _save_png(path: Path, pixels: np.ndarray) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path, format="PNG")
+    with atomic_write(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")
 
 
-def build_heatmap(run_dir: str | Path, fold: int, slide_path: str | Path, spec, out_png: str | Path, *,
+def build_heatmap(run_dir: str | Path, fold: int, slide_path: str | Path, spec, out_png: str | Path | None, *,
                   top: int = 16, max_size: int = 2048, alpha: float = 0.5, patch_px: int = PATCH_SIZE) -> HeatmapResult:
-    """Write the heatmap PNG and ``<stem>_top.png`` (the ``top`` most attended patches at the finest mag)."""
-    from mil.bags import FeatureSpec
+    """Write the heatmap PNG and ``<stem>_top.png`` (the ``top`` most attended patches at the finest mag).
+
+    ``spec`` None = the fold's own feature set; ``out_png`` None = ``<run>/heatmaps/<slide_id>_fold<k>.png``.
+    The scale comes from the feature file (its base magnification and tile sizes), so a slide without
+    usable metadata needs no ``--base-mag``.
+    """
     from zoomfeat.slides import Slide
 
     if top < 1 or max_size < 16 or not 0 < alpha <= 1:
         raise ConfigError(f"bad heatmap settings (top={top}, max_size={max_size}, alpha={alpha}): "
                           "use top >= 1, max size >= 16, 0 < alpha <= 1")
-    spec = spec if isinstance(spec, FeatureSpec) else FeatureSpec.parse(str(spec))
-    coords, attention = attention_map(run_dir, fold, slide_path, spec)
+    spec, coords, attention = _attention(run_dir, fold, slide_path, spec)
+    slide_id = Path(slide_path).stem
+    if out_png is None:
+        out_png = Path(run_dir) / "heatmaps" / f"{slide_id}_fold{fold}.png"
     out_png = Path(out_png)
     top_png = out_png.with_name(f"{out_png.stem}_top.png")
-    mag = parse_mag(spec.mags[0])
+    mag = spec.mags[0]
+    with FeatureFile(spec.path(slide_id)) as f:
+        base_mag = f.base_magnification
+        tile_level0 = f.grid().patch_size_level0.get(mag.name) or None
+    if base_mag is None:
+        raise DataError(f"{spec.path(slide_id)} records no base magnification: extract the slide again")
+    tile_level0 = tile_level0 or mag.level0_size(base_mag)
     order = np.argsort(-attention, kind="stable")[: min(top, len(attention))]
-    with Slide(slide_path) as slide:
-        tile_level0 = PATCH_SIZE * slide.downsample(mag)
+    with Slide(slide_path, base_mag=base_mag) as slide:
         thumb = slide.thumbnail(max_size)
         size = (slide.info.width, slide.info.height)
         patches = [slide.read_patch(int(coords[i, 0]), int(coords[i, 1]), mag, patch_px) for i in order]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Sequence
@@ -164,8 +163,8 @@ def write_labels(df: pd.DataFrame, path: str | Path) -> Path:
     _check_columns(df, [*ID_COLUMNS, "label"], path)
     first = [*ID_COLUMNS, "label"]
     out = df[first + [c for c in df.columns if c not in first]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    out.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    from zoomfeat.store import atomic_write
+
+    with atomic_write(path) as tmp:
+        out.to_csv(tmp, index=False)
     return path

@@ -36,9 +36,10 @@ def test_two_cpu_ranks_split_the_slides_and_match_one_process(tmp_path):
     assert two.stderr.count("extract: done 1, skipped 0, failed 1 in") == 2  # each rank's own summary
     assert "done 2, skipped 0, failed 2 over 2 ranks" in two.stderr
     errors = (tmp_path / "two" / "errors.csv").read_text().splitlines()
-    assert errors[0] == "slide,error" and sorted(Path(r.split(",")[0]).name for r in errors[1:]) == ["s2.svs",
-                                                                                                    "s3.svs"]
-    assert not (tmp_path / "two" / ".errors").exists()
+    assert errors[0] == "slide,error,traceback"
+    assert sorted(Path(r.split(",")[0]).name for r in errors[1:]) == ["s2.svs", "s3.svs"]
+    records = sorted(p.name for p in (tmp_path / "two" / ".errors").iterdir())
+    assert records == ["all.rank-0-of-2.csv", "all.rank-1-of-2.csv"]  # one record per rank, merged above
     one = _run(slides / "s0.svs", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-2000:]
     assert _run(slides / "s1.svs", tmp_path / "one").returncode == 0

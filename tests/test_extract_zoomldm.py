@@ -144,12 +144,12 @@ def test_interrupted_run_resumes_to_the_clean_result(clean_run, slides, tiny, tm
     real_call = ZoomLDMFeaturizer.__call__
     calls = {"n": 0}
 
-    def killed(self, images, grids, mag, mag_name, coords, slide_id):
-        if slide_id == "slide2":
+    def killed(self, batch):
+        if batch.slide_id == "slide2":
             calls["n"] += 1
             if calls["n"] == 2:  # after one batch of slide 2 was written to the temp file
                 raise KeyboardInterrupt
-        return real_call(self, images, grids, mag, mag_name, coords, slide_id)
+        return real_call(self, batch)
 
     monkeypatch.setattr(ZoomLDMFeaturizer, "__call__", killed)
     assert _extract(slides, out, tiny) == 130  # the CLI's exit code for an interrupt

@@ -175,3 +175,39 @@ def test_render_and_percentiles():
     assert (img[:32, :32] == 0).all() and (img[32:, 32:] == 255).all() and (img[:32, 32:] == 255).all()
     grid = montage([np.zeros((8, 8, 3), np.uint8)] * 3, border=2)
     assert grid.shape == (2 * 10 + 2, 2 * 10 + 2, 3) and (grid == 0).sum() == 3 * 8 * 8 * 3
+
+
+def test_heatmap_run_slide_needs_no_scale_flag(cohort, runs, tmp_path, capsys):
+    """`zoomfeat heatmap RUN SLIDE`: the fold's own feature set by default; a slide without usable scale
+    metadata (bogus mpp, no objective power) is drawn from the feature file's base magnification."""
+    from zoomfeat.slides import Slide
+    from zoomfeat.store import TileStoreWriter, h5_path
+    from zoomfeat.synthetic import write_synthetic_slide
+    from zoomfeat.tiling import make_grid
+
+    assert cli.main(["heatmap", str(runs[0]), str(cohort["slide"]), "--max-size", "256"]) == 0
+    assert (runs[0] / "heatmaps" / "target_fold0.png").is_file()
+    nometa = write_synthetic_slide(tmp_path / "nometa.tiff", size=2048, fmt="tiff", mpp=352.8, seed=3).path
+    with pytest.raises(Exception, match="--base-mag"):
+        Slide(nometa)
+    with Slide(nometa, base_mag=20.0) as slide:  # what extract --base-mag 20 did
+        grid = make_grid(slide, [20.0])
+        with TileStoreWriter(h5_path(tmp_path / "f", "nometa"), slide.info, grid, extractor="planted",
+                             feature_dim=DIM) as writer:
+            writer.write_features("20x", 0, np.random.default_rng(1).normal(size=(len(grid), DIM)))
+            writer.commit()
+    out = tmp_path / "n.png"
+    assert cli.main(["heatmap", str(runs[0]), str(nometa), "--features", f"{tmp_path / 'f'}@20x", "--out", str(out),
+                     "--max-size", "256", "--top", "2"]) == 0
+    assert out.is_file() and out.with_name("n_top.png").is_file()
+
+
+def test_heatmap_refuses_another_slide_with_the_same_stem(cohort, runs, tmp_path, capsys):
+    from zoomfeat.synthetic import write_synthetic_slide
+
+    other = write_synthetic_slide(tmp_path / "elsewhere" / "target.svs", size=2048, seed=11).path
+    out = tmp_path / "x.png"
+    assert cli.main(["heatmap", str(runs[0]), str(other), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not the slide the features in" in err[0] and str(cohort["slide"]) in err[0]
+    assert not out.exists()

@@ -7,15 +7,17 @@ patches or magnifications are deduplicated; background tiles are included, becau
 keeps one float32 row per distinct tile. Grids are gathered from that table on demand, a batch at a time, so
 memory does not grow with the number of patches times the grid area.
 
-Read once at 20x: given ``first`` (the 20x patches of the run, in their row order) and ``on_batch``, those
-tiles are embedded first, in batches of exactly the rows the 20x feature pass would read, and ``on_batch``
-gets each batch's pixels and embeddings, so the caller computes the 20x features from the same pixels
-instead of reading every tile a second time. The other tiles of the table are embedded after them.
+Read once at 20x: :class:`ConditioningStream` embeds ``first`` (the 20x patches of the run, in their row order)
+first and yields each batch (positions, pixels, embeddings) to the consumer, in batches of exactly the rows
+the 20x feature pass would read, so the extractor computes the 20x features from the same pixels instead of
+reading every tile a second time; :meth:`ConditioningStream.finish` then embeds the other tiles of the table
+and returns the :class:`ConditioningGrids`. No callback runs back into the caller.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +101,16 @@ class EmbeddingTable:
         return idx
 
 
+@dataclass(frozen=True)
+class EmbeddedBatch:
+    """One batch of 20x tiles: ``positions`` int64 [B] into the rows requested, ``images`` uint8 tensor
+    [B, 3, 256, 256], ``embeddings`` float32 [B, C]."""
+
+    positions: np.ndarray
+    images: object
+    embeddings: np.ndarray
+
+
 class _TileReader:
     """Reads 20x tiles of one slide with DataLoader workers and embeds them, batch by batch."""
 
@@ -110,20 +122,8 @@ class _TileReader:
         self.autocast = autocast or contextlib.nullcontext
         self.progress = progress
 
-    def embed(self, table: EmbeddingTable, first: np.ndarray | None, on_batch) -> None:
-        """Fill ``table.embeddings``: the rows of ``first`` (in its order, with ``on_batch``), then the rest."""
-        if len(table) == 0:
-            return
-        if first is None or len(first) == 0:
-            self._embed_rows(table, np.arange(len(table)), None)
-            return
-        first_rows = table.rows(np.asarray(first, np.int64).reshape(-1, 2))
-        rest = np.ones(len(table), dtype=bool)
-        rest[first_rows] = False
-        self._embed_rows(table, first_rows, on_batch)
-        self._embed_rows(table, np.flatnonzero(rest), None)
-
-    def _embed_rows(self, table: EmbeddingTable, rows: np.ndarray, on_batch) -> None:
+    def embed_rows(self, table: EmbeddingTable, rows: np.ndarray) -> Iterator[EmbeddedBatch]:
+        """Embed the table rows ``rows`` (in that order) into ``table.embeddings``, yielding each batch."""
         import torch
 
         from zoomfeat.patches import TilePatchDataset, patch_loader
@@ -139,12 +139,52 @@ class _TileReader:
                     emb = self.encoder(self.encoder.preprocess(images.to(self.device, non_blocking=True)))
                 emb = emb.float().cpu().numpy()
                 table.embeddings[rows[positions]] = emb
-                if on_batch is not None:
-                    on_batch(positions, images, emb)
                 if self.progress is not None:
                     self.progress(len(positions))
+                yield EmbeddedBatch(positions, images, emb)
         finally:
             dataset.close()
+
+
+class ConditioningStream:
+    """The conditioning of one slide computed as a stream: iterate to get the batches of ``first`` (20x tiles,
+    all under requested patches) as they are embedded, then :meth:`finish` for the grids.
+
+    Arguments as :class:`ConditioningGrids` (``encoder`` required). Iterating is optional: :meth:`finish`
+    embeds whatever has not been embedded yet.
+    """
+
+    def __init__(self, slide_path, coords_by_mag: Mapping[str, np.ndarray], encoder, batch_size: int = 32,
+                 workers: int = 0, device="cpu", *, base_mag: float, slide_kwargs: Mapping | None = None,
+                 autocast: Callable | None = None, progress: Callable[[int], None] | None = None,
+                 first: np.ndarray | None = None):
+        self.coords_by_mag, self.base_mag = dict(coords_by_mag), float(base_mag)
+        self.lattices = {name: lattice_20x(c, name, self.base_mag) for name, c in coords_by_mag.items()}
+        union = np.concatenate([v.reshape(-1, 2) for v in self.lattices.values()] + [np.zeros((0, 2), np.int64)])
+        self.table = EmbeddingTable(np.unique(union, axis=0), dim=encoder.spec.dim)
+        self._reader = _TileReader(slide_path, encoder, batch_size, workers, device, dict(slide_kwargs or {}),
+                                   autocast, progress)
+        self._first_rows = (self.table.rows(np.asarray(first, np.int64).reshape(-1, 2))
+                            if first is not None and len(first) else np.zeros(0, np.int64))
+        self._first_done = False
+
+    def __iter__(self) -> Iterator[EmbeddedBatch]:
+        """Batches of ``first``, in its order (positions index into ``first``)."""
+        if self._first_done:
+            return
+        yield from self._reader.embed_rows(self.table, self._first_rows)
+        self._first_done = True
+
+    def finish(self) -> ConditioningGrids:
+        """Embed the remaining tiles and return the grids of every requested patch."""
+        if not self._first_done:
+            for _ in self:
+                pass
+        rest = np.ones(len(self.table), dtype=bool)
+        rest[self._first_rows] = False
+        for _ in self._reader.embed_rows(self.table, np.flatnonzero(rest)):
+            pass
+        return ConditioningGrids(None, self.coords_by_mag, base_mag=self.base_mag, table=self.table)
 
 
 class ConditioningGrids:
@@ -155,10 +195,7 @@ class ConditioningGrids:
     in batches) or build from precomputed embeddings with :meth:`from_embeddings`. ``base_mag`` is the slide's
     base magnification (it fixes the 20x tile size in level-0 px; read from the slide when None); ``slide_kwargs`` (``base_mag``/``mpp``
     overrides) go to the patch dataset; ``autocast`` is a context-manager factory wrapped around the encoder.
-    ``first`` (int64 [N, 2] 20x tile corners, all in the table) are embedded first, in that order and in
-    batches of ``batch_size``; ``on_batch(positions, images, embeddings)`` is then called per batch with the
-    positions into ``first`` (int64 [B]), the pixels (uint8 tensor [B, 3, 256, 256]) and the embeddings
-    (float32 [B, C]).
+    To consume the 20x batches as they are embedded, use :class:`ConditioningStream` instead.
     """
 
     def __init__(
@@ -175,8 +212,6 @@ class ConditioningGrids:
         autocast: Callable | None = None,
         progress: Callable[[int], None] | None = None,
         table: EmbeddingTable | None = None,
-        first: np.ndarray | None = None,
-        on_batch: Callable[[np.ndarray, object, np.ndarray], None] | None = None,
     ):
         if base_mag is None:  # read from the slide (honouring --base-mag / --mpp overrides)
             from zoomfeat.slides import Slide
@@ -185,15 +220,14 @@ class ConditioningGrids:
                 base_mag = slide.info.base_magnification
         self.base_mag = float(base_mag)
         self._index: dict[str, np.ndarray] = {}
+        if table is None and encoder is not None:
+            table = ConditioningStream(slide_path, coords_by_mag, encoder, batch_size, workers, device,
+                                       base_mag=self.base_mag, slide_kwargs=slide_kwargs, autocast=autocast,
+                                       progress=progress).finish().table
         lattices = {name: lattice_20x(c, name, self.base_mag) for name, c in coords_by_mag.items()}
         if table is None:
             union = np.concatenate([v.reshape(-1, 2) for v in lattices.values()] + [np.zeros((0, 2), np.int64)])
-            union = np.unique(union, axis=0)
-            table = EmbeddingTable(union, dim=encoder.spec.dim if encoder is not None else 0)
-            if encoder is not None:
-                reader = _TileReader(slide_path, encoder, batch_size, workers, device, slide_kwargs or {},
-                                     autocast, progress)
-                reader.embed(table, first, on_batch)
+            table = EmbeddingTable(np.unique(union, axis=0), dim=0)
         for name, lat in lattices.items():
             self._index[mag_name(name)] = table.rows(lat).astype(np.int32)
         self.table = table

@@ -23,6 +23,7 @@ _THIRD_PARTY_NOISE = (
     r".*LitLogger.*",
     r".*is in eval mode.*",
     r".*modules in eval mode.*",
+    r".*module\(s\) in eval mode.*",
     r".*pytree.*",
     r".*_register_pytree_node.*",
     r".*GPU available but not used.*",
@@ -61,10 +62,22 @@ class _CliFormatter(logging.Formatter):
         return message
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (not the stream at install time: tests and redirections swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_cli_logging(debug: bool = False) -> None:
     """Print the zoomfeat logger on stderr in the CLI's one-line form; idempotent."""
     if not any(getattr(h, "_zoomfeat_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(_CliFormatter())
         handler._zoomfeat_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)

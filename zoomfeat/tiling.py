@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zoomfeat.errors import SlideError
+from zoomfeat.errors import DataError, SlideError
 from zoomfeat.mags import PATCH_SIZE, mag_name, parse_mag
 from zoomfeat.tissue import TissueMask, TissueParams, tissue_mask
 
@@ -99,16 +99,33 @@ def _order(coords: np.ndarray, size: int, coarsest: int) -> np.ndarray:
 
 
 def _parent_rows(fine: np.ndarray, coarse: np.ndarray, coarse_size: int) -> np.ndarray:
-    """Row in ``coarse`` of the tile containing each ``fine`` tile, int64 [N]."""
+    """Row in ``coarse`` of the tile containing each ``fine`` tile, int64 [N]; DataError when one has none."""
     if len(fine) == 0:
         return np.zeros(0, np.int64)
+    if len(coarse) == 0:
+        raise DataError(f"{len(fine)} tiles but no coarser tile to contain them")
     cells = coarse // coarse_size
-    lookup = np.full((cells[:, 1].max() + 1, cells[:, 0].max() + 1), -1, np.int64)
+    fine_cells = fine // coarse_size
+    shape = (max(cells[:, 1].max(), fine_cells[:, 1].max()) + 1, max(cells[:, 0].max(), fine_cells[:, 0].max()) + 1)
+    lookup = np.full(shape, -1, np.int64)
     lookup[cells[:, 1], cells[:, 0]] = np.arange(len(coarse))
-    rows = lookup[fine[:, 1] // coarse_size, fine[:, 0] // coarse_size]
-    if (rows < 0).any():  # cannot happen by construction; guards a future change
-        raise RuntimeError("tile grid invariant broken: a kept tile has no kept parent")
+    rows = lookup[fine_cells[:, 1], fine_cells[:, 0]]
+    if (rows < 0).any():
+        x, y = fine[int(np.flatnonzero(rows < 0)[0])]
+        raise DataError(f"the tile at level-0 ({x}, {y}) lies in no coarser tile of {coarse_size} px")
     return rows
+
+
+def grid_from_coords(coords: dict[str, np.ndarray], base_mag: float) -> TileGrid:
+    """A TileGrid from given tile corners per magnification (rows kept in the given order); the parent
+    links come from the geometry (DataError when a tile lies in no coarser tile)."""
+    mags = tuple(sorted((parse_mag(m) for m in coords), reverse=True))
+    names = [m.name for m in mags]
+    sizes = {m.name: m.level0_size(base_mag) for m in mags}
+    arrays = {n: np.asarray(coords[n], np.int64).reshape(-1, 2) for n in names}
+    parents = {f: {c: _parent_rows(arrays[f], arrays[c], sizes[c]) for c in names[i + 1 :]}
+               for i, f in enumerate(names)}
+    return TileGrid(mags=mags, coords=arrays, parents=parents, patch_size_level0=sizes)
 
 
 def make_grid(slide, mags: Sequence[float], tissue: TissueParams = TissueParams()) -> TileGrid:
@@ -133,3 +150,56 @@ def make_grid(slide, mags: Sequence[float], tissue: TissueParams = TissueParams(
         raise SlideError(f"{info.path}: no tissue found (no {mag_name(mags[0])} tile reaches --min-tissue "
                          f"{tissue.min_tissue:g}): lower --min-tissue or --saturation-threshold, or exclude the slide")
     return grid
+
+
+def restrict_grid(grid: TileGrid, names: Sequence[str], source) -> TileGrid:
+    """The part of a stored tile grid at the magnifications ``names`` (parents kept among them)."""
+    missing = [n for n in names if n not in grid.coords]
+    if missing:
+        raise DataError(f"tile store {source} has no {missing[0]} tiles: re-run `zoomfeat tile` with "
+                        f"--mags {','.join(names)} or drop --tiles")
+    mags = tuple(m for m in grid.mags if mag_name(m) in names)
+    parents = {n: {p: a for p, a in grid.parents.get(n, {}).items() if p in names} for n in names}
+    return TileGrid(mags=mags, coords={n: grid.coords[n] for n in names}, parents=parents,
+                    patch_size_level0={n: grid.patch_size_level0[n] for n in names})
+
+
+def slide_tile_grid(slide, mags: Sequence[float], tissue: TissueParams = TissueParams(), tiles_dir=None, *,
+                    drop_larger_than_slide: bool = False) -> TileGrid:
+    """A slide's tile grid, the one way ``tile``, ``extract`` and ``prepare-train`` get it.
+
+    With ``tiles_dir`` (the ``--out`` of ``zoomfeat tile``) the stored grid of this slide is read and cut to
+    ``mags`` (SlideError when the slide has no complete, same-file tile store there); otherwise it is made
+    with :func:`make_grid` and ``tissue``. ``drop_larger_than_slide`` leaves out (as empty) the magnifications
+    whose tile is larger than the slide itself (prepare-train trains on whole patches only).
+    """
+    names = [mag_name(m) for m in sorted({parse_mag(m) for m in mags}, reverse=True)]
+    if tiles_dir is not None:
+        from zoomfeat.store import h5_path, is_complete, read_grid
+
+        path = h5_path(tiles_dir, slide.info.slide_id)
+        if not is_complete(path, slide.info.path):
+            raise SlideError(f"no complete tile store {path} of {slide.info.path}: run `zoomfeat tile` for this "
+                             "slide or drop --tiles")
+        grid = restrict_grid(read_grid(path), names, path)
+    else:
+        info = slide.info
+        fits = [n for n in names if not drop_larger_than_slide
+                or parse_mag(n).level0_size(info.base_magnification) <= min(info.width, info.height)]
+        grid = make_grid(slide, fits, tissue) if fits else None
+    if grid is None or len(grid.names) < len(names):
+        return _with_empty(grid, names)
+    return grid
+
+
+def _with_empty(grid: TileGrid | None, names: Sequence[str]) -> TileGrid:
+    """``grid`` plus empty entries for the magnifications of ``names`` it lacks (coarser ones than it has)."""
+    coords = {n: np.zeros((0, 2), np.int64) for n in names}
+    parents = {n: {c: np.zeros(0, np.int64) for c in names[i + 1 :]} for i, n in enumerate(names)}
+    sizes = {n: 0 for n in names}
+    if grid is not None:
+        for n in grid.names:
+            coords[n], sizes[n] = grid.coords[n], grid.patch_size_level0[n]
+            parents[n].update(grid.parents[n])
+    return TileGrid(mags=tuple(parse_mag(n) for n in names), coords=coords, parents=parents,
+                    patch_size_level0=sizes)

@@ -9,10 +9,13 @@ HELP = "export zoomfeat feature files to the CLAM (h5_files + pt_files) or TRIDE
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("features", metavar="DIR", help="feature folder written by `zoomfeat extract`")
-    parser.add_argument("--format", required=True, choices=("clam", "trident"), help="target layout")
-    parser.add_argument("--mag", default="20x", help="magnification to export (default 20x)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--encoder-name", help="TRIDENT folder suffix (default: the files' extractor)")
+    layout = parser.add_argument_group("export")
+    layout.add_argument("--format", required=True, choices=("clam", "trident"), help="target layout (required)")
+    layout.add_argument("--mag", default="20x", help="magnification to export, e.g. 5x (default 20x)")
+    layout.add_argument("--encoder-name", help="TRIDENT folder suffix (default: the files' extractor attribute)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", required=True, help="output folder (refused when it holds an export of another "
+                        "folder, format or magnification)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = ExportConfig(src_dir=Path(args.features), fmt=args.format, mag=args.mag, out_dir=Path(args.out),
                        encoder=args.encoder_name)
     result = export_features(cfg)
-    for path in result.skipped:
-        print(f"warning: {path} is incomplete; not exported (re-run `zoomfeat extract`)", file=sys.stderr)
-    print(f"export: {len(result.written)} files written to {cfg.out_dir} ({cfg.fmt}, {cfg.mag})", file=sys.stderr)
-    return 0
+    for path, reason in result.skipped.items():
+        print(f"error: {reason}" if str(path) in reason else f"error: {path}: {reason}", file=sys.stderr)
+    print(f"export: {len(result.written)} files written to {cfg.out_dir} ({cfg.fmt}, {cfg.mag}); "
+          f"{len(result.skipped)} skipped", file=sys.stderr)
+    return result.exit_code

@@ -4,47 +4,58 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.commands.options import add_scale_group, add_shard_option, add_tissue_group
+
 HELP = "extract ZoomLDM (or UNI/Phikon/CTransPath/toy baseline) features per slide and magnification"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slides", nargs="+", metavar="SLIDE_OR_DIR", help="slide files or folders of slides")
-    parser.add_argument("--out", required=True, help="output folder: <out>/<slide_id>.h5")
-    parser.add_argument("--encoder", default="zoomldm", help="zoomldm (default) or a baseline: uni, phikon, "
-                        "ctranspath, toy")
-    parser.add_argument("--zoomldm", metavar="CONFIG_OR_DIR", help="official ZoomLDM config.yaml or its folder "
-                        "(with weights.ckpt)")
-    parser.add_argument("--weights", metavar="CKPT", help="ZoomLDM checkpoint (default: beside the config), or the "
-                        "baseline encoder's weight file/folder")
-    parser.add_argument("--conditioner", default="uni", metavar="uni=PATH|toy",
-                        help="20x encoder whose embeddings condition ZoomLDM (default uni; needs uni=PATH)")
-    parser.add_argument("--mags", default="20x,5x", help="magnifications, e.g. 20x,5x (default)")
-    parser.add_argument("--timestep", type=int, default=50, help="diffusion timestep of the features (default 50)")
-    parser.add_argument("--block", type=int, default=3, help="U-Net output block (default 3)")
-    parser.add_argument("--pooling", default="mean", choices=("mean", "meanmax"), help="spatial pooling")
-    parser.add_argument("--noise", default="seeded", choices=("seeded", "none"),
-                        help="noise at t seeded by (slide, mag, x, y), or none (clean latent)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers reading tiles")
-    parser.add_argument("--device", "--accelerator", dest="device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="where the networks run (auto = cuda when visible)")
-    parser.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes) per node; "
-                        "more than 1 runs DDP through Lightning Fabric, one slide shard per rank")
-    parser.add_argument("--num-nodes", type=int, default=1, help="nodes of a multi-node run (torchrun/SLURM)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    parser.add_argument("--shard", metavar="i/n", help="process shard i of n (job arrays); with --devices, "
-                        "the ranks split that shard")
-    parser.add_argument("--tiles", metavar="DIR", help="tile stores from `zoomfeat tile` (default: tile on the fly)")
-    parser.add_argument("--conditioning", metavar="DIR", help="read the 20x conditioning embeddings from this "
+    model = parser.add_argument_group("model")
+    model.add_argument("--encoder", default="zoomldm", help="zoomldm (default) or a baseline: uni, phikon, "
+                       "ctranspath, toy")
+    model.add_argument("--zoomldm", metavar="CONFIG_OR_DIR", help="official ZoomLDM config.yaml or its folder "
+                       "(with weights.ckpt); needed for --encoder zoomldm")
+    model.add_argument("--weights", metavar="CKPT", help="ZoomLDM checkpoint (default: beside the config), or the "
+                       "baseline encoder's weight file/folder")
+    model.add_argument("--conditioner", default="uni", metavar="uni=PATH|toy",
+                       help="20x encoder whose embeddings condition ZoomLDM (default uni; needs uni=PATH)")
+    model.add_argument("--timestep", type=int, default=50, help="diffusion timestep of the features, in steps "
+                       "(default 50)")
+    model.add_argument("--block", type=int, default=3, help="U-Net output block whose activation is the feature "
+                       "(default 3)")
+    model.add_argument("--pooling", default="mean", choices=("mean", "meanmax"),
+                       help="spatial pooling of the block's activation (default mean)")
+    model.add_argument("--noise", default="seeded", choices=("seeded", "none"),
+                       help="noise at t seeded by (slide, mag, x, y), or none (clean latent); default seeded")
+    model.add_argument("--toy-seed", type=int, default=0, help="seed of the toy encoder/conditioner (default 0)")
+    grid = parser.add_argument_group("grid")
+    grid.add_argument("--mags", default="20x,5x", help="magnifications, e.g. 20x,5x (default)")
+    grid.add_argument("--tiles", metavar="DIR", help="tile stores from `zoomfeat tile` (default: tile on the fly "
+                      "with the tissue flags below)")
+    add_tissue_group(parser)
+    add_scale_group(parser)
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", required=True, help="output folder: <out>/<slide_id>.h5 (refused when it holds "
+                        "features made with other settings)")
+    output.add_argument("--conditioning", metavar="DIR", help="read the 20x conditioning embeddings from this "
                         "folder (written by an earlier run) instead of computing them")
-    parser.add_argument("--conditioning-out", metavar="DIR", help="where the computed conditioning embeddings "
-                        "are written as feature files (default: <out>/../<conditioner>)")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--base-mag", type=float, help="objective power of level 0, when the slide lacks it")
-    group.add_argument("--mpp", type=float, help="microns per level-0 px, when the slide lacks it")
-    parser.add_argument("--min-tissue", type=float, default=0.25, help="minimum tissue fraction of a kept tile")
-    parser.add_argument("--toy-seed", type=int, default=0, help="seed of the toy encoder/conditioner")
+    output.add_argument("--conditioning-out", metavar="DIR", help="where the computed conditioning embeddings "
+                        "are written as feature files (default: <out>/../<conditioner>; refused when it holds "
+                        "other features)")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--batch-size", type=int, default=32, help="patches per forward pass (default 32)")
+    runtime.add_argument("--workers", type=int, default=2, help="DataLoader worker processes reading tiles "
+                         "(default 2)")
+    runtime.add_argument("--device", "--accelerator", dest="device", default="auto", choices=("auto", "cpu", "cuda"),
+                         help="where the networks run (default auto = cuda when visible)")
+    runtime.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes) per node, "
+                         ">= 1 (default 1); more than 1 runs DDP through Lightning Fabric, one slide shard per rank")
+    runtime.add_argument("--num-nodes", type=int, default=1, help="nodes of a multi-node run (torchrun/SLURM; "
+                         "default 1)")
+    runtime.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                         help="auto (default) = bf16 autocast on CUDA, fp32 on CPU")
+    add_shard_option(runtime)
 
 
 def _conditioner(value: str) -> tuple[str, str | None]:
@@ -93,6 +104,7 @@ def build_config(args: argparse.Namespace):
         conditioning_dir=Path(args.conditioning) if args.conditioning else None,
         conditioning_out=Path(args.conditioning_out) if args.conditioning_out else None,
         base_mag=args.base_mag, mpp=args.mpp, min_tissue=args.min_tissue, toy_seed=args.toy_seed,
+        saturation_threshold=args.saturation_threshold, min_saturation=args.min_saturation, mask_mag=args.mask_mag,
     )
 
 

@@ -8,20 +8,36 @@ HELP = "attention heatmap of a train-mil fold model on one slide, and a montage 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, metavar="RUN_DIR", help="a train-mil run directory")
-    parser.add_argument("--fold", required=True, type=int, metavar="K", help="fold whose model is used")
-    parser.add_argument("--slide", required=True, metavar="SLIDE", help="slide file (its slide_id is the stem)")
-    parser.add_argument("--features", required=True, metavar="SPEC", help="feature set, e.g. feats/zoomldm@20x+5x")
-    parser.add_argument("--out", required=True, metavar="PNG", help="heatmap PNG; <stem>_top.png goes beside it")
-    parser.add_argument("--top", type=int, default=16, help="number of top-attended patches in the montage")
-    parser.add_argument("--max-size", type=int, default=2048, help="longest side of the thumbnail, px")
-    parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the attention colours")
+    parser.add_argument("run_pos", nargs="?", metavar="RUN_DIR", help="a train-mil run directory")
+    parser.add_argument("slide_pos", nargs="?", metavar="SLIDE", help="slide file (its slide_id is the stem); it "
+                        "must be the file the features were extracted from (checked by fingerprint)")
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument("--run", metavar="RUN_DIR", help="the run directory (same as the first argument)")
+    inputs.add_argument("--slide", metavar="SLIDE", help="the slide file (same as the second argument)")
+    inputs.add_argument("--fold", type=int, default=0, metavar="K", help="fold whose model is used (default 0)")
+    inputs.add_argument("--features", metavar="SPEC", help="feature set, e.g. feats/zoomldm@20x+5x (default: the one "
+                        "the fold was trained on); the scale comes from its files, no --base-mag needed")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", metavar="PNG", help="heatmap PNG (default <run>/heatmaps/<slide_id>_fold<K>.png); "
+                        "<stem>_top.png goes beside it")
+    output.add_argument("--top", type=int, default=16, help="number of top-attended patches in the montage "
+                        "(default 16)")
+    output.add_argument("--max-size", type=int, default=2048, help="longest side of the thumbnail in px "
+                        "(default 2048)")
+    output.add_argument("--alpha", type=float, default=0.5, help="opacity of the attention colours, 0-1 "
+                        "(default 0.5)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from zoomfeat.errors import ConfigError
+
+    run_dir = args.run or args.run_pos
+    slide = args.slide or args.slide_pos
+    if not run_dir or not slide:
+        raise ConfigError("heatmap needs a run directory and a slide: zoomfeat heatmap RUN_DIR SLIDE")
     from mil.heatmap import build_heatmap
 
-    result = build_heatmap(args.run, args.fold, args.slide, args.features, args.out, top=args.top,
+    result = build_heatmap(run_dir, args.fold, slide, args.features, args.out, top=args.top,
                            max_size=args.max_size, alpha=args.alpha)
     print(f"{result.n_tiles} tiles: wrote {result.heatmap_png} and {result.top_png}")
     return 0

@@ -5,31 +5,42 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from zoomfeat.commands.options import add_scale_group, add_tissue_group, tissue_params
+
 HELP = "write a ZoomLDM training set: per-magnification latents and 20x conditioning grids in HDF5 shards"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slides", nargs="+", help="slide files and/or folders holding slides")
-    parser.add_argument("--out", required=True, help="output folder (index.h5, shards/<slide_id>.h5)")
-    parser.add_argument("--conditioner", required=True,
-                        help="conditioning encoder of the 20x tiles: uni=PATH (UNI weights) or toy (random, tests)")
-    parser.add_argument("--conditioner-dim", type=int, default=None,
-                        help="toy conditioner width (default: the model's Summarizer input channels)")
-    parser.add_argument("--mags", default="all", help="magnifications: all (default) or e.g. 20x,10x,5x")
-    parser.add_argument("--zoomldm", default="tiny",
-                        help="official config.yaml or release folder whose first stage encodes the latents "
-                             "(default: tiny, the packaged CPU-sized config)")
-    parser.add_argument("--zoomldm-weights", default=None,
-                        help="weights.ckpt for the first stage (default: <folder>/weights.ckpt, else random init)")
-    parser.add_argument("--max-patches-per-mag", type=int, default=None,
-                        help="at most N patches per slide and magnification (a reproducible random subset)")
-    parser.add_argument("--batch-size", type=int, default=32, help="patches per batch for the encoders")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes reading tiles")
-    parser.add_argument("--device", default="cpu", help="torch device for the encoders (cpu, cuda, cuda:1)")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--base-mag", type=float, help="objective power of level 0, when the slides lack it")
-    group.add_argument("--mpp", type=float, help="microns per level-0 px, when the slides lack it")
-    parser.add_argument("--seed", type=int, default=0, help="subset draws and the random init of toy/tiny models")
+    model = parser.add_argument_group("model")
+    model.add_argument("--conditioner", required=True,
+                       help="conditioning encoder of the 20x tiles: uni=PATH (UNI weights) or toy (random, tests)")
+    model.add_argument("--conditioner-dim", type=int, default=None,
+                       help="toy conditioner width (default: the model's Summarizer input channels)")
+    model.add_argument("--zoomldm", default="tiny",
+                       help="official config.yaml or release folder whose first stage encodes the latents "
+                            "(default: tiny, the packaged CPU-sized config)")
+    model.add_argument("--zoomldm-weights", default=None,
+                       help="weights.ckpt for the first stage (default: <folder>/weights.ckpt, else random init)")
+    grid = parser.add_argument_group("grid")
+    grid.add_argument("--mags", default="all", help="magnifications: all (default) or e.g. 20x,10x,5x")
+    grid.add_argument("--max-patches-per-mag", type=int, default=None,
+                      help="at most N patches per slide and magnification (a reproducible random subset; "
+                           "default: all)")
+    add_tissue_group(parser)
+    add_scale_group(parser)
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", required=True, help="output folder (index.h5, shards/<slide_id>.h5); refused when "
+                        "it holds a training set made with other settings")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--batch-size", type=int, default=32, help="patches per batch for the encoders "
+                         "(default 32)")
+    runtime.add_argument("--workers", type=int, default=0, help="DataLoader worker processes reading tiles "
+                         "(default 0)")
+    runtime.add_argument("--device", default="cpu", help="torch device for the encoders: cpu (default), cuda, "
+                         "cuda:1")
+    runtime.add_argument("--seed", type=int, default=0, help="subset draws and the random init of toy/tiny models "
+                         "(default 0)")
 
 
 def parse_conditioner(value: str) -> tuple[str, Path | None]:
@@ -56,7 +67,7 @@ def build_config(args: argparse.Namespace):
         zoomldm_weights=Path(args.zoomldm_weights) if args.zoomldm_weights else None,
         mags=parse_mags(args.mags), max_patches_per_mag=args.max_patches_per_mag,
         conditioner_dim=args.conditioner_dim, batch_size=args.batch_size, workers=args.workers,
-        device=args.device, seed=args.seed, base_mag=args.base_mag, mpp=args.mpp)
+        device=args.device, seed=args.seed, base_mag=args.base_mag, mpp=args.mpp, tissue=tissue_params(args))
 
 
 def run(args: argparse.Namespace) -> int:

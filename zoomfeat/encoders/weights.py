@@ -7,7 +7,6 @@ unexpected and mis-shaped keys.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,8 +30,10 @@ def resolve_file(path: str | Path, names: Sequence[str], encoder: str) -> Path:
         for name in names:
             if (path / name).is_file():
                 return path / name
-        raise ConfigError(f"{encoder}: no weight file in folder {path}: expected one of "
-                          f"{', '.join(names)}; pass the file or a folder that holds it")
+        inside = sorted(p.name for p in path.iterdir())[:5]
+        raise ConfigError(f"{encoder}: folder {path} exists but holds no weight file: expected one of "
+                          f"{', '.join(names)} inside it (found: {', '.join(inside) or 'nothing'}); pass the file "
+                          "or a folder that holds it")
     raise ConfigError(f"{encoder}: weight path {path} does not exist: pass the official file "
                       f"({' or '.join(names)}) or a folder that holds it")
 
@@ -43,6 +44,9 @@ def read_state_dict(path: Path, container_key: str | None = None) -> dict[str, t
     ``container_key`` (e.g. ``"model"``) unwraps a dict that holds the state_dict under that key; a file
     without it is taken as the state_dict itself.
     """
+    from zoomfeat.model.checkpoint import check_checkpoint_file
+
+    check_checkpoint_file(path, "a torch or .safetensors weight file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -50,7 +54,7 @@ def read_state_dict(path: Path, container_key: str | None = None) -> dict[str, t
             obj = load_file(str(path), device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+    except Exception as error:  # torch.load raises KeyError/IndexError/EOFError ... on foreign bytes
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot read weight file {path}: {reason}; "
                               "pass the official, unmodified file") from error

@@ -2,7 +2,7 @@
 
 ``extract(cfg, slides)`` runs the whole batch (see :mod:`zoomfeat.extract.runner`); the per-batch
 computations live in :mod:`zoomfeat.extract.zoomldm` and :mod:`zoomfeat.extract.baseline`. Heavy imports
-(torch, h5py, openslide) happen in the submodules, not here.
+(torch, HDF5, openslide) happen in the submodules, not here.
 """
 
 from zoomfeat.extract.config import ExtractConfig

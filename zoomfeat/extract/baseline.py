@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from zoomfeat.extract.featurizer import PatchBatch
 
 
 @dataclass
@@ -17,15 +19,15 @@ class EncoderFeaturizer:
     encoder: torch.nn.Module
     device: str = "cpu"
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    provenance: dict = field(default_factory=dict)  # the feature files' extractor_config (set by the loader)
 
     @property
     def dim(self) -> int:
         return int(self.encoder.spec.dim)
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor, raw_grids: np.ndarray | None, mag: float, mag_name: str,
-                 coords_level0: np.ndarray, slide_id: str) -> np.ndarray:
+    def __call__(self, batch: PatchBatch) -> np.ndarray:
         """uint8 [B, 3, 256, 256] -> float32 [B, D] (grids, mag and coords are unused)."""
         with self.autocast():
-            x = self.encoder.preprocess(images.to(self.device, non_blocking=True))
+            x = self.encoder.preprocess(batch.images.to(self.device, non_blocking=True))
             return self.encoder(x).float().cpu().numpy()

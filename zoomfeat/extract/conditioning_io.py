@@ -15,7 +15,6 @@ A ZoomLDM run embeds every 20x tile under its patches once; those embeddings are
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from zoomfeat.conditioning import ConditioningGrids, tile_size_level0
 from zoomfeat.errors import DataError
-from zoomfeat.store import TileStoreWriter, h5_path, is_complete, read_attrs
+from zoomfeat.store import FeatureFile, TileStoreWriter, h5_path, is_complete, settings_diff
 from zoomfeat.tiling import TileGrid
 
 EXTRA_GROUP = "conditioning_extra_20x"
@@ -53,16 +52,14 @@ def write_conditioning(path: Path, info, grid: TileGrid, cond: ConditioningGrids
 
 def load_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """All 20x tiles of a conditioning file: (coords int64 [U, 2], embeddings float32 [U, C])."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        if "20x" not in f:
+    with FeatureFile(path) as f:
+        if "20x" not in f.mags:
             raise DataError(f"{path} has no 20x group: give --conditioning a folder written by `zoomfeat extract`")
-        coords = [f["20x"]["coords"][()]]
-        feats = [f["20x"]["features"][()]]
-        if EXTRA_GROUP in f:
-            coords.append(f[EXTRA_GROUP]["coords"][()])
-            feats.append(f[EXTRA_GROUP]["features"][()])
+        coords, feats = [f.coords("20x")], [f.features("20x")]
+        extra = f.extra(EXTRA_GROUP)
+    if extra is not None:
+        coords.append(extra[0])
+        feats.append(extra[1])
     return np.concatenate(coords).astype(np.int64), np.concatenate(feats).astype(np.float32)
 
 
@@ -83,7 +80,5 @@ def is_reusable(path: Path | None, slide_path: Path, config: dict | None) -> boo
     """True when ``path`` is a complete conditioning file of this slide made with the same conditioner."""
     if path is None or config is None or not is_complete(path, slide_path):
         return False
-    try:
-        return json.loads(read_attrs(path).get("extractor_config", "{}")) == json.loads(json.dumps(config))
-    except ValueError:
-        return False
+    with FeatureFile(path) as f:
+        return not settings_diff(f.extractor_config or {}, config)

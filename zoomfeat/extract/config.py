@@ -54,6 +54,9 @@ class ExtractConfig:
     base_mag: float | None = None
     mpp: float | None = None
     min_tissue: float = 0.25
+    saturation_threshold: float | None = None
+    min_saturation: float = 20.0
+    mask_mag: float = 1.25
     toy_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -66,6 +69,14 @@ class ExtractConfig:
     @property
     def mag_names(self) -> tuple[str, ...]:
         return tuple(mag_name(m) for m in self.mags)
+
+    @property
+    def tissue(self):
+        """The tissue detection settings (the same flags and rules as ``zoomfeat tile``)."""
+        from zoomfeat.tissue import TissueParams
+
+        return TissueParams(min_tissue=self.min_tissue, mask_mag=self.mask_mag,
+                            saturation_threshold=self.saturation_threshold, min_saturation=self.min_saturation)
 
     @property
     def slide_kwargs(self) -> dict:
@@ -114,8 +125,9 @@ def _validate_zoomldm(c: ExtractConfig) -> None:
         raise ConfigError(f"bad --block {c.block}: use a U-Net output block index >= 0 (default 3)")
     _choice("pooling", c.pooling, POOLINGS)
     _choice("noise", c.noise, NOISES)
-    if c.conditioning_out is not None and Path(c.conditioning_out).resolve() == Path(c.out_dir).resolve():
-        raise ConfigError("--conditioning-out must differ from --out: the conditioning files would overwrite features")
+    if c.writes_conditioning() and Path(c.conditioning_out_dir()).resolve() == Path(c.out_dir).resolve():
+        raise ConfigError(f"--conditioning-out {c.conditioning_out_dir()} (default <out>/../<conditioner>) is --out "
+                          "itself: the conditioning files would overwrite the features; pass another --conditioning-out")
 
 
 def validate(c: ExtractConfig) -> None:
@@ -141,5 +153,4 @@ def validate(c: ExtractConfig) -> None:
     if c.shard is not None:
         parse_shard(c.shard)
     check_scale_overrides(c.base_mag, c.mpp)
-    if not 0.0 <= c.min_tissue <= 1.0:
-        raise ConfigError(f"bad --min-tissue {c.min_tissue}: use a fraction in [0, 1]")
+    c.tissue  # ConfigError naming the bad tissue flag

@@ -6,21 +6,23 @@
   ``patch_size``, ``patch_size_level0``, ``level0_magnification`` and ``target_magnification`` attrs).
 
 ``coords`` are level-0 (x, y) top-left corners, as in the source file. Every file is written to a temporary
-name and renamed, so an interrupted export leaves no half file under the final name.
+name and renamed, so an interrupted export leaves no half file under the final name. A source file
+that is incomplete, unreadable or holds NaN/inf rows is not exported (and makes the command exit 1).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from zoomfeat.errors import ConfigError
-from zoomfeat.mags import PATCH_SIZE, mag_name
+from zoomfeat.errors import ConfigError, DataError
+from zoomfeat.mags import PATCH_SIZE, mag_name, parse_mag
+from zoomfeat.store.files import OutputError
 
 FORMATS = ("clam", "trident")
+RECORD_NAME = "zoomfeat_export.json"  # what filled the folder (source folder, format, magnification)
 
 
 @dataclass(frozen=True)
@@ -47,76 +49,88 @@ class ExportConfig:
 @dataclass(frozen=True)
 class ExportResult:
     written: tuple[Path, ...]
-    skipped: tuple[Path, ...]  # incomplete source files
+    skipped: dict[Path, str]  # source file -> why it was not exported (incomplete, unreadable, non-finite)
+
+    @property
+    def exit_code(self) -> int:
+        """1 when a source file was skipped: the export is not the whole folder."""
+        return 1 if self.skipped else 0
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+def export_slide(src: Path, cfg: ExportConfig) -> list[Path]:
+    """Export one feature file; returns the files written. DataError for an incomplete file or non-finite rows
+    (nothing is written for that slide then)."""
+    from zoomfeat.store import FeatureFile, write_flat_features
+
+    with FeatureFile(src) as f:
+        f.require_complete()
+        if cfg.mag not in f.mags:
+            raise DataError(f"{src} has no {cfg.mag} features: export one of {', '.join(f.mags) or 'none'}")
+        features, coords = f.features(cfg.mag), f.coords(cfg.mag)
+        grid = f.grid()
+        slide_id, base_mag, extractor = f.slide_id, f.base_magnification or 0.0, f.extractor or ""
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        raise DataError(f"{src}: {int(bad.sum())} {cfg.mag} feature rows are NaN or inf (first row "
+                        f"{int(np.flatnonzero(bad)[0])}): not exported; extract the slide again")
+    coord_attrs = {"patch_size": PATCH_SIZE, "patch_size_level0": int(grid.patch_size_level0[cfg.mag]),
+                   "level0_magnification": base_mag, "target_magnification": float(parse_mag(cfg.mag)),
+                   "name": slide_id}
+    root_attrs = {"extractor": extractor, "source": str(src), "magnification": cfg.mag}
+    if cfg.fmt == "clam":
+        h5 = Path(cfg.out_dir) / "h5_files" / f"{slide_id}.h5"
+        pt = Path(cfg.out_dir) / "pt_files" / f"{slide_id}.pt"
+        write_flat_features(h5, features, coords, coord_attrs, root_attrs)
+        _write_pt(pt, features)
+        return [h5, pt]
+    encoder = cfg.encoder or extractor or "features"
+    h5 = Path(cfg.out_dir) / f"features_{encoder}" / f"{slide_id}.h5"
+    write_flat_features(h5, features, coords, coord_attrs, root_attrs)
+    return [h5]
 
 
-def _write_h5(path: Path, features: np.ndarray, coords: np.ndarray, coord_attrs: dict, root_attrs: dict) -> None:
-    import h5py
+def _target_folder(src: Path, cfg: ExportConfig) -> Path:
+    """The folder one export run fills: ``OUT`` (CLAM) or ``OUT/features_<encoder>`` (TRIDENT)."""
+    if cfg.fmt == "clam":
+        return Path(cfg.out_dir)
+    from zoomfeat.store import FeatureFile
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("features", data=features.astype(np.float32, copy=False))
-        dset = f.create_dataset("coords", data=coords.astype(np.int64, copy=False))
-        for key, value in coord_attrs.items():
-            dset.attrs[key] = value
-        for key, value in root_attrs.items():
-            f.attrs[key] = value
-    os.replace(tmp, path)
+    try:
+        with FeatureFile(src) as f:
+            extractor = f.extractor
+    except DataError:
+        extractor = None
+    return Path(cfg.out_dir) / f"features_{cfg.encoder or extractor or 'features'}"
 
 
 def _write_pt(path: Path, features: np.ndarray) -> None:
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    torch.save(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)), tmp)
-    os.replace(tmp, path)
+    from zoomfeat.store import atomic_write
 
-
-def export_slide(src: Path, cfg: ExportConfig) -> list[Path]:
-    """Export one feature file; returns the files written."""
-    from zoomfeat.store import read_attrs, read_features, read_grid
-
-    attrs = read_attrs(src)
-    grid = read_grid(src)
-    if cfg.mag not in grid.coords:
-        raise ConfigError(f"{src} has no {cfg.mag} features: export one of {', '.join(grid.coords)}")
-    features, coords = read_features(src, cfg.mag), grid.coords[cfg.mag]
-    slide_id = str(attrs.get("slide_id", src.stem))
-    base_mag = float(attrs.get("base_magnification", 0.0))
-    coord_attrs = {"patch_size": PATCH_SIZE, "patch_size_level0": int(grid.patch_size_level0[cfg.mag]),
-                   "level0_magnification": base_mag, "target_magnification": float(cfg.mag[:-1]),
-                   "name": slide_id}
-    root_attrs = {"extractor": str(attrs.get("extractor", "")), "source": str(src), "magnification": cfg.mag}
-    if cfg.fmt == "clam":
-        h5 = Path(cfg.out_dir) / "h5_files" / f"{slide_id}.h5"
-        pt = Path(cfg.out_dir) / "pt_files" / f"{slide_id}.pt"
-        _write_h5(h5, features, coords, coord_attrs, root_attrs)
-        _write_pt(pt, features)
-        return [h5, pt]
-    encoder = cfg.encoder or str(attrs.get("extractor") or "features")
-    h5 = Path(cfg.out_dir) / f"features_{encoder}" / f"{slide_id}.h5"
-    _write_h5(h5, features, coords, coord_attrs, root_attrs)
-    return [h5]
+    with atomic_write(path) as tmp:
+        torch.save(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)), tmp)
 
 
 def export_features(cfg: ExportConfig) -> ExportResult:
-    """Export every complete ``*.h5`` feature file of ``cfg.src_dir``; incomplete ones are listed as skipped."""
-    from zoomfeat.store import is_complete
+    """Export every ``*.h5`` feature file of ``cfg.src_dir``; files that cannot be exported (incomplete,
+    unreadable, non-finite rows) are listed as skipped with the reason, and the others are still exported."""
+    from zoomfeat.store import check_output_folder
 
-    sources = sorted(Path(cfg.src_dir).glob("*.h5"))
+    sources = sorted(p for p in Path(cfg.src_dir).glob("*.h5") if not p.name.startswith("."))
     if not sources:
         raise ConfigError(f"no .h5 feature files in {cfg.src_dir}: give the --out of `zoomfeat extract`")
+    for src in sources[:1]:
+        check_output_folder(_target_folder(src, cfg), "--out", {"source": str(Path(cfg.src_dir).resolve()),
+                                                                 "format": cfg.fmt, "mag": cfg.mag}, RECORD_NAME,
+                            section="export")
     written: list[Path] = []
-    skipped: list[Path] = []
+    skipped: dict[Path, str] = {}
     for src in sources:
-        if not is_complete(src):
-            skipped.append(src)
-            continue
-        written += export_slide(src, cfg)
-    return ExportResult(tuple(written), tuple(skipped))
+        try:
+            written += export_slide(src, cfg)
+        except OutputError:
+            raise
+        except DataError as exc:
+            skipped[src] = str(exc)
+    return ExportResult(tuple(written), skipped)

@@ -20,7 +20,8 @@ def resolve_zoomldm_paths(zoomldm: str | Path, weights: str | Path | None) -> tu
 
 @dataclass
 class Networks:
-    """What one run computes with: ``featurizer`` (per patch), ``conditioner`` (20x encoder or None)."""
+    """What one run computes with: ``featurizer`` (a :class:`zoomfeat.extract.featurizer.Featurizer`),
+    ``conditioner`` (20x encoder or None); ``extractor_config`` is the featurizer's provenance."""
 
     featurizer: object
     conditioner: object | None
@@ -58,7 +59,7 @@ def _load_baseline(cfg: ExtractConfig, runtime: Runtime) -> Networks:
         "input_size": encoder.spec.input_size, "patch_size": 256, "precision": runtime.precision,
         "mags": list(cfg.mag_names), "code_version": __version__,
     }
-    featurizer = EncoderFeaturizer(encoder, runtime.device, runtime.autocast())
+    featurizer = EncoderFeaturizer(encoder, runtime.device, runtime.autocast(), provenance=config)
     return Networks(featurizer, None, cfg.encoder, config, None)
 
 
@@ -92,6 +93,7 @@ def _load_zoomldm(cfg: ExtractConfig, runtime: Runtime) -> Networks:
         "first_stage_resolution": model.first_stage_resolution, "precision": runtime.precision,
         "use_ema": True, "mags": list(cfg.mag_names), "dim": featurizer.dim, "code_version": __version__,
     }
+    featurizer.provenance = config
     return Networks(featurizer, conditioner, "zoomldm", config, cond_config)
 
 

@@ -10,7 +10,6 @@ Several devices or nodes: :mod:`zoomfeat.extract.distributed` (Lightning Fabric,
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zoomfeat.config import to_jsonable, write_json_atomic
-from zoomfeat.errors import ConfigError, DataError, SlideError
+from zoomfeat.errors import SlideError
 from zoomfeat.extract.config import CONFIG_NAME, ExtractConfig
 from zoomfeat.extract.loading import Networks, load_networks
 from zoomfeat.extract.runtime import Runtime, on_device, resolve_runtime
@@ -35,32 +33,11 @@ class ExtractStats:
     per_slide: dict[str, int] = field(default_factory=dict)
 
 
-def restrict_grid(grid, names: tuple[str, ...], source: Path):
-    """The part of a tile grid at the requested magnifications (parents kept among them)."""
-    from zoomfeat.tiling import TileGrid
-
-    missing = [n for n in names if n not in grid.coords]
-    if missing:
-        raise DataError(f"tile store {source} has no {missing[0]} tiles: re-run `zoomfeat tile` with "
-                        f"--mags {','.join(names)} or drop --tiles")
-    mags = tuple(m for m in grid.mags if mag_name(m) in names)
-    parents = {n: {p: a for p, a in grid.parents.get(n, {}).items() if p in names} for n in names}
-    return TileGrid(mags=mags, coords={n: grid.coords[n] for n in names}, parents=parents,
-                    patch_size_level0={n: grid.patch_size_level0[n] for n in names})
-
-
 def slide_grid(slide, cfg: ExtractConfig):
-    """TileGrid of one slide at ``cfg.mags``: read from ``cfg.tiles_dir`` or made with the same rules."""
-    from zoomfeat.store import h5_path, is_complete, read_grid
-    from zoomfeat.tiling import make_grid
-    from zoomfeat.tissue import TissueParams
+    """TileGrid of one slide at ``cfg.mags``: read from ``cfg.tiles_dir`` or made with the same rules as ``tile``."""
+    from zoomfeat.tiling import slide_tile_grid
 
-    if cfg.tiles_dir is None:
-        return make_grid(slide, cfg.mags, TissueParams(min_tissue=cfg.min_tissue))
-    path = h5_path(cfg.tiles_dir, slide.info.slide_id)
-    if not is_complete(path):
-        raise SlideError(f"no complete tile store {path}: run `zoomfeat tile` for this slide or drop --tiles")
-    return restrict_grid(read_grid(path), cfg.mag_names, path)
+    return slide_tile_grid(slide, cfg.mags, cfg.tissue, cfg.tiles_dir)
 
 
 class SlideExtractor:
@@ -132,31 +109,32 @@ class SlideExtractor:
         path = self.cond_path(info.slide_id)
         if cio.is_reusable(path, slide_path, self.net.conditioning_config):
             return cio.read_conditioning(path.parent, info, coords, dim), ()
-        from zoomfeat.conditioning import ConditioningGrids
+        from zoomfeat.conditioning import ConditioningStream
         from zoomfeat.mags import CONDITIONING_MAG
 
         name20 = mag_name(CONDITIONING_MAG)
-        first, on_batch, fused = None, None, ()
-        if name20 in coords and len(coords[name20]) > 0:  # read each 20x tile once: features from its pixels
-            first, fused = coords[name20], (name20,)
-
-            def on_batch(rows, images, embeddings):
-                grids = embeddings[:, :, None, None]  # the 1 x 1 grid of a 20x patch is its own tile
-                self._features_batch(writer, name20, CONDITIONING_MAG, rows, images, grids, info.slide_id, bar)
-
-        cond = ConditioningGrids(slide_path, coords, self.net.conditioner, self.cfg.batch_size, self.cfg.workers,
-                                 self.runtime.device, base_mag=info.base_magnification,
-                                 slide_kwargs=self.cfg.slide_kwargs, autocast=self.runtime.autocast(),
-                                 progress=lambda n: bar.set_postfix_str(f"conditioning +{n}", refresh=False),
-                                 first=first, on_batch=on_batch)
+        first = coords.get(name20) if name20 in coords and len(coords[name20]) > 0 else None
+        stream = ConditioningStream(slide_path, coords, self.net.conditioner, self.cfg.batch_size, self.cfg.workers,
+                                    self.runtime.device, base_mag=info.base_magnification,
+                                    slide_kwargs=self.cfg.slide_kwargs, autocast=self.runtime.autocast(),
+                                    progress=lambda n: bar.set_postfix_str(f"conditioning +{n}", refresh=False),
+                                    first=first)
+        for batch in stream:  # read each 20x tile once: its features come from the same pixels
+            grids = batch.embeddings[:, :, None, None]  # the 1 x 1 grid of a 20x patch is its own tile
+            self._features_batch(writer, name20, CONDITIONING_MAG, batch.positions, batch.images, grids,
+                                 info.slide_id, bar)
+        cond = stream.finish()
         cio.write_conditioning(path, info, grid, cond, self.net.conditioning_config)
-        return cond, fused
+        return cond, ((name20,) if first is not None else ())
 
     def _features_batch(self, writer, name: str, mag: float, rows: np.ndarray, images, grids, slide_id: str,
                         bar) -> None:
         """Features of one batch of patches (rows of ``name``'s coords, in order) streamed into ``writer``."""
+        from zoomfeat.extract.featurizer import PatchBatch
+        from zoomfeat.mags import parse_mag
+
         coords = writer.grid.coords[name]
-        feats = self.net.featurizer(images, grids, mag, name, coords[rows], slide_id)
+        feats = self.net.featurizer(PatchBatch(images, parse_mag(mag), coords[rows], slide_id, grids))
         for start, stop in _contiguous_runs(rows):
             writer.write_features(name, int(rows[start]), feats[start:stop])
         bar.update(len(rows))
@@ -181,17 +159,14 @@ class SlideExtractor:
 
 def _finished(path: Path, slide_path: Path, extractor_config: dict | None) -> bool:
     """``path`` is complete for ``slide_path``; SlideError when it was made with another extractor config."""
-    from zoomfeat.store import is_complete, read_attrs
+    from zoomfeat.store import FeatureFile, describe_diff, is_complete, settings_diff
 
     if not is_complete(path, slide_path):
         return False
-    try:
-        made_with = json.loads(read_attrs(path).get("extractor_config", "{}"))
-    except ValueError:
-        made_with = {}
-    changed = _changed_keys(made_with, to_jsonable(extractor_config or {}))
-    if changed:
-        raise SlideError(f"{path} holds features made with other settings ({', '.join(changed)}): "
+    with FeatureFile(path) as f:
+        diff = settings_diff(f.extractor_config or {}, extractor_config or {})
+    if diff:
+        raise SlideError(f"{path} holds features made with other settings ({describe_diff(diff)}): "
                          "use another --out (or --conditioning-out), or delete the file")
     return True
 
@@ -209,35 +184,32 @@ def _progress_bar(slide_id: str, total: int):
     return tqdm(total=total, desc=slide_id, unit="patch", leave=False, disable=None, file=sys.stderr)
 
 
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the values that differ between two JSON records (nested one dict deep or more)."""
-    changed = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += _changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changed.append(f"{prefix}{key}")
-    return changed
+def out_record(cfg: ExtractConfig, networks: Networks) -> dict:
+    """What the features of ``--out`` depend on (saved in ``<out>/extract_config.json``, compared on reruns)."""
+    return {"extractor": networks.extractor, "extractor_config": networks.extractor_config,
+            "tissue": cfg.tissue, "base_mag": cfg.base_mag, "mpp": cfg.mpp,
+            "tiles_dir": str(cfg.tiles_dir) if cfg.tiles_dir else None}
+
+
+def conditioning_record(cfg: ExtractConfig, networks: Networks) -> dict:
+    """What the conditioning files depend on (saved in ``<conditioning-out>/extract_config.json``)."""
+    return {"extractor": cfg.conditioner, "extractor_config": networks.conditioning_config,
+            "tissue": cfg.tissue, "base_mag": cfg.base_mag, "mpp": cfg.mpp,
+            "tiles_dir": str(cfg.tiles_dir) if cfg.tiles_dir else None}
 
 
 def check_out_dir(cfg: ExtractConfig, networks: Networks, write: bool = True) -> None:
-    """Refuse an out dir that holds features made with other settings; save the config there when ``write``."""
-    record = {"extractor": networks.extractor, "extractor_config": networks.extractor_config,
-              "min_tissue": cfg.min_tissue, "base_mag": cfg.base_mag, "mpp": cfg.mpp,
-              "tiles_dir": str(cfg.tiles_dir) if cfg.tiles_dir else None}
-    path = Path(cfg.out_dir) / CONFIG_NAME
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text()).get("features", {})
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise ConfigError(f"{path} is not valid JSON: delete it or use another --out") from exc
-        if old and to_jsonable(old) != to_jsonable(record):
-            changed = _changed_keys(old, to_jsonable(record))
-            raise ConfigError(f"{cfg.out_dir} holds features made with other settings ({', '.join(changed)}): "
-                              "use a new --out or the same settings")
-    if write:
-        write_json_atomic(path, {"config": cfg, "features": record})
+    """Refuse an output folder (``--out``, and the conditioning folder a ZoomLDM run writes) that holds
+    features made with other settings, naming the folder and the option; save the records when ``write``."""
+    from zoomfeat.store import check_output_folder
+
+    check_output_folder(cfg.out_dir, "--out", out_record(cfg, networks), CONFIG_NAME, write=write,
+                        extra={"config": cfg})
+    if cfg.writes_conditioning():
+        option = "--conditioning-out" if cfg.conditioning_out else \
+            f"--conditioning-out (default <out>/../{cfg.conditioner})"
+        check_output_folder(cfg.conditioning_out_dir(), option, conditioning_record(cfg, networks), CONFIG_NAME,
+                            write=write)
 
 
 def extract(cfg: ExtractConfig, slides: list[str | Path]) -> int:
@@ -261,17 +233,15 @@ def extract(cfg: ExtractConfig, slides: list[str | Path]) -> int:
         fabric.barrier()
         stats = ExtractStats()
         start = time.perf_counter()
-        report = run_batch(dist.rank_slides(all_slides, cfg.shard, rank, world),
-                           dist.errors_dir(cfg.out_dir, rank, world),
-                           SlideExtractor(cfg, networks, runtime, stats), desc="extract", progress=rank == 0)
+        report = run_batch(dist.rank_slides(all_slides, cfg.shard, rank, world), cfg.out_dir,
+                           SlideExtractor(cfg, networks, runtime, stats), desc="extract", progress=rank == 0,
+                           shard=cfg.shard, rank=rank, world=world)
         stats.seconds = time.perf_counter() - start
-        counts = {"done": report.count("done"), "skipped": report.count("skipped"),
+        counts = {"done": report.count("done"), "skipped": report.count("skipped") + report.count("claimed"),
                   "failed": report.count("failed"), "patches": stats.patches, "seconds": stats.seconds}
         totals = dist.gather_counts(fabric, counts)
-        fabric.barrier()  # every rank's errors.csv is written
+        fabric.barrier()  # every rank's error record is written
         if rank == 0:
-            if world > 1:
-                dist.merge_errors(Path(cfg.out_dir), world)
             print(f"extract: {dist.summary(totals, world)} on {runtime.device} ({runtime.precision}); "
                   f"features in {cfg.out_dir}", file=sys.stderr)
         fabric.barrier()
@@ -280,4 +250,4 @@ def extract(cfg: ExtractConfig, slides: list[str | Path]) -> int:
         dist.end_process_group()
 
 
-__all__ = ["ExtractStats", "SlideExtractor", "extract", "restrict_grid"]
+__all__ = ["ExtractStats", "SlideExtractor", "check_out_dir", "extract", "slide_grid"]

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zoomfeat.extract.featurizer import PatchBatch
 from zoomfeat.extract.noise import seeded_noise
 from zoomfeat.mags import mag_index
 
@@ -49,6 +50,7 @@ class ZoomLDMFeaturizer:
     device: str = "cpu"
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     channels_last: bool = False
+    provenance: dict = field(default_factory=dict)  # the feature files' extractor_config (set by the loader)
 
     @property
     def dim(self) -> int:
@@ -66,19 +68,29 @@ class ZoomLDMFeaturizer:
         return self.model.summarize(prepped, mags)
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor, raw_grids: np.ndarray, mag: float, mag_name: str,
-                 coords_level0: np.ndarray, slide_id: str) -> np.ndarray:
+    def __call__(self, batch: PatchBatch) -> np.ndarray:
         """Features of one batch: uint8 [B, 3, 256, 256] + raw grids [B, C, g, g] -> float32 [B, D]."""
         m = self.model
-        x = to_model_input(images.to(self.device, non_blocking=True), m.first_stage_resolution)
-        t = torch.full((len(x),), self.timestep, dtype=torch.long, device=self.device)
+        x = to_model_input(batch.images.to(self.device, non_blocking=True), m.first_stage_resolution)
         with self.autocast():
             z = m.encode_first_stage(self._memory(x)).float()
+        return self.latent_features(z, batch)
+
+    @torch.inference_mode()
+    def latent_features(self, z: torch.Tensor, batch: PatchBatch) -> np.ndarray:
+        """Features of first-stage latents z [B, C, h, w] (``batch`` gives grids, coordinates and the noise
+        seed; its ``images`` are not used): the same computation as for encoded pixels, so synthetic latents
+        (``zoomfeat synthesize``) are featurised without a decode/encode round trip."""
+        m = self.model
+        z = z.to(self.device).float()
+        t = torch.full((len(z),), self.timestep, dtype=torch.long, device=self.device)
+        with self.autocast():
             if self.noise == "seeded":
-                noise = seeded_noise(slide_id, mag_name, coords_level0, tuple(z.shape[1:])).to(self.device)
+                noise = seeded_noise(batch.slide_id, batch.mag.name, batch.coords_level0,
+                                     tuple(z.shape[1:])).to(self.device)
                 x_t = m.q_sample(z, t, noise)
             else:
                 x_t = z
-            context = self.context(raw_grids, mag)
+            context = self.context(batch.grids, batch.mag)
             fmap = m.unet_features(self._memory(x_t), t, context, block=self.block)
         return pool_features(fmap, self.pooling).cpu().numpy()

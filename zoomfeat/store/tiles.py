@@ -14,18 +14,17 @@ Writes go to a hidden temporary file in the same folder, fsync'ed and renamed wh
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-from collections.abc import Iterator
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from zoomfeat.errors import DataError
+from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.mags import PATCH_SIZE, mag_name, parse_mag
 from zoomfeat.slides import SlideInfo
+from zoomfeat.store.files import commit_file, fingerprint, output_error, same_file, temp_path
 from zoomfeat.tiling import TileGrid
 
 FORMAT = "zoomfeat"
@@ -38,51 +37,6 @@ def h5_path(out_dir: str | Path, slide_id: str) -> Path:
     return Path(out_dir) / f"{slide_id}.h5"
 
 
-def temp_path(path: str | Path) -> Path:
-    """Hidden temporary name, in the same folder, under which ``path`` is written before the rename."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def commit_file(tmp: str | Path, path: str | Path) -> Path:
-    """Make a finished temporary file the real ``path``: fsync it, rename it over ``path``, fsync the folder.
-
-    The one rename of the package: every writer (feature files, JSON/YAML records, CSV tables, checkpoints,
-    images) ends here, directly or through :func:`atomic_write`.
-    """
-    tmp, path = Path(tmp), Path(path)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return path
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
-    """``with atomic_write(out) as tmp: <write the file tmp>``: ``out`` appears complete or not at all.
-
-    The parent folder is created; the temporary file (hidden, same folder) is removed when the block raises,
-    including on KeyboardInterrupt.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        yield tmp
-        commit_file(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def fingerprint(slide_path: str | Path) -> dict:
-    """Identity of a slide file for skipping: absolute path, size in bytes, mtime in ns."""
-    path = Path(slide_path).resolve()
-    stat = path.stat()
-    return {"path": str(path), "size": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns)}
-
-
 def _decode(value):
     if isinstance(value, bytes):
         return value.decode()
@@ -92,11 +46,9 @@ def _decode(value):
 
 
 def read_attrs(path: str | Path) -> dict:
-    """Root attributes as plain Python values (str, int, float, bool)."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return {k: _decode(v) for k, v in f.attrs.items()}
+    """Root attributes as plain Python values (str, int, float, bool); DataError for an unreadable file."""
+    with FeatureFile(path) as f:
+        return dict(f.attrs)
 
 
 def is_complete(path: str | Path, slide_path: str | Path | None = None) -> bool:
@@ -106,16 +58,11 @@ def is_complete(path: str | Path, slide_path: str | Path | None = None) -> bool:
         return False
     try:
         attrs = read_attrs(path)
-    except OSError:  # h5py raises OSError for truncated or foreign files
+    except DataError:  # truncated or foreign files
         return False
     if attrs.get("format") != FORMAT or attrs.get("format_version") != FORMAT_VERSION or not attrs.get("complete"):
         return False
-    if slide_path is None:
-        return True
-    try:
-        return json.loads(attrs.get("fingerprint", "{}")) == fingerprint(slide_path)
-    except (OSError, ValueError):
-        return False
+    return slide_path is None or same_file(attrs.get("fingerprint", "{}"), slide_path)
 
 
 class TileStoreWriter:
@@ -137,10 +84,17 @@ class TileStoreWriter:
         self.grid = grid
         self.feature_dim = feature_dim
         self._written: dict[str, np.ndarray] = {}
-        self._file = h5py.File(self.tmp, "w")
+        try:
+            self._file = h5py.File(self.tmp, "w")
+        except OSError as exc:
+            self.tmp.unlink(missing_ok=True)
+            raise output_error(exc, self.path) from exc
         try:
             self._write_header(info, extractor, extractor_config)
             self._write_grid()
+        except OSError as exc:
+            self.abort()
+            raise output_error(exc, self.path) from exc
         except BaseException:
             self.abort()
             raise
@@ -187,7 +141,14 @@ class TileStoreWriter:
         if rows.ndim != 2 or rows.shape[1] != self.feature_dim or start < 0 or start + len(rows) > len(written):
             raise DataError(f"{self.path}: features {rows.shape} at row {start} do not fit {mag_name} "
                             f"[{len(written)}, {self.feature_dim}]")
-        self._file[mag_name]["features"][start : start + len(rows)] = rows
+        if not np.isfinite(rows).all():
+            bad = int((~np.isfinite(rows)).any(axis=1).sum())
+            raise DataError(f"{self.path}: {bad} {mag_name} feature rows from row {start} are NaN or inf: "
+                            "the extractor diverged (try --precision fp32) or its weights are broken")
+        try:
+            self._file[mag_name]["features"][start : start + len(rows)] = rows
+        except OSError as exc:
+            raise output_error(exc, self.path) from exc
         written[start : start + len(rows)] = True
 
     def write_extra_group(self, name: str, coords: np.ndarray, features: np.ndarray,
@@ -199,7 +160,7 @@ class TileStoreWriter:
         """
         try:
             parse_mag(name)
-        except ValueError:
+        except ConfigError:
             pass
         else:
             raise ValueError(f"extra group name {name!r} reads as a magnification: pick a name like 'extra_{name}'")
@@ -218,15 +179,21 @@ class TileStoreWriter:
         missing = {name: int((~w).sum()) for name, w in self._written.items() if not w.all()}
         if missing:
             raise DataError(f"{self.path}: feature rows never written: {missing}")
-        self._file.attrs["complete"] = True
-        self._file.flush()
-        self._file.close()
+        try:
+            self._file.attrs["complete"] = True
+            self._file.flush()
+            self._file.close()
+        except OSError as exc:
+            raise output_error(exc, self.path) from exc
         return commit_file(self.tmp, self.path)
 
     def abort(self) -> None:
         """Close and delete the temporary file (idempotent)."""
-        if self._file.id.valid:
-            self._file.close()
+        try:
+            if self._file.id.valid:
+                self._file.close()
+        except (OSError, RuntimeError):
+            pass  # a full disk can make the close fail: the file is deleted anyway
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> TileStoreWriter:
@@ -237,56 +204,279 @@ class TileStoreWriter:
             self.abort()
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not support fsync on folders
-    finally:
-        os.close(fd)
-
-
 def _group_names(f) -> list[str]:
     names = []
     for key in f.keys():
         try:
             parse_mag(key)
-        except ValueError:
+        except ConfigError:
             continue
         names.append(key)
     return sorted(names, key=parse_mag, reverse=True)
 
 
-def read_grid(path: str | Path) -> TileGrid:
-    """The tile grid stored in a tile or feature file."""
+def _open_h5(path: Path):
     import h5py
 
-    with h5py.File(path, "r") as f:
-        names = _group_names(f)
-        coords = {n: f[n]["coords"][()].astype(np.int64) for n in names}
-        parents = {n: {c: f[n][f"parent_{c}"][()].astype(np.int64) for c in names[i + 1 :]}
-                   for i, n in enumerate(names)}
-        sizes = {n: int(f[n].attrs["patch_size_level0"]) for n in names}
-    return TileGrid(mags=tuple(parse_mag(n) for n in names), coords=coords, parents=parents, patch_size_level0=sizes)
+    if not path.is_file():
+        what = "a folder, not a file" if path.is_dir() else "not found"
+        raise DataError(f"{path}: feature file {what}; extract the slide or fix the path")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable HDF5 file ({' '.join(str(exc).split())}): it is truncated or not a "
+                        "zoomfeat file; delete it and rerun the command that wrote it") from exc
+
+
+class FeatureFile:
+    """Read access to one tile or feature file: the one reader of the format (bags, export, heatmaps,
+    conditioning reuse, verify). A context manager; every failure is a :class:`DataError` naming the file.
+
+    Root metadata: :attr:`attrs`, :attr:`complete`, :attr:`version`, :attr:`slide_id`,
+    :attr:`base_magnification`, :attr:`slide_fingerprint`, :attr:`extractor`, :attr:`extractor_config`.
+    Contents: :attr:`mags` (names of the magnification groups, finest first), :meth:`grid`, :meth:`coords`,
+    :meth:`shape`, :meth:`features`, :meth:`fused_shape` / :meth:`fused` (a feature spec's fused bag),
+    :meth:`extra` (a side group such as the conditioning tiles).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._f = _open_h5(self.path)
+        try:
+            self.attrs = {k: _decode(v) for k, v in self._f.attrs.items()}
+        except OSError as exc:
+            self.close()
+            raise DataError(f"{self.path}: unreadable attributes ({exc}); delete it and rerun") from exc
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self) -> FeatureFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- root metadata -------------------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete", False))
+
+    @property
+    def version(self) -> int | None:
+        value = self.attrs.get("format_version")
+        return int(value) if value is not None else None
+
+    @property
+    def slide_id(self) -> str:
+        return str(self.attrs.get("slide_id", self.path.stem))
+
+    @property
+    def base_magnification(self) -> float | None:
+        value = self.attrs.get("base_magnification")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return None
+        return value if math.isfinite(value) and value > 0 else None
+
+    @property
+    def slide_fingerprint(self) -> dict | None:
+        raw = self.attrs.get("fingerprint")
+        try:
+            value = json.loads(raw) if raw else None
+        except ValueError:
+            return None
+        return value or None
+
+    @property
+    def extractor(self) -> str | None:
+        value = self.attrs.get("extractor")
+        return None if value is None else str(value)
+
+    @property
+    def extractor_config(self) -> dict | None:
+        raw = self.attrs.get("extractor_config")
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return {"raw": str(raw)}
+
+    def require_complete(self) -> FeatureFile:
+        if not self.complete:
+            raise DataError(f"{self.path}: incomplete feature file (no 'complete' attribute); rerun the extraction")
+        return self
+
+    # --- contents ------------------------------------------------------------------------------------------
+    @property
+    def mags(self) -> tuple[str, ...]:
+        return tuple(_group_names(self._f))
+
+    def _group(self, mag, dataset: str = "features"):
+        name = mag_name(mag)
+        if name not in self._f or dataset not in self._f[name]:
+            present = ", ".join(self._f.keys()) or "none"
+            raise DataError(f"{self.path}: no {dataset} at {name} (groups present: {present}); "
+                            f"extract {name} or change the feature set")
+        return self._f[name]
+
+    def coords(self, mag) -> np.ndarray:
+        return self._group(mag, "coords")["coords"][()].astype(np.int64)
+
+    def shape(self, mag) -> tuple[int, int]:
+        """(rows, width) of one magnification's features, from the dataset shape (no data read)."""
+        shape = self._group(mag)["features"].shape
+        if len(shape) != 2:
+            raise DataError(f"{self.path}: {mag_name(mag)}/features has shape {shape}, expected [N, D]")
+        return int(shape[0]), int(shape[1])
+
+    def features(self, mag) -> np.ndarray:
+        """float32 [N, D] features of one magnification (float16 storage upcast)."""
+        return np.asarray(self._group(mag)["features"][()], dtype=np.float32)
+
+    def grid(self) -> TileGrid:
+        names = self.mags
+        f = self._f
+        coords = {n: self.coords(n) for n in names}
+        parents = {n: {c: self._parents(n, c) for c in names[i + 1 :]} for i, n in enumerate(names)}
+        sizes = {n: int(f[n].attrs.get("patch_size_level0", 0)) for n in names}
+        return TileGrid(mags=tuple(parse_mag(n) for n in names), coords=coords, parents=parents,
+                        patch_size_level0=sizes)
+
+    def _parents(self, fine: str, coarse: str) -> np.ndarray:
+        key = f"parent_{coarse}"
+        if key not in self._group(fine, "coords"):
+            raise DataError(f"{self.path}: group {fine} has no {key}; extract with both magnifications "
+                            f"({fine}+{coarse}) in one run")
+        return np.asarray(self._f[fine][key][()], dtype=np.int64)
+
+    def fused_shape(self, mags: Sequence) -> tuple[int, int]:
+        """(instances, fused width) of the bag fusing ``mags`` (finest first), from shapes only."""
+        names = [mag_name(m) for m in mags]
+        shapes = [self.shape(m) for m in names]
+        for coarse in names[1:]:
+            if f"parent_{coarse}" not in self._group(names[0]):
+                raise DataError(f"{self.path}: group {names[0]} has no parent_{coarse}; extract with both "
+                                f"magnifications ({'+'.join(names)}) in one run")
+        return shapes[0][0], sum(d for _, d in shapes)
+
+    def fused(self, mags: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 [N, sum D], coords int64 [N, 2]): each finest-mag row concatenated with its parents' rows."""
+        names = [mag_name(m) for m in mags]
+        parts = [self.features(names[0])]
+        for coarse in names[1:]:
+            parents = self._parents(names[0], coarse)
+            coarse_feats = self.features(coarse)
+            if parents.size and (parents.min() < 0 or parents.max() >= len(coarse_feats)):
+                raise DataError(f"{self.path}: {names[0]}/parent_{coarse} points outside {coarse}/features "
+                                f"({len(coarse_feats)} rows); rerun the extraction")
+            parts.append(coarse_feats[parents])
+        return np.concatenate(parts, axis=1), self.coords(names[0])
+
+    def extra(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(coords int64 [M, 2], features float32 [M, C]) of a side group, None when absent."""
+        if name not in self._f:
+            return None
+        group = self._f[name]
+        return group["coords"][()].astype(np.int64), np.asarray(group["features"][()], np.float32)
+
+
+def read_grid(path: str | Path) -> TileGrid:
+    """The tile grid stored in a tile or feature file."""
+    with FeatureFile(path) as f:
+        return f.grid()
 
 
 def read_features(path: str | Path, mag_name_: str) -> np.ndarray:
     """float32 [N, D] features of one magnification; :class:`DataError` when absent."""
+    name = mag_name(parse_mag(mag_name_))
+    with FeatureFile(path) as f:
+        if name not in f.mags or "features" not in f._f[name]:
+            raise DataError(f"{path}: no features at {name}: extract them with `zoomfeat extract --mags {name}`")
+        return f.features(name)
+
+
+def write_feature_file(folder: str | Path, slide_id: str, features: Mapping[str, np.ndarray],
+                       coords: Mapping[str, np.ndarray] | None = None, *, base_magnification: float = 20.0,
+                       extractor: str = "toy", extractor_config: dict | None = None,
+                       slide_path: str | Path | None = None) -> Path:
+    """Write a complete feature file from arrays (synthetic cohorts, tests, imports of other tools' features).
+
+    ``features`` maps magnification -> float32 [N_m, D]; ``coords`` (level-0 corners per magnification,
+    default: the finest tiles in one row and their containing coarser tiles) must put every tile inside one
+    tile of each coarser magnification: the parents are found from the geometry.
+    """
+    from zoomfeat.tiling import grid_from_coords
+
+    names = sorted((mag_name(m) for m in features), key=parse_mag, reverse=True)
+    feats = {mag_name(m): np.asarray(v, np.float32) for m, v in features.items()}
+    if coords is None:
+        coords = _row_layout(names, {n: len(feats[n]) for n in names}, base_magnification)
+    grid = grid_from_coords({mag_name(m): c for m, c in coords.items()}, base_magnification)
+    dims = {feats[n].shape[1] for n in names}
+    if len(dims) != 1:
+        raise DataError(f"{slide_id}: feature widths differ between magnifications {sorted(dims)}")
+    info = SlideInfo(path=Path(slide_path or f"{slide_id}.svs"), slide_id=slide_id, width=0, height=0,
+                     level_count=1, level_dimensions=(), level_downsamples=(1.0,),
+                     base_magnification=float(base_magnification), base_mpp=10.0 / base_magnification,
+                     magnification_source="given", mpp_source="given", vendor=None)
+    with TileStoreWriter(h5_path(folder, slide_id), info, grid, extractor=extractor,
+                         extractor_config=extractor_config or {"dim": dims.pop()},
+                         feature_dim=feats[names[0]].shape[1]) as writer:
+        for n in names:
+            if len(feats[n]) != len(grid.coords[n]):
+                raise DataError(f"{slide_id}: {len(feats[n])} {n} feature rows for {len(grid.coords[n])} tiles")
+            writer.write_features(n, 0, feats[n])
+        return writer.commit()
+
+
+def _row_layout(names: list[str], counts: dict[str, int], base_mag: float) -> dict[str, np.ndarray]:
+    """Default geometry: coarsest tiles side by side in one row; finest tile i inside coarsest tile
+    ``i % n_coarsest`` (row-major within it); in-between magnifications the tiles that contain them."""
+    size = {n: parse_mag(n).level0_size(base_mag) for n in names}
+    fine, coarse = names[0], names[-1]
+    n_fine, n_coarse = counts[fine], max(counts[coarse], 1)
+    per_side = size[coarse] // size[fine]
+    i = np.arange(n_fine)
+    cell, k = i % n_coarse, i // n_coarse
+    if n_fine and k.max() >= per_side * per_side:
+        raise DataError(f"{n_fine} {fine} tiles do not fit in {n_coarse} {coarse} tiles: pass coords")
+    out = {fine: np.stack([cell * size[coarse] + (k % per_side) * size[fine], (k // per_side) * size[fine]],
+                          1).astype(np.int64)}
+    for n in names[1:]:
+        cells = np.unique(out[fine] // size[n], axis=0) if n_fine else np.zeros((0, 2), np.int64)
+        if n == coarse:
+            cells = np.stack([np.arange(counts[n]), np.zeros(counts[n], np.int64)], 1)
+        if len(cells) != counts[n]:
+            raise DataError(f"the default layout gives {len(cells)} {n} tiles, not {counts[n]}: pass coords")
+        out[n] = (cells * size[n]).astype(np.int64)
+    return out
+
+
+def write_flat_features(path: str | Path, features: np.ndarray, coords: np.ndarray, coord_attrs: Mapping,
+                        root_attrs: Mapping) -> Path:
+    """Another tool's one-magnification layout (CLAM / TRIDENT): root ``features`` and ``coords`` datasets,
+    written atomically."""
     import h5py
 
-    name = mag_name(parse_mag(mag_name_))
-    with h5py.File(path, "r") as f:
-        if name not in f or "features" not in f[name]:
-            raise DataError(f"{path}: no features at {name}: extract them with `zoomfeat extract --mags {name}`")
-        return f[name]["features"][()].astype(np.float32)
+    from zoomfeat.store.files import atomic_write
+
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("features", data=np.asarray(features, np.float32))
+        dset = f.create_dataset("coords", data=np.asarray(coords, np.int64))
+        for key, value in coord_attrs.items():
+            dset.attrs[key] = value
+        for key, value in root_attrs.items():
+            f.attrs[key] = value
+    return Path(path)
 
 
 def verify_file(path: str | Path) -> list[str]:
-    """Problems with one file (empty when fine): unreadable, incomplete, inconsistent, NaN/inf, bad parents."""
+    """Problems with one file (empty when fine): unreadable, incomplete, inconsistent, NaN/inf, bad parents,
+    a magnification group or a features dataset missing."""
     import h5py
 
     try:
@@ -294,6 +484,16 @@ def verify_file(path: str | Path) -> list[str]:
             return _verify_open(f)
     except OSError as exc:
         return [f"unreadable: {' '.join(str(exc).split())}"]
+
+
+def feature_width(path: str | Path) -> int | None:
+    """Feature width D of a readable feature file (None for a tile file or an unreadable one)."""
+    try:
+        with FeatureFile(path) as f:
+            widths = {f.shape(m)[1] for m in f.mags if "features" in f._f[m]}
+    except DataError:
+        return None
+    return widths.pop() if len(widths) == 1 else None
 
 
 def _verify_open(f) -> list[str]:
@@ -305,15 +505,28 @@ def _verify_open(f) -> list[str]:
         problems.append(f"format {attrs.get('format')!r} version {attrs.get('format_version')!r}, "
                         f"expected {FORMAT!r} version {FORMAT_VERSION}")
     names = _group_names(f)
+    problems += _verify_listed_mags(attrs, names)
     base_mag = attrs.get("base_magnification")
     feature_dims = set()
     for i, name in enumerate(names):
         problems += _verify_group(f, name, names[i + 1 :], base_mag, feature_dims)
+        if "extractor" in attrs and "features" not in f[name]:
+            problems.append(f"{name}: no features dataset in a feature file (extractor {attrs['extractor']!r})")
     if len(feature_dims) > 1:
         problems.append(f"feature dimensions differ between magnifications: {sorted(feature_dims)}")
     if "extractor" in attrs and not feature_dims:
         problems.append("feature file (has 'extractor') without any features dataset")
     return problems
+
+
+def _verify_listed_mags(attrs: dict, names: list[str]) -> list[str]:
+    """The ``mags`` root attribute lists the groups written: each must be there."""
+    try:
+        listed = json.loads(attrs.get("mags", "[]"))
+    except ValueError:
+        return ["root attribute 'mags' is not a JSON list"]
+    missing = [m for m in listed if m not in names]
+    return [f"magnification group {m} missing (the file lists {', '.join(listed)})" for m in missing]
 
 
 def _verify_group(f, name: str, coarser: list[str], base_mag, feature_dims: set) -> list[str]:
@@ -370,6 +583,23 @@ def verify_dir(folder: str | Path) -> dict[Path, list[str]]:
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder: give the output folder of `zoomfeat tile` or `extract`")
     report = {p: verify_file(p) for p in sorted(folder.glob("*.h5")) if not p.name.startswith(".")}
+    _verify_widths(report)
     for tmp in sorted(folder.glob(".*.h5.tmp*")):
         report[tmp] = ["temporary file of an interrupted run: rerun the command (it redoes that slide)"]
     return report
+
+
+def _verify_widths(report: dict[Path, list[str]]) -> None:
+    """Every feature file of a folder has one width: the files off the most common width get a problem."""
+    widths = {p: w for p in report if (w := feature_width(p)) is not None}
+    if len(set(widths.values())) <= 1:
+        return
+    counts: dict[int, int] = {}
+    for w in widths.values():
+        counts[w] = counts.get(w, 0) + 1
+    common = max(sorted(counts), key=lambda w: counts[w])
+    example = next(p for p, w in widths.items() if w == common)
+    for path, width in widths.items():
+        if width != common:
+            report[path].append(f"feature width {width} differs from the folder's {common} (e.g. {example.name}): "
+                                "a folder holds one feature set; extract it again with the same settings")

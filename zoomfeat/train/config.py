@@ -16,6 +16,7 @@ from typing import Any
 from zoomfeat.errors import ConfigError
 from zoomfeat.mags import parse_mags
 from zoomfeat.slides import check_scale_overrides
+from zoomfeat.tissue import TissueParams
 
 MAG_SAMPLING = ("uniform", "proportional")
 # zoomfeat's runtime vocabulary (auto/fp32/bf16/fp16, as extract) and Lightning's own precision strings
@@ -56,6 +57,7 @@ class PrepareConfig:
     grid_pool_to: int = 8                 # grids wider than this are stored average-pooled to it
     base_mag: float | None = None         # overrides of the slides' metadata (slides without, or with bogus, mpp)
     mpp: float | None = None
+    tissue: TissueParams = TissueParams()  # the tissue flags of `tile` / `extract` (one tile-grid function)
 
     def __post_init__(self) -> None:
         if not self.slides:

@@ -9,8 +9,6 @@ a small per-magnification validation split is held out by a seeded permutation.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,65 +18,38 @@ import torch
 
 from zoomfeat.errors import DataError
 from zoomfeat.mags import MAGNIFICATIONS, mag_name
-from zoomfeat.train.prepare import FORMAT_VERSION, INDEX_FORMAT, INDEX_NAME
+from zoomfeat.store.trainset import INDEX_NAME, ShardReader, read_index
 
 
 class TrainingSet(torch.utils.data.Dataset):
     """All patches of a training set; item ``k`` of the flat, magnification-major order.
 
-    HDF5 files are opened lazily per process (safe with DataLoader workers) and kept open.
+    Shard files are opened lazily per process (safe with DataLoader workers) and kept open
+    (:class:`zoomfeat.store.trainset.ShardReader`).
     """
 
     def __init__(self, root: str | Path):
-        import h5py
-
         self.root = Path(root)
-        index = self.root / INDEX_NAME
-        if not index.is_file():
-            raise DataError(f"{index} not found: pass --data a folder written by `zoomfeat prepare-train`")
-        with h5py.File(index, "r") as f:
-            if f.attrs.get("format") != INDEX_FORMAT or int(f.attrs.get("format_version", 0)) != FORMAT_VERSION:
-                raise DataError(f"{index} is not a zoomfeat training set (format {INDEX_FORMAT} "
-                                f"v{FORMAT_VERSION}): rerun prepare-train")
-            self.shards = [s.decode() if isinstance(s, bytes) else str(s) for s in f["shards"][()]]
-            self.latent_shape = tuple(json.loads(f.attrs["latent_shape"]))
-            self.grid_channels = int(f.attrs["grid_channels"])
-            self.first_stage_digest = str(f.attrs.get("first_stage_digest", ""))
-            names = [mag_name(m) for m in MAGNIFICATIONS]
-            self.shard_of = np.concatenate([f[n]["shard"][()] for n in names]).astype(np.int64)
-            self.row_of = np.concatenate([f[n]["row"][()] for n in names]).astype(np.int64)
-            self.mag_of = np.concatenate([np.full(len(f[n]["row"]), i, np.int64) for i, n in enumerate(names)])
+        index = read_index(self.root)
+        self.shards = list(index.shards)
+        self.latent_shape = index.latent_shape
+        self.grid_channels = index.grid_channels
+        self.first_stage_digest = index.first_stage_digest
+        self.shard_of, self.row_of, self.mag_of = index.shard_of, index.row_of, index.mag_of
         self.counts = np.bincount(self.mag_of, minlength=len(MAGNIFICATIONS))
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)])
         if len(self.mag_of) == 0:
-            raise DataError(f"{index} lists no patch: check the slides and --mags given to prepare-train")
-        self._files: dict[int, object] = {}
-        self._pid = os.getpid()
+            raise DataError(f"{self.root / INDEX_NAME} lists no patch: check the slides and --mags given to "
+                            "prepare-train")
+        self._reader = ShardReader(self.root, index.shards)
 
     def __len__(self) -> int:
         return len(self.mag_of)
 
-    def _file(self, shard: int):
-        import h5py
-
-        if self._pid != os.getpid():  # a forked worker must not share the parent's handles
-            self._files, self._pid = {}, os.getpid()
-        if shard not in self._files:
-            self._files[shard] = h5py.File(self.root / "shards" / self.shards[shard], "r")
-        return self._files[shard]
-
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         mag = int(self.mag_of[k])
-        group = self._file(int(self.shard_of[k]))[mag_name(MAGNIFICATIONS[mag])]
-        row = int(self.row_of[k])
-        latent = torch.from_numpy(group["latents"][row].astype(np.float32))
-        grid = torch.from_numpy(group["grids"][row].astype(np.float32))
-        return latent, grid, mag
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_files"] = {}
-        return state
+        latent, grid = self._reader.sample(int(self.shard_of[k]), mag_name(MAGNIFICATIONS[mag]), int(self.row_of[k]))
+        return torch.from_numpy(latent), torch.from_numpy(grid), mag
 
 
 def collate(items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict:

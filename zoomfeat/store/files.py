@@ -1,0 +1,241 @@
+"""Plain files and folders: the one atomic write, the slide fingerprint, the settings comparison and the
+check every output folder gets before a command writes into it.
+
+* :func:`atomic_write` / :func:`commit_file`: a file appears complete under its name or not at all (hidden
+  temporary file in the same folder, fsync, rename, folder fsync; the temporary file is removed on any error).
+  :func:`commit_file` holds the package's only ``os.replace``. A failing write (full disk, read-only or
+  immutable folder) is an :class:`OutputError` naming the file and the errno text, never a traceback.
+* :func:`fingerprint`: identity of a slide file (absolute path, size, mtime in ns) stored in every file made
+  from it, so a rerun skips it only when the very same file is given and a same-stem slide is refused.
+* :func:`settings_diff`: the one "are these settings the same" comparison (extract, prepare-train, train and
+  train-mil resume): the dotted keys whose values differ, with their old and new values.
+* :func:`check_output_folder`: ``--out`` (or any other output folder) is a writable folder and, when it
+  already holds a settings record, one made with the same settings (otherwise a ConfigError naming the
+  folder, the option that chose it and the keys that differ).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from zoomfeat.config import to_jsonable as jsonable
+from zoomfeat.errors import ConfigError, DataError
+
+
+class OutputError(DataError):
+    """An output file or folder that cannot be written (full disk, read-only, a file where a folder goes).
+
+    Fatal for a whole batch: every later slide would fail the same way, so :func:`zoomfeat.batch.run_batch`
+    stops at the first one instead of reporting each slide.
+    """
+
+
+def temp_path(path: str | Path) -> Path:
+    """Hidden temporary name, in the same folder, under which ``path`` is written before the rename."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def output_error(exc: OSError, path: str | Path, what: str = "write") -> OutputError:
+    """One-line :class:`OutputError` for an OSError raised while writing ``path``."""
+    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    fix = {errno.ENOSPC: "free disk space or write to another folder",
+           errno.EDQUOT: "free quota or write to another folder",
+           errno.EROFS: "the file system is read-only: write to another folder",
+           errno.EACCES: "make the folder writable or write to another folder",
+           errno.EPERM: "the folder or file is protected (immutable?): write to another folder",
+           errno.ENOTDIR: "a file stands where a folder is expected: give a folder path"}.get(
+        exc.errno, "check the output folder")
+    return OutputError(f"cannot {what} {path}: {reason}; {fix}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support fsync on folders
+    finally:
+        os.close(fd)
+
+
+def commit_file(tmp: str | Path, path: str | Path) -> Path:
+    """Make a finished temporary file the real ``path``: fsync it, rename it over ``path``, fsync the folder.
+
+    The one rename of the package: every writer (feature files, JSON/YAML records, CSV tables, checkpoints,
+    images) ends here, directly or through :func:`atomic_write`.
+    """
+    tmp, path = Path(tmp), Path(path)
+    try:
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise output_error(exc, path) from exc
+    _fsync_dir(path.parent)
+    return path
+
+
+def make_folder(folder: str | Path, option: str = "--out") -> Path:
+    """Create ``folder`` (and parents); :class:`OutputError` naming ``option`` when that is impossible."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{option} {folder} is a file, not a folder: give a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{option} {folder} cannot be created ({exc.strerror or exc}): give a writable folder") \
+            from exc
+    return folder
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """``with atomic_write(out) as tmp: <write the file tmp>``: ``out`` appears complete or not at all.
+
+    The parent folder is created; the temporary file (hidden, same folder) is removed when the block raises,
+    including on KeyboardInterrupt. An OSError inside the block becomes an :class:`OutputError`.
+    """
+    path = Path(path)
+    make_folder(path.parent, "output folder")
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        commit_file(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise output_error(exc, path) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(text)
+    return Path(path)
+
+
+def fingerprint(slide_path: str | Path) -> dict:
+    """Identity of a slide file for skipping: absolute path, size in bytes, mtime in ns."""
+    path = Path(slide_path).resolve()
+    stat = path.stat()
+    return {"path": str(path), "size": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns)}
+
+
+def same_file(record: Mapping | str | None, slide_path: str | Path) -> bool:
+    """True when a stored fingerprint (dict or its JSON) describes the file ``slide_path`` as it is now."""
+    if isinstance(record, str):
+        try:
+            record = json.loads(record or "{}")
+        except ValueError:
+            return False
+    try:
+        return dict(record or {}) == fingerprint(slide_path)
+    except OSError:
+        return False
+
+
+def settings_diff(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old value, new value)}`` for every setting that differs (empty when the same).
+
+    Both sides are compared in their JSON form (tuples equal lists, paths equal their text); nested
+    dicts are walked key by key, so the result names ``extractor_config.timestep``, not ``extractor_config``.
+    A key present on one side only differs from the other side's ``None``.
+    """
+    old, new = jsonable(old), jsonable(new)
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return {} if old == new else {prefix.rstrip(".") or "value": (old, new)}
+    changed: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed.update(settings_diff(a, b, f"{prefix}{key}."))
+        elif a != b:
+            changed[f"{prefix}{key}"] = (a, b)
+    return changed
+
+
+def describe_diff(diff: Mapping[str, tuple[Any, Any]], limit: int = 4) -> str:
+    """``"timestep 50 -> 100, mags ['20x'] -> ['5x']"`` (the first ``limit`` keys, then a count)."""
+    parts = [f"{key} {_short(a)} -> {_short(b)}" for key, (a, b) in list(diff.items())[:limit]]
+    more = f" (+{len(diff) - limit} more)" if len(diff) > limit else ""
+    return ", ".join(parts) + more
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:16] + "..." + text[-8:]
+
+
+def _probe_writable(folder: Path) -> None:
+    """Create and remove a hidden file in ``folder`` (root ignores permission bits, so test for real)."""
+    probe = folder / f".zoomfeat-write-probe.{os.getpid()}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    probe.unlink()
+
+
+def check_output_folder(folder: str | Path, option: str, record: Mapping | None = None,
+                        record_name: str | None = None, section: str = "features", *, write: bool = True,
+                        extra: Mapping | None = None) -> Path:
+    """Prepare an output folder a command writes into; the same check for ``--out`` and every other one.
+
+    ``folder`` must be (or become) a writable folder (:class:`OutputError` otherwise). With ``record`` and
+    ``record_name``, ``<folder>/<record_name>`` keeps ``{section: record}``: a folder whose record holds other
+    settings is refused with a :class:`ConfigError` naming the folder, ``option`` and the differing keys;
+    otherwise the record is written (when ``write``), with the ``extra`` entries (e.g. the run's whole config)
+    beside it. Returns the folder.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{option} {folder} is a file, not a folder: give a folder path")
+    if record is not None and record_name is not None:
+        check_record(folder / record_name, option, record, section)
+    if not write:
+        return folder
+    make_folder(folder, option)
+    try:
+        _probe_writable(folder)
+    except OSError as exc:
+        raise OutputError(f"{option} {folder} is not writable ({exc.strerror or exc}): give a writable folder") \
+            from exc
+    if record is not None and record_name is not None:
+        path = folder / record_name
+        old = _read_record(path, option) if path.is_file() else {}
+        write_text(path, json.dumps(jsonable({**old, **dict(extra or {}), section: record}), indent=2) + "\n")
+    return folder
+
+
+def _read_record(path: Path, option: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} is not a readable JSON settings record: delete it or use another {option}") \
+            from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a JSON object: delete it or use another {option}")
+    return data
+
+
+def check_record(path: Path, option: str, record: Mapping, section: str = "features") -> None:
+    """ConfigError when ``path`` exists and its ``section`` differs from ``record`` (see check_output_folder)."""
+    if not path.is_file():
+        return
+    old = _read_record(path, option).get(section)
+    if not old:
+        return
+    diff = settings_diff(old, record)
+    if diff:
+        raise ConfigError(f"{path.parent} holds outputs made with other settings ({describe_diff(diff)}): "
+                          f"pass another {option} or the same settings")
