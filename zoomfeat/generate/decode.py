@@ -95,3 +95,11 @@ def decode_large_uint8(model, latent: torch.Tensor, **kw) -> np.ndarray:
 
     stream_decode(model, latent, sink, **kw)
     return out
+
+
+def decode_patches(model, latents: torch.Tensor, batch_size: int = 8, autocast=None) -> np.ndarray:
+    """uint8 [N, R, R, 3] of patch latents [N, C, h, w], each decoded on its own (``decode_first_stage``)."""
+    device = model.alphas_cumprod.device
+    out = [to_uint8(_decode(model, latents[i:i + batch_size].to(device), autocast))
+           for i in range(0, len(latents), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)

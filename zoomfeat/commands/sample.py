@@ -1,0 +1,132 @@
+"""``zoomfeat sample``: N variations of real patches at any magnification, PNGs + contact sheet + manifest."""
+
+from __future__ import annotations
+
+import argparse
+
+from zoomfeat.commands.options import add_scale_group, add_tissue_group
+
+HELP = "generate N ZoomLDM variations of real patches (slide + coordinates, tile store or conditioning folder)"
+
+# zoomfeat.generate.samplers.sampler_names() and zoomfeat.generate.guidance.GUIDANCE_FORMS, kept torch-free
+# here (command modules import only the standard library); a test checks they agree
+SAMPLER_CHOICES = ("ddim", "plms")
+GUIDANCE_FORMS = ("standard", "large_image")
+
+
+def add_model_group(parser: argparse.ArgumentParser) -> None:
+    """``--zoomldm``, ``--weights``, ``--conditioner``, ``--toy-seed`` (section "model")."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--zoomldm", required=True, metavar="CONFIG_OR_DIR",
+                       help="official ZoomLDM config.yaml, its folder (with weights.ckpt), or 'tiny'")
+    model.add_argument("--weights", metavar="CKPT", help="ZoomLDM checkpoint (default: beside the config); EMA "
+                       "weights are used")
+    model.add_argument("--conditioner", default="uni", metavar="uni=PATH|toy",
+                       help="20x encoder whose embeddings condition ZoomLDM (default uni; needs uni=PATH)")
+    model.add_argument("--toy-seed", type=int, default=0, help="seed of the toy conditioner (default 0)")
+
+
+def add_conditions_group(parser: argparse.ArgumentParser, patches: bool) -> None:
+    """``--slide``, ``--mag``, ``--x/--y``, ``--tiles``, ``--conditioning`` (section "conditions")."""
+    cond = parser.add_argument_group("conditions")
+    cond.add_argument("--slide", required=True, help="the slide whose real 20x embeddings condition the images")
+    cond.add_argument("--mag", required=True, help="magnification of the patch, e.g. 5x (20x, 10x, ..., 0.15625x)")
+    cond.add_argument("--x", type=int, default=None, help="level-0 x (px) of the patch's top-left corner "
+                      "(default: the first tissue patch at --mag)")
+    cond.add_argument("--y", type=int, default=None, help="level-0 y (px) of the patch's top-left corner")
+    if patches:
+        cond.add_argument("--patches", type=int, default=1, help="without --x/--y: the first K tissue patches "
+                          "at --mag (default 1)")
+    cond.add_argument("--tiles", metavar="DIR", help="tile stores from `zoomfeat tile` to take the tissue patches "
+                      "from (default: tile on the fly)")
+    cond.add_argument("--conditioning", metavar="DIR", help="conditioning folder written by `zoomfeat extract` "
+                      "(20x embeddings; no conditioner runs)")
+    add_tissue_group(parser)
+    add_scale_group(parser)
+
+
+def add_runtime_group(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--batch-size", type=int, default=batch_size,
+                         help=f"patches (or windows) per network pass (default {batch_size})")
+    runtime.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                         help="where the networks run (default auto = cuda when visible)")
+    runtime.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                         help="auto (default) = bf16 autocast on CUDA, fp32 on CPU")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_group(parser)
+    add_conditions_group(parser, patches=True)
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--n", type=int, default=8, help="variations per patch (default 8)")
+    sampling.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    sampling.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance value in the "
+                          "--guidance-form (default 2.0)")
+    sampling.add_argument("--guidance-form", default="standard", choices=GUIDANCE_FORMS,
+                          help="standard: e_u + s(e_c - e_u) (CompVis samplers, default); large_image: "
+                               "(1+w) e_c - w e_u (w = s - 1)")
+    sampling.add_argument("--sampler", default="ddim", choices=SAMPLER_CHOICES, help="sampler (default ddim)")
+    sampling.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k "
+                          "(default 0)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", required=True, help="new (or empty) folder: images/, contact_sheet.png, "
+                        "conditions.npz, manifest.json")
+    add_runtime_group(parser, batch_size=8)
+
+
+def condition_request(args: argparse.Namespace, n_patches: int = 1):
+    """The validated ConditionRequest of the "conditions" and "model" options."""
+    from pathlib import Path
+
+    from zoomfeat.commands.options import tissue_params
+    from zoomfeat.commands.prepare_train import parse_conditioner
+    from zoomfeat.errors import ConfigError
+    from zoomfeat.generate.conditions import ConditionRequest
+    from zoomfeat.mags import parse_mag
+    from zoomfeat.slides import check_scale_overrides
+
+    if (args.x is None) != (args.y is None):
+        raise ConfigError("give both --x and --y (level-0 corner of the patch), or neither")
+    if n_patches < 1:
+        raise ConfigError(f"bad --patches {n_patches}: use 1 or more")
+    for option, value in (("--slide", args.slide), ("--tiles", args.tiles), ("--conditioning", args.conditioning)):
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"{option} {value} does not exist: give an existing path")
+    if args.conditioning is None:
+        conditioner, weights = parse_conditioner(args.conditioner)
+    else:
+        conditioner, weights = args.conditioner.partition("=")[0].strip().lower(), None
+    check_scale_overrides(args.base_mag, args.mpp)
+    coords = ((args.x, args.y),) if args.x is not None else None
+    return ConditionRequest(mag=parse_mag(args.mag), slide=Path(args.slide), coords=coords, n_patches=n_patches,
+                            tiles_dir=Path(args.tiles) if args.tiles else None,
+                            conditioning_dir=Path(args.conditioning) if args.conditioning else None,
+                            conditioner=conditioner, conditioner_weights=weights, toy_seed=args.toy_seed,
+                            base_mag=args.base_mag, mpp=args.mpp, tissue=tissue_params(args),
+                            batch_size=max(1, args.batch_size))
+
+
+def build_config(args: argparse.Namespace):
+    from pathlib import Path
+
+    from zoomfeat.generate.guidance import Guidance
+    from zoomfeat.generate.run import SampleConfig
+    from zoomfeat.generate.samplers import SamplerSettings
+    from zoomfeat.resolve import resolve_zoomldm
+
+    source = resolve_zoomldm(args.zoomldm, args.weights, require_weights=str(args.zoomldm).strip().lower() != "tiny")
+    sampler = SamplerSettings(args.sampler, args.steps, Guidance(args.guidance, args.guidance_form))
+    return SampleConfig(zoomldm=source, conditions=condition_request(args, args.patches), out=Path(args.out),
+                        n=args.n, sampler=sampler, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                        precision=args.precision)
+
+
+def run(args: argparse.Namespace) -> int:
+    from zoomfeat.generate.run import run_sample
+    from zoomfeat.log import note
+
+    cfg = build_config(args)
+    manifest = run_sample(cfg)
+    note(f"{len(manifest['images'])} images -> {cfg.out} (manifest.json, contact_sheet.png)")
+    return 0
