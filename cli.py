@@ -28,6 +28,8 @@ COMMANDS: dict[str, str] = {
     "report": "report",
     "compare": "compare",
     "heatmap": "heatmap",
+    "sample": "sample",
+    "generate-large": "generate_large",
     "demo": "demo",
     "config": "config",
 }
