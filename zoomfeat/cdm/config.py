@@ -41,6 +41,9 @@ class PrepareCDMConfig:
                f"--device {self.device!r}: use auto, cpu or cuda")
         _check(self.precision in RUNTIME_PRECISIONS,
                f"--precision {self.precision!r}: use one of {', '.join(RUNTIME_PRECISIONS)}")
+        from zoomfeat.resolve import resolve_zoomldm
+
+        resolve_zoomldm(self.zoomldm, self.weights, require_weights=True)  # paths checked here, before work
         _check(self.labels is None or Path(self.labels).is_file(),
                f"--labels {self.labels} not found: pass a CSV with columns slide_id,label")
 
@@ -63,6 +66,7 @@ class ModelSection:
     num_heads: int | None = None
     mlp_ratio: float = 4.0
     class_dropout_prob: float = 0.0     # label dropout; > 0 enables classifier-free guidance on magnification
+    learn_sigma: bool = True            # learned-range variance + hybrid loss (official); false: x0-MSE only
 
 
 @dataclass(frozen=True)
@@ -118,4 +122,5 @@ class TrainCDMConfig:
         m = self.model
         given = {k: v for k, v in (("depth", m.depth), ("hidden_size", m.hidden_size), ("num_heads", m.num_heads))
                  if v is not None}
-        return preset(m.size, mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout_prob, **given)
+        return preset(m.size, mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout_prob,
+                      learn_sigma=m.learn_sigma, **given)

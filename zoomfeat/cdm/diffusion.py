@@ -111,7 +111,8 @@ class GaussianDiffusion:
     is called with it.
     """
 
-    def __init__(self, betas: np.ndarray, timestep_map: list[int] | None = None):
+    def __init__(self, betas: np.ndarray, timestep_map: list[int] | None = None, learn_sigma: bool = True):
+        self.learn_sigma = learn_sigma
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
             raise ConfigError("diffusion betas must be a 1-D array in (0, 1]")
@@ -125,6 +126,8 @@ class GaussianDiffusion:
             "sqrt_alphas_cumprod": np.sqrt(acp), "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - acp),
             "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / acp), "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / acp - 1),
             "log_betas": np.log(betas), "posterior_variance": post_var,
+            # fixed ("large") variance of a model that does not learn it: beta_t, with the posterior's at t = 0
+            "fixed_log_variance": np.log(np.append(post_var[1], betas[1:])) if len(betas) > 1 else np.log(betas),
             # the posterior variance is 0 at t = 0: its log takes the t = 1 value there
             "posterior_log_variance_clipped": np.log(np.append(post_var[1], post_var[1:]))
             if len(betas) > 1 else np.zeros(0),
@@ -157,15 +160,20 @@ class GaussianDiffusion:
 
     def p_mean_variance(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> MeanVariance:
         """p(x_{t-1} | x_t) from the network output [B, 2C, T] (x0 prediction, variance values v):
-        ``log var = frac log(beta_t) + (1 - frac) log(clipped posterior var)``, ``frac = (v + 1) / 2``."""
-        c = x_t.shape[1]
-        if output.shape[1] != 2 * c:
-            raise ConfigError(f"the CDM returned {output.shape[1]} channels for {c}-channel inputs: it must learn "
-                              "the variance (learn_sigma=True) for the hybrid loss")
-        pred_xstart, v = output.float().split(c, dim=1)
-        n = x_t.dim()
-        frac = (v + 1) / 2
-        log_var = frac * self._at("log_betas", t, n) + (1 - frac) * self._at("posterior_log_variance_clipped", t, n)
+        ``log var = frac log(beta_t) + (1 - frac) log(clipped posterior var)``, ``frac = (v + 1) / 2``;
+        without a learned variance the output is the x0 prediction [B, C, T] and the variance is fixed."""
+        c, n = x_t.shape[1], x_t.dim()
+        want = 2 * c if self.learn_sigma else c
+        if output.shape[1] != want:
+            raise ConfigError(f"the CDM returned {output.shape[1]} channels for {c}-channel inputs, the diffusion "
+                              f"expects {want}: build both with the same learn_sigma")
+        if self.learn_sigma:
+            pred_xstart, v = output.float().split(c, dim=1)
+            frac = (v + 1) / 2
+            log_var = frac * self._at("log_betas", t, n) + (1 - frac) * self._at("posterior_log_variance_clipped", t, n)
+        else:
+            pred_xstart = output.float()
+            log_var = self._at("fixed_log_variance", t, n).expand_as(pred_xstart)
         mean, _, _ = self.q_posterior(pred_xstart, x_t, t)
         return MeanVariance(mean, torch.exp(log_var), log_var, pred_xstart)
 
@@ -182,9 +190,12 @@ class GaussianDiffusion:
     def training_losses(self, model: ModelFn, x_start: torch.Tensor, t: torch.Tensor,
                         noise: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample ``mse`` (x0 target), ``vb`` (mean frozen, so it trains the variance only) and
-        ``loss = mse + vb``, each float32 [B]."""
+        ``loss = mse + vb``, each float32 [B]; without a learned variance ``loss = mse`` (no ``vb``)."""
         x_t = self.q_sample(x_start, t, noise)
         output = model(x_t, self.model_timesteps(t)).float()
+        if not self.learn_sigma:
+            mse = mean_flat((x_start.float() - output) ** 2)
+            return {"mse": mse, "loss": mse}
         c = x_start.shape[1]
         pred_xstart, v = output.split(c, dim=1)
         vb = self.vb_terms_bits(torch.cat([pred_xstart.detach(), v], dim=1), x_start, x_t, t)
@@ -216,12 +227,13 @@ class GaussianDiffusion:
 
 
 def create_diffusion(respacing: str | int | None = None, steps: int = 1000,
-                     schedule: str = "squaredcos_cap_v2") -> GaussianDiffusion:
-    """The official CDM diffusion; ``respacing`` (``"200"``) keeps that many evenly spaced steps for sampling."""
+                     schedule: str = "squaredcos_cap_v2", learn_sigma: bool = True) -> GaussianDiffusion:
+    """The official CDM diffusion; ``respacing`` (``"200"``) keeps that many evenly spaced steps for sampling.
+    ``learn_sigma=False`` is the official option of a fixed variance and the x0-MSE loss alone."""
     betas = named_betas(schedule, steps)
     if respacing in (None, "", steps, str(steps)):
-        return GaussianDiffusion(betas)
+        return GaussianDiffusion(betas, learn_sigma=learn_sigma)
     kept = space_timesteps(steps, respacing)
     acp = np.cumprod(1.0 - betas)
     previous = np.append(1.0, acp[kept][:-1])
-    return GaussianDiffusion(1.0 - acp[kept] / previous, kept)
+    return GaussianDiffusion(1.0 - acp[kept] / previous, kept, learn_sigma=learn_sigma)

@@ -74,7 +74,7 @@ class CDMLightning(L.LightningModule):
         self.model = model
         self.optim_cfg = optim
         self.seed = int(seed)
-        self.diffusion = create_diffusion()
+        self.diffusion = create_diffusion(learn_sigma=model.cfg.learn_sigma)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.model.dit.parameters(), lr=self.optim_cfg.lr,
@@ -105,7 +105,8 @@ class CDMLightning(L.LightningModule):
         loss = terms["loss"].mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/mse", terms["mse"].mean(), batch_size=n)
-        self.log("train/vb", terms["vb"].mean(), batch_size=n)
+        if "vb" in terms:
+            self.log("train/vb", terms["vb"].mean(), batch_size=n)
         return loss
 
     def optimizer_step(self, *args, **kwargs) -> None:

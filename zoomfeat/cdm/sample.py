@@ -78,8 +78,8 @@ def load_cdm(source: str | Path, device: str | torch.device = "cpu", use_ema: bo
 def _check_request(cdm: LoadedCDM, mag: Magnification, n: int, steps: int, guidance: float, cond) -> None:
     if n < 1:
         raise ConfigError(f"--n {n} must be at least 1")
-    if not 1 <= steps <= 1000:
-        raise ConfigError(f"CDM steps {steps} must be in 1..1000")
+    if not 2 <= steps <= 1000:  # one kept step has no posterior variance to learn a range over
+        raise ConfigError(f"CDM steps {steps} must be in 2..1000")
     if guidance != 1.0 and not cdm.cfg.has_null_class:
         raise ConfigError(f"CDM guidance {guidance:g} needs a CDM trained with label dropout "
                           "(model.class_dropout_prob > 0); this one was not: use guidance 1")
@@ -131,7 +131,7 @@ def sample_contexts(cdm: LoadedCDM, mag: Magnification | str | float, n: int, st
     c, tokens = cdm.cfg.in_channels, cdm.cfg.num_tokens
     noise = torch.randn((n, c, tokens), generator=torch.Generator().manual_seed(int(seed)))
     cond = _cond_rows(cond, n, cdm.cfg.cond_dim, device) if cdm.cfg.cond_dim else None
-    diffusion = create_diffusion(str(steps))
+    diffusion = create_diffusion(str(steps), learn_sigma=cdm.cfg.learn_sigma)
     out = []
     for i in range(0, n, batch_size):
         x = noise[i:i + batch_size].to(device)

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--mlp-ratio", type=float, default=md.mlp_ratio, help="MLP width / hidden width (default 4)")
     model.add_argument("--class-dropout-prob", type=float, default=md.class_dropout_prob,
                        help="label dropout for classifier-free guidance on magnification (default 0, as official)")
+    model.add_argument("--fixed-variance", dest="learn_sigma", action="store_false", default=md.learn_sigma,
+                       help="fixed variance and the x0-MSE loss alone (default: learned-range variance and the "
+                            "official hybrid loss mse + vb)")
     optim = parser.add_argument_group("optim")
     optim.add_argument("--lr", type=float, default=od.lr, help=f"AdamW learning rate, constant (default {od.lr:g})")
     optim.add_argument("--weight-decay", type=float, default=od.weight_decay, help="AdamW weight decay (default 0)")
