@@ -30,7 +30,14 @@ def ddim_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
     """The official 'uniform' DDIM timesteps, ascending: range(0, T, T // steps) + 1."""
     if not 0 < steps <= num_timesteps:
         raise ConfigError(f"sampler steps must be in 1..{num_timesteps}, got {steps}")
-    return np.arange(0, num_timesteps, num_timesteps // steps) + 1
+    timesteps = np.arange(0, num_timesteps, num_timesteps // steps) + 1
+    if len(timesteps) != steps or timesteps[-1] >= num_timesteps:
+        # e.g. 3 of 1000: the official spacing gives 1, 334, 667, 1000, one step too many and past the schedule
+        good = [s for s in (10, 20, 25, 50, 100, 200, 250) if s <= num_timesteps and num_timesteps % s == 0]
+        raise ConfigError(f"--steps {steps} does not divide the {num_timesteps}-step schedule evenly (the official "
+                          f"DDIM spacing would take {len(timesteps)} steps, the last past the schedule): use a "
+                          f"divisor such as {', '.join(map(str, good[:5]))}")
+    return timesteps
 
 
 class _Schedule:

@@ -1,0 +1,155 @@
+"""``zoomfeat synthesize``: every synthetic tile equals a step-by-step computation through the model API;
+copies are resumable, refused when settings change, partial copies keep real rows, pixel encoders decode."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cli
+from conftest import require_shared
+from zoomfeat.store import FeatureFile
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return require_shared("golden", "zoomldm_tiny")
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, tiny):
+    from zoomfeat.synthetic import write_synthetic_slide
+
+    root = tmp_path_factory.mktemp("syn")
+    write_synthetic_slide(root / "slides" / "s1.svs", size=2048, seed=1, label=0)
+    write_synthetic_slide(root / "slides" / "s2.svs", size=1024, seed=2, label=1)
+    common = ["--device", "cpu", "--workers", "0", "--batch-size", "16"]
+    assert cli.main(["extract", str(root / "slides"), "--out", str(root / "feats" / "zoomldm"), "--zoomldm", str(tiny),
+                     "--conditioner", "toy", "--mags", "20x,5x", *common]) == 0
+    assert cli.main(["extract", str(root / "slides"), "--out", str(root / "feats" / "toy20"), "--encoder", "toy",
+                     "--mags", "20x", *common]) == 0
+    return root
+
+
+def _synthesize(root, tiny, out, *extra):
+    return cli.main(["synthesize", "--features", str(root / "feats" / "zoomldm"), "--conditioning",
+                     str(root / "feats" / "toy"), "--zoomldm", str(tiny), "--steps", str(STEPS), "--out", str(out),
+                     "--device", "cpu", "--batch-size", "8", *extra])
+
+
+@pytest.fixture(scope="module")
+def copies(extracted, tiny):
+    out = extracted / "syn"
+    assert _synthesize(extracted, tiny, out, "--copies", "2") == 0
+    return out
+
+
+def _direct_row(tiny, root, slide_id: str, copy: int, mag: str, row: int) -> np.ndarray:
+    """One synthetic feature row through the model API alone: Summarizer context of the real grid, x_T from the
+    tile's seed, ``m.sample`` (DDIM, guidance 2), then q_sample at the extraction timestep with the copy's seeded
+    noise, U-Net to output_blocks[3], spatial mean."""
+    from zoomfeat.extract.noise import seeded_noise
+    from zoomfeat.mags import parse_mag
+    from zoomfeat.model import load_zoomldm
+    from zoomfeat.synthesize import tile_seed
+
+    m = load_zoomldm(tiny / "config.yaml", tiny / "weights.ckpt", use_ema=True).eval()
+    with FeatureFile(root / "feats" / "zoomldm" / f"{slide_id}.h5") as f:
+        x, y = f.coords(mag)[row]
+        config = f.extractor_config
+    with FeatureFile(root / "feats" / "toy" / f"{slide_id}.h5") as f:
+        table = {tuple(c): v for c, v in zip(f.coords("20x"), f.features("20x"))}
+        extra = f.extra("conditioning_extra_20x")
+        if extra is not None:
+            table.update({tuple(c): v for c, v in zip(*extra)})
+    g, step = parse_mag(mag).grid_width, 256  # base 20x: a 20x tile is 256 level-0 px
+    grid = np.stack([np.stack([table[(x + j * step, y + i * step)] for j in range(g)], -1) for i in range(g)], -2)
+    with torch.no_grad():
+        context = m.summarize([m.preprocess_ssl(torch.from_numpy(grid).float())],
+                              torch.tensor([parse_mag(mag).index]))
+        seed = tile_seed(0, slide_id, copy, mag, int(x), int(y))
+        side = int(m.config.diffusion.image_size)
+        x_T = torch.randn((int(m.latent_channels), side, side), generator=torch.Generator().manual_seed(seed))[None]
+        z = m.sample(context, x_T, steps=STEPS, guidance=2.0, sampler="ddim")
+        t = torch.full((1,), int(config["timestep"]), dtype=torch.long)
+        noise = seeded_noise(f"{slide_id}~syn{copy}", mag, np.array([[x, y]]), tuple(z.shape[1:]))
+        fmap = m.unet_features(m.q_sample(z, t, noise), t, context, block=int(config["block"]))
+    return fmap.mean(dim=(2, 3))[0].numpy()
+
+
+def test_copies_have_the_real_grid_and_provenance(copies, extracted):
+    for slide_id in ("s1", "s2"):
+        with FeatureFile(extracted / "feats" / "zoomldm" / f"{slide_id}.h5") as f:
+            real_grid, real = f.grid(), {n: f.features(n) for n in f.mags}
+        per_copy = []
+        for k in (0, 1):
+            with FeatureFile(copies / f"{slide_id}~syn{k}.h5") as f:
+                assert f.complete and f.slide_id == f"{slide_id}~syn{k}" and f.extractor == "zoomldm"
+                record = f.extractor_config["synthetic"]
+                assert record["synthetic_of"] == slide_id and record["copy"] == k
+                assert record["generation"]["steps"] == STEPS and record["generation"]["sampler"] == "ddim"
+                for name in real_grid.names:
+                    np.testing.assert_array_equal(f.coords(name), real_grid.coords[name])
+                feats = {n: f.features(n) for n in f.mags}
+            for name, value in feats.items():
+                assert value.shape == real[name].shape and np.isfinite(value).all()
+                assert not np.allclose(value, real[name])
+            per_copy.append(feats)
+        assert not np.allclose(per_copy[0]["20x"], per_copy[1]["20x"])  # fresh seeds per copy
+
+
+@pytest.mark.parametrize("slide_id, copy, mag, row", [("s1", 1, "20x", 5), ("s1", 0, "5x", 1), ("s2", 0, "20x", 0)])
+def test_a_synthetic_row_equals_the_model_api_computation(copies, extracted, tiny, slide_id, copy, mag, row):
+    with FeatureFile(copies / f"{slide_id}~syn{copy}.h5") as f:
+        stored = f.features(mag)[row]
+    expected = _direct_row(tiny, extracted, slide_id, copy, mag, row)
+    np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_rerun_skips_and_changed_settings_are_refused(copies, extracted, tiny, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in copies.glob("*.h5")}
+    assert _synthesize(extracted, tiny, copies, "--copies", "2") == 0
+    assert {p.name: p.stat().st_mtime_ns for p in copies.glob("*.h5")} == before
+    capsys.readouterr()
+    assert _synthesize(extracted, tiny, copies, "--copies", "2", "--guidance", "3.0") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "guidance" in err[0]
+    assert {p.name: p.stat().st_mtime_ns for p in copies.glob("*.h5")} == before
+
+
+def test_partial_copy_keeps_the_other_rows_real(extracted, tiny):
+    out = extracted / "syn_half"
+    assert _synthesize(extracted, tiny, out, "--fraction", "0.5", "--mags", "20x") == 0
+    with FeatureFile(extracted / "feats" / "zoomldm" / "s1.h5") as f:
+        real = f.features("20x")
+    with FeatureFile(out / "s1~syn0.h5") as f:
+        syn = f.features("20x")
+        assert f.mags == ("20x",)
+    same = np.all(syn == real, axis=1)
+    assert same.sum() == len(real) - round(0.5 * len(real))
+
+
+def test_pixel_encoder_features_come_from_decoded_tiles(extracted, tiny):
+    out = extracted / "syn_toy"
+    argv = ["synthesize", "s2", "--features", str(extracted / "feats" / "toy20"), "--conditioning",
+            str(extracted / "feats" / "toy"), "--zoomldm", str(tiny), "--steps", "2", "--out", str(out),
+            "--device", "cpu"]
+    assert cli.main(argv) == 0
+    assert sorted(p.name for p in out.glob("*.h5")) == ["s2~syn0.h5"]
+    with FeatureFile(out / "s2~syn0.h5") as f, FeatureFile(extracted / "feats" / "toy20" / "s2.h5") as r:
+        assert f.extractor == "toy" and f.features("20x").shape == r.features("20x").shape
+        assert np.isfinite(f.features("20x")).all()
+        assert json.dumps(f.extractor_config["synthetic"]["generation"]["seed_rule"])
+
+
+@pytest.mark.parametrize("extra, fragment", [(["--fraction", "0"], "--fraction"), (["--copies", "0"], "--copies")])
+def test_bad_options_are_one_line_errors(extracted, tiny, tmp_path, capsys, extra, fragment):
+    assert _synthesize(extracted, tiny, tmp_path / "o", *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0]
+    assert not (tmp_path / "o").exists()
