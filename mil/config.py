@@ -1,13 +1,34 @@
 """Typed, frozen configuration of a MIL cross-validation run, validated before any work starts.
 
-Protocol presets fix the training schedule; every value can be overridden (``--epochs``, ``--lr`` ...):
+A run's training plan (:func:`training_plan`) comes from two places. The protocol preset fixes the settings a
+published evaluation protocol prescribes; the head's recipe (:data:`RECIPES`) brings what its reference code
+uses for everything the protocol leaves open. Every value can be overridden (``--epochs``, ``--lr`` ...).
 
-- ``hipt``: Adam lr 2e-4, weight decay 1e-5, 20 epochs, the model of the last epoch is evaluated
+Protocols (what they fix):
+
+- ``hipt``: Adam step size 2e-4, weight decay 1e-5, 20 epochs, the model of the last epoch is evaluated
   (HIPT's weakly-supervised subtyping protocol).
-- ``clam``: Adam lr 2e-4, weight decay 1e-5, early stopping on validation loss with patience 20, never
-  before epoch 50, at most 200 epochs; the best-validation-loss weights are restored (CLAM).
-- ``simil``: Adam lr 2e-4, weight decay 1e-5, 50 epochs; the epoch with the best validation AUC is kept
+- ``clam``: step size 2e-4, weight decay 1e-5, at most 200 epochs with CLAM's early stopping on the
+  validation bag loss, counted as CLAM's ``EarlyStopping(patience=20, stop_epoch=50)`` does: after every epoch
+  (0-based index e) a validation loss lower than or equal to the best so far resets the counter and saves
+  the weights, a higher one adds 1, and training stops once the counter is >= patience and e > stop_epoch
+  (``min_epochs``, 50: at least 52 epochs); the saved (best) weights are evaluated.
+- ``simil``: step size 2e-4, weight decay 1e-5, 50 epochs; the epoch with the best validation AUC is kept
   and evaluated on the fixed held-out test set (SI-MIL style model selection; the epoch count is ours).
+
+Heads (what they bring; each head's reference in its recipe's ``source``): the optimiser family and its
+betas, the LR schedule (over the run's epochs), gradient clipping and the loss weights (in the head):
+
+- ``abmil``, ``mean``, ``max``: Adam (0.9, 0.999), constant LR (Ilse et al. 2018's code).
+- ``clam_sb``, ``clam_mb``: Adam (0.9, 0.999), constant LR; bag loss 0.7 / instance loss 0.3 (CLAM).
+- ``dsmil``: Adam betas (0.5, 0.9), cosine annealing to 5e-6 over the run's epochs (DSMIL's train_tcga.py).
+- ``transmil``: RAdam inside Lookahead (k 5, alpha 0.5), constant LR (TransMIL's lookahead_radam).
+- ``dtfd``: Adam (0.9, 0.999), LR x 0.2 at half the run's epochs (the reference's MultiStepLR([100], 0.2)
+  of 200 epochs), gradient norm clipped to 5 per tier-module (DTFD-MIL's Main_DTFD_MIL.py).
+
+The reference's own step size, weight decay and epoch count are in each recipe (``reference``) for the
+record; the protocols replace them. All heads train on one bag per optimiser step unless ``bags_per_step``
+says otherwise (heads that cannot pad bags always take one).
 """
 
 from __future__ import annotations
@@ -16,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from zoomfeat.errors import ConfigError
 
 SELECTIONS: tuple[str, ...] = ("last", "val_loss", "val_auc")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,9 @@ class MILConfig:
     accelerator: str = "cpu"
     devices: str = "1"
     cache: bool = True
+    bags_per_step: int | None = None  # None: the head's recipe (1)
+    all_folds: bool = False  # train the selected folds at once (same numbers as one by one)
+    precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on the CPU), fp32, bf16
 
     def __post_init__(self) -> None:
         validate(self)
@@ -73,8 +98,10 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: MILConfig) -> None:
     """ConfigError naming the first bad value and the fix."""
     from mil.bags import FeatureSpec
-    from mil.models import MIL_MODELS
+    from mil.models import MIL_MODELS, _load_all
     from mil.tasks import TASKS
+
+    _load_all()
 
     FeatureSpec.parse(cfg.features)
     _check(cfg.task in TASKS, f"unknown task {cfg.task!r}: use one of {', '.join(TASKS)}")
@@ -92,6 +119,14 @@ def validate(cfg: MILConfig) -> None:
     _check(cfg.accelerator in ("cpu", "gpu", "cuda", "mps", "auto"),
            f"unknown --accelerator {cfg.accelerator!r}: use cpu, gpu, mps or auto")
     _check(isinstance(cfg.model_kwargs, dict), "--model-kwargs must be a JSON object")
+    _check(cfg.bags_per_step is None or cfg.bags_per_step >= 1,
+           f"--bags-per-step must be >= 1, got {cfg.bags_per_step}")
+    limit = getattr(MIL_MODELS[cfg.model], "max_bags_per_step", None)
+    _check(cfg.bags_per_step is None or limit is None or cfg.bags_per_step <= limit,
+           f"--bags-per-step {cfg.bags_per_step}: {cfg.model} takes at most {limit} bag per step (no padding)")
+    _check(cfg.precision in PRECISIONS, f"unknown --precision {cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
+    _check(not (cfg.all_folds and cfg.balanced),
+           "--all-folds needs the shared shuffled bag order; drop --balanced (or --all-folds)")
 
 
 def make_protocol(name: str, **overrides) -> Protocol:
@@ -112,3 +147,83 @@ def effective_model_kwargs(cfg: MILConfig) -> dict:
     if cfg.model in ("clam_sb", "clam_mb") and cfg.task == "subtyping":
         kwargs.setdefault("subtyping", True)
     return kwargs
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a head brings to a protocol (see the module docstring); ``reference`` keeps its reference
+    code's own step size, weight decay and epochs for the record."""
+
+    source: str
+    optimizer: str = "adam"  # "adam" | "radam_lookahead"
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "constant"  # "constant" | "cosine" | "step"
+    eta_min: float = 0.0  # cosine: final LR
+    milestones: tuple[float, ...] = ()  # step: fractions of the run's epochs
+    gamma: float = 0.1  # step: LR factor per milestone
+    bags_per_step: int = 1
+    reference: dict = field(default_factory=dict)
+
+
+RECIPES: dict[str, Recipe] = {
+    "abmil": Recipe("Ilse et al. 2018 (AttentionDeepMIL main.py)",
+                    reference={"lr": 5e-4, "weight_decay": 1e-4, "epochs": 20}),
+    "clam_sb": Recipe("Lu et al. 2021 (CLAM main.py / README)",
+                      reference={"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200}),
+    "clam_mb": Recipe("Lu et al. 2021 (CLAM main.py / README)",
+                      reference={"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200}),
+    "dsmil": Recipe("Li et al. 2021 (dsmil-wsi train_tcga.py)", betas=(0.5, 0.9), schedule="cosine",
+                    eta_min=5e-6, reference={"lr": 2e-4, "weight_decay": 5e-3, "epochs": 200}),
+    "transmil": Recipe("Shao et al. 2021 (TransMIL config: lookahead_radam)", optimizer="radam_lookahead",
+                       reference={"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200}),
+    "dtfd": Recipe("Zhang et al. 2022 (DTFD-MIL Main_DTFD_MIL.py)", schedule="step", milestones=(0.5,),
+                   gamma=0.2, reference={"lr": 1e-4, "weight_decay": 1e-4, "epochs": 200}),
+    "mean": Recipe("baseline (ABMIL's optimiser)"),
+    "max": Recipe("baseline (ABMIL's optimiser)"),
+}
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The settings one run trains with: the protocol's, the head's recipe, the user's overrides."""
+
+    model: str
+    protocol: Protocol
+    recipe: Recipe
+    bags_per_step: int
+    clip_groups: dict
+    precision: str  # "fp32" | "bf16"
+
+
+def training_plan(cfg: MILConfig, device: str = "cpu") -> TrainingPlan:
+    """Combine protocol, recipe and overrides; bf16 autocast only on a GPU (``precision`` auto)."""
+    from mil.models import MIL_MODELS
+
+    recipe = RECIPES.get(cfg.model, Recipe("custom head (ABMIL's optimiser)"))
+    cls = MIL_MODELS[cfg.model]
+    bags = cfg.bags_per_step or recipe.bags_per_step
+    if getattr(cls, "max_bags_per_step", None) is not None:
+        bags = min(bags, cls.max_bags_per_step)
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") else "fp32"
+    return TrainingPlan(cfg.model, cfg.protocol, recipe, bags, dict(getattr(cls, "clip_groups", {})), precision)
+
+
+def describe_plan(plan: TrainingPlan) -> str:
+    """One line for the start of a run: what is used and where it comes from."""
+    p, r = plan.protocol, plan.recipe
+    opt = "RAdam+Lookahead(k 5, alpha 0.5)" if r.optimizer == "radam_lookahead" else "Adam"
+    schedule = {"constant": "constant LR",
+                "cosine": f"cosine LR to {r.eta_min:g} over {p.epochs} epochs",
+                "step": f"LR x {r.gamma:g} at {', '.join(str(round(m * p.epochs)) for m in r.milestones)} epochs"}
+    stop = {"last": "the last epoch's model",
+            "val_loss": "the best validation-loss model",
+            "val_auc": "the best validation-AUC model"}[p.selection]
+    if p.patience is not None:
+        stop += f", CLAM early stopping (patience {p.patience}, stop_epoch {p.min_epochs})"
+    clip = f", gradient norm clipped to {max(plan.clip_groups.values()):g} per part" if plan.clip_groups else ""
+    return (f"training plan: {plan.model} under protocol {p.name}: protocol fixes lr {p.lr:g}, weight decay "
+            f"{p.weight_decay:g}, {p.epochs} epochs (max), {stop}; head recipe ({r.source}): {opt} betas "
+            f"{r.betas[0]:g}/{r.betas[1]:g}, {schedule[r.schedule]}{clip}; {plan.bags_per_step} bag(s) per "
+            f"optimiser step; {plan.precision}")

@@ -11,16 +11,22 @@ CLAM uses C = 2, alpha = 1, tau = 1.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def smooth_top1_svm_rows(scores: torch.Tensor, target: torch.Tensor, alpha: float = 1.0,
+                         tau: float = 1.0) -> torch.Tensor:
+    """Smooth top-1 SVM loss of every row: ``scores`` [..., C], integer ``target`` [...] -> [...]."""
+    onehot = F.one_hot(target.long(), scores.shape[-1]).to(scores.dtype)
+    true_score = (scores * onehot).sum(-1, keepdim=True)
+    return tau * torch.logsumexp((scores + alpha * (1.0 - onehot) - true_score) / tau, dim=-1)
 
 
 def smooth_top1_svm(scores: torch.Tensor, target: torch.Tensor, alpha: float = 1.0,
                     tau: float = 1.0) -> torch.Tensor:
     """Mean smooth top-1 SVM loss of ``scores`` [B, C] against integer ``target`` [B]."""
-    margin = torch.full_like(scores, alpha)
-    margin.scatter_(1, target.view(-1, 1), 0.0)
-    true_score = scores.gather(1, target.view(-1, 1))
-    return (tau * torch.logsumexp((scores + margin - true_score) / tau, dim=1)).mean()
+    return smooth_top1_svm_rows(scores, target, alpha, tau).mean()
 
 
 class SmoothTop1SVM(nn.Module):

@@ -2,13 +2,20 @@
 
 Every head maps one bag ``x`` [N, D] (float32) to a :class:`MILOutput`:
 ``logits`` [1, C]; ``attention`` [N], the per-instance score drawn in heatmaps; ``extra_loss``, a scalar
-tensor or None. Heads with an auxiliary loss (CLAM's instance clustering, DSMIL's max-instance loss) compute
-it when ``label`` is given; the training loss is then ``bag_weight * CE(logits) + (1 - bag_weight) * extra_loss``.
+tensor or None. Heads with an auxiliary loss (CLAM's instance clustering, DSMIL's max-instance loss, DTFD's
+first tier) compute it when ``label`` is given; the training loss is then
+``bag_weight * CE(logits) + (1 - bag_weight) * extra_loss`` (:meth:`MILHead.combine`).
+
+The one bag is a batch of one for :meth:`MILHead.forward_bags`, which every head implements on
+``x`` [*F, B, N, D] with a padding ``mask`` [B, N] (True = real instance) and labels [B]: several bags per
+optimiser step (padded, masked: a padded bag gives the numbers of that bag alone) and a leading fold axis F
+when the engine trains several folds at once (:mod:`mil.layers`). Heads that cannot pad
+(``max_bags_per_step = 1``: TransMIL, DTFD-MIL) take one bag per step.
 
 Attention per head: ABMIL / CLAM-SB, the softmax attention weights (sum 1); CLAM-MB, the softmax weights of
 the branch of the predicted class; DSMIL, the softmax weights of the predicted class's column of the bag
 classifier's attention (similarity to the critical instance); mean pooling, 1/N; max pooling, each instance's
-logit for the predicted class.
+logit for the predicted class; TransMIL and DTFD-MIL: see their modules.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mil.losses import SmoothTop1SVM
+from mil.layers import Dropout, Linear, Sigmoid, bce_with_logits, linear, masked_softmax
+from mil.losses import smooth_top1_svm_rows
 from zoomfeat.errors import ConfigError
 
 MIL_MODELS: dict[str, type[nn.Module]] = {}
@@ -41,6 +49,7 @@ def register_model(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
 def build_model(name: str, in_dim: int, n_classes: int, **kwargs) -> nn.Module:
     """Instantiate a registered head; ConfigError for an unknown name or a bad keyword."""
+    _load_all()
     if name not in MIL_MODELS:
         raise ConfigError(f"unknown MIL model {name!r}: use one of {', '.join(sorted(MIL_MODELS))}")
     try:
@@ -49,49 +58,103 @@ def build_model(name: str, in_dim: int, n_classes: int, **kwargs) -> nn.Module:
         raise ConfigError(f"bad model arguments for {name!r} ({exc}); check --model-kwargs") from exc
 
 
+def _load_all() -> None:
+    """Import the modules of the heads kept outside this file (they register themselves)."""
+    import mil.dtfd  # noqa: F401
+    import mil.transmil  # noqa: F401
+
+
 class MILOutput(NamedTuple):
     logits: torch.Tensor  # [1, C]
     attention: torch.Tensor  # [N]
     extra_loss: torch.Tensor | None  # scalar or None
 
 
+class BagsOutput(NamedTuple):
+    logits: torch.Tensor  # [*F, B, C]
+    attention: torch.Tensor  # [*F, B, N]
+    extra_loss: torch.Tensor | None  # [*F, B] per-bag auxiliary loss, or None
+    extra_valid: torch.Tensor | None = None  # [B] bool: bags the auxiliary loss applies to (None: all)
+
+
+class MILHead(nn.Module):
+    """Base of every head: the single-bag :meth:`forward` is :meth:`forward_bags` on a batch of one."""
+
+    bag_weight = 1.0
+    max_bags_per_step: int | None = None  # None: padded bags of any number; 1: one bag per step
+
+    def forward_bags(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                     label: torch.Tensor | None = None) -> BagsOutput:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
+        out = self.forward_bags(x.unsqueeze(0), None, None if label is None else label.reshape(1))
+        extra = None
+        if out.extra_loss is not None and (out.extra_valid is None or bool(out.extra_valid[0])):
+            extra = out.extra_loss[0]
+        return MILOutput(out.logits, out.attention[0], extra)
+
+    def combine(self, ce: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        """Training loss from the bag cross-entropy and the auxiliary loss."""
+        return self.bag_weight * ce + (1.0 - self.bag_weight) * extra
+
+    def bag_losses(self, out: BagsOutput, label: torch.Tensor) -> torch.Tensor:
+        """Per-bag training loss [*F, B] (``label`` [B])."""
+        logp = torch.log_softmax(out.logits, dim=-1)
+        ce = -logp.gather(-1, label.reshape(*([1] * (logp.dim() - 2)), -1, 1).expand(*logp.shape[:-1], 1))
+        ce = ce.squeeze(-1)
+        if out.extra_loss is None:
+            return ce
+        mixed = self.combine(ce, out.extra_loss)
+        return mixed if out.extra_valid is None else torch.where(out.extra_valid, mixed, ce)
+
+
 def _embed(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+    return nn.Sequential(Linear(in_dim, hidden), nn.ReLU(), Dropout(dropout))
+
+
+def _pool(a: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Attention pooling: ``a`` [..., K, N] weights, ``h`` [..., N, H] -> [..., K, H]."""
+    return a @ h
+
+
+def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t`` [..., N, H] rows at ``idx`` [..., K] -> [..., K, H]."""
+    return t.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, t.shape[-1]))
 
 
 class GatedAttention(nn.Module):
-    """Gated attention (Ilse et al. 2018): score = W (tanh(V h) * sigmoid(U h)); h [N, H] -> [N, branches]."""
+    """Gated attention (Ilse et al. 2018): score = W (tanh(V h) * sigmoid(U h)); h [..., N, H] -> [..., N, branches]."""
 
     def __init__(self, hidden: int = 512, attn_dim: int = 256, dropout: float = 0.25, branches: int = 1):
         super().__init__()
-        self.tanh_gate = nn.Sequential(nn.Linear(hidden, attn_dim), nn.Tanh(), nn.Dropout(dropout))
-        self.sigmoid_gate = nn.Sequential(nn.Linear(hidden, attn_dim), nn.Sigmoid(), nn.Dropout(dropout))
-        self.score = nn.Linear(attn_dim, branches)
+        self.tanh_gate = nn.Sequential(Linear(hidden, attn_dim), nn.Tanh(), Dropout(dropout))
+        self.sigmoid_gate = nn.Sequential(Linear(hidden, attn_dim), Sigmoid(), Dropout(dropout))
+        self.score = Linear(attn_dim, branches)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.score(self.tanh_gate(h) * self.sigmoid_gate(h))
 
 
 @register_model("abmil")
-class ABMIL(nn.Module):
+class ABMIL(MILHead):
     """Gated-attention MIL: Linear(D, 512) + ReLU + Dropout(0.25), attention 512 -> 256 -> 1, Linear(512, C)."""
-
-    bag_weight = 1.0
 
     def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 512, attn_dim: int = 256,
                  dropout: float = 0.25):
         super().__init__()
         self.embed = _embed(in_dim, hidden, dropout)
         self.attention = GatedAttention(hidden, attn_dim, dropout)
-        self.classifier = nn.Linear(hidden, n_classes)
+        self.classifier = Linear(hidden, n_classes)
 
-    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
-        h = self.embed(x)  # [N, H]
-        a = torch.softmax(self.attention(h).squeeze(1), dim=0)  # [N]
-        return MILOutput(self.classifier(a @ h).unsqueeze(0), a, None)
+    def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
+        h = self.embed(x)  # [*F, B, N, H]
+        a = masked_softmax(self.attention(h).squeeze(-1), mask)  # [*F, B, N]
+        pooled = _pool(a.unsqueeze(-2), h).squeeze(-2)  # [*F, B, H]
+        return BagsOutput(self.classifier(pooled), a, None)
 
 
-class _CLAMBase(nn.Module):
+class _CLAMBase(MILHead):
     """Shared parts of CLAM-SB / CLAM-MB (Lu et al. 2021, 'small' size: D -> 512 -> 256).
 
     Instance clustering: for the bag's class, the ``k_sample`` most attended instances are pseudo-positive
@@ -109,39 +172,50 @@ class _CLAMBase(nn.Module):
         super().__init__()
         self.embed = _embed(in_dim, hidden, dropout)
         self.attention = GatedAttention(hidden, attn_dim, dropout, branches)
-        self.instance_classifiers = nn.ModuleList(nn.Linear(hidden, 2) for _ in range(n_classes))
-        self.instance_loss = SmoothTop1SVM(alpha=1.0, tau=1.0)
+        self.instance_classifiers = nn.ModuleList(Linear(hidden, 2) for _ in range(n_classes))
         self.k_sample = k_sample
         self.subtyping = subtyping
         self.n_classes = n_classes
         self.bag_weight = bag_weight
 
-    def _cluster_loss(self, h: torch.Tensor, a: torch.Tensor, classifier: nn.Module, in_class: bool,
-                      k: int) -> torch.Tensor:
-        """Instance loss of one class; ``a`` [N] attention of the branch used for that class."""
-        top = torch.topk(a, k).indices
-        if in_class:
-            idx = torch.cat([top, torch.topk(-a, k).indices])
-            target = torch.cat([torch.ones(k), torch.zeros(k)]).long().to(h.device)
-        else:
-            idx, target = top, torch.zeros(k, dtype=torch.long, device=h.device)
-        return self.instance_loss(classifier(h[idx]), target)
+    def _attend(self, x, mask):
+        """h [*F, B, N, H] and attention [*F, B, branches, N]."""
+        h = self.embed(x)
+        scores = self.attention(h).transpose(-1, -2)
+        return h, masked_softmax(scores, None if mask is None else mask.unsqueeze(-2))
 
-    def _instance_loss(self, h: torch.Tensor, attn: torch.Tensor, label: torch.Tensor) -> torch.Tensor | None:
-        """``attn`` [branches, N] softmax attention; SB uses its one branch for every class."""
-        k = min(self.k_sample, h.shape[0] // 2)
+    def _cluster_losses(self, h, a, classifier, k, k_bag, mask):
+        """Per-bag (in-class, out-of-class) instance losses of one class; ``a`` [*F, B, N]."""
+        valid = (torch.arange(k, device=h.device) < k_bag.unsqueeze(-1)).to(h.dtype)  # [B, k]
+        fill = float("-inf")
+        top_a = a if mask is None else a.masked_fill(~mask, fill)
+        low_a = -a if mask is None else (-a).masked_fill(~mask, fill)
+        top = classifier(_gather_rows(h, torch.topk(top_a, k, dim=-1).indices))  # [*F, B, k, 2]
+        low = classifier(_gather_rows(h, torch.topk(low_a, k, dim=-1).indices))
+        ones = torch.ones(top.shape[:-1], dtype=torch.long, device=h.device)
+        pos, neg = smooth_top1_svm_rows(top, ones), smooth_top1_svm_rows(low, ones * 0)
+        count = k_bag.to(h.dtype)
+        in_class = ((pos * valid).sum(-1) + (neg * valid).sum(-1)) / (2 * count).clamp(min=1)
+        out_class = (smooth_top1_svm_rows(top, ones * 0) * valid).sum(-1) / count.clamp(min=1)
+        return in_class, out_class
+
+    def _instance_loss(self, h, attn, label, mask):
+        """Per-bag loss [*F, B] and the bags it applies to [B] (``attn`` [*F, B, branches, N])."""
+        n = h.shape[-2] if mask is None else None
+        sizes = torch.full(label.shape, n, device=h.device) if mask is None else mask.sum(-1)
+        k_bag = torch.clamp(sizes // 2, max=self.k_sample)
+        k = int(min(self.k_sample, h.shape[-2] // 2))
         if k < 1:
-            return None
-        y = int(label)
-        total = h.new_zeros(())
+            return None, None
+        total = 0.0
         for c, classifier in enumerate(self.instance_classifiers):
-            if c != y and not self.subtyping:
-                continue  # out-of-class clustering only for mutually exclusive subtypes
-            a = attn[c if attn.shape[0] > 1 else 0]
-            total = total + self._cluster_loss(h, a, classifier, c == y, k)
+            a = attn[..., c if attn.shape[-2] > 1 else 0, :]
+            in_class, out_class = self._cluster_losses(h, a, classifier, k, k_bag, mask)
+            own = (label == c).to(h.dtype)
+            total = total + own * in_class + (0.0 if not self.subtyping else (1.0 - own) * out_class)
         if self.subtyping:
             total = total / self.n_classes
-        return total
+        return total, k_bag >= 1
 
 
 @register_model("clam_sb")
@@ -151,14 +225,13 @@ class CLAMSB(_CLAMBase):
     def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 512, attn_dim: int = 256,
                  dropout: float = 0.25, k_sample: int = 8, subtyping: bool = False, bag_weight: float = 0.7):
         super().__init__(in_dim, n_classes, hidden, attn_dim, dropout, k_sample, subtyping, 1, bag_weight)
-        self.classifier = nn.Linear(hidden, n_classes)
+        self.classifier = Linear(hidden, n_classes)
 
-    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
-        h = self.embed(x)
-        attn = torch.softmax(self.attention(h).T, dim=1)  # [1, N]
-        logits = self.classifier(attn @ h)  # [1, C]
-        extra = self._instance_loss(h, attn, label) if label is not None else None
-        return MILOutput(logits, attn[0], extra)
+    def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
+        h, attn = self._attend(x, mask)  # attn [*F, B, 1, N]
+        logits = self.classifier(_pool(attn, h).squeeze(-2))  # [*F, B, C]
+        extra, valid = self._instance_loss(h, attn, label, mask) if label is not None else (None, None)
+        return BagsOutput(logits, attn[..., 0, :], extra, valid)
 
 
 @register_model("clam_mb")
@@ -169,19 +242,20 @@ class CLAMMB(_CLAMBase):
                  dropout: float = 0.25, k_sample: int = 8, subtyping: bool = False, bag_weight: float = 0.7):
         super().__init__(in_dim, n_classes, hidden, attn_dim, dropout, k_sample, subtyping, n_classes,
                          bag_weight)
-        self.classifiers = nn.ModuleList(nn.Linear(hidden, 1) for _ in range(n_classes))
+        self.classifiers = nn.ModuleList(Linear(hidden, 1) for _ in range(n_classes))
 
-    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
-        h = self.embed(x)
-        attn = torch.softmax(self.attention(h).T, dim=1)  # [C, N]
-        pooled = attn @ h  # [C, H]
-        logits = torch.cat([clf(pooled[c]) for c, clf in enumerate(self.classifiers)]).unsqueeze(0)
-        extra = self._instance_loss(h, attn, label) if label is not None else None
-        return MILOutput(logits, attn[int(logits.argmax())], extra)
+    def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
+        h, attn = self._attend(x, mask)  # attn [*F, B, C, N]
+        pooled = _pool(attn, h)  # [*F, B, C, H]
+        logits = torch.cat([clf(pooled[..., c, :]) for c, clf in enumerate(self.classifiers)], dim=-1)
+        pred = logits.argmax(-1)  # [*F, B]
+        chosen = attn.gather(-2, pred[..., None, None].expand(*pred.shape, 1, attn.shape[-1])).squeeze(-2)
+        extra, valid = self._instance_loss(h, attn, label, mask) if label is not None else (None, None)
+        return BagsOutput(logits, chosen, extra, valid)
 
 
 @register_model("dsmil")
-class DSMIL(nn.Module):
+class DSMIL(MILHead):
     """Dual-stream MIL (Li, Li & Eliceiri 2021).
 
     Instance stream: Linear(D, C) per instance, bag score = max over instances. Bag stream: queries
@@ -198,59 +272,70 @@ class DSMIL(nn.Module):
     def __init__(self, in_dim: int, n_classes: int = 2, query_dim: int = 128, passing_v: bool = False,
                  dropout_v: float = 0.0):
         super().__init__()
-        self.instance_classifier = nn.Linear(in_dim, n_classes)
-        self.query = nn.Sequential(nn.Linear(in_dim, query_dim), nn.ReLU(), nn.Linear(query_dim, query_dim),
+        self.instance_classifier = Linear(in_dim, n_classes)
+        self.query = nn.Sequential(Linear(in_dim, query_dim), nn.ReLU(), Linear(query_dim, query_dim),
                                    nn.Tanh())
-        self.value = (nn.Sequential(nn.Dropout(dropout_v), nn.Linear(in_dim, in_dim), nn.ReLU())
+        self.value = (nn.Sequential(Dropout(dropout_v), Linear(in_dim, in_dim), nn.ReLU())
                       if passing_v else nn.Identity())
         self.head = nn.Conv1d(n_classes, n_classes, kernel_size=in_dim)
         self.query_dim = query_dim
 
-    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
-        inst = self.instance_classifier(x)  # [N, C]
-        q = self.query(x)  # [N, Q]
-        critical = inst.argmax(dim=0)  # [C]
-        q_max = self.query(x[critical])  # [C, Q]
-        a = torch.softmax(q @ q_max.T / math.sqrt(self.query_dim), dim=0)  # [N, C]
-        b = a.T @ self.value(x)  # [C, D]
-        logits = self.head(b.unsqueeze(0)).squeeze(-1)  # [1, C]
+    def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
+        inst = self.instance_classifier(x)  # [*F, B, N, C]
+        if mask is not None:
+            inst = inst.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+        q = self.query(x)  # [*F, B, N, Q]
+        critical = inst.argmax(dim=-2)  # [*F, B, C]
+        q_max = _gather_rows(q, critical)  # [*F, B, C, Q]
+        scores = q @ q_max.transpose(-1, -2) / math.sqrt(self.query_dim)  # [*F, B, N, C]
+        a = masked_softmax(scores, None if mask is None else mask.unsqueeze(-1), dim=-2)
+        b = a.transpose(-1, -2) @ self.value(x)  # [*F, B, C, D]
+        w = self.head.weight
+        logits = linear(b.flatten(-2), w.reshape(*w.shape[:-3], w.shape[-3], -1), self.head.bias)  # [*F, B, C]
+        pred = logits.argmax(-1)
+        attention = a.gather(-1, pred[..., None, None].expand(*a.shape[:-1], 1)).squeeze(-1)
         extra = None
         if label is not None:
-            max_logits = inst.max(dim=0).values.unsqueeze(0)  # [1, C]
-            target = F.one_hot(label.view(1).long(), inst.shape[1]).to(max_logits.dtype)
-            extra = F.binary_cross_entropy_with_logits(max_logits, target)
-        return MILOutput(logits, a[:, int(logits.argmax())], extra)
+            max_logits = inst.max(dim=-2).values  # [*F, B, C]
+            target = F.one_hot(label.long(), inst.shape[-1]).to(max_logits.dtype)
+            extra = bce_with_logits(max_logits, target).mean(-1)
+        return BagsOutput(logits, attention, extra)
 
 
 @register_model("mean")
-class MeanPool(nn.Module):
+class MeanPool(MILHead):
     """Baseline: Linear(D, 512) + ReLU + Dropout(0.25), mean over instances, Linear(512, C)."""
-
-    bag_weight = 1.0
 
     def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 512, dropout: float = 0.25):
         super().__init__()
         self.embed = _embed(in_dim, hidden, dropout)
-        self.classifier = nn.Linear(hidden, n_classes)
+        self.classifier = Linear(hidden, n_classes)
 
-    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
+    def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
         h = self.embed(x)
-        attn = torch.full((x.shape[0],), 1.0 / x.shape[0], device=x.device)
-        return MILOutput(self.classifier(h.mean(dim=0, keepdim=True)), attn, None)
+        if mask is None:
+            weights = torch.full(x.shape[:-1], 1.0 / x.shape[-2], device=x.device, dtype=h.dtype)
+        else:
+            weights = mask.to(h.dtype) / mask.sum(-1, keepdim=True).to(h.dtype)
+            weights = weights.expand(h.shape[:-1])
+        pooled = _pool(weights.unsqueeze(-2), h).squeeze(-2)
+        return BagsOutput(self.classifier(pooled), weights, None)
 
 
 @register_model("max")
-class MaxPool(nn.Module):
+class MaxPool(MILHead):
     """Baseline: Linear(D, 512) + ReLU + Dropout(0.25), instance logits Linear(512, C), max over instances."""
-
-    bag_weight = 1.0
 
     def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 512, dropout: float = 0.25):
         super().__init__()
         self.embed = _embed(in_dim, hidden, dropout)
-        self.classifier = nn.Linear(hidden, n_classes)
+        self.classifier = Linear(hidden, n_classes)
 
-    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
-        inst = self.classifier(self.embed(x))  # [N, C]
-        logits = inst.max(dim=0).values.unsqueeze(0)
-        return MILOutput(logits, inst[:, int(logits.argmax())], None)
+    def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
+        inst = self.classifier(self.embed(x))  # [*F, B, N, C]
+        if mask is not None:
+            inst = inst.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+        logits = inst.max(dim=-2).values
+        pred = logits.argmax(-1)
+        attention = inst.gather(-1, pred[..., None, None].expand(*inst.shape[:-1], 1)).squeeze(-1)
+        return BagsOutput(logits, attention, None)

@@ -24,6 +24,8 @@ def bag_loss(model: nn.Module, out, y: torch.Tensor) -> torch.Tensor:
     ce = F.cross_entropy(out.logits, y.view(1))
     if out.extra_loss is None:
         return ce
+    if hasattr(model, "combine"):
+        return model.combine(ce, out.extra_loss)
     w = float(getattr(model, "bag_weight", 1.0))
     return w * ce + (1.0 - w) * out.extra_loss
 

@@ -1,45 +1,44 @@
-"""Training and evaluating one fold: one fresh head, one Lightning run, predictions on val and test.
+"""Training and evaluating folds: one fresh head per fold, a plain training loop, predictions on val and test.
 
-Bags are fed one at a time (batch size 1 bag, the MIL standard) from a :class:`~mil.bags.BagStore`; the
-train order is a seeded permutation, or with ``balanced`` a seeded class-balanced sampler with replacement.
+The loop (no Lightning, no DataLoader: its per-step hooks and collation cost more than a small head's step):
+
+- bags come from :class:`mil.cache.BagCache`, one contiguous tensor (a step's bag is a view);
+- the bag order of an epoch is one seeded permutation of every training slide of the split folder (the union
+  of all folds' training parts); a fold takes the steps whose bags are in its training part, in that order.
+  With ``balanced`` (class-balanced sampling with replacement) each fold draws its own order instead;
+- ``bags_per_step`` consecutive bags of the order make one optimiser step (padded, masked; the loss is the
+  mean bag loss of the fold's bags among them); one bag per step is the default;
+- several folds train at once (``all_folds``): every parameter is stacked over the folds ([F, ...]) and one
+  call of the head computes all of them (:mod:`mil.layers`); each fold keeps its own optimiser state, dropout
+  generator and early-stopping state. A fold trained alone runs the same code with F = 1 and gets bit-identical
+  weights and predictions (tested);
+- AdamW-free fused Adam (or RAdam + Lookahead), the head's LR schedule, per-fold gradient clipping, bf16
+  autocast on a GPU (:func:`mil.config.training_plan`);
+- after each epoch, when the protocol selects or stops on validation, each fold's model predicts its
+  validation bags; the best weights are kept (``last``, ``val_loss``, ``val_auc``; CLAM's early stopping);
+- a NaN/Inf training loss stops the run with a DataError naming the fold, epoch and step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
+import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.callbacks import EarlyStopping
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
-from mil.bags import BagStore, MILDataWarning
-from mil.checks import FiniteLossCheck
-from mil.config import MILConfig, effective_model_kwargs
+from mil.bags import MILDataWarning
+from mil.cache import BagCache, LazyBags
+from mil.config import MILConfig, TrainingPlan, describe_plan, effective_model_kwargs, training_plan
+from mil.layers import fold_generators
 from mil.metrics import auroc_or_none, balanced_accuracy, f1
 from mil.models import build_model
-from mil.module import MILModule
-from zoomfeat.fitting import fit
-
-
-class BagDataset(Dataset):
-    """(features float32 [N, D], target long scalar) per slide, read lazily through the store."""
-
-    def __init__(self, store: BagStore, slide_ids: list[str], targets: list[int]):
-        self.store, self.slide_ids, self.targets = store, list(slide_ids), list(targets)
-
-    def __len__(self) -> int:
-        return len(self.slide_ids)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.store.get(self.slide_ids[i]).features, torch.tensor(self.targets[i], dtype=torch.long)
+from mil.optim import FoldOptimizer, clip_per_fold, lr_at
+from zoomfeat.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -58,106 +57,297 @@ class FoldResult:
     checkpoint: dict
 
 
-def _loader(data: BagDataset, shuffle: bool, balanced: bool, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    sampler = None
-    if shuffle and balanced:
-        counts = np.bincount(data.targets)
-        weights = torch.tensor([1.0 / counts[t] for t in data.targets], dtype=torch.double)
-        sampler = WeightedRandomSampler(weights, len(data), replacement=True, generator=generator)
-    elif shuffle:
-        sampler = RandomSampler(data, generator=generator)
-    return DataLoader(data, batch_size=None, sampler=sampler, num_workers=0)
+@dataclass
+class _Fold:
+    """Training state of one fold: its row in the stacked parameters, selection and early stopping."""
+
+    fold: int
+    data: FoldData
+    member: torch.Tensor  # [n order slides] float: 1 for the fold's training bags
+    generator: torch.Generator
+    best_score: float | None = None
+    best_epoch: int | None = None
+    best_state: dict | None = None
+    counter: int = 0
+    stopped: bool = False
+    epochs: int = 0
+    order: torch.Generator | None = None  # balanced sampling: the fold's own order
+    extra: dict = field(default_factory=dict)
 
 
-@contextlib.contextmanager
-def quiet_lightning():
-    """Silence Lightning's info lines (GPU available, seed set, model summary) and its loader hints."""
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        for pattern in (".*does not have many workers.*", ".*smaller than the logging interval.*",
-                        ".*GPU available but not used.*", ".*LeafSpec.*", ".*no `val_dataloader`.*"):
-            warnings.filterwarnings("ignore", message=pattern)
+def resolve_device(accelerator: str) -> str:
+    """``cpu``; ``gpu``/``cuda``: the first GPU; ``auto``: a GPU when there is one; ``mps``."""
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--accelerator {accelerator} but no CUDA GPU is visible: use --accelerator cpu")
+        return "cuda"
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return accelerator
+
+
+def _autocast(device: str, precision: str):
+    if precision != "bf16":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+
+
+class _Bags(nn.Module):
+    """``head.forward_bags`` as a module call (for ``torch.func.functional_call``)."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x, mask, label):
+        return self.head.forward_bags(x, mask, label)
+
+
+def _fold_generator(seed: int, fold: int, device: str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + 7919 * (fold + 1))
+
+
+def _chunks(order: list[int], size: int) -> list[list[int]]:
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+class Engine:
+    """Trains the folds given (stacked) on the bags of ``bags`` in the order of ``order_ids``."""
+
+    def __init__(self, cfg: MILConfig, folds: list[tuple[int, FoldData]], bags, order: dict[str, int],
+                 in_dim: int, n_classes: int, device: str, plan: TrainingPlan):
+        self.cfg, self.plan, self.device, self.n_classes = cfg, plan, device, n_classes
+        self.bags, self.order_ids = bags, list(order)
+        self.index = {s: i for i, s in enumerate(bags.ids)}
+        torch.manual_seed(cfg.seed)  # every fold starts from the same weights, as one fold alone does
+        self.head = build_model(cfg.model, in_dim, n_classes, **effective_model_kwargs(cfg)).to(device)
+        self.call = _Bags(self.head)
+        init = {n: p.detach() for n, p in self.head.named_parameters()}
+        self.params = {n: p.unsqueeze(0).repeat(len(folds), *([1] * p.dim())).contiguous()
+                       for n, p in init.items()}
+        self.opt = FoldOptimizer(self.params, plan.recipe, cfg.protocol.lr, cfg.protocol.weight_decay)
+        self.folds = [self._fold_state(k, data) for k, data in folds]
+        self.order_gen = torch.Generator().manual_seed(cfg.seed)
+        self.targets = torch.tensor([order[s] for s in self.order_ids], dtype=torch.long)
+        self.autocast = _autocast(device, plan.precision)
+        self.eval_head = build_model(cfg.model, in_dim, n_classes, **effective_model_kwargs(cfg)).to(device)
+
+    def _fold_state(self, k: int, data: FoldData) -> _Fold:
+        train = set(data.parts["train"])
+        member = torch.tensor([1.0 if s in train else 0.0 for s in self.order_ids])
+        order = torch.Generator().manual_seed(self.cfg.seed + 104_729 * (k + 1)) if self.cfg.balanced else None
+        return _Fold(k, data, member, _fold_generator(self.cfg.seed, k, self.device), order=order)
+
+    # ------------------------------------------------------------------ schedule
+    def _epoch_steps(self) -> list[list[int]]:
+        """Chunks of order indices for one epoch (shared order, or each fold's balanced draw)."""
+        size = self.plan.bags_per_step
+        if not self.cfg.balanced:
+            return _chunks(torch.randperm(len(self.order_ids), generator=self.order_gen).tolist(), size)
+        (fold,) = self.folds  # balanced: one fold per engine (checked by the config)
+        train = torch.nonzero(fold.member).flatten()
+        counts = torch.bincount(self.targets[train], minlength=self.n_classes).double()
+        weights = 1.0 / counts[self.targets[train]]
+        draw = torch.multinomial(weights, len(train), replacement=True, generator=fold.order)
+        return _chunks(train[draw].tolist(), size)
+
+    # ------------------------------------------------------------------ one step
+    def _step(self, chunk: list[int], rows: list[int], weights: torch.Tensor, lr: float) -> torch.Tensor:
+        x, mask = self.bags.batch([self.index[self.order_ids[i]] for i in chunk])
+        y = self.targets[chunk].to(self.device)
+        every = rows == list(range(len(self.folds)))
+        leaf = {f"head.{n}": (p if every else p[rows]).detach().requires_grad_(True)
+                for n, p in self.params.items()}
+        xs = x.unsqueeze(0).expand(len(rows), *x.shape)
+        with fold_generators([self.folds[r].generator for r in rows]), self.autocast():
+            out = torch.func.functional_call(self.call, leaf, (xs, mask, y))
+            losses = self.head.bag_losses(out, y).float()  # [F, B]
+        w = weights.to(self.device)
+        per_fold = (losses * w).sum(-1) / w.sum(-1)
+        per_fold.sum().backward()
+        grads = {n[len("head."):]: t.grad for n, t in leaf.items()}
+        if self.plan.clip_groups:
+            clip_per_fold(grads, self.plan.clip_groups)
+        self.opt.step(grads, rows, lr)
+        return per_fold.detach()
+
+    def _check_finite(self, losses: torch.Tensor, rows: list[int], epoch: int, step: int) -> None:
+        if bool(torch.isfinite(losses).all()):
+            return
+        bad = next(r for r, v in zip(rows, losses.tolist()) if not math.isfinite(v))
+        raise DataError(f"fold {self.folds[bad].fold}: training loss is {losses[rows.index(bad)].item()} at epoch "
+                        f"{epoch + 1}, step {step}: the optimiser diverged (lower --lr, check --weight-decay) or "
+                        "the features are not finite")
+
+    def train_epoch(self, epoch: int) -> None:
+        self.head.train()
+        lr = lr_at(self.plan.recipe, self.cfg.protocol.lr, epoch, self.cfg.protocol.epochs)
+        live = [r for r, f in enumerate(self.folds) if not f.stopped]
+        members = torch.stack([f.member for f in self.folds])  # [F, n]
+        for step, chunk in enumerate(self._epoch_steps(), start=1):
+            w = members[live][:, chunk] if not self.cfg.balanced else torch.ones(1, len(chunk))
+            keep = [i for i in range(len(live)) if bool(w[i].any())]
+            if not keep:
+                continue
+            rows = [live[i] for i in keep]
+            losses = self._step(chunk, rows, w[keep], lr)
+            self._check_finite(losses, rows, epoch, step)
+        for r in live:
+            self.folds[r].epochs = epoch + 1
+
+    # ------------------------------------------------------------------ evaluation
+    def fold_state_dict(self, row: int) -> dict:
+        return {n: p[row].detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def predict(self, state: dict, slides: list[str]) -> tuple[torch.Tensor, float | None]:
+        """Class probabilities [n, C] of each slide's bag (eval mode) and the mean bag cross-entropy."""
+        self.eval_head.load_state_dict(state)
+        self.eval_head.eval()
+        probs, losses = [], []
+        for s in slides:
+            with self.autocast():
+                logits = self.eval_head(self.bags.bag(self.index[s])).logits.float()
+            logp = torch.log_softmax(logits, 1)[0]
+            probs.append(logp.exp().cpu())
+            losses.append(-float(logp[self._fold_target(s)]))
+        stacked = torch.stack(probs) if probs else torch.zeros(0, self.n_classes)
+        return stacked, (float(np.mean(losses)) if losses else None)
+
+    def _fold_target(self, slide: str) -> int:
+        for f in self.folds:
+            if slide in f.data.target:
+                return f.data.target[slide]
+        raise KeyError(slide)
+
+    def validate(self, epoch: int) -> None:
+        """Per live fold: validation loss/AUC, best weights, CLAM's early-stopping counter."""
+        p = self.cfg.protocol
+        for row, f in enumerate(self.folds):
+            if f.stopped or not f.data.parts["val"]:
+                continue
+            probs, loss = self.predict(self.fold_state_dict(row), f.data.parts["val"])
+            target = torch.tensor([f.data.target[s] for s in f.data.parts["val"]])
+            self._track(f, row, epoch, loss, auroc_or_none(probs, target, self.n_classes), p)
+
+    def _track(self, f: _Fold, row: int, epoch: int, loss: float, auc: float | None, p) -> None:
+        improved = False
+        if p.selection == "val_loss" or p.patience is not None:
+            better = f.best_score is None or loss <= f.best_score  # CLAM: a loss equal to the best is better
+            if p.patience is not None:
+                f.counter = 0 if better else f.counter + 1
+                f.stopped = f.counter >= p.patience and epoch > p.min_epochs
+            if better:
+                f.best_score = loss
+                improved = p.selection == "val_loss"
+        if p.selection == "val_auc" and auc is not None:
+            if f.extra.get("best_auc") is None or auc > f.extra["best_auc"]:
+                f.extra["best_auc"] = auc
+                improved = True
+        if improved:
+            f.best_epoch, f.best_state = epoch + 1, self.fold_state_dict(row)
+
+    def needs_validation(self) -> bool:
+        return self.cfg.protocol.selection != "last" or self.cfg.protocol.patience is not None
+
+    def fit(self, progress: bool = False) -> None:
+        for epoch in range(self.cfg.protocol.epochs):
+            if all(f.stopped for f in self.folds):
+                break
+            self.train_epoch(epoch)
+            if self.needs_validation():
+                self.validate(epoch)
+
+    # ------------------------------------------------------------------ results
+    def result(self, row: int) -> FoldResult:
+        f = self.folds[row]
+        state = f.best_state if f.best_state is not None else self.fold_state_dict(row)
+        best = f.best_epoch if f.best_state is not None else f.epochs
+        metrics, frame = self._evaluate(state, f)
+        metrics = {"fold": f.fold, "test_auc": metrics["test_auc"],
+                   "test_balanced_accuracy": metrics["test_balanced_accuracy"], "test_f1": metrics["test_f1"],
+                   "val_auc": metrics["val_auc"], "val_loss": metrics["val_loss"], "test_loss": metrics["test_loss"],
+                   "n_train": len(f.data.parts["train"]), "n_val": len(f.data.parts["val"]),
+                   "n_test": len(f.data.parts["test"]), "epochs_trained": f.epochs, "best_epoch": best}
+        return FoldResult(metrics, frame, {"state_dict": state, "best_epoch": best})
+
+    def _evaluate(self, state: dict, f: _Fold):
+        rows, metrics = [], {}
+        for split in ("val", "test"):
+            ids = f.data.parts[split]
+            probs, loss = self.predict(state, ids)
+            target = torch.tensor([f.data.target[s] for s in ids], dtype=torch.long)
+            auc = auroc_or_none(probs, target, self.n_classes)
+            if auc is None and split == "test":
+                warnings.warn(f"fold {f.fold}: the test set has {len(ids)} slide(s) of fewer than "
+                              f"{self.n_classes} classes; test AUC is undefined (null)", MILDataWarning, stacklevel=2)
+            metrics[f"{split}_auc"] = auc
+            metrics[f"{split}_loss"] = loss
+            metrics[f"{split}_balanced_accuracy"] = balanced_accuracy(probs, target, self.n_classes)
+            metrics[f"{split}_f1"] = f1(probs, target, self.n_classes)
+            rows += [(s, f.data.case[s], f.data.target[s], float(p[1]) if p.numel() > 1 else float("nan"), split,
+                      *map(float, p)) for s, p in zip(ids, probs)]
+        columns = ["slide_id", "case_id", "label", "prob", "split", *(f"prob_{c}" for c in range(self.n_classes))]
+        return metrics, pd.DataFrame(rows, columns=columns)  # prob_<c>: every class (mil.cv names them)
+
+
+def epoch_order(train_parts: list[list[str]], targets: dict[str, int], usable) -> dict[str, int]:
+    """The slides every epoch's order runs over, sorted, with their targets: the training slides of every fold
+    of the split folder (not only the folds trained now, so a fold's numbers do not depend on ``--folds``)
+    that have a label and a usable bag (``usable(slide)``)."""
+    return {s: targets[s] for s in sorted({s for part in train_parts for s in part}) if s in targets and usable(s)}
+
+
+def make_bags(store, slide_ids: list[str], device: str, cache: bool):
+    """The run's bags: one contiguous cached tensor, or read per access with ``cache`` False."""
+    return BagCache(store, slide_ids, device) if cache else LazyBags(store, slide_ids, device)
+
+
+def train_folds(cfg: MILConfig, folds: list[tuple[int, FoldData]], bags, order: dict[str, int], in_dim: int,
+                n_classes: int, progress: bool = False) -> list[FoldResult]:
+    """Train ``folds`` together (stacked) and evaluate each on its val and test parts."""
+    device = resolve_device(cfg.accelerator)
+    engine = Engine(cfg, folds, bags, order, in_dim, n_classes, device, training_plan(cfg, device))
+    engine.fit(progress)
+    return [engine.result(row) for row in range(len(folds))]
+
+
+def _needed(cfg: MILConfig, folds: dict[int, FoldData], order: dict[str, int]) -> list[str]:
+    """Bags a run reads: every part of the folds trained, and the whole order when steps pad several bags
+    (a step's padded batch holds bags of other folds too)."""
+    ids = {s for data in folds.values() for part in data.parts.values() for s in part}
+    if training_plan(cfg).bags_per_step > 1:
+        ids |= set(order)
+    return sorted(ids)
+
+
+def run_folds(cfg: MILConfig, folds: dict[int, FoldData], order: dict[str, int], store, in_dim: int,
+              n_classes: int, write, progress: bool = False) -> None:
+    """Train ``folds`` (all at once with ``cfg.all_folds``, else one by one) and ``write(fold, result)`` each;
+    prints the training plan first. DataErrors of one fold name it."""
+    from zoomfeat.log import note
+
+    if not folds:
+        return
+    device = resolve_device(cfg.accelerator)
+    note(describe_plan(training_plan(cfg, device)))
+    bags = make_bags(store, _needed(cfg, folds, order), device, cfg.cache)
+    groups = [list(folds)] if cfg.all_folds else [[k] for k in folds]
+    for group in groups:
         try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
+            results = train_folds(cfg, [(k, folds[k]) for k in group], bags, order, in_dim, n_classes, progress)
+        except DataError as exc:
+            if len(group) > 1 or str(exc).startswith(f"fold {group[0]}"):
+                raise
+            raise DataError(f"fold {group[0]}: {exc}") from exc
+        for k, result in zip(group, results):
+            write(k, result)
 
 
-def _trainer(cfg: MILConfig, has_val: bool, progress: bool) -> L.Trainer:
-    p = cfg.protocol
-    callbacks = []
-    if p.patience is not None and has_val:
-        callbacks.append(EarlyStopping("val_loss", patience=p.patience, mode="min"))
-    devices = int(cfg.devices) if str(cfg.devices).isdigit() else cfg.devices
-    return L.Trainer(
-        accelerator=cfg.accelerator, devices=devices, max_epochs=p.epochs, min_epochs=p.min_epochs,
-        callbacks=callbacks, logger=False, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=progress, num_sanity_val_steps=0, deterministic=True,
-        limit_val_batches=1.0 if (has_val and p.selection != "last") or callbacks else 0,
-    )
-
-
-@torch.no_grad()
-def predict(model: nn.Module, data: BagDataset, n_classes: int) -> tuple[torch.Tensor, float | None]:
-    """Class probabilities [n, C] of each bag (eval mode) and the mean bag cross-entropy."""
-    model.eval()
-    probs, losses = [], []
-    for x, y in (data[i] for i in range(len(data))):
-        logits = model(x).logits
-        probs.append(torch.softmax(logits, 1)[0])
-        losses.append(float(F.cross_entropy(logits, y.view(1))))
-    stacked = torch.stack(probs) if probs else torch.zeros(0, n_classes)
-    return stacked, (float(np.mean(losses)) if losses else None)
-
-
-def _evaluate(model: nn.Module, store: BagStore, data: FoldData, n_classes: int, fold: int):
-    rows, metrics = [], {}
-    for split in ("val", "test"):
-        ids = data.parts[split]
-        ds = BagDataset(store, ids, [data.target[s] for s in ids])
-        probs, loss = predict(model, ds, n_classes)
-        target = torch.tensor(ds.targets, dtype=torch.long)
-        auc = auroc_or_none(probs, target, n_classes)
-        if auc is None and split == "test":
-            warnings.warn(f"fold {fold}: the test set has {len(ids)} slide(s) of fewer than {n_classes} classes; "
-                          "test AUC is undefined (null)", MILDataWarning, stacklevel=2)
-        metrics[f"{split}_auc"] = auc
-        metrics[f"{split}_loss"] = loss
-        metrics[f"{split}_balanced_accuracy"] = balanced_accuracy(probs, target, n_classes)
-        metrics[f"{split}_f1"] = f1(probs, target, n_classes)
-        rows += [(s, data.case[s], data.target[s], float(p[1]) if p.numel() > 1 else float("nan"), split,
-                  *map(float, p)) for s, p in zip(ids, probs)]
-    columns = ["slide_id", "case_id", "label", "prob", "split", *(f"prob_{c}" for c in range(n_classes))]
-    frame = pd.DataFrame(rows, columns=columns)  # prob_<c>: every class probability (mil.cv names the classes)
-    return metrics, frame
-
-
-def train_fold(cfg: MILConfig, fold: int, data: FoldData, store: BagStore, in_dim: int, n_classes: int,
+def train_fold(cfg: MILConfig, fold: int, data: FoldData, store, in_dim: int, n_classes: int,
                progress: bool = False) -> FoldResult:
-    """Train one head on ``data.parts["train"]`` and evaluate it on val and test."""
-    with quiet_lightning():
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        model = build_model(cfg.model, in_dim, n_classes, **effective_model_kwargs(cfg))
-        module = MILModule(model, cfg.protocol.lr, cfg.protocol.weight_decay, n_classes, cfg.protocol.selection)
-        train = BagDataset(store, data.parts["train"], [data.target[s] for s in data.parts["train"]])
-        val = BagDataset(store, data.parts["val"], [data.target[s] for s in data.parts["val"]])
-        trainer = _trainer(cfg, len(val) > 0, progress)
-        trainer.callbacks.append(FiniteLossCheck(fold))  # a NaN/Inf loss stops the fold with a DataError
-        fit(trainer, module, _loader(train, True, cfg.balanced, cfg.seed),
-            _loader(val, False, False, cfg.seed) if len(val) else None)  # Ctrl-C -> KeyboardInterrupt
-        module.restore_best()
-    epochs = int(trainer.current_epoch)
-    best = module.best_epoch if module.best_state is not None else epochs
-    metrics, frame = _evaluate(model, store, data, n_classes, fold)
-    metrics = {"fold": fold, "test_auc": metrics["test_auc"],
-               "test_balanced_accuracy": metrics["test_balanced_accuracy"], "test_f1": metrics["test_f1"],
-               "val_auc": metrics["val_auc"], "val_loss": metrics["val_loss"], "test_loss": metrics["test_loss"],
-               "n_train": len(train), "n_val": len(val), "n_test": len(data.parts["test"]),
-               "epochs_trained": epochs, "best_epoch": best}
-    checkpoint = {"state_dict": model.state_dict(), "best_epoch": best}
-    return FoldResult(metrics, frame, checkpoint)
+    """Train one head on ``data.parts["train"]`` alone (its own training slides make the epoch order) and
+    evaluate it on val and test."""
+    order = epoch_order([data.parts["train"]], data.target, lambda s: True)
+    bags = make_bags(store, _needed(cfg, {fold: data}, order), resolve_device(cfg.accelerator), cfg.cache)
+    return train_folds(cfg, [(fold, data)], bags, order, in_dim, n_classes, progress)[0]

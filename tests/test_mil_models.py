@@ -1,4 +1,5 @@
-"""Every registered MIL head honours the one interface; CLAM/DSMIL details; the smooth top-1 SVM loss."""
+"""Every registered MIL head honours the one interface (single bag, padded bags, stacked folds); CLAM/DSMIL
+details against formulas computed here; the smooth top-1 SVM loss."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import pytest
 import torch
 
+from mil.layers import fold_generators
 from mil.losses import smooth_top1_svm
 from mil.models import MIL_MODELS, MILOutput, build_model, register_model
 from mil.module import bag_loss
@@ -17,15 +19,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = {"abmil": {"hidden": 16, "attn_dim": 8}, "clam_sb": {"hidden": 16, "attn_dim": 8},
          "clam_mb": {"hidden": 16, "attn_dim": 8}, "dsmil": {"query_dim": 8}, "mean": {"hidden": 16},
-         "max": {"hidden": 16}}
+         "max": {"hidden": 16}, "transmil": {"dim": 16, "heads": 2}, "dtfd": {"dim": 16, "attn_dim": 8}}
+PADDABLE = sorted(n for n in SMALL if n not in ("transmil", "dtfd"))
 
 
 def test_cli_choices_are_the_registry():
+    build_model("abmil", 4, 2)  # loads the heads kept in their own modules
     assert tuple(sorted(MIL_MODELS)) == MODEL_CHOICES
     assert set(SMALL) == set(MIL_MODELS)
+    assert {"transmil", "dtfd"} <= set(MIL_MODELS)
 
 
-@pytest.mark.parametrize("name", sorted(MIL_MODELS))
+@pytest.mark.parametrize("name", sorted(SMALL))
 @pytest.mark.parametrize("n", [1, 2, 37])
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_every_head_forward_backward(name, n, n_classes):
@@ -47,6 +52,59 @@ def test_every_head_forward_backward(name, n, n_classes):
     assert model(x).extra_loss is None  # no label, no auxiliary loss
 
 
+def _padded(bags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.zeros(len(bags), max(len(b) for b in bags), bags[0].shape[1])
+    mask = torch.zeros(x.shape[:2], dtype=torch.bool)
+    for i, b in enumerate(bags):
+        x[i, :len(b)], mask[i, :len(b)] = b, True
+    return x, mask
+
+
+@pytest.mark.parametrize("name", PADDABLE)
+def test_padded_bags_give_each_bags_own_numbers(name):
+    """Several bags per step: a padded, masked bag gets the logits, attention and loss it gets alone."""
+    torch.manual_seed(1)
+    model = build_model(name, 12, 3, **SMALL[name]).eval()
+    bags = [torch.randn(n, 12) for n in (5, 23, 1, 9)]
+    x, mask = _padded(bags)
+    y = torch.tensor([0, 2, 1, 2])
+    out = model.forward_bags(x, mask, y)
+    losses = model.bag_losses(out, y)
+    for i, bag in enumerate(bags):
+        alone = model(bag, y[i])
+        assert torch.allclose(out.logits[i], alone.logits[0], atol=1e-5)
+        assert torch.allclose(out.attention[i, :len(bag)], alone.attention, atol=1e-5)
+        assert torch.allclose(losses[i], bag_loss(model, alone, y[i]), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_stacked_folds_compute_each_fold_as_alone(name):
+    """Parameters stacked over 3 folds (3 different heads): each fold's slice equals that head alone."""
+    heads = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        heads.append(build_model(name, 12, 2, **SMALL[name]).eval())
+    stacked = {n: torch.stack([dict(h.named_parameters())[n].detach() for h in heads])
+               for n, _ in heads[0].named_parameters()}
+    x = torch.randn(1, 17, 12)
+    with fold_generators([torch.Generator() for _ in heads]):
+        bags = torch.func.functional_call(_Call(heads[0]), {f"head.{k}": v for k, v in stacked.items()},
+                                          (x.expand(3, *x.shape), None, None))
+    for k, head in enumerate(heads):
+        alone = head(x[0])
+        assert torch.allclose(bags.logits[k, 0], alone.logits[0], atol=1e-5), name
+        assert torch.allclose(bags.attention[k, 0], alone.attention, atol=1e-5), name
+
+
+class _Call(torch.nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x, mask, label):
+        return self.head.forward_bags(x, mask, label)
+
+
 def test_default_dimensions_follow_the_papers():
     abmil = build_model("abmil", 1024, 2)
     assert abmil.embed[0].out_features == 512 and abmil.embed[2].p == 0.25
@@ -56,46 +114,82 @@ def test_default_dimensions_follow_the_papers():
     dsmil = build_model("dsmil", 1024, 2)
     assert dsmil.query[0].out_features == 128 and dsmil.query[2].out_features == 128
     assert dsmil.head.kernel_size == (1024,) and dsmil.bag_weight == 0.5
+    trans = build_model("transmil", 1024, 2)
+    attn = trans.layer1.attn
+    assert trans._fc1[0].out_features == 512 and attn.heads == 8 and attn.dim_head == 64
+    assert attn.landmarks == 256 and attn.pinv_iterations == 6 and attn.to_out[1].p == 0.1
+    assert attn.res_conv.kernel_size == (33, 1) and trans.pos_layer.proj.kernel_size == (7, 7)
+    dtfd = build_model("dtfd", 1024, 2)
+    assert dtfd.pseudo_bags == 4 and dtfd.dim_reduction.fc1.bias is None
+    assert dtfd.attention.attention_V[0].out_features == 128 and set(dtfd.clip_groups.values()) == {5.0}
 
 
 def test_attention_heads_sum_to_one():
     x = torch.randn(20, 12)
-    for name in ("abmil", "clam_sb", "clam_mb", "dsmil", "mean"):
+    for name in ("abmil", "clam_sb", "clam_mb", "dsmil", "mean", "dtfd"):
         out = build_model(name, 12, 2, **SMALL[name]).eval()(x)
         assert math.isclose(float(out.attention.detach().sum()), 1.0, rel_tol=1e-5), name
 
 
-def test_clam_instance_loss_small_bags_and_subtyping():
+def _svm(scores: torch.Tensor, target: int) -> float:
+    """Smooth top-1 SVM (alpha 1, tau 1) of one row, written out: log sum_j exp(1[j != y] + s_j - s_y)."""
+    return math.log(sum(math.exp((0.0 if j == target else 1.0) + float(scores[j] - scores[target]))
+                        for j in range(len(scores))))
+
+
+def _clam_oracle(model, x: torch.Tensor, y: int, subtyping: bool) -> float:
+    """CLAM's instance loss from its definition: per class, k = min(8, N // 2) top (and bottom) attended
+    instances by that class's attention branch, smooth SVM with targets 1 (top) / 0 (bottom) in-class,
+    0 (top) out-of-class; mean over the selected instances; summed over classes (/ C with subtyping)."""
+    with torch.no_grad():
+        h = model.embed(x)
+        attn = torch.softmax(model.attention(h).T, dim=1)
+        k = min(model.k_sample, len(x) // 2)
+        total = 0.0
+        for c, clf in enumerate(model.instance_classifiers):
+            a = attn[c if attn.shape[0] > 1 else 0].tolist()
+            ranked = sorted(range(len(a)), key=lambda i: -a[i])
+            top, bottom = ranked[:k], ranked[::-1][:k]
+            scores = clf(h)
+            if c == y:
+                total += (sum(_svm(scores[i], 1) for i in top) + sum(_svm(scores[i], 0) for i in bottom)) / (2 * k)
+            elif subtyping:
+                total += sum(_svm(scores[i], 0) for i in top) / k
+        return total / len(model.instance_classifiers) if subtyping else total
+
+
+@pytest.mark.parametrize("name,n_classes", [("clam_sb", 2), ("clam_mb", 3)])
+@pytest.mark.parametrize("subtyping", [False, True])
+def test_clam_instance_loss_matches_its_definition(name, n_classes, subtyping):
     torch.manual_seed(0)
-    clam = build_model("clam_sb", 12, 2, hidden=16, attn_dim=8)
+    clam = build_model(name, 12, n_classes, hidden=16, attn_dim=8, subtyping=subtyping).eval()
+    x, y = torch.randn(30, 12), n_classes - 1
+    assert math.isclose(float(clam(x, torch.tensor(y)).extra_loss), _clam_oracle(clam, x, y, subtyping),
+                        rel_tol=1e-5)
+    small = torch.randn(5, 12)  # k = 2
+    assert math.isclose(float(clam(small, torch.tensor(0)).extra_loss), _clam_oracle(clam, small, 0, subtyping),
+                        rel_tol=1e-5)
     assert clam(torch.randn(1, 12), torch.tensor(1)).extra_loss is None  # k = min(8, N // 2) = 0
-    assert clam(torch.randn(3, 12), torch.tensor(1)).extra_loss is not None  # k = 1
-    # CLAM's reference code: without subtyping only the bag's class clusters; with subtyping the other
-    # classes also get the top-attended instances as negatives, and the total is averaged over the classes
-    torch.manual_seed(0)
-    sub = build_model("clam_sb", 12, 2, hidden=16, attn_dim=8, subtyping=True)
-    torch.manual_seed(0)
-    full = build_model("clam_sb", 12, 2, hidden=16, attn_dim=8, subtyping=False)
-    sub.eval(), full.eval()
-    x, y = torch.randn(30, 12), torch.tensor(0)
-    h = full.embed(x)
-    attn = torch.softmax(full.attention(h).T, dim=1)
-    own = full._cluster_loss(h, attn[0], full.instance_classifiers[0], True, 8)
-    other = full._cluster_loss(h, attn[0], full.instance_classifiers[1], False, 8)
-    assert torch.allclose(full(x, y).extra_loss, own)
-    assert torch.allclose(sub(x, y).extra_loss, (own + other) / 2)
 
 
-def test_clam_mb_subtyping_uses_each_class_branch_for_its_instance_loss():
+def test_dsmil_matches_its_equations():
     torch.manual_seed(0)
-    clam = build_model("clam_mb", 12, 3, hidden=16, attn_dim=8, subtyping=True).eval()
-    x, y = torch.randn(30, 12), torch.tensor(2)
-    h = clam.embed(x)
-    attn = torch.softmax(clam.attention(h).T, dim=1)  # [3, N]
-    parts = [clam._cluster_loss(h, attn[c], clam.instance_classifiers[c], c == 2, 8) for c in range(3)]
-    assert torch.allclose(clam(x, y).extra_loss, sum(parts) / 3)
-    clam.subtyping = False
-    assert torch.allclose(clam(x, y).extra_loss, parts[2])
+    m = build_model("dsmil", 6, 2, query_dim=4).eval()
+    x = torch.randn(9, 6)
+    with torch.no_grad():
+        inst = x @ m.instance_classifier.weight.T + m.instance_classifier.bias
+        q = torch.tanh(torch.relu(x @ m.query[0].weight.T + m.query[0].bias) @ m.query[2].weight.T + m.query[2].bias)
+        qmax = q[inst.argmax(0)]  # [C, Q]
+        a = torch.softmax(q @ qmax.T / 2.0, dim=0)  # sqrt(4) = 2
+        b = a.T @ x
+        logits = torch.einsum("ocd,cd->o", m.head.weight, b) + m.head.bias
+        maxes = inst.max(0).values
+        target = torch.tensor([0.0, 1.0])
+        bce = -(target * torch.log(torch.sigmoid(maxes)) + (1 - target) * torch.log(1 - torch.sigmoid(maxes))).mean()
+        out = m(x, torch.tensor(1))
+    assert torch.allclose(out.logits[0], logits, atol=1e-5)
+    assert torch.allclose(out.attention, a[:, int(logits.argmax())], atol=1e-6)
+    assert torch.allclose(out.extra_loss, bce, atol=1e-6)
 
 
 def test_smooth_top1_svm_matches_its_formula_and_bounds_the_hinge():
@@ -117,3 +211,5 @@ def test_registry_rejects_unknown_names_bad_kwargs_and_duplicates():
         build_model("abmil", 8, 2, hiden=3)
     with pytest.raises(ValueError, match="registered twice"):
         register_model("abmil")(type("Dup", (torch.nn.Module,), {}))
+    with pytest.raises(ConfigError, match="transmil takes one bag"):
+        build_model("transmil", 8, 2, dim=16, heads=2).forward_bags(*_padded([torch.randn(3, 8), torch.randn(5, 8)]))

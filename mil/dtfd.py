@@ -1,0 +1,137 @@
+"""DTFD-MIL (Zhang et al., CVPR 2022): double-tier feature distillation; registry id ``dtfd``.
+
+Tier 1: the bag's instances are shuffled and split into M = 4 pseudo-bags (``numpy.array_split`` sizes;
+M = N for bags of fewer than 4 instances). Each instance goes through Linear(D, 512, no bias) + ReLU; per
+pseudo-bag j, gated attention (512 -> 128 -> 1, softmax within the pseudo-bag) pools a feature f_j, and a
+Linear(512, C) classifier gives the pseudo-bag's logits; every pseudo-bag carries the bag's label.
+AFS distillation (the paper's attention-based feature selection, its code's default): the distilled feature
+of pseudo-bag j is f_j. Tier 2: gated attention (512 -> 128 -> 1, softmax over the M pseudo-bags) pools the
+distilled features and Linear(512, C) gives the bag logits.
+
+Loss: CE(tier 2) + mean_j CE(tier 1, pseudo-bag j). As in the reference code (tier 1 steps before tier 2
+runs, and tier 2's gradient into tier 1 is discarded), tier 2 sees the distilled features detached; the
+gradients of the four parts (dim_reduction, attention, classifier, att_classifier) are clipped to norm 5 each
+(``clip_groups``). The random split is redrawn at every training step; in eval mode the split is a fixed
+permutation (seed 0) so predictions are deterministic (the reference reshuffles at test time too).
+Attention for heatmaps: an instance's tier-1 weight within its pseudo-bag times its pseudo-bag's tier-2
+weight (sums to 1 over the bag). One bag per optimiser step. State-dict names follow the reference's saved
+dict (classifier, dim_reduction, attention, att_classifier).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mil.layers import Linear, Sigmoid, fold_randperm, masked_softmax
+from mil.models import BagsOutput, MILHead, register_model
+from zoomfeat.errors import ConfigError
+
+
+class GatedScore(nn.Module):
+    """DTFD's Attention_Gated without the softmax: raw scores [..., N, 1]."""
+
+    def __init__(self, dim: int = 512, attn_dim: int = 128):
+        super().__init__()
+        self.attention_V = nn.Sequential(Linear(dim, attn_dim), nn.Tanh())
+        self.attention_U = nn.Sequential(Linear(dim, attn_dim), Sigmoid())
+        self.attention_weights = Linear(attn_dim, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.attention_weights(self.attention_V(h) * self.attention_U(h))
+
+
+class Classifier1fc(nn.Module):
+    def __init__(self, dim: int, n_classes: int):
+        super().__init__()
+        self.fc = Linear(dim, n_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc(h)
+
+
+class DimReduction(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.fc1 = Linear(in_dim, dim, bias=False)
+        self.relu1 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu1(self.fc1(x))
+
+
+class AttentionWithClassifier(nn.Module):
+    """Tier 2: softmax-gated attention over the pseudo-bag features, then a linear classifier."""
+
+    def __init__(self, dim: int, n_classes: int, attn_dim: int = 128):
+        super().__init__()
+        self.attention = GatedScore(dim, attn_dim)
+        self.classifier = Classifier1fc(dim, n_classes)
+
+    def forward(self, feats: torch.Tensor):
+        w = torch.softmax(self.attention(feats).squeeze(-1), dim=-1)  # [..., M]
+        return self.classifier((w.unsqueeze(-2) @ feats).squeeze(-2)), w
+
+
+def split_sizes(n: int, groups: int) -> list[int]:
+    """``numpy.array_split`` chunk sizes: the first n % g chunks get one more."""
+    g = min(groups, n)
+    return [n // g + (1 if j < n % g else 0) for j in range(g)]
+
+
+@register_model("dtfd")
+class DTFDMIL(MILHead):
+    """DTFD-MIL with AFS distillation and the reference's sizes (see the module docstring)."""
+
+    max_bags_per_step = 1
+    clip_groups = {"dim_reduction": 5.0, "attention": 5.0, "classifier": 5.0, "att_classifier": 5.0}
+
+    def __init__(self, in_dim: int, n_classes: int = 2, dim: int = 512, attn_dim: int = 128,
+                 pseudo_bags: int = 4, distill: str = "AFS"):
+        super().__init__()
+        if distill != "AFS":
+            raise ConfigError(f"dtfd: distill {distill!r} is not implemented; use AFS")
+        if pseudo_bags < 1:
+            raise ConfigError(f"dtfd: pseudo_bags must be >= 1, got {pseudo_bags}")
+        self.pseudo_bags = pseudo_bags
+        self.dim_reduction = DimReduction(in_dim, dim)
+        self.attention = GatedScore(dim, attn_dim)
+        self.classifier = Classifier1fc(dim, n_classes)
+        self.att_classifier = AttentionWithClassifier(dim, n_classes, attn_dim)
+
+    def combine(self, ce: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        return ce + extra
+
+    def _permutation(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-2]
+        if self.training:
+            return fold_randperm(n, x.device, stacked=x.dim() > 3)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(x.device)
+
+    def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
+        if mask is not None and not bool(mask.all()):
+            raise ConfigError("dtfd takes one bag per optimiser step (no padded bags): set bags per step 1")
+        perm = self._permutation(x)  # [N] or [F, N]
+        perm = perm.reshape(*perm.shape[:-1], *([1] * (x.dim() - 1 - perm.dim())), perm.shape[-1])
+        perm = perm.expand(*x.shape[:-1])  # [*F, B, N]
+        mid = self.dim_reduction(x.gather(-2, perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1])))
+        scores = self.attention(mid).squeeze(-1)  # [*F, B, N]
+        feats, weights, preds = [], [], []
+        for chunk_h, chunk_s in zip(mid.split(split_sizes(x.shape[-2], self.pseudo_bags), dim=-2),
+                                    scores.split(split_sizes(x.shape[-2], self.pseudo_bags), dim=-1)):
+            a = masked_softmax(chunk_s, None)  # [*F, B, n_j]
+            f = (a.unsqueeze(-2) @ chunk_h).squeeze(-2)  # [*F, B, dim]
+            feats.append(f)
+            weights.append(a)
+            preds.append(self.classifier(f))
+        pseudo = torch.stack(feats, dim=-2)  # [*F, B, M, dim]
+        logits, tier2 = self.att_classifier(pseudo.detach() if self.training else pseudo)
+        inst = torch.cat([a * tier2[..., j:j + 1] for j, a in enumerate(weights)], dim=-1)
+        attention = torch.zeros_like(inst).scatter(-1, perm, inst)  # back to the bag's instance order
+        extra = None
+        if label is not None:
+            sub = torch.stack(preds, dim=-2)  # [*F, B, M, C]
+            logp = torch.log_softmax(sub, dim=-1)
+            target = label.reshape(-1, 1, 1).expand(*sub.shape[:-1], 1)
+            extra = -logp.gather(-1, target).squeeze(-1).mean(-1)
+        return BagsOutput(logits, attention, extra)
