@@ -32,7 +32,7 @@ class HeatmapResult:
     top_indices: tuple[int, ...]
 
 
-def trained_spec(record, run_dir: str | Path, fold: int) -> FeatureSpec | None:
+def trained_spec(record) -> FeatureSpec | None:
     """The feature set fold ``fold`` of a run was trained on: its run record's (mil.record.RunRecord; the fold's
     checkpoint is checked against it by mil.cv.load_fold_model)."""
     return FeatureSpec.parse(record.feature_spec)
@@ -68,8 +68,8 @@ def _attention(run_dir, fold: int, slide_path, spec) -> tuple[FeatureSpec, np.nd
     from mil.bags import load_bag
     from mil.cv import load_fold_model
 
-    model, config = load_fold_model(run_dir, fold)
-    trained = trained_spec(config, run_dir, fold)
+    model, record = load_fold_model(run_dir, fold)
+    trained = trained_spec(record)
     if spec is None:
         if trained is None:
             raise ConfigError(f"{run_dir} does not record its feature set: pass --features DIR@MAGS")

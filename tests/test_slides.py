@@ -76,3 +76,55 @@ def test_find_slides(tmp_path):
         find_slides([empty])
     with pytest.raises(ConfigError, match="does not exist"):
         find_slides([tmp_path / "missing.svs"])
+
+
+def test_duplicate_slide_ids_are_refused_naming_both_paths(tmp_path):
+    for folder in ("site_a", "site_b"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "site_a" / "TCGA-01.svs").write_bytes(b"x")
+    (tmp_path / "site_b" / "TCGA-01.tiff").write_bytes(b"y")
+    (tmp_path / "site_b" / "TCGA-02.svs").write_bytes(b"z")
+    with pytest.raises(ConfigError) as err:
+        find_slides([tmp_path])
+    message = str(err.value)
+    assert "'TCGA-01'" in message and str(tmp_path / "site_a" / "TCGA-01.svs") in message
+    assert str(tmp_path / "site_b" / "TCGA-01.tiff") in message
+    # the same file named twice (a file and its folder, or ./ and an absolute path) is one slide, not a clash
+    again = find_slides([tmp_path / "site_b", tmp_path / "site_b" / "TCGA-02.svs", tmp_path / "site_b" / "." /
+                         "TCGA-02.svs"])
+    assert [p.name for p in again] == ["TCGA-01.tiff", "TCGA-02.svs"]
+
+
+def test_objective_power_disagreeing_with_mpp_warns_once(tmp_path, caplog):
+    """AppMag 40 with MPP 0.5 (really about 20x): one warning through the zoomfeat logger, AppMag kept."""
+    import logging
+
+    from zoomfeat.synthetic import write_synthetic_slide
+
+    path = write_synthetic_slide(tmp_path / "mismatch.svs", size=1024, app_mag=40, mpp=0.5).path
+    agree = write_synthetic_slide(tmp_path / "agree.svs", size=1024, app_mag=20, mpp=0.5).path
+    with caplog.at_level(logging.WARNING, logger="zoomfeat"):
+        for _ in range(2):
+            with Slide(path) as slide:
+                assert slide.info.base_magnification == 40 and slide.info.magnification_source == "objective-power"
+        with Slide(agree):
+            pass
+    warnings = [r.getMessage() for r in caplog.records if r.name == "zoomfeat"]
+    assert len(warnings) == 1 and "objective power 40x disagrees with its mpp 0.5 um/px (about 20x)" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="zoomfeat"), Slide(path, mpp=0.5):
+        pass  # an explicit override: no warning
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder"])
+def test_info_on_a_missing_file_or_a_folder_says_so(tmp_path, capsys, kind):
+    import cli
+
+    target = tmp_path / ("nope.svs" if kind == "missing" else "a_folder")
+    if kind == "folder":
+        target.mkdir()
+    assert cli.main(["info", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "whole-slide image" not in err[0]
+    assert ("no such file" in err[0]) if kind == "missing" else ("is a folder, not a slide file" in err[0])

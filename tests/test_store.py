@@ -97,3 +97,132 @@ def test_incomplete_and_unreadable_files(tmp_path, slide_and_grid):
     assert report[tmp_path / "junk.h5"][0].startswith("unreadable")
     assert any("incomplete" in p for p in report[path])
     assert not is_complete(path) and not is_complete(tmp_path / "junk.h5")
+
+
+# --- verify: the cases a reader would trip over ---------------------------------------------------------------
+def test_verify_catches_a_missing_features_dataset_or_magnification_group(tmp_path, slide_and_grid):
+    info, grid = slide_and_grid
+    no_feats = write(tmp_path / "a.h5", info, grid, extractor="toy", feature_dim=3)
+    with h5py.File(no_feats, "a") as f:
+        del f["5x"]["features"]
+    assert any("5x: no features dataset" in p for p in verify_file(no_feats))
+    no_group = write(tmp_path / "b.h5", info, grid, extractor="toy", feature_dim=3)
+    with h5py.File(no_group, "a") as f:
+        del f["5x"]
+        del f["20x"]["parent_5x"]
+    assert any("magnification group 5x missing" in p for p in verify_file(no_group))
+
+
+def test_verify_dir_reports_a_file_of_another_feature_width(tmp_path, slide_and_grid):
+    info, grid = slide_and_grid
+    for name, dim in (("a", 3), ("b", 3), ("c", 5)):
+        write(tmp_path / f"{name}.h5", info, grid, extractor="toy", feature_dim=dim)
+    report = verify_dir(tmp_path)
+    assert report[tmp_path / "a.h5"] == [] and report[tmp_path / "b.h5"] == []
+    assert report[tmp_path / "c.h5"] == ["feature width 5 differs from the folder's 3 (e.g. a.h5): a folder holds "
+                                         "one feature set; extract it again with the same settings"]
+
+
+def test_writer_refuses_non_finite_rows(tmp_path, slide_and_grid):
+    info, grid = slide_and_grid
+    with TileStoreWriter(tmp_path / "s.h5", info, grid, feature_dim=2) as writer:
+        with pytest.raises(DataError, match="NaN or inf"):
+            writer.write_features("20x", 0, np.full((2, 2), np.nan))
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- plain files: atomic writes, settings, output folders --------------------------------------------------------
+def test_atomic_write_leaves_nothing_on_error_and_turns_a_full_disk_into_one_line(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from zoomfeat.store import OutputError, atomic_write
+
+    target = tmp_path / "x.json"
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("writer crashed")
+    assert list(tmp_path.iterdir()) == []
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OutputError, match=r"cannot write .*x\.json: No space left on device; free disk space"):
+        with atomic_write(target) as tmp:
+            tmp.write_text("{}")
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_settings_diff_names_the_nested_keys():
+    from pathlib import Path
+
+    from zoomfeat.store import describe_diff, settings_diff
+
+    old = {"extractor": "zoomldm", "extractor_config": {"timestep": 50, "mags": ["20x", "5x"]}, "tiles": None}
+    new = {"extractor": "zoomldm", "extractor_config": {"timestep": 100, "mags": ("20x", "5x")}, "tiles": Path("t")}
+    diff = settings_diff(old, new)
+    assert diff == {"extractor_config.timestep": (50, 100), "tiles": (None, "t")}
+    assert describe_diff(diff) == "extractor_config.timestep 50 -> 100, tiles null -> t"
+    assert settings_diff(old, old) == {} and settings_diff({"a": 1}, {}) == {"a": (1, None)}
+
+
+def test_an_output_folder_with_other_settings_is_refused_naming_the_option(tmp_path):
+    from zoomfeat.errors import ConfigError
+    from zoomfeat.store import OutputError, check_output_folder
+
+    folder = tmp_path / "feats"
+    check_output_folder(folder, "--out", {"dim": 3}, "rec.json")
+    check_output_folder(folder, "--out", {"dim": 3}, "rec.json")  # the same settings: fine
+    with pytest.raises(ConfigError, match=r"feats holds outputs made with other settings \(dim 3 -> 4\): pass "
+                                          r"another --conditioning-out"):
+        check_output_folder(folder, "--conditioning-out", {"dim": 4}, "rec.json")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="--out .*file is a file, not a folder"):
+        check_output_folder(tmp_path / "file", "--out")
+    with pytest.raises(OutputError, match="cannot be created"):
+        check_output_folder(tmp_path / "file" / "sub", "--out")
+
+
+# --- claims ------------------------------------------------------------------------------------------------------
+def test_claims_are_exclusive_and_a_dead_holder_is_taken_over(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from zoomfeat.store import Claim
+
+    a, b = Claim(tmp_path, "s1"), Claim(tmp_path, "s1")
+    assert a.acquire() and not b.acquire()
+    record = json.loads(a.path.read_text())
+    assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
+    a.release()
+    assert not a.path.exists() and b.acquire()
+    b.release()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    a.path.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "time": time.time()}))
+    assert Claim(tmp_path, "s1").acquire()  # its holder is gone: taken over
+    a.path.write_text(json.dumps({"pid": 1, "host": "another-node", "time": time.time() - 100}))
+    os.utime(a.path, (time.time() - 100, time.time() - 100))  # the holder's last refresh
+    assert not Claim(tmp_path, "s1").acquire()  # another host, recent: alive as far as we can tell
+    assert Claim(tmp_path, "s1", stale_after=50).acquire()  # older than stale_after: taken over
+    a.path.write_text("")  # half-written by a process killed between create and write
+    os.utime(a.path, (time.time() - 100, time.time() - 100))
+    assert Claim(tmp_path, "s1", stale_after=50).acquire()
+
+
+def test_feature_files_built_from_arrays_pass_verify(tmp_path):
+    from zoomfeat.store import FeatureFile, write_feature_file
+
+    path = write_feature_file(tmp_path, "s", {"20x": np.ones((6, 2)), "5x": np.zeros((2, 2))}, base_magnification=40)
+    assert verify_file(path) == []
+    with FeatureFile(path) as f:
+        assert f.complete and f.version == 1 and f.base_magnification == 40.0 and f.mags == ("20x", "5x")
+        assert f.grid().patch_size_level0 == {"20x": 512, "5x": 2048} and f.extractor == "toy"
+        assert f.fused_shape(["20x", "5x"]) == (6, 4)

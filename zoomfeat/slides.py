@@ -52,7 +52,23 @@ def find_slides(paths: Sequence[str | Path]) -> list[Path]:
     if not found:
         names = ", ".join(str(p) for p in paths) or "(none)"
         raise ConfigError(f"no slides found in {names}: expected files ending in {' '.join(SLIDE_EXTENSIONS)}")
-    return sorted(found)
+    return check_unique_ids(found)
+
+
+def check_unique_ids(slides) -> list[Path]:
+    """The slides sorted, one per file; ConfigError naming both paths when two files share a slide id (their
+    outputs ``<out>/<slide_id>.h5`` would overwrite each other)."""
+    by_file: dict[Path, Path] = {}
+    for path in sorted(Path(s) for s in slides):
+        by_file.setdefault(path.resolve(), path)
+    by_id: dict[str, Path] = {}
+    for path in sorted(by_file.values()):
+        other = by_id.setdefault(slide_id_of(path), path)
+        if other != path:
+            raise ConfigError(f"two slides have the id {slide_id_of(path)!r}: {other} and {path} (the slide id is "
+                              "the file name without extension): rename one or process them into different --out "
+                              "folders")
+    return sorted(by_file.values())
 
 
 def slide_id_of(path: str | Path) -> str:
@@ -115,6 +131,8 @@ def resolve_scale(properties: dict, path: Path, base_mag: float | None, mpp: flo
         slide_mpp = _plausible_mpp(properties.get("openslide.mpp-x"))
         mpp_source = "mpp" if slide_mpp is not None else "missing"
     objective = _plausible_objective(properties.get("openslide.objective-power"))
+    if base_mag is None and mpp is None and objective is not None and slide_mpp is not None:
+        _check_agreement(path, objective, slide_mpp)
     if base_mag is not None:
         return float(base_mag), "--base-mag", slide_mpp, mpp_source
     if mpp is not None:
@@ -126,6 +144,22 @@ def resolve_scale(properties: dict, path: Path, base_mag: float | None, mpp: flo
     raw = properties.get("openslide.mpp-x")
     detail = f"its mpp {float(raw):g} um/px is implausible" if raw is not None else "it has no mpp"
     raise SlideError(f"{path}: no objective power and {detail}: pass --base-mag (e.g. 20) or --mpp (e.g. 0.5)")
+
+
+_WARNED: set[str] = set()
+
+
+def _check_agreement(path: Path, objective: float, mpp: float) -> None:
+    """Warn (once per slide) when the objective power and the mpp disagree by more than a factor 1.5 (an
+    AppMag 40 slide scanned at 0.5 um/px is really ~20x): the objective power is used."""
+    implied = 10.0 / mpp
+    if max(objective, implied) / min(objective, implied) <= 1.5 or str(path) in _WARNED:
+        return
+    _WARNED.add(str(path))
+    from zoomfeat.log import warn
+
+    warn(f"{path}: objective power {objective:g}x disagrees with its mpp {mpp:g} um/px (about "
+         f"{_nearest_objective(mpp):g}x): using {objective:g}x; pass --base-mag or --mpp if that is wrong")
 
 
 def _plausible_objective(value: str | None) -> float | None:

@@ -47,13 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--batch-size", type=int, default=32, help="patches per forward pass (default 32)")
     runtime.add_argument("--workers", type=int, default=2, help="DataLoader worker processes reading tiles "
                          "(default 2)")
-    runtime.add_argument("--device", "--accelerator", dest="device", default="auto", choices=("auto", "cpu", "cuda"),
+    runtime.add_argument("--device", "--accelerator", dest="device", default="auto", metavar="auto|cpu|cuda",
                          help="where the networks run (default auto = cuda when visible)")
     runtime.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes) per node, "
                          ">= 1 (default 1); more than 1 runs DDP through Lightning Fabric, one slide shard per rank")
     runtime.add_argument("--num-nodes", type=int, default=1, help="nodes of a multi-node run (torchrun/SLURM; "
                          "default 1)")
-    runtime.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+    runtime.add_argument("--precision", default="auto", metavar="auto|fp32|bf16|fp16",
                          help="auto (default) = bf16 autocast on CUDA, fp32 on CPU")
     add_shard_option(runtime)
 

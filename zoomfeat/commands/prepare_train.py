@@ -57,6 +57,7 @@ def parse_conditioner(value: str) -> tuple[str, Path | None]:
 
 
 def build_config(args: argparse.Namespace):
+    from zoomfeat.extract.runtime import check_device
     from zoomfeat.mags import parse_mags
     from zoomfeat.train.config import PrepareConfig
 
@@ -67,7 +68,7 @@ def build_config(args: argparse.Namespace):
         zoomldm_weights=Path(args.zoomldm_weights) if args.zoomldm_weights else None,
         mags=parse_mags(args.mags), max_patches_per_mag=args.max_patches_per_mag,
         conditioner_dim=args.conditioner_dim, batch_size=args.batch_size, workers=args.workers,
-        device=args.device, seed=args.seed, base_mag=args.base_mag, mpp=args.mpp, tissue=tissue_params(args))
+        device=check_device(args.device), seed=args.seed, base_mag=args.base_mag, mpp=args.mpp, tissue=tissue_params(args))
 
 
 def run(args: argparse.Namespace) -> int:

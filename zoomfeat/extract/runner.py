@@ -20,7 +20,7 @@ import numpy as np
 from zoomfeat.errors import SlideError
 from zoomfeat.extract.config import CONFIG_NAME, ExtractConfig
 from zoomfeat.extract.loading import Networks, load_networks
-from zoomfeat.extract.runtime import Runtime, on_device, resolve_runtime
+from zoomfeat.extract.runtime import Runtime, check_devices, on_device, resolve_runtime
 from zoomfeat.mags import PATCH_SIZE, mag_name
 
 
@@ -221,6 +221,7 @@ def extract(cfg: ExtractConfig, slides: list[str | Path]) -> int:
 
     all_slides = find_slides(slides)
     runtime = resolve_runtime(cfg.device, cfg.precision)
+    check_devices(cfg.devices, runtime.device, cfg.num_nodes)
     fabric = dist.start_fabric(runtime, cfg.devices, cfg.num_nodes)
     try:
         rank, world = fabric.global_rank, fabric.world_size

@@ -54,3 +54,40 @@ def resolve_runtime(device: str, precision: str) -> Runtime:
 def on_device(runtime: Runtime, device) -> Runtime:
     """The same precision on a rank's own device (``fabric.device``: ``cpu`` or ``cuda:<local rank>``)."""
     return Runtime(device=str(device), precision=runtime.precision)
+
+
+_DEVICE_RE = r"^(cpu|cuda|cuda:\d+)$"
+
+
+def check_device(device: str, option: str = "--device") -> str:
+    """A torch device string (``cpu``, ``cuda``, ``cuda:1``) that exists here; ConfigError naming the fix."""
+    import re
+
+    value = str(device).strip().lower()
+    if not re.match(_DEVICE_RE, value):
+        raise ConfigError(f"bad {option} {device!r}: use cpu, cuda or cuda:N")
+    if value.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{option} {device} but no CUDA GPU is visible: use {option} cpu")
+        index = int(value.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"{option} {device}: only {torch.cuda.device_count()} GPU(s) visible (cuda:0...)")
+    return value
+
+
+def check_devices(devices: int, device: str, num_nodes: int = 1) -> int:
+    """Processes per node for ``--devices``, checked by Lightning's own device parsing for the accelerator."""
+    from lightning.fabric.accelerators import CPUAccelerator, CUDAAccelerator
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    kind = CUDAAccelerator if str(device).startswith("cuda") else CPUAccelerator
+    try:
+        parsed = kind.parse_devices(int(devices))
+    except (MisconfigurationException, ValueError, TypeError) as exc:
+        raise ConfigError(f"bad --devices {devices!r}: {' '.join(str(exc).split())}") from exc
+    count = len(parsed) if isinstance(parsed, (list, tuple)) else int(parsed or 0)
+    if count < 1:
+        raise ConfigError(f"bad --devices {devices!r}: use the number of processes per node, 1 or more")
+    return count
