@@ -24,15 +24,19 @@ from mil.report import build_report
 def fabricate(run_dir: Path, n_folds: int, n_test: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps({
-        "config": {"task": "subtyping", "features": "/f/zoomldm@20x+5x", "model": "abmil", "splits": "s"},
-        "extractor": "zoomldm", "split_fingerprints": {str(k): str(k) for k in range(n_folds)}}))
+    (run_dir / "config.json").write_text(json.dumps({  # a schema-2 run record (mil/record.py)
+        "format": "zoomfeat-mil-run", "schema_version": 2, "task": "subtyping",
+        "config": {"features": "/f/zoomldm@20x+5x", "model": "abmil", "splits": "s"},
+        "label_map": {"IDC": 0, "ILC": 1}, "feature_spec": "/f/zoomldm@20x+5x", "feature_dim": 8,
+        "split_source": "s", "inputs": None, "extractor": "zoomldm",
+        "split_fingerprints": {str(k): str(k) for k in range(n_folds)}}))
     for k in range(n_folds):
         labels = rng.integers(0, 2, n_test)
         probs = np.clip(0.5 + 0.2 * (labels - 0.5) + rng.normal(0, 0.3, n_test), 0, 1)
         ids = [f"f{k}s{i}" for i in range(n_test)]
         (run_dir / f"fold_{k}").mkdir()
-        pd.DataFrame({"slide_id": ids, "case_id": ids, "label": labels, "prob": probs, "split": "test"}).to_csv(
+        pd.DataFrame({"slide_id": ids, "case_id": ids, "label": labels, "prob": probs, "split": "test",
+                      "prob_IDC": 1 - probs, "prob_ILC": probs}).to_csv(
             run_dir / f"fold_{k}" / "predictions.csv", index=False)
     return run_dir
 

@@ -28,8 +28,10 @@ def _add_simil(sub) -> None:
     p = sub.add_parser("simil", help="SI-MIL protocol: fixed test set, k folds of train/val on the rest")
     data = p.add_argument_group("data")
     src = data.add_mutually_exclusive_group(required=True)
-    src.add_argument("--labels", metavar="CSV", help="label CSV (case_id,slide_id,label): draw the test set here")
-    src.add_argument("--from-json", metavar="JSON", help="SI-MIL split JSON {train_dict, test_dict}: keep its test set")
+    src.add_argument("--labels", metavar="CSV",
+                     help="label CSV (case_id,slide_id,label): draw the test set here (required, or --from-json)")
+    src.add_argument("--from-json", metavar="JSON",
+                     help="SI-MIL split JSON {train_dict, test_dict}: keep its test set (required, or --labels)")
     data.add_argument("--case-labels", metavar="CSV",
                       help="with --from-json: label CSV giving case_id per slide (default: TCGA barcodes)")
     output = p.add_argument_group("output")

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train.yaml with sections data/model/optim/trainer/validation "
                              "(example: zoomfeat/train/example_train.yaml); flags override it (default: none)")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", metavar="DIR", help="training set folder written by prepare-train (data.path)")
+    data.add_argument("--data", metavar="DIR", help="training set folder written by prepare-train (required unless data.path is in --config)")
     data.add_argument("--batch-size", type=int, metavar="N", help="patches per device per step (default 8)")
     data.add_argument("--workers", type=int, metavar="N", help="DataLoader worker processes per device (default 2)")
     data.add_argument("--seed", type=int, help="seed of init, batch draws, noise and dropout (default 0)")
