@@ -268,7 +268,8 @@ def test_bad_checkpoint_is_one_line_for_heatmap_and_library(work, capsys):
     from mil.cv import load_fold_model
     from zoomfeat.errors import CheckpointError
 
-    for content in (b"", b"not a checkpoint at all\n", os.urandom(4096)):
+    real = (work["run"] / "fold_0" / "model.ckpt").read_bytes()
+    for content in (b"", b"not a checkpoint at all\n", os.urandom(4096), real[: len(real) // 2]):
         (work["run"] / "fold_0" / "model.ckpt").write_bytes(content)
         with pytest.raises(CheckpointError, match="model.ckpt"):
             load_fold_model(work["run"], 0)

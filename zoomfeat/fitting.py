@@ -3,6 +3,9 @@
 - :func:`fit` calls ``trainer.fit``. Lightning catches Ctrl-C itself, tears down, leaves SIGINT ignored and
   calls ``sys.exit(1)``; here that becomes a ``KeyboardInterrupt`` again (the CLI prints ``interrupted`` and
   exits 130) and the previous SIGINT handler is restored.
+- :func:`load_checkpoint` reads a training checkpoint (a MIL fold's ``model.ckpt``, a Lightning ``last.ckpt``)
+  with ``weights_only=True``; a file that is not one (empty, text, random or truncated bytes) is a one-line
+  CheckpointError naming it and the fix, never a KeyError from deep inside torch.
 - :func:`make_trainer` builds a ``lightning.Trainer`` after :func:`zoomfeat.log.quiet_third_party`, with
   Lightning's own parsing of accelerator / devices / precision; what it refuses (``devices=0``, an unknown
   accelerator, a GPU that is not there) is a one-line ConfigError naming the option.
@@ -14,6 +17,24 @@ import signal
 from typing import Any
 
 from zoomfeat.errors import ConfigError
+
+
+def load_checkpoint(path, fix: str, *, mmap: bool = False) -> dict:
+    """The dict saved at ``path`` (tensors and plain values only); CheckpointError ending with ``fix``."""
+    import torch
+
+    from zoomfeat.errors import CheckpointError
+    from zoomfeat.model.checkpoint import check_checkpoint_file
+
+    check_checkpoint_file(path)  # empty / text / random bytes, before torch unpickles anything
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # torch.load raises many types (RuntimeError, KeyError, EOFError ...) for bad bytes
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason}); {fix}") from exc
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict; {fix}")
+    return ckpt
 
 
 def make_trainer(*, options: dict[str, str] | None = None, **kwargs: Any):

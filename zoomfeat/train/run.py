@@ -254,24 +254,17 @@ def to_settings(cfg: TrainConfig) -> dict:
 
 def check_resume_checkpoint(path: str | None) -> None:
     """CheckpointError (one line) for a resume file that is not a Lightning checkpoint of this trainer."""
-    import pickle
-    import zipfile
-
     from zoomfeat.errors import CheckpointError
+    from zoomfeat.fitting import load_checkpoint
 
     if path is None:
         return
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError,
-            IndexError, UnicodeDecodeError) as exc:
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise CheckpointError(f"--resume {path}: not a readable checkpoint ({reason}); pass OUT/checkpoints/"
-                              "last.ckpt of a `zoomfeat train` run, or --resume none") from exc
-    missing = [k for k in ("state_dict", "global_step", "optimizer_states") if not isinstance(ckpt, dict) or k not in ckpt]
+    fix = "pass OUT/checkpoints/last.ckpt of a `zoomfeat train` run, or --resume none"
+    ckpt = load_checkpoint(path, fix, mmap=True)
+    missing = [k for k in ("state_dict", "global_step", "optimizer_states") if k not in ckpt]
     if missing:
         raise CheckpointError(f"--resume {path}: not a Lightning training checkpoint (no {', '.join(missing)}); "
-                              "pass OUT/checkpoints/last.ckpt of a `zoomfeat train` run")
+                              f"{fix}")
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
