@@ -178,3 +178,16 @@ def test_ctranspath_old_swin_layout_is_converted():
                                      "head.fc.weight": 6, "norm.weight": 7}
     new = {"layers.1.downsample.reduction.weight": 1, "layers.0.blocks.1.attn_mask": 3}
     assert convert_swin_054(new) == {"layers.1.downsample.reduction.weight": 1}
+
+
+def test_specs_are_torch_free_and_match_the_registered_classes():
+    import subprocess
+    import sys
+
+    code = ("import sys; from zoomfeat.encoders import encoder_names, SPECS; "
+            "print(','.join(encoder_names()), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [",".join(sorted(ENCODERS)), "False"]
+    from zoomfeat.encoders import SPECS
+
+    assert {n: ENCODERS[n] for n in ENCODERS} == SPECS

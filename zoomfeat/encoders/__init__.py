@@ -1,34 +1,36 @@
-"""Patch encoders: UNI, Phikon, CTransPath, DINOv2 (ViT-L/14-reg4) and a random ``toy`` encoder, behind one registry.
+"""Patch encoders: UNI, Phikon, CTransPath, DINOv2 (ViT-L/14-reg4) and a random ``toy`` encoder, one registry.
 
 >>> from zoomfeat.encoders import load_encoder
 >>> enc = load_encoder("toy", dim=32, seed=0)
 >>> enc(enc.preprocess(tiles_uint8)).shape   # tiles_uint8: uint8 [B, 3, 256, 256]  -> [B, 32]
 
-Importing this package registers every encoder (the modules below import torch; timm is imported only
-when a timm-based encoder is built).
+Importing this package is torch-free: the specs (:mod:`zoomfeat.encoders.specs`: names, dims, weight files,
+the CLI's choices) load at once; the networks (``load_encoder``, ``ENCODERS``, ``Encoder``, ...) are imported,
+with torch, on first use, and that import registers every encoder class.
 """
 
-from zoomfeat.encoders.registry import (
-    ENCODERS,
-    Encoder,
-    EncoderSpec,
-    encoder_class,
-    encoder_names,
-    load_encoder,
-    register_encoder,
-)
-from zoomfeat.encoders import toy  # noqa: F401  (registers "toy")
-from zoomfeat.encoders import uni  # noqa: F401  (registers "uni")
-from zoomfeat.encoders import phikon  # noqa: F401  (registers "phikon")
-from zoomfeat.encoders import ctranspath  # noqa: F401  (registers "ctranspath")
-from zoomfeat.encoders import dinov2  # noqa: F401  (registers "dinov2")
+from __future__ import annotations
 
-__all__ = [
-    "ENCODERS",
-    "Encoder",
-    "EncoderSpec",
-    "encoder_class",
-    "encoder_names",
-    "load_encoder",
-    "register_encoder",
-]
+import importlib
+
+from zoomfeat.encoders.specs import SPECS, EncoderSpec, encoder_help, encoder_names
+
+_MODULES = ("toy", "uni", "phikon", "ctranspath", "dinov2")  # each registers its class with @register_encoder
+_FROM_REGISTRY = ("ENCODERS", "Encoder", "ModuleEncoder", "encoder_class", "load_encoder", "register_encoder",
+                  "freeze")
+
+__all__ = ["ENCODERS", "Encoder", "EncoderSpec", "SPECS", "encoder_class", "encoder_help", "encoder_names",
+           "load_encoder", "register_encoder"]
+
+
+def _registry():
+    registry = importlib.import_module("zoomfeat.encoders.registry")
+    for name in _MODULES:
+        importlib.import_module(f"zoomfeat.encoders.{name}")
+    return registry
+
+
+def __getattr__(name: str):
+    if name in _FROM_REGISTRY:
+        return getattr(_registry(), name)
+    raise AttributeError(f"module 'zoomfeat.encoders' has no attribute {name!r}")

@@ -17,19 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zoomfeat.encoders.specs import CTRANSPATH
 from zoomfeat.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, ModuleEncoder, register_encoder
 from zoomfeat.encoders.weights import import_timm, load_strict, read_state_dict, resolve_file
-
-CTRANSPATH = EncoderSpec(
-    name="ctranspath",
-    dim=768,
-    input_size=224,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    weight_files=("ctranspath.pth",),
-    architecture="timm swin_tiny_patch4_window7_224 with ConvStem patch embedding, token mean",
-    description="CTransPath (Swin-T + ConvStem, 20x)",
-)
 
 
 class ConvStem(nn.Module):

@@ -15,20 +15,10 @@ from pathlib import Path
 
 from torch import nn
 
+from zoomfeat.encoders.specs import DINOV2
 from zoomfeat.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, ModuleEncoder, register_encoder
 from zoomfeat.encoders.weights import (build_on_meta, fill_random, import_timm, load_strict, read_state_dict,
                                        resolve_file)
-
-DINOV2 = EncoderSpec(
-    name="dinov2",
-    dim=1024,
-    input_size=224,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    weight_files=("model.safetensors", "dinov2_vitl14_reg4_pretrain.pth", "pytorch_model.bin"),
-    architecture="timm vit_large_patch14_reg4_dinov2, dynamic_img_size, CLS token",
-    description="DINOv2 ViT-L/14 with registers (natural images; the NAIP ZoomLDM conditioner)",
-)
 
 
 def dinov2_architecture(**overrides) -> nn.Module:

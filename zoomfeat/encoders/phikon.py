@@ -23,22 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zoomfeat.encoders.specs import PHIKON
 from zoomfeat.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, ModuleEncoder, register_encoder
 from zoomfeat.encoders.weights import (build_on_meta, fill_random, import_timm, load_strict, read_state_dict,
                                        resolve_file)
 from zoomfeat.errors import CheckpointError, ConfigError
-
-PHIKON = EncoderSpec(
-    name="phikon",
-    dim=768,
-    input_size=224,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    weight_files=("model.safetensors", "pytorch_model.bin"),
-    config_files=("config.json",),
-    architecture="HF ViTModel ViT-B/16 (built as timm VisionTransformer), CLS of last hidden state",
-    description="Owkin Phikon (iBOT ViT-B/16, 20x)",
-)
 
 
 @dataclass(frozen=True)

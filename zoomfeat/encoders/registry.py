@@ -1,13 +1,13 @@
-"""The encoder registry: frozen specs, the ``Encoder`` base module and ``load_encoder``.
+"""The networks half of the encoder registry: the ``Encoder`` base module, ``register_encoder``, ``load_encoder``.
 
-Each encoder module defines one ``EncoderSpec`` and one ``Encoder`` subclass, decorated with
-``@register_encoder(SPEC)``; the CLI takes its ``--encoder`` choices from ``encoder_names()``.
+Each encoder's spec lives in :mod:`zoomfeat.encoders.specs` (torch-free; the CLI's choices come from there);
+each encoder module defines one ``Encoder`` subclass decorated with ``@register_encoder(SPEC)``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -15,40 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoomfeat.encoders.specs import IMAGENET_MEAN, IMAGENET_STD, SPECS, EncoderSpec, encoder_names  # noqa: F401
 from zoomfeat.errors import ConfigError, DataError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """What an encoder is: output size, preprocessing and weight-file layout.
-
-    ``input_size`` is the side in px of the square image ``forward`` takes; ``mean``/``std`` are per RGB
-    channel on the [0, 1] scale; ``weight_files`` are the official file names, any one of which a weight
-    folder may hold (Phikon also needs ``config_files``); ``magnification`` is the objective power the
-    encoder was trained at (20.0 for 20x).
-    """
-
-    name: str
-    dim: int
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    weight_files: tuple[str, ...]
-    magnification: float = 20.0
-    config_files: tuple[str, ...] = ()
-    architecture: str = ""
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        if self.dim < 1 or self.input_size < 1:
-            raise ConfigError(f"encoder {self.name!r}: dim and input_size must be >= 1, got "
-                              f"{self.dim} and {self.input_size}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError(f"encoder {self.name!r}: mean and std need 3 values with std > 0")
-
 
 class Encoder(nn.Module, ABC):
     """Base of every encoder: ``preprocess`` (uint8 tiles -> normalised float) and ``forward`` (-> [B, D]).
@@ -118,16 +86,13 @@ def register_encoder(spec: EncoderSpec) -> Callable[[E], E]:
     def decorate(cls: E) -> E:
         if spec.name in ENCODERS:
             raise ValueError(f"encoder {spec.name!r} is registered twice")
+        if SPECS.get(spec.name) is not spec:
+            raise ValueError(f"encoder {spec.name!r} has no spec in zoomfeat.encoders.specs: define it there")
         ENCODERS[spec.name] = spec
         _CLASSES[spec.name] = cls
         return cls
 
     return decorate
-
-
-def encoder_names() -> list[str]:
-    """Registered encoder names, sorted (the CLI's ``--encoder`` choices)."""
-    return sorted(ENCODERS)
 
 
 def encoder_class(name: str) -> type[Encoder]:

@@ -14,19 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zoomfeat.encoders.specs import TOY
 from zoomfeat.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderSpec, register_encoder, with_dim
 from zoomfeat.errors import ConfigError
 
-TOY = EncoderSpec(
-    name="toy",
-    dim=64,
-    input_size=64,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    weight_files=(),
-    architecture="3 conv (stride 2) + global average pool + linear; random, seeded",
-    description="tiny random seeded encoder for tests and the demo (not a pathology model)",
-)
 
 _WIDTHS = (3, 16, 32, 64)
 

@@ -12,20 +12,10 @@ from pathlib import Path
 
 from torch import nn
 
+from zoomfeat.encoders.specs import UNI
 from zoomfeat.encoders.registry import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, ModuleEncoder, register_encoder
 from zoomfeat.encoders.weights import (build_on_meta, fill_random, import_timm, load_strict, read_state_dict,
                                        resolve_file)
-
-UNI = EncoderSpec(
-    name="uni",
-    dim=1024,
-    input_size=224,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    weight_files=("pytorch_model.bin",),
-    architecture="timm vit_large_patch16_224, init_values 1e-5, dynamic_img_size, CLS token",
-    description="MahmoodLab UNI (ViT-L/16, DINOv2, 20x)",
-)
 
 
 def uni_architecture() -> nn.Module:
