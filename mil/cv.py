@@ -25,13 +25,12 @@ import torch
 from torch import nn
 
 from mil.bags import BagStore, FeatureSpec, MILDataWarning, read_extractor, scan_bags
-from mil.checks import CheckedBagStore
 from mil.config import MILConfig, effective_model_kwargs
 from mil.metrics import check_finite
 from mil.models import build_model
 from mil.record import RECORD_NAME, RunRecord, check_resume, input_fingerprints, split_fingerprint, write_record
 from mil.tasks import LabelledCohort, apply_task
-from mil.train import FoldData, train_fold
+from mil.train import FoldData, epoch_order, run_folds
 from splits.audit import trainability_problems
 from splits.io import PARTS, SplitFold, read_splits_dir
 from splits.labels import read_labels
@@ -153,22 +152,13 @@ def write_summary(run: Path) -> pd.DataFrame:
     return frame
 
 
-def _train_one(cfg: MILConfig, fold: int, data: FoldData, store, dim: int, n_classes: int, progress: bool):
-    try:
-        return train_fold(cfg, fold, data, store, dim, n_classes, progress)
-    except DataError as exc:  # bag, loss and prediction checks: name the fold once
-        if str(exc).startswith(f"fold {fold}"):
-            raise
-        raise DataError(f"fold {fold}: {exc}") from exc
-
-
 def run_cv(cfg: MILConfig, progress: bool = False) -> pd.DataFrame:
     """Train and evaluate every selected fold (skipping done ones); returns the summary table.
 
     Everything that can be checked is checked before the first fold trains: labels, splits, feature files,
-    trainable folds, model arguments, Lightning device settings, and that a resumed run has the same inputs.
+    trainable folds, model arguments, device settings, and that a resumed run has the same inputs.
     """
-    from zoomfeat.fitting import check_trainer_settings
+    from zoomfeat.extract.runtime import check_devices
 
     spec = FeatureSpec.parse(cfg.features)
     cohort = apply_task(read_labels(cfg.labels, label_col=cfg.label_col), cfg.task, cfg.label_col,
@@ -182,38 +172,40 @@ def run_cv(cfg: MILConfig, progress: bool = False) -> pd.DataFrame:
     check_trainable(data, cohort.label_map, cfg.splits)
     n_classes = len(cohort.label_map)
     check_model_kwargs(cfg, scan.dim, n_classes)
-    check_trainer_settings({"devices": "--devices", "accelerator": "--accelerator"}, accelerator=cfg.accelerator,
-                           devices=int(cfg.devices) if str(cfg.devices).isdigit() else cfg.devices)
+    check_devices(cfg.devices, "cuda" if cfg.accelerator in ("gpu", "cuda") else "cpu")
     left_out = {"no_label": len({s for f in folds for s in f.all_slides()} - named),
                 "no_features": len(scan.missing), "empty_bag": len(scan.empty)}
     run = Path(cfg.out)
     record = _record(cfg, spec, cohort, scan.dim, all_folds, scan.usable, left_out)
     check_resume(run, record, done_folds(run))
     write_record(run, record)
-    store = CheckedBagStore(BagStore(spec, cache=cfg.cache))
-    for fold in folds:
-        fold_dir = run / f"fold_{fold.index}"
-        if (fold_dir / "metrics.json").is_file():
-            continue
-        result = _train_one(cfg, fold.index, data[fold.index], store, scan.dim, n_classes, progress)
-        _write_fold(fold_dir, result, cfg, cohort, scan.dim)
+    # every bag is checked for NaN/Inf as it is loaded; mil.train keeps the bags (one contiguous tensor)
+    store = BagStore(spec, cache=False)
+    _train_pending(cfg, run, all_folds, data, cohort, spec, usable, named, scan.dim, store, progress)
     return write_summary(run)
 
 
-def _load_checkpoint(path: Path) -> dict:
-    import pickle
-    import zipfile
+def _train_pending(cfg: MILConfig, run: Path, all_folds: list[SplitFold], data: dict[int, FoldData],
+                   cohort: LabelledCohort, spec: FeatureSpec, usable: set[str], named: set[str], dim: int,
+                   store, progress: bool) -> None:
+    """Train the folds not done yet (mil.train.run_folds: one by one, or all at once with --all-folds); the
+    epoch order runs over the training slides of every fold of the split folder (``usable``: the checked
+    slides of the selected folds, ``named``: every slide those folds name)."""
+    pending = {k: d for k, d in data.items() if not (run / f"fold_{k}" / "metrics.json").is_file()}
+    targets = dict(zip(cohort.table["slide_id"], cohort.table["target"].astype(int)))
+    order = epoch_order([f.part("train") for f in all_folds], targets,
+                        lambda s: s in usable or (s not in named and spec.path(s).is_file()))
+    run_folds(cfg, pending, order, store, dim, len(cohort.label_map),
+              lambda k, result: _write_fold(run / f"fold_{k}", result, cfg, cohort, dim), progress)
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-            KeyError, IndexError, UnicodeDecodeError) as exc:
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({reason}); retrain this fold with "
-                              "`zoomfeat train-mil` (delete the fold folder first)") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path}: not a zoomfeat MIL checkpoint (format {found!r}); pass a train-mil run")
+
+def _load_checkpoint(path: Path) -> dict:
+    from zoomfeat.fitting import load_checkpoint
+
+    ckpt = load_checkpoint(path, "retrain this fold with `zoomfeat train-mil` (delete its fold folder first)")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a zoomfeat MIL checkpoint (format {ckpt.get('format')!r}); pass a "
+                              "train-mil run")
     return ckpt
 
 

@@ -56,12 +56,6 @@ def make_trainer(*, options: dict[str, str] | None = None, **kwargs: Any):
         raise ConfigError(f"Lightning refuses {given}: {reason}") from exc
 
 
-def check_trainer_settings(options: dict[str, str] | None = None, **kwargs: Any) -> None:
-    """Validate accelerator / devices / precision (the Trainer arguments given) before any work starts."""
-    make_trainer(options=options, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                 enable_model_summary=False, **kwargs)
-
-
 def fit(trainer, *args: Any, **kwargs: Any) -> None:
     """``trainer.fit(*args, **kwargs)``; Ctrl-C raises KeyboardInterrupt (not Lightning's ``sys.exit(1)``)."""
     previous = signal.getsignal(signal.SIGINT)
