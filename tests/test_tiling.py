@@ -73,3 +73,32 @@ def test_blank_slide_has_no_tissue(tmp_path):
     path = write_blank_slide(tmp_path / "white.svs", size=1024)
     with Slide(path) as slide, pytest.raises(SlideError, match="no tissue"):
         make_grid(slide, [20.0, 5.0])
+
+
+def test_tile_extract_and_prepare_train_give_the_same_grid(tmp_path, synthetic_slide):
+    """The one tile-grid function: the same slide and tissue flags through the three commands give the same
+    tiles at every magnification (prepare-train keeps every patch when not subsampled)."""
+    import h5py
+
+    import cli
+
+    info = synthetic_slide(size=3072, label=1, seed=9)
+    flags = ["--mags", "20x,5x", "--min-tissue", "0.6", "--min-saturation", "30", "--mask-mag", "2.5"]
+    assert cli.main(["tile", str(info.path), "--out", str(tmp_path / "tiles"), "--no-progress", *flags]) == 0
+    assert cli.main(["extract", str(info.path), "--out", str(tmp_path / "feats"), "--encoder", "toy", "--device",
+                     "cpu", "--workers", "0", *flags]) == 0
+    assert cli.main(["prepare-train", str(info.path), "--out", str(tmp_path / "set"), "--conditioner", "toy",
+                     "--zoomldm", "tiny", *flags]) == 0
+    grids = {}
+    for name, path in (("tile", tmp_path / "tiles" / f"{info.slide_id}.h5"),
+                       ("extract", tmp_path / "feats" / f"{info.slide_id}.h5"),
+                       ("prepare-train", tmp_path / "set" / "shards" / f"{info.slide_id}.h5")):
+        with h5py.File(path, "r") as f:
+            grids[name] = {m: f[m]["coords"][()] for m in ("20x", "5x")}
+    with Slide(info.path) as slide:  # the flags matter: the default flags give another grid
+        default = make_grid(slide, [20.0, 5.0])
+        flagged = make_grid(slide, [20.0, 5.0], TissueParams(min_tissue=0.6, min_saturation=30, mask_mag=2.5))
+    assert len(default.coords["20x"]) != len(flagged.coords["20x"])
+    for name, grid in grids.items():
+        for mag in ("20x", "5x"):
+            np.testing.assert_array_equal(grid[mag], flagged.coords[mag], err_msg=f"{name} {mag}")
