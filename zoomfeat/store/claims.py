@@ -3,9 +3,10 @@
 Before working on a slide a process creates ``<out>/.claims/<slide_id>.lock`` with ``O_CREAT | O_EXCL``
 (atomic, also on NFS v3+), holding JSON ``{"pid", "host", "time"}``; it removes the file when done. Another
 process that finds the lock leaves the slide to its holder. A lock whose holder is dead cannot block a slide
-forever: it is stale when its host is this host and its pid no longer runs, or when it is older than
-``stale_after`` seconds (default 24 h, for holders on other hosts, whose pids cannot be checked; a holder
-refreshes its lock's time while it works). Taking a stale lock over happens under a short second lock
+forever: it is stale when its host is this host and its pid no longer runs, or when it has not been refreshed
+for ``stale_after`` seconds (default 10 min, for holders on other hosts, whose pids cannot be checked; a holder
+touches its lock every ``HEARTBEAT_S`` seconds from a daemon thread while it works, so a killed job's lock goes
+stale within minutes on any host). Taking a stale lock over happens under a short second lock
 (``<slide_id>.lock.takeover``, itself stale after 60 s), which re-reads the lock so that two processes can
 never both take it.
 """
@@ -15,12 +16,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CLAIMS_DIR = ".claims"
-STALE_AFTER_S = 24 * 3600.0
+STALE_AFTER_S = 600.0
+HEARTBEAT_S = 30.0
 TAKEOVER_STALE_S = 60.0
 
 
@@ -68,6 +71,7 @@ class Claim:
     slide_id: str
     stale_after: float = STALE_AFTER_S
     held: bool = False
+    _stop: threading.Event | None = field(default=None, repr=False, compare=False)
 
     @property
     def path(self) -> Path:
@@ -93,12 +97,21 @@ class Claim:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if _create_exclusive(self.path, self._content()):
             self.held = True
-            return True
-        record = _read(self.path)
-        if not self.is_stale(record):
-            return False
-        self.held = self._take_over(record)
+        else:
+            record = _read(self.path)
+            self.held = self.is_stale(record) and self._take_over(record)
+        if self.held:
+            self._start_heartbeat()
         return self.held
+
+    def _start_heartbeat(self) -> None:
+        self._stop = threading.Event()
+
+        def beat(stop: threading.Event) -> None:
+            while not stop.wait(HEARTBEAT_S):
+                self.refresh()
+
+        threading.Thread(target=beat, args=(self._stop,), daemon=True, name=f"claim-{self.slide_id}").start()
 
     def _take_over(self, seen: dict | None) -> bool:
         guard = self.path.with_name(self.path.name + ".takeover")
@@ -126,6 +139,9 @@ class Claim:
                 pass
 
     def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
         if self.held:
             if (_read(self.path) or {}).get("pid") == os.getpid():
                 self.path.unlink(missing_ok=True)

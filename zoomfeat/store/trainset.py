@@ -81,6 +81,8 @@ class ShardWriter:
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.parent.glob(f".{self.path.name}.tmp*"):
+            stale.unlink(missing_ok=True)  # left by a killed run (the caller holds the slide's claim)
         self.tmp = temp_path(self.path)
         try:
             self._file = h5py.File(self.tmp, "w")
