@@ -534,3 +534,95 @@ def containment_parents(fine_coords: np.ndarray, coarse_coords: np.ndarray, coar
         raise DataError(f"{where}: {outside} of {len(fine)} fine tiles lie in no coarse tile (the two feature sets "
                         f"were tiled on different grids or tissue masks); use one tiling for both")
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# feature-set specs over any layout (the reader behind mil.bags for non-zoomfeat and cross-folder sets)
+
+
+def _listing_key(folder: Path) -> tuple:
+    """Changes whenever a file is added to or removed from ``folder`` or one of its sub-folders."""
+    stamps = []
+    for path in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())] if folder.is_dir() else []:
+        try:
+            stamps.append((str(path), path.stat().st_mtime_ns))
+        except OSError:
+            continue
+    return tuple(stamps)
+
+
+_FILES_CACHE: dict[tuple, dict[str, Path]] = {}
+
+
+def layout_files(layout: str, folder: str | Path) -> dict[str, Path]:
+    """``slide_id -> file`` of a folder in ``layout`` (listing cached until the folder changes)."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown feature layout {layout!r}: use one of zoomfeat, {', '.join(layout_names())}")
+    folder = Path(folder)
+    key = (layout, str(folder.resolve()), _listing_key(folder))
+    if key not in _FILES_CACHE:
+        if len(_FILES_CACHE) > 256:
+            _FILES_CACHE.clear()
+        _FILES_CACHE[key] = LAYOUTS[layout].files(folder)
+    return _FILES_CACHE[key]
+
+
+@dataclass(frozen=True)
+class _Part:
+    features: np.ndarray
+    coords: np.ndarray | None
+    size: int | None
+    mpp: float | None
+    note: str
+    source: str
+
+
+def _read_native(directory: Path, mag, slide_id: str) -> _Part:
+    from zoomfeat.store import FeatureFile
+
+    path = directory / f"{slide_id}.h5"
+    if not path.is_file():
+        raise DataError(f"{path}: feature file not found; extract slide {slide_id} or drop it from the split")
+    with FeatureFile(path) as f:
+        f.require_complete()
+        feats, coords = f.features(mag), f.coords(mag)
+        size = int(f.grid().patch_size_level0[mag.name])
+        mpp = f.attrs.get("base_mpp")
+    mpp = float(mpp) if mpp is not None and np.isfinite(float(mpp)) else None
+    return _Part(feats, coords, size, mpp, "zoomfeat coords (level-0 px)", str(path))
+
+
+def _parts(spec, slide_id: str) -> list[_Part]:
+    parts: list[_Part | None] = [None] * len(spec.sources)
+    foreign = []
+    for i, source in enumerate(spec.sources):
+        layout = source.layout or detect_layout(source.directory)
+        if layout == "zoomfeat":
+            parts[i] = _read_native(source.directory, source.mag, slide_id)
+        else:
+            foreign.append((i, layout, source))
+    mpp = next((p.mpp for p in parts if p is not None and p.mpp is not None), None)
+    for i, layout, source in foreign:
+        got = read_foreign(layout, source.directory, slide_id, mpp=mpp)
+        parts[i] = _Part(got.features, got.coords_level0, got.patch_size_level0, None, got.coords_note,
+                         str(got.source))
+    return parts  # type: ignore[return-value]
+
+
+def read_spec_bag(spec, slide_id: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(features float32 [N, sum D], coords int64 [N, 2] or None) of one slide for any feature-set spec.
+
+    The finest source gives the instances; each coarser source contributes the row of the tile that contains
+    each instance (by level-0 coordinates). A DataError names the source when the link cannot be made.
+    """
+    parts = _parts(spec, slide_id)
+    fine = parts[0]
+    columns = [fine.features]
+    for part, source in zip(parts[1:], spec.sources[1:]):
+        if fine.coords is None or part.coords is None:
+            missing = fine if fine.coords is None else part
+            raise DataError(f"{missing.source}: cannot fuse {spec} by containment: {missing.note}")
+        rows = containment_parents(fine.coords, part.coords, part.size or 0, where=f"{part.source} ({source.mag})")
+        columns.append(part.features[rows])
+    feats = np.concatenate(columns, axis=1).astype(np.float32, copy=False)
+    return feats, (None if fine.coords is None else np.asarray(fine.coords, np.int64))
