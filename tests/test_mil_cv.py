@@ -212,3 +212,21 @@ def test_subtyping_drops_other_codes_with_a_count(tiny, tmp_path):
     messages = " | ".join(str(w.message) for w in record)
     assert "dropped 3 slide(s) whose label is not IDC/ILC (MDLC: 3)" in messages
     assert "3 slide(s) named in the splits have no usable label" in messages
+
+
+def test_resume_needs_input_fingerprints_and_allows_a_fresh_start_before_any_fold(tiny, tmp_path):
+    """A record without fingerprints (an older zoomfeat) cannot prove the inputs unchanged: refused. A folder
+    whose run never finished a fold is not bound to its record: a fixed rerun starts there."""
+    cfg = _config(tiny, tmp_path / "run", "mean", {"hidden": 8}, epochs=1, folds=(0,))
+    run_cv(cfg)
+    path = tmp_path / "run" / "config.json"
+    record = json.loads(path.read_text())
+    old = {k: record[k] for k in ("config", "label_map", "feature_dim", "split_source", "split_fingerprints")}
+    path.write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match="no input fingerprints"):
+        run_cv(replace(cfg, folds=(1,)))
+    (tmp_path / "run" / "fold_0" / "metrics.json").unlink()  # no finished fold any more
+    labels = pd.read_csv(tiny["labels"])
+    labels.to_csv(tmp_path / "l2.csv", index=False)
+    run_cv(replace(cfg, labels=str(tmp_path / "l2.csv")))
+    assert json.loads(path.read_text())["schema_version"] == 2

@@ -207,3 +207,55 @@ def test_report_on_a_real_train_mil_run(tmp_path_factory):
     assert settings["split source"].endswith("splits") and settings["feature set"].endswith("features@20x")
     for name in ("roc.png", "confusion.png"):
         assert_nontrivial_png((out / name).read_bytes())
+
+
+def test_three_class_report_matches_sklearn(tmp_path):
+    """prob_<class> columns of a 3-class run: macro one-vs-rest AUC, balanced accuracy, macro F1, 3x3 confusion."""
+    from sklearn.metrics import confusion_matrix
+
+    run = fabricate_run(tmp_path / "run", n_folds=3)
+    record = json.loads((run / "config.json").read_text())
+    record["label_map"] = {"A": 0, "B": 1, "C": 2}
+    (run / "config.json").write_text(json.dumps(record))
+    rng = np.random.default_rng(5)
+    for k in range(3):
+        y = np.arange(15) % 3
+        logits = rng.normal(0, 1, (15, 3)) + 1.5 * np.eye(3)[y]
+        p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        pd.DataFrame({"slide_id": [f"s{k}_{i}" for i in range(15)], "case_id": "c", "label": y, "split": "test",
+                      "prob_A": p[:, 0], "prob_B": p[:, 1], "prob_C": p[:, 2]}).to_csv(
+            run / f"fold_{k}" / "predictions.csv", index=False)
+    result = build_report(run, n_bootstrap=50)
+    for m in result["folds"]:
+        df = pd.read_csv(run / f"fold_{m['fold']}" / "predictions.csv")
+        p, y = df[["prob_A", "prob_B", "prob_C"]].to_numpy(), df["label"].to_numpy()
+        assert m["auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"))
+        assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p.argmax(1)))
+        assert m["f1"] == pytest.approx(f1_score(y, p.argmax(1), average="macro"))
+    pooled = pd.concat(pd.read_csv(run / f"fold_{k}" / "predictions.csv") for k in range(3))
+    want = confusion_matrix(pooled["label"], pooled[["prob_A", "prob_B", "prob_C"]].to_numpy().argmax(1))
+    assert result["pooled"]["confusion_matrix"] == want.tolist()
+    assert "roc.png" not in result["files"] and (run / "report" / "confusion.png").is_file()
+    assert "A/B/C" in (run / "report" / "report.md").read_text()
+
+
+def test_records_of_the_first_schema_are_read_and_newer_ones_refused(tmp_path):
+    """Runs written before typed records (config + provenance, prob only) still report; a schema from a newer
+    zoomfeat is refused by name."""
+    from mil.record import read_record
+    from zoomfeat.errors import DataError
+
+    run = fabricate_run(tmp_path / "old", legacy_prob_only=True)
+    new = json.loads((run / "config.json").read_text())
+    old = {"config": {"task": "subtype", "features": new["feature_spec"], "model": "abmil", "labels": "l.csv"},
+           "label_map": new["label_map"], "feature_dim": 8, "split_source": "s",
+           "split_fingerprints": new["split_fingerprints"], "extractor": "zoomldm", "extractor_config": None}
+    (run / "config.json").write_text(json.dumps(old))
+    record = read_record(run)
+    assert record.schema_version == 1 and record.inputs is None and record.task == "subtype"
+    want = expected_fold_metrics(run)
+    got = {m["fold"]: m for m in build_report(run, n_bootstrap=0)["folds"]}
+    assert all(got[k]["f1"] == pytest.approx(w["f1"]) for k, w in want.items())
+    (run / "config.json").write_text(json.dumps({**new, "schema_version": 99}))
+    with pytest.raises(DataError, match="schema 99 is newer"):
+        read_record(run)
