@@ -176,3 +176,9 @@ def test_containment_matches_brute_force():
 def test_lattice_spacing():
     assert lattice_spacing(COORDS) == 512
     assert lattice_spacing(np.array([[7, 7]])) is None
+
+
+def test_export_formats_are_the_registered_layouts():
+    from zoomfeat.extract.export import FORMATS
+
+    assert sorted(FORMATS) == sorted(LAYOUTS)

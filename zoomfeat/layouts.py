@@ -228,7 +228,11 @@ def _write_clam(folder: Path, slide_id: str, features: np.ndarray, coords_level0
     level_down = float(base_magnification) / float(magnification)
     _write_h5(h5, {"features": features.astype(np.float32), "coords": coords_level0.astype(np.int64)},
               {"coords": {"patch_size": int(round(patch_size_level0 / level_down)),
-                          "downsample": np.array([level_down, level_down]), "patch_level": 0, "name": slide_id}})
+                          "downsample": np.array([level_down, level_down]), "patch_level": 0, "name": slide_id,
+                          # beyond CLAM's own attributes: the geometry, so readers need not infer it
+                          "patch_size_level0": int(patch_size_level0),
+                          "level0_magnification": float(base_magnification),
+                          "target_magnification": float(magnification)}})
     _save_torch(pt, features)
     return [h5, pt]
 

@@ -10,7 +10,9 @@ HELP = "export zoomfeat feature files to the CLAM (h5_files + pt_files) or TRIDE
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("features", metavar="DIR", help="feature folder written by `zoomfeat extract`")
     layout = parser.add_argument_group("export")
-    layout.add_argument("--format", required=True, choices=("clam", "trident"), help="target layout (required)")
+    layout.add_argument("--format", required=True, choices=("clam", "trident", "stamp", "slide2vec", "eva"),
+                        help="target layout (required): CLAM h5_files+pt_files, TRIDENT features_<encoder>, STAMP "
+                             "(coords in micrometres), slide2vec tile_embeddings, eva manifest + tensors")
     layout.add_argument("--mag", default="20x", help="magnification to export, e.g. 5x (default 20x)")
     layout.add_argument("--encoder-name", help="TRIDENT folder suffix (default: the files' extractor attribute)")
     output = parser.add_argument_group("output")

@@ -1,9 +1,12 @@
-"""Export zoomfeat feature files to the CLAM and TRIDENT layouts, for one magnification.
+"""Export zoomfeat feature files to other tools' layouts, for one magnification (writers: :mod:`zoomfeat.layouts`).
 
 * CLAM: ``OUT/h5_files/<slide_id>.h5`` (root datasets ``features`` float32 [N, D] and ``coords`` int64 [N, 2])
   and ``OUT/pt_files/<slide_id>.pt`` (the features as a torch tensor);
 * TRIDENT: ``OUT/features_<encoder>/<slide_id>.h5`` (root ``features`` and ``coords``; ``coords`` carries
-  ``patch_size``, ``patch_size_level0``, ``level0_magnification`` and ``target_magnification`` attrs).
+  ``patch_size``, ``patch_size_level0``, ``level0_magnification`` and ``target_magnification`` attrs);
+* STAMP: ``OUT/<slide_id>.h5`` (``feats``, ``coords`` in micrometres: needs the slide's mpp);
+* slide2vec: ``OUT/tile_embeddings/<slide_id>.pt`` + ``.meta.json`` and ``OUT/coordinates/<slide_id>.npy``;
+* eva: ``OUT/embeddings/<slide_id>.pt`` listed in ``OUT/manifest.csv``.
 
 ``coords`` are level-0 (x, y) top-left corners, as in the source file. Every file is written to a temporary
 name and renamed, so an interrupted export leaves no half file under the final name. A source file
@@ -18,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.errors import ConfigError, DataError
-from zoomfeat.mags import PATCH_SIZE, mag_name, parse_mag
+from zoomfeat.mags import mag_name, parse_mag
 from zoomfeat.store.files import OutputError
 
-FORMATS = ("clam", "trident")
+FORMATS = ("clam", "trident", "stamp", "slide2vec", "eva")  # = zoomfeat.layouts.layout_names() (tested)
 RECORD_NAME = "zoomfeat_export.json"  # what filled the folder (source folder, format, magnification)
 
 
@@ -60,7 +63,7 @@ class ExportResult:
 def export_slide(src: Path, cfg: ExportConfig) -> list[Path]:
     """Export one feature file; returns the files written. DataError for an incomplete file or non-finite rows
     (nothing is written for that slide then)."""
-    from zoomfeat.store import FeatureFile, write_flat_features
+    from zoomfeat.store import FeatureFile
 
     with FeatureFile(src) as f:
         f.require_complete()
@@ -73,25 +76,30 @@ def export_slide(src: Path, cfg: ExportConfig) -> list[Path]:
     if bad.any():
         raise DataError(f"{src}: {int(bad.sum())} {cfg.mag} feature rows are NaN or inf (first row "
                         f"{int(np.flatnonzero(bad)[0])}): not exported; extract the slide again")
-    coord_attrs = {"patch_size": PATCH_SIZE, "patch_size_level0": int(grid.patch_size_level0[cfg.mag]),
-                   "level0_magnification": base_mag, "target_magnification": float(parse_mag(cfg.mag)),
-                   "name": slide_id}
-    root_attrs = {"extractor": extractor, "source": str(src), "magnification": cfg.mag}
-    if cfg.fmt == "clam":
-        h5 = Path(cfg.out_dir) / "h5_files" / f"{slide_id}.h5"
-        pt = Path(cfg.out_dir) / "pt_files" / f"{slide_id}.pt"
-        write_flat_features(h5, features, coords, coord_attrs, root_attrs)
-        _write_pt(pt, features)
-        return [h5, pt]
-    encoder = cfg.encoder or extractor or "features"
-    h5 = Path(cfg.out_dir) / f"features_{encoder}" / f"{slide_id}.h5"
-    write_flat_features(h5, features, coords, coord_attrs, root_attrs)
-    return [h5]
+    from zoomfeat.layouts import LAYOUTS
+
+    mpp = _mpp_of(src)
+    return LAYOUTS[cfg.fmt].write(_target_folder(src, cfg), slide_id, features, coords,
+                                  patch_size_level0=int(grid.patch_size_level0[cfg.mag]),
+                                  magnification=float(parse_mag(cfg.mag)), base_magnification=float(base_mag),
+                                  mpp=mpp, encoder=cfg.encoder or extractor or "features")
+
+
+def _mpp_of(src: Path) -> float | None:
+    from zoomfeat.store import FeatureFile
+
+    with FeatureFile(src) as f:
+        value = f.attrs.get("base_mpp")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
 
 
 def _target_folder(src: Path, cfg: ExportConfig) -> Path:
-    """The folder one export run fills: ``OUT`` (CLAM) or ``OUT/features_<encoder>`` (TRIDENT)."""
-    if cfg.fmt == "clam":
+    """The folder one export run fills: ``OUT/features_<encoder>`` (TRIDENT) or ``OUT`` (the others)."""
+    if cfg.fmt != "trident":
         return Path(cfg.out_dir)
     from zoomfeat.store import FeatureFile
 
@@ -101,15 +109,6 @@ def _target_folder(src: Path, cfg: ExportConfig) -> Path:
     except DataError:
         extractor = None
     return Path(cfg.out_dir) / f"features_{cfg.encoder or extractor or 'features'}"
-
-
-def _write_pt(path: Path, features: np.ndarray) -> None:
-    import torch
-
-    from zoomfeat.store import atomic_write
-
-    with atomic_write(path) as tmp:
-        torch.save(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)), tmp)
 
 
 def export_features(cfg: ExportConfig) -> ExportResult:
