@@ -119,3 +119,18 @@ TOY = _spec(EncoderSpec(
     architecture="3 conv (stride 2) + global average pool + linear; random, seeded",
     description="tiny random seeded encoder for tests and the demo (not a pathology model)",
 ))
+
+
+def parse_conditioner(value: str, option: str = "--conditioner") -> tuple[str, str | None]:
+    """The one parser of ``--conditioner``: ``toy`` -> ("toy", None); ``NAME=PATH`` -> (NAME, PATH) for any
+    registered encoder that has weight files (``uni=weights/uni``, ``dinov2=weights/dinov2``)."""
+    name, sep, path = str(value).partition("=")
+    name = name.strip().lower()
+    if name in SPECS and not SPECS[name].weight_files and not sep:
+        return name, None
+    if name in SPECS and SPECS[name].weight_files and sep and path.strip():
+        return name, path.strip()
+    with_weights = [n for n in encoder_names() if SPECS[n].weight_files]
+    if name in SPECS and SPECS[name].weight_files:
+        raise ConfigError(f"{option} {value!r}: {name} needs its local weights: write {name}=PATH")
+    raise ConfigError(f"bad {option} {value!r}: use NAME=PATH with NAME one of {', '.join(with_weights)}, or toy")
