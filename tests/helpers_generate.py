@@ -117,7 +117,10 @@ def fit_tiny_generation_model(out: Path = DATA, seed: int = 0, ae_steps: int = 3
             getattr(model.model_ema, model.model_ema.names[name]).copy_(p)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(TINY_GEN_CONFIG, sort_keys=False))
-    model.save_official(out / "weights.ckpt")
+    state = model.official_state_dict()  # network weights stored as float16 (half the file; loaded into fp32)
+    nets = ("model", "model_ema", "first_stage_model", "cond_stage_model")
+    torch.save({k: v.half() if v.is_floating_point() and k.split(".")[0] in nets else v for k, v in state.items()},
+               out / "weights.ckpt")
     return out
 
 

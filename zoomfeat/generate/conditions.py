@@ -95,19 +95,6 @@ def tile_contexts_20x(model, grid: np.ndarray) -> torch.Tensor:
     return contexts_for_mag(model, tiles, "20x")
 
 
-def _load_conditioner(request: ConditionRequest, dim: int, device):
-    from zoomfeat.encoders import load_encoder
-
-    if request.conditioner == "toy":
-        encoder = load_encoder("toy", dim=dim, seed=request.toy_seed)
-    else:
-        encoder = load_encoder(request.conditioner, request.conditioner_weights)
-    if encoder.spec.dim != dim:
-        raise ConfigError(f"conditioner {request.conditioner} gives {encoder.spec.dim}-d embeddings but the ZoomLDM "
-                          f"Summarizer takes {dim}-d: use the conditioner the checkpoint was trained with")
-    return encoder.to(device)
-
-
 def _tile_grid(slide, request: ConditionRequest):
     from zoomfeat.store import h5_path, is_complete, read_grid
     from zoomfeat.tiling import make_grid
@@ -164,7 +151,9 @@ def grid_source(model, request: ConditionRequest, runtime=None) -> Conditions:
         cond = read_conditioning(Path(request.conditioning_dir), info, {name: coords}, model.conditioning_dim)
         embedder = {"conditioning_dir": str(request.conditioning_dir)}
     else:
-        encoder = _load_conditioner(request, model.conditioning_dim, device)
+        from zoomfeat.extract.loading import _load_conditioner  # the one conditioner loader (reads the same fields)
+
+        encoder = _load_conditioner(request, model.conditioning_dim).to(device)
         autocast = runtime.autocast() if runtime is not None else None
         cond = ConditioningGrids(info.path, {name: coords}, encoder, batch_size=request.batch_size, workers=0,
                                  device=device, base_mag=info.base_magnification, slide_kwargs=overrides,
