@@ -81,7 +81,10 @@ def prepare_contexts(cfg: PrepareCDMConfig) -> Path:
     from zoomfeat.log import note
     from zoomfeat.train.dataset import TrainingSet
 
+    from zoomfeat.store import check_output_folder
+
     data = TrainingSet(cfg.data)
+    check_output_folder(cfg.out, "--out")
     runtime = resolve_runtime(cfg.device, cfg.precision)
     source, model = _load_model(cfg, runtime)
     _check_set(data, model)

@@ -4,18 +4,18 @@ The runtime is the ZoomLDM training's (:mod:`zoomfeat.train.run`): devices, DDP 
 bf16-mixed on GPU, step-keyed batches, Lightning step checkpoints and ``resume: auto``. Outputs under
 ``trainer.out``:
 
-- ``train_cdm_config.json``: the validated config (the ``model`` section rebuilds the DiT when sampling),
-  plus ``data_settings`` and the context shape of the store it was trained on;
+- ``train_cdm_config.json``: under ``"cdm"`` the run record (data, model and optimiser settings, the DiT
+  architecture that sampling rebuilds, the store's settings), beside it the trainer settings and label names;
 - ``checkpoints/step_<n>.ckpt`` + ``last.ckpt``: Lightning checkpoints (weights, EMA, optimiser, loops);
 - ``official/step_<n>.ckpt`` + ``last.ckpt``: the official CDM checkpoint layout ``{"model","ema","opt","args"}``;
 - ``logs/``: CSV metrics (train/loss, train/mse, train/vb).
 
-Resuming into a folder whose saved config differs in its data, model or optimiser settings is refused.
+Resuming into a folder whose record differs in its data, model or optimiser settings is refused
+(:func:`zoomfeat.store.check_output_folder`), and so is ``--resume none`` over a folder with checkpoints.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,11 +24,11 @@ import torch
 from zoomfeat.cdm.config import TrainCDMConfig
 from zoomfeat.cdm.context_store import ContextSet
 from zoomfeat.cdm.dit import DiTConfig
-from zoomfeat.config import to_jsonable, write_json_atomic
+from zoomfeat.config import to_jsonable
 from zoomfeat.errors import ConfigError
 
 CONFIG_NAME = "train_cdm_config.json"
-FIXED_SECTIONS = ("data", "model", "optim")  # what a resumed run must share with the run it continues
+RECORD_SECTION = "cdm"  # the run record's section in CONFIG_NAME (data, model, optim, dit, data_settings)
 
 
 def dit_config(cfg: TrainCDMConfig, store: ContextSet) -> DiTConfig:
@@ -38,26 +38,22 @@ def dit_config(cfg: TrainCDMConfig, store: ContextSet) -> DiTConfig:
 
 
 def run_record(cfg: TrainCDMConfig, store: ContextSet, dit: DiTConfig) -> dict:
-    return {**to_jsonable(cfg), "dit": to_jsonable(dit), "data_settings": store.settings,
-            "cond_labels": store.cond_labels}
+    """What a resumed run must share with the run it continues (trainer settings may change)."""
+    data = {k: v for k, v in to_jsonable(cfg.data).items() if k != "workers"}
+    return {"data": data, "model": to_jsonable(cfg.model), "optim": to_jsonable(cfg.optim), "dit": to_jsonable(dit),
+            "data_settings": store.settings}
 
 
-def check_resume(out: Path, record: dict, resume: str | None) -> None:
-    """A resumed run must continue the same data, model and optimiser (only trainer settings may change)."""
-    path = out / CONFIG_NAME
+def check_out(out: Path, cfg: TrainCDMConfig, record: dict, labels: list[str], resume: str | None) -> None:
+    """Refuse to overwrite a run (``--resume none`` over checkpoints) or to continue one with other settings;
+    then write ``OUT/train_cdm_config.json`` (the run record under ``"cdm"``, the trainer settings beside it)."""
+    from zoomfeat.store import check_output_folder
+
     if resume is None and any((out / "checkpoints").glob("*.ckpt")):
         raise ConfigError(f"{out} already holds a CDM run and --resume is none: pass another --out "
                           "(a run folder is never overwritten) or --resume auto to continue it")
-    if resume is None or not path.is_file():
-        return
-    saved = json.loads(path.read_text())
-    keys = [*FIXED_SECTIONS, "dit", "data_settings"]
-    differ = [k for k in keys if saved.get(k) != record.get(k)]
-    if differ:
-        detail = [f"{k}.{f}" for k in differ if isinstance(record[k], dict)
-                  for f in record[k] if saved.get(k, {}).get(f) != record[k][f]] or differ
-        raise ConfigError(f"{out} holds a run with other settings ({', '.join(detail)}): resume it with the same "
-                          "settings, pass --resume none with a new --out, or use another --out")
+    check_output_folder(out, "--out", record, CONFIG_NAME, section=RECORD_SECTION,
+                        extra={"trainer": to_jsonable(cfg.trainer), "cond_labels": labels})
 
 
 def build_trainer(cfg: TrainCDMConfig, out: Path):
@@ -90,10 +86,7 @@ def train_cdm(cfg: TrainCDMConfig) -> Path:
     store = ContextSet(cfg.data.path)
     dit = dit_config(cfg, store)
     resume = resolve_resume(cfg.trainer.resume, out)
-    record = run_record(cfg, store, dit)
-    check_resume(out, record, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / CONFIG_NAME, record)
+    check_out(out, cfg, run_record(cfg, store, dit), store.cond_labels, resume)
     torch.manual_seed(cfg.data.seed)  # the DiT's random init
     module = CDMLightning(CDM(dit, cfg.optim.ema_decay), cfg.optim, seed=cfg.data.seed)
     quiet_third_party()

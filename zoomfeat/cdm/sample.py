@@ -42,7 +42,7 @@ class LoadedCDM:
 
 
 def _run_folder_config(folder: Path) -> tuple[DiTConfig, Path, list[str]]:
-    from zoomfeat.cdm.run import CONFIG_NAME
+    from zoomfeat.cdm.run import CONFIG_NAME, RECORD_SECTION
 
     record_path = folder / CONFIG_NAME
     weights = folder / "official" / "last.ckpt"
@@ -50,7 +50,7 @@ def _run_folder_config(folder: Path) -> tuple[DiTConfig, Path, list[str]]:
         raise ConfigError(f"--cdm {folder} is not a finished train-cdm run (needs {CONFIG_NAME} and "
                           "official/last.ckpt): pass the run folder or an official CDM checkpoint file")
     record = json.loads(record_path.read_text())
-    return DiTConfig(**record["dit"]), weights, list(record.get("cond_labels", []))
+    return DiTConfig(**record[RECORD_SECTION]["dit"]), weights, list(record.get("cond_labels", []))
 
 
 def load_cdm(source: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
