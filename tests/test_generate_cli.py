@@ -135,8 +135,8 @@ def test_bad_input_is_one_line(slide, tmp_path, capsys):
     assert "leaves the" in _error(["sample", *BASE, *s, "--x", "4096", "--y", "0", "--out", out], capsys)
     assert "--steps 3" in _error(["sample", *BASE, *s, "--steps", "3", "--out", out], capsys)
     assert "below 20x" in _error(["generate-large", *BASE[:4], "--mag", "20x", *s, "--out", out], capsys)
-    assert "uni=PATH" in _error(["sample", *BASE[:2], "--conditioner", "foo", "--mag", "10x", *s, "--out", out],
-                                capsys)
+    assert "--conditioner" in _error(["sample", *BASE[:2], "--conditioner", "foo", "--mag", "10x", *s, "--out", out],
+                                     capsys)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.png").write_bytes(b"")
     assert "not an empty folder" in _error(["sample", *BASE, *s, "--out", str(tmp_path / "full")], capsys)

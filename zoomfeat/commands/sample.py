@@ -80,7 +80,7 @@ def condition_request(args: argparse.Namespace, n_patches: int = 1):
     from pathlib import Path
 
     from zoomfeat.commands.options import tissue_params
-    from zoomfeat.commands.prepare_train import parse_conditioner
+    from zoomfeat.encoders.specs import parse_conditioner
     from zoomfeat.errors import ConfigError
     from zoomfeat.generate.conditions import ConditionRequest
     from zoomfeat.mags import parse_mag
@@ -95,6 +95,7 @@ def condition_request(args: argparse.Namespace, n_patches: int = 1):
             raise ConfigError(f"{option} {value} does not exist: give an existing path")
     if args.conditioning is None:
         conditioner, weights = parse_conditioner(args.conditioner)
+        weights = Path(weights) if weights else None
     else:
         conditioner, weights = args.conditioner.partition("=")[0].strip().lower(), None
     check_scale_overrides(args.base_mag, args.mpp)
