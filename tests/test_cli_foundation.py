@@ -59,8 +59,14 @@ def test_killed_run_is_redone(tmp_path, synthetic_slide, capsys):
     out = tmp_path / "out"
     out.mkdir()
     target = out / f"{info.slide_id}.h5"
-    with h5py.File(temp_path(target), "w") as f:  # what a killed run leaves behind
-        f.attrs["format"] = "zoomfeat"
+    from zoomfeat.slides import Slide
+    from zoomfeat.store import TileStoreWriter
+    from zoomfeat.tiling import make_grid
+
+    with Slide(info.path) as slide:  # what a killed run leaves behind: the writer never committed nor cleaned up
+        writer = TileStoreWriter(target, slide.info, make_grid(slide, [20.0, 5.0]))
+        writer._file.close()
+    assert temp_path(target).is_file() and not target.exists()
     assert main(["verify", str(out)]) == 1
     assert main(["tile", str(info.path), "--out", str(out), "--no-progress"]) == 0
     assert "done 1, skipped 0" in capsys.readouterr().err

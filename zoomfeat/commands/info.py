@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.commands.options import add_scale_group
+
 HELP = "show a slide's dimensions, pyramid levels, base magnification and mpp (and their sources)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slide", help="slide file")
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    scale = parser.add_mutually_exclusive_group()
-    scale.add_argument("--base-mag", type=float, default=None, help="override the base magnification")
-    scale.add_argument("--mpp", type=float, default=None, help="override the level-0 um/px")
+    add_scale_group(parser)
+    output = parser.add_argument_group("output")
+    output.add_argument("--json", action="store_true", help="print JSON instead of text (default: text)")
 
 
 def run(args: argparse.Namespace) -> int:
