@@ -43,6 +43,19 @@ def _command_module(name: str):
     return importlib.import_module(f"zoomfeat.commands.{COMMANDS[name]}")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help when the help does not state its default itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default in (None, False, argparse.SUPPRESS) or not action.option_strings
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})"
+
+
 def _leaf_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...]):
     """(path, parser) of every leaf command under ``parser`` (``splits`` has hipt/simil/make/audit)."""
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -70,10 +83,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             sub.add_parser(name, add_help=False)
             continue
         module = _command_module(name)
-        sp = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        sp = sub.add_parser(name, help=module.HELP, description=module.HELP, formatter_class=_HelpFormatter)
         module.add_arguments(sp)
         sp.set_defaults(_run=module.run)
         for _path, leaf in _leaf_parsers(sp, (name,)):
+            leaf.formatter_class = _HelpFormatter
             if getattr(module, "CONFIG_SYSTEM", True) and "--config" not in leaf._option_string_actions:  # `train` has its own sectioned config
                 add_config_options(leaf)
                 leaf.set_defaults(_config_system=True)
