@@ -14,7 +14,9 @@ The record says what a run was made from, so that its numbers can be traced and 
     zoomfeat_version    the package that wrote it
 
 :func:`read_record` is the one reader (report, compare and heatmap use it, never the raw JSON);
-:func:`resume_differences` says what differs between a run's record and the one a new invocation would write.
+:func:`resume_differences` says what differs between a run's record and the one a new invocation would write:
+settings (not the paths: a moved project resumes), magnifications, classes, feature width, split contents, the
+labels file's content and each feature file's stamp.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from zoomfeat.errors import ConfigError, DataError
+from zoomfeat.features import FeatureSpec
 
 RECORD_NAME = "config.json"
 RECORD_FORMAT = "zoomfeat-mil-run"
 SCHEMA_VERSION = 2
-# run settings that may change between invocations of one run: which folds to do now, where to run them
-RESUME_IGNORED: tuple[str, ...] = ("folds", "devices", "accelerator", "cache")
+# run settings that may change between invocations of one run: which folds to do now, where to run them, and
+# where the inputs and the run folder lie (a moved project resumes: the inputs are compared by content)
+RESUME_IGNORED: tuple[str, ...] = ("folds", "devices", "accelerator", "cache", "out", "labels", "splits",
+                                   "features")
 
 
 @dataclass(frozen=True)
@@ -194,7 +199,10 @@ def resume_differences(old: RunRecord, new: RunRecord) -> list[str]:
     diff = settings_diff(strip(old.config), strip(new.config))
     if diff:
         out.append(f"settings {describe_diff(diff)}")
-    for name in ("label_map", "feature_spec", "feature_dim"):
+    old_mags, new_mags = (FeatureSpec.parse(r.feature_spec).mags_text for r in (old, new))
+    if old_mags != new_mags:
+        out.append(f"feature magnifications {old_mags} -> {new_mags}")
+    for name in ("label_map", "feature_dim"):
         if getattr(old, name) != getattr(new, name):
             out.append(f"{name} {getattr(old, name)} -> {getattr(new, name)}")
     folds = sorted({k for k in set(old.split_fingerprints) | set(new.split_fingerprints)

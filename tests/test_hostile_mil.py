@@ -163,7 +163,11 @@ def _labels_missing_column(w):
     return _train_mil_args({**w, "labels": w["root"] / "l.csv"}, w["root"] / "new"), ["label"]
 
 
-TRAIN_MIL_CASES = {
+def _accelerator_tpu9(w):
+    return _train_mil_args(w, w["root"] / "new", "--accelerator", "tpu9"), ["tpu9"]
+
+
+TRAIN_MIL_CASES = {"accelerator tpu9": _accelerator_tpu9,
     "nan features": _nan_slide, "weight decay inf": _inf_weight_decay, "hidden -5": _negative_hidden,
     "unknown model kwarg": _unknown_kwarg, "devices 0": _devices_zero, "single-class train": _single_class_train,
     "empty test": _empty_test, "truncated h5": _truncated_h5, "garbage h5": _garbage_h5,
@@ -182,6 +186,13 @@ def test_train_mil_hostile(case, work, capsys):
         assert re.search(needle, line, re.IGNORECASE), line
     assert snapshot(work["run"], work["splits"]) == before
     _no_partial_output(work["root"] / "new")
+
+
+def test_a_moved_project_resumes_without_retraining(work, capsys):
+    """``work`` is a copy of the cohort and the run in another folder: same content, other paths."""
+    folds = snapshot(*sorted(work["run"].glob("fold_*")))
+    assert cli.main(_train_mil_args(work, work["run"])) == 0
+    assert snapshot(*sorted(work["run"].glob("fold_*"))) == folds
 
 
 # ---------------------------------------------------------------------------------------------- report / compare
@@ -366,7 +377,12 @@ def _train_text_resume(w):
             "--accelerator", "cpu", "--devices", "1", "--resume", str(w["root"] / "notes.ckpt")], ["notes.ckpt"]
 
 
-TRAIN_CASES = {"devices 0": _train_devices_zero, "precision bf99": _train_bad_precision,
+def _train_unknown_accelerator(w):
+    return ["train", "--data", str(w["root"]), "--zoomldm", "tiny", "--out", str(w["root"] / "t"),
+            "--accelerator", "tpu9", "--devices", "1"], ["tpu9"]
+
+
+TRAIN_CASES = {"devices 0": _train_devices_zero, "accelerator tpu9": _train_unknown_accelerator, "precision bf99": _train_bad_precision,
                "not a training set": _train_not_a_trainset, "garbage resume": _train_garbage_resume,
                "text resume": _train_text_resume}
 
