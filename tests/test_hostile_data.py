@@ -10,7 +10,6 @@ processes, a bug inside a slide, a conditioning folder that holds another featur
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import cli
+from hostile import one_error, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,22 +61,6 @@ def _tiny(slides, out, weights, *extra):
     return ["extract", str(slides), "--out", str(out), "--encoder", "zoomldm", "--zoomldm", "tiny", "--weights",
             str(weights), "--conditioner", "toy", "--mags", "20x,5x", "--device", "cpu", "--workers", "0",
             "--batch-size", "16", *extra]
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under ``folder``."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_error(argv: list[str], capsys, code: int = 2) -> str:
-    """Run the CLI; assert the exit status, exactly one error line and no traceback; return the error line."""
-    got = cli.main(argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert got == code, err
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
 
 
 def _full_disk(*_, **__):

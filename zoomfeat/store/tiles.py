@@ -456,24 +456,6 @@ def _row_layout(names: list[str], counts: dict[str, int], base_mag: float) -> di
     return out
 
 
-def write_flat_features(path: str | Path, features: np.ndarray, coords: np.ndarray, coord_attrs: Mapping,
-                        root_attrs: Mapping) -> Path:
-    """Another tool's one-magnification layout (CLAM / TRIDENT): root ``features`` and ``coords`` datasets,
-    written atomically."""
-    import h5py
-
-    from zoomfeat.store.files import atomic_write
-
-    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("features", data=np.asarray(features, np.float32))
-        dset = f.create_dataset("coords", data=np.asarray(coords, np.int64))
-        for key, value in coord_attrs.items():
-            dset.attrs[key] = value
-        for key, value in root_attrs.items():
-            f.attrs[key] = value
-    return Path(path)
-
-
 def verify_file(path: str | Path) -> list[str]:
     """Problems with one file (empty when fine): unreadable, incomplete, inconsistent, NaN/inf, bad parents,
     a magnification group or a features dataset missing."""
