@@ -5,7 +5,7 @@ A feature-set spec names a folder and one or more magnifications: ``DIR@20x`` is
 through ``20x/parent_5x``). Any finer+coarser list works the same way; the finest magnification must come first
 (``DIR@5x+20x`` is refused) and decides the instances and their coordinates. Other tools' layouts
 (``trident:DIR@20x``, detected when unprefixed) and fusions across folders (``A@20x+B@5x``) are read through
-:func:`zoomfeat.layouts.read_spec_bag`, which links instances by containment; a bag without coordinates (eva,
+:func:`zoomfeat.store.layouts.read_spec_bag`, which links instances by containment; a bag without coordinates (eva,
 CLAM ``pt_files``) has ``coords_level0`` filled with -1.
 """
 
@@ -46,7 +46,7 @@ def is_native(spec: FeatureSpec) -> bool:
         return False
     if spec.sources[0].layout == "zoomfeat" or not spec.directory.is_dir():
         return True
-    from zoomfeat.layouts import detect_layout
+    from zoomfeat.store.layouts import detect_layout
 
     try:
         return detect_layout(spec.directory) == "zoomfeat"
@@ -59,7 +59,7 @@ def _read(spec: FeatureSpec, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path}: feature file not found; extract slide {slide_id} or drop it from the split")
     if not is_native(spec):
-        from zoomfeat.layouts import read_spec_bag
+        from zoomfeat.store.layouts import read_spec_bag
 
         feats, coords = read_spec_bag(spec, slide_id)
         return feats, (np.full((len(feats), 2), -1, np.int64) if coords is None else coords)
@@ -87,7 +87,7 @@ def read_extractor(spec: FeatureSpec, slide_id: str) -> tuple[str | None, dict |
     """(``extractor``, parsed ``extractor_config``) root attributes of one feature file; for another tool's
     layout, (``"<layout>:<encoder or folder>"``, a record of the layout and folder)."""
     if not is_native(spec):
-        from zoomfeat.layouts import detect_layout
+        from zoomfeat.store.layouts import detect_layout
 
         source = spec.sources[0]
         layout = source.layout or detect_layout(source.directory)

@@ -101,7 +101,7 @@ def test_missing_magnification_is_named(features, tmp_path, capsys):
 
 @pytest.mark.parametrize("fmt", ["stamp", "slide2vec", "eva", "trident", "clam"])
 def test_every_layout_round_trips_through_its_reader(features, tmp_path, fmt):
-    from zoomfeat.layouts import read_foreign
+    from zoomfeat.store.layouts import read_foreign
 
     out = tmp_path / fmt
     assert cli.main(["export", str(features), "--format", fmt, "--mag", "5x", "--out", str(out)]) == 0

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from zoomfeat.errors import ConfigError, DataError
-from zoomfeat.layouts import LAYOUTS, containment_parents, detect_layout, lattice_spacing, read_foreign
+from zoomfeat.store.layouts import LAYOUTS, containment_parents, detect_layout, lattice_spacing, read_foreign
 
 RNG = np.random.default_rng(0)
 FEATS = RNG.normal(size=(6, 5)).astype(np.float32)

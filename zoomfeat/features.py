@@ -6,7 +6,7 @@ the instances and their coordinates, every coarser one is concatenated to each i
 * ``DIR@20x`` / ``DIR@20x+5x``: zoomfeat feature files ``DIR/<slide_id>.h5``; the coarser rows come through the
   stored ``parent_<coarser>`` links.
 * ``LAYOUT:DIR@20x`` names another tool's layout (``clam``, ``trident``, ``stamp``, ``slide2vec``, ``eva``; see
-  :mod:`zoomfeat.layouts`); without a prefix a folder's layout is detected from its files.
+  :mod:`zoomfeat.store.layouts`); without a prefix a folder's layout is detected from its files.
 * ``A@20x+B@5x`` fuses two folders (even of two layouts, e.g. ``trident:T@20x+zf@5x``): instances are linked by
   containment of their level-0 coordinates.
 
@@ -146,11 +146,11 @@ def _source_file(source: FeatureSource, slide_id: str) -> Path:
         native = source.directory / f"{slide_id}.h5"
         if layout == "zoomfeat" or native.is_file() or not source.directory.is_dir():
             return native
-        from zoomfeat.layouts import detect_layout
+        from zoomfeat.store.layouts import detect_layout
 
         layout = detect_layout(source.directory)
         if layout == "zoomfeat":
             return native
-    from zoomfeat.layouts import layout_files
+    from zoomfeat.store.layouts import layout_files
 
     return layout_files(layout, source.directory).get(slide_id, source.directory / f"{slide_id}.missing")

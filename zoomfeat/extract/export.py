@@ -1,4 +1,4 @@
-"""Export zoomfeat feature files to other tools' layouts, for one magnification (writers: :mod:`zoomfeat.layouts`).
+"""Export zoomfeat feature files to other tools' layouts, one magnification (writers: zoomfeat.store.layouts).
 
 * CLAM: ``OUT/h5_files/<slide_id>.h5`` (root datasets ``features`` float32 [N, D] and ``coords`` int64 [N, 2])
   and ``OUT/pt_files/<slide_id>.pt`` (the features as a torch tensor);
@@ -24,7 +24,7 @@ from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.mags import mag_name, parse_mag
 from zoomfeat.store.files import OutputError
 
-FORMATS = ("clam", "trident", "stamp", "slide2vec", "eva")  # = zoomfeat.layouts.layout_names() (tested)
+FORMATS = ("clam", "trident", "stamp", "slide2vec", "eva")  # = zoomfeat.store.layouts.layout_names() (tested)
 RECORD_NAME = "zoomfeat_export.json"  # what filled the folder (source folder, format, magnification)
 
 
@@ -76,7 +76,7 @@ def export_slide(src: Path, cfg: ExportConfig) -> list[Path]:
     if bad.any():
         raise DataError(f"{src}: {int(bad.sum())} {cfg.mag} feature rows are NaN or inf (first row "
                         f"{int(np.flatnonzero(bad)[0])}): not exported; extract the slide again")
-    from zoomfeat.layouts import LAYOUTS
+    from zoomfeat.store.layouts import LAYOUTS
 
     mpp = _mpp_of(src)
     return LAYOUTS[cfg.fmt].write(_target_folder(src, cfg), slide_id, features, coords,

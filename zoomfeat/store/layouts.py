@@ -1,4 +1,4 @@
-"""Other tools' per-slide feature layouts, read and written (a store module: it owns those files).
+"""Other tools' per-slide feature layouts, read and written (the store owns those files too).
 
 zoomfeat's own HDF5 files are handled by :mod:`zoomfeat.store`; this module reads and writes the layouts that
 CLAM, TRIDENT, STAMP, slide2vec and eva leave behind, so any feature set can be evaluated with the papers'
