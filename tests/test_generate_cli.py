@@ -191,3 +191,33 @@ def test_images_above_4096_px_are_pyramidal_tiffs_openslide_opens(tmp_path):
     assert np.abs(region - img[3000:3064, 2000:2064].astype(int)).mean() < 4  # JPEG tiles, quality 90
     small = save_large(tmp_path / "small", img[:64, :64])
     assert small.suffix == ".png" and np.array_equal(read_png(small), img[:64, :64])
+
+
+def test_a_registered_context_source_plugs_in_and_its_drawn_contexts_regenerate(tmp_path):
+    """A source that draws contexts (as a CDM would) instead of reading grids: registered by name, used by
+    run_sample, its contexts saved in conditions.npz and reused by regenerate."""
+    from zoomfeat.generate.conditions import CONTEXT_SOURCES, ConditionRequest, Conditions, register_context_source
+    from zoomfeat.generate.run import SampleConfig, regenerate, run_sample
+    from zoomfeat.generate.samplers import SamplerSettings
+    from zoomfeat.mags import parse_mag
+    from zoomfeat.resolve import resolve_zoomldm
+
+    @register_context_source("test-drawn")
+    def drawn(model, request, runtime=None):
+        g = torch.Generator().manual_seed(int(request.extra["seed"]))
+        ctx = torch.randn(request.n_patches, 65, model.context_dim, generator=g)
+        return Conditions(request.mag, ctx, None, None, {"source": "test-drawn", "seed": request.extra["seed"]})
+
+    try:
+        cfg = SampleConfig(resolve_zoomldm(DATA), ConditionRequest(mag=parse_mag("5x"), n_patches=2,
+                                                                   extra={"seed": 4}),
+                           tmp_path / "drawn", n=2, sampler=SamplerSettings("ddim", 10), device="cpu",
+                           source="test-drawn")
+        man = run_sample(cfg)
+        with np.load(tmp_path / "drawn" / "conditions.npz") as data:
+            assert data["contexts"].shape == (2, 65, 64) and "grids" not in data.files
+        assert man["conditions"]["source"] == "test-drawn" and len(man["images"]) == 4
+        for img, entry in zip(regenerate(tmp_path / "drawn"), man["images"]):
+            assert np.array_equal(img, read_png(tmp_path / "drawn" / entry["file"]))
+    finally:
+        CONTEXT_SOURCES.pop("test-drawn", None)

@@ -5,7 +5,8 @@ checkpoint paths with their sha256, EMA weights), the conditions (their source r
 level-0 coordinates, conditioner -- and ``conditions.npz``, the raw grids themselves, with its sha256), the
 sampler settings, the runtime (device, precision, batch size) and every image with its seed and sha256.
 ``conditions.npz`` holds ``grids`` float32 [P, C, g, g], ``coords_level0`` int64 [P, 2] and ``mag`` (the
-canonical name), so regenerating needs neither the slide nor the conditioner.
+canonical name), so regenerating needs neither the slide nor the conditioner; a source that draws contexts
+instead of reading grids (e.g. a CDM) saves ``contexts`` float32 [P, 65, D] in the same file instead.
 """
 
 from __future__ import annotations
@@ -24,21 +25,33 @@ MANIFEST_NAME = "manifest.json"
 CONDITIONS_NAME = "conditions.npz"
 
 
-def save_conditions(out_dir: Path, grids: np.ndarray, coords_level0, mag: str) -> Path:
-    """Write ``<out_dir>/conditions.npz`` (atomic)."""
+def save_conditions(out_dir: Path, mag: str, grids: np.ndarray | None = None, coords_level0=None,
+                    contexts: np.ndarray | None = None) -> Path:
+    """Write ``<out_dir>/conditions.npz`` (atomic): the raw grids (and coordinates), or drawn contexts."""
     path = Path(out_dir) / CONDITIONS_NAME
-    coords = np.zeros((len(grids), 2), np.int64) if coords_level0 is None else np.asarray(coords_level0, np.int64)
+    arrays = {"mag": np.array(str(mag))}
+    if grids is not None:
+        arrays["grids"] = np.asarray(grids, np.float32)
+        arrays["coords_level0"] = (np.zeros((len(grids), 2), np.int64) if coords_level0 is None
+                                   else np.asarray(coords_level0, np.int64))
+    if contexts is not None:
+        arrays["contexts"] = np.asarray(contexts, np.float32)
     with atomic_write(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, grids=np.asarray(grids, np.float32), coords_level0=coords, mag=np.array(str(mag)))
+            np.savez(fh, **arrays)
     return path
 
 
-def load_conditions(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
-    """(grids, coords_level0, mag name) of a ``conditions.npz``; DataError naming the file when unreadable."""
+def load_conditions(path: Path) -> dict[str, np.ndarray | str]:
+    """``{"mag": name, "grids", "coords_level0"}`` and/or ``"contexts"`` of a ``conditions.npz``; DataError naming
+    the file when unreadable."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            return data["grids"].astype(np.float32), data["coords_level0"].astype(np.int64), str(data["mag"])
+            out = {k: data[k] for k in data.files}
+        out["mag"] = str(out["mag"])
+        if "grids" not in out and "contexts" not in out:
+            raise KeyError("grids or contexts")
+        return out
     except (OSError, KeyError, ValueError) as exc:
         raise DataError(f"{path}: not a readable conditions file ({exc}); regenerate it with the original command") \
             from exc

@@ -243,8 +243,10 @@ def _conditions_record(out: Path, conds, n_patches: int) -> dict:
     record = dict(conds.record)
     record["patches"] = n_patches
     if conds.grids is not None:
-        path = save_conditions(out, conds.grids, conds.coords_level0, conds.mag.name)
-        record.update(file=CONDITIONS_NAME, sha256=file_sha256(path))
+        path = save_conditions(out, conds.mag.name, conds.grids, conds.coords_level0)
+    else:  # drawn contexts (no grid to read them from): saved themselves
+        path = save_conditions(out, conds.mag.name, contexts=conds.contexts.detach().float().cpu().numpy())
+    record.update(file=CONDITIONS_NAME, sha256=file_sha256(path))
     return record
 
 
@@ -342,6 +344,8 @@ def _check_sha(path, expected: str | None, what: str) -> None:
 
 def regenerate(manifest_path, device: str | None = None) -> list[np.ndarray]:
     """The images of a manifest (same order as ``manifest["images"]``), regenerated from its records."""
+    import torch
+
     from zoomfeat.extract.runtime import resolve_runtime
     from zoomfeat.generate.conditions import conditions_from_saved
     from zoomfeat.generate.manifest import load_conditions, read_manifest
@@ -356,13 +360,17 @@ def regenerate(manifest_path, device: str | None = None) -> list[np.ndarray]:
         _check_sha(source.weights, mrec["checkpoint_sha256"], "checkpoint_sha256")
     cpath = folder / crec["file"]
     _check_sha(cpath, crec["sha256"], "conditions sha256")
-    grids, coords, mag = load_conditions(cpath)
+    saved = load_conditions(cpath)
+    grids, mag = saved.get("grids"), saved["mag"]
     runtime = resolve_runtime(device or rrec["device"], rrec["precision"])
     model = _load(source, runtime)
     guidance = Guidance(srec["guidance"], srec["guidance_form"])
     if man["command"] == "sample":
-        conds = conditions_from_saved(model, grids, mag, coords)
-        contexts = conds.contexts.repeat_interleave(man["variations_per_patch"], dim=0)
+        if grids is not None:
+            contexts = conditions_from_saved(model, grids, mag, saved["coords_level0"]).contexts
+        else:
+            contexts = torch.from_numpy(saved["contexts"]).to(runtime.device)
+        contexts = contexts.repeat_interleave(man["variations_per_patch"], dim=0)
         seeds = [e["seed"] for e in man["images"]]
         settings = SamplerSettings(srec["sampler"], srec["steps"], guidance)
         return list(sample_images(model, contexts, seeds, settings, rrec["batch_size"], runtime))
