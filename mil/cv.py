@@ -129,6 +129,21 @@ def _write_fold(fold_dir: Path, result, cfg: MILConfig, cohort: LabelledCohort, 
     write_json_atomic(fold_dir / "metrics.json", result.metrics)  # last: marks the fold done
 
 
+STALE_TEMP_S = 600.0  # a temporary file this old is a writer's that died (a fold's files take seconds to write)
+
+
+def remove_stale_temps(run: Path, now: float | None = None) -> list[Path]:
+    """Delete the temporary files (``.<name>.tmp<pid>``, zoomfeat.store.temp_path) that a killed run left in
+    ``run``; a write in progress is never that old. Returns what was removed."""
+    import time
+
+    now = time.time() if now is None else now
+    stale = [p for p in run.glob("**/.*.tmp*") if p.is_file() and now - p.stat().st_mtime > STALE_TEMP_S]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def done_folds(run: Path) -> list[int]:
     """Folds of ``run`` whose metrics.json exists (finished)."""
     return sorted(int(p.parent.name.split("_")[1]) for p in run.glob("fold_*/metrics.json")
@@ -179,6 +194,7 @@ def run_cv(cfg: MILConfig, progress: bool = False) -> pd.DataFrame:
     record = _record(cfg, spec, cohort, scan.dim, all_folds, scan.usable, left_out)
     check_resume(run, record, done_folds(run))
     write_record(run, record)
+    remove_stale_temps(run)
     # every bag is checked for NaN/Inf as it is loaded; mil.train keeps the bags (one contiguous tensor)
     store = BagStore(spec, cache=False)
     _train_pending(cfg, run, all_folds, data, cohort, spec, usable, named, scan.dim, store, progress)

@@ -195,6 +195,16 @@ def test_a_moved_project_resumes_without_retraining(work, capsys):
     assert snapshot(*sorted(work["run"].glob("fold_*"))) == folds
 
 
+def test_a_rerun_removes_temp_files_of_a_killed_run_and_keeps_fresh_ones(work):
+    old = work["run"] / "fold_1" / f".model.ckpt.tmp{10**7 + 3}"
+    old.write_bytes(b"half a checkpoint")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    fresh = work["run"] / "fold_2" / f".predictions.csv.tmp{10**7 + 4}"
+    fresh.write_text("a write in progress")
+    assert cli.main(_train_mil_args(work, work["run"])) == 0
+    assert not old.exists() and fresh.exists()
+
+
 # ---------------------------------------------------------------------------------------------- report / compare
 def _report_missing(w):
     return ["report", str(w["root"] / "nope")], ["nope"]
