@@ -287,3 +287,22 @@ def test_ctrl_c_in_train_prints_interrupted_and_exits_130(trainset, tmp_path, ca
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert not [p for p in (tmp_path / "run").rglob("*") if ".tmp" in p.name]
+
+
+@pytest.mark.slow
+def test_train_output_has_no_third_party_noise(trainset, tmp_path):
+    """A normal `zoomfeat train` run prints no Lightning tips, litlogger, eval-mode, pytree or GPU lines."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-m", "cli", *_cli_train(trainset, tmp_path / "run")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    third_party = re.compile(r"💡|litlogger|LitLogger|eval mode|pytree|LeafSpec|GPU available|TPU available|"
+                             r"Trainer\.fit|[A-Za-z]+Warning:|warnings\.warn|rank_zero", re.IGNORECASE)
+    noise = [line for line in (done.stderr + done.stdout).splitlines() if third_party.search(line)]
+    assert not noise, noise
