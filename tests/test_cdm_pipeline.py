@@ -266,3 +266,50 @@ def test_store_rejects_non_finite_contexts_and_out_of_order_rows(tmp_path):
     with pytest.raises(DataError, match="other settings"):
         ContextWriter(tmp_path, settings="t", mags=np.zeros(4, np.int64), source_shard=np.zeros(4),
                       source_row=np.arange(4), context_shape=(65, 8))
+
+
+def test_cdm_context_source_makes_novel_images_that_regenerate(contexts, zoomldm_weights, tmp_path):
+    """The "cdm" source of zoomfeat.generate: contexts drawn by the CDM (no slide), ZoomLDM images from them,
+    the CDM's sha256 and draw in the manifest, and regeneration bit-identical to the written PNGs."""
+    import zoomfeat.cdm.source  # noqa: F401  (registers the source)
+    from zoomfeat.cdm.sample import load_cdm, sample_contexts
+    from zoomfeat.generate.conditions import ConditionRequest
+    from zoomfeat.generate.guidance import Guidance
+    from zoomfeat.generate.images import read_png
+    from zoomfeat.generate.manifest import load_conditions
+    from zoomfeat.generate.run import SampleConfig, regenerate, run_sample
+    from zoomfeat.generate.samplers import SamplerSettings
+    from zoomfeat.mags import parse_mag
+    from zoomfeat.resolve import file_sha256, resolve_zoomldm
+
+    run = tmp_path / "cdm"
+    assert _train(["--max-steps", "2", "--every-n-steps", "2"], contexts, run) == 0
+    request = ConditionRequest(mag=parse_mag("2.5x"), n_patches=2, extra={"cdm": run, "cdm_steps": 4, "cdm_seed": 9})
+    cfg = SampleConfig(zoomldm=resolve_zoomldm("tiny", zoomldm_weights), conditions=request, out=tmp_path / "gen",
+                       n=2, sampler=SamplerSettings("ddim", 2, Guidance(1.75)), source="cdm", device="cpu")
+    manifest = run_sample(cfg)
+    rec = manifest["conditions"]
+    assert rec["source"] == "cdm" and rec["mag"] == "2.5x" and rec["contexts_drawn"] == 2
+    assert rec["cdm_sha256"] == file_sha256(run / "official" / "last.ckpt")
+    saved = load_conditions(tmp_path / "gen" / rec["file"])
+    expected = sample_contexts(load_cdm(run), "2.5x", 2, steps=4, seed=9)
+    np.testing.assert_allclose(saved["contexts"], expected.numpy(), rtol=1e-6, atol=1e-6)
+    images = [read_png(tmp_path / "gen" / e["file"]) for e in manifest["images"]]
+    assert len(images) == 4 and not np.array_equal(images[0], images[2])  # two contexts, two variations each
+    for again, written in zip(regenerate(tmp_path / "gen"), images):
+        np.testing.assert_array_equal(again, written)
+    import zoomfeat.generate.run as gen_run
+
+    wide = tmp_path / "wide"  # a CDM of 32-wide contexts cannot condition a 64-wide ZoomLDM
+    from zoomfeat.cdm.context_store import ContextWriter
+
+    writer = ContextWriter(wide, settings="w", mags=np.zeros(4, np.int64), source_shard=np.zeros(4),
+                           source_row=np.arange(4), context_shape=(65, 32))
+    writer.write(0, np.zeros((4, 65, 32), np.float32))
+    writer.commit()
+    assert _train(["--max-steps", "1", "--every-n-steps", "1"], wide, tmp_path / "wide_run") == 0
+    bad = SampleConfig(zoomldm=cfg.zoomldm, out=tmp_path / "gen2", n=1, sampler=cfg.sampler, source="cdm",
+                       device="cpu", conditions=ConditionRequest(mag=parse_mag("5x"),
+                                                                 extra={"cdm": tmp_path / "wide_run"}))
+    with pytest.raises(ConfigError, match="32-wide contexts but this ZoomLDM takes 64"):
+        gen_run.run_sample(bad)
