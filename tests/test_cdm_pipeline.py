@@ -166,6 +166,12 @@ def test_train_cdm_resumes_to_the_same_weights(contexts, tmp_path, capsys):
         torch.testing.assert_close(b_state[key], value, rtol=1e-5, atol=1e-6, msg=key)
     for pid, entry in a_opt["state"].items():
         torch.testing.assert_close(b_opt["state"][pid]["exp_avg_sq"], entry["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+    step2 = tmp_path / "whole" / "checkpoints" / "step_0000002.ckpt"  # an explicit step checkpoint, new folder
+    assert _train(["--max-steps", "4", *common, "--resume", str(step2)], contexts, tmp_path / "from_step") == 0
+    c_state, _, c_step = _lightning_state(tmp_path / "from_step" / "checkpoints" / "last.ckpt")
+    assert c_step == 4
+    for key, value in a_state.items():
+        torch.testing.assert_close(c_state[key], value, rtol=1e-5, atol=1e-6, msg=key)
     capsys.readouterr()
     assert _train(["--max-steps", "6", *common[:-2], "--class-dropout-prob", "0.5"], contexts, tmp_path / "part") == 2
     err = capsys.readouterr().err.strip().splitlines()
