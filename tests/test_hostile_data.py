@@ -258,3 +258,32 @@ def test_two_concurrent_extract_runs_share_the_work(work):
     assert sorted(p.name for p in out.glob("*.h5")) == [f"c{i}.h5" for i in range(8)]
     assert not list(out.glob(".*.tmp*")) and not list((out / ".claims").glob("*.lock"))
     assert subprocess.run([sys.executable, str(ROOT / "cli.py"), "verify", str(out)], env=env).returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 60 KB file system (tmpfs), for a disk that really fills up; skipped where mounting is not allowed."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root): the monkeypatched full-disk cases cover the logic")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("command", ["tile", "extract"])
+def test_a_disk_that_really_fills_up_is_one_line_and_leaves_no_temp_file(work, small_disk, capsys, command):
+    from zoomfeat.synthetic import write_synthetic_slide
+
+    for i in range(2, 12):
+        write_synthetic_slide(work / "slides" / f"s{i}.svs", size=1024, seed=i)
+    out = small_disk / "out"
+    argv = ["tile", str(work / "slides"), "--out", str(out), "--no-progress"] if command == "tile" else \
+        _toy(work / "slides", out)
+    line = one_error(argv, capsys)
+    assert "No space left on device; free disk space or write to another folder" in line
+    assert not list(out.glob(".*.tmp*"))
+    from zoomfeat.store import verify_file
+
+    finished = sorted(out.glob("*.h5"))
+    assert finished and all(verify_file(p) == [] for p in finished)  # what was finished is whole

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,56 @@ def output_error(exc: OSError, path: str | Path, what: str = "write") -> OutputE
            errno.ENOTDIR: "a file stands where a folder is expected: give a folder path"}.get(
         exc.errno, "check the output folder")
     return OutputError(f"cannot {what} {path}: {reason}; {fix}")
+
+
+_H5_ERRNO = re.compile(r"errno = (\d+)")
+
+
+def write_failure(exc: BaseException, path: str | Path) -> BaseException:
+    """The error to raise for an exception from writing ``path``: OSErrors, and the RuntimeErrors in which
+    the HDF5 library reports a failed write (``... errno = 28, error message = 'No space left on device'``),
+    become an :class:`OutputError`; anything else is returned unchanged (a bug keeps its type)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return output_error(exc, path)
+    match = _H5_ERRNO.search(str(exc)) if isinstance(exc, (OSError, RuntimeError)) else None
+    if match and int(match.group(1)):
+        code = int(match.group(1))
+        return output_error(OSError(code, os.strerror(code)), path)
+    return output_error(exc, path) if isinstance(exc, OSError) else exc
+
+
+HDF5_OVERHEAD = 32 * 1024  # bytes of headers, B-trees and attributes of a small HDF5 file, generously
+
+
+def check_free_space(path: str | Path, needed: int) -> None:
+    """OutputError when the folder of ``path`` has fewer than ``needed`` bytes free.
+
+    Checked before an HDF5 file is written: the HDF5 library can crash the process (segfault) when the disk
+    fills up in the middle of a write, so a file that cannot fit is refused before it is started.
+    """
+    import shutil
+
+    folder = Path(path).parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # cannot tell: the write itself will report a failure
+    if free < needed:
+        raise output_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path)
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """``with writing(path): <write it>``: a failed write (see :func:`write_failure`) is an OutputError."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        error = write_failure(exc, path)
+        if error is exc:
+            raise
+        raise error from exc
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -109,11 +160,9 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     make_folder(path.parent, "output folder")
     tmp = temp_path(path)
     try:
-        yield tmp
-        commit_file(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise output_error(exc, path) from exc
+        with writing(path):
+            yield tmp
+            commit_file(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -24,7 +24,8 @@ import numpy as np
 from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.mags import PATCH_SIZE, mag_name, parse_mag
 from zoomfeat.slides import SlideInfo
-from zoomfeat.store.files import commit_file, fingerprint, output_error, same_file, temp_path
+from zoomfeat.store.files import (HDF5_OVERHEAD, check_free_space, commit_file, fingerprint, same_file, temp_path,
+                                  write_failure, writing)
 from zoomfeat.tiling import TileGrid
 
 FORMAT = "zoomfeat"
@@ -83,21 +84,27 @@ class TileStoreWriter:
         self.tmp = temp_path(self.path)
         self.grid = grid
         self.feature_dim = feature_dim
+        check_free_space(self.path, self.expected_bytes())
         self._written: dict[str, np.ndarray] = {}
         try:
             self._file = h5py.File(self.tmp, "w")
         except OSError as exc:
             self.tmp.unlink(missing_ok=True)
-            raise output_error(exc, self.path) from exc
+            raise write_failure(exc, self.path) from exc
         try:
-            self._write_header(info, extractor, extractor_config)
-            self._write_grid()
-        except OSError as exc:
-            self.abort()
-            raise output_error(exc, self.path) from exc
+            with writing(self.path):
+                self._write_header(info, extractor, extractor_config)
+                self._write_grid()
         except BaseException:
             self.abort()
             raise
+
+    def expected_bytes(self) -> int:
+        """Generous size of the finished file: twice its arrays plus the HDF5 overhead."""
+        names = self.grid.names
+        rows = sum(len(self.grid.coords[n]) * (2 + len(names) - 1 - i) * 8 for i, n in enumerate(names))
+        rows += sum(len(self.grid.coords[n]) for n in names) * 4 * int(self.feature_dim or 0)
+        return 2 * rows + HDF5_OVERHEAD
 
     def _write_header(self, info: SlideInfo, extractor: str | None, extractor_config: dict | None) -> None:
         attrs = self._file.attrs
@@ -145,10 +152,8 @@ class TileStoreWriter:
             bad = int((~np.isfinite(rows)).any(axis=1).sum())
             raise DataError(f"{self.path}: {bad} {mag_name} feature rows from row {start} are NaN or inf: "
                             "the extractor diverged (try --precision fp32) or its weights are broken")
-        try:
+        with writing(self.path):
             self._file[mag_name]["features"][start : start + len(rows)] = rows
-        except OSError as exc:
-            raise output_error(exc, self.path) from exc
         written[start : start + len(rows)] = True
 
     def write_extra_group(self, name: str, coords: np.ndarray, features: np.ndarray,
@@ -179,12 +184,10 @@ class TileStoreWriter:
         missing = {name: int((~w).sum()) for name, w in self._written.items() if not w.all()}
         if missing:
             raise DataError(f"{self.path}: feature rows never written: {missing}")
-        try:
+        with writing(self.path):
             self._file.attrs["complete"] = True
             self._file.flush()
             self._file.close()
-        except OSError as exc:
-            raise output_error(exc, self.path) from exc
         return commit_file(self.tmp, self.path)
 
     def abort(self) -> None:

@@ -26,7 +26,8 @@ import numpy as np
 
 from zoomfeat.errors import DataError
 from zoomfeat.mags import MAGNIFICATIONS, grid_width, mag_name
-from zoomfeat.store.files import atomic_write, commit_file, fingerprint, output_error, same_file, temp_path
+from zoomfeat.store.files import (HDF5_OVERHEAD, atomic_write, check_free_space, commit_file, fingerprint, same_file,
+                                  temp_path, write_failure, writing)
 
 SHARD_FORMAT = "zoomfeat-trainshard"
 INDEX_FORMAT = "zoomfeat-trainset"
@@ -66,11 +67,9 @@ class MagWriter:
             if not np.isfinite(np.asarray(values, np.float32)).all():
                 raise DataError(f"{self.group.file.filename}: non-finite {name} at {self.group.name.strip('/')}: "
                                 "the encoder diverged; check its weights or use fp32")
-        try:
+        with writing(self.group.file.filename):
             self._latents[rows] = latents
             self._grids[rows] = grids
-        except OSError as exc:
-            raise output_error(exc, self.group.file.filename) from exc
 
 
 class ShardWriter:
@@ -92,10 +91,12 @@ class ShardWriter:
                                      "base_magnification": float(base_magnification)})
         except OSError as exc:
             self.abort()
-            raise output_error(exc, self.path) from exc
+            raise write_failure(exc, self.path) from exc
 
     def add_mag(self, name: str, coords: np.ndarray, latent_shape: tuple, grid_shape: tuple) -> MagWriter:
         n = len(coords)
+        check_free_space(self.path, 2 * n * (16 + 2 * (int(np.prod(latent_shape)) + int(np.prod(grid_shape))))
+                         + HDF5_OVERHEAD)
         group = self._file.create_group(name)
         group.attrs.update({"magnification": float(name[:-1]), "grid_width": grid_width(name),
                             "grid_stored": int(grid_shape[-1])})
@@ -107,12 +108,10 @@ class ShardWriter:
         return MagWriter(group, lat, grd)
 
     def commit(self) -> Path:
-        try:
+        with writing(self.path):
             self._file.flush()
             self._file.attrs["complete"] = True
             self._file.close()
-        except OSError as exc:
-            raise output_error(exc, self.path) from exc
         return commit_file(self.tmp, self.path)
 
     def abort(self) -> None:
