@@ -287,3 +287,18 @@ def test_a_disk_that_really_fills_up_is_one_line_and_leaves_no_temp_file(work, s
 
     finished = sorted(out.glob("*.h5"))
     assert finished and all(verify_file(p) == [] for p in finished)  # what was finished is whole
+
+
+def test_a_really_read_only_out_is_one_line(work, tmp_path, capsys):
+    """A read-only file system (root ignores permission bits, not this): refused before any slide."""
+    mount = tmp_path / "ro_disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root): the monkeypatched read-only case covers the logic")
+    try:
+        for argv in (["tile", str(work / "slides"), "--out", str(mount)], _toy(work / "slides", mount)):
+            line = one_error(argv, capsys)
+            assert f"--out {mount} is not writable (Read-only file system)" in line
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
