@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -97,3 +99,28 @@ def test_warmup_is_linear_then_constant(warmup, start):
         sched.step()
     want = [2e-5 * (start + (1 - start) * k / warmup) if k < warmup else 2e-5 for k in range(len(got))]
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_checkpoint_io_never_leaves_a_truncated_checkpoint(tmp_path, monkeypatch):
+    """Lightning writes checkpoints in place; a write that dies half-way (disk full, kill) must leave the previous
+    last.ckpt whole and no temporary file (zoomfeat.fitting.atomic_checkpoint_io)."""
+    import lightning.fabric.plugins.io.torch_io as torch_io
+    import torch
+
+    from zoomfeat.errors import ZoomfeatError
+    from zoomfeat.fitting import atomic_checkpoint_io
+
+    io = atomic_checkpoint_io()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def dies_half_way(checkpoint, filepath):
+        Path(filepath).write_bytes(before[: len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch_io, "_atomic_save", dies_half_way)
+    with pytest.raises(ZoomfeatError, match="last.ckpt"):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+    assert int(torch.load(path, weights_only=True)["global_step"]) == 1

@@ -6,6 +6,8 @@
 - :func:`load_checkpoint` reads a training checkpoint (a MIL fold's ``model.ckpt``, a Lightning ``last.ckpt``)
   with ``weights_only=True``; a file that is not one (empty, text, random or truncated bytes) is a one-line
   CheckpointError naming it and the fix, never a KeyError from deep inside torch.
+- :func:`atomic_checkpoint_io` is Lightning's checkpoint plugin writing through :func:`zoomfeat.store.atomic_write`
+  (Lightning's own writes the final file in place: a kill mid-write would leave a truncated ``last.ckpt``).
 - :func:`make_trainer` builds a ``lightning.Trainer`` after :func:`zoomfeat.log.quiet_third_party`, with
   Lightning's own parsing of accelerator / devices / precision; what it refuses (``devices=0``, an unknown
   accelerator, a GPU that is not there) is a one-line ConfigError naming the option.
@@ -35,6 +37,20 @@ def load_checkpoint(path, fix: str, *, mmap: bool = False) -> dict:
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict; {fix}")
     return ckpt
+
+
+def atomic_checkpoint_io():
+    """A :class:`lightning.pytorch.plugins.io.TorchCheckpointIO` whose files appear complete or not at all."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from zoomfeat.store import atomic_write
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+            with atomic_write(path) as tmp:
+                super().save_checkpoint(checkpoint, tmp, storage_options)
+
+    return AtomicCheckpointIO()
 
 
 def make_trainer(*, options: dict[str, str] | None = None, **kwargs: Any):

@@ -166,7 +166,7 @@ def build_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
     ConfigError for what it refuses)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from zoomfeat.fitting import make_trainer
+    from zoomfeat.fitting import atomic_checkpoint_io, make_trainer
 
     t, v = cfg.trainer, cfg.validation
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step_{step:07d}", auto_insert_metric_name=False,
@@ -182,7 +182,7 @@ def build_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
         val_check_interval=t.every_n_steps, check_val_every_n_epoch=None, limit_val_batches=limit_val,
         num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, default_root_dir=out,
         use_distributed_sampler=False, gradient_clip_val=cfg.optim.grad_clip, logger=_loggers(out),
-        callbacks=[ckpt, OfficialExport(out / "official", t.every_n_steps)],
+        callbacks=[ckpt, OfficialExport(out / "official", t.every_n_steps)], plugins=[atomic_checkpoint_io()],
         enable_model_summary=False)
 
 
