@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from scipy.linalg import sqrtm
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]

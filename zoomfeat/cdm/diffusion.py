@@ -156,7 +156,8 @@ class GaussianDiffusion:
 
     def predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, x_start: torch.Tensor) -> torch.Tensor:
         n = x_t.dim()
-        return (self._at("sqrt_recip_alphas_cumprod", t, n) * x_t - x_start) / self._at("sqrt_recipm1_alphas_cumprod", t, n)
+        recip, recipm1 = self._at("sqrt_recip_alphas_cumprod", t, n), self._at("sqrt_recipm1_alphas_cumprod", t, n)
+        return (recip * x_t - x_start) / recipm1
 
     def p_mean_variance(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> MeanVariance:
         """p(x_{t-1} | x_t) from the network output [B, 2C, T] (x0 prediction, variance values v):
