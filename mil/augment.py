@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -109,3 +110,69 @@ def plan_fold(train: Sequence[str], held_out: Sequence[str], case_of: Mapping[st
     kept, dropped = training_fraction(train, case_of, label_of, fraction, seed, fold)
     synthetic = synthetic_for_fold(kept, held_out, case_of, available)
     return FoldAugmentation(tuple(kept), tuple(synthetic), float(fraction), dropped)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a run's augmentation: every fold of the split folder planned once, applied by mil.cv
+
+
+@dataclass(frozen=True)
+class CohortAugmentation:
+    """The plans of every fold of a split folder (``plans[k]``), the synthetic bags' spec and their sources."""
+
+    plans: dict[int, FoldAugmentation]
+    spec: object | None  # FeatureSpec of the synthetic folder (the run's magnifications), None without --augment
+    available: tuple[str, ...]
+
+    def fold_data(self, k: int, data):
+        """``data`` (a mil.train.FoldData) with the fold's training part replaced by the plan's slides."""
+        plan = self.plans[k]
+        target, case = dict(data.target), dict(data.case)
+        for syn in plan.synthetic:
+            source = source_of(syn)
+            target[syn], case[syn] = data.target[source], data.case[source]
+        parts = {**data.parts, "train": [*plan.train_real, *plan.synthetic]}
+        return type(data)(parts, target, case)
+
+    def train_parts(self) -> list[list[str]]:
+        """Every fold's training slides (real and synthetic), for the run's epoch order."""
+        return [[*p.train_real, *p.synthetic] for p in self.plans.values()]
+
+    def targets(self, targets: Mapping[str, int]) -> dict[str, int]:
+        return {**targets, **{s: targets[source_of(s)] for s in self.available if source_of(s) in targets}}
+
+    def record(self) -> dict[str, dict]:
+        return {str(k): plan.record() for k, plan in sorted(self.plans.items())}
+
+
+class AugmentedStore:
+    """A bag store that serves synthetic ids (``<id>~syn<k>``) from the synthetic folder, the rest from ``real``."""
+
+    def __init__(self, real, synthetic):
+        self.real, self.synthetic = real, synthetic
+
+    def get(self, slide_id: str):
+        return (self.synthetic if source_of(slide_id) is not None else self.real).get(slide_id)
+
+
+def synthetic_ids(folder: str | Path) -> list[str]:
+    """The synthetic copies in a ``zoomfeat synthesize`` folder (file stems ``<id>~syn<k>``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"--augment {folder} is not a folder: give the --out of `zoomfeat synthesize`")
+    ids = sorted(p.stem for p in folder.glob("*.h5") if not p.name.startswith(".") and source_of(p.stem))
+    if not ids:
+        raise ConfigError(f"--augment {folder} holds no synthetic copies (<slide_id>~syn<k>.h5): run "
+                          "`zoomfeat synthesize` first")
+    return ids
+
+
+def plan_cohort(folds_data: Mapping[int, object], case_of: Mapping[str, str], label_of: Mapping[str, object], *,
+                fraction: float, seed: int, augment_spec=None, available: Sequence[str] = ()) -> CohortAugmentation:
+    """Plans for every fold (``folds_data[k]`` a FoldData with parts train/val/test of usable slides)."""
+    plans = {}
+    for k, data in folds_data.items():
+        held = [*data.parts.get("val", []), *data.parts.get("test", [])]
+        plans[k] = plan_fold(data.parts["train"], held, case_of, label_of, fraction=fraction, seed=seed, fold=k,
+                             available=available)
+    return CohortAugmentation(plans, augment_spec, tuple(available))

@@ -85,6 +85,8 @@ class MILConfig:
     bags_per_step: int | None = None  # None: the head's recipe (1)
     all_folds: bool = False  # train the selected folds at once (same numbers as one by one)
     precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on the CPU), fp32, bf16
+    augment: str | None = None  # folder of synthetic copies (zoomfeat synthesize): added to training folds only
+    train_fraction: float = 1.0  # of each fold's training patients (stratified, seeded, nested); mil.augment
 
     def __post_init__(self) -> None:
         validate(self)
@@ -119,6 +121,8 @@ def validate(cfg: MILConfig) -> None:
     _check(cfg.accelerator in ("cpu", "gpu", "cuda", "mps", "auto"),
            f"unknown --accelerator {cfg.accelerator!r}: use cpu, gpu, mps or auto")
     _check(isinstance(cfg.model_kwargs, dict), "--model-kwargs must be a JSON object")
+    _check(isinstance(cfg.train_fraction, (int, float)) and 0.0 < float(cfg.train_fraction) <= 1.0,
+           f"--train-fraction must be in (0, 1], got {cfg.train_fraction}")
     _check(cfg.bags_per_step is None or cfg.bags_per_step >= 1,
            f"--bags-per-step must be >= 1, got {cfg.bags_per_step}")
     limit = getattr(MIL_MODELS[cfg.model], "max_bags_per_step", None)

@@ -16,6 +16,7 @@ written through :func:`zoomfeat.store.atomic_write` (a crash or Ctrl-C leaves no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -90,8 +91,34 @@ def check_model_kwargs(cfg: MILConfig, in_dim: int, n_classes: int) -> None:
                           f"({reason}); see the head's arguments in mil/models.py") from exc
 
 
+def _augmentation(cfg: MILConfig, spec: FeatureSpec, all_folds: list[SplitFold], usable: set[str],
+                  cohort: LabelledCohort, dim: int):
+    """The plan of ``--augment`` / ``--train-fraction`` over every fold of the split folder (None without them)."""
+    if cfg.augment is None and float(cfg.train_fraction) == 1.0:
+        return None
+    from mil.augment import plan_cohort, source_of, synthetic_ids
+
+    table = cohort.table
+    case_of = dict(zip(table["slide_id"], table["case_id"].astype(str)))
+    label_of = dict(zip(table["slide_id"], table["target"].astype(int)))
+    aug_spec, available = None, ()
+    if cfg.augment is not None:
+        aug_spec = FeatureSpec(Path(cfg.augment), spec.mags)
+        candidates = [s for s in synthetic_ids(cfg.augment) if source_of(s) in usable]
+        if not candidates:
+            raise DataError(f"--augment {cfg.augment}: no synthetic copy of a slide of this run")
+        scan = scan_bags(aug_spec, candidates)
+        if scan.dim != dim:
+            raise DataError(f"--augment {cfg.augment}: {scan.dim}-d bags, but {spec} gives {dim}-d: synthesize "
+                            "from the same feature set")
+        available = scan.usable
+    every = {f.index: _fold_data(f, usable, cohort) for f in all_folds}
+    return plan_cohort(every, case_of, label_of, fraction=float(cfg.train_fraction), seed=cfg.seed,
+                       augment_spec=aug_spec, available=available)
+
+
 def _record(cfg: MILConfig, spec: FeatureSpec, cohort: LabelledCohort, dim: int, folds: list[SplitFold],
-            usable: tuple[str, ...], left_out: dict[str, int]) -> RunRecord:
+            usable: tuple[str, ...], left_out: dict[str, int], extra_files: dict | None = None) -> RunRecord:
     from zoomfeat import __version__
 
     extractor, extractor_config = read_extractor(spec, usable[0])
@@ -99,7 +126,7 @@ def _record(cfg: MILConfig, spec: FeatureSpec, cohort: LabelledCohort, dim: int,
         config=to_jsonable(cfg), task=cfg.task, label_map=cohort.label_map, feature_spec=str(spec),
         feature_dim=dim, split_source=str(Path(cfg.splits).resolve()),
         split_fingerprints={str(f.index): split_fingerprint({p: f.part(p) for p in PARTS}) for f in folds},
-        inputs=input_fingerprints(cfg.labels, {s: spec.path(s) for s in usable}),
+        inputs=input_fingerprints(cfg.labels, {**{s: spec.path(s) for s in usable}, **(extra_files or {})}),
         extractor=extractor, extractor_config=extractor_config, left_out=left_out,
         labels_dropped=dict(cohort.dropped), zoomfeat_version=__version__)
 
@@ -190,29 +217,72 @@ def run_cv(cfg: MILConfig, progress: bool = False) -> pd.DataFrame:
     check_devices(cfg.devices, "cuda" if cfg.accelerator in ("gpu", "cuda") else "cpu")
     left_out = {"no_label": len({s for f in folds for s in f.all_slides()} - named),
                 "no_features": len(scan.missing), "empty_bag": len(scan.empty)}
+    augmentation = _augmentation(cfg, spec, all_folds, usable, cohort, scan.dim)
+    extra_files = {}
+    if augmentation is not None:
+        data = {k: augmentation.fold_data(k, d) for k, d in data.items()}
+        check_trainable(data, cohort.label_map, cfg.splits)
+        if augmentation.spec is not None:
+            extra_files = {s: augmentation.spec.path(s) for s in augmentation.available}
     run = Path(cfg.out)
-    record = _record(cfg, spec, cohort, scan.dim, all_folds, scan.usable, left_out)
+    record = _record(cfg, spec, cohort, scan.dim, all_folds, scan.usable, left_out, extra_files)
     check_resume(run, record, done_folds(run))
     write_record(run, record)
     remove_stale_temps(run)
     # every bag is checked for NaN/Inf as it is loaded; mil.train keeps the bags (one contiguous tensor)
     store = BagStore(spec, cache=False)
-    _train_pending(cfg, run, all_folds, data, cohort, spec, usable, named, scan.dim, store, progress)
+    _train_pending(cfg, run, all_folds, data, cohort, spec, usable, named, scan.dim, store, progress, augmentation)
     return write_summary(run)
+
+
+@contextlib.contextmanager
+def fold_claims(run: Path, pending: dict[int, FoldData]):
+    """The pending folds this process may train: each claimed (``RUN_DIR/.claims/fold_<k>.lock``, see
+    zoomfeat.store.Claim) so that another train-mil on the same folder leaves it alone; claims are released
+    when the block ends, and a fold finished meanwhile by another process is dropped."""
+    from zoomfeat.log import note
+    from zoomfeat.store import Claim
+
+    claims = {k: Claim(run, f"fold_{k}") for k in pending}
+    try:
+        mine = {k: d for k, d in pending.items() if claims[k].acquire()
+                and not (run / f"fold_{k}" / "metrics.json").is_file()}
+        others = sorted(set(pending) - set(mine))
+        if others:
+            note(f"fold(s) {', '.join(map(str, others))} claimed by another train-mil on {run}: left to it")
+        yield mine
+    finally:
+        for claim in claims.values():
+            claim.release()
 
 
 def _train_pending(cfg: MILConfig, run: Path, all_folds: list[SplitFold], data: dict[int, FoldData],
                    cohort: LabelledCohort, spec: FeatureSpec, usable: set[str], named: set[str], dim: int,
-                   store, progress: bool) -> None:
+                   store, progress: bool, augmentation=None) -> None:
     """Train the folds not done yet (mil.train.run_folds: one by one, or all at once with --all-folds); the
     epoch order runs over the training slides of every fold of the split folder (``usable``: the checked
     slides of the selected folds, ``named``: every slide those folds name)."""
     pending = {k: d for k, d in data.items() if not (run / f"fold_{k}" / "metrics.json").is_file()}
     targets = dict(zip(cohort.table["slide_id"], cohort.table["target"].astype(int)))
-    order = epoch_order([f.part("train") for f in all_folds], targets,
-                        lambda s: s in usable or (s not in named and spec.path(s).is_file()))
-    run_folds(cfg, pending, order, store, dim, len(cohort.label_map),
-              lambda k, result: _write_fold(run / f"fold_{k}", result, cfg, cohort, dim), progress)
+    parts = [f.part("train") for f in all_folds]
+    available: set[str] = set()
+    if augmentation is not None:  # the plans' training slides (fraction, synthetic copies) of every fold
+        from mil.augment import AugmentedStore
+
+        parts, targets = augmentation.train_parts(), augmentation.targets(targets)
+        available = set(augmentation.available)
+        if augmentation.spec is not None:
+            store = AugmentedStore(store, BagStore(augmentation.spec, cache=False))
+    order = epoch_order(parts, targets,
+                        lambda s: s in usable or s in available or (s not in named and spec.path(s).is_file()))
+
+    def write(k: int, result) -> None:
+        if augmentation is not None:
+            result.metrics["augmentation"] = augmentation.plans[k].record()
+        _write_fold(run / f"fold_{k}", result, cfg, cohort, dim)
+
+    with fold_claims(run, pending) as mine:  # concurrent runs into one folder share the folds
+        run_folds(cfg, mine, order, store, dim, len(cohort.label_map), write, progress)
 
 
 def _load_checkpoint(path: Path) -> dict:

@@ -6,7 +6,7 @@ import argparse
 import json
 
 # the names of mil.models.MIL_MODELS (kept here so `zoomfeat --help` needs no torch; a test checks they agree)
-MODEL_CHOICES: tuple[str, ...] = ("abmil", "clam_mb", "clam_sb", "dsmil", "max", "mean")
+MODEL_CHOICES: tuple[str, ...] = ("abmil", "clam_mb", "clam_sb", "dsmil", "dtfd", "max", "mean", "transmil")
 HELP = "train a MIL head (ABMIL, CLAM, DSMIL, ...) on every fold of a split folder (resumable per fold)"
 
 
@@ -75,6 +75,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="Lightning devices: a count (1) or a list (0,1) (default 1)")
     runtime.add_argument("--no-cache", action="store_true",
                          help="read bags from disk every epoch instead of keeping them in memory (default: cache)")
+    augmentation = parser.add_argument_group("augmentation")  # mil.augment (issue 17)
+    augmentation.add_argument("--augment", metavar="DIR", default=None,
+                              help="synthetic copies from `zoomfeat synthesize` (<slide_id>~syn<k>.h5, the same "
+                                   "extractor and magnifications): those of each fold's training slides join its "
+                                   "training set, never validation or test, never a held-out patient's (default: none)")
+    augmentation.add_argument("--train-fraction", type=float, default=1.0, metavar="F",
+                              help="train on this fraction of each fold's training patients: stratified, seeded, "
+                                   "nested across fractions; validation and test untouched (default 1.0)")
+    speed = parser.add_argument_group("speed")  # mil.train (issue 20)
+    speed.add_argument("--all-folds", action="store_true",
+                       help="train the selected folds at once, parameters stacked per fold: the same numbers as "
+                            "one fold after another, faster (default: one by one; not with --balanced)")
+    speed.add_argument("--bags-per-step", type=int, default=None, metavar="B",
+                       help="bags per optimiser step, padded and masked; TransMIL and DTFD take 1 (default: the "
+                            "head's recipe, 1)")
+    speed.add_argument("--precision", default="auto",
+                       help="auto (bf16 autocast on a GPU, fp32 on the CPU), fp32 or bf16 (default auto)")
 
 
 def _model_kwargs(text: str) -> dict:
@@ -101,7 +118,8 @@ def build_config(args: argparse.Namespace):
                      label_col=label_col, hrd_threshold=args.hrd_threshold, classes=classes, model=args.model,
                      model_kwargs=_model_kwargs(args.model_kwargs), protocol=protocol, balanced=args.balanced,
                      seed=args.seed, folds=args.folds, accelerator=args.accelerator, devices=args.devices,
-                     cache=not args.no_cache)
+                     cache=not args.no_cache, all_folds=args.all_folds, bags_per_step=args.bags_per_step,
+                     precision=args.precision, augment=args.augment, train_fraction=args.train_fraction)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,85 @@
+"""``train-mil --augment DIR --train-fraction F``: synthetic bags join training folds only, fractions are
+recorded per fold, runs are reproducible, and a resume with another fraction is refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cli
+from mil_data import planted_cohort
+from splits.io import read_splits_dir
+from zoomfeat.store import FeatureFile, write_feature_file
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("aug")
+    paths = planted_cohort(root, n_slides=20, dim=8, sizes=(4, 9), folds=4)
+    rng = np.random.default_rng(1)
+    for path in sorted(paths["features"].glob("*.h5")):
+        with FeatureFile(path) as f:
+            feats = f.features("20x")
+        for k in range(2):  # two copies of every slide, a little noise on the real rows
+            write_feature_file(root / "syn", f"{path.stem}~syn{k}", {"20x": feats + 0.1 * rng.standard_normal(
+                feats.shape).astype(np.float32)}, extractor="toy")
+    return {**paths, "syn": root / "syn", "root": root}
+
+
+def _argv(cohort, out, *extra):
+    return ["train-mil", "--features", f"{cohort['features']}@20x", "--labels", str(cohort["labels"]),
+            "--splits", str(cohort["splits"]), "--out", str(out), "--model", "abmil", "--epochs", "2",
+            "--seed", "0", *extra]
+
+
+def test_synthetic_bags_of_training_slides_only(cohort, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(_argv(cohort, out, "--augment", str(cohort["syn"]), "--train-fraction", "0.5")) == 0
+    labels = pd.read_csv(cohort["labels"])
+    for fold in read_splits_dir(cohort["splits"]):
+        metrics = json.loads((out / f"fold_{fold.index}" / "metrics.json").read_text())
+        aug = metrics["augmentation"]
+        train = labels[labels.slide_id.isin(fold.part("train"))]
+        per_class = train.groupby("label").case_id.nunique()  # one slide per patient in this cohort
+        assert aug["fraction"] == 0.5
+        assert aug["train_real"] == sum(max(1, round(0.5 * n)) for n in per_class)
+        assert aug["patients_dropped_by_fraction"] == len(train) - aug["train_real"]
+        assert aug["synthetic_added"] == 2 * aug["train_real"]  # both copies of each kept training slide
+        predicted = pd.read_csv(out / f"fold_{fold.index}" / "predictions.csv")
+        assert not predicted.slide_id.str.contains("~syn").any()  # never evaluated on a synthetic bag
+        assert set(predicted.slide_id) <= set(fold.part("val")) | set(fold.part("test"))
+    record = json.loads((out / "config.json").read_text())
+    assert record["config"]["augment"] == str(cohort["syn"]) and record["config"]["train_fraction"] == 0.5
+    assert any("~syn" in s for s in record["inputs"]["feature_files"])
+
+
+def test_same_seed_same_predictions_and_fraction_changes_them(cohort, tmp_path):
+    runs = {}
+    for name, extra in {"a": ["--train-fraction", "0.5"], "b": ["--train-fraction", "0.5"],
+                        "full": []}.items():
+        assert cli.main(_argv(cohort, tmp_path / name, "--augment", str(cohort["syn"]), *extra)) == 0
+        runs[name] = pd.concat(pd.read_csv(p) for p in sorted((tmp_path / name).glob("fold_*/predictions.csv")))
+    pd.testing.assert_frame_equal(runs["a"].reset_index(drop=True), runs["b"].reset_index(drop=True))
+    assert not np.allclose(runs["a"]["prob"].to_numpy(), runs["full"]["prob"].to_numpy())
+
+
+def test_resume_with_another_fraction_is_refused(cohort, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(_argv(cohort, out, "--train-fraction", "0.5", "--folds", "0")) == 0
+    capsys.readouterr()
+    assert cli.main(_argv(cohort, out, "--train-fraction", "0.25", "--folds", "0,1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train_fraction" in err[0]
+
+
+@pytest.mark.parametrize("extra, fragment", [(["--train-fraction", "0"], "--train-fraction"),
+                                             (["--augment", "/nonexistent/syn"], "--augment")])
+def test_bad_augmentation_options_are_one_line_errors(cohort, tmp_path, capsys, extra, fragment):
+    assert cli.main(_argv(cohort, tmp_path / "bad", *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0]
