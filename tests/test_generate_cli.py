@@ -172,6 +172,7 @@ def test_cli_choices_match_the_registries():
     assert generate_large.METHODS == METHODS
 
 
+@pytest.mark.slow
 def test_images_above_4096_px_are_pyramidal_tiffs_openslide_opens(tmp_path):
     import openslide
 
