@@ -245,9 +245,9 @@ def fold_claims(run: Path, pending: dict[int, FoldData]):
 
     claims = {k: Claim(run, f"fold_{k}") for k in pending}
     try:
-        mine = {k: d for k, d in pending.items() if claims[k].acquire()
-                and not (run / f"fold_{k}" / "metrics.json").is_file()}
-        others = sorted(set(pending) - set(mine))
+        held = [k for k in pending if claims[k].acquire()]
+        mine = {k: pending[k] for k in held if not (run / f"fold_{k}" / "metrics.json").is_file()}
+        others = sorted(set(pending) - set(held))
         if others:
             note(f"fold(s) {', '.join(map(str, others))} claimed by another train-mil on {run}: left to it")
         yield mine

@@ -205,6 +205,24 @@ def test_a_rerun_removes_temp_files_of_a_killed_run_and_keeps_fresh_ones(work):
     assert not old.exists() and fresh.exists()
 
 
+def test_a_fold_claimed_by_another_run_is_left_to_it(work):
+    """Two train-mil processes on one folder share the folds: a fold another (live) process has claimed is
+    not trained here; once its claim is gone, a rerun trains it."""
+    from zoomfeat.store import Claim
+
+    out = work["root"] / "shared"
+    other = Claim(out, "fold_1")
+    assert other.acquire()  # held by a live process (this one, through another claim object)
+    try:
+        assert cli.main(_train_mil_args(work, out)) == 0
+        assert sorted(p.parent.name for p in out.glob("fold_*/metrics.json")) == ["fold_0", "fold_2"]
+    finally:
+        other.release()
+    assert cli.main(_train_mil_args(work, out)) == 0
+    assert sorted(p.parent.name for p in out.glob("fold_*/metrics.json")) == ["fold_0", "fold_1", "fold_2"]
+    assert not list((out / ".claims").glob("*.lock"))
+
+
 # ---------------------------------------------------------------------------------------------- report / compare
 def _report_missing(w):
     return ["report", str(w["root"] / "nope")], ["nope"]
