@@ -48,7 +48,7 @@ def zoomldm_weights(tmp_path_factory) -> Path:
 def contexts(trainset, zoomldm_weights, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cdm_contexts")
     assert cli.main(["prepare-cdm", "--data", str(trainset), "--zoomldm", "tiny", "--weights", str(zoomldm_weights),
-                     "--out", str(out), "--batch-size", "4", "--device", "cpu"]) == 0
+                     "--out", str(out), "--batch-size", "4", "--workers", "1", "--device", "cpu"]) == 0
     return out
 
 
@@ -88,10 +88,10 @@ def test_prepare_cdm_resumes_an_interrupted_store_and_refuses_mixed_inputs(train
     import zoomfeat.cdm.prepare as prepare
 
     argv = ["prepare-cdm", "--data", str(trainset), "--zoomldm", "tiny", "--weights", str(zoomldm_weights),
-            "--out", str(tmp_path / "ctx"), "--batch-size", "2", "--device", "cpu"]
+            "--out", str(tmp_path / "ctx"), "--batch-size", "2", "--workers", "0", "--device", "cpu"]
     real, calls = prepare._contexts, []
 
-    def interrupted(*args):
+    def interrupted(*args):  # the third batch is interrupted
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
@@ -222,7 +222,8 @@ def test_external_condition_from_slide_labels(trainset, zoomldm_weights, cohort,
 
     ctx = tmp_path / "ctx"
     assert cli.main(["prepare-cdm", "--data", str(trainset), "--zoomldm", "tiny", "--weights", str(zoomldm_weights),
-                     "--out", str(ctx), "--labels", str(cohort / "labels.csv"), "--device", "cpu"]) == 0
+                     "--out", str(ctx), "--labels", str(cohort / "labels.csv"), "--workers", "0",
+                     "--device", "cpu"]) == 0
     store = ContextSet(ctx)
     assert store.cond_dim == len(store.cond_labels) == 2
     cond = np.stack([store.item(k)[2] for k in range(len(store))])

@@ -31,12 +31,14 @@ class PrepareCDMConfig:
     weights: Path | None = None         # ZoomLDM checkpoint (default: beside the config)
     labels: Path | None = None          # optional CSV slide_id,label -> one-hot external condition
     batch_size: int = 64
+    workers: int = 2                    # DataLoader workers reading the set's shards
     device: str = "auto"
     precision: str = "auto"
 
     def __post_init__(self) -> None:
         _check(Path(self.data).is_dir(), f"--data {self.data} is not a folder: pass a prepare-train output folder")
         _check(self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1")
+        _check(self.workers >= 0, f"--workers {self.workers} must be 0 or more")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                f"--device {self.device!r}: use auto, cpu or cuda")
         _check(self.precision in RUNTIME_PRECISIONS,

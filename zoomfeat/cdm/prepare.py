@@ -61,15 +61,24 @@ def _check_set(data, model) -> None:
                         f"{model.conditioning_dim}: use the ZoomLDM (and conditioner) the set was prepared for")
 
 
-def _contexts(model, data, rows: range, runtime) -> np.ndarray:
-    """Summarizer outputs float32 [len(rows), 65, D] of the set's items ``rows``."""
+def _contexts(model, batch: dict, runtime) -> np.ndarray:
+    """Summarizer outputs float32 [B, 65, D] of one collated batch of the set (raw grids + magnifications)."""
     import torch
 
-    items = [data[k] for k in rows]
     with torch.inference_mode(), runtime.autocast()():
-        grids = [model.preprocess_ssl(it[1].to(runtime.device)) for it in items]
-        mags = torch.tensor([it[2] for it in items], dtype=torch.long, device=runtime.device)
-        return model.summarize(grids, mags).float().cpu().numpy()
+        grids = [model.preprocess_ssl(g.to(runtime.device)) for g in batch["grids"]]
+        return model.summarize(grids, batch["mags"].to(runtime.device)).float().cpu().numpy()
+
+
+def _batches(data, start: int, cfg: PrepareCDMConfig):
+    """The set's items from ``start`` on, in order, batched (DataLoader workers read the shards)."""
+    import torch
+
+    from zoomfeat.train.dataset import collate
+
+    rows = torch.utils.data.Subset(data, range(start, len(data)))
+    return torch.utils.data.DataLoader(rows, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
+                                       collate_fn=collate)
 
 
 def prepare_contexts(cfg: PrepareCDMConfig) -> Path:
@@ -103,9 +112,11 @@ def prepare_contexts(cfg: PrepareCDMConfig) -> Path:
     writer = ContextWriter(cfg.out, settings=settings, mags=data.mag_of, source_shard=data.shard_of,
                            source_row=data.row_of, context_shape=shape, cond=cond, cond_labels=labels)
     try:
-        starts = range(writer.start, len(data), cfg.batch_size)
-        for start in tqdm(starts, desc="prepare-cdm", unit="batch", disable=None):
-            writer.write(start, _contexts(model, data, range(start, min(start + cfg.batch_size, len(data))), runtime))
+        start = writer.start
+        for batch in tqdm(_batches(data, start, cfg), desc="prepare-cdm", unit="batch", disable=None):
+            contexts = _contexts(model, batch, runtime)
+            writer.write(start, contexts)
+            start += len(contexts)
         return writer.commit()
     finally:
         writer.close()

@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--out", required=True, metavar="DIR", help="output folder (contexts.h5)")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--batch-size", type=int, default=64, help="patches per Summarizer batch (default 64)")
+    runtime.add_argument("--workers", type=int, default=2, help="DataLoader workers reading the set (default 2)")
     runtime.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                          help="where the Summarizer runs (default auto: cuda when visible)")
     runtime.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -37,6 +38,7 @@ def build_config(args: argparse.Namespace):
     return PrepareCDMConfig(data=Path(args.data), zoomldm=args.zoomldm, out=Path(args.out),
                             weights=Path(args.weights) if args.weights else None,
                             labels=Path(args.labels) if args.labels else None, batch_size=args.batch_size,
+                            workers=args.workers,
                             device=args.device, precision=args.precision)
 
 
