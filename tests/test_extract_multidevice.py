@@ -23,6 +23,7 @@ def _run(slides: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_split_the_slides_and_match_one_process(tmp_path):
     from zoomfeat.synthetic import write_synthetic_slide
 

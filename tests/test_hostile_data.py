@@ -302,3 +302,29 @@ def test_a_really_read_only_out_is_one_line(work, tmp_path, capsys):
             assert f"--out {mount} is not writable (Read-only file system)" in line
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("kind", ["text", "empty", "random", "folder"])
+def test_weights_that_are_not_a_checkpoint_are_one_checkpoint_error(tmp_path, kind):
+    """Both weight readers (ZoomLDM checkpoints, encoder weights): text, empty or random bytes are a one-line
+    CheckpointError (torch.load itself raises KeyError / IndexError / EOFError on them); a folder without a
+    weight file says what it expected inside."""
+    from zoomfeat.encoders.weights import read_state_dict as read_encoder_weights
+    from zoomfeat.encoders.weights import resolve_file
+    from zoomfeat.errors import CheckpointError, ConfigError
+    from zoomfeat.model.checkpoint import read_state_dict
+
+    if kind == "folder":
+        (tmp_path / "notes.txt").write_text("x")
+        with pytest.raises(ConfigError, match=r"folder .* exists but holds no weight file: expected one of "
+                                              r"pytorch_model.bin, model.safetensors inside it \(found: notes.txt\)"):
+            resolve_file(tmp_path, ("pytorch_model.bin", "model.safetensors"), "uni")
+        with pytest.raises(CheckpointError, match="is a folder: pass the checkpoint file inside it"):
+            read_state_dict(tmp_path)
+        return
+    path = tmp_path / "w.ckpt"
+    path.write_bytes({"text": b"these are not weights\n", "empty": b"", "random": bytes(range(256)) * 16}[kind])
+    for reader in (read_state_dict, read_encoder_weights):
+        with pytest.raises(CheckpointError) as err:
+            reader(path)
+        assert str(err.value).startswith("cannot read weight") and "\n" not in str(err.value)
