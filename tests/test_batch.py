@@ -115,3 +115,20 @@ def test_a_slide_claimed_by_a_live_process_is_left_to_it(tmp_path):
     assert done == ["s0.svs"] and report.outcomes["s1.svs"] == "claimed" and report.exit_code == 0
     held.release()
     assert not held.path.exists()
+
+
+def test_two_runs_with_the_same_record_keep_each_others_failures(tmp_path):
+    """Concurrent unsharded runs share the record "all": each keeps the rows of slides it did not try."""
+    from zoomfeat.store import Claim
+
+    def fail(path):
+        raise SlideError("broken")
+
+    held = Claim(tmp_path, "b")
+    held.acquire()  # run 1 finds b claimed by run 2
+    run_batch([Path("a.svs"), Path("b.svs")], tmp_path, fail, desc="t", progress=False)
+    held.release()
+    run_batch([Path("b.svs")], tmp_path, fail, desc="t", progress=False)  # run 2 fails b
+    assert [r[0] for r in _rows(tmp_path / "errors.csv")[1:]] == ["a.svs", "b.svs"]
+    run_batch([Path("a.svs")], tmp_path, lambda p: "done", desc="t", progress=False)
+    assert [r[0] for r in _rows(tmp_path / "errors.csv")[1:]] == ["b.svs"]

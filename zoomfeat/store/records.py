@@ -74,8 +74,10 @@ def merged_errors(out_dir: str | Path) -> dict[str, dict[str, str]]:
 
 def update_records(out_dir: str | Path, tag: str, errors: Mapping[str, Mapping[str, str]],
                    finished: Iterable[str], wait_s: float = 60.0) -> dict[str, dict[str, str]]:
-    """Write this batch's record, clear ``finished`` slides from the others, rewrite ``errors.csv``.
+    """Update this batch's record, clear ``finished`` slides from the others, rewrite ``errors.csv``.
 
+    The record keeps the rows of slides this batch did not try (left to a concurrent run with the same tag,
+    or outside this run's slide list) and replaces those it tried: its ``errors``, minus ``finished``.
     Returns the merged errors. The folder lock is waited for up to ``wait_s`` seconds.
     """
     out = Path(out_dir)
@@ -87,7 +89,9 @@ def update_records(out_dir: str | Path, tag: str, errors: Mapping[str, Mapping[s
             break  # a wedged lock must not lose this batch's record: write without it
         time.sleep(0.05)
     try:
-        write_errors(out / RECORDS_DIR / f"{tag}.csv", errors)
+        mine = out / RECORDS_DIR / f"{tag}.csv"
+        kept = {s: r for s, r in read_errors(mine).items() if s not in finished and s not in errors}
+        write_errors(mine, {**kept, **errors})
         for other, rows in all_records(out).items():
             if other != tag and finished & set(rows):
                 write_errors(out / RECORDS_DIR / f"{other}.csv",
