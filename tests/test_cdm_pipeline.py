@@ -258,6 +258,20 @@ def test_bad_input_is_one_line(argv, fragment, contexts, zoomldm_weights, tmp_pa
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
 
 
+def test_a_diverging_loss_stops_training_with_one_line(tmp_path, capsys):
+    from zoomfeat.cdm.context_store import ContextWriter
+
+    writer = ContextWriter(tmp_path / "huge", settings="h", mags=np.zeros(4, np.int64), source_shard=np.zeros(4),
+                           source_row=np.arange(4), context_shape=(65, 8))
+    writer.write(0, np.full((4, 65, 8), 3e38, np.float32))  # finite, but its square is not
+    writer.commit()
+    capsys.readouterr()
+    assert _train(["--max-steps", "2", "--every-n-steps", "2"], tmp_path / "huge", tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite CDM loss at step 0" in err[0]
+    assert not (tmp_path / "run" / "official" / "last.ckpt").exists()
+
+
 def test_store_rejects_non_finite_contexts_and_out_of_order_rows(tmp_path):
     from zoomfeat.cdm.context_store import ContextWriter
 

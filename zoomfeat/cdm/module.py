@@ -100,9 +100,14 @@ class CDMLightning(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         from zoomfeat.train.module import step_generator
 
+        from zoomfeat.errors import DataError
+
         terms = self.losses(batch, step_generator(self.seed, self.global_step, self.global_rank))
         n = len(batch["mags"])
         loss = terms["loss"].mean()
+        if not bool(torch.isfinite(loss.detach())):  # never a run that goes on (and exits 0) with a NaN model
+            raise DataError(f"non-finite CDM loss at step {self.global_step}: lower --lr, set --grad-clip, or "
+                            "check the scale of the contexts in the store")
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/mse", terms["mse"].mean(), batch_size=n)
         if "vb" in terms:
