@@ -140,6 +140,10 @@ def test_train_cdm_writes_official_checkpoints_that_sample(contexts, tmp_path):
 
     check_keys(cdm.dit, ckpt["ema"], "ema")
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in cdm.dit.state_dict().items())
+    from_file = load_cdm(out / "official" / "step_0000002.ckpt")  # a file: the architecture from its "args"
+    assert from_file.cfg == cdm.cfg
+    raw = load_cdm(out / "official" / "last.ckpt", use_ema=False)
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in raw.dit.state_dict().items())
     a = sample_contexts(cdm, "10x", 5, steps=4, seed=3)
     b = sample_contexts(cdm, "10x", 5, steps=4, seed=3, batch_size=2)
     assert a.shape == (5, 65, 64) and torch.isfinite(a).all()

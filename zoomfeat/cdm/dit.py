@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -260,18 +260,29 @@ def _read_checkpoint(path: Path):
         raise CheckpointError(f"cannot read CDM weights {path}: {str(e).splitlines()[0]}") from e
 
 
-def read_dit_state(path: str | Path, entry: str = "ema") -> dict[str, torch.Tensor]:
-    """Flat DiT state_dict from a flat file or the official training checkpoint ``{"model","ema","opt","args"}``
-    (its ``entry``: ``"ema"`` as the official evaluation loads it, or ``"model"`` for the raw weights)."""
+def read_dit_checkpoint(path: str | Path, entry: str = "ema") -> tuple[dict[str, torch.Tensor], DiTConfig | None]:
+    """(flat DiT state_dict, architecture or None) of a flat file or of the official training checkpoint
+    ``{"model","ema","opt","args"}`` (its ``entry``: ``"ema"`` as the official evaluation loads it, or ``"model"``
+    for the raw weights). The architecture comes from ``args`` when it is a dict of :class:`DiTConfig` fields
+    (train-cdm's exports); the official ``args`` (an argparse Namespace) names only the size."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"CDM weights {path} not found: pass a train-cdm run folder or an official .pt")
     obj = _read_checkpoint(path)
+    cfg = None
     if isinstance(obj, Mapping) and "ema" in obj and "model" in obj:
+        args = obj.get("args")
+        if isinstance(args, Mapping) and set(args) == {f.name for f in fields(DiTConfig)}:
+            cfg = DiTConfig(**args)
         obj = obj[entry]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is neither a DiT state_dict nor an official CDM checkpoint with 'ema'")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return {k.removeprefix("module."): v for k, v in obj.items()}, cfg
+
+
+def read_dit_state(path: str | Path, entry: str = "ema") -> dict[str, torch.Tensor]:
+    """The flat DiT state_dict of :func:`read_dit_checkpoint`."""
+    return read_dit_checkpoint(path, entry)[0]
 
 
 def infer_config(state: Mapping[str, torch.Tensor], num_heads: int | None = None, **overrides) -> DiTConfig:
@@ -303,11 +314,12 @@ def infer_config(state: Mapping[str, torch.Tensor], num_heads: int | None = None
 
 
 def load_dit(cfg: DiTConfig | None, weights: str | Path, num_heads: int | None = None) -> DiT:
-    """A DiT with ``weights`` loaded strictly (official key names); ``cfg=None`` infers it from the shapes."""
+    """A DiT with ``weights`` loaded strictly (official key names); ``cfg=None`` takes the checkpoint's recorded
+    architecture, else infers it from the shapes."""
     from zoomfeat.model.checkpoint import load_strict
 
-    state = read_dit_state(weights)
-    cfg = cfg or infer_config(state, num_heads)
+    state, recorded = read_dit_checkpoint(weights)
+    cfg = cfg or recorded or infer_config(state, num_heads)
     if num_heads is not None:
         cfg = replace(cfg, num_heads=num_heads)
     model = DiT(cfg)

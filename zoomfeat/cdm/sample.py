@@ -55,9 +55,10 @@ def _run_folder_config(folder: Path) -> tuple[DiTConfig, Path, list[str]]:
 
 def load_cdm(source: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
              num_heads: int | None = None) -> LoadedCDM:
-    """A train-cdm run folder, or an official checkpoint ``{"model","ema",...}`` / flat DiT state_dict file
-    (architecture inferred from its shapes; ``num_heads`` for non-official sizes)."""
-    from zoomfeat.cdm.dit import infer_config, read_dit_state
+    """A train-cdm run folder, or a checkpoint file: the official ``{"model","ema","opt","args"}`` (train-cdm's
+    ``official/*.ckpt`` record the architecture in ``args``; for official files it is inferred from the shapes,
+    ``num_heads`` for non-official sizes) or a flat DiT state_dict."""
+    from zoomfeat.cdm.dit import infer_config, read_dit_checkpoint
     from zoomfeat.model.checkpoint import load_strict
     from zoomfeat.resolve import file_sha256
 
@@ -68,8 +69,8 @@ def load_cdm(source: str | Path, device: str | torch.device = "cpu", use_ema: bo
         weights, labels, cfg = source, [], None
     else:
         raise ConfigError(f"--cdm {source} not found: pass a train-cdm run folder or a CDM checkpoint file")
-    state = read_dit_state(weights, "ema" if use_ema else "model")
-    cfg = cfg or infer_config(state, num_heads)
+    state, recorded = read_dit_checkpoint(weights, "ema" if use_ema else "model")
+    cfg = cfg or recorded or infer_config(state, num_heads)
     dit = DiT(cfg)
     load_strict(dit, state, str(weights))
     return LoadedCDM(dit.to(device).eval(), weights, file_sha256(weights), labels)
