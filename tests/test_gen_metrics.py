@@ -14,7 +14,7 @@ from PIL import Image
 from scipy import linalg
 
 import cli
-from zoomfeat.errors import CheckpointError, ConfigError, DataError
+from zoomfeat.errors import CheckpointError, DataError
 from zoomfeat.generate import metrics as M
 from zoomfeat.generate.metrics.fid import feature_stats, fid_from_features
 

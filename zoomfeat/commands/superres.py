@@ -141,14 +141,15 @@ def run(args: argparse.Namespace) -> int:
     targets = _targets(args, rows)
     paths = list(dict.fromkeys(p for p, _, _ in targets))
     images = [(p, read_image(p)) for p in paths]
-    model, source, _runtime = load_model(args)
+    model, source, runtime = load_model(args)
     for path, image in images:
         check_input(image, mag, model.first_stage_resolution, str(path))
     gt = _gt_grids(args, rows, model, images, mag)
     pixels = dict(images)
-    provenance = {"zoomldm_config": str(source.config), "zoomldm_sha256": file_sha256(source.weights)}
+    provenance = {"zoomldm_config": str(source.config), "zoomldm_sha256": file_sha256(source.weights),
+                  "precision": runtime.precision, "device": runtime.device}
     for path, row, out in targets:
-        result = superres(model, pixels[path], mag, settings[row], gt_grid=gt)
+        result = superres(model, pixels[path], mag, settings[row], gt_grid=gt, autocast=runtime.autocast())
         write_png(out, result.image)
         record = manifest(result, settings[row], mag, {**provenance, "input": str(path)})
         write_json_atomic(out.with_suffix(".json"), record)

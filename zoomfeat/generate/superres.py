@@ -27,7 +27,7 @@ sampler's own agreement (``psnr_sampler``) and the final one (``psnr_final``, on
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -138,10 +138,13 @@ def _cell_contexts(model, grid: torch.Tensor) -> torch.Tensor:
 
 
 def superres(model, image: np.ndarray, mag: Magnification, settings: SuperResSettings = SuperResSettings(), *,
-             gt_grid: torch.Tensor | None = None, progress: Callable[[str, int], None] | None = None) -> SuperResResult:
+             gt_grid: torch.Tensor | None = None, progress: Callable[[str, int], None] | None = None,
+             autocast: Callable | None = None) -> SuperResResult:
     """Super-resolve a uint8 RGB image at ``mag`` (sides multiples of the model's patch size) to 20x.
 
     ``gt_grid``: raw 20x embeddings [C, kh*g, kw*g] under the image (row ``gt`` only). ``progress(stage, n)``.
+    ``autocast``: context factory around the inversion's U-Net passes (the joint sampler always runs fp32: its
+    finite differences would drown in bf16 rounding).
     """
     patch = int(model.first_stage_resolution)
     kh, kw = check_input(image, mag, patch)
@@ -164,7 +167,8 @@ def superres(model, image: np.ndarray, mag: Magnification, settings: SuperResSet
         for j in range(kw):
             k = i * kw + j
             tile = x[..., i * patch:(i + 1) * patch, j * patch:(j + 1) * patch]
-            contexts, grid, probe = _tile_conditions(model, tile, mag, settings, gt_grid, i, j, k, progress)
+            contexts, grid, probe = _tile_conditions(model, tile, mag, settings, gt_grid, i, j, k, progress,
+                                                     autocast)
             if grid is not None:
                 full_grid[:, i * g:(i + 1) * g, j * g:(j + 1) * g] = grid
                 probes.append(probe)
@@ -183,7 +187,7 @@ def superres(model, image: np.ndarray, mag: Magnification, settings: SuperResSet
     return _finish(out, x, g, settings, settings.row, full_grid, histories, probes)
 
 
-def _tile_conditions(model, tile, mag, settings, gt_grid, i, j, k, progress):
+def _tile_conditions(model, tile, mag, settings, gt_grid, i, j, k, progress, autocast=None):
     """(20x contexts [g*g, 65, D], raw grid [C, g, g] or None, inversion probe curve) of one input patch."""
     g = mag.grid_width
     if settings.row == "uncond":
@@ -194,8 +198,8 @@ def _tile_conditions(model, tile, mag, settings, gt_grid, i, j, k, progress):
         return _cell_contexts(model, grid), grid, []
     with torch.no_grad():
         z = model.encode_first_stage(tile).float()
-    inv_settings = InversionSettings(**{**settings.inversion.__dict__, "seed": settings.inversion.seed + k})
-    result = invert_latent(model, z, mag, inv_settings,
+    inv_settings = replace(settings.inversion, seed=settings.inversion.seed + k)  # one seed per input patch
+    result = invert_latent(model, z, mag, inv_settings, autocast=autocast,
                            progress=(lambda n: progress("inversion", n)) if progress else None)
     return _cell_contexts(model, result.grid), result.grid, result.probe
 
