@@ -207,6 +207,12 @@ def test_shards_into_one_folder_keep_every_failure_and_verify_reports_them(work,
     for name in ("s0.svs", "s1.svs"):
         shutil.copy2(slides / name, good / name)
     assert cli.main(["verify", str(out), "--slides", str(good)]) == 0  # a slide folder as the list: both done
+    capsys.readouterr()
+    assert cli.main(["verify", str(out)]) == 1  # without a list: the recorded failures of both shards
+    import re
+
+    lines = capsys.readouterr().err.splitlines()
+    assert [re.search(r": slide (s\d) failed: ", line).group(1) for line in lines] == ["s2", "s3"]
 
 
 def test_a_bug_inside_a_slide_keeps_its_traceback_and_debug_shows_it(work, capsys, monkeypatch):

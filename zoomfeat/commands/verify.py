@@ -1,7 +1,7 @@
 """``zoomfeat verify``: check every tile/feature file in a folder; exit 1 when any has a problem.
 
-With ``--slides`` (the slide folder, or a text file with one slide path or slide id per line) it also lists the
-slides that failed (from the folder's error records, every shard's) or never got a complete file.
+It also lists the slides that failed (from the folder's error records, every shard's); with ``--slides`` (the
+slide folder, or a text file with one slide path or slide id per line) also those that never got a complete file.
 """
 
 from __future__ import annotations
@@ -54,13 +54,21 @@ def missing_slides(folder, ids: list[str]) -> dict[str, str]:
     return problems
 
 
+def recorded_ids(folder) -> list[str]:
+    """Slides the folder's error records list (every shard's): without --slides, their failures are reported."""
+    from zoomfeat.slides import slide_id_of
+    from zoomfeat.store import merged_errors
+
+    return sorted({slide_id_of(s) for s in merged_errors(folder)})
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
     from zoomfeat.store import h5_path, verify_dir
 
     report = verify_dir(args.folder)
-    missing = missing_slides(args.folder, expected_ids(args.slides)) if args.slides else {}
+    missing = missing_slides(args.folder, expected_ids(args.slides) if args.slides else recorded_ids(args.folder))
     if not report and not missing:
         print(f"error: {args.folder}: no .h5 files to verify", file=sys.stderr)
         return 1
@@ -71,6 +79,6 @@ def run(args: argparse.Namespace) -> int:
         bad += bool(problems)
     for slide_id, why in missing.items():
         print(f"error: {h5_path(args.folder, slide_id)}: slide {slide_id} {why}", file=sys.stderr)
-    extra = f", {len(missing)} expected slides missing or failed" if args.slides else ""
+    extra = f", {len(missing)} slides failed or missing" if missing or args.slides else ""
     print(f"verify: {len(report) - bad} ok, {bad} with problems{extra}")
     return 1 if bad or missing else 0
