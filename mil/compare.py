@@ -27,11 +27,39 @@ from zoomfeat.features import FeatureSpec
 from zoomfeat.store import write_text
 
 
-def feature_set_name(record: RunRecord) -> str:
+def base_feature_set(record: RunRecord) -> str:
     """``<extractor>@<mags>`` (e.g. ``zoomldm@20x+5x``); the feature folder's name when no extractor is recorded."""
     spec = FeatureSpec.parse(record.feature_spec)
     base = record.extractor or spec.directory.name or "features"
     return f"{base}@{spec.mags_text}"
+
+
+def training_data(record: RunRecord) -> tuple[float, bool]:
+    """(training fraction, synthetic augmentation) of a run (``--train-fraction``, ``--augment``)."""
+    config = record.config or {}
+    return float(config.get("train_fraction") or 1.0), bool(config.get("augment"))
+
+
+def feature_set_name(record: RunRecord) -> str:
+    """The row name: the feature set, ``+syn`` for synthetic augmentation, ``NN%`` for a training fraction."""
+    fraction, synthetic = training_data(record)
+    name = base_feature_set(record) + (" +syn" if synthetic else "")
+    return name if fraction == 1.0 else f"{name} {fraction * 100:g}%"
+
+
+def fraction_curves(entries: list[dict], records: dict[str, RunRecord]) -> dict[str, dict[str, dict[float, float]]]:
+    """task -> series (feature set, ``+syn``) -> {training fraction: mean test AUC}: the label-efficiency curves,
+    only for series with runs at two or more fractions."""
+    curves: dict[str, dict[str, dict[float, float]]] = {}
+    for e in entries:
+        record = records[e["run_dir"]]
+        fraction, synthetic = training_data(record)
+        if e["auc"]["mean"] is None:
+            continue
+        series = base_feature_set(record) + (" +syn" if synthetic else "")
+        curves.setdefault(e["task"], {}).setdefault(series, {})[fraction] = e["auc"]["mean"]
+    return {t: {n: dict(sorted(v.items())) for n, v in series.items() if len(v) >= 2}
+            for t, series in curves.items() if any(len(v) >= 2 for v in series.values())}
 
 
 def task_name(record: RunRecord) -> str:
@@ -164,8 +192,11 @@ def compute_comparison(runs: list[RunResult], reference: RunResult | None = None
                                     **paired_comparison(run, ref, n_bootstrap, seed)})
     feature_sets = list(dict.fromkeys(e["feature_set"] for e in entries))
     table = {fs: {e["task"]: e["auc"] for e in entries if e["feature_set"] == fs} for fs in feature_sets}
+    curves = fraction_curves(entries, {str(r.run_dir): r.record for r in runs})
     return {"tasks": list(groups), "feature_sets": feature_sets, "references": references, "runs": entries,
             "table": table, "comparisons": comparisons, "n_bootstrap": n_bootstrap, "seed": seed,
+            "fraction_curves": {t: {n: {str(f): a for f, a in v.items()} for n, v in s.items()}
+                                for t, s in curves.items()},
             "notes": _notes(entries)}
 
 
@@ -215,7 +246,9 @@ def render_html(result: dict, images: dict[str, bytes]) -> str:
     parts.append(html.paragraph(f"Bootstrap: {result['n_bootstrap']} resamples, seed {result['seed']}, slides "
                                 "resampled within each fold's test set, stratified by class."))
     for name, png in images.items():
-        parts += [html.heading(f"Per-fold test AUC: {name}", 3), html.image(png, f"per-fold AUC {name}")]
+        what = "Label efficiency (mean test AUC against the training fraction)" if name.startswith("fraction_") \
+            else "Per-fold test AUC"
+        parts += [html.heading(f"{what}: {name}", 3), html.image(png, f"{what} {name}")]
     return html.page("Feature-set comparison", parts)
 
 
@@ -255,6 +288,9 @@ def build_comparison(run_dirs: list[str | Path], out_dir: str | Path, reference:
     for task in result["tasks"]:
         series = {e["feature_set"]: e["fold_auc"] for e in result["runs"] if e["task"] == task}
         images[f"fold_auc_{_safe(task)}.png"] = plots.fold_auc_figure(series, f"test AUC per fold: {task}")
+    for task, curves in result["fraction_curves"].items():
+        numeric = {n: {float(f): a for f, a in v.items()} for n, v in curves.items()}
+        images[f"fraction_auc_{_safe(task)}.png"] = plots.fraction_figure(numeric, f"label efficiency: {task}")
     files = {name: out / name for name in images}
     for name, png in images.items():
         plots.write_png(files[name], png)

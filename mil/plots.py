@@ -103,3 +103,16 @@ def fold_auc_figure(series: dict[str, dict[int, float | None]], title: str) -> b
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _png(fig)
+
+
+def fraction_figure(series: dict[str, dict[float, float]], title: str) -> bytes:
+    """PNG of mean test AUC against the training fraction (log x), one line per feature set (and ``+syn``)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, values in series.items():
+        xs = sorted(values)
+        ax.plot([100 * x for x in xs], [values[x] for x in xs], marker="o", lw=1.2, label=name)
+    ax.set_xscale("log")
+    ax.set(xlabel="training data (% of each fold's patients)", ylabel="mean test AUC", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="best")
+    return _png(fig)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("aug")
-    paths = planted_cohort(root, n_slides=20, dim=8, sizes=(4, 9), folds=4)
+    paths = planted_cohort(root, n_slides=20, dim=8, sizes=(4, 9), folds=5)  # 2 of each class per test fold
     rng = np.random.default_rng(1)
     for path in sorted(paths["features"].glob("*.h5")):
         with FeatureFile(path) as f:
@@ -83,3 +83,21 @@ def test_bad_augmentation_options_are_one_line_errors(cohort, tmp_path, capsys, 
     assert cli.main(_argv(cohort, tmp_path / "bad", *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0]
+
+
+def test_compare_shows_real_vs_synthetic_and_fraction_curves(cohort, tmp_path):
+    runs = []
+    for fraction in ("0.25", "0.5", "1.0"):
+        for aug in ([], ["--augment", str(cohort["syn"])]):
+            out = tmp_path / f"f{fraction}{'_syn' if aug else ''}"
+            assert cli.main(_argv(cohort, out, "--train-fraction", fraction, "--folds", "0,1", *aug)) == 0
+            runs.append(str(out))
+    assert cli.main(["compare", *runs, "--out", str(tmp_path / "cmp"), "--reference", runs[-2]]) == 0
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    names = set(result["feature_sets"])
+    assert {"toy@20x 25%", "toy@20x +syn 25%", "toy@20x", "toy@20x +syn"} <= names
+    curves = result["fraction_curves"]["subtyping"]
+    assert set(curves) == {"toy@20x", "toy@20x +syn"}
+    assert [float(f) for f in curves["toy@20x +syn"]] == [0.25, 0.5, 1.0]
+    assert len(result["comparisons"]) == 5  # every run paired with the reference on the same folds
+    assert (tmp_path / "cmp" / "fraction_auc_subtyping.png").stat().st_size > 1000
