@@ -93,7 +93,13 @@ class Claim:
         return age > self.stale_after
 
     def acquire(self) -> bool:
-        """Take the claim; False when a live process holds it."""
+        """Take the claim; False when a live process holds it (OutputError when the folder is not writable)."""
+        from zoomfeat.store.files import writing
+
+        with writing(self.path):
+            return self._acquire()
+
+    def _acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if _create_exclusive(self.path, self._content()):
             self.held = True
