@@ -157,3 +157,16 @@ def test_row_names_of_the_command_are_the_library_rows():
     from zoomfeat.commands import superres as command
 
     assert command.ROWS == sr.ROWS
+
+
+def test_superres_command_gt_row_from_a_slide(tmp_path, synthetic_slide):
+    folder = require_shared("golden", "zoomldm_tiny")
+    slide = synthetic_slide(size=1024, label=0)
+    Image.fromarray(lr_image(64, 64)).save(tmp_path / "a.png")
+    out = tmp_path / "gt.png"
+    assert cli.main(["superres", str(tmp_path / "a.png"), "--mag", "10x", "--zoomldm", str(folder), "--rows", "gt",
+                     "--slide", str(slide.path), "--x", "0", "--y", "0", "--conditioner", "toy", "--steps", "1",
+                     "--inner-iterations", "1", "--device", "cpu", "--out", str(out)]) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["row"] == "gt" and np.asarray(Image.open(out)).shape == (128, 128, 3)
+    assert record["psnr_final_db"] >= CONSISTENT_DB

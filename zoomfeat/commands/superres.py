@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_inversion_group(parser)
     output = parser.add_argument_group("output")
     output.add_argument("--out", required=True, metavar="OUT.png|DIR",
-                        help="one .png (one image, one row) or a folder: DIR/<row>/<image>.png + .json")
+                        help="one .png (one image, one row) or a folder: DIR/<row>/<image>.png + .json (a pyramidal .tiff "
+                        "instead of .png above 4096 px)")
     output.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     add_runtime_group(parser, "inversion and the sampler noise", batch_size=True)
 
@@ -95,7 +96,7 @@ def _targets(args, rows):
         if len(set(stems)) != len(stems):
             raise ConfigError("two input images share a file name: outputs are named after the inputs")
         targets = [(p, row, out / row / f"{p.stem}.png") for row in rows for p in images]
-    existing = [t for *_, t in targets if t.exists()]
+    existing = [t for *_, t in targets if t.exists() or t.with_suffix(".tiff").exists()]
     if existing and not args.overwrite:
         raise ConfigError(f"{existing[0]} exists: pass --overwrite to replace it, or choose another --out")
     return targets
@@ -110,13 +111,13 @@ def _gt_grids(args, rows, model, images, mag):
         raise ConfigError("the gt row needs --slide, --x, --y and --conditioner uni=PATH|toy")
     if len(images) != 1:
         raise ConfigError("the gt row takes one image (its --slide position)")
-    from zoomfeat.commands.extract import _conditioner
     from zoomfeat.encoders import load_encoder
+    from zoomfeat.encoders.specs import parse_conditioner
     from zoomfeat.generate.superres import check_input, gt_grid_from_slide
     from zoomfeat.slides import check_scale_overrides
 
     check_scale_overrides(args.base_mag, args.mpp)
-    name, path = _conditioner(args.conditioner)
+    name, path = parse_conditioner(args.conditioner)
     encoder = load_encoder(name, path, dim=model.conditioning_dim if name == "toy" else None)
     if encoder.spec.dim != model.conditioning_dim:
         raise ConfigError(f"--conditioner {name} gives {encoder.spec.dim}-d embeddings; this ZoomLDM takes "
@@ -131,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
     from zoomfeat.commands.invert import load_model
     from zoomfeat.config import write_json_atomic
     from zoomfeat.generate.metrics.images import read_image
-    from zoomfeat.generate.superres import check_input, manifest, superres, write_png
+    from zoomfeat.generate.images import save_large
+    from zoomfeat.generate.superres import check_input, manifest, superres
     from zoomfeat.mags import parse_mag
     from zoomfeat.resolve import file_sha256
 
@@ -150,10 +152,10 @@ def run(args: argparse.Namespace) -> int:
                   "precision": runtime.precision, "device": runtime.device}
     for path, row, out in targets:
         result = superres(model, pixels[path], mag, settings[row], gt_grid=gt, autocast=runtime.autocast())
-        write_png(out, result.image)
-        record = manifest(result, settings[row], mag, {**provenance, "input": str(path)})
+        written = save_large(out.with_suffix(""), result.image)  # .png, or a pyramidal .tiff above 4096 px
+        record = manifest(result, settings[row], mag, {**provenance, "input": str(path), "output": str(written)})
         write_json_atomic(out.with_suffix(".json"), record)
-        print(f"superres {row}: {path} -> {out} ({result.image.shape[1]}x{result.image.shape[0]} px); "
+        print(f"superres {row}: {path} -> {written} ({result.image.shape[1]}x{result.image.shape[0]} px); "
               f"downsampled output vs input: {result.psnr_sampler:.2f} dB from the sampler, "
               f"{result.psnr_final:.2f} dB final")
     return 0

@@ -238,17 +238,6 @@ def gt_grid_from_slide(slide_path, x: int, y: int, kh: int, kw: int, mag: Magnif
     return torch.from_numpy(np.ascontiguousarray(full))
 
 
-def write_png(path, image: np.ndarray):
-    """uint8 [H, W, 3] as a PNG, atomically."""
-    from PIL import Image
-
-    from zoomfeat.store import atomic_write
-
-    with atomic_write(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
-    return path
-
-
 def manifest(result: SuperResResult, settings: SuperResSettings, mag: Magnification, provenance: dict) -> dict:
     """What a result file records beside the image: settings, measurement agreement, curves, provenance."""
     from zoomfeat.config import to_jsonable
