@@ -12,6 +12,16 @@ Slides with ``label=1`` carry a class signal inside a few boxes (level-0 px, ret
 
 Everything is generated with numpy at full resolution in row strips from a few small texture banks
 (no per-pixel Python), then written with tifffile's ``tile=`` and ``compression="jpeg"``.
+
+A second kind of cohort (``kind="arrangement"``, :func:`render_arrangement_level0`) carries a purely
+multi-scale signal: every 20x tile (256 level-0 px, on the tiling lattice) is one of two tissue types,
+pink stroma (``A``) or purple epithelium (``B``), and both classes draw the same per-slide share of ``B``.
+In ``label=1`` slides the types come in spatial clusters of several tiles (a smoothed random field
+thresholded at that share); in ``label=0`` slides the very same tile types are shuffled over the tissue
+tiles, so they are intermixed tile by tile. The bag of single tiles is identically distributed in both
+classes: only a view of several tiles at once (a 5x patch of 4x4 tiles) tells them apart. An optional weak
+per-tile cue (``tile_signal``: denser nuclei in the ``B`` tiles of ``label=1`` slides) lets a fused
+20x+5x view beat 5x alone.
 """
 
 from __future__ import annotations
@@ -239,6 +249,110 @@ def render_level0(size: int, *, label: int, seed: int, signal_strength: float, s
     return image, boxes
 
 
+ARRANGEMENT_TILE = 256  # level-0 px of one 20x tile (base 20x): the unit the tissue types are drawn on
+ARRANGEMENT_KINDS = ("boxes", "arrangement")
+EPITHELIUM_BASE = np.array([186, 120, 190], np.float32)
+
+
+def _arrangement_mask(rng: np.random.Generator, side: int) -> np.ndarray:
+    """One large wobbly ellipse covering about 60 % of the slide. bool [side, side]."""
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    wobble = _smooth_noise(rng, side, 10) * 0.10
+    cx, cy = rng.uniform(0.47, 0.53, 2)
+    rx, ry = rng.uniform(0.40, 0.46, 2)
+    return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1.0 + wobble
+
+
+def arrangement_types(rng: np.random.Generator, tissue: np.ndarray, label: int, cluster: float) -> np.ndarray:
+    """Tissue type per 20x tile: int8 [cells, cells], 0 background, 1 stroma (A), 2 epithelium (B).
+
+    ``tissue`` (bool per tile) says which tiles hold tissue. The share of B is drawn from U(0.35, 0.65) for
+    both classes; ``label=1`` thresholds a smoothed random field (correlation ~``cluster`` tiles) at that
+    share, ``label=0`` shuffles the same types over the tissue tiles (identical type counts, no clusters):
+    from the same ``rng`` state, the ``label=0`` map is a permutation of the ``label=1`` map.
+    """
+    from scipy import ndimage
+
+    cells = tissue.shape[0]
+    share = rng.uniform(0.35, 0.65)
+    field_ = ndimage.gaussian_filter(rng.standard_normal((cells, cells)), cluster / 2.0, mode="wrap")
+    on = np.flatnonzero(tissue.ravel())
+    types = np.zeros(cells * cells, np.int8)
+    if len(on):
+        values = field_.ravel()[on]
+        is_b = values > np.quantile(values, 1.0 - share)
+        if not label:
+            is_b = rng.permutation(is_b)
+        types[on] = np.where(is_b, 2, 1)
+    return types.reshape(cells, cells)
+
+
+def _arrangement_textures(rng: np.random.Generator, tile_signal: float) -> dict[str, np.ndarray]:
+    """Periodic uint8 textures [T, T, 3]: background, stroma (A), epithelium (B) and the cued B of label 1."""
+    noise = rng.normal(0.0, 5.0, (TEXTURE, TEXTURE, 1)).astype(np.float32)
+    plane = np.ones((TEXTURE, TEXTURE, 1), np.float32)
+    sparse = _nuclei_texture(rng, density=1.6, radius=4.5)
+    dense = _nuclei_texture(rng, density=3.2, radius=3.5)
+    cue = _nuclei_texture(rng, density=5.5, radius=2.8)
+    to8 = lambda a: np.clip(a + noise, 0, 255).astype(np.uint8)  # noqa: E731
+    epithelium = _composite(EPITHELIUM_BASE * plane, NUCLEUS, dense)
+    return {
+        "background": to8(WHITE * plane),
+        "A": to8(_composite(STROMA * plane, NUCLEUS, sparse)),
+        "B": to8(epithelium),
+        "B_cue": to8(_composite(epithelium.copy(), SIGNAL_NUCLEUS, cue * tile_signal)),
+    }
+
+
+def render_arrangement_level0(size: int, *, label: int, seed: int, cluster: float = 2.0,
+                              tile_signal: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 pixels uint8 [size, size, 3] of an arrangement slide and its tile type map (see
+    :func:`arrangement_types`). ``size`` must be a multiple of 1024 (whole 5x patches)."""
+    if size < 1024 or size % 1024:
+        raise ConfigError(f"arrangement slide size {size} must be a multiple of 1024 px")
+    if not 0.0 <= tile_signal <= 1.0:
+        raise ConfigError(f"tile signal {tile_signal} must lie in [0, 1]")
+    if not 0.5 <= cluster <= 16:
+        raise ConfigError(f"cluster size {cluster} (tiles) must lie in [0.5, 16]")
+    rng = np.random.default_rng([seed, 7])  # the same mask, share and textures for either label
+    t = ARRANGEMENT_TILE
+    cells = size // t
+    f = MASK_FACTOR
+    mask = _arrangement_mask(rng, size // f)
+    tissue = mask.reshape(cells, t // f, cells, t // f).mean(axis=(1, 3)) >= 0.25
+    textures = _arrangement_textures(rng, tile_signal)
+    types = arrangement_types(np.random.default_rng([seed, 11]), tissue, label, cluster)  # label 0: shuffled
+    b_texture = textures["B_cue"] if label and tile_signal > 0 else textures["B"]
+    by_type = {0: textures["background"], 1: textures["A"], 2: b_texture}
+    image = np.empty((size, size, 3), np.uint8)
+    for i in range(cells):
+        for j in range(cells):
+            r0, c0 = i * t, j * t
+            tex = by_type[int(types[i, j])]
+            block = _tiled(tex, r0, r0 + t, c0, c0 + t)
+            if types[i, j]:  # tissue tiles keep the mask's wobbly edge: white outside it
+                keep = np.repeat(np.repeat(mask[r0 // f : (r0 + t) // f, c0 // f : (c0 + t) // f], f, 0), f, 1)
+                block = np.where(keep[..., None], block, _tiled(textures["background"], r0, r0 + t, c0, c0 + t))
+            image[r0 : r0 + t, c0 : c0 + t] = block
+    return image, types
+
+
+def write_arrangement_slide(path: str | Path, *, size: int = 4096, label: int = 0, seed: int = 0,
+                            fmt: str = "aperio", cluster: float = 2.0, tile_signal: float = 0.0,
+                            mpp: float = 0.5, app_mag: float = 20.0) -> tuple[SyntheticSlideInfo, np.ndarray]:
+    """Write one arrangement slide (base 20x, 256-px tiles); return its info and tile type map."""
+    _validate(size, fmt, 256, 1.0, ())
+    image, types = render_arrangement_level0(size, label=label, seed=seed, cluster=cluster,
+                                             tile_signal=tile_signal)
+    path = write_pyramid(path, image, fmt=fmt, mpp=mpp, app_mag=app_mag)
+    boxes = [(0, 0, size, size)] if label else []
+    info = SyntheticSlideInfo(path=path, slide_id=path.stem, size=size, label=int(label), fmt=fmt,
+                              base_magnification=float(app_mag), mpp=float(mpp),
+                              signal_scales=("5x", "20x") if tile_signal > 0 else ("5x",),
+                              signal_boxes_level0=boxes)
+    return info, types
+
+
 def _pyramid(image: np.ndarray, factor: int = 4, min_side: int = 512) -> list[np.ndarray]:
     """Level 0 followed by box-filtered reductions by ``factor`` while the short side stays >= ``min_side``."""
     from PIL import Image
@@ -322,25 +436,39 @@ def patient_slide_counts(n: int, slides_per_patient: int | Sequence[int]) -> lis
 
 def write_cohort(out_dir: str | Path, n: int = 8, size: int = 8192, seed: int = 0, *,
                  slides_per_patient: int | Sequence[int] = 1, fmt: str = "aperio", signal_strength: float = 1.0,
-                 signal_scales: Sequence[str] = ("20x", "5x")) -> Path:
+                 signal_scales: Sequence[str] = ("20x", "5x"), kind: str = "boxes", cluster: float = 2.0,
+                 tile_signal: float = 0.0) -> Path:
     """Write ``n`` slides (labels alternate 0/1 by patient; ``slides_per_patient`` a number or a pattern cycled
     over patients, see :func:`patient_slide_counts`) + ``labels.csv`` + ``signal.json``; return ``out_dir``.
 
+    ``kind="boxes"``: the signal of :func:`write_synthetic_slide` (``signal_strength``, ``signal_scales``).
+    ``kind="arrangement"``: the multi-scale signal of :func:`render_arrangement_level0` (``cluster``,
+    ``tile_signal``); it also writes ``tissue_types.json`` (slide_id -> tile type map, rows of 0/1/2).
+
     ``labels.csv`` has columns case_id,slide_id,label; ``signal.json`` maps slide_id -> list of level-0
-    boxes [x0, y0, x1, y1] (empty for label 0).
+    boxes [x0, y0, x1, y1] (empty for label 0; the whole slide for label-1 arrangement slides).
     """
+    if kind not in ARRANGEMENT_KINDS:
+        raise ConfigError(f"unknown cohort kind {kind!r}: use one of {', '.join(ARRANGEMENT_KINDS)}")
     counts = patient_slide_counts(n, slides_per_patient)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     suffix = ".svs" if fmt == "aperio" else ".tiff"
-    rows, signal = [], {}
+    rows, signal, types = [], {}, {}
     slide_of = [(p, k) for p, c in enumerate(counts) for k in range(c)]
     for i, (patient, k) in enumerate(slide_of):
         label = patient % 2
         case_id = f"case-{patient:03d}"
         slide_id = f"{case_id}-slide-{k}"
-        info = write_synthetic_slide(out / f"{slide_id}{suffix}", size=size, label=label, seed=seed * 100003 + i,
-                                     fmt=fmt, signal_strength=signal_strength, signal_scales=signal_scales)
+        if kind == "arrangement":
+            info, type_map = write_arrangement_slide(out / f"{slide_id}{suffix}", size=size, label=label,
+                                                     seed=seed * 100003 + i, fmt=fmt, cluster=cluster,
+                                                     tile_signal=tile_signal)
+            types[slide_id] = type_map.tolist()
+        else:
+            info = write_synthetic_slide(out / f"{slide_id}{suffix}", size=size, label=label,
+                                         seed=seed * 100003 + i, fmt=fmt, signal_strength=signal_strength,
+                                         signal_scales=signal_scales)
         rows.append((case_id, slide_id, label))
         signal[slide_id] = [list(b) for b in info.signal_boxes_level0]
     with open(out / "labels.csv", "w", newline="") as fh:
@@ -348,4 +476,6 @@ def write_cohort(out_dir: str | Path, n: int = 8, size: int = 8192, seed: int = 
         writer.writerow(["case_id", "slide_id", "label"])
         writer.writerows(rows)
     (out / "signal.json").write_text(json.dumps(signal, indent=2) + "\n")
+    if types:
+        (out / "tissue_types.json").write_text(json.dumps(types) + "\n")
     return out

@@ -1,19 +1,38 @@
-"""``zoomfeat demo``: the whole pipeline on a synthetic cohort, on CPU, in minutes."""
+"""``zoomfeat demo``: the whole toolkit on a synthetic multi-scale cohort, on CPU, in minutes."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "run the whole pipeline on a synthetic cohort (synth, tile, train ZoomLDM, extract, splits, MIL, reports)"
+HELP = ("run the whole toolkit on a synthetic cohort whose signal is only visible at 5x (synth, tile, train "
+        "ZoomLDM, extract, splits, MIL, reports, compare, heatmaps, sample, generate-large, superres) -> index.html")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    parser.add_argument("--slides", type=int, default=20, help="number of synthetic slides (default 20)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the cohort, splits and training")
-    parser.add_argument("--size", type=int, default=4096, help="level-0 side of each slide in px (default 4096)")
-    parser.add_argument("--train-steps", type=int, default=200, help="tiny ZoomLDM training steps (default 200)")
-    parser.add_argument("--mil-epochs", type=int, default=12, help="ABMIL epochs per fold (default 12)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default="demo_out", help="output folder; index.html is the page (default demo_out)")
+    cohort = parser.add_argument_group("cohort")
+    cohort.add_argument("--slides", type=int, default=48, help="number of synthetic slides (default 48)")
+    cohort.add_argument("--size", type=int, default=3072,
+                        help="level-0 side of each slide in px, a multiple of 1024 (default 3072)")
+    cohort.add_argument("--cluster", type=float, default=2.0,
+                        help="correlation length of the clustered class's tissue patches, in 20x tiles (default 2)")
+    cohort.add_argument("--tile-signal", type=float, default=0.0,
+                        help="weak per-tile cue in clustered slides, 0-1 (default 0: the signal is only at 5x)")
+    cohort.add_argument("--seed", type=int, default=0, help="seed of the cohort, splits and training (default 0)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--train-slides", type=int, default=8,
+                       help="slides whose patches train the tiny ZoomLDM (default 8)")
+    model.add_argument("--train-steps", type=int, default=400, help="tiny ZoomLDM training steps (default 400)")
+    model.add_argument("--lr", type=float, default=2e-3, help="tiny ZoomLDM learning rate (default 2e-3)")
+    model.add_argument("--timestep", type=int, default=200,
+                       help="diffusion timestep of the extracted features, in steps (default 200)")
+    mil = parser.add_argument_group("mil")
+    mil.add_argument("--mil-epochs", type=int, default=20, help="ABMIL epochs per fold (default 20)")
+    generation = parser.add_argument_group("generation")
+    generation.add_argument("--no-generation", action="store_true",
+                            help="skip the generation wing: sample, generate-large, superres (default: run it)")
+    generation.add_argument("--gen-steps", type=int, default=10, help="sampler steps of the generation wing (default 10)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     from zoomfeat.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=Path(args.out), slides=args.slides, seed=args.seed, size=args.size,
-                     train_steps=args.train_steps, mil_epochs=args.mil_epochs)
+    cfg = DemoConfig(out=Path(args.out), slides=args.slides, seed=args.seed, size=args.size, cluster=args.cluster,
+                     tile_signal=args.tile_signal, train_slides=args.train_slides, train_steps=args.train_steps,
+                     lr=args.lr, timestep=args.timestep, mil_epochs=args.mil_epochs,
+                     generation=not args.no_generation, gen_steps=args.gen_steps)
     return run_demo(cfg)
