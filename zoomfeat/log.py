@@ -24,6 +24,7 @@ _THIRD_PARTY_NOISE = (
     r".*is in eval mode.*",
     r".*modules in eval mode.*",
     r".*module\(s\) in eval mode.*",
+    r".*resuming from a checkpoint that ended before the epoch ended.*",  # zoomfeat's batches are step-keyed
     r".*pytree.*",
     r".*_register_pytree_node.*",
     r".*GPU available but not used.*",
