@@ -8,7 +8,6 @@ from one small synthetic cohort and one finished run (real HDF5, real Lightning)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,7 @@ import pandas as pd
 import pytest
 
 import cli
+from hostile import one_error, snapshot
 from mil_data import planted_cohort, write_feature_file
 from splits.io import make_fold, write_splits_dir
 
@@ -55,26 +55,6 @@ def work(base, tmp_path):
     c = tmp_path / "cohort"
     return {"features": c / "feats", "labels": c / "labels.csv", "splits": c / "splits", "run": tmp_path / "run",
             "root": tmp_path}
-
-
-def snapshot(*folders: Path) -> dict[str, tuple[str, int]]:
-    """relative path -> (sha256, mtime_ns) of every file under the folders."""
-    out = {}
-    for folder in folders:
-        for path in sorted(Path(folder).rglob("*")):
-            if path.is_file():
-                out[str(path)] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
-    return out
-
-
-def one_error(argv: list[str], capsys, code: int = 2) -> str:
-    """Run the CLI; assert the exit status, exactly one error line and no traceback; return the error line."""
-    got = cli.main(argv)
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert got == code, err
-    assert len(errors) == 1 and "Traceback" not in err, err
-    return errors[0]
 
 
 def _no_partial_output(out: Path) -> None:
