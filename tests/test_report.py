@@ -259,3 +259,26 @@ def test_records_of_the_first_schema_are_read_and_newer_ones_refused(tmp_path):
     (run / "config.json").write_text(json.dumps({**new, "schema_version": 99}))
     with pytest.raises(DataError, match="schema 99 is newer"):
         read_record(run)
+
+
+def test_metric_functions_take_tensors_or_arrays_and_refuse_non_finite_scores():
+    """The training loop (torch tensors) and the reports (numpy) get the same sklearn numbers; NaN is an error."""
+    import torch
+
+    from mil.metrics import auroc, balanced_accuracy, f1
+    from zoomfeat.errors import DataError
+
+    rng = np.random.default_rng(2)
+    y = np.arange(20) % 2
+    p1 = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.3, 20), 0, 1)
+    probs = np.stack([1 - p1, p1], 1)
+    for p, t in ((probs, y), (torch.tensor(probs, dtype=torch.float32), torch.tensor(y))):
+        assert auroc(p, t) == pytest.approx(roc_auc_score(y, p1), abs=1e-6)
+        assert balanced_accuracy(p, t) == pytest.approx(balanced_accuracy_score(y, p1 >= 0.5))
+        assert f1(p, t) == pytest.approx(f1_score(y, p1 >= 0.5))
+    assert auroc(probs[y == 1], y[y == 1]) is None  # one class: undefined, not 0.5 or 1.0
+    bad = probs.copy()
+    bad[3, 1] = np.nan
+    for metric in (auroc, balanced_accuracy, f1):
+        with pytest.raises(DataError, match="non-finite"):
+            metric(bad, y)
