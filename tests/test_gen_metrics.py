@@ -267,7 +267,7 @@ def test_lpips_metric_through_the_command_and_its_errors(tmp_path, capsys):
     assert cli.main(base + ["--metric", "lpips"]) == 2
     assert "--lpips-backbone" in capsys.readouterr().err
     assert cli.main(base + ["--metric", "lpips", "--lpips-backbone", str(tmp_path / "none.pth")]) == 2
-    assert "not found" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_embedding_similarity_and_nearest_neighbours_match_sklearn(tmp_path):
@@ -307,6 +307,8 @@ def test_command_metric_names_are_the_registry():
     (["--metric", "bogus"], "unknown metric 'bogus'"),
     (["--metric", "fid", "--encoder", "toy", "--weights", "x.pth"], "not both"),
     (["--metric", "ssim", "--out", "r.txt"], ".json or .csv"),
+    (["--metric", "ssim,fid", "--encoder", "nope"], "unknown --encoder 'nope'"),
+    (["--metric", "fid", "--weights", "missing.pth"], "does not exist"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, capsys, extra, message):
     _images(tmp_path / "real", 2, size=32)

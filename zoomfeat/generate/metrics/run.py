@@ -42,6 +42,15 @@ class GenMetricsConfig:
             names = ", ".join(s.name for s in specs if s.needs == "features")
             raise ConfigError(f"{names} need a feature network: --weights INCEPTION.pth (local FID Inception) or "
                               f"--encoder NAME [--encoder-weights PATH]")
+        if self.encoder is not None:
+            from zoomfeat.encoders.specs import encoder_names
+
+            if self.encoder not in encoder_names():
+                raise ConfigError(f"unknown --encoder {self.encoder!r}: use one of {', '.join(encoder_names())}")
+        for name in ("weights", "encoder_weights", "lpips_backbone", "lpips_linear"):
+            path = getattr(self, name)
+            if path is not None and not path.exists():
+                raise ConfigError(f"--{name.replace('_', '-')} {path} does not exist: pass a local file")
         if any(s.needs == "lpips" for s in specs) and self.lpips_backbone is None:
             raise ConfigError("lpips needs --lpips-backbone FILE (a local torchvision AlexNet state_dict)")
         for name in ("crop_size", "downsample_size", "batch_size"):
