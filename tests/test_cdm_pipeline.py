@@ -338,3 +338,43 @@ def test_cdm_context_source_makes_novel_images_that_regenerate(contexts, zoomldm
                                                                  extra={"cdm": tmp_path / "wide_run"}))
     with pytest.raises(ConfigError, match="32-wide contexts but this ZoomLDM takes 64"):
         gen_run.run_sample(bad)
+
+
+@pytest.mark.slow
+def test_ddp_step_equals_the_averaged_gradients_of_both_ranks(contexts, tmp_path):
+    """Two CPU ranks (ddp_spawn): one optimiser step equals AdamW on the mean of the two ranks' loss gradients,
+    each rank with its own step-keyed batch and draws, computed here in one process."""
+    from zoomfeat.cdm.config import OptimSection
+    from zoomfeat.cdm.context_store import ContextSet
+    from zoomfeat.cdm.data import ContextDataset, collate
+    from zoomfeat.cdm.dit import DiTConfig
+    from zoomfeat.cdm.module import CDM, CDMLightning
+    from zoomfeat.train.dataset import StepBatchSampler
+    from zoomfeat.train.module import step_generator
+
+    out = tmp_path / "ddp"
+    assert _train(["--max-steps", "1", "--every-n-steps", "1", "--lr", "1e-2", "--devices", "2",
+                   "--strategy", "ddp_spawn", "--ema-decay", "0.5"], contexts, out) == 0
+    got = torch.load(out / "official" / "last.ckpt", weights_only=True)
+    torch.manual_seed(0)  # train-cdm seeds the init with data.seed (0)
+    cfg = DiTConfig(in_channels=64, hidden_size=32, depth=1, num_heads=2)
+    model = CDM(cfg, ema_decay=0.5)
+    init = {k: v.clone() for k, v in model.dit.state_dict().items()}
+    module = CDMLightning(model, OptimSection(lr=1e-2))
+    store = ContextSet(contexts)
+    data = ContextDataset(store)
+    grads = []
+    for rank in (0, 1):
+        sampler = StepBatchSampler(store.by_mag(), 4, 0, rank=rank)
+        batch = collate([data[k] for k in sampler.batch(0)])
+        model.dit.zero_grad()
+        module.losses(batch, step_generator(0, 0, rank))["loss"].mean().backward()
+        grads.append([p.grad.clone() for p in model.dit.parameters() if p.requires_grad])
+    opt = torch.optim.AdamW(model.dit.parameters(), lr=1e-2, weight_decay=0)
+    for p, g0, g1 in zip([p for p in model.dit.parameters() if p.requires_grad], *grads):
+        p.grad = (g0 + g1) / 2
+    opt.step()
+    model.update_ema()
+    for key, value in model.dit.state_dict().items():
+        torch.testing.assert_close(got["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(got["ema"][key], 0.5 * init[key] + 0.5 * value, rtol=1e-4, atol=1e-6, msg=key)
