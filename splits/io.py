@@ -149,6 +149,24 @@ def check_folds_against_labels(folds: Sequence[SplitFold], slide_ids: Iterable[s
                             "`zoomfeat splits hipt`, which drops them")
 
 
+def check_same_splits(directory: Path, folds: Sequence[SplitFold]) -> None:
+    """ConfigError when ``directory`` holds split files other than ``folds`` (unreadable ones count as other)."""
+    from zoomfeat.errors import ConfigError
+
+    if not directory.is_dir() or not _split_files(directory):
+        return
+    try:
+        old = read_splits_dir(directory)
+    except DataError:
+        old = None
+    if old != list(folds):
+        differ = "unreadable" if old is None else ", ".join(
+            str(k) for k in sorted({f.index for f in old} ^ {f.index for f in folds} |
+                                   {a.index for a in old for b in folds if a.index == b.index and a != b}))
+        raise ConfigError(f"{directory} already holds other splits (folds {differ} differ): pass another --out, "
+                          "or delete that folder to replace them")
+
+
 def _fold_frame(fold: SplitFold) -> pd.DataFrame:
     n = max(fold.sizes()) if fold.all_slides() else 0
     return pd.DataFrame({p: list(fold.part(p)) + [""] * (n - len(fold.part(p))) for p in PARTS})
@@ -157,10 +175,14 @@ def _fold_frame(fold: SplitFold) -> pd.DataFrame:
 def write_splits_dir(folds: Sequence[SplitFold], directory: str | Path, *, source: str = "",
                      seed: int | None = None, command: str | None = None,
                      extra: dict[str, Any] | None = None) -> Path:
-    """Write ``splits_<k>.csv`` (train,val,test) per fold and ``splits.json`` (provenance) into ``directory``."""
+    """Write ``splits_<k>.csv`` (train,val,test) per fold and ``splits.json`` (provenance) into ``directory``.
+
+    A folder that already holds other splits is refused (ConfigError naming it), never overwritten: runs made on
+    the old files would silently stop matching them. Writing the same folds again is fine."""
     from zoomfeat.store import atomic_write
 
     directory = Path(directory)
+    check_same_splits(directory, folds)
     for fold in folds:
         with atomic_write(directory / f"splits_{fold.index}.csv") as tmp:
             _fold_frame(fold).to_csv(tmp, index=False)

@@ -327,7 +327,12 @@ def _make_one_fold(w):
         ["folds"], 2
 
 
-SPLITS_CASES = {"hipt unknown class": _hipt_unknown_class, "hipt one class": _hipt_one_class,
+def _make_over_other_splits(w):
+    return ["splits", "make", "--labels", str(w["labels"]), "--out", str(w["splits"]), "--folds", "3",
+            "--seed", "5"], ["already holds other splits"], 2
+
+
+SPLITS_CASES = {"make over other splits": _make_over_other_splits, "hipt unknown class": _hipt_unknown_class, "hipt one class": _hipt_one_class,
                 "audit missing labels": _audit_missing_labels, "simil bad fraction": _simil_bad_fraction,
                 "make one fold": _make_one_fold}
 
