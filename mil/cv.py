@@ -156,6 +156,17 @@ def _write_fold(fold_dir: Path, result, cfg: MILConfig, cohort: LabelledCohort, 
     write_json_atomic(fold_dir / "metrics.json", result.metrics)  # last: marks the fold done
 
 
+def _check_out(run: Path) -> None:
+    """``--out`` must be a new folder or a train-mil run: its config.json is never overwritten otherwise."""
+    from mil.record import read_record
+
+    if (run / RECORD_NAME).is_file():
+        try:
+            read_record(run)
+        except DataError as exc:
+            raise ConfigError(f"--out {run} is not a train-mil run folder ({exc}); pass another --out") from exc
+
+
 STALE_TEMP_S = 600.0  # a temporary file this old is a writer's that died (a fold's files take seconds to write)
 
 
@@ -226,6 +237,7 @@ def run_cv(cfg: MILConfig, progress: bool = False) -> pd.DataFrame:
             extra_files = {s: augmentation.spec.path(s) for s in augmentation.available}
     run = Path(cfg.out)
     record = _record(cfg, spec, cohort, scan.dim, all_folds, scan.usable, left_out, extra_files)
+    _check_out(run)
     check_resume(run, record, done_folds(run))
     write_record(run, record)
     remove_stale_temps(run)

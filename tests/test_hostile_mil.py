@@ -147,7 +147,14 @@ def _accelerator_tpu9(w):
     return _train_mil_args(w, w["root"] / "new", "--accelerator", "tpu9"), ["tpu9"]
 
 
-TRAIN_MIL_CASES = {"accelerator tpu9": _accelerator_tpu9,
+def _out_holds_a_foreign_config(w):
+    foreign = w["root"] / "weights"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"hidden_size": 768, "model_type": "vit"}')
+    return _train_mil_args(w, foreign), ["not a train-mil run folder"]
+
+
+TRAIN_MIL_CASES = {"accelerator tpu9": _accelerator_tpu9, "out holds a foreign config.json": _out_holds_a_foreign_config,
     "nan features": _nan_slide, "weight decay inf": _inf_weight_decay, "hidden -5": _negative_hidden,
     "unknown model kwarg": _unknown_kwarg, "devices 0": _devices_zero, "single-class train": _single_class_train,
     "empty test": _empty_test, "truncated h5": _truncated_h5, "garbage h5": _garbage_h5,
@@ -160,11 +167,11 @@ TRAIN_MIL_CASES = {"accelerator tpu9": _accelerator_tpu9,
 @pytest.mark.parametrize("case", sorted(TRAIN_MIL_CASES))
 def test_train_mil_hostile(case, work, capsys):
     argv, needles = TRAIN_MIL_CASES[case](work)
-    before = snapshot(work["run"], work["splits"])
+    before = snapshot(work["run"], work["splits"], *[p for p in [work["root"] / "weights"] if p.exists()])
     line = one_error(argv, capsys)
     for needle in needles:
         assert re.search(needle, line, re.IGNORECASE), line
-    assert snapshot(work["run"], work["splits"]) == before
+    assert snapshot(work["run"], work["splits"], *[p for p in [work["root"] / "weights"] if p.exists()]) == before
     _no_partial_output(work["root"] / "new")
 
 
