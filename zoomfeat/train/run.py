@@ -2,7 +2,8 @@
 
 Outputs under ``trainer.out``:
 
-- ``train_config.json``: the validated config of the run;
+- ``train_config.json``: the validated config of the run; ``train_inputs.json``: fingerprints of the training set
+  (index sha256, first-stage digest). A resume must keep both, except the settings in ``RESUME_FREE``;
 - ``checkpoints/step_<n>.ckpt`` + ``last.ckpt``: Lightning checkpoints (model, optimiser, schedule, loops);
 - ``official/step_<n>.ckpt`` + ``last.ckpt`` + ``config.yaml``: flat state_dicts in the official layout that
   ``zoomfeat.model.load_zoomldm(OUT/official, OUT/official/last.ckpt)`` reads strictly;
