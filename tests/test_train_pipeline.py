@@ -269,6 +269,12 @@ def test_resume_with_other_settings_is_refused_naming_the_keys(trainset, tmp_pat
     assert main([*_cli_train(trainset, out), "--resume", "none"]) == 2
     assert "--resume auto" in capsys.readouterr().err
     assert (out / "train_config.json").read_bytes() == record and (out / "checkpoints" / "last.ckpt").read_bytes() == last
+    inputs = out / "train_inputs.json"
+    real = inputs.read_text()
+    inputs.write_text(json.dumps({**json.loads(real), "index_sha256": "0" * 64}))  # the run began on another set
+    assert main(_cli_train(trainset, out, "--max-steps", "3")) == 2
+    assert "inputs.index_sha256" in capsys.readouterr().err
+    inputs.write_text(real)
     assert main([*_cli_train(trainset, out)[:-2], "--max-steps", "3", "--set", "validation.enabled=false"]) == 0
     assert json.loads((out / "train_config.json").read_text())["trainer"]["max_steps"] == 3  # longer is fine
 
