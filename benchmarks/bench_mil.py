@@ -1,99 +1,142 @@
-"""MIL training throughput: ABMIL on synthetic bags read from real HDF5 feature files (run by hand).
+"""MIL training speed: a plain per-bag PyTorch loop against train-mil's loop, on the same bags (run by hand).
 
-    python benchmarks/bench_mil.py --bags 200 --instances 8000 --dim 1152 --epochs 2
+    python benchmarks/bench_mil.py --model abmil --slides 60 --dim 256 --instances 100,200 --epochs 3 --threads 2
 
-Reports seconds per epoch, bags/s, the share of each epoch spent reading bags (h5py read + float16 -> float32
-upcast + 20x/5x-style fusion is not involved: one magnification), and the peak resident memory of the process.
-Epoch 1 reads every bag from its file; with --cache, later epochs read from memory.
+The cohort is a planted-signal one (tests/mil_data.py: 5% witness instances), written once as real HDF5
+feature files and read through mil.bags. Both sides train the same head (default sizes) with the same
+protocol settings (hipt: Adam lr 2e-4, weight decay 1e-5) on the same 5 folds:
+
+- ``plain``: the reference loop of CLAM's / DSMIL's scripts: bags held in memory as a list, one bag per step,
+  ``model(x)``, cross-entropy (+ the head's auxiliary loss), ``torch.optim.Adam`` (its default CPU code path),
+  zero_grad / backward / step, folds one after another;
+- ``train-mil``: mil.train's Engine (the loop behind ``zoomfeat train-mil``), one fold at a time (the default)
+  and with ``--all-folds`` (the 5 folds stacked), optionally ``--bags-per-step``.
+
+Per-epoch seconds are the best of ``--repeats`` interleaved runs (the machine may be shared), summed over the
+folds (all-folds: one stacked epoch covers every fold). AUC: mean test AUC over the folds after ``--epochs``
+epochs. Prints one JSON line per measurement and a summary line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from mil.bags import BagStore, FeatureSpec  # noqa: E402
+from mil.config import MILConfig, make_protocol, training_plan  # noqa: E402
+from mil.metrics import auroc  # noqa: E402
 from mil.models import build_model  # noqa: E402
-from mil.module import MILModule  # noqa: E402
-from mil.train import BagDataset, _loader, quiet_lightning  # noqa: E402
-from tests.mil_data import write_feature_file  # noqa: E402
+from mil.module import bag_loss  # noqa: E402
+from mil.train import Engine, FoldData, epoch_order, make_bags  # noqa: E402
+from mil_data import planted_cohort  # noqa: E402
+from splits.io import read_splits_dir  # noqa: E402
 
 
-class TimedStore(BagStore):
-    """A BagStore that adds up the seconds spent in ``get`` (file reads and cache hits)."""
+def cohort(work: Path, slides: int, dim: int, sizes: tuple[int, int]):
+    root = work / f"planted_{slides}x{dim}_{sizes[0]}-{sizes[1]}"
+    if not (root / "labels.csv").is_file():
+        planted_cohort(root, n_slides=slides, dim=dim, sizes=sizes)
+    import pandas as pd
 
-    seconds = 0.0
+    labels = pd.read_csv(root / "labels.csv")
+    target = {r.slide_id: int(r.label == "ILC") for r in labels.itertuples()}
+    folds = [(f.index, FoldData({p: list(f.part(p)) for p in ("train", "val", "test")}, target,
+                                {s: s for s in target})) for f in read_splits_dir(root / "splits")]
+    return root, target, folds
 
-    def get(self, slide_id):
+
+def plain_fold(model_name: str, dim: int, data: FoldData, feats: dict, epochs: int, seed: int):
+    """The reference loop; returns (seconds per epoch list, test AUC)."""
+    torch.manual_seed(seed)
+    model = build_model(model_name, dim, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4, weight_decay=1e-5)
+    order = torch.Generator().manual_seed(seed)
+    train = data.parts["train"]
+    times = []
+    for _ in range(epochs):
+        model.train()
         start = time.perf_counter()
-        bag = super().get(slide_id)
-        self.seconds += time.perf_counter() - start
-        return bag
+        for i in torch.randperm(len(train), generator=order).tolist():
+            y = torch.tensor(data.target[train[i]])
+            out = model(feats[train[i]], y)
+            loss = bag_loss(model, out, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        times.append(time.perf_counter() - start)
+    model.eval()
+    with torch.no_grad():
+        probs = torch.stack([torch.softmax(model(feats[s]).logits, 1)[0] for s in data.parts["test"]])
+    return times, auroc(probs, [data.target[s] for s in data.parts["test"]], 2)
 
 
-def write_bags(folder: Path, bags: int, instances: int, dim: int, dtype: str) -> None:
-    rng = np.random.default_rng(0)
-    for i in range(bags):
-        if not (folder / f"B{i:04d}.h5").is_file():
-            feats = rng.standard_normal((instances, dim), dtype=np.float32)
-            write_feature_file(folder, f"B{i:04d}", feats, dtype=np.dtype(dtype))
+def engine_run(cfg: MILConfig, folds, bags, order, dim: int, epochs: int):
+    """mil.train's Engine on ``folds`` (stacked); returns (seconds per epoch list, test AUCs)."""
+    engine = Engine(cfg, folds, bags, order, dim, 2, "cpu", training_plan(cfg))
+    times = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        engine.train_epoch(epoch)
+        times.append(time.perf_counter() - start)
+    return times, [engine.result(r).metrics["test_auc"] for r in range(len(folds))]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--bags", type=int, default=200)
-    p.add_argument("--instances", type=int, default=8000)
-    p.add_argument("--dim", type=int, default=1152)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="abmil")
+    p.add_argument("--slides", type=int, default=60)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--instances", default="100,200", help="bag size range lo,hi")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cache", action="store_true")
+    p.add_argument("--bags-per-step", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="/tmp/bench_mil")
     args = p.parse_args()
+    warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
-
-    folder = Path(args.work) / f"feats_{args.bags}x{args.instances}x{args.dim}_{args.dtype}"
-    t0 = time.perf_counter()
-    write_bags(folder, args.bags, args.instances, args.dim, args.dtype)
-    write_s = time.perf_counter() - t0
-    store = TimedStore(FeatureSpec.parse(f"{folder}@20x"), cache=args.cache)
-    ids = [f"B{i:04d}" for i in range(args.bags)]
-    data = BagDataset(store, ids, [i % 2 for i in range(args.bags)])
-    epochs: list[dict] = []
-
-    class EpochTimer(Callback):
-        def on_train_epoch_start(self, trainer, module):
-            self.start, self.load = time.perf_counter(), store.seconds
-
-        def on_train_epoch_end(self, trainer, module):
-            seconds = time.perf_counter() - self.start
-            epochs.append({"epoch": len(epochs) + 1, "seconds": round(seconds, 2),
-                           "bags_per_s": round(args.bags / seconds, 2),
-                           "load_share": round((store.seconds - self.load) / seconds, 3)})
-            print(json.dumps(epochs[-1]), flush=True)
-
-    with quiet_lightning():
-        L.seed_everything(0, verbose=False)
-        module = MILModule(build_model("abmil", args.dim, 2), 2e-4, 1e-5, 2, "last")
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False,
-                            enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                            limit_val_batches=0, callbacks=[EpochTimer()])
-        trainer.fit(module, _loader(data, True, False, 0))
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"bags": args.bags, "instances": args.instances, "dim": args.dim, "dtype": args.dtype,
-                      "threads": args.threads, "cache": args.cache, "write_s": round(write_s, 1),
-                      "peak_rss_gib": round(peak_gib, 2), "epochs": epochs}))
+    sizes = tuple(int(v) for v in args.instances.split(","))
+    root, target, folds = cohort(Path(args.work), args.slides, args.dim, sizes)
+    spec = f"{root / 'feats'}@20x"
+    store = BagStore(FeatureSpec.parse(spec), cache=False)
+    feats = {s: store.get(s).features for s in target}
+    cfg = MILConfig(features=spec, labels=str(root / "labels.csv"), splits=str(root / "splits"), out="/tmp/unused",
+                    model=args.model, protocol=make_protocol("hipt", epochs=args.epochs), seed=args.seed,
+                    bags_per_step=args.bags_per_step)
+    bags = make_bags(store, sorted(target), "cpu", True)
+    order = epoch_order([d.parts["train"] for _, d in folds], target, lambda s: True)
+    best = {"plain": [], "sequential": [], "all_folds": []}
+    aucs = {}
+    for _ in range(args.repeats):
+        runs = [plain_fold(args.model, args.dim, d, feats, args.epochs, args.seed) for _, d in folds]
+        best["plain"].append(sum(min(t) for t, _ in runs))
+        aucs["plain"] = float(np.mean([a for _, a in runs]))
+        runs = [engine_run(cfg, [fold], bags, order, args.dim, args.epochs) for fold in folds]
+        best["sequential"].append(sum(min(t) for t, _ in runs))
+        aucs["sequential"] = float(np.mean([a for _, a in runs for a in a]))
+        times, stacked = engine_run(cfg, folds, bags, order, args.dim, args.epochs)
+        best["all_folds"].append(min(times))
+        aucs["all_folds"] = float(np.mean(stacked))
+    epoch = {k: min(v) for k, v in best.items()}
+    print(json.dumps({
+        "model": args.model, "slides": args.slides, "dim": args.dim, "instances": sizes, "epochs": args.epochs,
+        "threads": args.threads, "bags_per_step": training_plan(cfg).bags_per_step,
+        "epoch_s_5_folds": {k: round(v, 3) for k, v in epoch.items()},
+        "ratio_sequential_vs_plain": round(epoch["sequential"] / epoch["plain"], 3),
+        "ratio_all_folds_vs_plain": round(epoch["all_folds"] / epoch["plain"], 3),
+        "all_folds_speedup_vs_sequential": round(epoch["sequential"] / epoch["all_folds"], 2),
+        "mean_test_auc": {k: round(v, 4) for k, v in aucs.items()}}))
 
 
 if __name__ == "__main__":

@@ -6,29 +6,31 @@ uses for everything the protocol leaves open. Every value can be overridden (``-
 
 Protocols (what they fix):
 
-- ``hipt``: Adam step size 2e-4, weight decay 1e-5, 20 epochs, the model of the last epoch is evaluated
-  (HIPT's weakly-supervised subtyping protocol).
-- ``clam``: step size 2e-4, weight decay 1e-5, at most 200 epochs with CLAM's early stopping on the
-  validation bag loss, counted as CLAM's ``EarlyStopping(patience=20, stop_epoch=50)`` does: after every epoch
-  (0-based index e) a validation loss lower than or equal to the best so far resets the counter and saves
-  the weights, a higher one adds 1, and training stops once the counter is >= patience and e > stop_epoch
-  (``min_epochs``, 50: at least 52 epochs); the saved (best) weights are evaluated.
-- ``simil``: step size 2e-4, weight decay 1e-5, 50 epochs; the epoch with the best validation AUC is kept
-  and evaluated on the fixed held-out test set (SI-MIL style model selection; the epoch count is ours).
+- ``hipt``: 20 epochs, the model of the last epoch is evaluated (HIPT's weakly-supervised subtyping protocol).
+- ``clam``: at most 200 epochs with CLAM's early stopping on the validation bag loss, counted as CLAM's
+  ``EarlyStopping(patience=20, stop_epoch=50)`` does: after every epoch (0-based index e) a validation loss
+  lower than or equal to the best so far resets the counter and saves the weights, a higher one adds 1, and
+  training stops once the counter is >= patience and e > stop_epoch (``min_epochs``, 50: at least 52 epochs);
+  the saved (best) weights are evaluated.
+- ``simil``: 50 epochs; the epoch with the best validation AUC is kept and evaluated on the fixed held-out
+  test set (SI-MIL style model selection; the epoch count is ours).
 
-Heads (what they bring; each head's reference in its recipe's ``source``): the optimiser family and its
-betas, the LR schedule (over the run's epochs), gradient clipping and the loss weights (in the head):
+Heads (what they bring, from their reference code, named in each recipe's ``source``): the optimiser, its
+step size, betas and weight decay, the LR schedule (stretched over the run's epochs), gradient clipping and
+the loss weights (in the head):
 
-- ``abmil``, ``mean``, ``max``: Adam (0.9, 0.999), constant LR (Ilse et al. 2018's code).
-- ``clam_sb``, ``clam_mb``: Adam (0.9, 0.999), constant LR; bag loss 0.7 / instance loss 0.3 (CLAM).
-- ``dsmil``: Adam betas (0.5, 0.9), cosine annealing to 5e-6 over the run's epochs (DSMIL's train_tcga.py).
-- ``transmil``: RAdam inside Lookahead (k 5, alpha 0.5), constant LR (TransMIL's lookahead_radam).
-- ``dtfd``: Adam (0.9, 0.999), LR x 0.2 at half the run's epochs (the reference's MultiStepLR([100], 0.2)
-  of 200 epochs), gradient norm clipped to 5 per tier-module (DTFD-MIL's Main_DTFD_MIL.py).
+- ``abmil``, ``mean``, ``max``: Adam lr 5e-4, (0.9, 0.999), weight decay 1e-4, constant (Ilse et al. 2018).
+- ``clam_sb``, ``clam_mb``: Adam lr 2e-4, (0.9, 0.999), weight decay 1e-5, constant; bag loss 0.7 /
+  instance loss 0.3 (CLAM's README runs).
+- ``dsmil``: Adam lr 2e-4, betas (0.5, 0.9), weight decay 5e-3, cosine annealing to 5e-6 over the run's
+  epochs (DSMIL's train_tcga.py).
+- ``transmil``: RAdam inside Lookahead (k 5, alpha 0.5), lr 2e-4, weight decay 1e-5, constant (TransMIL).
+- ``dtfd``: Adam lr 1e-4, weight decay 1e-4, LR x 0.2 at half the run's epochs (the reference's
+  MultiStepLR([100], 0.2) of 200 epochs), gradient norm clipped to 5 per tier-module (DTFD-MIL).
 
-The reference's own step size, weight decay and epoch count are in each recipe (``reference``) for the
-record; the protocols replace them. All heads train on one bag per optimiser step unless ``bags_per_step``
-says otherwise (heads that cannot pad bags always take one).
+The epochs of a head's reference are kept in its recipe for the record; the protocols replace them.
+``MILConfig`` records the step size and weight decay actually used in its ``protocol``. All heads train on one
+bag per optimiser step unless ``bags_per_step`` says otherwise (heads that cannot pad bags always take one).
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ class Protocol:
     """A training schedule: ``epochs`` is the maximum; ``patience`` None means no early stopping."""
 
     name: str
-    lr: float
-    weight_decay: float
+    lr: float | None  # None: the head's recipe (mil.config.RECIPES); MILConfig records the value used
+    weight_decay: float | None
     epochs: int
     selection: str
     patience: int | None = None
@@ -54,10 +56,10 @@ class Protocol:
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    "hipt": Protocol("hipt", lr=2e-4, weight_decay=1e-5, epochs=20, selection="last"),
-    "clam": Protocol("clam", lr=2e-4, weight_decay=1e-5, epochs=200, selection="val_loss", patience=20,
+    "hipt": Protocol("hipt", lr=None, weight_decay=None, epochs=20, selection="last"),
+    "clam": Protocol("clam", lr=None, weight_decay=None, epochs=200, selection="val_loss", patience=20,
                      min_epochs=50),
-    "simil": Protocol("simil", lr=2e-4, weight_decay=1e-5, epochs=50, selection="val_auc"),
+    "simil": Protocol("simil", lr=None, weight_decay=None, epochs=50, selection="val_auc"),
 }
 
 
@@ -89,6 +91,12 @@ class MILConfig:
     train_fraction: float = 1.0  # of each fold's training patients (stratified, seeded, nested); mil.augment
 
     def __post_init__(self) -> None:
+        p = self.protocol
+        if isinstance(p, Protocol) and (p.lr is None or p.weight_decay is None):
+            ref = RECIPES.get(self.model, DEFAULT_RECIPE).reference
+            lr = ref["lr"] if p.lr is None else p.lr
+            wd = ref["weight_decay"] if p.weight_decay is None else p.weight_decay
+            object.__setattr__(self, "protocol", replace(p, lr=lr, weight_decay=wd))  # the values used
         validate(self)
 
 
@@ -182,9 +190,11 @@ RECIPES: dict[str, Recipe] = {
                        reference={"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200}),
     "dtfd": Recipe("Zhang et al. 2022 (DTFD-MIL Main_DTFD_MIL.py)", schedule="step", milestones=(0.5,),
                    gamma=0.2, reference={"lr": 1e-4, "weight_decay": 1e-4, "epochs": 200}),
-    "mean": Recipe("baseline (ABMIL's optimiser)"),
-    "max": Recipe("baseline (ABMIL's optimiser)"),
+    "mean": Recipe("baseline (ABMIL's optimiser)", reference={"lr": 5e-4, "weight_decay": 1e-4, "epochs": 20}),
+    "max": Recipe("baseline (ABMIL's optimiser)", reference={"lr": 5e-4, "weight_decay": 1e-4, "epochs": 20}),
 }
+DEFAULT_RECIPE = Recipe("a head without a recipe (Adam 2e-4, weight decay 1e-5)",
+                        reference={"lr": 2e-4, "weight_decay": 1e-5, "epochs": 20})
 
 
 @dataclass(frozen=True)
@@ -203,7 +213,7 @@ def training_plan(cfg: MILConfig, device: str = "cpu") -> TrainingPlan:
     """Combine protocol, recipe and overrides; bf16 autocast only on a GPU (``precision`` auto)."""
     from mil.models import MIL_MODELS
 
-    recipe = RECIPES.get(cfg.model, Recipe("custom head (ABMIL's optimiser)"))
+    recipe = RECIPES.get(cfg.model, DEFAULT_RECIPE)
     cls = MIL_MODELS[cfg.model]
     bags = cfg.bags_per_step or recipe.bags_per_step
     if getattr(cls, "max_bags_per_step", None) is not None:
@@ -227,7 +237,7 @@ def describe_plan(plan: TrainingPlan) -> str:
     if p.patience is not None:
         stop += f", CLAM early stopping (patience {p.patience}, stop_epoch {p.min_epochs})"
     clip = f", gradient norm clipped to {max(plan.clip_groups.values()):g} per part" if plan.clip_groups else ""
-    return (f"training plan: {plan.model} under protocol {p.name}: protocol fixes lr {p.lr:g}, weight decay "
-            f"{p.weight_decay:g}, {p.epochs} epochs (max), {stop}; head recipe ({r.source}): {opt} betas "
-            f"{r.betas[0]:g}/{r.betas[1]:g}, {schedule[r.schedule]}{clip}; {plan.bags_per_step} bag(s) per "
-            f"optimiser step; {plan.precision}")
+    return (f"training plan: {plan.model} under protocol {p.name}: the protocol fixes {p.epochs} epochs (max) "
+            f"and {stop}; the head's recipe ({r.source}): {opt} lr {p.lr:g}, betas {r.betas[0]:g}/{r.betas[1]:g}, "
+            f"weight decay {p.weight_decay:g}, {schedule[r.schedule]}{clip}; {plan.bags_per_step} bag(s) per "
+            f"optimiser step; {plan.precision} (--lr/--weight-decay/--epochs... override any of them)")

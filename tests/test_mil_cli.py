@@ -24,7 +24,7 @@ def test_train_mil_cli_runs_resumes_and_reports_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "mean" in out and "summary.csv" in out
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["config"]["protocol"] == {"name": "simil", "lr": 1e-3, "weight_decay": 1e-5, "epochs": 2,
+    assert config["config"]["protocol"] == {"name": "simil", "lr": 1e-3, "weight_decay": 5e-3, "epochs": 2,
                                             "selection": "val_auc", "patience": None, "min_epochs": 1}
     assert config["config"]["model_kwargs"] == {"query_dim": 8} and config["config"]["folds"] == [0, 1]
     assert list(pd.read_csv(tmp_path / "run" / "summary.csv").fold) == ["0", "1", "mean", "std"]
@@ -57,7 +57,7 @@ def test_train_mil_user_errors_are_one_line(tmp_path, capsys):
     assert "unknown magnification '7x'" in error(features=f"{feats}@7x")
     assert f"write {feats}@20x+5x" in error(features=f"{feats}@5x+20x")
     assert "feature folder" in error(features=f"{tmp_path / 'absent'}@20x")
-    assert "unknown model 'transmil'" in error(extra=("--model", "transmil"))
+    assert "unknown model 'nomil'" in error(extra=("--model", "nomil"))
     assert "unknown protocol 'fast'" in error(extra=("--protocol", "fast"))
     assert "unknown task 'grading'" in error(extra=("--task", "grading"))
     assert not (tmp_path / "run").exists()

@@ -58,9 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     schedule.add_argument("--patience", type=int, default=None,
                           help="early-stopping patience in epochs without a better val loss (default: the "
                                "protocol's; none for hipt/simil)")
-    schedule.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the protocol's, 2e-4)")
+    schedule.add_argument("--lr", type=float, default=None,
+                          help="learning rate (default: the head's recipe, mil/config.py: e.g. 2e-4)")
     schedule.add_argument("--weight-decay", type=float, default=None,
-                          help="Adam weight decay (L2), >= 0 (default: the protocol's, 1e-5)")
+                          help="weight decay (L2), >= 0 (default: the head's recipe, e.g. 1e-5)")
     schedule.add_argument("--selection", choices=("last", "val_loss", "val_auc"), default=None,
                           help="which epoch's weights are evaluated (default: the protocol's)")
     schedule.add_argument("--balanced", action="store_true",

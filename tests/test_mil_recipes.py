@@ -1,0 +1,161 @@
+"""Head recipes within protocols: what each run trains with, printed at its start; the schedules against
+PyTorch's schedulers; the per-fold optimisers against torch.optim; CLAM's early stopping counted as CLAM's
+EarlyStopping class counts it (re-implemented here from its definition)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from mil.config import RECIPES, MILConfig, make_protocol, training_plan
+from mil.optim import FoldOptimizer, clip_per_fold, lr_at
+from mil.train import Engine, _Fold
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _cfg(model: str, protocol: str = "hipt", **kw) -> MILConfig:
+    return MILConfig(features="f@20x", labels="l.csv", splits="s", out="o", model=model,
+                     protocol=make_protocol(protocol, **kw))
+
+
+def test_protocols_fix_their_settings_and_heads_bring_the_rest():
+    dsmil = _cfg("dsmil")
+    plan = training_plan(dsmil)
+    assert (dsmil.protocol.epochs, dsmil.protocol.selection) == (20, "last")  # hipt
+    assert (dsmil.protocol.lr, dsmil.protocol.weight_decay) == (2e-4, 5e-3)  # DSMIL's train_tcga.py
+    assert plan.recipe.betas == (0.5, 0.9) and plan.recipe.schedule == "cosine" and plan.recipe.eta_min == 5e-6
+    abmil = _cfg("abmil", "simil")
+    assert (abmil.protocol.lr, abmil.protocol.weight_decay, abmil.protocol.epochs) == (5e-4, 1e-4, 50)
+    assert training_plan(_cfg("transmil")).recipe.optimizer == "radam_lookahead"
+    dtfd = training_plan(_cfg("dtfd", "clam"))
+    assert dtfd.clip_groups and dtfd.protocol.patience == 20 and dtfd.protocol.min_epochs == 50
+    assert training_plan(_cfg("dtfd")).bags_per_step == 1
+    given = _cfg("dsmil", lr=1e-3, weight_decay=0.0, epochs=7)
+    assert (given.protocol.lr, given.protocol.weight_decay, given.protocol.epochs) == (1e-3, 0.0, 7)
+    assert set(RECIPES) >= {"abmil", "clam_sb", "clam_mb", "dsmil", "transmil", "dtfd", "mean", "max"}
+
+
+def test_the_plan_is_printed_at_the_start_of_a_run(tmp_path, caplog):
+    from mil_data import planted_cohort
+
+    paths = planted_cohort(tmp_path / "c", n_slides=10, dim=4, sizes=(3, 5))
+    from mil.cv import run_cv
+
+    cfg = MILConfig(features=f"{paths['features']}@20x", labels=str(paths["labels"]), splits=str(paths["splits"]),
+                    out=str(tmp_path / "run"), model="dsmil", model_kwargs={"query_dim": 4}, folds=(0,),
+                    protocol=make_protocol("hipt", epochs=1))
+    with caplog.at_level(logging.INFO, logger="zoomfeat"):
+        run_cv(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training plan")]
+    assert len(lines) == 1
+    for part in ("dsmil under protocol hipt", "1 epochs", "last epoch", "betas 0.5/0.9",
+                 "cosine LR to 5e-06", "lr 0.0002", "weight decay 0.005", "1 bag(s) per optimiser step", "fp32"):
+        assert part in lines[0], (part, lines[0])
+
+
+def test_schedules_follow_torchs_schedulers():
+    dsmil, dtfd = RECIPES["dsmil"], RECIPES["dtfd"]
+    p = torch.nn.Parameter(torch.zeros(1))
+    cos = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.Adam([p], lr=2e-4), T_max=20, eta_min=5e-6)
+    opt = torch.optim.Adam([p], lr=1e-4)
+    step = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[100], gamma=0.2)
+    for epoch in range(200):
+        if epoch < 20:
+            assert math.isclose(lr_at(dsmil, 2e-4, epoch, 20), cos.get_last_lr()[0], rel_tol=1e-9)
+            cos.step()
+        assert math.isclose(lr_at(dtfd, 1e-4, epoch, 200), step.get_last_lr()[0], rel_tol=1e-9)
+        step.step()
+
+
+def test_fold_optimizer_is_torch_adam_per_fold_and_leaves_idle_folds_alone():
+    torch.manual_seed(0)
+    stacked = {"w": torch.randn(3, 4, 5), "b": torch.randn(3, 4)}
+    start = {k: v.clone() for k, v in stacked.items()}
+    opt = FoldOptimizer(stacked, RECIPES["dsmil"], lr=1e-2, weight_decay=5e-3)
+    refs = []
+    for k in range(3):
+        params = [torch.nn.Parameter(start["w"][k].clone()), torch.nn.Parameter(start["b"][k].clone())]
+        refs.append((params, torch.optim.Adam(params, lr=1e-2, betas=(0.5, 0.9), weight_decay=5e-3)))
+    for step in range(4):
+        grads = {"w": torch.randn(3, 4, 5), "b": torch.randn(3, 4)}
+        folds = [0, 2] if step % 2 else [0, 1, 2]  # fold 1 has no bag in odd steps
+        opt.step({k: g[folds] for k, g in grads.items()}, folds, lr=1e-2)
+        for k in folds:
+            (w, b), ref = refs[k]
+            w.grad, b.grad = grads["w"][k].clone(), grads["b"][k].clone()
+            ref.step()
+    for k, ((w, b), _) in enumerate(refs):
+        assert torch.allclose(stacked["w"][k], w.detach(), atol=1e-6)
+        assert torch.allclose(stacked["b"][k], b.detach(), atol=1e-6)
+
+
+def test_radam_lookahead_per_fold():
+    torch.manual_seed(1)
+    stacked = {"w": torch.randn(2, 3)}
+    start = stacked["w"].clone()
+    opt = FoldOptimizer(stacked, RECIPES["transmil"], lr=1e-2, weight_decay=0.0)
+    fast = torch.nn.Parameter(start[1].clone())
+    ref = torch.optim.RAdam([fast], lr=1e-2)
+    slow = start[1].clone()
+    for step in range(1, 11):
+        g = torch.randn(2, 3)
+        opt.step({"w": g}, [0, 1], lr=1e-2)
+        fast.grad = g[1].clone()
+        ref.step()
+        if step % 5 == 0:  # Lookahead (Zhang et al. 2019): slow += 0.5 (fast - slow); fast = slow
+            slow += 0.5 * (fast.detach() - slow)
+            fast.data.copy_(slow)
+    assert torch.allclose(stacked["w"][1], fast.detach(), atol=1e-6)
+
+
+def test_gradient_clipping_is_per_fold_and_group():
+    grads = {"a.w": torch.tensor([[3.0, 4.0], [0.3, 0.4]]), "b.w": torch.tensor([[10.0, 0.0], [1.0, 0.0]])}
+    clip_per_fold(grads, {"a": 1.0, "b": 5.0})
+    assert torch.allclose(grads["a.w"][0].norm(), torch.tensor(1.0), atol=1e-5)
+    assert torch.allclose(grads["a.w"][1], torch.tensor([0.3, 0.4]))  # norm 0.5 <= 1: untouched
+    assert torch.allclose(grads["b.w"][:, 0], torch.tensor([5.0, 1.0]), atol=1e-5)
+
+
+class ClamEarlyStopping:
+    """CLAM's utils/core_utils.py EarlyStopping, written from its definition: score = -val_loss; the first
+    score is the best; a lower score adds 1 to the counter and stops once counter >= patience and
+    epoch > stop_epoch; otherwise the score is the new best (saved) and the counter resets."""
+
+    def __init__(self, patience: int, stop_epoch: int):
+        self.patience, self.stop_epoch = patience, stop_epoch
+        self.best, self.counter, self.stop, self.saved = None, 0, False, None
+
+    def __call__(self, epoch: int, val_loss: float) -> None:
+        score = -val_loss
+        if self.best is None:
+            self.best, self.saved = score, epoch
+        elif score < self.best:
+            self.counter += 1
+            if self.counter >= self.patience and epoch > self.stop_epoch:
+                self.stop = True
+        else:
+            self.best, self.saved, self.counter = score, epoch, 0
+
+
+@pytest.mark.parametrize("patience,stop_epoch", [(3, 5), (2, 0), (20, 50)])
+def test_clam_early_stopping_counts_as_clam(patience, stop_epoch):
+    torch.manual_seed(patience)
+    losses = (1.0 + 0.3 * torch.rand(120) - torch.linspace(0, 0.5, 120)).tolist()
+    losses[10] = losses[9]  # a tie: CLAM saves it
+    protocol = make_protocol("clam", patience=patience, min_epochs=stop_epoch, epochs=120)
+    engine = Engine.__new__(Engine)
+    engine.fold_state_dict = lambda row: {"epoch": row}
+    fold = _Fold(0, None, torch.zeros(0), torch.Generator())
+    ref = ClamEarlyStopping(patience, stop_epoch)
+    for epoch, loss in enumerate(losses):
+        engine._track(fold, 0, epoch, loss, None, protocol)
+        ref(epoch, loss)
+        assert fold.stopped == ref.stop
+        assert fold.best_epoch == ref.saved + 1  # 1-based
+        if ref.stop:
+            break
+    assert ref.stop or patience == 20
