@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--zoomldm", default="tiny",
                        help="official config.yaml or release folder whose first stage encodes the latents "
                             "(default: tiny, the packaged CPU-sized config)")
-    model.add_argument("--zoomldm-weights", default=None,
+    model.add_argument("--weights", "--zoomldm-weights", dest="zoomldm_weights", default=None,
                        help="weights.ckpt for the first stage (default: <folder>/weights.ckpt, else random init)")
     grid = parser.add_argument_group("grid")
     grid.add_argument("--mags", default="all", help="magnifications: all (default) or e.g. 20x,10x,5x")

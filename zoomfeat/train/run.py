@@ -138,7 +138,7 @@ def adopt_first_stage(data: TrainingSet, model, from_checkpoint: bool) -> None:
         model.first_stage_model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     if data.first_stage_digest and first_stage_digest(model) != data.first_stage_digest:
         raise DataError(f"{data.root}: the latents were made with another first stage than {model.config.source}'s "
-                        "weights: rerun prepare-train with --zoomldm-weights set to the --init-from file")
+                        "weights: rerun prepare-train with --weights set to the --init-from file")
 
 
 def check_data(data: TrainingSet, model) -> None:
