@@ -21,7 +21,8 @@ import cli
 from zoomfeat.demo import FEATURE_SETS, DemoConfig, stages
 from zoomfeat.errors import ConfigError
 
-ARTEFACTS = Path(os.environ.get("ZOOMFEAT_TEST_ARTEFACTS", Path(__file__).parent / "artefacts"))
+# the headless screenshot of the demo page goes here (git-ignored; CI may point it at its artefact folder)
+ARTEFACTS = Path(os.environ.get("ZOOMFEAT_TEST_ARTEFACTS", Path(__file__).parents[1] / "demo_out" / "test_artefacts"))
 
 
 # ----- the cohort -------------------------------------------------------------------------------------------------

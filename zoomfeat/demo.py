@@ -131,7 +131,7 @@ def test_slides_of_fold(splits_dir: Path, labels_csv: Path, fold: int = 0) -> di
 
 
 def tissue_patch(types_json: Path, slide_id: str, mag: str) -> tuple[int, int]:
-    """Level-0 (x, y) of a 20x tile or 5x patch (4x4 tiles) that is all tissue, near the slide's centre."""
+    """Level-0 (x, y) of the 20x tile or 5x patch (4x4 tiles) with the most tissue tiles, nearest the centre."""
     import numpy as np
 
     from zoomfeat.synthetic import ARRANGEMENT_TILE
@@ -139,10 +139,10 @@ def tissue_patch(types_json: Path, slide_id: str, mag: str) -> tuple[int, int]:
     types = np.asarray(json.loads(types_json.read_text())[slide_id])
     width = {"20x": 1, "5x": 4}[mag]
     cells = types.shape[0] // width
-    blocks = types[: cells * width, : cells * width].reshape(cells, width, cells, width).min(axis=(1, 3))
-    ys, xs = np.nonzero(blocks > 0)
-    if len(xs) == 0:
-        raise ConfigError(f"slide {slide_id} has no all-tissue {mag} patch")
+    blocks = (types[: cells * width, : cells * width] > 0).reshape(cells, width, cells, width).sum(axis=(1, 3))
+    if blocks.max() == 0:
+        raise ConfigError(f"slide {slide_id} has no tissue {mag} patch")
+    ys, xs = np.nonzero(blocks == blocks.max())
     centre = (cells - 1) / 2
     k = int(np.argmin((ys - centre) ** 2 + (xs - centre) ** 2))
     side = ARRANGEMENT_TILE * width
@@ -321,7 +321,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
                       ["compare", *[d / "runs" / name for name, _, _ in FEATURE_SETS], "--out", d / "report",
                        "--reference", d / "runs" / REFERENCE_RUN]))
     for label, kind in ((1, "clustered"), (0, "intermixed")):
-        plan.append(Stage(f"attention heatmap of a {kind} test slide (fold 0, {FUSED_RUN})",
+        plan.append(Stage(f"attention heatmap of {'an' if label == 0 else 'a'} {kind} test slide (fold 0, {FUSED_RUN})",
                           lambda label=label, kind=kind: [
                               "heatmap", d / "runs" / FUSED_RUN,
                               slides / f"{test_slides_of_fold(d / 'splits', labels)[label]}.svs", "--fold", 0,
