@@ -128,7 +128,7 @@ def test_model_pred_cond_and_uncond_recombine(large):
 
 
 # ----- large-image decoder ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("key", ["dli", "dli_rect"])
+@pytest.mark.parametrize("key", [pytest.param("dli", marks=pytest.mark.slow), "dli_rect"])
 def test_decode_large_image(large, small_model, key):
     img = decode_large_uint8(small_model, T(large[f"{key}_latent"]), stride=16, sigma=0.8)
     gold = large[f"{key}_image"]
@@ -181,6 +181,7 @@ def test_refinement_pass_raw_weights(pp, small_model_raw):
         assert rel(x.numpy(), pp["pp_x_at_step"][k]) < 1e-3
 
 
+@pytest.mark.slow
 def test_refinement_pass_ema_weights(pp, small_model):
     assert rel(_refine(small_model, pp).numpy(), pp["pp_out_ema"]) < 1e-3
 
