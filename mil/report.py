@@ -215,6 +215,9 @@ def compute_report(run: RunResult, n_bootstrap: int = 1000, seed: int = 0) -> di
     if undefined:
         notes.append(f"AUC undefined (test set lacks a class) for folds {undefined}: shown as n/a and "
                      "excluded from the mean and standard deviation.")
+    if run.record.inputs is None:
+        notes.append("The run record has no input fingerprints (written by an older zoomfeat): which labels and "
+                     "feature files the folds were trained on cannot be verified.")
     return {
         "run_dir": str(run.run_dir),
         "metadata": run_metadata(run.record),

@@ -256,6 +256,7 @@ def test_records_of_the_first_schema_are_read_and_newer_ones_refused(tmp_path):
     want = expected_fold_metrics(run)
     got = {m["fold"]: m for m in build_report(run, n_bootstrap=0)["folds"]}
     assert all(got[k]["f1"] == pytest.approx(w["f1"]) for k, w in want.items())
+    assert "no input fingerprints" in (run / "report" / "report.md").read_text()
     (run / "config.json").write_text(json.dumps({**new, "schema_version": 99}))
     with pytest.raises(DataError, match="schema 99 is newer"):
         read_record(run)
