@@ -58,19 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_shard_option(runtime)
 
 
-def _conditioner(value: str) -> tuple[str, str | None]:
-    from zoomfeat.errors import ConfigError
-
-    name, _, path = value.partition("=")
-    name = name.strip().lower()
-    if name == "toy" and not path:
-        return "toy", None
-    if name in ("uni", "phikon", "ctranspath") and path:
-        return name, path
-    raise ConfigError(f"bad --conditioner {value!r}: use uni=PATH (UNI weights) or toy")
-
-
 def build_config(args: argparse.Namespace):
+    from zoomfeat.encoders.specs import parse_conditioner
     """ExtractConfig from parsed arguments (every value validated here, before any work)."""
     from pathlib import Path
 
@@ -88,7 +77,7 @@ def build_config(args: argparse.Namespace):
             raise ConfigError("--encoder zoomldm needs --zoomldm CONFIG_OR_DIR")
         zoomldm_config, weights = resolve_zoomldm_paths(args.zoomldm, args.weights)
         if args.conditioning is None:
-            conditioner, cond_weights = _conditioner(args.conditioner)
+            conditioner, cond_weights = parse_conditioner(args.conditioner)
         else:
             conditioner = args.conditioner.partition("=")[0].strip().lower()
     else:

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slides", nargs="+", help="slide files and/or folders holding slides")
     model = parser.add_argument_group("model")
     model.add_argument("--conditioner", required=True,
-                       help="conditioning encoder of the 20x tiles: uni=PATH (UNI weights) or toy (random, tests)")
+                       help="conditioning encoder of the 20x tiles: NAME=PATH (a registered encoder with its local weights, e.g. uni=weights/uni, dinov2=...) or toy (random, tests)")
     model.add_argument("--conditioner-dim", type=int, default=None,
                        help="toy conditioner width (default: the model's Summarizer input channels)")
     model.add_argument("--zoomldm", default="tiny",
@@ -43,25 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "(default 0)")
 
 
-def parse_conditioner(value: str) -> tuple[str, Path | None]:
-    """``toy`` -> ("toy", None); ``uni=PATH`` -> ("uni", PATH)."""
-    from zoomfeat.errors import ConfigError
-
-    name, sep, path = value.partition("=")
-    name = name.strip().lower()
-    if name == "toy" and not sep:
-        return "toy", None
-    if name == "uni" and sep and path:
-        return "uni", Path(path)
-    raise ConfigError(f"--conditioner {value!r}: use uni=PATH (local UNI weights) or toy")
-
-
 def build_config(args: argparse.Namespace):
+    from zoomfeat.encoders.specs import parse_conditioner
     from zoomfeat.extract.runtime import check_device
     from zoomfeat.mags import parse_mags
     from zoomfeat.train.config import PrepareConfig
 
     name, weights = parse_conditioner(args.conditioner)
+    weights = Path(weights) if weights else None
     return PrepareConfig(
         slides=tuple(Path(s) for s in args.slides), out=Path(args.out), conditioner=name,
         conditioner_weights=weights, zoomldm=Path(args.zoomldm),

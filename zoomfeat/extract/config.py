@@ -114,8 +114,10 @@ def _validate_zoomldm(c: ExtractConfig) -> None:
         raise ConfigError("--encoder zoomldm needs --zoomldm CONFIG_OR_DIR (the official config.yaml or its folder)")
     _existing("--zoomldm", c.zoomldm_config)
     if c.conditioning_dir is None:
-        if c.conditioner == "uni" and c.conditioner_weights is None:
-            raise ConfigError("--conditioner uni needs its weights: use --conditioner uni=PATH (or toy)")
+        from zoomfeat.encoders.specs import parse_conditioner
+
+        parse_conditioner(c.conditioner if c.conditioner_weights is None
+                          else f"{c.conditioner}={c.conditioner_weights}")  # the one --conditioner rule
         _existing("--conditioner weights", c.conditioner_weights)
     else:
         _existing("--conditioning", c.conditioning_dir)

@@ -63,10 +63,10 @@ class PrepareConfig:
         if not self.slides:
             raise ConfigError("no slide given: pass slide files or folders to prepare-train")
         check_scale_overrides(self.base_mag, self.mpp)
-        if self.conditioner not in ("toy", "uni"):
-            raise ConfigError(f"unknown --conditioner {self.conditioner!r}: use uni=PATH or toy")
-        if self.conditioner == "uni" and self.conditioner_weights is None:
-            raise ConfigError("--conditioner uni needs its weight file: use --conditioner uni=PATH")
+        from zoomfeat.encoders.specs import parse_conditioner
+
+        parse_conditioner(self.conditioner if self.conditioner_weights is None
+                          else f"{self.conditioner}={self.conditioner_weights}")  # the one --conditioner rule
         if self.conditioner_weights is not None and not Path(self.conditioner_weights).is_file():
             raise ConfigError(f"conditioner weights {self.conditioner_weights} not found: pass an existing file")
         resolve_zoomldm_config(self.zoomldm)

@@ -189,7 +189,7 @@ def _load_models(cfg: PrepareConfig):
     if cfg.conditioner == "toy":
         encoder = load_encoder("toy", dim=cfg.conditioner_dim or int(model.conditioning_dim), seed=cfg.seed)
     else:
-        encoder = load_encoder("uni", cfg.conditioner_weights)
+        encoder = load_encoder(cfg.conditioner, cfg.conditioner_weights)
     return model, encoder.to(cfg.device).eval()
 
 
