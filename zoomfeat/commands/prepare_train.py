@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slides", nargs="+", help="slide files and/or folders holding slides")
     model = parser.add_argument_group("model")
     model.add_argument("--conditioner", required=True,
-                       help="conditioning encoder of the 20x tiles: NAME=PATH (a registered encoder with its local weights, e.g. uni=weights/uni, dinov2=...) or toy (random, tests)")
+                       help="conditioning encoder of the 20x tiles: NAME=PATH (a registered encoder and its local "
+                            "weights, e.g. uni=weights/uni) or toy (random, tests)")
     model.add_argument("--conditioner-dim", type=int, default=None,
                        help="toy conditioner width (default: the model's Summarizer input channels)")
     model.add_argument("--zoomldm", default="tiny",
