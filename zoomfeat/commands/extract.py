@@ -12,8 +12,10 @@ HELP = "extract ZoomLDM (or UNI/Phikon/CTransPath/toy baseline) features per sli
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slides", nargs="+", metavar="SLIDE_OR_DIR", help="slide files or folders of slides")
     model = parser.add_argument_group("model")
-    model.add_argument("--encoder", default="zoomldm", help="zoomldm (default) or a baseline: uni, phikon, "
-                       "ctranspath, toy")
+    from zoomfeat.encoders.specs import encoder_names  # torch-free: the registry's names are the choices
+
+    model.add_argument("--encoder", default="zoomldm",
+                       help=f"zoomldm (default) or a baseline encoder: {', '.join(encoder_names())}")
     model.add_argument("--zoomldm", metavar="CONFIG_OR_DIR", help="official ZoomLDM config.yaml or its folder "
                        "(with weights.ckpt); needed for --encoder zoomldm")
     model.add_argument("--weights", metavar="CKPT", help="ZoomLDM checkpoint (default: beside the config), or the "

@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     features.add_argument("--weights", metavar="FILE", help="local Inception-v3 state_dict for fid/crop-fid/"
                           "downsampled-fid/nn-distance/embedding (pytorch-fid's pt_inception-2015-12-05-6726825d.pth"
                           "; never downloaded)")
-    features.add_argument("--encoder", metavar="NAME", help="a registered encoder (uni, phikon, ctranspath, toy) "
+    from zoomfeat.encoders.specs import encoder_names  # torch-free registry names
+
+    features.add_argument("--encoder", metavar="NAME", help=f"a registered encoder ({', '.join(encoder_names())}) "
                           "instead of Inception: a domain FID / embedding similarity")
     features.add_argument("--encoder-weights", metavar="PATH", help="the encoder's local weight file or folder")
     features.add_argument("--encoder-dim", type=int, help="output width of the toy encoder (default 64)")
