@@ -59,7 +59,7 @@ def test_missing_tile_is_a_data_error_naming_the_source():
 
 
 def test_embeds_each_distinct_tile_once_and_matches_the_encoder(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     from zoomfeat.encoders import load_encoder
     from zoomfeat.slides import Slide
     from zoomfeat.synthetic import write_synthetic_slide

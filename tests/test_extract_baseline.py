@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-h5py = pytest.importorskip("h5py")
+import torch  # noqa: E402  (a required dependency: imported, never skipped)
+import h5py  # noqa: E402
 
 import cli  # noqa: E402
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-h5py = pytest.importorskip("h5py")
-pytest.importorskip("lightning")
+import h5py  # noqa: E402
+import lightning  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (a required dependency: imported, never skipped)
 
 from zoomfeat.extract.noise import patch_seed, seeded_noise  # noqa: E402
 from zoomfeat.extract.runner import _contiguous_runs  # noqa: E402

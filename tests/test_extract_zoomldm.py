@@ -12,8 +12,8 @@ import pytest
 
 from tests.conftest import require_shared
 
-torch = pytest.importorskip("torch")
-h5py = pytest.importorskip("h5py")
+import torch  # noqa: E402  (a required dependency: imported, never skipped)
+import h5py  # noqa: E402
 
 import cli  # noqa: E402
 from zoomfeat.mags import grid_width, mag_index  # noqa: E402
