@@ -243,6 +243,10 @@ def test_patch_sampling(ps, ps_cond, small_model, sampler):
     proxy = types.SimpleNamespace(unet=unet, alphas_cumprod=small_model.alphas_cumprod)
     out = sample_batch(proxy, ps_cond, T(ps["ps_x_T"]), SamplerSettings(sampler, 10, Guidance(2.0, "standard")))
     assert rel(out.numpy(), ps[f"ps_{sampler}_sample"]) < 1e-3
+    # our sample decodes through the same codebook entries wherever the choice is not a near-tie
+    codes = small_model.first_stage_model.quantize.indices(out / small_model.config.diffusion.scale_factor)
+    sure = ps[f"ps_{sampler}_code_gap_rel"] > 1e-4
+    assert sure.mean() > 0.95 and (codes.numpy()[sure] == ps[f"ps_{sampler}_codes"][sure]).all()
     times = sorted({t for t, _ in seen})
     assert times == list(ps["ps_timesteps"])
     if sampler == "plms":  # x_T then x after each step: the inputs of each step's first evaluation, then the result
