@@ -360,19 +360,28 @@ def run_demo(cfg: DemoConfig) -> int:
             print("    already done", flush=True)
             record.append({"title": stage.title, "command": shown, "seconds": None, "group": stage.group})
             continue
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         code = _run_stage(stage)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         if code != 0:
             print(f"demo: stage {i} failed with exit code {code}; rerun the command above to see why",
                   file=sys.stderr)
             return code
-        record.append({"title": stage.title, "command": shown, "seconds": round(seconds, 1), "group": stage.group})
+        record.append({"title": stage.title, "command": shown, "seconds": round(seconds, 1),
+                       "cpu_seconds": round(cpu, 1), "group": stage.group})
         print(f"    done in {seconds:.0f} s", flush=True)
     total = time.perf_counter() - start
+    _write_stage_times(cfg.out / "stages.json", record, total)
     index = write_index(cfg, record, total)
     print(f"\ndemo finished in {total:.0f} s: open {index}")
     return 0
+
+
+def _write_stage_times(path: Path, record: list[dict], total: float) -> None:
+    """stages.json: every stage's title, command, wall and CPU seconds (None: already done) of this run."""
+    from zoomfeat.config import write_json_atomic
+
+    write_json_atomic(path, {"total_seconds": round(total, 1), "stages": record})
 
 
 def config_record(cfg: DemoConfig) -> dict:

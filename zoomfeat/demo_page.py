@@ -221,11 +221,15 @@ def _generation_section(out: Path) -> list[str]:
 
 
 def _stages_section(record: list[dict], total: float) -> list[str]:
-    rows = [[str(i), r["title"], "already done" if r["seconds"] is None else f"{r['seconds']:.1f}"]
-            for i, r in enumerate(record, 1)]
+    def cell(value) -> str:
+        return "already done" if value is None else f"{value:.1f}"
+
+    rows = [[str(i), r["title"], cell(r["seconds"]), cell(r.get("cpu_seconds"))] for i, r in enumerate(record, 1)]
     parts = [html.heading("Stages and elapsed time"),
-             html.table(["#", "stage", "seconds"], rows, numeric=[True, False, True]),
-             html.paragraph(f"Total: {total:.0f} s.")]
+             html.table(["#", "stage", "wall s", "CPU s (this process)"], rows, numeric=[True, False, True, True]),
+             f"<p>Total: {total:.0f} s wall. A rerun resumes: stages that the commands find done take a second "
+             "or two, and generation stages with a manifest are skipped. "
+             + _link("stages.json", "stages.json") + " holds these numbers.</p>"]
     parts.append(html.heading("Commands", 3))
     parts.append(_code("\n".join(r["command"] for r in record)))
     return parts
