@@ -4,7 +4,7 @@
 
 The cohort is a planted-signal one (tests/mil_data.py: 5% witness instances), written once as real HDF5
 feature files and read through mil.bags. Both sides train the same head (default sizes) with the same
-protocol settings (hipt: Adam lr 2e-4, weight decay 1e-5) on the same 5 folds:
+optimiser settings (the head's recipe under hipt: lr, betas, weight decay; constant LR) on the same 5 folds:
 
 - ``plain``: the reference loop of CLAM's / DSMIL's scripts: bags held in memory as a list, one bag per step,
   ``model(x)``, cross-entropy (+ the head's auxiliary loss), ``torch.optim.Adam`` (its default CPU code path),
@@ -55,11 +55,13 @@ def cohort(work: Path, slides: int, dim: int, sizes: tuple[int, int]):
     return root, target, folds
 
 
-def plain_fold(model_name: str, dim: int, data: FoldData, feats: dict, epochs: int, seed: int):
-    """The reference loop; returns (seconds per epoch list, test AUC)."""
+def plain_fold(cfg: MILConfig, dim: int, data: FoldData, feats: dict, epochs: int, seed: int):
+    """The reference loop (Adam with the run's lr, betas and weight decay; constant LR); returns (seconds per
+    epoch list, test AUC)."""
     torch.manual_seed(seed)
-    model = build_model(model_name, dim, 2)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-4, weight_decay=1e-5)
+    model = build_model(cfg.model, dim, 2, **cfg.model_kwargs)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.protocol.lr, betas=training_plan(cfg).recipe.betas,
+                           weight_decay=cfg.protocol.weight_decay)
     order = torch.Generator().manual_seed(seed)
     train = data.parts["train"]
     times = []
@@ -101,6 +103,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bags-per-step", type=int, default=None)
+    p.add_argument("--model-kwargs", default="{}", help="head arguments, JSON (default: the head's defaults)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="/tmp/bench_mil")
     args = p.parse_args()
@@ -112,14 +115,15 @@ def main() -> None:
     store = BagStore(FeatureSpec.parse(spec), cache=False)
     feats = {s: store.get(s).features for s in target}
     cfg = MILConfig(features=spec, labels=str(root / "labels.csv"), splits=str(root / "splits"), out="/tmp/unused",
-                    model=args.model, protocol=make_protocol("hipt", epochs=args.epochs), seed=args.seed,
+                    model=args.model, model_kwargs=json.loads(args.model_kwargs),
+                    protocol=make_protocol("hipt", epochs=args.epochs), seed=args.seed,
                     bags_per_step=args.bags_per_step)
     bags = make_bags(store, sorted(target), "cpu", True)
     order = epoch_order([d.parts["train"] for _, d in folds], target, lambda s: True)
     best = {"plain": [], "sequential": [], "all_folds": []}
     aucs = {}
     for _ in range(args.repeats):
-        runs = [plain_fold(args.model, args.dim, d, feats, args.epochs, args.seed) for _, d in folds]
+        runs = [plain_fold(cfg, args.dim, d, feats, args.epochs, args.seed) for _, d in folds]
         best["plain"].append(sum(min(t) for t, _ in runs))
         aucs["plain"] = float(np.mean([a for _, a in runs]))
         runs = [engine_run(cfg, [fold], bags, order, args.dim, args.epochs) for fold in folds]
@@ -130,7 +134,7 @@ def main() -> None:
         aucs["all_folds"] = float(np.mean(stacked))
     epoch = {k: min(v) for k, v in best.items()}
     print(json.dumps({
-        "model": args.model, "slides": args.slides, "dim": args.dim, "instances": sizes, "epochs": args.epochs,
+        "model": args.model, "model_kwargs": cfg.model_kwargs, "slides": args.slides, "dim": args.dim, "instances": sizes, "epochs": args.epochs,
         "threads": args.threads, "bags_per_step": training_plan(cfg).bags_per_step,
         "epoch_s_5_folds": {k: round(v, 3) for k, v in epoch.items()},
         "ratio_sequential_vs_plain": round(epoch["sequential"] / epoch["plain"], 3),

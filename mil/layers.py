@@ -11,7 +11,7 @@ to the same fold trained together with others. Two rules keep that true:
   ``softplus``, ``log1p`` do on AVX-512): :class:`Sigmoid` and :func:`bce_with_logits` are written with
   ``exp``/``log``, whose two paths agree;
 - randomness per fold: inside :func:`fold_generators`, :class:`Dropout` (and any head drawing random numbers
-  through :func:`fold_rand` / :func:`fold_randperm`) draws each fold's numbers from that fold's own generator.
+  through :func:`fold_randperm`) draws each fold's numbers from that fold's own generator.
 """
 
 from __future__ import annotations
@@ -39,14 +39,6 @@ def fold_generators(generators: list[torch.Generator]):
 
 def active_generators() -> list[torch.Generator] | None:
     return getattr(_STATE, "generators", None)
-
-
-def fold_rand(shape: tuple[int, ...], device, stacked: bool) -> torch.Tensor:
-    """Uniform [0, 1) noise: [F, *shape] from the folds' generators, else ``shape`` from the global RNG."""
-    gens = active_generators()
-    if not stacked or gens is None:
-        return torch.rand(shape, device=device)
-    return torch.stack([torch.rand(shape, generator=g, device=device) for g in gens])
 
 
 def fold_randperm(n: int, device, stacked: bool) -> torch.Tensor:
@@ -117,8 +109,10 @@ class Dropout(nn.Dropout):
             return x
         if active_generators() is None:
             return F.dropout(x, self.p, True)
-        keep = fold_rand(tuple(x.shape[1:]), x.device, True) >= self.p
-        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+        keep = torch.stack([torch.empty(x.shape[1:], device=x.device, dtype=x.dtype)
+                            .bernoulli_(1.0 - self.p, generator=g)
+                            for g in active_generators()])
+        return x * keep.mul_(1.0 / (1.0 - self.p))
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
