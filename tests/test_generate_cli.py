@@ -100,6 +100,21 @@ def test_first_tissue_patch_and_several_patches(slide, tmp_path):
     assert len(man["images"]) == 2
 
 
+def test_patches_from_a_tile_store(slide, tmp_path):
+    """``--tiles``: the first tissue patches come from a `zoomfeat tile` store (oracle: the store's own rows)."""
+    from zoomfeat.store import FeatureFile
+
+    tiles = tmp_path / "tiles"
+    assert cli.main(["tile", str(slide), "--mags", "20x,10x", "--out", str(tiles), "--no-progress"]) == 0
+    out = tmp_path / "from_tiles"
+    assert cli.main(["sample", *BASE, "--slide", str(slide), "--tiles", str(tiles), "--patches", "2", "--n", "1",
+                     "--steps", "10", "--out", str(out)]) == 0
+    with FeatureFile(tiles / f"{Path(slide).stem}.h5") as f:
+        expected = f.coords("10x")[:2].tolist()
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["conditions"]["coords_level0"] == expected and man["conditions"]["tiles_dir"] == str(tiles)
+
+
 @pytest.mark.parametrize("method", ["joint", "grid"])
 def test_generate_large_end_to_end_and_regeneration(slide, tmp_path, method):
     from zoomfeat.generate.run import regenerate
