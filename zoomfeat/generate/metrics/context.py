@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from zoomfeat.generate.metrics.features import FeatureNet, FeatureSpec, load_feature_net
+from zoomfeat.generate.metrics.features import FeatureNet, FeatureNetSpec, load_feature_net
 from zoomfeat.generate.metrics.images import list_images, pair_images
 
 
@@ -28,7 +28,7 @@ class MetricContext:
 
     real_dir: Path
     fake_dir: Path
-    features: FeatureSpec | None = None
+    features: FeatureNetSpec | None = None
     lpips_backbone: Path | None = None
     lpips_linear: Path | None = None
     lpips_net: str = "alex"

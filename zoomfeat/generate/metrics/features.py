@@ -18,7 +18,7 @@ from zoomfeat.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
-class FeatureSpec:
+class FeatureNetSpec:
     """Which network: ``inception`` (``weights`` = the Inception state_dict) or a registered encoder name
     (``weights`` = its local weight path, None for ``toy``; ``dim``/``seed`` for ``toy``)."""
 
@@ -31,7 +31,7 @@ class FeatureSpec:
 class FeatureNet:
     """uint8 images -> features, batched, on one device."""
 
-    def __init__(self, spec: FeatureSpec, module: torch.nn.Module, dim: int, preprocess, device: str):
+    def __init__(self, spec: FeatureNetSpec, module: torch.nn.Module, dim: int, preprocess, device: str):
         self.spec, self.module, self.dim, self.device = spec, module.to(device).eval(), dim, device
         self._preprocess = preprocess
 
@@ -72,7 +72,7 @@ def _stack(batch: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(batch)
 
 
-def load_feature_net(spec: FeatureSpec, device: str = "cpu") -> FeatureNet:
+def load_feature_net(spec: FeatureNetSpec, device: str = "cpu") -> FeatureNet:
     """Build the network of ``spec`` from local files only."""
     if spec.network == "inception":
         if spec.weights is None:

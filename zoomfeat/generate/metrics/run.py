@@ -8,7 +8,7 @@ from pathlib import Path
 
 from zoomfeat.errors import ConfigError
 from zoomfeat.generate.metrics.context import MetricContext, MetricResult
-from zoomfeat.generate.metrics.features import FeatureSpec
+from zoomfeat.generate.metrics.features import FeatureNetSpec
 from zoomfeat.generate.metrics.registry import get_metric
 
 
@@ -59,15 +59,15 @@ class GenMetricsConfig:
         if self.out is not None and self.out.suffix.lower() not in (".json", ".csv"):
             raise ConfigError(f"--out {self.out}: use a .json or .csv file name")
 
-    def feature_spec(self) -> FeatureSpec | None:
+    def feature_net_spec(self) -> FeatureNetSpec | None:
         if self.weights is not None:
-            return FeatureSpec("inception", self.weights)
+            return FeatureNetSpec("inception", self.weights)
         if self.encoder is not None:
-            return FeatureSpec(self.encoder, self.encoder_weights, self.encoder_dim)
+            return FeatureNetSpec(self.encoder, self.encoder_weights, self.encoder_dim)
         return None
 
     def context(self) -> MetricContext:
-        return MetricContext(self.real, self.fake, self.feature_spec(), self.lpips_backbone, self.lpips_linear,
+        return MetricContext(self.real, self.fake, self.feature_net_spec(), self.lpips_backbone, self.lpips_linear,
                              self.lpips_net, self.crop_size, self.downsample_size, self.batch_size, self.device)
 
 
