@@ -378,3 +378,33 @@ def test_ddp_step_equals_the_averaged_gradients_of_both_ranks(contexts, tmp_path
     for key, value in model.dit.state_dict().items():
         torch.testing.assert_close(got["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
         torch.testing.assert_close(got["ema"][key], 0.5 * init[key] + 0.5 * value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_sample_cli_draws_novel_images_from_a_cdm(contexts, zoomldm_weights, tmp_path, capsys):
+    """`zoomfeat sample --cdm RUN` (no slide): contexts from the CDM, images, manifest, saved config."""
+    import json
+
+    from zoomfeat.resolve import file_sha256
+
+    run = tmp_path / "cdm"
+    assert _train(["--max-steps", "2", "--every-n-steps", "2"], contexts, run) == 0
+    base = ["sample", "--zoomldm", "tiny", "--weights", str(zoomldm_weights), "--mag", "1.25x", "--device", "cpu",
+            "--steps", "2", "--n", "2"]
+    out = tmp_path / "gen"
+    assert cli.main([*base, "--cdm", str(run), "--patches", "3", "--cdm-steps", "4", "--cdm-seed", "2",
+                     "--out", str(out)]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    rec = man["conditions"]
+    assert rec["source"] == "cdm" and rec["contexts_drawn"] == 3 and rec["cdm_steps"] == 4 and rec["cdm_seed"] == 2
+    assert rec["cdm_sha256"] == file_sha256(run / "official" / "last.ckpt") and rec["mag"] == "1.25x"
+    assert len(man["images"]) == 6 and (out / "contact_sheet.png").is_file()
+    assert (out / "sample.config.yaml").is_file()
+    capsys.readouterr()
+    assert cli.main([*base, "--out", str(tmp_path / "none")]) == 2  # neither a slide nor a CDM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--slide" in err[0] and "--cdm" in err[0]
+    assert cli.main([*base, "--cdm", str(run), "--slide", str(run), "--out", str(tmp_path / "both")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--cdm draws" in err[0]
+    assert cli.main([*base, "--cdm", str(tmp_path / "nowhere"), "--out", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err

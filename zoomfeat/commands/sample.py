@@ -6,7 +6,8 @@ import argparse
 
 from zoomfeat.commands.options import add_scale_group, add_tissue_group
 
-HELP = "generate N ZoomLDM variations of real patches (slide + coordinates, tile store or conditioning folder)"
+HELP = ("generate N ZoomLDM variations of real patches (slide + coordinates, tile store or conditioning folder) "
+        "or of contexts drawn by a CDM (--cdm, no slide)")
 
 # zoomfeat.generate.samplers.sampler_names() and zoomfeat.generate.guidance.GUIDANCE_FORMS, kept torch-free
 # here (command modules import only the standard library); a test checks they agree
@@ -29,7 +30,8 @@ def add_model_group(parser: argparse.ArgumentParser) -> None:
 def add_conditions_group(parser: argparse.ArgumentParser, patches: bool) -> None:
     """``--slide``, ``--mag``, ``--x/--y``, ``--tiles``, ``--conditioning`` (section "conditions")."""
     cond = parser.add_argument_group("conditions")
-    cond.add_argument("--slide", required=True, help="the slide whose real 20x embeddings condition the images")
+    cond.add_argument("--slide", help="the slide whose real 20x embeddings condition the images (required "
+                      "unless `sample --cdm` draws the contexts)")
     cond.add_argument("--mag", required=True, help="magnification of the patch, e.g. 5x (20x, 10x, ..., 0.15625x)")
     cond.add_argument("--x", type=int, default=None, help="level-0 x (px) of the patch's top-left corner "
                       "(default: the first tissue patch at --mag)")
@@ -45,6 +47,18 @@ def add_conditions_group(parser: argparse.ArgumentParser, patches: bool) -> None
     add_scale_group(parser)
 
 
+def add_cdm_group(parser: argparse.ArgumentParser) -> None:
+    """``--cdm`` and its draw (section "cdm"): contexts from a conditioning diffusion model instead of a slide."""
+    cdm = parser.add_argument_group("cdm")
+    cdm.add_argument("--cdm", metavar="DIR", help="train-cdm run folder (or CDM checkpoint): draw --patches novel "
+                     "contexts at --mag from it, no slide (default: none, real conditions)")
+    cdm.add_argument("--cdm-steps", type=int, default=200, help="CDM DDIM steps (default 200, as the official "
+                     "CDM evaluation)")
+    cdm.add_argument("--cdm-guidance", type=float, default=1.0, help="CDM classifier-free guidance on the "
+                     "magnification (default 1 = none; > 1 needs a CDM trained with label dropout)")
+    cdm.add_argument("--cdm-seed", type=int, default=0, help="seed of the CDM's noise (default 0)")
+
+
 def add_runtime_group(parser: argparse.ArgumentParser, batch_size: int) -> None:
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--batch-size", type=int, default=batch_size,
@@ -58,6 +72,7 @@ def add_runtime_group(parser: argparse.ArgumentParser, batch_size: int) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_group(parser)
     add_conditions_group(parser, patches=True)
+    add_cdm_group(parser)
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--n", type=int, default=8, help="variations per patch (default 8)")
     sampling.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
@@ -86,10 +101,15 @@ def condition_request(args: argparse.Namespace, n_patches: int = 1):
     from zoomfeat.mags import parse_mag
     from zoomfeat.slides import check_scale_overrides
 
-    if (args.x is None) != (args.y is None):
-        raise ConfigError("give both --x and --y (level-0 corner of the patch), or neither")
     if n_patches < 1:
         raise ConfigError(f"bad --patches {n_patches}: use 1 or more")
+    if getattr(args, "cdm", None) is not None:
+        return cdm_request(args, n_patches)
+    if args.slide is None:
+        raise ConfigError("no conditions: pass --slide SLIDE (its real 20x embeddings) or, for `sample`, --cdm DIR "
+                          "(contexts drawn by a CDM)")
+    if (args.x is None) != (args.y is None):
+        raise ConfigError("give both --x and --y (level-0 corner of the patch), or neither")
     for option, value in (("--slide", args.slide), ("--tiles", args.tiles), ("--conditioning", args.conditioning)):
         if value is not None and not Path(value).exists():
             raise ConfigError(f"{option} {value} does not exist: give an existing path")
@@ -108,6 +128,26 @@ def condition_request(args: argparse.Namespace, n_patches: int = 1):
                             batch_size=max(1, args.batch_size))
 
 
+def cdm_request(args: argparse.Namespace, n_patches: int):
+    """The ConditionRequest of the "cdm" source: ``n_patches`` contexts drawn by the CDM at --mag."""
+    from pathlib import Path
+
+    from zoomfeat.errors import ConfigError
+    from zoomfeat.generate.conditions import ConditionRequest
+    from zoomfeat.mags import parse_mag
+
+    given = [o for o, v in (("--slide", args.slide), ("--x/--y", args.x if args.x is not None else args.y),
+                            ("--tiles", args.tiles), ("--conditioning", args.conditioning)) if v is not None]
+    if given:
+        raise ConfigError(f"--cdm draws the contexts itself: drop {', '.join(given)}")
+    if not Path(args.cdm).exists():
+        raise ConfigError(f"--cdm {args.cdm} not found: pass a train-cdm run folder or a CDM checkpoint file")
+    extra = {"cdm": Path(args.cdm), "cdm_steps": args.cdm_steps, "cdm_guidance": args.cdm_guidance,
+             "cdm_seed": args.cdm_seed}
+    return ConditionRequest(mag=parse_mag(args.mag), n_patches=n_patches, batch_size=max(1, args.batch_size),
+                            extra=extra)
+
+
 def build_config(args: argparse.Namespace):
     from pathlib import Path
 
@@ -118,9 +158,11 @@ def build_config(args: argparse.Namespace):
 
     source = resolve_zoomldm(args.zoomldm, args.weights, require_weights=str(args.zoomldm).strip().lower() != "tiny")
     sampler = SamplerSettings(args.sampler, args.steps, Guidance(args.guidance, args.guidance_form))
+    if args.cdm is not None:
+        import zoomfeat.cdm.source  # noqa: F401  (registers the "cdm" context source)
     return SampleConfig(zoomldm=source, conditions=condition_request(args, args.patches), out=Path(args.out),
                         n=args.n, sampler=sampler, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                        precision=args.precision)
+                        precision=args.precision, source="grid" if args.cdm is None else "cdm")
 
 
 def run(args: argparse.Namespace) -> int:
