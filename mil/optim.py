@@ -46,14 +46,18 @@ class FoldOptimizer:
         self.count = [0] * folds
 
     def _lists(self, grads: dict[str, torch.Tensor], folds: list[int]):
+        if not hasattr(self, "_views"):  # per-fold views of the stacked state: made once, updated in place
+            self._views = [([self.params[n][k] for n in self.names], [self.exp_avg[n][k] for n in self.names],
+                            [self.exp_avg_sq[n][k] for n in self.names], self.steps[k])
+                           for k in range(len(self.steps))]
         p, g, m, v, s = [], [], [], [], []
         for row, k in enumerate(folds):
-            for i, n in enumerate(self.names):
-                p.append(self.params[n][k])
-                g.append(grads[n][row])
-                m.append(self.exp_avg[n][k])
-                v.append(self.exp_avg_sq[n][k])
-                s.append(self.steps[k][i])
+            views = self._views[k]
+            p += views[0]
+            m += views[1]
+            v += views[2]
+            s += views[3]
+            g += [grads[n][row] for n in self.names]
         return p, g, m, v, s
 
     @torch.no_grad()

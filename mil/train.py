@@ -92,17 +92,6 @@ def _autocast(device: str, precision: str):
     return lambda: torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
 
 
-class _Bags(nn.Module):
-    """``head.forward_bags`` as a module call (for ``torch.func.functional_call``)."""
-
-    def __init__(self, head: nn.Module):
-        super().__init__()
-        self.head = head
-
-    def forward(self, x, mask, label):
-        return self.head.forward_bags(x, mask, label)
-
-
 def _fold_generator(seed: int, fold: int, device: str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + 7919 * (fold + 1))
 
@@ -121,8 +110,9 @@ class Engine:
         self.index = {s: i for i, s in enumerate(bags.ids)}
         torch.manual_seed(cfg.seed)  # every fold starts from the same weights, as one fold alone does
         self.head = build_model(cfg.model, in_dim, n_classes, **effective_model_kwargs(cfg)).to(device)
-        self.call = _Bags(self.head)
         init = {n: p.detach() for n, p in self.head.named_parameters()}
+        self.names = list(init)
+        self.slots = [(self.head.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in self.names]
         self.params = {n: p.unsqueeze(0).repeat(len(folds), *([1] * p.dim())).contiguous()
                        for n, p in init.items()}
         self.opt = FoldOptimizer(self.params, plan.recipe, cfg.protocol.lr, cfg.protocol.weight_decay)
@@ -156,20 +146,32 @@ class Engine:
         x, mask = self.bags.batch([self.index[self.order_ids[i]] for i in chunk])
         y = self.targets[chunk].to(self.device)
         every = rows == list(range(len(self.folds)))
-        leaf = {f"head.{n}": (p if every else p[rows]).detach().requires_grad_(True)
-                for n, p in self.params.items()}
+        leaf = {n: (p if every else p[rows]).detach().requires_grad_(True) for n, p in self.params.items()}
         xs = x.unsqueeze(0).expand(len(rows), *x.shape)
-        with fold_generators([self.folds[r].generator for r in rows]), self.autocast():
-            out = torch.func.functional_call(self.call, leaf, (xs, mask, y))
+        with fold_generators([self.folds[r].generator for r in rows]), self.autocast(), self._bound(leaf):
+            out = self.head.forward_bags(xs, mask, y)
             losses = self.head.bag_losses(out, y).float()  # [F, B]
         w = weights.to(self.device)
         per_fold = (losses * w).sum(-1) / w.sum(-1)
         per_fold.sum().backward()
-        grads = {n[len("head."):]: t.grad for n, t in leaf.items()}
+        grads = {n: t.grad for n, t in leaf.items()}
         if self.plan.clip_groups:
             clip_per_fold(grads, self.plan.clip_groups)
         self.opt.step(grads, rows, lr)
         return per_fold.detach()
+
+    @contextlib.contextmanager
+    def _bound(self, tensors: dict[str, torch.Tensor]):
+        """The head's parameters replaced by ``tensors`` (stacked) for one call, like
+        ``torch.func.functional_call`` without its per-call walk over the modules."""
+        saved = [(mod, attr, mod._parameters[attr]) for mod, attr in self.slots]
+        try:
+            for (mod, attr), name in zip(self.slots, self.names):
+                mod._parameters[attr] = tensors[name]
+            yield
+        finally:
+            for mod, attr, original in saved:
+                mod._parameters[attr] = original
 
     def _check_finite(self, losses: torch.Tensor, rows: list[int], epoch: int, step: int) -> None:
         if bool(torch.isfinite(losses).all()):
