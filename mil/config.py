@@ -16,17 +16,17 @@ Protocols (what they fix):
   test set (SI-MIL style model selection; the epoch count is ours).
 
 Heads (what they bring, from their reference code, named in each recipe's ``source``): the optimiser, its
-step size, betas and weight decay, the LR schedule (stretched over the run's epochs), gradient clipping and
-the loss weights (in the head):
+step size, betas and weight decay, the LR schedule (the reference's, epoch by epoch: a 200-epoch schedule is
+followed for as many epochs as the protocol runs), gradient clipping and the loss weights (in the head):
 
 - ``abmil``, ``mean``, ``max``: Adam lr 5e-4, (0.9, 0.999), weight decay 1e-4, constant (Ilse et al. 2018).
 - ``clam_sb``, ``clam_mb``: Adam lr 2e-4, (0.9, 0.999), weight decay 1e-5, constant; bag loss 0.7 /
   instance loss 0.3 (CLAM's README runs).
-- ``dsmil``: Adam lr 2e-4, betas (0.5, 0.9), weight decay 5e-3, cosine annealing to 5e-6 over the run's
-  epochs (DSMIL's train_tcga.py).
+- ``dsmil``: Adam lr 2e-4, betas (0.5, 0.9), weight decay 5e-3, cosine annealing to 5e-6 over 200 epochs
+  (DSMIL's train_tcga.py).
 - ``transmil``: RAdam inside Lookahead (k 5, alpha 0.5), lr 2e-4, weight decay 1e-5, constant (TransMIL).
-- ``dtfd``: Adam lr 1e-4, weight decay 1e-4, LR x 0.2 at half the run's epochs (the reference's
-  MultiStepLR([100], 0.2) of 200 epochs), gradient norm clipped to 5 per tier-module (DTFD-MIL).
+- ``dtfd``: Adam lr 1e-4, weight decay 1e-4, LR x 0.2 from epoch 100 (the reference's MultiStepLR([100], 0.2)
+  of 200 epochs), gradient norm clipped to 5 per tier-module (DTFD-MIL).
 
 The epochs of a head's reference are kept in its recipe for the record; the protocols replace them.
 ``MILConfig`` records the step size and weight decay actually used in its ``protocol``. All heads train on one
@@ -171,7 +171,7 @@ class Recipe:
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: str = "constant"  # "constant" | "cosine" | "step"
     eta_min: float = 0.0  # cosine: final LR
-    milestones: tuple[float, ...] = ()  # step: fractions of the run's epochs
+    milestones: tuple[float, ...] = ()  # step: fractions of the reference's epochs
     gamma: float = 0.1  # step: LR factor per milestone
     bags_per_step: int = 1
     reference: dict = field(default_factory=dict)
@@ -228,9 +228,10 @@ def describe_plan(plan: TrainingPlan) -> str:
     """One line for the start of a run: what is used and where it comes from."""
     p, r = plan.protocol, plan.recipe
     opt = "RAdam+Lookahead(k 5, alpha 0.5)" if r.optimizer == "radam_lookahead" else "Adam"
+    horizon = r.reference.get("epochs", 200)
     schedule = {"constant": "constant LR",
-                "cosine": f"cosine LR to {r.eta_min:g} over {p.epochs} epochs",
-                "step": f"LR x {r.gamma:g} at {', '.join(str(round(m * p.epochs)) for m in r.milestones)} epochs"}
+                "cosine": f"cosine LR to {r.eta_min:g} over {horizon} epochs (the reference's)",
+                "step": f"LR x {r.gamma:g} from epoch {', '.join(str(round(m * horizon)) for m in r.milestones)}"}
     stop = {"last": "the last epoch's model",
             "val_loss": "the best validation-loss model",
             "val_auc": "the best validation-AUC model"}[p.selection]

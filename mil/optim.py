@@ -21,7 +21,9 @@ LOOKAHEAD_K, LOOKAHEAD_ALPHA = 5, 0.5
 def lr_at(recipe, base_lr: float, epoch: int, epochs: int) -> float:
     """Learning rate of 0-based ``epoch``: constant; cosine annealing from ``base_lr`` to ``eta_min`` over
     ``epochs`` (CosineAnnealingLR stepped once per epoch); or ``gamma`` per milestone passed (milestones are
-    fractions of ``epochs``)."""
+    fractions of ``epochs``). The engine passes the head's reference epoch count as ``epochs``: a run follows the
+    reference's schedule epoch by epoch (stretching a 200-epoch cosine over 20 epochs would anneal to ~0 by
+    epoch 10 and cost DSMIL ~0.15 AUC on the planted cohorts)."""
     if recipe.schedule == "cosine":
         return recipe.eta_min + (base_lr - recipe.eta_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
     if recipe.schedule == "step":

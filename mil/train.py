@@ -183,7 +183,7 @@ class Engine:
 
     def train_epoch(self, epoch: int) -> None:
         self.head.train()
-        lr = lr_at(self.plan.recipe, self.cfg.protocol.lr, epoch, self.cfg.protocol.epochs)
+        lr = lr_at(self.plan.recipe, self.cfg.protocol.lr, epoch, self.plan.recipe.reference.get("epochs", 200))
         live = [r for r, f in enumerate(self.folds) if not f.stopped]
         members = torch.stack([f.member for f in self.folds])  # [F, n]
         for step, chunk in enumerate(self._epoch_steps(), start=1):
