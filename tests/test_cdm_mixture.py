@@ -60,7 +60,7 @@ def leading_axis(cov: np.ndarray) -> np.ndarray:
 
 def test_tiny_cdm_matches_each_magnification_better_than_one_gaussian(tmp_path):
     from zoomfeat.cdm.config import DataSection, ModelSection, OptimSection, TrainCDMConfig, TrainerSection
-    from zoomfeat.cdm.context_store import ContextWriter
+    from zoomfeat.store.contexts import ContextWriter
     from zoomfeat.cdm.run import train_cdm
     from zoomfeat.cdm.sample import load_cdm, sample_contexts
 

@@ -221,7 +221,7 @@ def test_guidance_on_magnification_follows_the_cfg_formula(contexts, tmp_path):
 
 def test_external_condition_from_slide_labels(trainset, zoomldm_weights, cohort, tmp_path):
     """prepare-cdm --labels: one-hot slide labels become the external condition p(z | c) of the CDM."""
-    from zoomfeat.cdm.context_store import ContextSet
+    from zoomfeat.store.contexts import ContextSet
     from zoomfeat.cdm.sample import load_cdm, sample_contexts
 
     ctx = tmp_path / "ctx"
@@ -263,7 +263,7 @@ def test_bad_input_is_one_line(argv, fragment, contexts, zoomldm_weights, tmp_pa
 
 
 def test_a_diverging_loss_stops_training_with_one_line(tmp_path, capsys):
-    from zoomfeat.cdm.context_store import ContextWriter
+    from zoomfeat.store.contexts import ContextWriter
 
     writer = ContextWriter(tmp_path / "huge", settings="h", mags=np.zeros(4, np.int64), source_shard=np.zeros(4),
                            source_row=np.arange(4), context_shape=(65, 8))
@@ -277,7 +277,7 @@ def test_a_diverging_loss_stops_training_with_one_line(tmp_path, capsys):
 
 
 def test_store_rejects_non_finite_contexts_and_out_of_order_rows(tmp_path):
-    from zoomfeat.cdm.context_store import ContextWriter
+    from zoomfeat.store.contexts import ContextWriter
 
     w = ContextWriter(tmp_path, settings="s", mags=np.zeros(4, np.int64), source_shard=np.zeros(4),
                       source_row=np.arange(4), context_shape=(65, 8))
@@ -326,7 +326,7 @@ def test_cdm_context_source_makes_novel_images_that_regenerate(contexts, zoomldm
     import zoomfeat.generate.run as gen_run
 
     wide = tmp_path / "wide"  # a CDM of 32-wide contexts cannot condition a 64-wide ZoomLDM
-    from zoomfeat.cdm.context_store import ContextWriter
+    from zoomfeat.store.contexts import ContextWriter
 
     writer = ContextWriter(wide, settings="w", mags=np.zeros(4, np.int64), source_shard=np.zeros(4),
                            source_row=np.arange(4), context_shape=(65, 32))
@@ -345,7 +345,7 @@ def test_ddp_step_equals_the_averaged_gradients_of_both_ranks(contexts, tmp_path
     """Two CPU ranks (ddp_spawn): one optimiser step equals AdamW on the mean of the two ranks' loss gradients,
     each rank with its own step-keyed batch and draws, computed here in one process."""
     from zoomfeat.cdm.config import OptimSection
-    from zoomfeat.cdm.context_store import ContextSet
+    from zoomfeat.store.contexts import ContextSet
     from zoomfeat.cdm.data import ContextDataset, collate
     from zoomfeat.cdm.dit import DiTConfig
     from zoomfeat.cdm.module import CDM, CDMLightning

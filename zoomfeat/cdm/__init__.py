@@ -7,7 +7,7 @@ Modules, one stage each:
 - :mod:`zoomfeat.cdm.dit`           -- ``DiT`` over the 65 context tokens (official state-dict names);
 - :mod:`zoomfeat.cdm.diffusion`     -- Gaussian diffusion: cosine schedule, x0-prediction, learned-range
   variance, hybrid loss, respacing, DDIM;
-- :mod:`zoomfeat.cdm.context_store` -- store module: the HDF5 file of Summarizer contexts (h5py lives here);
+- :mod:`zoomfeat.store.contexts` (in the store package) -- the HDF5 file of Summarizer contexts;
 - :mod:`zoomfeat.cdm.config`        -- typed frozen configs of ``prepare-cdm`` and ``train-cdm``;
 - :mod:`zoomfeat.cdm.prepare`       -- ``prepare_contexts``: a prepare-train set -> Summarizer contexts;
 - :mod:`zoomfeat.cdm.data`          -- ``ContextSet`` and its step-keyed DataModule;

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from zoomfeat.cdm.config import DataSection
-from zoomfeat.cdm.context_store import ContextSet
+from zoomfeat.store.contexts import ContextSet
 
 
 class ContextDataset(torch.utils.data.Dataset):

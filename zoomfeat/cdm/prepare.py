@@ -4,7 +4,7 @@ Every patch of the set gives one row: its raw conditioning grid, preprocessed as
 (pooled to 8x8, standardised per location), summarised with its magnification by the checkpoint's
 Summarizer without classifier-free dropout, as the official ``train_cdm.py`` computes its training inputs.
 Rows are streamed to the store in the set's order (magnification-major) in batches; an interrupted run
-resumes where it stopped (see :mod:`zoomfeat.cdm.context_store`). Magnifications are balanced when training
+resumes where it stopped (see :mod:`zoomfeat.store.contexts`). Magnifications are balanced when training
 samples batches (uniformly over magnifications), not here.
 """
 
@@ -85,7 +85,7 @@ def prepare_contexts(cfg: PrepareCDMConfig) -> Path:
     """Write (or finish) ``cfg.out/contexts.h5``; returns its path."""
     from tqdm import tqdm
 
-    from zoomfeat.cdm.context_store import ContextWriter, complete_settings, store_path
+    from zoomfeat.store.contexts import ContextWriter, complete_settings, store_path
     from zoomfeat.extract.runtime import resolve_runtime
     from zoomfeat.log import note
     from zoomfeat.train.dataset import TrainingSet

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from zoomfeat.cdm.config import TrainCDMConfig
-from zoomfeat.cdm.context_store import ContextSet
+from zoomfeat.store.contexts import ContextSet
 from zoomfeat.cdm.dit import DiTConfig
 from zoomfeat.config import to_jsonable
 from zoomfeat.errors import ConfigError

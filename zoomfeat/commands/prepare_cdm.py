@@ -43,7 +43,7 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from zoomfeat.cdm.context_store import ContextSet
+    from zoomfeat.store.contexts import ContextSet
     from zoomfeat.cdm.prepare import prepare_contexts
 
     path = prepare_contexts(build_config(args))

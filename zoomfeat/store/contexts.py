@@ -1,6 +1,5 @@
-"""Store module of the CDM: the HDF5 file of Summarizer contexts written by ``zoomfeat prepare-cdm``.
-
-This is a store module (like :mod:`zoomfeat.store`): it is the only CDM module that imports h5py. Layout of
+"""The CDM's context store: the HDF5 file of Summarizer contexts written by ``zoomfeat prepare-cdm`` and read by
+``zoomfeat train-cdm`` (a store module: the CDM package itself never imports h5py). Layout of
 ``OUT/contexts.h5`` (format ``zoomfeat-cdm-contexts`` version 1)::
 
     /            attrs format, format_version, settings (JSON of what the content depends on), n, context_shape
@@ -122,7 +121,7 @@ class ContextWriter:
         self.f.flush()
 
     def commit(self) -> Path:
-        from zoomfeat.store import commit_file
+        from zoomfeat.store.files import commit_file
 
         if self.start != self.n:
             raise DataError(f"{self.path}: {self.start} of {self.n} rows written; cannot commit")
