@@ -1,0 +1,31 @@
+"""The house rules of issue 13, checked on the source tree: the store owns the files, tests import what they need."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("zoomfeat", "mil", "splits")
+
+
+def _sources():
+    for package in PACKAGES:
+        yield from sorted((ROOT / package).rglob("*.py"))
+
+
+def test_h5py_is_imported_only_by_store_modules():
+    importers = {p.relative_to(ROOT).as_posix() for p in _sources()
+                 if re.search(r"^\s*(import h5py|from h5py)", p.read_text(), re.M)}
+    assert importers and all(p.startswith("zoomfeat/store/") for p in importers), sorted(importers)
+
+
+def test_one_function_renames_files():
+    callers = {p.relative_to(ROOT).as_posix() for p in _sources() if "os.replace(" in p.read_text()}
+    assert callers == {"zoomfeat/store/files.py"}
+
+
+def test_tests_import_required_dependencies():
+    offenders = [p.name for p in sorted((ROOT / "tests").glob("*.py")) if "importorskip(" in p.read_text()
+                 and p.name != Path(__file__).name]
+    assert not offenders, offenders
