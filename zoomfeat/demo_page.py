@@ -91,7 +91,8 @@ def _why_section(cfg, cohort: dict, fold_sizes: list[tuple[int, int]]) -> list[s
             "stroma from epithelium, but a bag of tiles carries no arrangement and the toy@20x row must sit near "
             "chance. At 5x the toy encoder sees 16 tiles at once and can see the arrangement too: the signal is "
             "not a ZoomLDM secret, it is multi-scale, and the point of the table is that the 20x-only rows "
-            "(toy or ZoomLDM) cannot reach it while any row with a 5x view can."),
+            "(toy or ZoomLDM) cannot reach it, while a row with a 5x view can, if its features keep the "
+            "arrangement (the table says which did)."),
     ]
 
 
