@@ -91,7 +91,8 @@ def read_extractor(spec: FeatureSpec, slide_id: str) -> tuple[str | None, dict |
 
         source = spec.sources[0]
         layout = source.layout or detect_layout(source.directory)
-        name = source.directory.name
+        folder = spec.path(slide_id).parent  # e.g. TRIDENT's features_<encoder> folder inside the one given
+        name = folder.name if folder.name.startswith("features_") else source.directory.name
         encoder = name[len("features_"):] if name.startswith("features_") else name
         return f"{layout}:{encoder}", {"layout": layout, "folder": str(source.directory), "spec": str(spec)}
     with FeatureFile(spec.path(slide_id)) as f:

@@ -33,7 +33,7 @@ def cohort(tmp_path_factory):
     rng = np.random.default_rng(0)
     rows = []
     for i in range(N_SLIDES):
-        sid, label = f"S{i:02d}", i % 2
+        sid, label = f"S{i:02d}", (i // 4) % 2  # every test fold (i % 4) holds both classes
         fine, coarse = _geometry(rng, int(rng.integers(2, 4)))
         f20 = planted_bag(rng, label, len(fine), DIM, share=0.2)
         f5 = rng.standard_normal((len(coarse), DIM)).astype(np.float32) + label  # a coarse-scale signal too
@@ -117,3 +117,17 @@ def test_fusion_without_coordinates_is_a_one_line_error(cohort, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot fuse" in err[0] and "no tile coordinates" in err[0]
+
+
+def test_compare_puts_a_foreign_layout_and_zoomfeat_on_the_same_folds(cohort, reference):
+    """A TRIDENT folder and a zoomfeat folder compared with the same paired statistics."""
+    trident = cohort / "runs" / "trident"
+    if not (trident / "summary.csv").is_file():
+        _train(cohort, f"trident:{cohort}/trident@20x", "trident")
+    out = cohort / "cmp"
+    assert cli.main(["compare", str(cohort / "runs" / "zoomfeat"), str(trident), "--out", str(out),
+                     "--reference", str(cohort / "runs" / "zoomfeat")]) == 0
+    result = __import__("json").loads((out / "compare.json").read_text())
+    assert set(result["feature_sets"]) == {"toy@20x", "trident:uni_v1@20x"}
+    (pair,) = result["comparisons"]
+    assert pair["feature_set"] == "trident:uni_v1@20x" and pair["mean_difference"] == pytest.approx(0.0, abs=1e-9)
