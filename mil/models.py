@@ -20,6 +20,8 @@ logit for the predicted class; TransMIL and DTFD-MIL: see their modules.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from typing import Callable, NamedTuple
 
@@ -77,15 +79,16 @@ class BagsOutput(NamedTuple):
     extra_valid: torch.Tensor | None = None  # [B] bool: bags the auxiliary loss applies to (None: all)
 
 
-class MILHead(nn.Module):
+class MILHead(nn.Module, ABC):
     """Base of every head: the single-bag :meth:`forward` is :meth:`forward_bags` on a batch of one."""
 
     bag_weight = 1.0
     max_bags_per_step: int | None = None  # None: padded bags of any number; 1: one bag per step
 
+    @abstractmethod
     def forward_bags(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                      label: torch.Tensor | None = None) -> BagsOutput:
-        raise NotImplementedError
+        """Padded bags x [*F, B, N, D] with mask [B, N] (True = a real instance) -> logits, attention, extra loss."""
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> MILOutput:
         out = self.forward_bags(x.unsqueeze(0), None, None if label is None else label.reshape(1))
