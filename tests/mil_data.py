@@ -1,40 +1,23 @@
-"""Synthetic feature files, label tables and split folders for the MIL tests (real HDF5, DESIGN.md format)."""
+"""Synthetic feature files, label tables and split folders for the MIL tests (real HDF5 in the DESIGN.md format,
+written by the store like every feature file)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 
 from splits.io import make_fold, write_splits_dir
+from zoomfeat.store import write_feature_file as store_write_feature_file
 
 
 def write_feature_file(directory: Path, slide_id: str, feats_20x: np.ndarray, feats_5x: np.ndarray | None = None,
-                       parent_5x: np.ndarray | None = None, complete: bool = True, extractor: str = "toy",
-                       dtype=np.float32) -> Path:
-    """One ``<slide_id>.h5``: group 20x (coords, features, parent_5x when 5x given) and optional group 5x."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{slide_id}.h5"
-    n = len(feats_20x)
-    with h5py.File(path, "w") as fh:
-        fh.attrs.update({"format": "zoomfeat", "format_version": 1, "slide_id": slide_id,
-                         "extractor": extractor, "extractor_config": json.dumps({"dim": int(feats_20x.shape[1])})})
-        g = fh.create_group("20x")
-        g.create_dataset("coords", data=np.stack([np.arange(n) * 256, np.zeros(n)], 1).astype(np.int64))
-        g.create_dataset("features", data=np.asarray(feats_20x, dtype=dtype))
-        if feats_5x is not None:
-            m = len(feats_5x)
-            parents = parent_5x if parent_5x is not None else np.arange(n) % max(m, 1)
-            g.create_dataset("parent_5x", data=np.asarray(parents, dtype=np.int64))
-            g5 = fh.create_group("5x")
-            g5.create_dataset("coords", data=np.stack([np.arange(m) * 1024, np.zeros(m)], 1).astype(np.int64))
-            g5.create_dataset("features", data=np.asarray(feats_5x, dtype=dtype))
-        if complete:
-            fh.attrs["complete"] = True
-    return path
+                       extractor: str = "toy") -> Path:
+    """One complete ``<slide_id>.h5`` written by the store (``zoomfeat.store.write_feature_file``): 20x tiles in
+    one row and, when ``feats_5x`` is given, the 5x tiles that contain them (parents found from the geometry)."""
+    features = {"20x": feats_20x} if feats_5x is None else {"20x": feats_20x, "5x": feats_5x}
+    return store_write_feature_file(directory, slide_id, features, extractor=extractor)
 
 
 def planted_bag(rng: np.random.Generator, label: int, n: int, dim: int, amplitude: float = 7.0,

@@ -68,7 +68,12 @@ def _no_partial_output(out: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- train-mil
 def _nan_slide(w):
-    write_feature_file(w["features"], "S000", np.full((5, 4), np.nan, np.float32))
+    """A feature file another tool wrote with NaN rows (the store refuses to write one, so it is edited in place)."""
+    import h5py
+
+    path = write_feature_file(w["features"], "S000", np.ones((5, 4), np.float32))
+    with h5py.File(path, "a") as f:
+        f["20x/features"][...] = np.nan
     return _train_mil_args(w, w["root"] / "new"), ["S000", "NaN|non-finite"]
 
 

@@ -29,3 +29,11 @@ def test_tests_import_required_dependencies():
     offenders = [p.name for p in sorted((ROOT / "tests").glob("*.py")) if "importorskip(" in p.read_text()
                  and p.name != Path(__file__).name]
     assert not offenders, offenders
+
+
+def test_tests_write_feature_files_through_the_store():
+    """Only the layout tests write HDF5 themselves (other tools' layouts, by an independent writer); every zoomfeat
+    feature file in the tests comes from the store. Other tests may open a file to read or corrupt it."""
+    writers = {p.name for p in sorted((ROOT / "tests").glob("*.py"))
+               if re.search(r"h5py\.File\([^)]*[\"']w[\"']", p.read_text()) and p.name != Path(__file__).name}
+    assert writers == {"test_layouts.py", "test_layouts_mil.py"}, sorted(writers)
