@@ -24,7 +24,8 @@ followed for as many epochs as the protocol runs), gradient clipping and the los
   instance loss 0.3 (CLAM's README runs).
 - ``dsmil``: Adam lr 2e-4, betas (0.5, 0.9), weight decay 5e-3, cosine annealing to 5e-6 over 200 epochs
   (DSMIL's train_tcga.py).
-- ``transmil``: RAdam inside Lookahead (k 5, alpha 0.5), lr 2e-4, weight decay 1e-5, constant (TransMIL).
+- ``transmil``: RAdam inside Lookahead (k 6, alpha 0.5), lr 2e-4, weight decay 1e-5 (decoupled, not on biases
+  and 1-d parameters), constant (TransMIL's Camelyon/TransMIL.yaml and optimiser factory).
 - ``dtfd``: Adam lr 1e-4, weight decay 1e-4, LR x 0.2 from epoch 100 (the reference's MultiStepLR([100], 0.2)
   of 200 epochs), gradient norm clipped to 5 per tier-module (DTFD-MIL).
 
@@ -227,7 +228,7 @@ def training_plan(cfg: MILConfig, device: str = "cpu") -> TrainingPlan:
 def describe_plan(plan: TrainingPlan) -> str:
     """One line for the start of a run: what is used and where it comes from."""
     p, r = plan.protocol, plan.recipe
-    opt = "RAdam+Lookahead(k 5, alpha 0.5)" if r.optimizer == "radam_lookahead" else "Adam"
+    opt = "RAdam+Lookahead(k 6, alpha 0.5; decoupled weight decay, none on biases/1-d)" if r.optimizer == "radam_lookahead" else "Adam"
     horizon = r.reference.get("epochs", 200)
     schedule = {"constant": "constant LR",
                 "cosine": f"cosine LR to {r.eta_min:g} over {horizon} epochs (the reference's)",

@@ -4,7 +4,9 @@ Each fold keeps its own step count and moments; a step updates only the folds gi
 bag in a step, or stopped early, is left as it is). Updates run through PyTorch's functional optimisers on
 one view per (fold, parameter), so a fold's update is the same computation whether it is stepped alone or
 with others. Adam uses the fused CPU/GPU kernel (one pass over the weights instead of a dozen);
-``radam_lookahead`` is RAdam inside Lookahead (k = 5, alpha = 0.5), TransMIL's optimiser.
+``radam_lookahead`` is TransMIL's optimiser (its ``create_optimizer``, ``opt: lookahead_radam``): RAdam inside
+Lookahead with timm's defaults (k = 6, alpha = 0.5); weight decay as there: decoupled (``p -= lr * wd * p``) and
+not applied to biases and 1-d parameters (LayerNorm weights), which its factory puts in a no-decay group.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.optim.adam as adam_impl
 import torch.optim.radam as radam_impl
 
-LOOKAHEAD_K, LOOKAHEAD_ALPHA = 5, 0.5
+LOOKAHEAD_K, LOOKAHEAD_ALPHA = 6, 0.5
 
 
 def lr_at(recipe, base_lr: float, epoch: int, epochs: int) -> float:
@@ -46,6 +48,8 @@ class FoldOptimizer:
         self.slow = ({n: p.detach().clone() for n, p in params.items()}
                      if recipe.optimizer == "radam_lookahead" else None)
         self.count = [0] * folds
+        # TransMIL's factory: no weight decay for biases and 1-d parameters ([F, n] when stacked)
+        self.decays = [not (n.endswith(".bias") or params[n].dim() <= 2) for n in self.names]
 
     def _lists(self, grads: dict[str, torch.Tensor], folds: list[int]):
         if not hasattr(self, "_views"):  # per-fold views of the stacked state: made once, updated in place
@@ -71,8 +75,13 @@ class FoldOptimizer:
             adam_impl.adam(p, g, m, v, [], s, fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
                            weight_decay=self.weight_decay, eps=1e-8, maximize=False)
         else:
-            radam_impl.radam(p, g, m, v, s, foreach=False, beta1=beta1, beta2=beta2, lr=lr,
-                             weight_decay=self.weight_decay, eps=1e-8)
+            decay = self.decays * len(folds)
+            for wanted, wd in ((True, self.weight_decay), (False, 0.0)):
+                pick = [i for i, d in enumerate(decay) if d == wanted]
+                if pick:
+                    radam_impl.radam([p[i] for i in pick], [g[i] for i in pick], [m[i] for i in pick],
+                                     [v[i] for i in pick], [s[i] for i in pick], decoupled_weight_decay=True,
+                                     foreach=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd, eps=1e-8)
             self._lookahead(folds)
 
     def _lookahead(self, folds: list[int]) -> None:

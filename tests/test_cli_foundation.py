@@ -24,7 +24,7 @@ def test_tile_8192_aperio_and_verify(tmp_path, synthetic_slide):
     assert (fine // 1024 * 1024 == coarse[grid.parents["20x"]["5x"]]).all()
     assert set(map(tuple, coarse.tolist())) == set(map(tuple, (fine // 1024 * 1024).tolist()))
     assert (out / "previews" / f"{info.slide_id}.png").is_file()
-    assert json.loads((out / "tile_config.json").read_text())["mags"] == [20.0, 5.0]
+    assert json.loads((out / "tile_config.json").read_text())["mags"] == ["20x", "5x"]
     assert main(["verify", str(out)]) == 0
 
 

@@ -93,22 +93,30 @@ def test_fold_optimizer_is_torch_adam_per_fold_and_leaves_idle_folds_alone():
 
 
 def test_radam_lookahead_per_fold():
+    """TransMIL's optimiser: timm's Lookahead(RAdam) with k 6, alpha 0.5; weight decay decoupled and only on
+    weights of 2+ dimensions (its factory's no-decay group holds biases and 1-d parameters)."""
     torch.manual_seed(1)
-    stacked = {"w": torch.randn(2, 3)}
-    start = stacked["w"].clone()
-    opt = FoldOptimizer(stacked, RECIPES["transmil"], lr=1e-2, weight_decay=0.0)
-    fast = torch.nn.Parameter(start[1].clone())
-    ref = torch.optim.RAdam([fast], lr=1e-2)
-    slow = start[1].clone()
-    for step in range(1, 11):
-        g = torch.randn(2, 3)
-        opt.step({"w": g}, [0, 1], lr=1e-2)
-        fast.grad = g[1].clone()
+    stacked = {"w": torch.randn(2, 3, 4), "norm.weight": torch.randn(2, 4), "fc.bias": torch.randn(2, 3)}
+    start = {n: t.clone() for n, t in stacked.items()}
+    opt = FoldOptimizer(stacked, RECIPES["transmil"], lr=1e-2, weight_decay=0.1)
+    fast = {n: torch.nn.Parameter(t[1].clone()) for n, t in start.items()}
+    ref = torch.optim.RAdam([{"params": [fast["w"]], "weight_decay": 0.1},
+                             {"params": [fast["norm.weight"], fast["fc.bias"]], "weight_decay": 0.0}],
+                            lr=1e-2, decoupled_weight_decay=True)
+    slow = {n: t[1].clone() for n, t in start.items()}
+    for step in range(1, 14):
+        g = {n: torch.randn_like(t) for n, t in stacked.items()}
+        opt.step(g, [0, 1], lr=1e-2)
+        for n in fast:
+            fast[n].grad = g[n][1].clone()
         ref.step()
-        if step % 5 == 0:  # Lookahead (Zhang et al. 2019): slow += 0.5 (fast - slow); fast = slow
-            slow += 0.5 * (fast.detach() - slow)
-            fast.data.copy_(slow)
-    assert torch.allclose(stacked["w"][1], fast.detach(), atol=1e-6)
+        if step % 6 == 0:  # Lookahead (Zhang et al. 2019), timm's k = 6: slow += 0.5 (fast - slow); fast = slow
+            for n in fast:
+                slow[n] += 0.5 * (fast[n].detach() - slow[n])
+                fast[n].data.copy_(slow[n])
+    for n in fast:
+        assert torch.allclose(stacked[n][1], fast[n].detach(), atol=1e-6), n
+    assert not torch.allclose(stacked["w"][1], start["w"][1])
 
 
 def test_gradient_clipping_is_per_fold_and_group():

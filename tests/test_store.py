@@ -223,6 +223,6 @@ def test_feature_files_built_from_arrays_pass_verify(tmp_path):
     path = write_feature_file(tmp_path, "s", {"20x": np.ones((6, 2)), "5x": np.zeros((2, 2))}, base_magnification=40)
     assert verify_file(path) == []
     with FeatureFile(path) as f:
-        assert f.complete and f.version == 1 and f.base_magnification == 40.0 and f.mags == ("20x", "5x")
+        assert f.complete and f.version == 1 and f.base_magnification == 40.0 and [m.name for m in f.mags] == ["20x", "5x"]
         assert f.grid().patch_size_level0 == {"20x": 512, "5x": 2048} and f.extractor == "toy"
         assert f.fused_shape(["20x", "5x"]) == (6, 4)

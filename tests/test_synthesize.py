@@ -85,7 +85,7 @@ def _direct_row(tiny, root, slide_id: str, copy: int, mag: str, row: int) -> np.
 def test_copies_have_the_real_grid_and_provenance(copies, extracted):
     for slide_id in ("s1", "s2"):
         with FeatureFile(extracted / "feats" / "zoomldm" / f"{slide_id}.h5") as f:
-            real_grid, real = f.grid(), {n: f.features(n) for n in f.mags}
+            real_grid, real = f.grid(), {m.name: f.features(m) for m in f.mags}
         per_copy = []
         for k in (0, 1):
             with FeatureFile(copies / f"{slide_id}~syn{k}.h5") as f:
@@ -95,7 +95,7 @@ def test_copies_have_the_real_grid_and_provenance(copies, extracted):
                 assert record["generation"]["steps"] == STEPS and record["generation"]["sampler"] == "ddim"
                 for name in real_grid.names:
                     np.testing.assert_array_equal(f.coords(name), real_grid.coords[name])
-                feats = {n: f.features(n) for n in f.mags}
+                feats = {m.name: f.features(m) for m in f.mags}
             for name, value in feats.items():
                 assert value.shape == real[name].shape and np.isfinite(value).all()
                 assert not np.allclose(value, real[name])
@@ -129,7 +129,7 @@ def test_partial_copy_keeps_the_other_rows_real(extracted, tiny):
         real = f.features("20x")
     with FeatureFile(out / "s1~syn0.h5") as f:
         syn = f.features("20x")
-        assert f.mags == ("20x",)
+        assert f.mags == (20.0,) and f.mags[0].name == "20x"
     same = np.all(syn == real, axis=1)
     assert same.sum() == len(real) - round(0.5 * len(real))
 

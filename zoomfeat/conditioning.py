@@ -23,22 +23,22 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.errors import DataError
-from zoomfeat.mags import CONDITIONING_MAG, PATCH_SIZE, grid_width, mag_name, parse_mag
+from zoomfeat.mags import CONDITIONING_MAG, PATCH_SIZE, MagDict, Magnification
 
 
-def tile_size_level0(mag: float, base_mag: float) -> int:
+def tile_size_level0(mag: Magnification, base_mag: float) -> int:
     """Side, in level-0 px, of a 256-px patch at ``mag`` on a slide scanned at ``base_mag``."""
-    return int(round(PATCH_SIZE * base_mag / parse_mag(mag)))
+    return int(round(PATCH_SIZE * base_mag / Magnification(mag)))
 
 
-def lattice_20x(coords_level0: np.ndarray, mag: float | str, base_mag: float) -> np.ndarray:
+def lattice_20x(coords_level0: np.ndarray, mag: Magnification, base_mag: float) -> np.ndarray:
     """Level-0 top-left corners of the 20x tiles under each patch. int64 [N, g, g, 2], row-major.
 
     ``coords_level0`` is int64 [N, 2] of (x, y) patch corners at ``mag``; entry ``[n, i, j]`` is the tile in
     row ``i`` (y) and column ``j`` (x) of patch ``n``'s grid, ``g = grid_width(mag)``.
     """
     coords = np.asarray(coords_level0, dtype=np.int64).reshape(-1, 2)
-    g = grid_width(mag)
+    g = Magnification(mag).grid_width
     step = tile_size_level0(CONDITIONING_MAG, base_mag)
     offsets = np.arange(g, dtype=np.int64) * step
     out = np.empty((len(coords), g, g, 2), dtype=np.int64)
@@ -154,12 +154,12 @@ class ConditioningStream:
     embeds whatever has not been embedded yet.
     """
 
-    def __init__(self, slide_path, coords_by_mag: Mapping[str, np.ndarray], encoder, batch_size: int = 32,
+    def __init__(self, slide_path, coords_by_mag: Mapping[Magnification, np.ndarray], encoder, batch_size: int = 32,
                  workers: int = 0, device="cpu", *, base_mag: float, slide_kwargs: Mapping | None = None,
                  autocast: Callable | None = None, progress: Callable[[int], None] | None = None,
                  first: np.ndarray | None = None):
-        self.coords_by_mag, self.base_mag = dict(coords_by_mag), float(base_mag)
-        self.lattices = {name: lattice_20x(c, name, self.base_mag) for name, c in coords_by_mag.items()}
+        self.coords_by_mag, self.base_mag = MagDict(coords_by_mag), float(base_mag)
+        self.lattices = MagDict({mag: lattice_20x(c, mag, self.base_mag) for mag, c in self.coords_by_mag.items()})
         union = np.concatenate([v.reshape(-1, 2) for v in self.lattices.values()] + [np.zeros((0, 2), np.int64)])
         self.table = EmbeddingTable(np.unique(union, axis=0), dim=encoder.spec.dim)
         self._reader = _TileReader(slide_path, encoder, batch_size, workers, device, dict(slide_kwargs or {}),
@@ -190,7 +190,7 @@ class ConditioningStream:
 class ConditioningGrids:
     """Raw conditioning grids of one slide's requested patches, from one embedding per distinct 20x tile.
 
-    ``coords_by_mag`` maps a magnification name (``"5x"``) to int64 [N, 2] level-0 patch corners.
+    ``coords_by_mag`` maps a :class:`Magnification` to int64 [N, 2] level-0 patch corners.
     Either give ``encoder`` (the 20x tiles are read with :class:`zoomfeat.patches.TilePatchDataset` and embedded
     in batches) or build from precomputed embeddings with :meth:`from_embeddings`. ``base_mag`` is the slide's
     base magnification (it fixes the 20x tile size in level-0 px; read from the slide when None); ``slide_kwargs`` (``base_mag``/``mpp``
@@ -201,7 +201,7 @@ class ConditioningGrids:
     def __init__(
         self,
         slide_path: str | Path | None,
-        coords_by_mag: Mapping[str, np.ndarray],
+        coords_by_mag: Mapping[Magnification, np.ndarray],
         encoder=None,
         batch_size: int = 32,
         workers: int = 0,
@@ -219,22 +219,23 @@ class ConditioningGrids:
             with Slide(slide_path, **dict(slide_kwargs or {})) as slide:
                 base_mag = slide.info.base_magnification
         self.base_mag = float(base_mag)
-        self._index: dict[str, np.ndarray] = {}
+        self._index = MagDict()
+        coords_by_mag = MagDict(coords_by_mag)
         if table is None and encoder is not None:
             table = ConditioningStream(slide_path, coords_by_mag, encoder, batch_size, workers, device,
                                        base_mag=self.base_mag, slide_kwargs=slide_kwargs, autocast=autocast,
                                        progress=progress).finish().table
-        lattices = {name: lattice_20x(c, name, self.base_mag) for name, c in coords_by_mag.items()}
+        lattices = MagDict({mag: lattice_20x(c, mag, self.base_mag) for mag, c in coords_by_mag.items()})
         if table is None:
             union = np.concatenate([v.reshape(-1, 2) for v in lattices.values()] + [np.zeros((0, 2), np.int64)])
             table = EmbeddingTable(np.unique(union, axis=0), dim=0)
-        for name, lat in lattices.items():
-            self._index[mag_name(name)] = table.rows(lat).astype(np.int32)
+        for mag, lat in lattices.items():
+            self._index[mag] = table.rows(lat).astype(np.int32)
         self.table = table
 
     @classmethod
     def from_embeddings(
-        cls, coords_by_mag: Mapping[str, np.ndarray], coords_20x: np.ndarray, embeddings: np.ndarray,
+        cls, coords_by_mag: Mapping[Magnification, np.ndarray], coords_20x: np.ndarray, embeddings: np.ndarray,
         *, base_mag: float, source: str = "conditioning table",
     ) -> ConditioningGrids:
         """Grids from precomputed 20x embeddings (``coords_20x`` int64 [U, 2], ``embeddings`` float32 [U, C])."""
@@ -249,9 +250,9 @@ class ConditioningGrids:
         """Channels C of one embedding."""
         return int(self.table.embeddings.shape[1])
 
-    def grid(self, mag: str | float, rows: np.ndarray | None = None, pool_to: int | None = None) -> np.ndarray:
+    def grid(self, mag: Magnification, rows: np.ndarray | None = None, pool_to: int | None = None) -> np.ndarray:
         """Raw grids of the patches ``rows`` (rows of that mag's coords; all when None). float32 [n, C, g, g]."""
-        index = self._index[mag_name(mag)]
+        index = self._index[mag]
         if rows is not None:
             index = index[np.asarray(rows)]
         grids = self.table.embeddings[index]  # [n, g, g, C]

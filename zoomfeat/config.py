@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from zoomfeat.mags import Magnification
+
 
 def to_jsonable(value: Any) -> Any:
     """Convert dataclasses, paths, tuples and numpy scalars into plain JSON values."""
@@ -15,6 +17,8 @@ def to_jsonable(value: Any) -> Any:
         return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, Magnification):  # stored canonically, by name
+        return value.name
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -15,7 +15,6 @@ from zoomfeat.errors import ConfigError
 
 PATCH_SIZE = 256
 MAGNIFICATIONS: tuple[float, ...] = (20.0, 10.0, 5.0, 2.5, 1.25, 0.625, 0.3125, 0.15625)
-CONDITIONING_MAG = 20.0  # the UNI tiles that condition every patch are 20x tiles
 
 # Other domains name the same factor-2 ladder of scale levels differently; their names are aliases parsed at the
 # boundary onto the ladder's slots (index 0 = the finest level), and stored canonically. ZoomLDM's NAIP model uses
@@ -90,6 +89,77 @@ class Magnification(float):
 
     def __reduce__(self):
         return (Magnification, (float(self),))
+
+
+CONDITIONING_MAG = Magnification(20.0)  # the UNI tiles that condition every patch are 20x tiles
+
+
+class MagDict(dict):
+    """A ``dict`` keyed by :class:`Magnification`: keys given as names (``"5x"``) or numbers are parsed on the way
+    in, so ``d["5x"]``, ``d[5.0]`` and ``d[Magnification("5x")]`` are one entry, and iteration yields
+    magnifications (whose ``str`` is the canonical name)."""
+
+    __slots__ = ()
+
+    def __init__(self, items=(), **kwargs):
+        super().__init__()
+        self.update(items, **kwargs)
+
+    @staticmethod
+    def _key(key) -> "Magnification":
+        try:
+            return Magnification(key)
+        except ConfigError:
+            raise KeyError(key) from None
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(self._key(key), value)
+
+    def __getitem__(self, key):
+        return super().__getitem__(self._key(key))
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(self._key(key))
+
+    def __contains__(self, key) -> bool:
+        try:
+            return super().__contains__(self._key(key))
+        except (KeyError, TypeError):
+            return False
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def pop(self, key, *default):
+        return super().pop(self._key(key), *default) if default else super().pop(self._key(key))
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, items=(), **kwargs) -> None:
+        for key, value in (items.items() if hasattr(items, "items") else items):
+            self[key] = value
+        for key, value in kwargs.items():
+            self[key] = value
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, dict) and not isinstance(other, MagDict):
+            try:
+                other = MagDict(other)
+            except KeyError:
+                return False
+        return dict.__eq__(self, other)
+
+    __ne__ = lambda self, other: not self == other  # noqa: E731
+    __hash__ = None
+
+    def copy(self) -> "MagDict":
+        return MagDict(self)
+
+    def __repr__(self) -> str:
+        return "MagDict({" + ", ".join(f"{k.name!r}: {v!r}" for k, v in self.items()) + "})"
 
 
 def parse_mag(value: str | float) -> Magnification:

@@ -11,17 +11,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from zoomfeat.mags import Magnification
 from zoomfeat.slides import Slide
 
 
 class TilePatchDataset(Dataset):
     """Item i = (i, uint8 [3, size, size]) of the tile at ``coords_level0[i]`` read at magnification ``mag``."""
 
-    def __init__(self, slide_path: str | Path, coords_level0: np.ndarray, mag: float, size: int = 256,
+    def __init__(self, slide_path: str | Path, coords_level0: np.ndarray, mag: Magnification, size: int = 256,
                  base_mag: float | None = None, mpp: float | None = None):
         self.slide_path = Path(slide_path)
         self.coords_level0 = np.asarray(coords_level0, dtype=np.int64).reshape(-1, 2)
-        self.mag = float(mag)
+        self.mag = Magnification(mag)
         self.size = int(size)
         self.base_mag = base_mag
         self.mpp = mpp

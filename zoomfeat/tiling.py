@@ -13,24 +13,34 @@ other magnification, tiles grouped by their coarsest ancestor in that order, row
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from zoomfeat.errors import DataError, SlideError
-from zoomfeat.mags import PATCH_SIZE, mag_name, parse_mag
+from zoomfeat.mags import PATCH_SIZE, MagDict, Magnification, mag_name, parse_mag
 from zoomfeat.tissue import TissueMask, TissueParams, tissue_mask
 
 
 @dataclass(frozen=True)
 class TileGrid:
-    """Kept tiles per magnification. Names are canonical ("20x"); coords are level-0 top-left (x, y)."""
+    """Kept tiles per magnification; coords are level-0 top-left (x, y).
 
-    mags: tuple[float, ...]  # finest first
-    coords: dict[str, np.ndarray]  # mag name -> int64 [N, 2]
-    parents: dict[str, dict[str, np.ndarray]]  # fine name -> {coarser name: int64 [N] row into coarser coords}
-    patch_size_level0: dict[str, int]  # mag name -> 256 * base_mag / mag
+    Every mapping is a :class:`MagDict` keyed by :class:`Magnification` (a name such as ``"20x"`` is parsed on
+    lookup); ``names`` gives the canonical names, which are also the store's HDF5 group names.
+    """
+
+    mags: tuple[Magnification, ...]  # finest first
+    coords: MagDict  # magnification -> int64 [N, 2]
+    parents: MagDict  # fine magnification -> MagDict{coarser magnification: int64 [N] row into its coords}
+    patch_size_level0: MagDict  # magnification -> 256 * base_mag / mag
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mags", tuple(Magnification(m) for m in self.mags))
+        object.__setattr__(self, "coords", MagDict(self.coords))
+        object.__setattr__(self, "parents", MagDict({m: MagDict(p) for m, p in self.parents.items()}))
+        object.__setattr__(self, "patch_size_level0", MagDict(self.patch_size_level0))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -41,10 +51,10 @@ class TileGrid:
         return len(self.coords[self.names[0]]) if self.mags else 0
 
 
-def patch_sizes_level0(base_mag: float, mags: Sequence[float], slide_name: str = "slide") -> dict[str, int]:
+def patch_sizes_level0(base_mag: float, mags: Sequence[Magnification], slide_name: str = "slide") -> MagDict:
     """Level-0 size of a 256-px tile at each magnification; :class:`SlideError` if not a whole number."""
-    sizes = {}
-    for mag in mags:
+    sizes = MagDict()
+    for mag in map(Magnification, mags):
         if mag > base_mag + 1e-9:
             raise SlideError(f"{slide_name}: base magnification {base_mag:g}x is below the requested {mag_name(mag)}: "
                              "drop it from --mags or pass the right --base-mag")
@@ -52,32 +62,30 @@ def patch_sizes_level0(base_mag: float, mags: Sequence[float], slide_name: str =
         if abs(size - round(size)) > 1e-6:
             raise SlideError(f"{slide_name}: a {mag_name(mag)} tile would be {size:g} level-0 px at base "
                              f"{base_mag:g}x (not whole): pick --mags that divide the base magnification")
-        sizes[mag_name(mag)] = int(round(size))
-    coarsest = sizes[mag_name(min(mags))]
-    for name, size in sizes.items():
+        sizes[mag] = int(round(size))
+    coarsest = sizes[min(sizes)]
+    for mag, size in sizes.items():
         if coarsest % size:
-            raise SlideError(f"{slide_name}: {name} tiles ({size} px) do not divide the coarsest tiles "
+            raise SlideError(f"{slide_name}: {mag} tiles ({size} px) do not divide the coarsest tiles "
                              f"({coarsest} px): use magnifications a power of two apart")
     return sizes
 
 
-def grid_from_mask(width: int, height: int, base_mag: float, mags: Sequence[float], mask: TissueMask | None,
-                   min_tissue: float, slide_name: str = "slide") -> TileGrid:
+def grid_from_mask(width: int, height: int, base_mag: float, mags: Sequence[Magnification],
+                   mask: TissueMask | None, min_tissue: float, slide_name: str = "slide") -> TileGrid:
     """Grid over a ``width`` x ``height`` level-0 slide; ``mask=None`` keeps every tile (no tissue check)."""
     mags = tuple(sorted({parse_mag(m) for m in mags}, reverse=True))
-    names = [mag_name(m) for m in mags]
     sizes = patch_sizes_level0(base_mag, mags, slide_name)
-    fine, coarse = names[0], names[-1]
+    fine, coarse = mags[0], mags[-1]
     fine_xy = _lattice(width, height, sizes[fine])
     if len(fine_xy) and mask is not None:
         fine_xy = fine_xy[mask.fractions(fine_xy, sizes[fine]) >= min_tissue]
-    coords = {}
-    for name in names:
-        cells = np.unique(fine_xy // sizes[name], axis=0) if len(fine_xy) else np.zeros((0, 2), np.int64)
-        coords[name] = _order(cells.astype(np.int64) * sizes[name], sizes[name], sizes[coarse])
-    parents = {fine_name: {coarse_name: _parent_rows(coords[fine_name], coords[coarse_name], sizes[coarse_name])
-                           for coarse_name in names[i + 1 :]}
-               for i, fine_name in enumerate(names)}
+    coords = MagDict()
+    for mag in mags:
+        cells = np.unique(fine_xy // sizes[mag], axis=0) if len(fine_xy) else np.zeros((0, 2), np.int64)
+        coords[mag] = _order(cells.astype(np.int64) * sizes[mag], sizes[mag], sizes[coarse])
+    parents = {f: {c: _parent_rows(coords[f], coords[c], sizes[c]) for c in mags[i + 1 :]}
+               for i, f in enumerate(mags)}
     return TileGrid(mags=mags, coords=coords, parents=parents, patch_size_level0=sizes)
 
 
@@ -116,19 +124,19 @@ def _parent_rows(fine: np.ndarray, coarse: np.ndarray, coarse_size: int) -> np.n
     return rows
 
 
-def grid_from_coords(coords: dict[str, np.ndarray], base_mag: float) -> TileGrid:
+def grid_from_coords(coords: Mapping[Magnification, np.ndarray], base_mag: float) -> TileGrid:
     """A TileGrid from given tile corners per magnification (rows kept in the given order); the parent
     links come from the geometry (DataError when a tile lies in no coarser tile)."""
-    mags = tuple(sorted((parse_mag(m) for m in coords), reverse=True))
-    names = [m.name for m in mags]
-    sizes = {m.name: m.level0_size(base_mag) for m in mags}
-    arrays = {n: np.asarray(coords[n], np.int64).reshape(-1, 2) for n in names}
-    parents = {f: {c: _parent_rows(arrays[f], arrays[c], sizes[c]) for c in names[i + 1 :]}
-               for i, f in enumerate(names)}
+    coords = MagDict(coords)
+    mags = tuple(sorted(coords, reverse=True))
+    sizes = MagDict({m: m.level0_size(base_mag) for m in mags})
+    arrays = MagDict({m: np.asarray(coords[m], np.int64).reshape(-1, 2) for m in mags})
+    parents = {f: {c: _parent_rows(arrays[f], arrays[c], sizes[c]) for c in mags[i + 1 :]}
+               for i, f in enumerate(mags)}
     return TileGrid(mags=mags, coords=arrays, parents=parents, patch_size_level0=sizes)
 
 
-def make_grid(slide, mags: Sequence[float], tissue: TissueParams = TissueParams()) -> TileGrid:
+def make_grid(slide, mags: Sequence[Magnification], tissue: TissueParams = TissueParams()) -> TileGrid:
     """Tile grid of an open :class:`zoomfeat.slides.Slide` at ``mags`` (any order; stored finest first).
 
     A slide smaller than one finest tile gives an empty grid and a warning; a slide without tissue is a
@@ -137,7 +145,7 @@ def make_grid(slide, mags: Sequence[float], tissue: TissueParams = TissueParams(
     info = slide.info
     mags = tuple(sorted({parse_mag(m) for m in mags}, reverse=True))
     sizes = patch_sizes_level0(info.base_magnification, mags, str(info.path))
-    fine = sizes[mag_name(mags[0])]
+    fine = sizes[mags[0]]
     mask = tissue_mask(slide, tissue)  # also proves the pixels are readable
     if info.width < fine or info.height < fine:
         warnings.warn(f"{info.path}: {info.width}x{info.height} px is smaller than one {mag_name(mags[0])} tile "
@@ -152,19 +160,20 @@ def make_grid(slide, mags: Sequence[float], tissue: TissueParams = TissueParams(
     return grid
 
 
-def restrict_grid(grid: TileGrid, names: Sequence[str], source) -> TileGrid:
-    """The part of a stored tile grid at the magnifications ``names`` (parents kept among them)."""
-    missing = [n for n in names if n not in grid.coords]
+def restrict_grid(grid: TileGrid, mags: Sequence[Magnification], source) -> TileGrid:
+    """The part of a stored tile grid at the magnifications ``mags`` (parents kept among them)."""
+    wanted = [Magnification(m) for m in mags]
+    missing = [m for m in wanted if m not in grid.coords]
     if missing:
         raise DataError(f"tile store {source} has no {missing[0]} tiles: re-run `zoomfeat tile` with "
-                        f"--mags {','.join(names)} or drop --tiles")
-    mags = tuple(m for m in grid.mags if mag_name(m) in names)
-    parents = {n: {p: a for p, a in grid.parents.get(n, {}).items() if p in names} for n in names}
-    return TileGrid(mags=mags, coords={n: grid.coords[n] for n in names}, parents=parents,
-                    patch_size_level0={n: grid.patch_size_level0[n] for n in names})
+                        f"--mags {','.join(map(str, wanted))} or drop --tiles")
+    kept = tuple(m for m in grid.mags if m in wanted)
+    parents = {m: {p: a for p, a in grid.parents.get(m, {}).items() if p in wanted} for m in wanted}
+    return TileGrid(mags=kept, coords={m: grid.coords[m] for m in wanted}, parents=parents,
+                    patch_size_level0={m: grid.patch_size_level0[m] for m in wanted})
 
 
-def slide_tile_grid(slide, mags: Sequence[float], tissue: TissueParams = TissueParams(), tiles_dir=None, *,
+def slide_tile_grid(slide, mags: Sequence[Magnification], tissue: TissueParams = TissueParams(), tiles_dir=None, *,
                     drop_larger_than_slide: bool = False) -> TileGrid:
     """A slide's tile grid, the one way ``tile``, ``extract`` and ``prepare-train`` get it.
 
@@ -173,7 +182,7 @@ def slide_tile_grid(slide, mags: Sequence[float], tissue: TissueParams = TissueP
     with :func:`make_grid` and ``tissue``. ``drop_larger_than_slide`` leaves out (as empty) the magnifications
     whose tile is larger than the slide itself (prepare-train trains on whole patches only).
     """
-    names = [mag_name(m) for m in sorted({parse_mag(m) for m in mags}, reverse=True)]
+    mags = sorted({parse_mag(m) for m in mags}, reverse=True)
     if tiles_dir is not None:
         from zoomfeat.store import h5_path, is_complete, read_grid
 
@@ -181,25 +190,24 @@ def slide_tile_grid(slide, mags: Sequence[float], tissue: TissueParams = TissueP
         if not is_complete(path, slide.info.path):
             raise SlideError(f"no complete tile store {path} of {slide.info.path}: run `zoomfeat tile` for this "
                              "slide or drop --tiles")
-        grid = restrict_grid(read_grid(path), names, path)
+        grid = restrict_grid(read_grid(path), mags, path)
     else:
         info = slide.info
-        fits = [n for n in names if not drop_larger_than_slide
-                or parse_mag(n).level0_size(info.base_magnification) <= min(info.width, info.height)]
+        fits = [m for m in mags if not drop_larger_than_slide
+                or m.level0_size(info.base_magnification) <= min(info.width, info.height)]
         grid = make_grid(slide, fits, tissue) if fits else None
-    if grid is None or len(grid.names) < len(names):
-        return _with_empty(grid, names)
+    if grid is None or len(grid.mags) < len(mags):
+        return _with_empty(grid, mags)
     return grid
 
 
-def _with_empty(grid: TileGrid | None, names: Sequence[str]) -> TileGrid:
-    """``grid`` plus empty entries for the magnifications of ``names`` it lacks (coarser ones than it has)."""
-    coords = {n: np.zeros((0, 2), np.int64) for n in names}
-    parents = {n: {c: np.zeros(0, np.int64) for c in names[i + 1 :]} for i, n in enumerate(names)}
-    sizes = {n: 0 for n in names}
+def _with_empty(grid: TileGrid | None, mags: Sequence[Magnification]) -> TileGrid:
+    """``grid`` plus empty entries for the magnifications of ``mags`` it lacks (coarser ones than it has)."""
+    coords = MagDict({m: np.zeros((0, 2), np.int64) for m in mags})
+    parents = MagDict({m: MagDict({c: np.zeros(0, np.int64) for c in mags[i + 1 :]}) for i, m in enumerate(mags)})
+    sizes = MagDict({m: 0 for m in mags})
     if grid is not None:
-        for n in grid.names:
-            coords[n], sizes[n] = grid.coords[n], grid.patch_size_level0[n]
-            parents[n].update(grid.parents[n])
-    return TileGrid(mags=tuple(parse_mag(n) for n in names), coords=coords, parents=parents,
-                    patch_size_level0=sizes)
+        for m in grid.mags:
+            coords[m], sizes[m] = grid.coords[m], grid.patch_size_level0[m]
+            parents[m].update(grid.parents[m])
+    return TileGrid(mags=tuple(mags), coords=coords, parents=parents, patch_size_level0=sizes)

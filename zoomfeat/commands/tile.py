@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 from zoomfeat.commands.options import add_scale_group, add_shard_option, add_tissue_group, tissue_params
+from zoomfeat.mags import Magnification
 
 HELP = "detect tissue and write aligned multi-magnification tile grids (one .h5 per slide)"
 RECORD_NAME = "tile_config.json"
@@ -36,7 +37,7 @@ class TileConfig:
 
     slides: tuple[str, ...]
     out: str
-    mags: tuple[float, ...]
+    mags: tuple[Magnification, ...]
     tissue: object  # zoomfeat.tissue.TissueParams
     base_mag: float | None
     mpp: float | None

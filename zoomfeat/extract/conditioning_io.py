@@ -22,6 +22,7 @@ import numpy as np
 
 from zoomfeat.conditioning import ConditioningGrids, tile_size_level0
 from zoomfeat.errors import DataError
+from zoomfeat.mags import CONDITIONING_MAG, Magnification
 from zoomfeat.store import FeatureFile, TileStoreWriter, h5_path, is_complete, settings_diff
 from zoomfeat.tiling import TileGrid
 
@@ -37,14 +38,15 @@ def _split(kept: np.ndarray, table_coords: np.ndarray) -> np.ndarray:
 
 def write_conditioning(path: Path, info, grid: TileGrid, cond: ConditioningGrids, config: dict) -> Path:
     """Write the conditioning embeddings of one slide (atomic); returns the final path."""
-    kept = np.asarray(grid.coords.get("20x", np.zeros((0, 2), np.int64)), np.int64).reshape(-1, 2)
-    grid20 = TileGrid(mags=(20.0,), coords={"20x": kept}, parents={"20x": {}},
-                      patch_size_level0={"20x": tile_size_level0(20.0, info.base_magnification)})
+    tile = CONDITIONING_MAG
+    kept = np.asarray(grid.coords.get(tile, np.zeros((0, 2), np.int64)), np.int64).reshape(-1, 2)
+    grid20 = TileGrid(mags=(tile,), coords={tile: kept}, parents={tile: {}},
+                      patch_size_level0={tile: tile_size_level0(tile, info.base_magnification)})
     extra = _split(kept, cond.table.coords)
     with TileStoreWriter(path, info, grid20, extractor=config["encoder"], extractor_config=config,
                          feature_dim=cond.dim) as writer:
         for start in range(0, len(kept), CHUNK):
-            writer.write_features("20x", start, cond.embeddings_20x(kept[start : start + CHUNK]))
+            writer.write_features(tile, start, cond.embeddings_20x(kept[start : start + CHUNK]))
         writer.write_extra_group(EXTRA_GROUP, cond.table.coords[extra], cond.table.embeddings[extra],
                                  "20x tiles under requested patches that are not rows of the 20x group")
         return writer.commit()
@@ -53,9 +55,9 @@ def write_conditioning(path: Path, info, grid: TileGrid, cond: ConditioningGrids
 def load_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """All 20x tiles of a conditioning file: (coords int64 [U, 2], embeddings float32 [U, C])."""
     with FeatureFile(path) as f:
-        if "20x" not in f.mags:
+        if CONDITIONING_MAG not in f.mags:
             raise DataError(f"{path} has no 20x group: give --conditioning a folder written by `zoomfeat extract`")
-        coords, feats = [f.coords("20x")], [f.features("20x")]
+        coords, feats = [f.coords(CONDITIONING_MAG)], [f.features(CONDITIONING_MAG)]
         extra = f.extra(EXTRA_GROUP)
     if extra is not None:
         coords.append(extra[0])
@@ -63,7 +65,7 @@ def load_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(coords).astype(np.int64), np.concatenate(feats).astype(np.float32)
 
 
-def read_conditioning(folder: Path, info, coords_by_mag: Mapping[str, np.ndarray], dim: int) -> ConditioningGrids:
+def read_conditioning(folder: Path, info, coords_by_mag: Mapping[Magnification, np.ndarray], dim: int) -> ConditioningGrids:
     """ConditioningGrids of one slide from ``<folder>/<slide_id>.h5``; DataError when missing or incompatible."""
     path = h5_path(folder, info.slide_id)
     if not is_complete(path):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zoomfeat.errors import ConfigError
-from zoomfeat.mags import mag_name
+from zoomfeat.mags import Magnification, mag_name, parse_mags
 from zoomfeat.slides import check_scale_overrides
 
 POOLINGS = ("mean", "meanmax")
@@ -32,7 +32,7 @@ class ExtractConfig:
 
     out_dir: Path
     encoder: str = "zoomldm"
-    mags: tuple[float, ...] = (20.0, 5.0)
+    mags: tuple[Magnification, ...] = parse_mags("20x,5x")
     zoomldm_config: Path | None = None
     weights: Path | None = None
     conditioner: str = "uni"
@@ -60,6 +60,8 @@ class ExtractConfig:
     toy_seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.mags:
+            object.__setattr__(self, "mags", parse_mags(self.mags))
         validate(self)
 
     @property

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.errors import ConfigError, DataError
-from zoomfeat.mags import mag_name, parse_mag
+from zoomfeat.mags import Magnification
 from zoomfeat.store.files import OutputError
 
 FORMATS = ("clam", "trident", "stamp", "slide2vec", "eva")  # = zoomfeat.store.layouts.layout_names() (tested)
@@ -35,14 +35,14 @@ class ExportConfig:
 
     src_dir: Path
     fmt: str
-    mag: str
+    mag: Magnification
     out_dir: Path
     encoder: str | None = None
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
             raise ConfigError(f"bad --format {self.fmt!r}: use one of {', '.join(FORMATS)}")
-        object.__setattr__(self, "mag", mag_name(self.mag))
+        object.__setattr__(self, "mag", Magnification(self.mag))
         if not Path(self.src_dir).is_dir():
             raise ConfigError(f"feature folder {self.src_dir} does not exist: give the --out of `zoomfeat extract`")
         if Path(self.out_dir).resolve() == Path(self.src_dir).resolve():
@@ -68,7 +68,7 @@ def export_slide(src: Path, cfg: ExportConfig) -> list[Path]:
     with FeatureFile(src) as f:
         f.require_complete()
         if cfg.mag not in f.mags:
-            raise DataError(f"{src} has no {cfg.mag} features: export one of {', '.join(f.mags) or 'none'}")
+            raise DataError(f"{src} has no {cfg.mag} features: export one of {', '.join(map(str, f.mags)) or 'none'}")
         features, coords = f.features(cfg.mag), f.coords(cfg.mag)
         grid = f.grid()
         slide_id, base_mag, extractor = f.slide_id, f.base_magnification or 0.0, f.extractor or ""
@@ -81,7 +81,7 @@ def export_slide(src: Path, cfg: ExportConfig) -> list[Path]:
     mpp = _mpp_of(src)
     return LAYOUTS[cfg.fmt].write(_target_folder(src, cfg), slide_id, features, coords,
                                   patch_size_level0=int(grid.patch_size_level0[cfg.mag]),
-                                  magnification=float(parse_mag(cfg.mag)), base_magnification=float(base_mag),
+                                  magnification=float(cfg.mag), base_magnification=float(base_mag),
                                   mpp=mpp, encoder=cfg.encoder or extractor or "features")
 
 
@@ -121,7 +121,7 @@ def export_features(cfg: ExportConfig) -> ExportResult:
         raise ConfigError(f"no .h5 feature files in {cfg.src_dir}: give the --out of `zoomfeat extract`")
     for src in sources[:1]:
         check_output_folder(_target_folder(src, cfg), "--out", {"source": str(Path(cfg.src_dir).resolve()),
-                                                                 "format": cfg.fmt, "mag": cfg.mag}, RECORD_NAME,
+                                                                 "format": cfg.fmt, "mag": cfg.mag.name}, RECORD_NAME,
                             section="export")
     written: list[Path] = []
     skipped: dict[Path, str] = {}

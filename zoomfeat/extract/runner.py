@@ -21,7 +21,7 @@ from zoomfeat.errors import SlideError
 from zoomfeat.extract.config import CONFIG_NAME, ExtractConfig
 from zoomfeat.extract.loading import Networks, load_networks
 from zoomfeat.extract.runtime import Runtime, check_devices, on_device, resolve_runtime
-from zoomfeat.mags import PATCH_SIZE, mag_name
+from zoomfeat.mags import CONDITIONING_MAG, PATCH_SIZE, MagDict, Magnification
 
 
 @dataclass
@@ -84,7 +84,7 @@ class SlideExtractor:
                                  feature_dim=self.net.featurizer.dim) as writer:
                 cond, fused = self._conditioning(Path(slide_path), info, grid, writer, bar)
                 for mag in self.cfg.mags:
-                    if mag_name(mag) not in fused:
+                    if mag not in fused:
                         self._extract_mag(Path(slide_path), info, grid, mag, cond, writer, bar)
                 writer.commit()
         finally:
@@ -97,12 +97,12 @@ class SlideExtractor:
                              "ZoomLDM is conditioned on 20x tiles: pass the right --base-mag/--mpp or skip this slide")
 
     def _conditioning(self, slide_path: Path, info, grid, writer, bar):
-        """(conditioning grids or None, names of the magnifications whose features are already written)."""
+        """(conditioning grids or None, the magnifications whose features are already written)."""
         from zoomfeat.extract import conditioning_io as cio
 
         if not self.cfg.is_zoomldm:
             return None, ()
-        coords = {n: grid.coords[n] for n in self.cfg.mag_names}
+        coords = MagDict({m: grid.coords[m] for m in self.cfg.mags})
         dim = self.net.featurizer.model.conditioning_dim
         if self.cfg.conditioning_dir is not None:
             return cio.read_conditioning(self.cfg.conditioning_dir, info, coords, dim), ()
@@ -110,10 +110,9 @@ class SlideExtractor:
         if cio.is_reusable(path, slide_path, self.net.conditioning_config):
             return cio.read_conditioning(path.parent, info, coords, dim), ()
         from zoomfeat.conditioning import ConditioningStream
-        from zoomfeat.mags import CONDITIONING_MAG
 
-        name20 = mag_name(CONDITIONING_MAG)
-        first = coords.get(name20) if name20 in coords and len(coords[name20]) > 0 else None
+        tile = CONDITIONING_MAG
+        first = coords[tile] if tile in coords and len(coords[tile]) > 0 else None
         stream = ConditioningStream(slide_path, coords, self.net.conditioner, self.cfg.batch_size, self.cfg.workers,
                                     self.runtime.device, base_mag=info.base_magnification,
                                     slide_kwargs=self.cfg.slide_kwargs, autocast=self.runtime.autocast(),
@@ -121,38 +120,35 @@ class SlideExtractor:
                                     first=first)
         for batch in stream:  # read each 20x tile once: its features come from the same pixels
             grids = batch.embeddings[:, :, None, None]  # the 1 x 1 grid of a 20x patch is its own tile
-            self._features_batch(writer, name20, CONDITIONING_MAG, batch.positions, batch.images, grids,
-                                 info.slide_id, bar)
+            self._features_batch(writer, tile, batch.positions, batch.images, grids, info.slide_id, bar)
         cond = stream.finish()
         cio.write_conditioning(path, info, grid, cond, self.net.conditioning_config)
-        return cond, ((name20,) if first is not None else ())
+        return cond, ((tile,) if first is not None else ())
 
-    def _features_batch(self, writer, name: str, mag: float, rows: np.ndarray, images, grids, slide_id: str,
+    def _features_batch(self, writer, mag: Magnification, rows: np.ndarray, images, grids, slide_id: str,
                         bar) -> None:
-        """Features of one batch of patches (rows of ``name``'s coords, in order) streamed into ``writer``."""
+        """Features of one batch of patches (rows of ``mag``'s coords, in order) streamed into ``writer``."""
         from zoomfeat.extract.featurizer import PatchBatch
-        from zoomfeat.mags import parse_mag
 
-        coords = writer.grid.coords[name]
-        feats = self.net.featurizer(PatchBatch(images, parse_mag(mag), coords[rows], slide_id, grids))
+        coords = writer.grid.coords[mag]
+        feats = self.net.featurizer(PatchBatch(images, mag, coords[rows], slide_id, grids))
         for start, stop in _contiguous_runs(rows):
-            writer.write_features(name, int(rows[start]), feats[start:stop])
+            writer.write_features(mag, int(rows[start]), feats[start:stop])
         bar.update(len(rows))
         self.stats.patches += len(rows)
 
-    def _extract_mag(self, slide_path: Path, info, grid, mag: float, cond, writer, bar) -> None:
+    def _extract_mag(self, slide_path: Path, info, grid, mag: Magnification, cond, writer, bar) -> None:
         from zoomfeat.patches import TilePatchDataset, patch_loader
 
-        name = mag_name(mag)
-        coords = grid.coords[name]
+        coords = grid.coords[mag]
         if len(coords) == 0:
             return
         dataset = TilePatchDataset(slide_path, coords, mag, size=PATCH_SIZE, **self.cfg.slide_kwargs)
         try:
             for rows, images in patch_loader(dataset, self.cfg.batch_size, self.cfg.workers):
                 rows = rows.numpy()
-                grids = cond.grid(name, rows, pool_to=8) if cond is not None else None
-                self._features_batch(writer, name, mag, rows, images, grids, info.slide_id, bar)
+                grids = cond.grid(mag, rows, pool_to=8) if cond is not None else None
+                self._features_batch(writer, mag, rows, images, grids, info.slide_id, bar)
         finally:
             dataset.close()
 

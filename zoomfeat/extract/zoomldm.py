@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from zoomfeat.extract.featurizer import PatchBatch
 from zoomfeat.extract.noise import seeded_noise
-from zoomfeat.mags import mag_index
+from zoomfeat.mags import Magnification
 
 
 def to_model_input(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -60,11 +60,11 @@ class ZoomLDMFeaturizer:
     def _memory(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def context(self, raw_grids: np.ndarray, mag: float) -> torch.Tensor:
+    def context(self, raw_grids: np.ndarray, mag: Magnification) -> torch.Tensor:
         """Summarizer context [B, 65, D_ctx] from raw grids float32 [B, C, g, g] (pooled to <= 8x8 is fine)."""
         grids = torch.from_numpy(raw_grids).to(self.device, non_blocking=True)
         prepped = [self.model.preprocess_ssl(g) for g in grids]
-        mags = torch.full((len(prepped),), mag_index(mag), dtype=torch.long, device=self.device)
+        mags = torch.full((len(prepped),), Magnification(mag).index, dtype=torch.long, device=self.device)
         return self.model.summarize(prepped, mags)
 
     @torch.inference_mode()
@@ -86,7 +86,7 @@ class ZoomLDMFeaturizer:
         t = torch.full((len(z),), self.timestep, dtype=torch.long, device=self.device)
         with self.autocast():
             if self.noise == "seeded":
-                noise = seeded_noise(batch.slide_id, batch.mag.name, batch.coords_level0,
+                noise = seeded_noise(batch.slide_id, batch.mag, batch.coords_level0,
                                      tuple(z.shape[1:])).to(self.device)
                 x_t = m.q_sample(z, t, noise)
             else:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from zoomfeat.errors import ConfigError, DataError
-from zoomfeat.mags import Magnification, parse_mag
+from zoomfeat.mags import CONDITIONING_MAG, Magnification, parse_mag
 
 CONTEXT_SOURCES: dict[str, Callable] = {}
 
@@ -92,7 +92,7 @@ def tile_contexts_20x(model, grid: np.ndarray) -> torch.Tensor:
     """Contexts [g*g, 65, D] of the 20x tiles of one raw grid [C, g, g], row-major (each its own [C,1,1] grid)."""
     c, gh, gw = grid.shape
     tiles = np.ascontiguousarray(np.asarray(grid, np.float32).transpose(1, 2, 0).reshape(gh * gw, c, 1, 1))
-    return contexts_for_mag(model, tiles, "20x")
+    return contexts_for_mag(model, tiles, CONDITIONING_MAG)
 
 
 def _tile_grid(slide, request: ConditionRequest):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from zoomfeat.errors import ConfigError, DataError
-from zoomfeat.mags import Magnification
+from zoomfeat.mags import CONDITIONING_MAG, Magnification
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ def save_grid(path, result: InversionResult, provenance: dict) -> "Path":
     config = {"method": "inversion", "magnification": str(result.mag), "grid_width": g, "dim": c,
               "losses": result.losses, "timesteps": result.timesteps, "probe": result.probe, **provenance}
     return write_feature_file(path.parent, path.name[:-3] if path.name.endswith(".h5") else path.stem,
-                              {"20x": grid.reshape(c, g * g).T}, {"20x": grid_tile_coords(g)},
+                              {CONDITIONING_MAG: grid.reshape(c, g * g).T}, {CONDITIONING_MAG: grid_tile_coords(g)},
                               base_magnification=20.0, extractor="inversion", extractor_config=config,
                               slide_path=provenance.get("image"))
 
@@ -261,9 +261,9 @@ def load_grid(path) -> tuple[torch.Tensor, Magnification, dict]:
     path = Path(path)
     with FeatureFile(path) as f:
         config = f.extractor_config or {}
-        if f.extractor != "inversion" or "20x" not in f.mags:
+        if f.extractor != "inversion" or CONDITIONING_MAG not in f.mags:
             raise DataError(f"{path} is not an inverted grid (written by `zoomfeat invert`)")
-        coords, feats = f.coords("20x"), f.features("20x")
+        coords, feats = f.coords(CONDITIONING_MAG), f.features(CONDITIONING_MAG)
     g = int(config["grid_width"])
     if len(coords) != g * g or not np.array_equal(coords, grid_tile_coords(g)):
         raise DataError(f"{path}: its 20x tiles do not form the {g}x{g} grid it declares")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.errors import DataError
+from zoomfeat.mags import Magnification
 from zoomfeat.store import atomic_write, write_text
 
 FORMAT = "zoomfeat-generation"
@@ -25,11 +26,11 @@ MANIFEST_NAME = "manifest.json"
 CONDITIONS_NAME = "conditions.npz"
 
 
-def save_conditions(out_dir: Path, mag: str, grids: np.ndarray | None = None, coords_level0=None,
+def save_conditions(out_dir: Path, mag: Magnification, grids: np.ndarray | None = None, coords_level0=None,
                     contexts: np.ndarray | None = None) -> Path:
     """Write ``<out_dir>/conditions.npz`` (atomic): the raw grids (and coordinates), or drawn contexts."""
     path = Path(out_dir) / CONDITIONS_NAME
-    arrays = {"mag": np.array(str(mag))}
+    arrays = {"mag": np.array(Magnification(mag).name)}
     if grids is not None:
         arrays["grids"] = np.asarray(grids, np.float32)
         arrays["coords_level0"] = (np.zeros((len(grids), 2), np.int64) if coords_level0 is None

@@ -243,9 +243,9 @@ def _conditions_record(out: Path, conds, n_patches: int) -> dict:
     record = dict(conds.record)
     record["patches"] = n_patches
     if conds.grids is not None:
-        path = save_conditions(out, conds.mag.name, conds.grids, conds.coords_level0)
+        path = save_conditions(out, conds.mag, conds.grids, conds.coords_level0)
     else:  # drawn contexts (no grid to read them from): saved themselves
-        path = save_conditions(out, conds.mag.name, contexts=conds.contexts.detach().float().cpu().numpy())
+        path = save_conditions(out, conds.mag, contexts=conds.contexts.detach().float().cpu().numpy())
     record.update(file=CONDITIONS_NAME, sha256=file_sha256(path))
     return record
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.errors import ConfigError, DataError
-from zoomfeat.mags import PATCH_SIZE, mag_name, parse_mag
+from zoomfeat.mags import PATCH_SIZE, MagDict, Magnification, mag_name, parse_mag
 from zoomfeat.slides import SlideInfo
 from zoomfeat.store.files import (HDF5_OVERHEAD, check_free_space, commit_file, fingerprint, same_file, temp_path,
                                   write_failure, writing)
@@ -139,8 +139,9 @@ class TileStoreWriter:
                 group.create_dataset("features", shape=(n, self.feature_dim), dtype=np.float32, chunks=chunks)
                 self._written[name] = np.zeros(n, bool)
 
-    def write_features(self, mag_name: str, start: int, rows: np.ndarray) -> None:
-        """Store float32 ``rows`` [B, D] as feature rows ``start:start+B`` of magnification ``mag_name``."""
+    def write_features(self, mag: Magnification, start: int, rows: np.ndarray) -> None:
+        """Store float32 ``rows`` [B, D] as feature rows ``start:start+B`` of magnification ``mag``."""
+        mag_name = Magnification(mag).name
         if self.feature_dim is None:
             raise DataError(f"{self.path}: this tile file was opened without feature_dim; pass feature_dim=D")
         rows = np.asarray(rows, dtype=np.float32)
@@ -315,8 +316,8 @@ class FeatureFile:
 
     # --- contents ------------------------------------------------------------------------------------------
     @property
-    def mags(self) -> tuple[str, ...]:
-        return tuple(_group_names(self._f))
+    def mags(self) -> tuple[Magnification, ...]:
+        return tuple(Magnification(n) for n in _group_names(self._f))
 
     def _group(self, mag, dataset: str = "features"):
         name = mag_name(mag)
@@ -341,13 +342,12 @@ class FeatureFile:
         return np.asarray(self._group(mag)["features"][()], dtype=np.float32)
 
     def grid(self) -> TileGrid:
-        names = self.mags
+        names = [m.name for m in self.mags]
         f = self._f
         coords = {n: self.coords(n) for n in names}
         parents = {n: {c: self._parents(n, c) for c in names[i + 1 :]} for i, n in enumerate(names)}
         sizes = {n: int(f[n].attrs.get("patch_size_level0", 0)) for n in names}
-        return TileGrid(mags=tuple(parse_mag(n) for n in names), coords=coords, parents=parents,
-                        patch_size_level0=sizes)
+        return TileGrid(mags=self.mags, coords=coords, parents=parents, patch_size_level0=sizes)
 
     def _parents(self, fine: str, coarse: str) -> np.ndarray:
         key = f"parent_{coarse}"
@@ -393,17 +393,18 @@ def read_grid(path: str | Path) -> TileGrid:
         return f.grid()
 
 
-def read_features(path: str | Path, mag_name_: str) -> np.ndarray:
+def read_features(path: str | Path, mag: Magnification) -> np.ndarray:
     """float32 [N, D] features of one magnification; :class:`DataError` when absent."""
-    name = mag_name(parse_mag(mag_name_))
+    mag = Magnification(mag)
+    name = mag.name
     with FeatureFile(path) as f:
-        if name not in f.mags or "features" not in f._f[name]:
+        if mag not in f.mags or "features" not in f._f[name]:
             raise DataError(f"{path}: no features at {name}: extract them with `zoomfeat extract --mags {name}`")
         return f.features(name)
 
 
-def write_feature_file(folder: str | Path, slide_id: str, features: Mapping[str, np.ndarray],
-                       coords: Mapping[str, np.ndarray] | None = None, *, base_magnification: float = 20.0,
+def write_feature_file(folder: str | Path, slide_id: str, features: Mapping[Magnification, np.ndarray],
+                       coords: Mapping[Magnification, np.ndarray] | None = None, *, base_magnification: float = 20.0,
                        extractor: str = "toy", extractor_config: dict | None = None,
                        slide_path: str | Path | None = None) -> Path:
     """Write a complete feature file from arrays (synthetic cohorts, tests, imports of other tools' features).
@@ -414,11 +415,11 @@ def write_feature_file(folder: str | Path, slide_id: str, features: Mapping[str,
     """
     from zoomfeat.tiling import grid_from_coords
 
-    names = sorted((mag_name(m) for m in features), key=parse_mag, reverse=True)
-    feats = {mag_name(m): np.asarray(v, np.float32) for m, v in features.items()}
+    feats = MagDict({m: np.asarray(v, np.float32) for m, v in features.items()})
+    names = sorted(feats, reverse=True)
     if coords is None:
         coords = _row_layout(names, {n: len(feats[n]) for n in names}, base_magnification)
-    grid = grid_from_coords({mag_name(m): c for m, c in coords.items()}, base_magnification)
+    grid = grid_from_coords(coords, base_magnification)
     dims = {feats[n].shape[1] for n in names}
     if len(dims) != 1:
         raise DataError(f"{slide_id}: feature widths differ between magnifications {sorted(dims)}")
@@ -436,10 +437,10 @@ def write_feature_file(folder: str | Path, slide_id: str, features: Mapping[str,
         return writer.commit()
 
 
-def _row_layout(names: list[str], counts: dict[str, int], base_mag: float) -> dict[str, np.ndarray]:
+def _row_layout(names: list[Magnification], counts: dict[Magnification, int], base_mag: float) -> MagDict:
     """Default geometry: coarsest tiles side by side in one row; finest tile i inside coarsest tile
     ``i % n_coarsest`` (row-major within it); in-between magnifications the tiles that contain them."""
-    size = {n: parse_mag(n).level0_size(base_mag) for n in names}
+    size = {n: n.level0_size(base_mag) for n in names}
     fine, coarse = names[0], names[-1]
     n_fine, n_coarse = counts[fine], max(counts[coarse], 1)
     per_side = size[coarse] // size[fine]
@@ -447,8 +448,8 @@ def _row_layout(names: list[str], counts: dict[str, int], base_mag: float) -> di
     cell, k = i % n_coarse, i // n_coarse
     if n_fine and k.max() >= per_side * per_side:
         raise DataError(f"{n_fine} {fine} tiles do not fit in {n_coarse} {coarse} tiles: pass coords")
-    out = {fine: np.stack([cell * size[coarse] + (k % per_side) * size[fine], (k // per_side) * size[fine]],
-                          1).astype(np.int64)}
+    out = MagDict({fine: np.stack([cell * size[coarse] + (k % per_side) * size[fine], (k // per_side) * size[fine]],
+                                   1).astype(np.int64)})
     for n in names[1:]:
         cells = np.unique(out[fine] // size[n], axis=0) if n_fine else np.zeros((0, 2), np.int64)
         if n == coarse:
@@ -475,7 +476,7 @@ def feature_width(path: str | Path) -> int | None:
     """Feature width D of a readable feature file (None for a tile file or an unreadable one)."""
     try:
         with FeatureFile(path) as f:
-            widths = {f.shape(m)[1] for m in f.mags if "features" in f._f[m]}
+            widths = {f.shape(m)[1] for m in f.mags if "features" in f._f[m.name]}
     except DataError:
         return None
     return widths.pop() if len(widths) == 1 else None

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.errors import DataError
-from zoomfeat.mags import MAGNIFICATIONS, grid_width, mag_name
+from zoomfeat.mags import MAGNIFICATIONS, Magnification, mag_name
 from zoomfeat.store.files import (HDF5_OVERHEAD, atomic_write, check_free_space, commit_file, fingerprint, same_file,
                                   temp_path, write_failure, writing)
 
@@ -93,12 +93,12 @@ class ShardWriter:
             self.abort()
             raise write_failure(exc, self.path) from exc
 
-    def add_mag(self, name: str, coords: np.ndarray, latent_shape: tuple, grid_shape: tuple) -> MagWriter:
-        n = len(coords)
+    def add_mag(self, mag: Magnification, coords: np.ndarray, latent_shape: tuple, grid_shape: tuple) -> MagWriter:
+        mag, n = Magnification(mag), len(coords)
         check_free_space(self.path, 2 * n * (16 + 2 * (int(np.prod(latent_shape)) + int(np.prod(grid_shape))))
                          + HDF5_OVERHEAD)
-        group = self._file.create_group(name)
-        group.attrs.update({"magnification": float(name[:-1]), "grid_width": grid_width(name),
+        group = self._file.create_group(mag.name)
+        group.attrs.update({"magnification": float(mag), "grid_width": mag.grid_width,
                             "grid_stored": int(grid_shape[-1])})
         group.create_dataset("coords", data=np.asarray(coords, np.int64))
         lat = group.create_dataset("latents", shape=(n, *latent_shape), dtype=np.float16,
@@ -246,7 +246,7 @@ class ShardReader:
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
 
-    def sample(self, shard: int, mag: str, row: int) -> tuple[np.ndarray, np.ndarray]:
+    def sample(self, shard: int, mag: Magnification, row: int) -> tuple[np.ndarray, np.ndarray]:
         """(latent float32 [z, h, w], grid float32 [C, g, g]) of one row of one shard."""
         import h5py
 
@@ -254,7 +254,7 @@ class ShardReader:
             self._files, self._pid = {}, os.getpid()
         if shard not in self._files:
             self._files[shard] = h5py.File(self.root / "shards" / self.shards[shard], "r")
-        group = self._files[shard][mag]
+        group = self._files[shard][Magnification(mag).name]
         return group["latents"][row].astype(np.float32), group["grids"][row].astype(np.float32)
 
     def __getstate__(self) -> dict:

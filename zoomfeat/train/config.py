@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from zoomfeat.errors import ConfigError
-from zoomfeat.mags import parse_mags
+from zoomfeat.mags import Magnification, parse_mags
 from zoomfeat.slides import check_scale_overrides
 from zoomfeat.tissue import TissueParams
 
@@ -47,7 +47,7 @@ class PrepareConfig:
     conditioner_weights: Path | None      # local weight file for "uni"
     zoomldm: Path                         # official config.yaml (its first stage encodes the latents)
     zoomldm_weights: Path | None = None   # first-stage weights; None = the config's random init (tests, demo)
-    mags: tuple[float, ...] = parse_mags("all")
+    mags: tuple[Magnification, ...] = parse_mags("all")
     max_patches_per_mag: int | None = None
     conditioner_dim: int | None = None    # toy conditioner width; defaults to the model's conditioning dim
     batch_size: int = 32
@@ -62,6 +62,7 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if not self.slides:
             raise ConfigError("no slide given: pass slide files or folders to prepare-train")
+        object.__setattr__(self, "mags", parse_mags(self.mags))
         check_scale_overrides(self.base_mag, self.mpp)
         from zoomfeat.encoders.specs import parse_conditioner
 

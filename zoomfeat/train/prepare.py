@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.config import save_config, to_jsonable
-from zoomfeat.mags import PATCH_SIZE, grid_width, mag_name
+from zoomfeat.mags import PATCH_SIZE, MagDict, Magnification, mag_name
 from zoomfeat.store.trainset import (FORMAT_VERSION, INDEX_FORMAT, INDEX_NAME, SHARD_FORMAT,  # noqa: F401
                                      ShardWriter, shard_is_current, shard_path, write_index)
 from zoomfeat.train.config import PrepareConfig, resolve_zoomldm_config
@@ -56,7 +56,7 @@ def content_settings(cfg: PrepareConfig, conditioner_dim: int, first_stage: str,
     }), sort_keys=True)
 
 
-def subsample_rows(n: int, limit: int | None, seed: int, slide_id: str, mag: float) -> np.ndarray:
+def subsample_rows(n: int, limit: int | None, seed: int, slide_id: str, mag: Magnification) -> np.ndarray:
     """Sorted rows kept at one magnification: all, or ``limit`` drawn reproducibly per (seed, slide, mag)."""
     if limit is None or n <= limit:
         return np.arange(n, dtype=np.int64)
@@ -91,14 +91,14 @@ def _latent_shape(first_stage: FirstStageEncoder) -> tuple[int, ...]:
     return tuple(first_stage(torch.full((1, 3, PATCH_SIZE, PATCH_SIZE), 255, dtype=torch.uint8)).shape[1:])
 
 
-def _coords_by_mag(slide, mags: tuple[float, ...], cfg: PrepareConfig) -> dict[str, np.ndarray]:
+def _coords_by_mag(slide, mags: tuple[Magnification, ...], cfg: PrepareConfig) -> MagDict:
     """Tissue-grid patch corners per magnification; mags whose tile is larger than the slide give none."""
     from zoomfeat.tiling import slide_tile_grid
 
     grid = slide_tile_grid(slide, mags, cfg.tissue, drop_larger_than_slide=True)
-    return {name: np.asarray(c, np.int64).reshape(-1, 2)[
-                subsample_rows(len(c), cfg.max_patches_per_mag, cfg.seed, slide.info.slide_id, name)]
-            for name, c in grid.coords.items()}
+    return MagDict({mag: np.asarray(c, np.int64).reshape(-1, 2)[
+                subsample_rows(len(c), cfg.max_patches_per_mag, cfg.seed, slide.info.slide_id, mag)]
+            for mag, c in grid.coords.items()})
 
 
 class SlideShardWriter:
@@ -126,7 +126,7 @@ class SlideShardWriter:
         self._write(path, slide_path, slide_id, coords, base_mag)
         return "done"
 
-    def _write(self, path: Path, slide_path: Path, slide_id: str, coords: dict[str, np.ndarray],
+    def _write(self, path: Path, slide_path: Path, slide_id: str, coords: MagDict,
                base_mag: float) -> None:
         from zoomfeat.conditioning import ConditioningGrids
 
@@ -134,24 +134,25 @@ class SlideShardWriter:
         grids = ConditioningGrids(slide_path, coords, self.encoder, cfg.batch_size, cfg.workers, cfg.device,
                                   base_mag=base_mag, slide_kwargs=self.slide_kwargs)
         with ShardWriter(path, slide_id, slide_path, self.settings, base_mag) as shard:
-            for name, c in coords.items():
-                self._write_mag(shard, slide_path, name, c, grids)
+            for mag, c in coords.items():
+                self._write_mag(shard, slide_path, mag, c, grids)
             shard.commit()
 
-    def _write_mag(self, shard: ShardWriter, slide_path: Path, name: str, coords: np.ndarray, grids) -> None:
+    def _write_mag(self, shard: ShardWriter, slide_path: Path, mag: Magnification, coords: np.ndarray,
+                   grids) -> None:
         from zoomfeat.patches import TilePatchDataset, patch_loader
 
-        g = min(grid_width(name), self.cfg.grid_pool_to)
-        writer = shard.add_mag(name, coords, self.latent_shape, (grids.dim, g, g))
+        g = min(mag.grid_width, self.cfg.grid_pool_to)
+        writer = shard.add_mag(mag, coords, self.latent_shape, (grids.dim, g, g))
         if len(coords) == 0:
             return
-        dataset = TilePatchDataset(slide_path, coords, float(name[:-1]), size=PATCH_SIZE, **self.slide_kwargs)
+        dataset = TilePatchDataset(slide_path, coords, mag, size=PATCH_SIZE, **self.slide_kwargs)
         for rows, images in patch_loader(dataset, self.cfg.batch_size, self.cfg.workers):
             rows = rows.numpy()
             order = np.argsort(rows)
             rows = rows[order]
             writer.write(rows, self.first_stage(images[order]),
-                         grids.grid(name, rows, pool_to=self.cfg.grid_pool_to).astype(np.float16))
+                         grids.grid(mag, rows, pool_to=self.cfg.grid_pool_to).astype(np.float16))
 
 
 def first_stage_digest(model) -> str:
