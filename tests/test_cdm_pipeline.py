@@ -65,6 +65,7 @@ def _summarizer_reference(trainset: Path, weights: Path, shard: str, mag: str, r
         return model.summarize([model.preprocess_ssl(grid)], torch.tensor([parse_mag(mag).index]))[0].numpy()
 
 
+@pytest.mark.slow
 def test_prepare_cdm_stores_the_summarizer_output_of_every_patch(contexts, trainset, zoomldm_weights):
     from zoomfeat.mags import MAGNIFICATIONS, mag_name
 
@@ -83,6 +84,7 @@ def test_prepare_cdm_stores_the_summarizer_output_of_every_patch(contexts, train
         np.testing.assert_allclose(stored[k], expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_prepare_cdm_resumes_an_interrupted_store_and_refuses_mixed_inputs(trainset, zoomldm_weights, contexts,
                                                                         tmp_path, monkeypatch, capsys):
     import zoomfeat.cdm.prepare as prepare
@@ -293,6 +295,7 @@ def test_store_rejects_non_finite_contexts_and_out_of_order_rows(tmp_path):
                       source_row=np.arange(4), context_shape=(65, 8))
 
 
+@pytest.mark.slow
 def test_cdm_context_source_makes_novel_images_that_regenerate(contexts, zoomldm_weights, tmp_path):
     """The "cdm" source of zoomfeat.generate: contexts drawn by the CDM (no slide), ZoomLDM images from them,
     the CDM's sha256 and draw in the manifest, and regeneration bit-identical to the written PNGs."""

@@ -13,6 +13,7 @@ from zoomfeat.store import read_grid, temp_path
 FIX = ("fixtures", "openslide-python")
 
 
+@pytest.mark.slow
 def test_tile_8192_aperio_and_verify(tmp_path, synthetic_slide):
     """Done-when: 20x and 5x groups on one lattice, exact parent_5x links, verify passes."""
     info = synthetic_slide(size=8192, label=1, seed=7)

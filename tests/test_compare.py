@@ -113,6 +113,7 @@ def test_compare_cli(three_runs, tmp_path, capsys):
     assert "uni@20x" in capsys.readouterr().out and (tmp_path / "o" / "compare.json").is_file()
 
 
+@pytest.mark.slow
 def test_compare_real_train_mil_runs(tmp_path_factory):
     from test_heatmap import real_runs
 

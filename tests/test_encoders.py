@@ -38,6 +38,7 @@ def every_encoder():
 
 
 @pytest.mark.parametrize("name", encoder_names())
+@pytest.mark.slow
 def test_every_encoder_maps_uint8_tiles_to_spec_dim(every_encoder, name):
     encoder = every_encoder[name]
     x = encoder.preprocess(_tiles())

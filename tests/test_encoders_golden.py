@@ -79,6 +79,7 @@ def _run(encoder, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return embedding, patch_mean
 
 
+@pytest.mark.slow
 def test_uni_matches_golden_224_and_256(uni):
     encoder, cases, _ = uni
     embedding, patch_mean = _run(encoder, cases["input"])
@@ -89,6 +90,7 @@ def test_uni_matches_golden_224_and_256(uni):
     np.testing.assert_allclose(patch_mean, cases["patch_token_mean_256"], rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_phikon_matches_golden(phikon):
     encoder, cases, _ = phikon
     assert encoder.config.layer_norm_eps == 1e-6
@@ -97,12 +99,14 @@ def test_phikon_matches_golden(phikon):
     np.testing.assert_allclose(patch_mean, cases["patch_token_mean"], rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_phikon_loads_the_pytorch_bin_with_a_vit_prefix_too(phikon):
     _, cases, folder = phikon
     embedding, _ = _run(load_encoder("phikon", folder / "pytorch_model.bin"), cases["input"])
     np.testing.assert_allclose(embedding, cases["embedding"], rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_ctranspath_matches_golden(ctranspath):
     encoder, cases, _ = ctranspath
     embedding, _ = _run(encoder, cases["input"])

@@ -41,6 +41,7 @@ def _source(features, mag):
         return f[mag]["features"][:], f[mag]["coords"][:]
 
 
+@pytest.mark.slow
 def test_clam_layout(features, tmp_path, capsys):
     assert cli.main(["export", str(features), "--format", "clam", "--mag", "5x", "--out", str(tmp_path)]) == 0
     feats, coords = _source(features, "5x")

@@ -88,6 +88,7 @@ def _direct_feature(slide_path, tiny, mag, x, y, slide_id):
     return fmap.mean(dim=(2, 3))[0].numpy(), grid
 
 
+@pytest.mark.slow
 def test_rows_equal_direct_computation_through_the_model_api(clean_run, slides, tiny):
     feats, attrs = _features(clean_run)
     assert attrs["extractor"] == "zoomldm"

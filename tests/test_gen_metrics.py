@@ -136,6 +136,7 @@ def test_fid_inception_blocks_follow_the_fid_network_definition():
     assert type(fid_inception(1000).Mixed_7c).__name__ == "InceptionE"
 
 
+@pytest.mark.slow
 def test_inception_loads_only_local_inception_state_dicts(tmp_path):
     from zoomfeat.generate.metrics.inception import fid_inception, load_inception
 
@@ -233,6 +234,7 @@ def _random_alexnet_file(tmp_path):
     return alex, path
 
 
+@pytest.mark.slow
 def test_lpips_equals_torchmetrics_lpips_on_the_same_local_backbone(tmp_path):
     from torchmetrics.functional.image.lpips import _LPIPS
 

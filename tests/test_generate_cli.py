@@ -116,6 +116,7 @@ def test_patches_from_a_tile_store(slide, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["joint", "grid"])
+@pytest.mark.slow
 def test_generate_large_end_to_end_and_regeneration(slide, tmp_path, method):
     from zoomfeat.generate.run import regenerate
 

@@ -172,6 +172,7 @@ def _refine(model, pp, seen=None):
     return _tile(refine(model, _stitch(pp["pp_xt_20x_all"]), pp["pp_ssl_feat"], settings, noise, on_step=on_step))
 
 
+@pytest.mark.slow
 def test_refinement_pass_raw_weights(pp, small_model_raw):
     seen = []
     out = _refine(small_model_raw, pp, seen)
@@ -233,6 +234,7 @@ def test_patch_conditions(ps, ps_cond):
 
 
 @pytest.mark.parametrize("sampler", ["plms", "ddim"])
+@pytest.mark.slow
 def test_patch_sampling(ps, ps_cond, small_model, sampler):
     seen = []
 
@@ -255,6 +257,7 @@ def test_patch_sampling(ps, ps_cond, small_model, sampler):
         assert rel(inter.numpy(), ps["ps_plms_x_inter0"]) < 1e-3
 
 
+@pytest.mark.slow
 def test_patch_decoding(ps, small_model):
     with torch.no_grad():
         dec = small_model.decode_first_stage(T(ps["ps_plms_sample"][:1]))

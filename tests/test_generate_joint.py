@@ -68,6 +68,7 @@ def _check_agreement(model, pair) -> None:
     assert joint * 2 <= independent, (joint, independent)
 
 
+@pytest.mark.slow
 def test_joint_sampling_agrees_with_the_guide_at_least_twice_better_than_independent(model, joint_pair):
     _check_agreement(model, joint_pair)
 
@@ -94,6 +95,7 @@ def test_disagreement_is_recorded_per_step(joint_pair):
     assert hist[-1] < joint_pair[False].disagreement[-1]
 
 
+@pytest.mark.slow
 def test_batch_size_does_not_change_the_result(model):
     ctx, guide = _contexts(model, 4, 3), _guide_context(model, 4)
     runs = [joint_sample(model, ctx, SampledGuide(guide), JointSettings(t_start=300, stride=100, inner_iterations=2,
@@ -106,6 +108,7 @@ def test_batch_size_does_not_change_the_result(model):
     assert runs[0].disagreement == pytest.approx(runs[1].disagreement, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_fixed_guide_image_pulls_the_patches_toward_it(model):
     """A fixed measurement (super-resolution use): a flat mid-grey guide image at 10x."""
     ctx = _contexts(model, 4, 5)

@@ -54,6 +54,7 @@ def grid_images(model, embedding_grid):
         return decode_large(model, latent)
 
 
+@pytest.mark.slow
 def test_grid_method_has_no_seams_at_window_or_patch_borders(model, grid_images):
     f = model.config.first_stage.downsample_factor
     window = model.config.diffusion.image_size

@@ -177,6 +177,7 @@ def test_render_and_percentiles():
     assert grid.shape == (2 * 10 + 2, 2 * 10 + 2, 3) and (grid == 0).sum() == 3 * 8 * 8 * 3
 
 
+@pytest.mark.slow
 def test_heatmap_run_slide_needs_no_scale_flag(cohort, runs, tmp_path, capsys):
     """`zoomfeat heatmap RUN SLIDE`: the fold's own feature set by default; a slide without usable scale
     metadata (bogus mpp, no objective power) is drawn from the feature file's base magnification."""

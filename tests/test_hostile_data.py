@@ -151,6 +151,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.slow
 def test_hostile_input_is_one_line_and_loses_nothing(case, work, capsys, monkeypatch):
     make, patch = CASES[case]
     made = make(work)
@@ -169,6 +170,7 @@ def test_hostile_input_is_one_line_and_loses_nothing(case, work, capsys, monkeyp
 
 
 # ------------------------------------------------------------------------------- several commands at once
+@pytest.mark.slow
 def test_conditioning_folder_holding_another_feature_set_is_refused(work, capsys):
     """The README layout: features/toy holds a baseline; a ZoomLDM run whose conditioning would default to
     <out>/../toy must not rewrite it (naming the folder and the option), and --conditioning-out elsewhere works."""
@@ -278,6 +280,7 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["tile", "extract"])
+@pytest.mark.slow
 def test_a_disk_that_really_fills_up_is_one_line_and_leaves_no_temp_file(work, small_disk, capsys, command):
     from zoomfeat.synthetic import write_synthetic_slide
 

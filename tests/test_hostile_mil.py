@@ -170,6 +170,7 @@ TRAIN_MIL_CASES = {"accelerator tpu9": _accelerator_tpu9, "out holds a foreign c
 
 
 @pytest.mark.parametrize("case", sorted(TRAIN_MIL_CASES))
+@pytest.mark.slow
 def test_train_mil_hostile(case, work, capsys):
     argv, needles = TRAIN_MIL_CASES[case](work)
     before = snapshot(work["run"], work["splits"], *[p for p in [work["root"] / "weights"] if p.exists()])
@@ -421,6 +422,7 @@ def test_train_hostile(case, work, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- Ctrl-C
+@pytest.mark.slow
 def test_ctrl_c_in_train_mil_prints_interrupted_and_exits_130(work, capsys, monkeypatch):
     """A real SIGINT to this process one second into training (Lightning catches it and calls sys.exit(1)
     unless zoomfeat turns it back into KeyboardInterrupt): 'interrupted', exit 130, no finished or temp files."""

@@ -68,6 +68,7 @@ def generated_image(model, grid, mag, seed=1):
     return (((img[0].clamp(-1, 1) + 1) / 2) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
+@pytest.mark.slow
 def test_inverted_grid_beats_random_and_mean_grids(sensitive):
     m, mag = sensitive, parse_mag("5x")
     known = torch.randn(m.conditioning_dim, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -136,6 +137,7 @@ def test_bad_settings(kw, message):
         inv.InversionSettings(**kw)
 
 
+@pytest.mark.slow
 def test_invert_command_writes_a_conditioning_file(tmp_path, tiny, capsys):
     from zoomfeat.conditioning import ConditioningGrids
     from zoomfeat.store import FeatureFile
@@ -163,6 +165,7 @@ def test_invert_command_writes_a_conditioning_file(tmp_path, tiny, capsys):
 
 
 @pytest.mark.parametrize("size, message", [((64, 48), "square patch"), ((96, 96), "square patch")])
+@pytest.mark.slow
 def test_invert_command_rejects_images_that_are_not_one_patch(tmp_path, capsys, size, message):
     folder = require_shared("golden", "zoomldm_tiny")
     Image.fromarray(np.zeros((*size, 3), np.uint8)).save(tmp_path / "p.png")

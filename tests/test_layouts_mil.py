@@ -96,6 +96,7 @@ def reference(cohort):
 
 @pytest.mark.parametrize("spec", ["trident:{r}/trident@20x", "{r}/trident/features_uni_v1@20x", "clam:{r}/clam@20x",
                                   "{r}/stamp@20x", "{r}/s2v@20x", "eva:{r}/eva@20x"])
+@pytest.mark.slow
 def test_foreign_layout_gives_the_same_predictions(cohort, reference, spec):
     got = _train(cohort, spec.format(r=cohort), spec.split(":")[0].split("/")[-1].replace("@", "_"))
     prob_columns = [c for c in reference.columns if c.startswith("prob")]
@@ -103,6 +104,7 @@ def test_foreign_layout_gives_the_same_predictions(cohort, reference, spec):
     np.testing.assert_allclose(got[prob_columns].to_numpy(), reference[prob_columns].to_numpy(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fusion_across_folders_and_layouts_links_by_containment(cohort):
     native = _train(cohort, f"{cohort / 'zf'}@20x+5x", "zf_fused")
     mixed = _train(cohort, f"trident:{cohort / 'trident'}@20x+{cohort / 'zf'}@5x", "mixed_fused")

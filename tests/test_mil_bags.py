@@ -61,6 +61,7 @@ def test_fused_bag_concatenates_each_20x_instance_with_its_parent(tmp_path):
     assert read_extractor(FeatureSpec.parse(f"{tmp_path}@20x"), "s1") == ("toy", {"dim": 3})
 
 
+@pytest.mark.slow
 def test_store_to_bags_contract_on_a_real_slide(tmp_path, synthetic_slide):
     """Grid of a real pyramidal slide -> TileStoreWriter -> load_bag: every fused row is the 20x row followed
     by the row of the 5x tile whose square contains it (found here from the coordinates alone)."""

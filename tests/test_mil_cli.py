@@ -14,6 +14,7 @@ from mil_data import planted_cohort
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_train_mil_cli_runs_resumes_and_reports_errors(tmp_path, capsys):
     paths = planted_cohort(tmp_path / "c", n_slides=20, dim=8, sizes=(4, 9))
     args = ["train-mil", "--task", "subtyping", "--features", f"{paths['features']}@20x", "--model", "dsmil",

@@ -59,10 +59,12 @@ def _mean_auc(summary: pd.DataFrame) -> float:
 
 
 @pytest.mark.parametrize("model", sorted(HEADS))
+@pytest.mark.slow
 def test_attention_heads_find_the_planted_signal(planted_runs, model):
     assert _mean_auc(planted_runs[model][1]) >= 0.95
 
 
+@pytest.mark.slow
 def test_mean_pooling_is_clearly_worse(planted_runs):
     mean = _mean_auc(planted_runs["mean"][1])
     assert mean < 0.95
@@ -134,6 +136,7 @@ def tiny(tmp_path):
     return planted_cohort(tmp_path / "tiny", n_slides=20, dim=8, sizes=(4, 9))
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(tiny, tmp_path):
     results = []
     for name in ("a", "b"):
@@ -144,6 +147,7 @@ def test_same_seed_same_metrics(tiny, tmp_path):
     assert results[0] == results[1]
 
 
+@pytest.mark.slow
 def test_clam_protocol_early_stopping_restores_best(tiny, tmp_path):
     cfg = _config(tiny, tmp_path / "run", "abmil", {"hidden": 8, "attn_dim": 4}, folds=(0,), lr=1e-2,
                   protocol="clam", epochs=None)
@@ -214,6 +218,7 @@ def test_subtyping_drops_other_codes_with_a_count(tiny, tmp_path):
     assert "3 slide(s) named in the splits have no usable label" in messages
 
 
+@pytest.mark.slow
 def test_resume_needs_input_fingerprints_and_allows_a_fresh_start_before_any_fold(tiny, tmp_path):
     """A record without fingerprints (an older zoomfeat) cannot prove the inputs unchanged: refused. A folder
     whose run never finished a fold is not bound to its record: a fixed rerun starts there."""

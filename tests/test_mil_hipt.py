@@ -22,6 +22,7 @@ EXPECTED = [(715, 79, 81), (711, 84, 80), (718, 80, 77), (708, 81, 86), (716, 80
             (712, 81, 82), (715, 75, 85), (709, 82, 84), (709, 80, 86)]
 
 
+@pytest.mark.slow
 def test_hipt_ten_folds_use_the_labelled_slides_only(tmp_path):
     root = require_shared(*HIPT)
     splits = root / "splits" / "10foldcv_subtype" / "tcga_brca"

@@ -51,6 +51,7 @@ def _outputs(run: Path) -> tuple[pd.DataFrame, list[dict], list[dict]]:
                                                  pytest.param("transmil", 1, "hipt", marks=pytest.mark.slow),
                                                  ("dtfd", 1, "hipt"),
                                                  ("clam_sb", 3, "simil")])
+@pytest.mark.slow
 def test_all_folds_at_once_is_bit_identical_to_one_by_one(tiny, tmp_path, model, bags, protocol):
     extra = {"min_epochs": 1, "patience": 1} if protocol == "clam" else {}  # folds stop at different epochs
     runs = {}

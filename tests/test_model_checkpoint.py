@@ -38,6 +38,7 @@ def test_full_size_model_has_the_official_keys_and_shapes():
 
 
 @pytest.mark.parametrize("use_ema", [True, False])
+@pytest.mark.slow
 def test_save_official_round_trip_is_exact(tiny_dir, tiny_weights, tmp_path, use_ema):
     from zoomfeat.model import load_zoomldm
 
@@ -59,6 +60,7 @@ def test_use_ema_puts_the_ema_weights_in_the_unet(tiny_dir, tiny_weights):
     assert not torch.equal(w, tiny_weights["model.diffusion_model.out.2.weight"])
 
 
+@pytest.mark.slow
 def test_lightning_checkpoint_and_unsafe_flag(tiny_weights, tmp_path):
     from zoomfeat.model.checkpoint import read_state_dict
 
@@ -72,6 +74,7 @@ def test_lightning_checkpoint_and_unsafe_flag(tiny_weights, tmp_path):
     assert read_state_dict(pickled, unsafe=True).keys() == tiny_weights.keys()
 
 
+@pytest.mark.slow
 def test_load_zoomldm_reads_a_lightning_checkpoint(tiny_dir, tiny_weights, tmp_path):
     from zoomfeat.model import load_zoomldm
 
@@ -81,6 +84,7 @@ def test_load_zoomldm_reads_a_lightning_checkpoint(tiny_dir, tiny_weights, tmp_p
     assert torch.equal(m.cond_stage_model.pad_token.detach(), tiny_weights["cond_stage_model.pad_token"])
 
 
+@pytest.mark.slow
 def test_mismatched_weights_name_missing_and_unexpected_keys(tiny_dir, tiny_weights, tmp_path):
     from zoomfeat.model import load_zoomldm
 
@@ -97,6 +101,7 @@ def test_mismatched_weights_name_missing_and_unexpected_keys(tiny_dir, tiny_weig
     assert "1 unexpected: cond_stage_model.extra.weight" in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_missing_files_are_user_errors(tmp_path, tiny_dir):
     from zoomfeat.model import load_zoomldm
 
@@ -118,6 +123,7 @@ def test_weights_none_gives_random_init(tiny_dir):
     assert int(m.model_ema.num_updates) == 0 and float(m.model_ema.decay) == pytest.approx(0.9999)
 
 
+@pytest.mark.slow
 def test_update_ema_follows_litema(tiny_dir):
     from zoomfeat.model import load_zoomldm
 
@@ -137,6 +143,7 @@ def test_update_ema_follows_litema(tiny_dir):
     assert torch.equal(m.model.diffusion_model.time_embed[0].weight.detach(), raw)
 
 
+@pytest.mark.slow
 def test_unet_features_never_runs_later_blocks(tiny_dir):
     from zoomfeat.model import load_zoomldm
 

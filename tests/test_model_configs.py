@@ -62,6 +62,7 @@ def _heads(model):
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.slow
 def test_derived_config_builds_runs_and_round_trips(tiny_tree, tmp_path, name):
     from zoomfeat.model import build_zoomldm, load_zoomldm
 

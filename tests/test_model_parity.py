@@ -54,6 +54,7 @@ def t(cases, key):
 
 
 @pytest.mark.parametrize("mag", range(8))
+@pytest.mark.slow
 def test_ssl_preprocessing_and_context(raw_model, cases, mag):
     prep = raw_model.preprocess_ssl(t(cases, f"ssl_raw_mag{mag}"))
     assert rel_err(prep, cases[f"ssl_prep_mag{mag}"]) < FORWARD_TOL
@@ -118,6 +119,7 @@ def test_ema_weights(ema_model, raw_model, cases):
     ("key", "sampler", "guidance"),
     [("ddim_sample", "ddim", 2.0), ("ddim_nocfg_sample", "ddim", 1.0), ("plms_sample", "plms", 2.0)],
 )
+@pytest.mark.slow
 def test_samplers(raw_model, cases, key, sampler, guidance):
     out = raw_model.sample(t(cases, "context_mag2"), t(cases, "x_T"), steps=10, guidance=guidance, sampler=sampler)
     assert rel_err(out, cases[key]) < SAMPLER_TOL

@@ -83,6 +83,7 @@ def _cli(*argv, cwd):
     return subprocess.run([sys.executable, "-m", "cli", *map(str, argv)], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_tile_and_extract_a_png_and_a_flat_tiff(images, tmp_path):
     from zoomfeat.store import read_grid
 
@@ -102,6 +103,7 @@ def test_tile_and_extract_a_png_and_a_flat_tiff(images, tmp_path):
     assert feats.shape[0] == len(grid.coords["20x"]) and np.isfinite(feats).all()
 
 
+@pytest.mark.slow
 def test_tile_refuses_a_png_without_scale_in_one_line(images, tmp_path):
     root, _ = images
     repo = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -116,6 +116,7 @@ def test_auc_rows_matches_sklearn_with_ties():
     assert np.isnan(auc_rows(np.ones((1, 5)), np.arange(5.0)))[0]
 
 
+@pytest.mark.slow
 def test_report_numbers_files_and_html(tmp_path):
     run = fabricate_run(tmp_path / "run", one_class_fold=2)
     result = build_report(run, n_bootstrap=300, seed=1)
@@ -173,6 +174,7 @@ def test_bootstrap_ci_is_seeded_and_sane():
     assert bootstrap_auc_ci(np.ones(5), np.arange(5.0), 100, 0)["low"] is None
 
 
+@pytest.mark.slow
 def test_report_cli_and_errors(tmp_path, capsys):
     run = fabricate_run(tmp_path / "run")
     assert cli.main(["report", str(run), "--out", str(tmp_path / "rep"), "--n-bootstrap", "50"]) == 0
@@ -185,6 +187,7 @@ def test_report_cli_and_errors(tmp_path, capsys):
     assert "lacks columns" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_report_on_a_real_train_mil_run(tmp_path_factory):
     from test_heatmap import real_runs
 
@@ -209,6 +212,7 @@ def test_report_on_a_real_train_mil_run(tmp_path_factory):
         assert_nontrivial_png((out / name).read_bytes())
 
 
+@pytest.mark.slow
 def test_three_class_report_matches_sklearn(tmp_path):
     """prob_<class> columns of a 3-class run: macro one-vs-rest AUC, balanced accuracy, macro F1, 3x3 confusion."""
     from sklearn.metrics import confusion_matrix
@@ -239,6 +243,7 @@ def test_three_class_report_matches_sklearn(tmp_path):
     assert "A/B/C" in (run / "report" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_records_of_the_first_schema_are_read_and_newer_ones_refused(tmp_path):
     """Runs written before typed records (config + provenance, prob only) still report; a schema from a newer
     zoomfeat is refused by name."""

@@ -30,6 +30,7 @@ def test_resolve_scale_errors(tmp_path):
         resolve_scale({}, tmp_path, None, 5.0)
 
 
+@pytest.mark.slow
 def test_read_patch_geometry_and_antialiasing(synthetic_slide):
     info = synthetic_slide(size=2048, label=1)
     with Slide(info.path) as slide:
@@ -95,6 +96,7 @@ def test_duplicate_slide_ids_are_refused_naming_both_paths(tmp_path):
     assert [p.name for p in again] == ["TCGA-01.tiff", "TCGA-02.svs"]
 
 
+@pytest.mark.slow
 def test_objective_power_disagreeing_with_mpp_warns_once(tmp_path, caplog):
     """AppMag 40 with MPP 0.5 (really about 20x): one warning through the zoomfeat logger, AppMag kept."""
     import logging

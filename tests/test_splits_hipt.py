@@ -60,6 +60,7 @@ def test_audit_of_raw_hipt_files_counts_unlabelled_slides(hipt_paths, hipt):
     assert [len(f.shared_patients["train/test"]) for f in audit.folds] == [12, 8, 10, 8, 8, 4, 15, 9, 13, 4]  # MANIFEST: 4-15
 
 
+@pytest.mark.slow
 def test_cli_hipt_then_audit(hipt_paths, tmp_path, capsys):
     out = tmp_path / "hipt"
     assert main(["splits", "hipt", "--splits-dir", str(hipt_paths[0]), "--labels", str(hipt_paths[1]),

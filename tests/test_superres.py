@@ -50,6 +50,7 @@ def down_psnr(output: np.ndarray, lr: np.ndarray, factor: int) -> float:
 
 
 @pytest.mark.parametrize("row", ["inverted", "uncond"])
+@pytest.mark.slow
 def test_superres_output_size_and_measurement_constraint(tiny, row):
     lr = lr_image(64, 128 if row == "inverted" else 64)  # 1x2 (tiled) or 1x1 patches of 64 px at 10x
     settings = sr.SuperResSettings(row=row, joint=FAST, inversion=InversionSettings(iterations=3))
@@ -65,6 +66,7 @@ def test_superres_output_size_and_measurement_constraint(tiny, row):
         assert res.grid is None
 
 
+@pytest.mark.slow
 def test_without_projection_the_sampler_output_is_returned_and_measured(tiny):
     lr = lr_image(64, 64)
     res = sr.superres(tiny, lr, parse_mag("10x"), sr.SuperResSettings(row="uncond", joint=FAST, consistency="none"))
@@ -96,6 +98,7 @@ def test_projection_is_exact_and_leaves_consistent_images_alone():
     assert float((down(p - x) - (y - down(x))).abs().max()) < 1e-3
 
 
+@pytest.mark.slow
 def test_gt_row_uses_the_slides_real_embeddings(tiny, synthetic_slide, tmp_path):
     import openslide
 
@@ -117,6 +120,7 @@ def test_gt_row_uses_the_slides_real_embeddings(tiny, synthetic_slide, tmp_path)
     assert res.image.shape == (128, 128, 3) and torch.equal(res.grid, grid)
 
 
+@pytest.mark.slow
 def test_superres_command_writes_rows_and_manifests(tmp_path, capsys):
     folder = require_shared("golden", "zoomldm_tiny")
     Image.fromarray(lr_image(64, 64)).save(tmp_path / "a.png")
@@ -142,6 +146,7 @@ def test_superres_command_writes_rows_and_manifests(tmp_path, capsys):
     (["--mag", "10x", "--rows", "nope"], (64, 64), "bad --rows"),
     (["--mag", "10x", "--rows", "uncond,bicubic", "--out-file"], (64, 64), "one file"),
 ])
+@pytest.mark.slow
 def test_superres_command_errors_are_one_line(tmp_path, capsys, extra, size, message):
     folder = require_shared("golden", "zoomldm_tiny")
     Image.fromarray(np.zeros((*size, 3), np.uint8)).save(tmp_path / "a.png")
@@ -159,6 +164,7 @@ def test_row_names_of_the_command_are_the_library_rows():
     assert command.ROWS == sr.ROWS
 
 
+@pytest.mark.slow
 def test_superres_command_gt_row_from_a_slide(tmp_path, synthetic_slide):
     folder = require_shared("golden", "zoomldm_tiny")
     slide = synthetic_slide(size=1024, label=0)

@@ -75,6 +75,7 @@ def test_blank_slide_has_no_tissue(tmp_path):
         make_grid(slide, [20.0, 5.0])
 
 
+@pytest.mark.slow
 def test_tile_extract_and_prepare_train_give_the_same_grid(tmp_path, synthetic_slide):
     """The one tile-grid function: the same slide and tissue flags through the three commands give the same
     tiles at every magnification (prepare-train keeps every patch when not subsampled)."""

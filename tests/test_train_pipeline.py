@@ -60,6 +60,7 @@ def _train_cfg(trainset: Path, out: Path, **overrides):
 
 # -- prepare-train ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_prepare_counts_shapes_and_index(trainset):
     with h5py.File(trainset / "index.h5", "r") as f:
         counts = {k: int(v) for k, v in zip(["20x", "10x", "5x", "2.5x", "1.25x", "0.625x", "0.3125x",
@@ -105,6 +106,7 @@ def test_prepare_latents_and_grids_match_the_model_and_conditioner(trainset):
     np.testing.assert_allclose(grid, grids.grid("5x", None, pool_to=8)[0], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_prepare_resumes_and_limits(cohort, trainset, tmp_path):
     shard = sorted((trainset / "shards").glob("*.h5"))[0]
     mtime = shard.stat().st_mtime_ns
@@ -137,6 +139,7 @@ def _dummy_val():
     return ValidationSection()
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_validates_and_exports(trainset, tmp_path):
     from zoomfeat.model import load_zoomldm
     from zoomfeat.train.run import build_model, train
@@ -170,6 +173,7 @@ def _lightning_state(path: Path) -> tuple[dict, dict, int]:
     return ckpt["state_dict"], ckpt["optimizer_states"][0], int(ckpt["global_step"])
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(trainset, tmp_path):
     from zoomfeat.train.run import train
 
@@ -203,6 +207,7 @@ def test_finetuning_needs_latents_from_the_same_first_stage(trainset, tmp_path):
         train(cfg)
 
 
+@pytest.mark.slow
 def test_finetuning_from_golden_tiny_keeps_the_official_keys(cohort, tmp_path):
     golden = require_shared("golden", "zoomldm_tiny")
     from zoomfeat.train.run import train
@@ -224,6 +229,7 @@ def test_finetuning_from_golden_tiny_keeps_the_official_keys(cohort, tmp_path):
     assert all(torch.equal(exported[k], reference[k]) for k in frozen)  # the first stage was not
 
 
+@pytest.mark.slow
 def test_prepare_needs_and_uses_base_mag_or_mpp_for_slides_without_metadata(tmp_path):
     """A generic TIFF with a bogus 352 um/px (no objective power) fails on its own line, then works with --mpp."""
     from cli import main
@@ -250,6 +256,7 @@ def _cli_train(trainset: Path, out: Path, *extra: str) -> list[str]:
             "--accelerator", "cpu", "--devices", "1", "--set", "validation.enabled=false", *extra]
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused_naming_the_keys(trainset, tmp_path, capsys):
     """A resume must keep what shaped the steps already taken (lr, batch size, ...); it may run longer."""
     from cli import main
