@@ -168,7 +168,7 @@ def build_heatmap(run_dir: str | Path, fold: int, slide_path: str | Path, spec, 
     mag = spec.mags[0]
     with FeatureFile(spec.path(slide_id)) as f:
         base_mag = f.base_magnification
-        tile_level0 = f.grid().patch_size_level0.get(mag.name) or None
+        tile_level0 = f.grid().patch_size_level0.get(mag) or None
     if base_mag is None:
         raise DataError(f"{spec.path(slide_id)} records no base magnification: extract the slide again")
     tile_level0 = tile_level0 or mag.level0_size(base_mag)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.errors import ConfigError, SlideError
+from zoomfeat.mags import Magnification
 
 SLIDE_EXTENSIONS: tuple[str, ...] = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi",
@@ -204,9 +205,9 @@ class Slide:
     def close(self) -> None:
         self._slide.close()
 
-    def downsample(self, mag: float) -> float:
+    def downsample(self, mag: Magnification) -> float:
         """Level-0 px per px at ``mag`` (= base_magnification / mag)."""
-        return self.info.base_magnification / float(mag)
+        return self.info.base_magnification / Magnification(mag)
 
     def read_region_level0(self, x0: int, y0: int, extent: int, out_size: int) -> np.ndarray:
         """uint8 [out_size, out_size, 3] RGB of the level-0 square (x0, y0, x0+extent, y0+extent).
@@ -231,7 +232,7 @@ class Slide:
                              else Image.Resampling.LANCZOS)
         return np.asarray(rgb, dtype=np.uint8)
 
-    def read_patch(self, x0: int, y0: int, mag: float, size: int = 256) -> np.ndarray:
+    def read_patch(self, x0: int, y0: int, mag: Magnification, size: int = 256) -> np.ndarray:
         """uint8 [size, size, 3] RGB of the square at level-0 (x0, y0) covering ``size * downsample(mag)`` px."""
         extent = int(round(size * self.downsample(mag)))
         return self.read_region_level0(x0, y0, extent, size)
