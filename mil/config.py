@@ -12,8 +12,9 @@ Protocols (what they fix):
   lower than or equal to the best so far resets the counter and saves the weights, a higher one adds 1, and
   training stops once the counter is >= patience and e > stop_epoch (``min_epochs``, 50: at least 52 epochs);
   the saved (best) weights are evaluated.
-- ``simil``: 50 epochs; the epoch with the best validation AUC is kept and evaluated on the fixed held-out
-  test set (SI-MIL style model selection; the epoch count is ours).
+- ``simil``: 50 epochs; the epoch with the best validation score is kept and evaluated on the fixed held-out
+  test set, scored as SI-MIL's train.py does: (validation AUC + accuracy) / 2, a tie replacing the best (the
+  latest of tied epochs is kept). The epoch count is ours (SI-MIL's default is 40).
 
 Heads (what they bring, from their reference code, named in each recipe's ``source``): the optimiser, its
 step size, betas and weight decay, the LR schedule (the reference's, epoch by epoch: a 200-epoch schedule is
@@ -176,21 +177,25 @@ class Recipe:
     gamma: float = 0.1  # step: LR factor per milestone
     bags_per_step: int = 1
     reference: dict = field(default_factory=dict)
+    loss: str = "bag cross-entropy"  # the training loss, as the head computes it (mil.models)
 
 
+_CLAM_LOSS = "0.7 bag cross-entropy + 0.3 instance clustering (smooth top-1 SVM, 8 top/bottom instances)"
 RECIPES: dict[str, Recipe] = {
     "abmil": Recipe("Ilse et al. 2018 (AttentionDeepMIL main.py)",
                     reference={"lr": 5e-4, "weight_decay": 1e-4, "epochs": 20}),
     "clam_sb": Recipe("Lu et al. 2021 (CLAM main.py / README)",
-                      reference={"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200}),
+                      reference={"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200}, loss=_CLAM_LOSS),
     "clam_mb": Recipe("Lu et al. 2021 (CLAM main.py / README)",
-                      reference={"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200}),
+                      reference={"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200}, loss=_CLAM_LOSS),
     "dsmil": Recipe("Li et al. 2021 (dsmil-wsi train_tcga.py)", betas=(0.5, 0.9), schedule="cosine",
-                    eta_min=5e-6, reference={"lr": 2e-4, "weight_decay": 5e-3, "epochs": 200}),
+                    eta_min=5e-6, reference={"lr": 2e-4, "weight_decay": 5e-3, "epochs": 200},
+                    loss="0.5 bag cross-entropy + 0.5 max-instance binary cross-entropy"),
     "transmil": Recipe("Shao et al. 2021 (TransMIL config: lookahead_radam)", optimizer="radam_lookahead",
                        reference={"lr": 2e-4, "weight_decay": 1e-5, "epochs": 200}),
     "dtfd": Recipe("Zhang et al. 2022 (DTFD-MIL Main_DTFD_MIL.py)", schedule="step", milestones=(0.5,),
-                   gamma=0.2, reference={"lr": 1e-4, "weight_decay": 1e-4, "epochs": 200}),
+                   gamma=0.2, reference={"lr": 1e-4, "weight_decay": 1e-4, "epochs": 200},
+                   loss="tier-2 cross-entropy + mean tier-1 cross-entropy over 4 random pseudo-bags (AFS)"),
     "mean": Recipe("baseline (ABMIL's optimiser)", reference={"lr": 5e-4, "weight_decay": 1e-4, "epochs": 20}),
     "max": Recipe("baseline (ABMIL's optimiser)", reference={"lr": 5e-4, "weight_decay": 1e-4, "epochs": 20}),
 }
@@ -208,6 +213,7 @@ class TrainingPlan:
     bags_per_step: int
     clip_groups: dict
     precision: str  # "fp32" | "bf16"
+    model_kwargs: dict = field(default_factory=dict)  # the head's arguments beyond its defaults
 
 
 def training_plan(cfg: MILConfig, device: str = "cpu") -> TrainingPlan:
@@ -222,7 +228,8 @@ def training_plan(cfg: MILConfig, device: str = "cpu") -> TrainingPlan:
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if device.startswith("cuda") else "fp32"
-    return TrainingPlan(cfg.model, cfg.protocol, recipe, bags, dict(getattr(cls, "clip_groups", {})), precision)
+    return TrainingPlan(cfg.model, cfg.protocol, recipe, bags, dict(getattr(cls, "clip_groups", {})), precision,
+                        effective_model_kwargs(cfg))
 
 
 def describe_plan(plan: TrainingPlan) -> str:
@@ -235,11 +242,13 @@ def describe_plan(plan: TrainingPlan) -> str:
                 "step": f"LR x {r.gamma:g} from epoch {', '.join(str(round(m * horizon)) for m in r.milestones)}"}
     stop = {"last": "the last epoch's model",
             "val_loss": "the best validation-loss model",
-            "val_auc": "the best validation-AUC model"}[p.selection]
+            "val_auc": "the model of the best validation (AUC + accuracy) / 2, latest among ties"}[p.selection]
     if p.patience is not None:
         stop += f", CLAM early stopping (patience {p.patience}, stop_epoch {p.min_epochs})"
     clip = f", gradient norm clipped to {max(plan.clip_groups.values()):g} per part" if plan.clip_groups else ""
+    given = ", ".join(f"{k}={v}" for k, v in sorted(plan.model_kwargs.items()))
+    args = f" (head defaults); head arguments {given}" if given else " (head defaults)"
     return (f"training plan: {plan.model} under protocol {p.name}: the protocol fixes {p.epochs} epochs (max) "
             f"and {stop}; the head's recipe ({r.source}): {opt} lr {p.lr:g}, betas {r.betas[0]:g}/{r.betas[1]:g}, "
-            f"weight decay {p.weight_decay:g}, {schedule[r.schedule]}{clip}; {plan.bags_per_step} bag(s) per "
+            f"weight decay {p.weight_decay:g}, {schedule[r.schedule]}{clip}; loss {r.loss}{args}; {plan.bags_per_step} bag(s) per "
             f"optimiser step; {plan.precision} (--lr/--weight-decay/--epochs... override any of them)")

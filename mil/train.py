@@ -230,9 +230,15 @@ class Engine:
                 continue
             probs, loss = self.predict(self.fold_state_dict(row), f.data.parts["val"])
             target = torch.tensor([f.data.target[s] for s in f.data.parts["val"]])
-            self._track(f, row, epoch, loss, auroc_or_none(probs, target, self.n_classes), p)
+            accuracy = float((probs.argmax(1) == target).double().mean())
+            self._track(f, row, epoch, loss, auroc_or_none(probs, target, self.n_classes), p, accuracy)
 
-    def _track(self, f: _Fold, row: int, epoch: int, loss: float, auc: float | None, p) -> None:
+    def _track(self, f: _Fold, row: int, epoch: int, loss: float, auc: float | None, p,
+               accuracy: float | None = None) -> None:
+        """Best weights and CLAM's early-stopping counter after 0-based ``epoch``. ``val_auc`` selection is
+        SI-MIL's (train.py): score = (validation AUC + accuracy) / 2, and a score equal to the best replaces it
+        (the latest of tied epochs is kept; on a small validation set the AUC ties at 1.0 from early on, and
+        keeping the first such epoch kept an under-trained model). Without an accuracy the score is the AUC."""
         improved = False
         if p.selection == "val_loss" or p.patience is not None:
             better = f.best_score is None or loss <= f.best_score  # CLAM: a loss equal to the best is better
@@ -243,8 +249,9 @@ class Engine:
                 f.best_score = loss
                 improved = p.selection == "val_loss"
         if p.selection == "val_auc" and auc is not None:
-            if f.extra.get("best_auc") is None or auc > f.extra["best_auc"]:
-                f.extra["best_auc"] = auc
+            score = auc if accuracy is None else (auc + accuracy) / 2
+            if f.extra.get("best_auc") is None or score >= f.extra["best_auc"]:
+                f.extra["best_auc"] = score
                 improved = True
         if improved:
             f.best_epoch, f.best_state = epoch + 1, self.fold_state_dict(row)

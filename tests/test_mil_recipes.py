@@ -168,6 +168,25 @@ def test_clam_early_stopping_counts_as_clam(patience, stop_epoch):
     assert ref.stop or patience == 20
 
 
+
+def test_simil_selection_scores_as_simil():
+    """SI-MIL's train.py, written from its definition: score = (val AUC + val accuracy) / 2 after every epoch;
+    ``score >= best`` saves the model (ties go to the later epoch)."""
+    aucs = [0.5, 1.0, 1.0, 0.75, 1.0, 0.875]
+    accs = [0.5, 0.5, 0.75, 1.0, 0.875, 1.0]
+    protocol = make_protocol("simil", epochs=len(aucs))
+    engine = Engine.__new__(Engine)
+    engine.fold_state_dict = lambda row: {"row": row}
+    fold = _Fold(0, None, torch.zeros(0), torch.Generator())
+    best, saved = 0.0, None
+    for epoch, (auc, acc) in enumerate(zip(aucs, accs)):
+        engine._track(fold, 0, epoch, 0.3, auc, protocol, acc)
+        if (auc + acc) / 2 >= best:
+            best, saved = (auc + acc) / 2, epoch
+        assert fold.best_epoch == saved + 1
+    assert saved == 5  # scores 0.5, 0.75, 0.875, 0.875, 0.9375, 0.9375: each tie replaced the best
+
+
 def _planted_cv(tmp_path, model: str, seed: int, folds: tuple[int, ...]) -> float:
     from mil_data import planted_cohort
 
