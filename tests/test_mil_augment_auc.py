@@ -1,0 +1,292 @@
+"""Label efficiency end to end (issue 17): a cohort whose class signal lives in the conditioning, a tiny ZoomLDM
+trained on it in the test, real ZoomLDM features, synthetic copies from ``zoomfeat synthesize``, ABMIL at 10% of
+the training patients with and without ``--augment``, and ``zoomfeat compare``'s label-efficiency curve.
+
+Every stage is the public command (``cli.main``): ``prepare-train`` -> ``train`` -> ``extract --encoder zoomldm``
+-> ``splits make`` -> ``synthesize`` -> ``train-mil --train-fraction F [--augment DIR]`` -> ``compare``.
+
+The cohort: each 20x tile (256 level-0 px) is one of two tissue types, pink "normal" or purple "signal"; a slide
+of class 1 holds a few signal tiles, a slide of class 0 none. The toy conditioner sees the tile's colour, so a
+tile's conditioning says which type it is: a generator that follows its conditioning regenerates a signal tile
+as a signal tile, and the synthetic bags keep their slide's label.
+
+Two measurements come with every run (printed, and asserted only as finite numbers here):
+
+* the conditioning response of the trained model's features (``zoomfeat.demo.context_response``: relative
+  change of the pooled block-3 features when a tile's own context is replaced by another tile's), and
+* the type transfer of the synthetic copies: the mean projection of synthetic features of signal-sourced minus
+  normal-sourced tiles on the real signal-minus-normal centroid direction, in units of that real distance
+  (1: the copies keep the real type difference, 0: they lose it).
+
+The claim of the issue (augmentation at 10% raises ABMIL's mean test AUC over seeds) is
+``test_augmentation_raises_mean_test_auc_at_10_percent``. It is an opt-in measurement
+(``ZOOMFEAT_AUGMENT_CLAIM=1``, ~6 CPU minutes): with the tiny model that a CI budget can train, it does not hold
+(see benchmarks/RESULTS.md, "Label efficiency with synthetic copies: the measured claim"), and a test that
+asserted it would fail; it stays here so the bar is one command away when the generator improves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import cli
+from zoomfeat.store import FeatureFile
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PINK = np.array([232.0, 160.0, 196.0])
+SIGNAL = np.array([140.0, 80.0, 160.0])
+TILE = 256
+
+
+@dataclass(frozen=True)
+class Study:
+    """Sizes of one end-to-end study (the CI default is the smallest that exercises every stage)."""
+
+    slides: int = 20
+    side: int = 768  # level-0 px: 3x3 tiles at 20x
+    signal_tiles: int = 2
+    train_slides: int = 6  # slides whose tiles train the tiny ZoomLDM (both classes)
+    train_steps: int = 30
+    copies: int = 2
+    gen_steps: int = 2
+    seeds: tuple[int, ...] = (0,)
+    fractions: tuple[float, ...] = (0.1, 0.3)
+    epochs: int = 10
+
+
+CI_STUDY = Study()
+CLAIM_STUDY = Study(slides=40, side=1024, signal_tiles=3, train_slides=10, train_steps=300, copies=4, gen_steps=5,
+                    seeds=(0, 1, 2), fractions=(0.1,), epochs=20)
+
+
+def tiny_config(out: Path) -> Path:
+    """The packaged tiny ZoomLDM config with ``linear_end`` 0.008 instead of 0.0195 (same architecture and
+    state-dict names). The packaged schedule ends at alpha_bar = 1.4e-4, so at the first sampler step an
+    eps error e becomes an x0 error of 84 e; after a few hundred CPU steps (eps MSE ~0.01 at t=999) DDIM samples
+    had 4x the real latents' std. With 0.008 (alpha_bar_T = 0.013, factor 8.7) their std matches the real one."""
+    from zoomfeat.train import TINY_ZOOMLDM_YAML
+
+    text = Path(TINY_ZOOMLDM_YAML).read_text()
+    assert "linear_end: 0.0195" in text
+    out.write_text(text.replace("linear_end: 0.0195", "linear_end: 0.008"))
+    return out
+
+
+def write_cohort(root: Path, study: Study, seed: int = 0) -> tuple[Path, dict[str, list[int]]]:
+    """Slides (Aperio-style SVS), ``labels.csv`` (one slide per patient, classes alternating) and the tile types
+    (slide id -> 0/1 per 20x tile, row-major over the tile grid)."""
+    from zoomfeat.synthetic import write_pyramid
+
+    rng = np.random.default_rng(seed)
+    grid = study.side // TILE
+    rows, types = [], {}
+    for i in range(study.slides):
+        label, slide_id = i % 2, f"case-{i:03d}"
+        kinds = np.zeros(grid * grid, int)
+        if label:
+            kinds[rng.choice(grid * grid, study.signal_tiles, replace=False)] = 1
+        image = np.empty((study.side, study.side, 3), np.float32)
+        for k, kind in enumerate(kinds):
+            r, c = divmod(k, grid)
+            colour = (SIGNAL if kind else PINK) + rng.normal(0.0, 8.0, 3)  # per-tile stain jitter
+            grain = rng.standard_normal((TILE, TILE, 1)) * 20.0
+            image[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE] = colour + grain
+        write_pyramid(root / f"{slide_id}.svs", np.clip(image, 0, 255).astype(np.uint8))
+        rows.append((slide_id, slide_id, label))
+        types[slide_id] = kinds.tolist()
+    pd.DataFrame(rows, columns=["case_id", "slide_id", "label"]).to_csv(root / "labels.csv", index=False)
+    return root / "labels.csv", types
+
+
+def _fraction_slides(splits: Path, labels: Path, study: Study) -> list[str]:
+    """The real slides of every (seed, fold, fraction) training subset: the ones that need synthetic copies."""
+    from mil.augment import training_fraction
+    from splits.io import read_splits_dir
+
+    table = pd.read_csv(labels)
+    case_of, label_of = dict(zip(table.slide_id, table.case_id)), dict(zip(table.slide_id, table.label))
+    need: set[str] = set()
+    for seed in study.seeds:
+        for fold in read_splits_dir(splits):
+            for fraction in study.fractions:
+                kept, _ = training_fraction(list(fold.part("train")), case_of, label_of, fraction, seed, fold.index)
+                need.update(kept)
+    return sorted(need)
+
+
+def type_transfer(real_dir: Path, syn_dir: Path, types: dict[str, list[int]]) -> dict[str, float]:
+    """How much of the real signal-vs-normal feature difference the synthetic copies keep (see the module text)."""
+    real, kinds = {}, {}
+    for slide_id, kind in types.items():
+        with FeatureFile(real_dir / f"{slide_id}.h5") as f:
+            coords, feats = f.coords("20x"), f.features("20x")
+        side = int(np.sqrt(len(kind)))
+        real[slide_id] = feats
+        kinds[slide_id] = np.array([kind[(int(y) // TILE) * side + int(x) // TILE] for x, y in coords])
+    everything = np.concatenate(list(real.values()))
+    labels = np.concatenate(list(kinds.values()))
+    mu0, mu1 = everything[labels == 0].mean(0), everything[labels == 1].mean(0)
+    direction = (mu1 - mu0) / float(np.sum((mu1 - mu0) ** 2))
+    probes = {0: [], 1: []}
+    distance, spread = [], []
+    for path in sorted(syn_dir.glob("*~syn*.h5")):
+        source = path.stem.split("~syn")[0]
+        with FeatureFile(path) as f:
+            syn = f.features("20x")
+        for kind in (0, 1):
+            probes[kind].extend(((syn - mu0) @ direction)[kinds[source] == kind])
+        distance.append(np.linalg.norm(syn - real[source], axis=1) / np.linalg.norm(real[source], axis=1))
+    normal = everything[labels == 0]
+    spread = np.linalg.norm(normal - mu0, axis=1) / np.linalg.norm(normal, axis=1)
+    return {"transfer": float(np.mean(probes[1]) - np.mean(probes[0])),
+            "probe_normal_sourced": float(np.mean(probes[0])), "probe_signal_sourced": float(np.mean(probes[1])),
+            "syn_to_source_relative": float(np.mean(np.concatenate(distance))),
+            "real_normal_spread_relative": float(spread.mean())}
+
+
+def _mil_argv(root: Path, labels: Path, seed: int, fraction: float, epochs: int, augment: Path | None) -> list[str]:
+    name = f"f{fraction:g}_s{seed}" + ("_syn" if augment else "")
+    argv = ["train-mil", "--task", "custom", "--label-col", "label", "--labels", str(labels),
+            "--splits", str(root / "splits"), "--features", f"{root / 'features' / 'zoomldm'}@20x",
+            "--model", "abmil", "--epochs", str(epochs), "--seed", str(seed), "--train-fraction", f"{fraction:g}",
+            "--out", str(root / "runs" / name)]
+    return argv + (["--augment", str(augment)] if augment else [])
+
+
+def run_study(root: Path, study: Study) -> dict:
+    """Every stage through the CLI; returns the runs, AUCs per (seed, fraction, augmented) and measurements."""
+    import time
+
+    from zoomfeat.demo import context_response
+
+    times = {}
+
+    def timed(name, argv):
+        start = time.perf_counter()
+        assert cli.main([str(a) for a in argv]) == 0, name
+        times[name] = round(time.perf_counter() - start, 1)
+
+    slides = root / "slides"
+    slides.mkdir(parents=True)
+    labels, types = write_cohort(slides, study)
+    config = tiny_config(root / "tiny_zoomldm.yaml")
+    tissue = ["--saturation-threshold", "15"]  # every tile is tissue (no background in these slides)
+    train = [slides / f"case-{i:03d}.svs" for i in range(study.train_slides)]
+    timed("prepare-train", ["prepare-train", *train, "--out", root / "trainset", "--conditioner", "toy",
+                            "--zoomldm", config, "--mags", "20x", "--batch-size", 16, *tissue])
+    timed("train", ["train", "--data", root / "trainset", "--zoomldm", config, "--out", root / "zoomldm",
+                    "--max-steps", study.train_steps, "--batch-size", 8, "--lr", 2e-3, "--warmup-steps", 20,
+                    "--every-n-steps", study.train_steps, "--seed", 0, "--workers", 0, "--no-val-samples"])
+    official = root / "zoomldm" / "official"
+    model = ["--zoomldm", official / "config.yaml", "--weights", official / "last.ckpt"]
+    response = context_response(official / "config.yaml", official / "last.ckpt", root / "trainset", (50,),
+                                root / "context_response.json")
+    timed("extract", ["extract", slides, "--out", root / "features" / "zoomldm", "--encoder", "zoomldm", *model,
+                      "--conditioner", "toy", "--conditioning-out", root / "features" / "toy", "--mags", "20x",
+                      "--device", "cpu", "--workers", 0, "--batch-size", 32, *tissue])
+    timed("splits", ["splits", "make", "--labels", labels, "--out", root / "splits", "--folds", 5,
+                     "--mode", "kfold", "--seed", 0])
+    syn = root / "synthetic"
+    timed("synthesize", ["synthesize", *_fraction_slides(root / "splits", labels, study),
+                         "--features", root / "features" / "zoomldm", "--conditioning", root / "features" / "toy",
+                         *model, "--copies", study.copies, "--steps", study.gen_steps, "--out", syn,
+                         "--device", "cpu", "--batch-size", 64])
+    runs, aucs = {}, {}
+    for seed in study.seeds:
+        for fraction in study.fractions:
+            for augment in (None, syn):
+                argv = _mil_argv(root, labels, seed, fraction, study.epochs, augment)
+                timed(f"train-mil s{seed} f{fraction:g}{' +syn' if augment else ''}", argv)
+                out = Path(argv[argv.index("--out") + 1])
+                summary = pd.read_csv(out / "summary.csv").set_index("fold")
+                key = (seed, fraction, augment is not None)
+                runs[key], aucs[key] = out, float(summary.loc["mean", "test_auc"])
+    return {"runs": runs, "aucs": aucs, "labels": labels, "types": types, "syn": syn, "times": times,
+            "context_response": response, "transfer": type_transfer(root / "features" / "zoomldm", syn, types)}
+
+
+def _report(result: dict, study: Study) -> str:
+    lines = [f"study {study}", f"stage seconds {json.dumps(result['times'])}",
+             f"context response {json.dumps(result['context_response']['by_mag'])}",
+             f"type transfer {json.dumps(result['transfer'])}"]
+    for seed in study.seeds:
+        for fraction in study.fractions:
+            lines.append(f"seed {seed} fraction {fraction:g}: real {result['aucs'][(seed, fraction, False)]:.3f} "
+                         f"+syn {result['aucs'][(seed, fraction, True)]:.3f}")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    result = run_study(tmp_path_factory.mktemp("label_efficiency"), CI_STUDY)
+    print(_report(result, CI_STUDY))
+    return result
+
+
+@pytest.mark.slow
+def test_synthetic_copies_of_the_real_pipeline_join_only_training_folds(study):
+    from splits.io import read_splits_dir
+
+    copies = sorted(p.stem for p in study["syn"].glob("*.h5"))
+    assert copies and all("~syn" in s for s in copies)
+    labels = pd.read_csv(study["labels"])
+    splits = {f.index: f for f in read_splits_dir(Path(study["labels"]).parents[1] / "splits")}
+    for (seed, fraction, augmented), run in study["runs"].items():
+        for fold, split in splits.items():
+            metrics = json.loads((run / f"fold_{fold}" / "metrics.json").read_text())
+            aug = metrics["augmentation"]
+            train = labels[labels.slide_id.isin(split.part("train"))]
+            per_class = train.groupby("label").case_id.nunique()
+            assert aug["train_real"] == sum(max(1, round(fraction * n)) for n in per_class)  # stratified, whole patients
+            assert aug["synthetic_added"] == (CI_STUDY.copies * aug["train_real"] if augmented else 0)
+            predicted = pd.read_csv(run / f"fold_{fold}" / "predictions.csv")
+            assert not predicted.slide_id.str.contains("~syn").any()
+            assert set(predicted.slide_id) <= set(split.part("val")) | set(split.part("test"))
+    for value in study["aucs"].values():
+        assert 0.0 <= value <= 1.0
+
+
+@pytest.mark.slow
+def test_measurements_are_finite(study):
+    def numbers(tree):
+        return [x for v in tree.values() for x in numbers(v)] if isinstance(tree, dict) else [tree]
+
+    response = numbers(study["context_response"]["by_mag"])
+    assert response and all(np.isfinite(v) for v in response)
+    assert all(np.isfinite(v) for v in study["transfer"].values())
+
+
+@pytest.mark.slow
+def test_compare_shows_the_label_efficiency_curve_real_vs_synthetic(study, tmp_path):
+    runs = [str(study["runs"][(0, f, a)]) for f in CI_STUDY.fractions for a in (False, True)]
+    reference = str(study["runs"][(0, CI_STUDY.fractions[-1], False)])
+    assert cli.main(["compare", *runs, "--out", str(tmp_path / "cmp"), "--reference", reference]) == 0
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    curves = result["fraction_curves"]["custom"]
+    assert set(curves) == {"zoomldm@20x", "zoomldm@20x +syn"}
+    for series, aug in (("zoomldm@20x", False), ("zoomldm@20x +syn", True)):
+        assert sorted(float(f) for f in curves[series]) == list(CI_STUDY.fractions)
+        for fraction, mean_auc in curves[series].items():  # the curve's points are the runs' mean test AUCs
+            assert mean_auc == pytest.approx(study["aucs"][(0, float(fraction), aug)], abs=1e-9)
+    assert (tmp_path / "cmp" / "fraction_auc_custom.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("ZOOMFEAT_AUGMENT_CLAIM") != "1",
+                    reason="issue 17's claim (augmentation at 10% raises mean test AUC over seeds) is measured, not "
+                           "met, with the tiny model a CI budget trains (~6 CPU minutes); run with "
+                           "ZOOMFEAT_AUGMENT_CLAIM=1")
+def test_augmentation_raises_mean_test_auc_at_10_percent(tmp_path):
+    result = run_study(tmp_path, CLAIM_STUDY)
+    print(_report(result, CLAIM_STUDY))
+    real = np.mean([result["aucs"][(s, 0.1, False)] for s in CLAIM_STUDY.seeds])
+    synthetic = np.mean([result["aucs"][(s, 0.1, True)] for s in CLAIM_STUDY.seeds])
+    assert synthetic > real + 0.05, f"mean test AUC at 10%: real {real:.3f}, +syn {synthetic:.3f}"
