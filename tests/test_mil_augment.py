@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mil.augment import plan_fold, source_of, synthetic_for_fold, synthetic_id, training_fraction
+from mil.augment import plan_cohort, plan_fold, source_of, synthetic_for_fold, synthetic_id, training_fraction
 from zoomfeat.errors import ConfigError
 
 
@@ -39,6 +39,47 @@ def test_no_synthetic_bag_of_a_held_out_slide_or_patient_enters_training(cohort,
         assert source in plan.train_real and source not in held
         assert case_of[source] not in held_patients
     assert set(plan.train_real) <= set(train)
+
+
+@st.composite
+def split_folders(draw):
+    """A cohort and several folds, each a random train / val / test partition of its slides (patients may
+    straddle parts, as they can in a hand-made split folder), with synthetic copies of every slide."""
+    case_of, label_of, _, _, _ = draw(cohorts())
+    slides = sorted(case_of)
+    folds = {}
+    for k in range(draw(st.integers(1, 4))):
+        part = {s: draw(st.sampled_from(("train", "val", "test"))) for s in slides}
+        folds[k] = {name: [s for s in slides if part[s] == name] for name in ("train", "val", "test")}
+    copies = draw(st.integers(1, 3))
+    available = [synthetic_id(s, c) for s in slides for c in range(copies)]
+    return case_of, label_of, folds, available
+
+
+@settings(max_examples=100, deadline=None)
+@given(split_folders(), st.floats(0.01, 1.0), st.integers(0, 5))
+def test_applied_folds_train_on_no_copy_of_a_held_out_slide_or_patient(folder, fraction, seed):
+    """The path mil.cv applies (plan_cohort -> fold_data): validation and test stay as they were, and a
+    fold's training set holds real training slides plus copies whose patient has nothing held out."""
+    from mil.train import FoldData
+
+    case_of, label_of, folds, available = folder
+    data = {k: FoldData(parts, {s: int(label_of[s]) for s in case_of}, dict(case_of)) for k, parts in folds.items()}
+    cohort = plan_cohort(data, case_of, label_of, fraction=fraction, seed=seed, available=available)
+    for k, parts in folds.items():
+        applied = cohort.fold_data(k, data[k])
+        assert applied.parts["val"] == parts["val"] and applied.parts["test"] == parts["test"]
+        held_patients = {case_of[s] for s in parts["val"] + parts["test"]}
+        for slide in applied.parts["train"]:
+            source = source_of(slide)
+            if source is None:
+                assert slide in parts["train"]
+                continue
+            assert source in parts["train"] and case_of[source] not in held_patients
+            assert applied.target[slide] == label_of[source] and applied.case[slide] == case_of[source]
+        if parts["train"] and fraction == 1.0:  # every copy of an eligible training slide is used
+            eligible = {s for s in parts["train"] if case_of[s] not in held_patients}
+            assert {source_of(s) for s in applied.parts["train"] if source_of(s)} == eligible
 
 
 @settings(max_examples=200, deadline=None)
