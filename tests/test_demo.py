@@ -144,12 +144,20 @@ def test_tile_signal_darkens_only_label_1_epithelium():
 
 
 # ----- the plan ---------------------------------------------------------------------------------------------------
-def test_demo_plan_runs_public_commands_in_order():
-    cfg = DemoConfig(out=Path("/tmp/x"))
+def test_demo_plan_runs_public_commands_in_order(tmp_path):
+    cfg = DemoConfig(out=tmp_path)
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "labels.csv").write_text(
+        "case_id,slide_id,label\n" + "".join(f"c{i},s{i},{i % 2}\n" for i in range(10)))
     plan = stages(cfg)
     commands = [s.command()[0] if s.argv is not None and not callable(s.argv) else None for s in plan]
     assert commands[:2] == ["synth", "tile"]
-    assert commands[3] == "train"
+    assert plan[2].python_name == "zoomfeat.demo.fit_first_stage" and commands[4] == "train"
+    # the fitted first stage is the one the training set is encoded with and the one training starts from
+    init = str(plan[2].done)
+    prepare, train = plan[3].command(), plan[4].command()
+    assert prepare[0] == "prepare-train" and prepare[prepare.index("--weights") + 1] == init
+    assert train[train.index("--init-from") + 1] == init
     assert [c for c in commands if c == "train-mil"] == ["train-mil"] * len(FEATURE_SETS)
     assert "compare" in commands
     synth = plan[0].command()
@@ -161,6 +169,50 @@ def test_demo_refuses_a_cohort_too_small_for_its_folds():
         DemoConfig(slides=10)
     with pytest.raises(ConfigError, match="--train-slides"):
         DemoConfig(train_slides=1)
+
+
+@pytest.mark.slow
+def test_fitted_first_stage_keeps_the_tissue_types_apart_and_a_random_one_does_not(tmp_path):
+    """The demo's first-stage fit: latents of stroma and epithelium 20x tiles (types from the cohort's own map)
+    lie apart by more than twice their spread after the fit, and well within it with the random encoder."""
+    import torch
+
+    from zoomfeat.demo import fit_first_stage, tiny_model_config
+    from zoomfeat.extract.zoomldm import to_model_input
+    from zoomfeat.model import build_zoomldm, load_zoomldm
+    from zoomfeat.synthetic import write_cohort
+
+    slides = write_cohort(tmp_path / "slides", n=2, size=2048, kind="arrangement")
+    assert cli.main(["tile", str(slides), "--out", str(tmp_path / "tiles"), "--mags", "20x,5x"]) == 0
+    paths = sorted(slides.glob("*.svs"))
+    ckpt = tmp_path / "init" / "init.ckpt"
+    record = fit_first_stage(tiny_model_config(), paths, tmp_path / "tiles", ckpt, seed=0, steps=60)
+    assert record["last_loss"] < 0.2 * record["first_loss"]
+    assert json.loads(ckpt.with_suffix(".json").read_text())["steps"] == 60
+    types = json.loads((slides / "tissue_types.json").read_text())
+    tiles, kinds = [], []
+    for path in paths:
+        grid = np.asarray(types[path.stem])
+        with openslide.OpenSlide(str(path)) as s:
+            for i, j in zip(*np.nonzero(grid)):
+                tile = s.read_region((int(j) * 256, int(i) * 256), 0, (256, 256)).convert("RGB")
+                tiles.append(np.asarray(tile))
+                kinds.append(int(grid[i, j]))
+    images = to_model_input(torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2), 64)
+    kinds = np.asarray(kinds)
+
+    def separation(model) -> float:
+        with torch.no_grad():
+            z = model.encode_first_stage(images).mean(dim=(2, 3)).numpy()  # [N, 3] per-tile mean latent
+        gap = np.linalg.norm(z[kinds == 1].mean(0) - z[kinds == 2].mean(0))
+        spread = np.sqrt(np.mean([z[kinds == k].var(0).sum() for k in (1, 2)]))
+        return gap / max(spread, 1e-12), float(z.std())
+
+    torch.manual_seed(0)
+    random_gap, _ = separation(build_zoomldm(tiny_model_config()).eval())
+    fitted_gap, fitted_std = separation(load_zoomldm(tiny_model_config(), ckpt, use_ema=False).eval())
+    assert fitted_gap > 2.0 and fitted_gap > 5 * random_gap, (fitted_gap, random_gap)  # measured 3.0 vs 0.30
+    assert 0.3 < fitted_std < 3.0  # about unit variance, as the standardised target asks
 
 
 def test_hanley_mcneil_standard_error_matches_the_formula_by_simulation():
@@ -239,7 +291,7 @@ def _screenshot(index: Path) -> None:
 
 
 SMOKE_ARGS = ["--slides", "20", "--size", "2048", "--train-steps", "10", "--mil-epochs", "2", "--train-slides", "4",
-              "--gen-steps", "2"]
+              "--gen-steps", "2", "--first-stage-steps", "10"]
 
 
 @pytest.mark.slow

@@ -55,7 +55,10 @@ class DemoConfig:
     patches_per_mag: int = 24
     train_steps: int = 400  # tiny ZoomLDM training steps
     lr: float = 2e-3
-    timestep: int = 200  # diffusion timestep of the extracted features (see the page: context use grows with t)
+    timestep: int = 200  # diffusion timestep of the extracted features
+    block: int = 5  # U-Net output block of the features (8x8 latent positions: 2x2 per 20x tile of a 5x patch)
+    pooling: str = "meanmax"  # spatial mean and max of that block, concatenated
+    first_stage_steps: int = 120  # fitting steps of the first-stage encoder (see fit_first_stage)
     folds: int = 5
     mil_epochs: int = 20
     generation: bool = True  # the generation wing (sample, generate-large, superres)
@@ -77,6 +80,10 @@ class DemoConfig:
             raise ConfigError(f"--train-slides {self.train_slides} must lie in [2, --slides {self.slides}]")
         if not 0 < self.timestep < 1000:
             raise ConfigError(f"--timestep {self.timestep} must lie in 1..999")
+        if self.pooling not in ("mean", "meanmax"):
+            raise ConfigError(f"--pooling {self.pooling!r}: use mean or meanmax")
+        if self.first_stage_steps < 1:
+            raise ConfigError(f"--first-stage-steps {self.first_stage_steps} must be at least 1")
 
 
 @dataclass
@@ -165,11 +172,83 @@ def write_superres_input(slide: Path, x: int, y: int, out_png: Path, side: int =
         Image.fromarray(np.asarray(image)).save(tmp, format="PNG")
 
 
+# ----- a first stage that keeps the tissue colours -------------------------------------------------------------
+def fit_first_stage(config: Path, slides: list[Path], tiles_dir: Path, out_ckpt: Path, *, seed: int,
+                    steps: int, per_mag: int = 24, batch: int = 16, lr: float = 1e-3) -> dict:
+    """An official-format checkpoint of the tiny ZoomLDM (random U-Net and Summarizer, seeded) whose first-stage
+    encoder is fitted, for ``steps`` Adam steps, to map each patch to its 4x4-average colour, standardised per
+    channel over the patches (so the latents have about unit variance, as a real first stage with its
+    ``scale_factor`` does). Patches: up to ``per_mag`` 20x tiles and 5x patches of each training slide
+    (``subsample_rows``, as ``prepare-train`` draws them). Writes ``out_ckpt`` and returns the fit's record.
+
+    Why: the randomly initialised encoder maps stroma and epithelium tiles to latents whose means differ by
+    ~0.5 % of the latent std, so neither the image nor the conditioning matters to the denoiser. The decoder
+    and codebook stay random (the generated images are not meant to look like tissue).
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from zoomfeat.extract.zoomldm import to_model_input
+    from zoomfeat.mags import parse_mag
+    from zoomfeat.model import build_zoomldm
+    from zoomfeat.patches import TilePatchDataset
+    from zoomfeat.slides import Slide
+    from zoomfeat.tiling import slide_tile_grid
+    from zoomfeat.train.prepare import subsample_rows
+
+    torch.manual_seed(seed)
+    model = build_zoomldm(config)
+    fs = model.first_stage_model
+    pixels = []
+    for path in slides:
+        with Slide(path) as slide:
+            grid = slide_tile_grid(slide, [parse_mag("20x"), parse_mag("5x")], tiles_dir=tiles_dir)
+            slide_id = slide.info.slide_id
+        for mag in ("20x", "5x"):
+            coords = np.asarray(grid.coords[mag], np.int64).reshape(-1, 2)
+            coords = coords[subsample_rows(len(coords), per_mag, seed, slide_id, parse_mag(mag))]
+            data = TilePatchDataset(path, coords, parse_mag(mag))
+            try:
+                pixels += [data[i][1] for i in range(len(data))]
+            finally:
+                data.close()
+    if len(pixels) < batch:
+        raise ConfigError(f"only {len(pixels)} tissue patches in the training slides: use more --train-slides")
+    images = to_model_input(torch.stack(pixels), model.first_stage_resolution)
+    pooled = F.avg_pool2d(images, model.config.first_stage.downsample_factor)
+    mean, std = pooled.mean(dim=(0, 2, 3), keepdim=True), pooled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3)
+    target = (pooled - mean) / std
+    params = list(fs.encoder.parameters()) + list(fs.quant_conv.parameters())
+    optimiser = torch.optim.Adam(params, lr=lr)
+    draws = np.random.default_rng([seed, 5])
+    losses = []
+    fs.train()
+    for _ in range(steps):
+        rows = torch.from_numpy(draws.integers(0, len(images), batch))
+        loss = F.mse_loss(fs.encode(images[rows]), target[rows])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+    fs.eval()
+    if not np.isfinite(losses).all():
+        raise ConfigError("the first-stage fit diverged (non-finite loss): rerun with fewer --first-stage-steps")
+    from zoomfeat.config import write_json_atomic
+
+    model.save_official(out_ckpt)
+    record = {"patches": len(images), "steps": steps, "first_loss": losses[0], "last_loss": losses[-1],
+              "channel_mean": mean.flatten().tolist(), "channel_std": std.flatten().tolist()}
+    write_json_atomic(out_ckpt.with_suffix(".json"), record)
+    return record
+
+
 # ----- how much the features move with the conditioning ------------------------------------------------------
 def context_response(config: Path, weights: Path, trainset: Path, timesteps: tuple[int, ...], out_json: Path,
                      per_mag: int = 32, block: int = 3) -> dict:
     """Relative change of the pooled U-Net features when a patch's own context is replaced by another patch's
-    (same magnification) or by the unconditional (zero) context, per magnification and timestep.
+    (same magnification) or by the unconditional (zero) context, per magnification and timestep; and
+    ``context_vs_other``, the same relative difference between the two Summarizer contexts themselves.
 
     ``||f(x_t, c_own) - f(x_t, c_other)|| / ||f(x_t, c_own)||``, averaged over up to ``per_mag`` training
     patches, with fixed noise; written to ``out_json`` and returned.
@@ -196,7 +275,8 @@ def context_response(config: Path, weights: Path, trainset: Path, timesteps: tup
         with torch.inference_mode():
             own = model.summarize([model.preprocess_ssl(it[1]) for it in items], mags)
             other = own.roll(1, dims=0)
-            entry = {}
+            entry = {"context_vs_other": float(((own - other).flatten(1).norm(dim=1)
+                                                / own.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())}
             for t in timesteps:
                 tt = torch.full((len(z),), t, dtype=torch.long)
                 x_t = model.q_sample(z, tt, torch.randn(z.shape, generator=gen))
@@ -281,6 +361,7 @@ def stages(cfg: DemoConfig) -> list[Stage]:
     d = cfg.out
     slides, labels = d / "slides", d / "slides" / "labels.csv"
     model_dir = d / "zoomldm"
+    init = d / "zoomldm_init" / "init.ckpt"
     tiny = tiny_model_config()
     model_args = _model_args(cfg)
     plan = [
@@ -291,22 +372,28 @@ def stages(cfg: DemoConfig) -> list[Stage]:
               done=labels),
         Stage("tile: tissue masks and aligned 20x/5x grids",
               ["tile", slides, "--out", d / "tiles", "--mags", "20x,5x", "--preview"]),
+        Stage(f"fit the first-stage encoder to the patches' 4x4 mean colour ({cfg.first_stage_steps} steps)",
+              python=lambda: fit_first_stage(tiny, training_slides(slides, cfg.train_slides), d / "tiles", init,
+                                             seed=cfg.seed, steps=cfg.first_stage_steps,
+                                             per_mag=cfg.patches_per_mag),
+              python_name="zoomfeat.demo.fit_first_stage", done=init),
         Stage(f"prepare the ZoomLDM training set from {cfg.train_slides} slides (latents + conditioning grids)",
               lambda: ["prepare-train", *training_slides(slides, cfg.train_slides), "--out", d / "trainset",
-                       "--conditioner", "toy", "--zoomldm", tiny, "--mags", "20x,5x",
+                       "--conditioner", "toy", "--zoomldm", tiny, "--weights", init, "--mags", "20x,5x",
                        "--max-patches-per-mag", cfg.patches_per_mag, "--seed", cfg.seed]),
         Stage("train a tiny ZoomLDM on CPU",
-              ["train", "--data", d / "trainset", "--zoomldm", tiny, "--out", model_dir,
+              ["train", "--data", d / "trainset", "--zoomldm", tiny, "--init-from", init, "--out", model_dir,
                "--max-steps", cfg.train_steps, "--batch-size", 8, "--lr", cfg.lr, "--warmup-steps", 20,
                "--every-n-steps", cfg.train_steps, "--seed", cfg.seed, "--workers", 0, "--no-val-samples"]),
         Stage("measure how much the features move with their conditioning",
               python=lambda: context_response(model_dir / "official" / "config.yaml",
                                               model_dir / "official" / "last.ckpt", d / "trainset",
-                                              (50, cfg.timestep), d / "context_response.json"),
+                                              (50, cfg.timestep), d / "context_response.json", block=cfg.block),
               python_name="zoomfeat.demo.context_response", done=d / "context_response.json"),
-        Stage(f"extract ZoomLDM features at 20x and 5x (t={cfg.timestep}, conditioned on the toy encoder)",
+        Stage(f"extract ZoomLDM features at 20x and 5x (t={cfg.timestep}, block {cfg.block}, {cfg.pooling}; "
+              "conditioned on the toy encoder)",
               ["extract", slides, "--tiles", d / "tiles", "--out", d / "features" / "zoomldm", "--encoder", "zoomldm",
-               *model_args, "--timestep", cfg.timestep,
+               *model_args, "--timestep", cfg.timestep, "--block", cfg.block, "--pooling", cfg.pooling,
                "--conditioning-out", d / "features" / "toy_conditioning", "--mags", "20x,5x"]),
         Stage("extract the toy-encoder baseline at 20x and 5x",
               ["extract", slides, "--tiles", d / "tiles", "--out", d / "features" / "toy", "--encoder", "toy",

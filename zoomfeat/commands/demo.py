@@ -27,6 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--lr", type=float, default=2e-3, help="tiny ZoomLDM learning rate (default 2e-3)")
     model.add_argument("--timestep", type=int, default=200,
                        help="diffusion timestep of the extracted features, in steps (default 200)")
+    model.add_argument("--block", type=int, default=5,
+                       help="U-Net output block whose activation is the ZoomLDM feature (default 5)")
+    model.add_argument("--pooling", default="meanmax", choices=("mean", "meanmax"),
+                       help="spatial pooling of that block (default meanmax: mean and max, concatenated)")
+    model.add_argument("--first-stage-steps", type=int, default=120,
+                       help="steps fitting the first-stage encoder to the patches' mean colour (default 120)")
     mil = parser.add_argument_group("mil")
     mil.add_argument("--mil-epochs", type=int, default=20, help="ABMIL epochs per fold (default 20)")
     generation = parser.add_argument_group("generation")
@@ -42,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = DemoConfig(out=Path(args.out), slides=args.slides, seed=args.seed, size=args.size, cluster=args.cluster,
                      tile_signal=args.tile_signal, train_slides=args.train_slides, train_steps=args.train_steps,
-                     lr=args.lr, timestep=args.timestep, mil_epochs=args.mil_epochs,
+                     lr=args.lr, timestep=args.timestep, block=args.block, pooling=args.pooling,
+                     first_stage_steps=args.first_stage_steps, mil_epochs=args.mil_epochs,
                      generation=not args.no_generation, gen_steps=args.gen_steps)
     return run_demo(cfg)
