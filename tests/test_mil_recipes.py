@@ -187,27 +187,26 @@ def test_simil_selection_scores_as_simil():
     assert saved == 5  # scores 0.5, 0.75, 0.875, 0.875, 0.9375, 0.9375: each tie replaced the best
 
 
-def _planted_cv(tmp_path, model: str, seed: int, folds: tuple[int, ...]) -> float:
+def _planted_cv(tmp_path, model: str, seed: int) -> float:
     from mil_data import planted_cohort
 
     from mil.cv import run_cv
 
-    paths = planted_cohort(tmp_path / f"c{seed}", n_slides=40, dim=64, seed=seed, share=0.05)
+    paths = planted_cohort(tmp_path / f"c{seed}", n_slides=60, dim=64, seed=seed, share=0.05)
     cfg = MILConfig(features=f"{paths['features']}@20x", labels=str(paths["labels"]), splits=str(paths["splits"]),
-                    out=str(tmp_path / f"{model}{seed}"), model=model, folds=folds, all_folds=True,
-                    protocol=make_protocol("hipt"))
+                    out=str(tmp_path / f"{model}{seed}"), model=model, all_folds=True, protocol=make_protocol("hipt"))
     return float(run_cv(cfg).set_index("fold").at["mean", "test_auc"])
 
 
 @pytest.mark.slow
-def test_weakest_heads_find_planted_witnesses_under_the_default_preset(tmp_path):
-    """Issue 20's bar, a cheap slice: the heads that fell short before (CLAM-MB, DTFD-MIL) at their default
-    widths and recipes under hipt (20 epochs, last epoch) on planted cohorts with 5% witness instances (two
-    cohorts, three folds each) reach mean test AUC >= 0.95; mean pooling, which the cohort is built to defeat
-    (the bag means of both classes agree), stays clearly below. The whole grid: benchmarks/bench_mil_robustness.py."""
-    folds = (0, 1, 2)
-    for model in ("clam_mb", "dtfd"):
-        auc = sum(_planted_cv(tmp_path, model, seed, folds) for seed in (0, 1)) / 2
+def test_heads_find_planted_witnesses_under_the_default_preset(tmp_path):
+    """Issue 20's bar, a cheap slice: DTFD-MIL (0.73 in an earlier measurement) and DSMIL (0.66 in the issue)
+    at their default widths and recipes under hipt (20 epochs, last epoch) on two planted cohorts with 5%
+    witness instances (5 folds each) reach mean test AUC >= 0.95; mean pooling, which the cohort is built to
+    defeat (both classes have the same expected bag mean), stays clearly below. Measured: DTFD 1.00 / 1.00,
+    DSMIL 0.97 / 1.00, mean 0.75 / 0.69. The whole grid: benchmarks/bench_mil_robustness.py (RESULTS.md)."""
+    for model in ("dtfd", "dsmil"):
+        auc = sum(_planted_cv(tmp_path, model, seed) for seed in (0, 1)) / 2
         assert auc >= 0.95, (model, auc)
-    mean = sum(_planted_cv(tmp_path, "mean", seed, folds) for seed in (0, 1)) / 2
+    mean = sum(_planted_cv(tmp_path, "mean", seed) for seed in (0, 1)) / 2
     assert mean <= 0.85, mean
