@@ -30,6 +30,7 @@ def cohorts(draw):
 
 @settings(max_examples=200, deadline=None)
 @given(cohorts(), st.floats(0.01, 1.0), st.integers(0, 5))
+@pytest.mark.slow
 def test_no_synthetic_bag_of_a_held_out_slide_or_patient_enters_training(cohort, fraction, seed):
     case_of, label_of, train, held, available = cohort
     plan = plan_fold(train, held, case_of, label_of, fraction=fraction, seed=seed, available=available)
@@ -84,6 +85,7 @@ def test_applied_folds_train_on_no_copy_of_a_held_out_slide_or_patient(folder, f
 
 @settings(max_examples=200, deadline=None)
 @given(cohorts(), st.lists(st.floats(0.01, 1.0), min_size=2, max_size=4), st.integers(0, 5), st.integers(0, 9))
+@pytest.mark.slow
 def test_fractions_are_nested_stratified_and_whole_patients(cohort, fractions, seed, fold):
     case_of, label_of, train, _, _ = cohort
     previous = set()

@@ -37,6 +37,7 @@ def _argv(cohort, out, *extra):
             "--seed", "0", *extra]
 
 
+@pytest.mark.slow
 def test_synthetic_bags_of_training_slides_only(cohort, tmp_path):
     out = tmp_path / "run"
     assert cli.main(_argv(cohort, out, "--augment", str(cohort["syn"]), "--train-fraction", "0.5")) == 0
@@ -58,6 +59,7 @@ def test_synthetic_bags_of_training_slides_only(cohort, tmp_path):
     assert any("~syn" in s for s in record["inputs"]["feature_files"])
 
 
+@pytest.mark.slow
 def test_same_seed_same_predictions_and_fraction_changes_them(cohort, tmp_path):
     runs = {}
     for name, extra in {"a": ["--train-fraction", "0.5"], "b": ["--train-fraction", "0.5"],
@@ -85,6 +87,7 @@ def test_bad_augmentation_options_are_one_line_errors(cohort, tmp_path, capsys, 
     assert len(err) == 1 and fragment in err[0]
 
 
+@pytest.mark.slow
 def test_compare_shows_real_vs_synthetic_and_fraction_curves(cohort, tmp_path):
     runs = []
     for fraction in ("0.25", "0.5", "1.0"):

@@ -82,6 +82,7 @@ def _direct_row(tiny, root, slide_id: str, copy: int, mag: str, row: int) -> np.
     return fmap.mean(dim=(2, 3))[0].numpy()
 
 
+@pytest.mark.slow
 def test_copies_have_the_real_grid_and_provenance(copies, extracted):
     for slide_id in ("s1", "s2"):
         with FeatureFile(extracted / "feats" / "zoomldm" / f"{slide_id}.h5") as f:
@@ -104,6 +105,7 @@ def test_copies_have_the_real_grid_and_provenance(copies, extracted):
 
 
 @pytest.mark.parametrize("slide_id, copy, mag, row", [("s1", 1, "20x", 5), ("s1", 0, "5x", 1), ("s2", 0, "20x", 0)])
+@pytest.mark.slow
 def test_a_synthetic_row_equals_the_model_api_computation(copies, extracted, tiny, slide_id, copy, mag, row):
     with FeatureFile(copies / f"{slide_id}~syn{copy}.h5") as f:
         stored = f.features(mag)[row]
@@ -111,6 +113,7 @@ def test_a_synthetic_row_equals_the_model_api_computation(copies, extracted, tin
     np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+@pytest.mark.slow
 def test_rerun_skips_and_changed_settings_are_refused(copies, extracted, tiny, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in copies.glob("*.h5")}
     assert _synthesize(extracted, tiny, copies, "--copies", "2") == 0
@@ -122,6 +125,7 @@ def test_rerun_skips_and_changed_settings_are_refused(copies, extracted, tiny, c
     assert {p.name: p.stat().st_mtime_ns for p in copies.glob("*.h5")} == before
 
 
+@pytest.mark.slow
 def test_partial_copy_keeps_the_other_rows_real(extracted, tiny):
     out = extracted / "syn_half"
     assert _synthesize(extracted, tiny, out, "--fraction", "0.5", "--mags", "20x") == 0
@@ -134,6 +138,7 @@ def test_partial_copy_keeps_the_other_rows_real(extracted, tiny):
     assert same.sum() == len(real) - round(0.5 * len(real))
 
 
+@pytest.mark.slow
 def test_pixel_encoder_features_come_from_decoded_tiles(extracted, tiny):
     out = extracted / "syn_toy"
     argv = ["synthesize", "s2", "--features", str(extracted / "feats" / "toy20"), "--conditioning",
@@ -155,6 +160,7 @@ def test_bad_options_are_one_line_errors(extracted, tiny, tmp_path, capsys, extr
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_same_seed_same_copy_another_seed_another(copies, extracted, tiny):
     """A fresh run with the same seed reproduces a copy bit for bit (also when it is restricted to one slide and
     one magnification: the seed of a tile depends on its identity only); ``--seed 1`` gives other tiles."""
