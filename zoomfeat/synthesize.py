@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.errors import ConfigError, DataError
-from zoomfeat.mags import Magnification, parse_mags
+from zoomfeat.mags import MagDict, Magnification, parse_mags
 from zoomfeat.resolve import ZoomLDMSource, file_sha256
 
 CONFIG_NAME = "synthesize_config.json"
@@ -82,17 +82,18 @@ class SynthesizeConfig:
                 "seed_rule": "sha256(seed|slide_id|copy|mag|x|y) -> torch.Generator seed of x_T"}
 
 
-def tile_seed(seed: int, slide_id: str, copy: int, mag: str, x: int, y: int) -> int:
-    """The seed of one synthetic tile's starting noise (63-bit, from sha256 of its identity)."""
-    text = f"{seed}|{slide_id}|{copy}|{mag}|{x}|{y}".encode()
+def tile_seed(seed: int, slide_id: str, copy: int, mag: Magnification, x: int, y: int) -> int:
+    """The seed of one synthetic tile's starting noise (63-bit, from sha256 of its identity; the magnification by
+    its canonical name)."""
+    text = f"{seed}|{slide_id}|{copy}|{Magnification(mag).name}|{x}|{y}".encode()
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def replaced_rows(n: int, fraction: float, seed: int, slide_id: str, copy: int, mag: str) -> np.ndarray:
+def replaced_rows(n: int, fraction: float, seed: int, slide_id: str, copy: int, mag: Magnification) -> np.ndarray:
     """Sorted rows of the tiles a partial copy regenerates: ``round(fraction * n)`` of them (all for 1.0)."""
     if fraction >= 1.0:
         return np.arange(n)
-    digest = hashlib.sha256(f"{seed}|{slide_id}|{copy}|{mag}|rows".encode()).digest()
+    digest = hashlib.sha256(f"{seed}|{slide_id}|{copy}|{Magnification(mag).name}|rows".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     return np.sort(rng.permutation(n)[: int(round(fraction * n))])
 
@@ -163,21 +164,21 @@ class Synthesizer:
 
         with FeatureFile(feature_file) as f:
             info, grid = _synthetic_info(f), f.grid()
-            real = {n: f.features(n) for n in grid.names}
+            real = MagDict({m: f.features(m) for m in grid.mags})
         source = fingerprint(feature_file)  # re-extracted real features make old copies stale: refused, not mixed
-        names = [m.name for m in self.cfg.mags] if self.cfg.mags else list(grid.names)
-        missing = [n for n in names if n not in grid.names]
+        mags = list(self.cfg.mags) if self.cfg.mags else list(grid.mags)
+        missing = [m.name for m in mags if m not in grid.mags]
         if missing:
             raise DataError(f"{feature_file} has no {', '.join(missing)} features: synthesize only magnifications "
                             f"it holds ({', '.join(grid.names)})")
         from zoomfeat.extract import conditioning_io as cio
 
-        cond = cio.read_conditioning(self.cfg.conditioning_dir, info, {n: grid.coords[n] for n in names},
+        cond = cio.read_conditioning(self.cfg.conditioning_dir, info, {m: grid.coords[m] for m in mags},
                                      self.model.conditioning_dim)
-        outcomes = [self._copy(info, grid, names, real, cond, k, source) for k in range(self.cfg.copies)]
+        outcomes = [self._copy(info, grid, mags, real, cond, k, source) for k in range(self.cfg.copies)]
         return "done" if "done" in outcomes else "skipped"
 
-    def _copy(self, info, grid, names, real, cond, k: int, source: dict) -> str:
+    def _copy(self, info, grid, mags, real, cond, k: int, source: dict) -> str:
         from mil.augment import synthetic_id
         from zoomfeat.extract.runner import _finished
         from zoomfeat.store import TileStoreWriter, h5_path
@@ -186,37 +187,36 @@ class Synthesizer:
         syn_id = synthetic_id(info.slide_id, k)
         path = h5_path(self.cfg.out_dir, syn_id)
         config = {**self.record(), "synthetic": {**self.record()["synthetic"], "synthetic_of": info.slide_id,
-                                                 "copy": k, "source_features": source, "mags": list(names)}}
+                                                 "copy": k, "source_features": source, "mags": [m.name for m in mags]}}
         if _finished(path, None, config):  # complete with these settings: skip; with others: refused
             return "skipped"
-        out_grid = restrict_grid(grid, names, info.slide_id)
+        out_grid = restrict_grid(grid, mags, info.slide_id)
         with TileStoreWriter(path, replace(info, slide_id=syn_id), out_grid, extractor=self.extractor,
                              extractor_config=config, feature_dim=self.featurizer.dim) as writer:
-            for name in names:
-                rows = replaced_rows(len(grid.coords[name]), self.cfg.fraction, self.cfg.seed, info.slide_id, k, name)
-                kept = np.setdiff1d(np.arange(len(grid.coords[name])), rows)
+            for mag in mags:
+                rows = replaced_rows(len(grid.coords[mag]), self.cfg.fraction, self.cfg.seed, info.slide_id, k, mag)
+                kept = np.setdiff1d(np.arange(len(grid.coords[mag])), rows)
                 if len(kept):
-                    _write_rows(writer, name, kept, real[name][kept])
+                    _write_rows(writer, mag, kept, real[mag][kept])
                 for start in range(0, len(rows), self.cfg.batch_size):
                     batch_rows = rows[start:start + self.cfg.batch_size]
-                    _write_rows(writer, name, batch_rows, self._features(info.slide_id, syn_id, k, name, grid,
-                                                                         batch_rows, cond))
+                    _write_rows(writer, mag, batch_rows, self._features(info.slide_id, syn_id, k, mag, grid,
+                                                                        batch_rows, cond))
             writer.commit()
         return "done"
 
-    def _features(self, slide_id: str, syn_id: str, k: int, name: str, grid, rows: np.ndarray, cond) -> np.ndarray:
+    def _features(self, slide_id: str, syn_id: str, k: int, mag: Magnification, grid, rows: np.ndarray,
+                  cond) -> np.ndarray:
         import torch
 
         from zoomfeat.extract.featurizer import PatchBatch
         from zoomfeat.generate.samplers import sample_patches
-        from zoomfeat.mags import parse_mag
 
-        mag = parse_mag(name)
-        coords = grid.coords[name][rows]
-        grids = cond.grid(name, rows, pool_to=8)
+        coords = grid.coords[mag][rows]
+        grids = cond.grid(mag, rows, pool_to=8)
         with torch.inference_mode():
             contexts = self.context_featurizer.context(grids, mag)
-            seeds = [tile_seed(self.cfg.seed, slide_id, k, name, int(x), int(y)) for x, y in coords]
+            seeds = [tile_seed(self.cfg.seed, slide_id, k, mag, int(x), int(y)) for x, y in coords]
             latents = sample_patches(self.model, contexts, seeds, self.settings, batch_size=len(rows),
                                      autocast=self.runtime.autocast())
             batch = PatchBatch(None, mag, coords, syn_id, grids)
@@ -229,12 +229,12 @@ class Synthesizer:
             return self.featurizer(replace(batch, images=images))
 
 
-def _write_rows(writer, name: str, rows: np.ndarray, feats: np.ndarray) -> None:
+def _write_rows(writer, mag: Magnification, rows: np.ndarray, feats: np.ndarray) -> None:
     """Feature rows at (sorted) row indices ``rows``, written as contiguous runs."""
     from zoomfeat.extract.runner import _contiguous_runs
 
     for start, stop in _contiguous_runs(rows):
-        writer.write_features(name, int(rows[start]), feats[start:stop])
+        writer.write_features(mag, int(rows[start]), feats[start:stop])
 
 
 def _synthetic_info(f):
