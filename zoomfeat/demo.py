@@ -56,7 +56,7 @@ class DemoConfig:
     train_steps: int = 400  # tiny ZoomLDM training steps
     lr: float = 2e-3
     timestep: int = 200  # diffusion timestep of the extracted features
-    block: int = 5  # U-Net output block of the features (8x8 latent positions: 2x2 per 20x tile of a 5x patch)
+    block: int = 8  # U-Net output block of the features (16x16 latent positions: 4x4 per 20x tile of a 5x patch)
     pooling: str = "meanmax"  # spatial mean and max of that block, concatenated
     first_stage_steps: int = 120  # fitting steps of the first-stage encoder (see fit_first_stage)
     folds: int = 5

@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--lr", type=float, default=2e-3, help="tiny ZoomLDM learning rate (default 2e-3)")
     model.add_argument("--timestep", type=int, default=200,
                        help="diffusion timestep of the extracted features, in steps (default 200)")
-    model.add_argument("--block", type=int, default=5,
-                       help="U-Net output block whose activation is the ZoomLDM feature (default 5)")
+    model.add_argument("--block", type=int, default=8,
+                       help="U-Net output block whose activation is the ZoomLDM feature (default 8)")
     model.add_argument("--pooling", default="meanmax", choices=("mean", "meanmax"),
                        help="spatial pooling of that block (default meanmax: mean and max, concatenated)")
     model.add_argument("--first-stage-steps", type=int, default=120,
