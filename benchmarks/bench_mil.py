@@ -36,7 +36,7 @@ from mil.bags import BagStore, FeatureSpec  # noqa: E402
 from mil.config import MILConfig, make_protocol, training_plan  # noqa: E402
 from mil.metrics import auroc  # noqa: E402
 from mil.models import build_model  # noqa: E402
-from mil.module import bag_loss  # noqa: E402
+from mil.losses import bag_loss  # noqa: E402
 from mil.train import Engine, FoldData, epoch_order, make_bags  # noqa: E402
 from mil_data import planted_cohort  # noqa: E402
 from splits.io import read_splits_dir  # noqa: E402

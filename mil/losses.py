@@ -39,3 +39,17 @@ class SmoothTop1SVM(nn.Module):
 
     def forward(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return smooth_top1_svm(scores, target, self.alpha, self.tau)
+
+
+def bag_loss(model: nn.Module, out, y: torch.Tensor) -> torch.Tensor:
+    """Training loss of one bag (``y`` scalar long tensor), as the references' per-bag loops compute it:
+    ``bag_weight * CE(logits, y) + (1 - bag_weight) * extra_loss`` when the head returns an extra loss (CLAM
+    0.7 / 0.3, DSMIL 0.5 / 0.5) or the head's own ``combine``, else the cross-entropy. The training loop uses the
+    heads' batched ``bag_losses``; this one-bag form is the plain loop's (benchmarks and tests compare them)."""
+    ce = F.cross_entropy(out.logits, y.view(1))
+    if out.extra_loss is None:
+        return ce
+    if hasattr(model, "combine"):
+        return model.combine(ce, out.extra_loss)
+    w = float(getattr(model, "bag_weight", 1.0))
+    return w * ce + (1.0 - w) * out.extra_loss

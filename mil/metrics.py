@@ -92,7 +92,7 @@ def confusion(probs, labels, n_classes: int | None = None) -> list[list[int]]:
     return confusion_matrix(y, predicted_class(p), labels=list(range(n_classes))).astype(int).tolist()
 
 
-auroc_or_none = auroc  # the training loop's name for it (mil.train, mil.module)
+auroc_or_none = auroc  # the training loop's name for it (mil.train)
 
 
 def auc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch
 from mil.layers import fold_generators
 from mil.losses import smooth_top1_svm
 from mil.models import MIL_MODELS, MILOutput, build_model, register_model
-from mil.module import bag_loss
+from mil.losses import bag_loss
 from zoomfeat.commands.train_mil import MODEL_CHOICES
 from zoomfeat.errors import ConfigError
 

@@ -16,7 +16,7 @@ from mil.bags import BagStore, FeatureSpec
 from mil.config import MILConfig, make_protocol, training_plan
 from mil.cv import run_cv
 from mil.models import build_model
-from mil.module import bag_loss
+from mil.losses import bag_loss
 from mil.train import Engine, FoldData, epoch_order, make_bags
 from mil_data import planted_cohort
 from splits.io import read_splits_dir
