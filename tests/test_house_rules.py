@@ -37,3 +37,12 @@ def test_tests_write_feature_files_through_the_store():
     writers = {p.name for p in sorted((ROOT / "tests").glob("*.py"))
                if re.search(r"h5py\.File\([^)]*[\"']w[\"']", p.read_text()) and p.name != Path(__file__).name}
     assert writers == {"test_layouts.py", "test_layouts_mil.py"}, sorted(writers)
+
+
+def test_magnifications_cross_function_boundaries_as_magnifications():
+    """No function of the packages takes a magnification typed as a bare float or string (``mag: float``,
+    ``mags: tuple[str, ...]``...): it is parsed once into a ``Magnification`` at the boundary (zoomfeat.mags)."""
+    pattern = re.compile(r"\b(mag|mags|mag_name)\s*:\s*(float|str|(tuple|list|Sequence)\[(float|str)\b)")
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in _sources() if p.name != "mags.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not offenders, offenders

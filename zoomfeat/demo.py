@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 
 from zoomfeat.errors import ConfigError
+from zoomfeat.mags import Magnification
 from zoomfeat.synthetic import patient_slide_counts
 
 # The ABMIL runs of the comparison: (run name, feature set directory, magnification spec); the first is the
@@ -137,14 +138,15 @@ def test_slides_of_fold(splits_dir: Path, labels_csv: Path, fold: int = 0) -> di
     return picked
 
 
-def tissue_patch(types_json: Path, slide_id: str, mag: str) -> tuple[int, int]:
+def tissue_patch(types_json: Path, slide_id: str, mag: Magnification) -> tuple[int, int]:
     """Level-0 (x, y) of the 20x tile or 5x patch (4x4 tiles) with the most tissue tiles, nearest the centre."""
     import numpy as np
 
     from zoomfeat.synthetic import ARRANGEMENT_TILE
 
     types = np.asarray(json.loads(types_json.read_text())[slide_id])
-    width = {"20x": 1, "5x": 4}[mag]
+    mag = Magnification(mag)
+    width = mag.grid_width
     cells = types.shape[0] // width
     blocks = (types[: cells * width, : cells * width] > 0).reshape(cells, width, cells, width).sum(axis=(1, 3))
     if blocks.max() == 0:
@@ -291,11 +293,11 @@ def context_response(config: Path, weights: Path, trainset: Path, timesteps: tup
 
 
 # ----- the plan ------------------------------------------------------------------------------------------------
-def _mil_stage(cfg: DemoConfig, name: str, features: str, mags: str) -> Stage:
+def _mil_stage(cfg: DemoConfig, name: str, features: str, mags_text: str) -> Stage:
     d = cfg.out
-    return Stage(f"ABMIL on {features}@{mags}",
+    return Stage(f"ABMIL on {features}@{mags_text}",
                  ["train-mil", "--task", "custom", "--label-col", "label", "--labels", d / "slides" / "labels.csv",
-                  "--splits", d / "splits", "--features", f"{d / 'features' / features}@{mags}",
+                  "--splits", d / "splits", "--features", f"{d / 'features' / features}@{mags_text}",
                   "--model", "abmil", "--protocol", "hipt", "--epochs", cfg.mil_epochs, "--seed", cfg.seed,
                   "--out", d / "runs" / name])
 
@@ -313,7 +315,7 @@ def _generation_stages(cfg: DemoConfig, model_args: list) -> list[Stage]:
     def slide_of(label: int) -> str:
         return next(s for _, s, y in read_labels(slides / "labels.csv") if y == label)
 
-    def at(label: int, mag: str) -> list:
+    def at(label: int, mag: Magnification) -> list:
         x, y = tissue_patch(types, slide_of(label), mag)
         return ["--slide", slides / f"{slide_of(label)}.svs", "--mag", mag, "--x", x, "--y", y]
 

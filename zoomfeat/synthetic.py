@@ -363,10 +363,10 @@ def _pyramid(image: np.ndarray, factor: int = 4, min_side: int = 512) -> list[np
     return levels
 
 
-def _aperio_description(width: int, height: int, tile: int, mag: float, mpp: float, extra: str = "") -> str:
+def _aperio_description(width: int, height: int, tile: int, app_mag: float, mpp: float, extra: str = "") -> str:
     return (
         f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) "
-        f"JPEG/RGB Q=80{extra}|AppMag = {mag:g}|StripeWidth = 2040|ScanScope ID = SYNTH|"
+        f"JPEG/RGB Q=80{extra}|AppMag = {app_mag:g}|StripeWidth = 2040|ScanScope ID = SYNTH|"
         f"Filename = synthetic|MPP = {mpp:g}|Left = 25.0|Top = 18.0|LineCameraSkew = 0|Date = 11/21/26"
     )
 
