@@ -41,3 +41,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def generate_tiny() -> Path:
+    """The fitted 16-px ZoomLDM of the generation tests (tests/helpers_generate.py), fitted once per machine."""
+    from helpers_generate import fitted_model_dir
+
+    return fitted_model_dir()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need the fitted generation model are in the slow tier: on a new machine the first of them fits
+    it (~90 s), which the default tier's two minutes cannot hold."""
+    for item in items:
+        if "generate_tiny" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

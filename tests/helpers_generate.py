@@ -4,10 +4,13 @@ Why a fitted model: the joint sampler moves latents by ``J_E`` (the encoder's Ja
 image-space residual, which only reduces that residual when decode(encode(x)) ~ x, and it needs clean
 estimates that stay in the range of the data. The packaged tiny model's random first stage (and the golden
 small model's) are random maps, and a random U-Net's estimates explode (the golden README notes |x| ~ 200), so
-no constraint could pass an agreement test on them. Fitting takes minutes on this CPU, too slow for a test,
-so :func:`fit_tiny_generation_model` was run once (``python tests/helpers_generate.py``) and its result is
-``tests/data/generate_tiny/`` (official-format ``config.yaml`` + flat ``weights.ckpt``, loaded with
-``zoomfeat.model.load_zoomldm`` like any checkpoint).
+no constraint could pass an agreement test on them. Fitting takes about 90 s on one CPU thread, so it is done
+once per machine: :func:`fitted_model_dir` fits it into a cache folder (``$ZOOMFEAT_TEST_CACHE``, default
+``~/.cache/zoomfeat-tests``) named after this file's contents and the torch version, and the ``generate_tiny``
+fixture (conftest.py) builds it for the tests that use it (official-format ``config.yaml`` + flat
+``weights.ckpt``, loaded with ``zoomfeat.model.load_zoomldm`` like any checkpoint). Fits on different machines
+can differ in their last bits; the tests assert properties every fit of this recipe has (two independent fits
+pass them), not its exact weights.
 
 The model: 16-px images, VQ first stage with f = 2 (3x8x8 latents, 256 codes), a 32/64-wide U-Net, a 1-layer
 Summarizer on 32-d embeddings. Fitting: the autoencoder by Adam on reconstruction MSE of smooth random colour
@@ -18,12 +21,21 @@ the eps objective on those latents with random contexts (30 % zeros, the classif
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-DATA = Path(__file__).resolve().parent / "data" / "generate_tiny"
+def _cache_key() -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(__file__).read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+
+
+CACHE = Path(os.environ.get("ZOOMFEAT_TEST_CACHE", Path.home() / ".cache" / "zoomfeat-tests"))
+DATA = CACHE / f"generate_tiny-{_cache_key()}"  # built by fitted_model_dir() (the ``generate_tiny`` fixture)
 
 TINY_GEN_CONFIG = {"model": {"params": {
     "linear_start": 0.0015, "linear_end": 0.0195, "timesteps": 1000, "image_size": 8, "channels": 3,
@@ -124,6 +136,25 @@ def fit_tiny_generation_model(out: Path = DATA, seed: int = 0, ae_steps: int = 3
     return out
 
 
-if __name__ == "__main__":
+def fitted_model_dir() -> Path:
+    """:data:`DATA`, fitted on first use (one thread, ~90 s), then reused: written to a temporary folder and
+    renamed into place, so an interrupted fit leaves nothing that looks finished."""
+    if (DATA / "weights.ckpt").exists():
+        return DATA
+    tmp = DATA.with_name(f"{DATA.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    print(fit_tiny_generation_model())
+    try:
+        fit_tiny_generation_model(tmp)
+    finally:
+        torch.set_num_threads(threads)
+    try:
+        tmp.rename(DATA)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return DATA
+
+
+if __name__ == "__main__":
+    print(fitted_model_dir())

@@ -16,7 +16,7 @@ from helpers_generate import DATA
 from helpers_slides import synthetic_slide  # noqa: F401  (pytest fixture)
 from zoomfeat.generate.images import read_png
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "generate_tiny")  # BASE names the fitted model's folder
 
 BASE = ["--zoomldm", str(DATA), "--conditioner", "toy", "--mag", "10x", "--device", "cpu", "--batch-size", "4"]
 

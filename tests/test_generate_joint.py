@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_generate import DATA
 from zoomfeat.generate.guidance import Guidance
 from zoomfeat.generate.joint import (FixedGuide, JointSettings, SampledGuide, fd_jvp, gmres, joint_sample,
                                      mosaic_images)
@@ -17,10 +16,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(generate_tiny):
     from zoomfeat.model import load_zoomldm
 
-    return load_zoomldm(DATA, use_ema=True)
+    return load_zoomldm(generate_tiny, use_ema=True)
 
 
 def _contexts(model, n: int, seed: int) -> torch.Tensor:

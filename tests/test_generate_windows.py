@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_generate import DATA
 from zoomfeat.errors import ConfigError
 from zoomfeat.generate.decode import decode_large, decode_large_uint8
 from zoomfeat.generate.guidance import Guidance
@@ -19,10 +18,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(generate_tiny):
     from zoomfeat.model import load_zoomldm
 
-    return load_zoomldm(DATA, use_ema=True)
+    return load_zoomldm(generate_tiny, use_ema=True)
 
 
 def seam_ratio(images: torch.Tensor, period: int, phase: int) -> float:
