@@ -130,17 +130,37 @@ def test_cohort_writes_labels_types_and_refuses_bad_settings(tmp_path):
         render_arrangement_level0(1024, label=1, seed=0, tile_signal=2.0)
 
 
-def test_tile_signal_darkens_only_label_1_epithelium():
+def test_tile_signal_gives_label_1_epithelium_a_finer_grain_of_the_same_colour():
+    """The cell-level cue: in label-1 slides a share of the epithelium tiles (type 3) have finer-grained nuclei.
+    Oracles computed here: their mean colour stays within a few grey levels of plain epithelium, the spread of
+    4x4-px block means (what a 20x latent holds) drops by a third or more, and a 4x box reduction (the 5x
+    view) leaves about half of that absolute difference (a weaker cue at 5x, not none)."""
+    from PIL import Image
+
     from zoomfeat.synthetic import render_arrangement_level0
 
-    plain = {y: render_arrangement_level0(2048, label=y, seed=2, tile_signal=0.0) for y in (0, 1)}
-    cued = {y: render_arrangement_level0(2048, label=y, seed=2, tile_signal=1.0) for y in (0, 1)}
-    assert np.array_equal(plain[0][0], cued[0][0])  # label 0 never carries the cue
-    types = cued[1][1]
-    b = np.repeat(np.repeat(types == 2, 256, 0), 256, 1)
+    plain = {y: render_arrangement_level0(3072, label=y, seed=2, tile_signal=0.0) for y in (0, 1)}
+    cued = {y: render_arrangement_level0(3072, label=y, seed=2, tile_signal=0.5) for y in (0, 1)}
+    assert np.array_equal(plain[0][0], cued[0][0]) and not (cued[0][1] == 3).any()  # label 0 never has the cue
+    img, types = cued[1]
+    assert np.array_equal(types > 1, plain[1][1] == 2)  # the cue only re-draws epithelium tiles
+    assert 0.3 < (types == 3).sum() / (types > 1).sum() < 0.7
     a = np.repeat(np.repeat(types == 1, 256, 0), 256, 1)
-    assert cued[1][0][b].mean() < plain[1][0][b].mean() - 3
-    assert np.array_equal(cued[1][0][a], plain[1][0][a])
+    assert np.array_equal(img[a], plain[1][0][a])
+    reduced = np.asarray(Image.fromarray(img).reduce(4)).astype(np.float64).mean(-1)
+    stats = {}
+    for ty in (2, 3):
+        ii, jj = np.nonzero(types == ty)
+        inner = [img[i * 256 + 32:(i + 1) * 256 - 32, j * 256 + 32:(j + 1) * 256 - 32].astype(np.float64)
+                 for i, j in zip(ii, jj)]  # away from the tissue edge
+        small = [reduced[i * 64 + 8:(i + 1) * 64 - 8, j * 64 + 8:(j + 1) * 64 - 8] for i, j in zip(ii, jj)]
+        stats[ty] = (np.mean([t.reshape(-1, 3).mean(0) for t in inner], 0),
+                     np.median([t.mean(-1).reshape(48, 4, 48, 4).mean((1, 3)).std() for t in inner]),
+                     np.median([t.reshape(12, 4, 12, 4).mean((1, 3)).std() for t in small]))
+    (mean_b, grain_b, grain5_b), (mean_f, grain_f, grain5_f) = stats[2], stats[3]
+    assert np.abs(mean_b - mean_f).max() < 6
+    assert grain_f < 0.67 * grain_b
+    assert grain5_b - grain5_f < 0.65 * (grain_b - grain_f)  # 2.9 against 5.1 grey levels
 
 
 # ----- the plan ---------------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ class DemoConfig:
     size: int = 3072  # level-0 side of each synthetic slide (20x, 0.5 um/px): 12x12 tiles, 3x3 5x patches
     slides_per_patient: tuple[int, ...] = (1, 2, 3)  # cycled over patients: some patients have several slides
     cluster: float = 2.0  # correlation length of the label-1 tissue clusters, in 20x tiles
-    tile_signal: float = 0.0  # weak per-tile cue (0: the signal is purely in the arrangement)
+    tile_signal: float = 0.0  # share of label-1 epithelium tiles with the cell-level grain cue (0: 5x only)
     train_slides: int = 8  # slides (first of each class, alternating) whose patches train the tiny ZoomLDM
     patches_per_mag: int = 24
     train_steps: int = 400  # tiny ZoomLDM training steps

@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cohort.add_argument("--cluster", type=float, default=2.0,
                         help="correlation length of the clustered class's tissue patches, in 20x tiles (default 2)")
     cohort.add_argument("--tile-signal", type=float, default=0.0,
-                        help="weak per-tile cue in clustered slides, 0-1 (default 0: the signal is only at 5x)")
+                        help="share of the clustered slides' epithelium tiles drawn with finer-grained nuclei of the same "
+                             "colour, a cell-level cue, 0-1 (default 0: the signal is only at 5x)")
     cohort.add_argument("--seed", type=int, default=0, help="seed of the cohort, splits and training (default 0)")
     model = parser.add_argument_group("model")
     model.add_argument("--train-slides", type=int, default=8,

@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster", type=float, default=2.0,
                         help="--kind arrangement: correlation length of the label-1 clusters, in 20x tiles (default 2)")
     parser.add_argument("--tile-signal", type=float, default=0.0,
-                        help="--kind arrangement: weak per-tile cue in label-1 epithelium tiles, 0-1 (default 0)")
+                        help="--kind arrangement: share of the label-1 epithelium tiles drawn with finer-grained nuclei "
+                             "of the same colour (a cell-level cue), 0-1 (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
