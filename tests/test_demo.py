@@ -182,6 +182,15 @@ def test_demo_plan_runs_public_commands_in_order(tmp_path):
     assert "compare" in commands
     synth = plan[0].command()
     assert synth[synth.index("--kind") + 1] == "arrangement"
+    # novel samples: the CDM learns the contexts of the ZoomLDM training set, then `sample --cdm` draws from it
+    fixed = [s.command() for s in plan if s.argv is not None and not callable(s.argv)]
+    prepare_cdm, train_cdm = (next(c for c in fixed if c[0] == name) for name in ("prepare-cdm", "train-cdm"))
+    assert prepare_cdm[prepare_cdm.index("--data") + 1] == prepare[prepare.index("--out") + 1]
+    assert train_cdm[train_cdm.index("--data") + 1] == prepare_cdm[prepare_cdm.index("--out") + 1]
+    novel = [c for c in fixed if "--cdm" in c]
+    assert sorted(c[c.index("--mag") + 1] for c in novel) == ["20x", "5x"]
+    assert all(c[0] == "sample" and c[c.index("--cdm") + 1] == train_cdm[train_cdm.index("--out") + 1]
+               and "--slide" not in c for c in novel)
 
 
 def test_demo_refuses_a_cohort_too_small_for_its_folds():
@@ -292,6 +301,7 @@ def _check_page(out: Path) -> None:
         assert (out / href).exists(), href
     for name, _, _ in FEATURE_SETS:
         assert f"runs/{name}/report/report.html" in page.links
+    assert {"generation/cdm_20x/contact_sheet.png", "generation/cdm_5x/contact_sheet.png"} <= set(page.links)
     text = index.read_text()
     assert "(missing:" not in text
     assert "do not show" in text
@@ -310,7 +320,7 @@ def _screenshot(index: Path) -> None:
 
 
 SMOKE_ARGS = ["--slides", "20", "--size", "2048", "--train-steps", "10", "--mil-epochs", "2", "--train-slides", "4",
-              "--gen-steps", "2", "--first-stage-steps", "10"]
+              "--gen-steps", "2", "--first-stage-steps", "10", "--cdm-steps", "5"]
 
 
 @pytest.mark.slow

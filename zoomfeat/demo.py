@@ -64,6 +64,7 @@ class DemoConfig:
     mil_epochs: int = 20
     generation: bool = True  # the generation wing (sample, generate-large, superres)
     gen_steps: int = 10
+    cdm_steps: int = 300  # training steps of the generation wing's tiny CDM
 
     def __post_init__(self) -> None:
         # patient-level stratified folds need at least one patient of each of the two classes per fold
@@ -75,8 +76,8 @@ class DemoConfig:
                               f"patient-level CV of two classes: use at least {needed}")
         if self.size < 2048 or self.size % 1024:
             raise ConfigError(f"--size {self.size} must be a multiple of 1024 and at least 2048 px")
-        if self.train_steps < 1 or self.mil_epochs < 1 or self.gen_steps < 2:
-            raise ConfigError("--train-steps and --mil-epochs must be at least 1, --gen-steps at least 2")
+        if self.train_steps < 1 or self.mil_epochs < 1 or self.gen_steps < 2 or self.cdm_steps < 1:
+            raise ConfigError("--train-steps, --mil-epochs and --cdm-steps must be at least 1, --gen-steps at least 2")
         if not 2 <= self.train_slides <= self.slides:
             raise ConfigError(f"--train-slides {self.train_slides} must lie in [2, --slides {self.slides}]")
         if not 0 < self.timestep < 1000:
@@ -355,6 +356,36 @@ def _generation_stages(cfg: DemoConfig, model_args: list) -> list[Stage]:
                                    "--inner-iterations", 2, "--inversion-steps", 30, "--seed", cfg.seed,
                                    "--device", "cpu", "--out", g / "superres"],
                      done=g / "superres" / "inverted" / "superres_input_5x.png"))
+    out += _cdm_stages(cfg, model_args)
+    return out
+
+
+def _cdm_stages(cfg: DemoConfig, model_args: list) -> list[Stage]:
+    """Novel samples: the Summarizer contexts of the training set, a tiny CDM trained on them, and ``sample
+    --cdm`` at both magnifications (no slide: the CDM draws the contexts)."""
+    d, g = cfg.out, cfg.out / "generation"
+    official = d / "zoomldm" / "official"
+    contexts, cdm = g / "cdm_contexts", g / "cdm"
+    out = [
+        Stage("prepare-cdm: the Summarizer contexts of the ZoomLDM training patches", group="generation",
+              argv=["prepare-cdm", "--data", d / "trainset", "--zoomldm", official / "config.yaml",
+                    "--weights", official / "last.ckpt", "--out", contexts, "--workers", 0, "--device", "cpu"],
+              done=contexts / "contexts.h5"),
+        Stage(f"train-cdm: a tiny conditioning diffusion model on them ({cfg.cdm_steps} steps)", group="generation",
+              argv=["train-cdm", "--data", contexts, "--out", cdm, "--size", "DiT-S", "--depth", 2,
+                    "--hidden-size", 64, "--num-heads", 4, "--class-dropout-prob", 0.1, "--max-steps", cfg.cdm_steps,
+                    "--every-n-steps", cfg.cdm_steps, "--batch-size", 32, "--workers", 0, "--accelerator", "cpu",
+                    "--devices", 1, "--seed", cfg.seed],
+              done=cdm / "official" / "last.ckpt"),
+    ]
+    for mag in ("20x", "5x"):
+        out.append(Stage(f"sample --cdm: 4 novel {mag} patches from contexts the CDM draws (no slide)",
+                         group="generation",
+                         argv=["sample", *model_args, "--cdm", cdm, "--cdm-steps", 20, "--cdm-guidance", 1.5,
+                               "--cdm-seed", cfg.seed, "--mag", mag, "--patches", 4, "--n", 1,
+                               "--steps", cfg.gen_steps, "--seed", cfg.seed, "--device", "cpu",
+                               "--out", g / f"cdm_{mag}"],
+                         done=g / f"cdm_{mag}" / "manifest.json"))
     return out
 
 

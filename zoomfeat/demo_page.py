@@ -210,8 +210,10 @@ def _context_verdict(data: dict) -> str:
                 "image latent of the 5x patch, not through the conditioning. "
                 + (f"The Summarizer's contexts of two different patches differ by only {max(contexts):.2g} "
                    "(relative; about 0.12 at initialisation): over training it collapses towards one context for "
-                   "every patch. A tiny ZoomLDM that reads the arrangement from its conditioning grid needs more "
-                   "training than this budget (open work)." if contexts else ""))
+                   "every patch (measured: at learning rates of 1e-3 and above; at 5e-4 the contexts stay apart but "
+                   "the features still move by under 1 % with another patch's context, benchmarks/RESULTS.md). A tiny "
+                   "ZoomLDM that reads the arrangement from its conditioning grid needs more training than this "
+                   "budget (open work)." if contexts else ""))
     return (f"Measured: the features move by up to {best:.2g} (relative) with another patch's context and by up "
             f"to {max(zero):.2g} without any context: which context a patch gets changes its features.")
 
@@ -245,9 +247,18 @@ def _generation_section(out: Path) -> list[str]:
         row.append(f"<figure style='display:inline-block'>{_img(out, rel, label, 256)}"
                    f"<figcaption>{escape(label)}</figcaption></figure>")
     parts.append("".join(row))
+    parts.append(html.heading("Novel patches: contexts drawn by a conditioning diffusion model (sample --cdm)", 3))
     parts.append(html.paragraph(
-        "Novel samples from the conditioning diffusion model (prepare-cdm / train-cdm) are not shown: "
-        "`zoomfeat sample` has no option yet to draw its conditions from a trained CDM.", "note"))
+        "prepare-cdm stores the Summarizer context of every training patch, train-cdm fits a tiny DiT to them, and "
+        "sample --cdm draws new contexts from it and generates a patch from each, with no slide. The CDM can only "
+        "be as varied as the contexts it learnt from: where the Summarizer has collapsed to nearly one context "
+        "(see the conditioning measurement above) the drawn contexts are nearly one context too.", "note"))
+    row = []
+    for mag in ("20x", "5x"):
+        row.append(f"<figure style='display:inline-block'>"
+                   f"{_img(out, g / f'cdm_{mag}' / 'contact_sheet.png', f'CDM-drawn {mag} patches', 160)}"
+                   f"<figcaption>{mag}</figcaption></figure>")
+    parts.append("".join(row))
     return parts
 
 

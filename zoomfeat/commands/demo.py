@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     generation.add_argument("--no-generation", action="store_true",
                             help="skip the generation wing: sample, generate-large, superres (default: run it)")
     generation.add_argument("--gen-steps", type=int, default=10, help="sampler steps of the generation wing (default 10)")
+    generation.add_argument("--cdm-steps", type=int, default=300,
+                            help="training steps of the generation wing's tiny CDM (default 300)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,5 +53,5 @@ def run(args: argparse.Namespace) -> int:
                      tile_signal=args.tile_signal, train_slides=args.train_slides, train_steps=args.train_steps,
                      lr=args.lr, timestep=args.timestep, block=args.block, pooling=args.pooling,
                      first_stage_steps=args.first_stage_steps, mil_epochs=args.mil_epochs,
-                     generation=not args.no_generation, gen_steps=args.gen_steps)
+                     generation=not args.no_generation, gen_steps=args.gen_steps, cdm_steps=args.cdm_steps)
     return run_demo(cfg)
