@@ -35,13 +35,13 @@ REDUCED = {"abmil": {"hidden": 64, "attn_dim": 32}, "clam_sb": {"hidden": 64, "a
 COHORTS = {0.05: (64, 0.95), 0.02: (256, 0.9)}
 
 
-def mean_auc(paths, out: Path, model: str, kwargs: dict, protocol: str) -> float:
+def mean_auc(paths, out: Path, model: str, kwargs: dict, protocol: str, instance_sample: float = 1.0) -> float:
     from mil.config import MILConfig, make_protocol
     from mil.cv import run_cv
 
     cfg = MILConfig(features=f"{paths['features']}@20x", labels=str(paths["labels"]), splits=str(paths["splits"]),
                     out=str(out), model=model, model_kwargs=kwargs, protocol=make_protocol(protocol),
-                    all_folds=True)
+                    all_folds=True, instance_sample=instance_sample)
     return float(run_cv(cfg).set_index("fold").at["mean", "test_auc"])
 
 
@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--slides", type=int, default=60)
     parser.add_argument("--heads", default=",".join(HEADS), help="comma-separated subset of the heads")
+    parser.add_argument("--instance-sample", type=float, default=1.0,
+                        help="train-mil --instance-sample: share of each bag's instances per training step")
     parser.add_argument("--reduced", default="", help="heads run at reduced width (REDUCED), comma-separated")
     args = parser.parse_args()
     reduced = set(filter(None, args.reduced.split(",")))
@@ -73,7 +75,7 @@ def main() -> None:
                                        share=share)
                 for preset in args.presets.split(","):
                     start = time.perf_counter()
-                    aucs = {m: mean_auc(paths, root / f"{preset}{share}{seed}{m}", m, kw, preset)
+                    aucs = {m: mean_auc(paths, root / f"{preset}{share}{seed}{m}", m, kw, preset, args.instance_sample)
                             for m, kw in heads.items()}
                     attn = [a for m, a in aucs.items() if m != "mean"]
                     met = all(a >= floor for a in attn) and aucs.get("mean", 0.0) < min(attn, default=1) - 0.03

@@ -91,6 +91,7 @@ class MILConfig:
     precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on the CPU), fp32, bf16
     augment: str | None = None  # folder of synthetic copies (zoomfeat synthesize): added to training folds only
     train_fraction: float = 1.0  # of each fold's training patients (stratified, seeded, nested); mil.augment
+    instance_sample: float = 1.0  # share of each training bag's instances drawn per step (1: all; mil.train)
 
     def __post_init__(self) -> None:
         p = self.protocol
@@ -133,6 +134,8 @@ def validate(cfg: MILConfig) -> None:
     _check(isinstance(cfg.model_kwargs, dict), "--model-kwargs must be a JSON object")
     _check(isinstance(cfg.train_fraction, (int, float)) and 0.0 < float(cfg.train_fraction) <= 1.0,
            f"--train-fraction must be in (0, 1], got {cfg.train_fraction}")
+    _check(isinstance(cfg.instance_sample, (int, float)) and 0.0 < float(cfg.instance_sample) <= 1.0,
+           f"--instance-sample must be in (0, 1], got {cfg.instance_sample}")
     _check(cfg.bags_per_step is None or cfg.bags_per_step >= 1,
            f"--bags-per-step must be >= 1, got {cfg.bags_per_step}")
     limit = getattr(MIL_MODELS[cfg.model], "max_bags_per_step", None)
@@ -214,6 +217,7 @@ class TrainingPlan:
     clip_groups: dict
     precision: str  # "fp32" | "bf16"
     model_kwargs: dict = field(default_factory=dict)  # the head's arguments beyond its defaults
+    instance_sample: float = 1.0  # share of a training bag's instances in each step
 
 
 def training_plan(cfg: MILConfig, device: str = "cpu") -> TrainingPlan:
@@ -229,7 +233,7 @@ def training_plan(cfg: MILConfig, device: str = "cpu") -> TrainingPlan:
     if precision == "auto":
         precision = "bf16" if device.startswith("cuda") else "fp32"
     return TrainingPlan(cfg.model, cfg.protocol, recipe, bags, dict(getattr(cls, "clip_groups", {})), precision,
-                        effective_model_kwargs(cfg))
+                        effective_model_kwargs(cfg), float(cfg.instance_sample))
 
 
 def describe_plan(plan: TrainingPlan) -> str:
@@ -247,8 +251,10 @@ def describe_plan(plan: TrainingPlan) -> str:
         stop += f", CLAM early stopping (patience {p.patience}, stop_epoch {p.min_epochs})"
     clip = f", gradient norm clipped to {max(plan.clip_groups.values()):g} per part" if plan.clip_groups else ""
     given = ", ".join(f"{k}={v}" for k, v in sorted(plan.model_kwargs.items()))
+    sampled = (f", each of a random {plan.instance_sample:.0%} of the bag's instances (seeded per slide and epoch)"
+               if plan.instance_sample < 1 else "")
     args = f" (head defaults); head arguments {given}" if given else " (head defaults)"
     return (f"training plan: {plan.model} under protocol {p.name}: the protocol fixes {p.epochs} epochs (max) "
             f"and {stop}; the head's recipe ({r.source}): {opt} lr {p.lr:g}, betas {r.betas[0]:g}/{r.betas[1]:g}, "
             f"weight decay {p.weight_decay:g}, {schedule[r.schedule]}{clip}; loss {r.loss}{args}; {plan.bags_per_step} bag(s) per "
-            f"optimiser step; {plan.precision} (--lr/--weight-decay/--epochs... override any of them)")
+            f"optimiser step{sampled}; {plan.precision} (--lr/--weight-decay/--epochs... override any of them)")

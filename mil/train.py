@@ -8,6 +8,9 @@ The loop (no Lightning, no DataLoader: its per-step hooks and collation cost mor
   With ``balanced`` (class-balanced sampling with replacement) each fold draws its own order instead;
 - ``bags_per_step`` consecutive bags of the order make one optimiser step (padded, masked; the loss is the
   mean bag loss of the fold's bags among them); one bag per step is the default;
+- ``instance_sample`` < 1: each training step sees a random share of each bag's instances, drawn per (seed,
+  epoch, slide) (:func:`instance_subset`), so every fold of a stacked run sees the draw it would see alone; a
+  bag memorised by its noise instances looks different every epoch. Evaluation always sees whole bags;
 - several folds train at once (``all_folds``): every parameter is stacked over the folds ([F, ...]) and one
   call of the head computes all of them (:mod:`mil.layers`); each fold keeps its own optimiser state, dropout
   generator and early-stopping state. A fold trained alone runs the same code with F = 1 and gets bit-identical
@@ -24,15 +27,15 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from mil.bags import MILDataWarning
-from mil.cache import BagCache, LazyBags
+from mil.cache import BagCache, LazyBags, pad_bags
 from mil.config import MILConfig, TrainingPlan, describe_plan, effective_model_kwargs, training_plan
 from mil.layers import fold_generators
 from mil.metrics import auroc_or_none, balanced_accuracy, f1
@@ -96,6 +99,15 @@ def _fold_generator(seed: int, fold: int, device: str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + 7919 * (fold + 1))
 
 
+def instance_subset(slide_id: str, n: int, share: float, seed: int, epoch: int) -> torch.Tensor:
+    """Sorted indices of ``max(1, round(share * n))`` of a bag's ``n`` instances, drawn without replacement from
+    a generator seeded by (run seed, epoch, slide id): the same draw whichever folds train together."""
+    k = min(n, max(1, round(share * n)))
+    key = zlib.crc32(slide_id.encode("utf-8"))
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + key) % (2**63 - 1))
+    return torch.randperm(n, generator=generator)[:k].sort().values
+
+
 def _chunks(order: list[int], size: int) -> list[list[int]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
@@ -142,8 +154,22 @@ class Engine:
         return _chunks(train[draw].tolist(), size)
 
     # ------------------------------------------------------------------ one step
-    def _step(self, chunk: list[int], rows: list[int], weights: torch.Tensor, lr: float) -> torch.Tensor:
-        x, mask = self.bags.batch([self.index[self.order_ids[i]] for i in chunk])
+    def _step_bags(self, chunk: list[int], epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The step's bags, padded; with ``instance_sample`` < 1 each is its seeded random share of instances."""
+        ids = [self.index[self.order_ids[i]] for i in chunk]
+        share = self.plan.instance_sample
+        if share >= 1:
+            return self.bags.batch(ids)
+        bags = []
+        for i, k in zip(ids, chunk):
+            bag = self.bags.bag(i)
+            keep = instance_subset(self.order_ids[k], len(bag), share, self.cfg.seed, epoch)
+            bags.append(bag[keep.to(bag.device)])
+        return pad_bags(bags)
+
+    def _step(self, chunk: list[int], rows: list[int], weights: torch.Tensor, lr: float,
+              epoch: int = 0) -> torch.Tensor:
+        x, mask = self._step_bags(chunk, epoch)
         y = self.targets[chunk].to(self.device)
         every = rows == list(range(len(self.folds)))
         leaf = {n: (p if every else p[rows]).detach().requires_grad_(True) for n, p in self.params.items()}
@@ -192,7 +218,7 @@ class Engine:
             if not keep:
                 continue
             rows = [live[i] for i in keep]
-            losses = self._step(chunk, rows, w[keep], lr)
+            losses = self._step(chunk, rows, w[keep], lr, epoch)
             self._check_finite(losses, rows, epoch, step)
         for r in live:
             self.folds[r].epochs = epoch + 1

@@ -84,6 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     augmentation.add_argument("--train-fraction", type=float, default=1.0, metavar="F",
                               help="train on this fraction of each fold's training patients: stratified, seeded, "
                                    "nested across fractions; validation and test untouched (default 1.0)")
+    augmentation.add_argument("--instance-sample", type=float, default=1.0, metavar="F",
+                              help="each training step sees a random share F of each bag's instances, a new draw "
+                                   "per slide and epoch (seeded); evaluation always sees whole bags (default 1.0: "
+                                   "all instances)")
     speed = parser.add_argument_group("speed")  # mil.train (issue 20)
     speed.add_argument("--all-folds", action="store_true",
                        help="train the selected folds at once, parameters stacked per fold: the same numbers as "
@@ -120,7 +124,8 @@ def build_config(args: argparse.Namespace):
                      model_kwargs=_model_kwargs(args.model_kwargs), protocol=protocol, balanced=args.balanced,
                      seed=args.seed, folds=args.folds, accelerator=args.accelerator, devices=args.devices,
                      cache=not args.no_cache, all_folds=args.all_folds, bags_per_step=args.bags_per_step,
-                     precision=args.precision, augment=args.augment, train_fraction=args.train_fraction)
+                     precision=args.precision, augment=args.augment, train_fraction=args.train_fraction,
+                     instance_sample=args.instance_sample)
 
 
 def run(args: argparse.Namespace) -> int:
