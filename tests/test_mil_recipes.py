@@ -187,14 +187,18 @@ def test_simil_selection_scores_as_simil():
     assert saved == 5  # scores 0.5, 0.75, 0.875, 0.875, 0.9375, 0.9375: each tie replaced the best
 
 
-def _planted_cv(tmp_path, model: str, seed: int) -> float:
+def _planted_cv(tmp_path, model: str, seed: int, instance_sample: float = 1.0) -> float:
     from mil_data import planted_cohort
 
     from mil.cv import run_cv
 
-    paths = planted_cohort(tmp_path / f"c{seed}", n_slides=60, dim=64, seed=seed, share=0.05)
+    cohort = tmp_path / f"c{seed}"
+    paths = ({"features": cohort / "feats", "labels": cohort / "labels.csv", "splits": cohort / "splits"}
+             if (cohort / "labels.csv").exists() else
+             planted_cohort(cohort, n_slides=60, dim=64, seed=seed, share=0.05))
     cfg = MILConfig(features=f"{paths['features']}@20x", labels=str(paths["labels"]), splits=str(paths["splits"]),
-                    out=str(tmp_path / f"{model}{seed}"), model=model, all_folds=True, protocol=make_protocol("hipt"))
+                    out=str(tmp_path / f"{model}{seed}_{instance_sample:g}"), model=model, all_folds=True,
+                    protocol=make_protocol("hipt"), instance_sample=instance_sample)
     return float(run_cv(cfg).set_index("fold").at["mean", "test_auc"])
 
 
@@ -210,3 +214,13 @@ def test_heads_find_planted_witnesses_under_the_default_preset(tmp_path):
         assert auc >= 0.95, (model, auc)
     mean = sum(_planted_cv(tmp_path, "mean", seed) for seed in (0, 1)) / 2
     assert mean <= 0.85, mean
+
+
+@pytest.mark.slow
+def test_instance_sampling_stops_the_hipt_overfitting_of_abmil_and_clam_sb(tmp_path):
+    """Under hipt (20 epochs, last epoch) ABMIL and CLAM-SB memorise 36 training bags and lose the witnesses
+    by the last epoch (measured 0.85 / 0.96 and 0.94 / 0.84 on these two cohorts); with a seeded random half of
+    each bag per training step they keep them (measured ABMIL 1.00 / 1.00, CLAM-SB 1.00 / 0.97; RESULTS.md)."""
+    for model in ("abmil", "clam_sb"):
+        auc = sum(_planted_cv(tmp_path, model, seed, instance_sample=0.5) for seed in (0, 1)) / 2
+        assert auc >= 0.95, (model, auc)
