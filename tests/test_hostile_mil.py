@@ -431,15 +431,27 @@ def test_ctrl_c_in_train_mil_prints_interrupted_and_exits_130(work, capsys, monk
     import mil.cv
 
     real_write = mil.cv.write_record
+    done = threading.Event()
+    # an earlier test that left SIGINT ignored would make this run train 100000 epochs: say so instead
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, signal.getsignal(signal.SIGINT)
+
+    def keep_interrupting() -> None:  # SIGINT after 1 s, then every 5 s while the run goes on (at most 12)
+        for wait in (1.0, *[5.0] * 11):
+            if done.wait(wait):
+                return
+            os.kill(os.getpid(), signal.SIGINT)
 
     def write_then_arm(run_dir, record):  # training starts right after the record is written
         path = real_write(run_dir, record)
-        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        threading.Thread(target=keep_interrupting, daemon=True).start()
         return path
 
     monkeypatch.setattr(mil.cv, "write_record", write_then_arm)
     out = work["root"] / "new"
-    assert cli.main(_train_mil_args(work, out, "--epochs", "100000")) == 130
+    try:
+        assert cli.main(_train_mil_args(work, out, "--epochs", "100000")) == 130
+    finally:
+        done.set()
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
     _no_partial_output(out)

@@ -80,6 +80,7 @@ def train_cdm(cfg: TrainCDMConfig) -> Path:
     from zoomfeat.cdm.data import CDMDataModule
     from zoomfeat.cdm.module import CDM, CDMLightning
     from zoomfeat.log import quiet_third_party
+    from zoomfeat.fitting import fit
     from zoomfeat.train.run import resolve_resume
 
     out = Path(cfg.trainer.out)
@@ -91,5 +92,5 @@ def train_cdm(cfg: TrainCDMConfig) -> Path:
     module = CDMLightning(CDM(dit, cfg.optim.ema_decay), cfg.optim, seed=cfg.data.seed)
     quiet_third_party()
     trainer = build_trainer(cfg, out)
-    trainer.fit(module, datamodule=CDMDataModule(cfg.data, store), ckpt_path=resume)
+    fit(trainer, module, datamodule=CDMDataModule(cfg.data, store), ckpt_path=resume)  # Ctrl-C: KeyboardInterrupt
     return out
