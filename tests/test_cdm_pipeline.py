@@ -130,9 +130,10 @@ def test_train_cdm_writes_official_checkpoints_that_sample(contexts, tmp_path):
     import signal
 
     out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGINT)
     assert _train(["--max-steps", "4", "--every-n-steps", "2", "--ema-decay", "0.5", "--lr", "1e-2"], contexts, out) == 0
-    # Lightning leaves SIGINT ignored after fit; train-cdm restores it (a later Ctrl-C in the process must work)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Lightning may leave SIGINT ignored after fit; train-cdm restores what it found (a later Ctrl-C must work)
+    assert signal.getsignal(signal.SIGINT) is before
     official = sorted(p.name for p in (out / "official").iterdir())
     assert official == ["last.ckpt", "step_0000002.ckpt", "step_0000004.ckpt"]
     ckpt = torch.load(out / "official" / "last.ckpt", weights_only=True)

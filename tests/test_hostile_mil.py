@@ -432,8 +432,7 @@ def test_ctrl_c_in_train_mil_prints_interrupted_and_exits_130(work, capsys, monk
 
     real_write = mil.cv.write_record
     done = threading.Event()
-    # an earlier test that left SIGINT ignored would make this run train 100000 epochs: say so instead
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, signal.getsignal(signal.SIGINT)
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever was left installed
 
     def keep_interrupting() -> None:  # SIGINT after 1 s, then every 5 s while the run goes on (at most 12)
         for wait in (1.0, *[5.0] * 11):
@@ -450,12 +449,13 @@ def test_ctrl_c_in_train_mil_prints_interrupted_and_exits_130(work, capsys, monk
     out = work["root"] / "new"
     try:
         assert cli.main(_train_mil_args(work, out, "--epochs", "100000")) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run leaves it as it found it
     finally:
         done.set()
+        signal.signal(signal.SIGINT, saved)
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
     _no_partial_output(out)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Lightning's SIG_IGN undone
 
 
 @pytest.mark.slow
@@ -471,8 +471,11 @@ def test_real_sigint_and_no_third_party_noise(base, tmp_path):
     noise = [line for line in ok.stderr.splitlines() if third_party.search(line)]
     assert not noise, noise
     out = tmp_path / "long"
+    # SIGINT at its default in the child even when this process was started with it ignored (a shell's
+    # background job): Python then installs its KeyboardInterrupt handler as it does in a terminal
     proc = subprocess.Popen([sys.executable, "-m", "cli", *_train_mil_args(base, out, "--epochs", "100000")],
-                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (out / "config.json").is_file() and time.time() < deadline:
         time.sleep(0.2)
