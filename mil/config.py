@@ -251,8 +251,8 @@ def describe_plan(plan: TrainingPlan) -> str:
         stop += f", CLAM early stopping (patience {p.patience}, stop_epoch {p.min_epochs})"
     clip = f", gradient norm clipped to {max(plan.clip_groups.values()):g} per part" if plan.clip_groups else ""
     given = ", ".join(f"{k}={v}" for k, v in sorted(plan.model_kwargs.items()))
-    sampled = (f", each of a random {plan.instance_sample:.0%} of the bag's instances (seeded per slide and epoch)"
-               if plan.instance_sample < 1 else "")
+    sampled = (f", each step seeing a random {plan.instance_sample:.0%} of the bag's instances (seeded per slide "
+               "and epoch; evaluation on whole bags)" if plan.instance_sample < 1 else "")
     args = f" (head defaults); head arguments {given}" if given else " (head defaults)"
     return (f"training plan: {plan.model} under protocol {p.name}: the protocol fixes {p.epochs} epochs (max) "
             f"and {stop}; the head's recipe ({r.source}): {opt} lr {p.lr:g}, betas {r.betas[0]:g}/{r.betas[1]:g}, "

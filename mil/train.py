@@ -168,7 +168,7 @@ class Engine:
         return pad_bags(bags)
 
     def _step(self, chunk: list[int], rows: list[int], weights: torch.Tensor, lr: float,
-              epoch: int = 0) -> torch.Tensor:
+              epoch: int) -> torch.Tensor:
         x, mask = self._step_bags(chunk, epoch)
         y = self.targets[chunk].to(self.device)
         every = rows == list(range(len(self.folds)))

@@ -21,8 +21,9 @@ thresholded at that share); in ``label=0`` slides the very same tile types are s
 tiles, so they are intermixed tile by tile. The bag of single tiles is identically distributed in both
 classes: only a view of several tiles at once (a 5x patch of 4x4 tiles) tells them apart. An optional
 cell-level cue (``tile_signal``: a share of the ``B`` tiles of ``label=1`` slides drawn with finer-grained
-nuclei of the same colour statistics, a difference a 4x reduction mostly averages away) puts a second,
-20x-only part of the signal in, so that a fused 20x+5x view can beat either magnification alone.
+nuclei of the same colour statistics, a difference a 4x reduction mostly averages away) adds a second,
+mostly 20x-only part of the signal, for encoders that see cell-level grain (the demo's random toy CNN does;
+the demo's tiny ZoomLDM does not: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -288,7 +289,7 @@ def arrangement_types(rng: np.random.Generator, tissue: np.ndarray, label: int, 
     return types.reshape(cells, cells)
 
 
-def _arrangement_textures(rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _arrangement_textures(rng: np.random.Generator, fine_grain: bool) -> dict[str, np.ndarray]:
     """Periodic uint8 textures [T, T, 3]: background, stroma (A), epithelium (B) and fine-grained epithelium
     (``B_fine``: nuclei ~6.5x as many and 2.5x smaller, with B's mean colour and pixel spread: only the grain
     differs. The spread of 4x4-px block means, what a 20x latent holds, is 7.3 against B's 12.4 grey levels;
@@ -297,14 +298,16 @@ def _arrangement_textures(rng: np.random.Generator) -> dict[str, np.ndarray]:
     plane = np.ones((TEXTURE, TEXTURE, 1), np.float32)
     sparse = _nuclei_texture(rng, density=1.6, radius=4.5)
     dense = _nuclei_texture(rng, density=3.2, radius=3.5)
-    fine = _nuclei_texture(rng, density=21.0, radius=1.4)  # the same mean opacity (0.07) and pixel spread as dense
     to8 = lambda a: np.clip(a + noise, 0, 255).astype(np.uint8)  # noqa: E731
-    return {
+    textures = {
         "background": to8(WHITE * plane),
         "A": to8(_composite(STROMA * plane, NUCLEUS, sparse)),
         "B": to8(_composite(EPITHELIUM_BASE * plane, NUCLEUS, dense)),
-        "B_fine": to8(_composite(EPITHELIUM_BASE * plane, NUCLEUS, fine)),
     }
+    if fine_grain:  # drawn last: the other textures do not depend on it
+        fine = _nuclei_texture(rng, density=21.0, radius=1.4)  # the same mean opacity (0.07) and pixel spread
+        textures["B_fine"] = to8(_composite(EPITHELIUM_BASE * plane, NUCLEUS, fine))
+    return textures
 
 
 def render_arrangement_level0(size: int, *, label: int, seed: int, cluster: float = 2.0,
@@ -325,12 +328,13 @@ def render_arrangement_level0(size: int, *, label: int, seed: int, cluster: floa
     f = MASK_FACTOR
     mask = _arrangement_mask(rng, size // f)
     tissue = mask.reshape(cells, t // f, cells, t // f).mean(axis=(1, 3)) >= 0.25
-    textures = _arrangement_textures(rng)
+    cue = bool(label and tile_signal > 0)
+    textures = _arrangement_textures(rng, fine_grain=cue)
     types = arrangement_types(np.random.default_rng([seed, 11]), tissue, label, cluster)  # label 0: shuffled
-    if label and tile_signal > 0:
+    if cue:
         cued = np.random.default_rng([seed, 13]).random(types.shape) < tile_signal
         types = np.where((types == 2) & cued, 3, types).astype(np.int8)
-    by_type = {0: textures["background"], 1: textures["A"], 2: textures["B"], 3: textures["B_fine"]}
+    by_type = {0: textures["background"], 1: textures["A"], 2: textures["B"], 3: textures.get("B_fine")}
     image = np.empty((size, size, 3), np.uint8)
     for i in range(cells):
         for j in range(cells):
