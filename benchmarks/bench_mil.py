@@ -105,6 +105,8 @@ def main() -> None:
     p.add_argument("--bags-per-step", type=int, default=None)
     p.add_argument("--instance-sample", type=float, default=1.0,
                    help="train-mil's --instance-sample (the plain loop always sees whole bags)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="train-mil's precision (bf16: autocast; the plain loop stays fp32, as its scripts run)")
     p.add_argument("--model-kwargs", default="{}", help="head arguments, JSON (default: the head's defaults)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="/tmp/bench_mil")
@@ -119,7 +121,8 @@ def main() -> None:
     cfg = MILConfig(features=spec, labels=str(root / "labels.csv"), splits=str(root / "splits"), out="/tmp/unused",
                     model=args.model, model_kwargs=json.loads(args.model_kwargs),
                     protocol=make_protocol("hipt", epochs=args.epochs), seed=args.seed,
-                    bags_per_step=args.bags_per_step, instance_sample=args.instance_sample)
+                    bags_per_step=args.bags_per_step, instance_sample=args.instance_sample,
+                    precision=args.precision)
     bags = make_bags(store, sorted(target), "cpu", True)
     order = epoch_order([d.parts["train"] for _, d in folds], target, lambda s: True)
     best = {"plain": [], "sequential": [], "all_folds": []}
@@ -138,7 +141,7 @@ def main() -> None:
     print(json.dumps({
         "model": args.model, "model_kwargs": cfg.model_kwargs, "slides": args.slides, "dim": args.dim, "instances": sizes, "epochs": args.epochs,
         "threads": args.threads, "bags_per_step": training_plan(cfg).bags_per_step,
-        "instance_sample": args.instance_sample,
+        "instance_sample": args.instance_sample, "precision": args.precision,
         "epoch_s_5_folds": {k: round(v, 3) for k, v in epoch.items()},
         "ratio_sequential_vs_plain": round(epoch["sequential"] / epoch["plain"], 3),
         "ratio_all_folds_vs_plain": round(epoch["all_folds"] / epoch["plain"], 3),

@@ -63,7 +63,9 @@ class FoldOptimizer:
             m += views[1]
             v += views[2]
             s += views[3]
-            g += [grads[n][row] for n in self.names]
+            # the fused kernel reads a gradient as if laid out like its parameter: a transposed one would be
+            # applied silently to the wrong elements (torch 2.14), so any strided gradient is made contiguous
+            g += [grads[n][row].contiguous() for n in self.names]
         return p, g, m, v, s
 
     @torch.no_grad()

@@ -16,7 +16,8 @@ The loop (no Lightning, no DataLoader: its per-step hooks and collation cost mor
   generator and early-stopping state. A fold trained alone runs the same code with F = 1 and gets bit-identical
   weights and predictions (tested);
 - AdamW-free fused Adam (or RAdam + Lookahead), the head's LR schedule, per-fold gradient clipping, bf16
-  autocast on a GPU (:func:`mil.config.training_plan`);
+  autocast on a GPU and with ``--precision bf16`` on a CPU (:func:`mil.config.training_plan`); Linear weights
+  are held transposed so that their gradients arrive in the parameters' layout (no copy per step);
 - after each epoch, when the protocol selects or stops on validation, each fold's model predicts its
   validation bags; the best weights are kept (``last``, ``val_loss``, ``val_auc``; CLAM's early stopping);
 - a NaN/Inf training loss stops the run with a DataError naming the fold, epoch and step.
@@ -37,7 +38,7 @@ import torch
 from mil.bags import MILDataWarning
 from mil.cache import BagCache, LazyBags, pad_bags
 from mil.config import MILConfig, TrainingPlan, describe_plan, effective_model_kwargs, training_plan
-from mil.layers import fold_generators
+from mil.layers import Linear, fold_generators
 from mil.metrics import auroc_or_none, balanced_accuracy, f1
 from mil.models import build_model
 from mil.optim import FoldOptimizer, clip_per_fold, lr_at
@@ -125,8 +126,13 @@ class Engine:
         init = {n: p.detach() for n, p in self.head.named_parameters()}
         self.names = list(init)
         self.slots = [(self.head.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in self.names]
-        self.params = {n: p.unsqueeze(0).repeat(len(folds), *([1] * p.dim())).contiguous()
-                       for n, p in init.items()}
+        # Linear weights are held transposed ([F, in, out]) and bound as a view [F, out, in]: the batched matmul
+        # then yields their gradient in the held layout, with no copy (the fused Adam kernel needs a gradient
+        # laid out like its parameter)
+        self.transposed = {n for (mod, attr), n in zip(self.slots, self.names)
+                           if isinstance(mod, Linear) and attr == "weight"}
+        self.params = {n: (p.t() if n in self.transposed else p).unsqueeze(0).repeat(
+            len(folds), *([1] * p.dim())).contiguous() for n, p in init.items()}
         self.opt = FoldOptimizer(self.params, plan.recipe, cfg.protocol.lr, cfg.protocol.weight_decay)
         self.folds = [self._fold_state(k, data) for k, data in folds]
         self.order_gen = torch.Generator().manual_seed(cfg.seed)
@@ -179,8 +185,8 @@ class Engine:
             losses = self.head.bag_losses(out, y).float()  # [F, B]
         w = weights.to(self.device)
         per_fold = (losses * w).sum(-1) / w.sum(-1)
-        per_fold.sum().backward()
-        grads = {n: t.grad for n, t in leaf.items()}
+        # autograd.grad hands the gradients over as computed (.backward() would copy each into .grad)
+        grads = dict(zip(leaf, torch.autograd.grad(per_fold.sum(), list(leaf.values()), materialize_grads=True)))
         if self.plan.clip_groups:
             clip_per_fold(grads, self.plan.clip_groups)
         self.opt.step(grads, rows, lr)
@@ -193,7 +199,8 @@ class Engine:
         saved = [(mod, attr, mod._parameters[attr]) for mod, attr in self.slots]
         try:
             for (mod, attr), name in zip(self.slots, self.names):
-                mod._parameters[attr] = tensors[name]
+                t = tensors[name]
+                mod._parameters[attr] = t.transpose(-1, -2) if name in self.transposed else t
             yield
         finally:
             for mod, attr, original in saved:
@@ -225,7 +232,8 @@ class Engine:
 
     # ------------------------------------------------------------------ evaluation
     def fold_state_dict(self, row: int) -> dict:
-        return {n: p[row].detach().clone() for n, p in self.params.items()}
+        return {n: (p[row].t() if n in self.transposed else p[row]).detach().clone(memory_format=torch.contiguous_format)
+                for n, p in self.params.items()}
 
     @torch.no_grad()
     def predict(self, state: dict, slides: list[str]) -> tuple[torch.Tensor, float | None]:
