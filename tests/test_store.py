@@ -170,6 +170,27 @@ def test_settings_diff_names_the_nested_keys():
     assert settings_diff(old, old) == {} and settings_diff({"a": 1}, {}) == {"a": (1, None)}
 
 
+def test_a_weight_file_named_from_another_directory_is_the_same_setting(tmp_path, monkeypatch):
+    """A rerun with the absolute path of the file a relative path named (or from another working directory)
+    resumes; another file, or a path that no longer exists, is still a different setting."""
+    from zoomfeat.errors import ConfigError
+    from zoomfeat.store import check_output_folder, settings_diff
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "w.ckpt").write_bytes(b"w")
+    (tmp_path / "other.ckpt").write_bytes(b"w")
+    monkeypatch.chdir(tmp_path)
+    check_output_folder(tmp_path / "out", "--out", {"weights": "run/w.ckpt", "steps": 4}, "rec.json")
+    check_output_folder(tmp_path / "out", "--out", {"weights": str(tmp_path / "run" / "w.ckpt"), "steps": 4},
+                        "rec.json")
+    monkeypatch.chdir(tmp_path / "run")
+    assert settings_diff({"weights": "../run/w.ckpt"}, {"weights": "w.ckpt"}) == {}
+    with pytest.raises(ConfigError, match="other settings .weights .*-> ../other.ckpt"):
+        check_output_folder(tmp_path / "out", "--out", {"weights": "../other.ckpt", "steps": 4}, "rec.json")
+    assert settings_diff({"weights": "gone.ckpt"}, {"weights": "gone.ckpt"}) == {}
+    assert settings_diff({"weights": "gone.ckpt"}, {"weights": "./gone.ckpt"}) != {}
+
+
 def test_an_output_folder_with_other_settings_is_refused_naming_the_option(tmp_path):
     from zoomfeat.errors import ConfigError
     from zoomfeat.store import OutputError, check_output_folder

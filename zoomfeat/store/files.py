@@ -204,15 +204,28 @@ def settings_diff(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, 
     """
     old, new = jsonable(old), jsonable(new)
     if not (isinstance(old, dict) and isinstance(new, dict)):
-        return {} if old == new else {prefix.rstrip(".") or "value": (old, new)}
+        return {} if _same(old, new) else {prefix.rstrip(".") or "value": (old, new)}
     changed: dict[str, tuple[Any, Any]] = {}
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changed.update(settings_diff(a, b, f"{prefix}{key}."))
-        elif a != b:
+        elif not _same(a, b):
             changed[f"{prefix}{key}"] = (a, b)
     return changed
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values, or two spellings of one existing file or folder (``out/w.ckpt`` and ``/abs/out/w.ckpt``:
+    a rerun from another working directory, or with the absolute path, is the same setting)."""
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return False
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
 
 
 def describe_diff(diff: Mapping[str, tuple[Any, Any]], limit: int = 4) -> str:

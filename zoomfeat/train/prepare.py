@@ -48,12 +48,17 @@ def content_settings(cfg: PrepareConfig, conditioner_dim: int, first_stage: str,
     if cfg.tissue != TissueParams():
         extra["tissue"] = cfg.tissue
     return json.dumps(to_jsonable({**extra,
-        "conditioner": cfg.conditioner, "conditioner_weights": cfg.conditioner_weights,
+        "conditioner": cfg.conditioner, "conditioner_weights": _absolute(cfg.conditioner_weights),
         "conditioner_dim": conditioner_dim, "zoomldm": resolve_zoomldm_config(cfg.zoomldm),
-        "zoomldm_weights": cfg.zoomldm_weights, "mags": [mag_name(m) for m in cfg.mags],
+        "zoomldm_weights": _absolute(cfg.zoomldm_weights), "mags": [mag_name(m) for m in cfg.mags],
         "max_patches_per_mag": cfg.max_patches_per_mag, "seed": cfg.seed, "grid_pool_to": cfg.grid_pool_to,
         "first_stage_digest": first_stage,
     }), sort_keys=True)
+
+
+def _absolute(path: Path | None) -> Path | None:
+    """A weight file's absolute path: the same file named from another working directory is the same setting."""
+    return None if path is None else Path(path).resolve()
 
 
 def subsample_rows(n: int, limit: int | None, seed: int, slide_id: str, mag: Magnification) -> np.ndarray:
