@@ -279,7 +279,8 @@ class _Page(HTMLParser):
 
 
 # The claim's configuration: the demo's defaults (48 slides, 400 training steps, block 8, 20 ABMIL epochs), the
-# generation wing only for the first seed. About 7-8 CPU minutes per seed on the 2-core CPU, so it stays opt-in.
+# generation wing only for the first seed. Measured 2026-12-02 on the idle 2-core CPU: 12 min 50 s wall for both
+# seeds (16 CPU minutes), so it stays opt-in; the rows of that run and of two untouched seeds are in RESULTS.md.
 SLOW_ARGS: list[str] = []
 
 
