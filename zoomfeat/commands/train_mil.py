@@ -94,9 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "one fold after another, faster (default: one by one; not with --balanced)")
     speed.add_argument("--bags-per-step", type=int, default=None, metavar="B",
                        help="bags per optimiser step, padded and masked; TransMIL and DTFD take 1 (default: the "
-                            "head's recipe, 1)")
+                            "head's recipe, 1). A step holds B consecutive bags of the shared epoch order, also "
+                            "other folds' (weight 0, so that --all-folds stays bit-identical): fewer steps, but on "
+                            "a CPU in fp32 not faster (benchmarks/RESULTS.md)")
     speed.add_argument("--precision", default="auto",
-                       help="auto (bf16 autocast on a GPU, fp32 on the CPU), fp32 or bf16 (default auto)")
+                       help="auto (bf16 autocast on a GPU, fp32 on the CPU), fp32 or bf16 (default auto); bf16 "
+                            "on a CPU with AMX/AVX-512 BF16 cut a default ABMIL epoch by ~9%% (benchmarks/RESULTS.md)")
 
 
 def _model_kwargs(text: str) -> dict:
