@@ -63,6 +63,7 @@ class Study:
     seeds: tuple[int, ...] = (0,)
     fractions: tuple[float, ...] = (0.1, 0.3)
     epochs: int = 10
+    train_args: tuple[str, ...] = ()  # extra `zoomfeat train` options
 
 
 CI_STUDY = Study()
@@ -177,7 +178,8 @@ def run_study(root: Path, study: Study) -> dict:
     timed("train", ["train", "--data", root / "trainset", "--zoomldm", config, "--out", root / "zoomldm",
                     "--max-steps", study.train_steps, "--batch-size", study.batch_size, "--lr", 2e-3,
                     "--warmup-steps", 20,
-                    "--every-n-steps", study.train_steps, "--seed", 0, "--workers", 0, "--no-val-samples"])
+                    "--every-n-steps", study.train_steps, "--seed", 0, "--workers", 0, "--no-val-samples",
+                    *study.train_args])
     official = root / "zoomldm" / "official"
     model = ["--zoomldm", official / "config.yaml", "--weights", official / "last.ckpt"]
     response = context_response(official / "config.yaml", official / "last.ckpt", root / "trainset", (50,),

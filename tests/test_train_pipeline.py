@@ -320,3 +320,46 @@ def test_train_output_has_no_third_party_noise(trainset, tmp_path):
                              r"Trainer\.fit|[A-Za-z]+Warning:|warnings\.warn|rank_zero", re.IGNORECASE)
     noise = [line for line in (done.stderr + done.stdout).splitlines() if third_party.search(line)]
     assert not noise, noise
+
+
+def test_summarizer_lr_scale_freezes_or_slows_the_summarizer_and_old_runs_resume(trainset, tmp_path, capsys):
+    """--summarizer-lr-scale 0 trains the U-Net alone (the Summarizer stays at its initialisation, bit for bit);
+    0.5 gives the Summarizer its own parameter group at half the lr; a run recorded before the setting existed
+    resumes as the default (1), and asking for another value on resume is refused naming it."""
+    from cli import main
+    from zoomfeat.model import load_zoomldm
+
+    frozen = tmp_path / "frozen"
+    assert main([*_cli_train(trainset, frozen), "--seed", "5", "--summarizer-lr-scale", "0"]) == 0
+    joint = tmp_path / "joint"
+    assert main([*_cli_train(trainset, joint), "--seed", "5"]) == 0
+    a = load_zoomldm(frozen / "official" / "config.yaml", frozen / "official" / "last.ckpt").state_dict()
+    b = load_zoomldm(joint / "official" / "config.yaml", joint / "official" / "last.ckpt").state_dict()
+    ckpt = torch.load(frozen / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    summarizer = [k for k in a if k.startswith("cond_stage_model.")]
+    unet = [k for k in a if k.startswith("model.diffusion_model.")]
+    assert summarizer and unet
+    # the same seed starts both runs from the same weights: the joint run moved the Summarizer, the frozen one not
+    assert any(not torch.equal(a[k], b[k]) for k in summarizer)
+    assert len(ckpt["optimizer_states"][0]["param_groups"]) == 1
+    from zoomfeat.train.run import build_model
+
+    fresh = build_model(load_train_config(None, {"model.zoomldm": "tiny", "data.path": trainset, "data.seed": 5,
+                                                 "trainer.out": tmp_path / "unused"})).state_dict()
+    assert all(torch.equal(a[k], fresh[k]) for k in summarizer)
+    assert any(not torch.equal(a[k], fresh[k]) for k in unet)
+
+    half = tmp_path / "half"
+    assert main([*_cli_train(trainset, half), "--summarizer-lr-scale", "0.5"]) == 0
+    groups = torch.load(half / "checkpoints" / "last.ckpt", map_location="cpu",
+                        weights_only=False)["optimizer_states"][0]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([2e-3, 1e-3])
+
+    record = joint / "train_config.json"  # as a run recorded before the setting existed
+    old = json.loads(record.read_text())
+    del old["optim"]["summarizer_lr_scale"]
+    record.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert main([*_cli_train(trainset, joint, "--seed", "5"), "--max-steps", "3"]) == 0
+    assert main([*_cli_train(trainset, joint, "--seed", "5"), "--max-steps", "4", "--summarizer-lr-scale", "0"]) == 2
+    assert "optim.summarizer_lr_scale 1.0 -> 0.0" in capsys.readouterr().err

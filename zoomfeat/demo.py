@@ -56,6 +56,7 @@ class DemoConfig:
     patches_per_mag: int = 24
     train_steps: int = 400  # tiny ZoomLDM training steps
     lr: float = 2e-3
+    summarizer_lr_scale: float = 1.0  # the Summarizer's lr / the U-Net's (0: kept at its initialisation)
     timestep: int = 200  # diffusion timestep of the extracted features
     block: int = 8  # U-Net output block of the features (16x16 latent positions: 4x4 per 20x tile of a 5x patch)
     pooling: str = "meanmax"  # spatial mean and max of that block, concatenated
@@ -417,7 +418,8 @@ def stages(cfg: DemoConfig) -> list[Stage]:
         Stage("train a tiny ZoomLDM on CPU",
               ["train", "--data", d / "trainset", "--zoomldm", tiny, "--init-from", init, "--out", model_dir,
                "--max-steps", cfg.train_steps, "--batch-size", 8, "--lr", cfg.lr, "--warmup-steps", 20,
-               "--every-n-steps", cfg.train_steps, "--seed", cfg.seed, "--workers", 0, "--no-val-samples"]),
+               "--every-n-steps", cfg.train_steps, "--seed", cfg.seed, "--workers", 0, "--no-val-samples",
+               "--summarizer-lr-scale", cfg.summarizer_lr_scale]),
         Stage("measure how much the features move with their conditioning",
               python=lambda: context_response(model_dir / "official" / "config.yaml",
                                               model_dir / "official" / "last.ckpt", d / "trainset",

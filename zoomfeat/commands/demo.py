@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="slides whose patches train the tiny ZoomLDM (default 8)")
     model.add_argument("--train-steps", type=int, default=400, help="tiny ZoomLDM training steps (default 400)")
     model.add_argument("--lr", type=float, default=2e-3, help="tiny ZoomLDM learning rate (default 2e-3)")
+    model.add_argument("--summarizer-lr-scale", type=float, default=1.0, metavar="S",
+                       help="the Summarizer's learning rate as a multiple of the U-Net's (default 1; 0 keeps it "
+                            "at its initialisation)")
     model.add_argument("--timestep", type=int, default=200,
                        help="diffusion timestep of the extracted features, in steps (default 200)")
     model.add_argument("--block", type=int, default=8,
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = DemoConfig(out=Path(args.out), slides=args.slides, seed=args.seed, size=args.size, cluster=args.cluster,
                      tile_signal=args.tile_signal, train_slides=args.train_slides, train_steps=args.train_steps,
-                     lr=args.lr, timestep=args.timestep, block=args.block, pooling=args.pooling,
+                     lr=args.lr, summarizer_lr_scale=args.summarizer_lr_scale, timestep=args.timestep, block=args.block, pooling=args.pooling,
                      first_stage_steps=args.first_stage_steps, mil_epochs=args.mil_epochs,
                      generation=not args.no_generation, gen_steps=args.gen_steps, cdm_steps=args.cdm_steps)
     return run_demo(cfg)

@@ -11,7 +11,7 @@ FLAGS: dict[str, str] = {
     "data": "data.path", "batch_size": "data.batch_size", "workers": "data.workers", "seed": "data.seed",
     "mag_sampling": "data.mag_sampling",
     "zoomldm": "model.zoomldm", "init_from": "model.init_from",
-    "lr": "optim.lr", "warmup_steps": "optim.warmup_steps",
+    "lr": "optim.lr", "warmup_steps": "optim.warmup_steps", "summarizer_lr_scale": "optim.summarizer_lr_scale",
     "out": "trainer.out", "accelerator": "trainer.accelerator", "devices": "trainer.devices",
     "num_nodes": "trainer.num_nodes", "strategy": "trainer.strategy", "precision": "trainer.precision",
     "max_steps": "trainer.max_steps", "every_n_steps": "trainer.every_n_steps", "resume": "trainer.resume",
@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--lr", type=float, help="AdamW learning rate after warm-up (default 2e-5)")
     optim.add_argument("--warmup-steps", type=int, metavar="N",
                        help="optimiser steps of linear LR warm-up (torch LinearLR) from lr x 1e-6 (default 1000)")
+    optim.add_argument("--summarizer-lr-scale", type=float, metavar="S",
+                       help="the Summarizer's learning rate as a multiple of the U-Net's (default 1: trained "
+                            "jointly, as officially; 0 keeps it at its initialisation)")
     trainer = parser.add_argument_group("trainer")
     trainer.add_argument("--out", metavar="DIR",
                          help="run folder: checkpoints/, official/, logs/, samples/ (default runs/zoomldm)")

@@ -109,6 +109,7 @@ class OptimSection:
     p_uncond: float = 0.1                 # classifier-free dropout of the whole context (zeros)
     ema_decay: float = 0.9999             # effective decay min(ema_decay, (1 + n) / (10 + n))
     grad_clip: float | None = None
+    summarizer_lr_scale: float = 1.0      # the Summarizer's lr / the U-Net's (official: 1, joint); 0 freezes it
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,8 @@ def _validate(c: TrainConfig) -> None:
     _check(0.0 <= o.p_uncond < 1.0, f"optim.p_uncond {o.p_uncond} must be in [0, 1)")
     _check(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay {o.ema_decay} must be in [0, 1)")
     _check(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip {o.grad_clip} must be positive or null")
+    _check(o.summarizer_lr_scale >= 0, f"optim.summarizer_lr_scale {o.summarizer_lr_scale} must be >= 0 "
+           "(1: trained with the U-Net, as officially; 0: kept at its initialisation)")
     _check(t.precision in PRECISIONS, f"trainer.precision {t.precision!r}: use one of {PRECISIONS}")
     _check(t.max_steps >= 1, f"trainer.max_steps {t.max_steps} must be at least 1")
     _check(t.every_n_steps >= 1, f"trainer.every_n_steps {t.every_n_steps} must be at least 1")

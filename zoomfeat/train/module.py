@@ -66,13 +66,23 @@ class ZoomLDMLightning(L.LightningModule):
         return self
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """U-Net + Summarizer parameters (the first stage and the EMA buffers are excluded)."""
-        params = list(self.model.model.parameters()) + list(self.model.cond_stage_model.parameters())
+        """U-Net + Summarizer parameters (the first stage and the EMA buffers are excluded; the Summarizer too
+        when ``optim.summarizer_lr_scale`` is 0)."""
+        params = list(self.model.model.parameters())
+        if self.optim_cfg.summarizer_lr_scale > 0:
+            params += list(self.model.cond_stage_model.parameters())
         return [p for p in params if p.requires_grad]
 
     def configure_optimizers(self):
         o = self.optim_cfg
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        unet = [p for p in self.model.model.parameters() if p.requires_grad]
+        groups = [{"params": unet, "lr": o.lr}]
+        if o.summarizer_lr_scale > 0:
+            summarizer = [p for p in self.model.cond_stage_model.parameters() if p.requires_grad]
+            groups.append({"params": summarizer, "lr": o.lr * o.summarizer_lr_scale})
+        else:  # kept at its initialisation: no gradient is computed for it
+            self.model.cond_stage_model.requires_grad_(False)
+        opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
         sched = warmup_scheduler(opt, o.warmup_steps, o.warmup_start_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 

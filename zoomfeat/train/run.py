@@ -198,6 +198,11 @@ RESUME_FREE: tuple[str, ...] = ("trainer.max_steps", "trainer.resume", "trainer.
                                 "validation")
 
 
+# settings added after runs were recorded, with the value every run recorded before them trained with: an older
+# record lacking one resumes as if it held that value
+ADDED_SETTINGS: dict[str, object] = {"optim.summarizer_lr_scale": 1.0}
+
+
 def run_inputs(data: TrainingSet) -> dict:
     """Content fingerprints of a run's inputs: the training set's index (sha256) and first-stage digest."""
     from zoomfeat.resolve import file_sha256
@@ -238,7 +243,7 @@ def check_resume(cfg: TrainConfig, out: Path, resume: str | None, inputs: dict) 
     record = Path(resume).parent.parent / CONFIG_NAME if not (out / CONFIG_NAME).is_file() else out / CONFIG_NAME
     if not record.is_file():
         return
-    diff = settings_diff(_fixed(_read_json(record)), _fixed(to_settings(cfg)))
+    diff = settings_diff({**ADDED_SETTINGS, **_fixed(_read_json(record))}, _fixed(to_settings(cfg)))
     old_inputs = _read_json(record.with_name(INPUTS_NAME)) if record.with_name(INPUTS_NAME).is_file() else None
     diff.update({f"inputs.{k}": v for k, v in settings_diff(old_inputs or {}, inputs).items()} if old_inputs else {})
     if diff:
