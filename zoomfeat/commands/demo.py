@@ -26,9 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="slides whose patches train the tiny ZoomLDM (default 8)")
     model.add_argument("--train-steps", type=int, default=400, help="tiny ZoomLDM training steps (default 400)")
     model.add_argument("--lr", type=float, default=2e-3, help="tiny ZoomLDM learning rate (default 2e-3)")
-    model.add_argument("--summarizer-lr-scale", type=float, default=1.0, metavar="S",
-                       help="the Summarizer's learning rate as a multiple of the U-Net's (default 1; 0 keeps it "
-                            "at its initialisation)")
+    model.add_argument("--summarizer-lr-scale", type=float, default=0.0, metavar="S",
+                       help="the Summarizer's learning rate as a multiple of the U-Net's (default 0: kept at its "
+                            "initialisation; trained jointly at the demo's lr it collapses to one context)")
     model.add_argument("--timestep", type=int, default=200,
                        help="diffusion timestep of the extracted features, in steps (default 200)")
     model.add_argument("--block", type=int, default=8,
