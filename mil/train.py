@@ -232,7 +232,7 @@ class Engine:
 
     # ------------------------------------------------------------------ evaluation
     def fold_state_dict(self, row: int) -> dict:
-        return {n: (p[row].t() if n in self.transposed else p[row]).detach().clone(memory_format=torch.contiguous_format)
+        return {n: (p[row].t() if n in self.transposed else p[row]).detach().contiguous().clone()
                 for n, p in self.params.items()}
 
     @torch.no_grad()

@@ -198,6 +198,9 @@ def test_demo_refuses_a_cohort_too_small_for_its_folds():
         DemoConfig(slides=10)
     with pytest.raises(ConfigError, match="--train-slides"):
         DemoConfig(train_slides=1)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ConfigError, match="--summarizer-lr-scale .* must be a finite number >= 0"):
+            DemoConfig(summarizer_lr_scale=bad)
 
 
 @pytest.mark.slow

@@ -32,6 +32,9 @@ def test_example_yaml_is_valid_and_overrides_win(tmp_path):
     ({"model.init_from": "/no/such.ckpt"}, "model.init_from"),
     ({"model.zoomldm": "/no/such/config.yaml"}, "not found"),
     ({"validation.samples": "maybe"}, "boolean"),
+    ({"optim.summarizer_lr_scale": -0.5}, "optim.summarizer_lr_scale -0.5 must be a finite number >= 0"),
+    ({"optim.summarizer_lr_scale": float("nan")}, "optim.summarizer_lr_scale nan must be a finite number"),
+    ({"optim.summarizer_lr_scale": float("inf")}, "optim.summarizer_lr_scale inf must be a finite number"),
 ])
 def test_bad_values_fail_up_front_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

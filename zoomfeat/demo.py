@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shlex
 import sys
 import time
@@ -88,6 +89,9 @@ class DemoConfig:
             raise ConfigError(f"--timestep {self.timestep} must lie in 1..999")
         if self.pooling not in ("mean", "meanmax"):
             raise ConfigError(f"--pooling {self.pooling!r}: use mean or meanmax")
+        if not (math.isfinite(self.summarizer_lr_scale) and self.summarizer_lr_scale >= 0):
+            raise ConfigError(f"--summarizer-lr-scale {self.summarizer_lr_scale} must be a finite number >= 0 "
+                              "(0: the Summarizer kept at its initialisation, 1: trained with the U-Net)")
         if self.first_stage_steps < 1:
             raise ConfigError(f"--first-stage-steps {self.first_stage_steps} must be at least 1")
 

@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = DemoConfig(out=Path(args.out), slides=args.slides, seed=args.seed, size=args.size, cluster=args.cluster,
                      tile_signal=args.tile_signal, train_slides=args.train_slides, train_steps=args.train_steps,
-                     lr=args.lr, summarizer_lr_scale=args.summarizer_lr_scale, timestep=args.timestep, block=args.block, pooling=args.pooling,
+                     lr=args.lr, summarizer_lr_scale=args.summarizer_lr_scale, timestep=args.timestep,
+                     block=args.block, pooling=args.pooling,
                      first_stage_steps=args.first_stage_steps, mil_epochs=args.mil_epochs,
                      generation=not args.no_generation, gen_steps=args.gen_steps, cdm_steps=args.cdm_steps)
     return run_demo(cfg)

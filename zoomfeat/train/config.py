@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,7 +173,8 @@ def _validate(c: TrainConfig) -> None:
     _check(0.0 <= o.p_uncond < 1.0, f"optim.p_uncond {o.p_uncond} must be in [0, 1)")
     _check(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay {o.ema_decay} must be in [0, 1)")
     _check(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip {o.grad_clip} must be positive or null")
-    _check(o.summarizer_lr_scale >= 0, f"optim.summarizer_lr_scale {o.summarizer_lr_scale} must be >= 0 "
+    _check(math.isfinite(o.summarizer_lr_scale) and o.summarizer_lr_scale >= 0,
+           f"optim.summarizer_lr_scale {o.summarizer_lr_scale} must be a finite number >= 0 "
            "(1: trained with the U-Net, as officially; 0: kept at its initialisation)")
     _check(t.precision in PRECISIONS, f"trainer.precision {t.precision!r}: use one of {PRECISIONS}")
     _check(t.max_steps >= 1, f"trainer.max_steps {t.max_steps} must be at least 1")

@@ -51,6 +51,8 @@ class ZoomLDMLightning(L.LightningModule):
         self.seed = int(seed)
         self.sample_dir = Path(sample_dir) if sample_dir is not None else None
         self._freeze_first_stage()
+        if optim.summarizer_lr_scale == 0:  # kept at its initialisation: no gradient is computed for it
+            self.model.cond_stage_model.requires_grad_(False)
         self._val_contexts: dict[int, list[torch.Tensor]] = {}
 
     # -- parameters -------------------------------------------------------------------------------
@@ -66,23 +68,21 @@ class ZoomLDMLightning(L.LightningModule):
         return self
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """U-Net + Summarizer parameters (the first stage and the EMA buffers are excluded; the Summarizer too
-        when ``optim.summarizer_lr_scale`` is 0)."""
-        params = list(self.model.model.parameters())
-        if self.optim_cfg.summarizer_lr_scale > 0:
-            params += list(self.model.cond_stage_model.parameters())
-        return [p for p in params if p.requires_grad]
+        """U-Net + Summarizer parameters (the first stage, the EMA buffers and a frozen Summarizer excluded)."""
+        return [p for group in self._param_groups() for p in group["params"]]
+
+    def _param_groups(self) -> list[dict]:
+        """The U-Net at lr; the Summarizer, unless frozen, at lr x ``optim.summarizer_lr_scale``."""
+        o = self.optim_cfg
+        groups = [{"params": [p for p in self.model.model.parameters() if p.requires_grad], "lr": o.lr}]
+        summarizer = [p for p in self.model.cond_stage_model.parameters() if p.requires_grad]
+        if summarizer:
+            groups.append({"params": summarizer, "lr": o.lr * o.summarizer_lr_scale})
+        return groups
 
     def configure_optimizers(self):
         o = self.optim_cfg
-        unet = [p for p in self.model.model.parameters() if p.requires_grad]
-        groups = [{"params": unet, "lr": o.lr}]
-        if o.summarizer_lr_scale > 0:
-            summarizer = [p for p in self.model.cond_stage_model.parameters() if p.requires_grad]
-            groups.append({"params": summarizer, "lr": o.lr * o.summarizer_lr_scale})
-        else:  # kept at its initialisation: no gradient is computed for it
-            self.model.cond_stage_model.requires_grad_(False)
-        opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+        opt = torch.optim.AdamW(self._param_groups(), lr=o.lr, weight_decay=o.weight_decay)
         sched = warmup_scheduler(opt, o.warmup_steps, o.warmup_start_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
