@@ -14,6 +14,8 @@ measurement run by hand (results in RESULTS.md), not a test. Run, e.g.:
         --heads abmil,clam_sb,clam_mb,dsmil,dtfd,mean
     python benchmarks/bench_mil_robustness.py --presets hipt --shares 0.05 --seeds 0 --heads transmil \
         --reduced transmil
+
+``--slides`` and ``--instances lo,hi`` (bag sizes, default 100,200) change the cohort's size.
 """
 
 from __future__ import annotations
@@ -51,11 +53,14 @@ def main() -> None:
     parser.add_argument("--shares", default="0.05,0.02")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--slides", type=int, default=60)
+    parser.add_argument("--instances", default="100,200",
+                        help="bag size range lo,hi (instances per bag drawn uniformly in [lo, hi))")
     parser.add_argument("--heads", default=",".join(HEADS), help="comma-separated subset of the heads")
     parser.add_argument("--instance-sample", type=float, default=1.0,
                         help="train-mil --instance-sample: share of each bag's instances per training step")
     parser.add_argument("--reduced", default="", help="heads run at reduced width (REDUCED), comma-separated")
     args = parser.parse_args()
+    sizes = tuple(int(v) for v in args.instances.split(","))
     reduced = set(filter(None, args.reduced.split(",")))
     heads = {m: REDUCED[m] if m in reduced else {} for m in args.heads.split(",")}
     import torch
@@ -72,7 +77,7 @@ def main() -> None:
             dim, floor = COHORTS[share]
             for seed in map(int, args.seeds.split(",")):
                 paths = planted_cohort(root / f"c{share}_{seed}", n_slides=args.slides, dim=dim, seed=seed,
-                                       share=share)
+                                       share=share, sizes=sizes)
                 for preset in args.presets.split(","):
                     start = time.perf_counter()
                     aucs = {m: mean_auc(paths, root / f"{preset}{share}{seed}{m}", m, kw, preset, args.instance_sample)

@@ -64,6 +64,7 @@ class Study:
     fractions: tuple[float, ...] = (0.1, 0.3)
     epochs: int = 10
     train_args: tuple[str, ...] = ()  # extra `zoomfeat train` options
+    ramp: float = 0.0  # per-slide illumination ramp (grey levels from tile centre to edge), 0: none
 
 
 CI_STUDY = Study()
@@ -80,18 +81,23 @@ def write_cohort(root: Path, study: Study, seed: int = 0) -> tuple[Path, dict[st
     rng = np.random.default_rng(seed)
     grid = study.side // TILE
     rows, types = [], {}
+    yy, xx = (np.mgrid[0:TILE, 0:TILE] + 0.5) / TILE - 0.5
     for i in range(study.slides):
         label, slide_id = i % 2, f"case-{i:03d}"
         kinds = np.zeros(grid * grid, int)
         count = int(rng.choice(study.signal_counts[label]))
         if count:
             kinds[rng.choice(grid * grid, count, replace=False)] = 1
+        ramp = 0.0
+        if study.ramp:  # one direction per slide, the same in every tile (an uneven illumination of the field)
+            angle = rng.uniform(0.0, 2 * np.pi)
+            ramp = (2 * study.ramp * (np.cos(angle) * xx + np.sin(angle) * yy))[..., None]
         image = np.empty((study.side, study.side, 3), np.float32)
         for k, kind in enumerate(kinds):
             r, c = divmod(k, grid)
             colour = (SIGNAL if kind else PINK) + rng.normal(0.0, 8.0, 3)  # per-tile stain jitter
             grain = rng.standard_normal((TILE, TILE, 1)) * 20.0
-            image[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE] = colour + grain
+            image[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE] = colour + grain + ramp
         write_pyramid(root / f"{slide_id}.svs", np.clip(image, 0, 255).astype(np.uint8))
         rows.append((slide_id, slide_id, label))
         types[slide_id] = kinds.tolist()
