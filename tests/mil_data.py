@@ -53,7 +53,10 @@ def planted_cohort(root: Path, n_slides: int = 60, dim: int = 32, sizes: tuple[i
                                                              share=share))
         rows.append({"case_id": f"C{i:03d}", "slide_id": sid, "label": "ILC" if y else "IDC"})
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
-    chunk = [[r["slide_id"] for j, r in enumerate(rows) if j % folds == k] for k in range(folds)]
+    # classes alternate; with an even k, j % k would give each fold one class, so there the j-th slide of each
+    # class goes to fold (j // 2) % k (an odd k keeps j % k, on which the tests' numbers were measured)
+    fold_of = (lambda j: (j // 2) % folds) if folds % 2 == 0 else (lambda j: j % folds)
+    chunk = [[r["slide_id"] for j, r in enumerate(rows) if fold_of(j) == k] for k in range(folds)]
     split_folds = []
     for k in range(folds):
         val = (k + 1) % folds
