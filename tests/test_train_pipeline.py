@@ -363,3 +363,86 @@ def test_summarizer_lr_scale_freezes_or_slows_the_summarizer_and_old_runs_resume
     assert main([*_cli_train(trainset, joint, "--seed", "5"), "--max-steps", "3"]) == 0
     assert main([*_cli_train(trainset, joint, "--seed", "5"), "--max-steps", "4", "--summarizer-lr-scale", "0"]) == 2
     assert "optim.summarizer_lr_scale 1.0 -> 0.0" in capsys.readouterr().err
+
+
+def test_loss_watch_stops_nan_exploded_and_collapsed_runs_only():
+    """The rule, fed loss sequences: windows of 50 steps; trivial level 1 (a model that predicts no noise)."""
+    from zoomfeat.errors import TrainingError
+    from zoomfeat.train.module import LossWatch
+
+    def run(values):
+        watch = LossWatch(window=50)
+        for step, value in enumerate(values):
+            watch(float(value), step)
+
+    rng = np.random.default_rng(0)
+    healthy = np.concatenate([np.linspace(1.0, 0.05, 200), 0.05 + 0.02 * rng.random(800)])
+    healthy[[300, 301, 650]] = 0.9  # single bad steps do not move a window's mean past 0.8
+    run(healthy)
+    run(np.full(400, 0.95))  # a run that has not learned yet is not stopped
+    with pytest.raises(TrainingError, match=r"training loss is nan at step 7"):
+        run([1.0] * 7 + [float("nan")])
+    with pytest.raises(TrainingError, match=r"averaged 2e\+0?3 over steps 0-49, over 10x"):
+        run(np.full(50, 2000.0))
+    collapsed = np.concatenate([np.full(100, 0.3), np.full(50, 0.6), np.full(50, 0.98)])
+    with pytest.raises(TrainingError) as info:
+        run(collapsed)
+    message = str(info.value)
+    assert "averaged 0.98 over steps 150-199 after 0.3 over steps 0-49" in message
+    assert "step_0000100 predate it" in message and "--grad-clip" in message and "\n" not in message
+
+
+def test_a_diverging_run_stops_with_one_line_and_exports_nothing(trainset, tmp_path, capsys):
+    """A learning rate that blows the tiny model up (loss 9e9 at the first step, NaN at the second): exit 2,
+    one error line of its own after the progress bar, no checkpoint or official export of the NaN weights."""
+    from cli import main
+
+    out = tmp_path / "run"
+    argv = _cli_train(trainset, out, "--max-steps", "20", "--every-n-steps", "1")
+    argv[argv.index("--lr") + 1] = "1e3"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "training loss is nan at step" in lines[0] and "Traceback" not in err, err
+    step = int(lines[0].split("at step ")[1].split(":")[0])
+    saved = sorted(p.name for p in (out / "checkpoints").glob("step_*.ckpt"))
+    assert saved == [f"step_{k:07d}.ckpt" for k in range(1, step + 1)]  # every step before the NaN one
+    for path in (out / "checkpoints").glob("step_*.ckpt"):
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()), path
+
+
+def test_grad_clip_flag_reaches_the_trainer(trainset, tmp_path):
+    from cli import main
+
+    out = tmp_path / "run"
+    assert main(_cli_train(trainset, out, "--grad-clip", "0.5")) == 0
+    assert json.loads((out / "train_config.json").read_text())["optim"]["grad_clip"] == 0.5
+
+
+def test_a_non_finite_gradient_stops_the_run_before_the_update(trainset, tmp_path, capsys, monkeypatch):
+    """A finite loss whose backward overflows (here an op whose gradient is inf): stopped before the update."""
+    from cli import main
+
+    class InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    real = ZoomLDMLightning.diffusion_loss
+
+    def overflowing(self, batch, gen, p_uncond):
+        loss = real(self, batch, gen, p_uncond)
+        return InfGrad.apply(loss) if self.global_step == 1 else loss
+
+    monkeypatch.setattr(ZoomLDMLightning, "diffusion_loss", overflowing)
+    out = tmp_path / "run"
+    assert main(_cli_train(trainset, out, "--max-steps", "4", "--every-n-steps", "1")) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "gradient is not finite at step 1" in lines[0], err
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*.ckpt")) == ["step_0000001.ckpt"]

@@ -23,3 +23,7 @@ class DataError(ZoomfeatError, ValueError):
 
 class CheckpointError(ZoomfeatError):
     """A weight file that does not match the architecture it is loaded into."""
+
+
+class TrainingError(ZoomfeatError):
+    """A training run that diverged (a non-finite loss, or a loss that exploded or collapsed)."""

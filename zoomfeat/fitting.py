@@ -81,6 +81,17 @@ def fit(trainer, *args: Any, **kwargs: Any) -> None:
         if trainer.interrupted:  # Lightning's KeyboardInterrupt handler ends in sys.exit(1)
             raise KeyboardInterrupt from exc
         raise
+    except Exception:
+        _close_progress_bars(trainer)  # the error line then starts on a line of its own, not after the bar
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def _close_progress_bars(trainer) -> None:
+    bars = trainer.progress_bar_callback
+    for name in ("_train_progress_bar", "_val_progress_bar"):
+        bar = getattr(bars, name, None)
+        if bar is not None:
+            bar.close()

@@ -12,6 +12,7 @@ FLAGS: dict[str, str] = {
     "mag_sampling": "data.mag_sampling",
     "zoomldm": "model.zoomldm", "init_from": "model.init_from",
     "lr": "optim.lr", "warmup_steps": "optim.warmup_steps", "summarizer_lr_scale": "optim.summarizer_lr_scale",
+    "grad_clip": "optim.grad_clip",
     "out": "trainer.out", "accelerator": "trainer.accelerator", "devices": "trainer.devices",
     "num_nodes": "trainer.num_nodes", "strategy": "trainer.strategy", "precision": "trainer.precision",
     "max_steps": "trainer.max_steps", "every_n_steps": "trainer.every_n_steps", "resume": "trainer.resume",
@@ -42,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--summarizer-lr-scale", type=float, metavar="S",
                        help="the Summarizer's learning rate as a multiple of the U-Net's (default 1: trained "
                             "jointly, as officially; 0 keeps it at its initialisation)")
+    optim.add_argument("--grad-clip", type=float, metavar="NORM",
+                       help="clip the gradient norm of each step to NORM (Lightning gradient_clip_val; default: "
+                            "none, as officially)")
     trainer = parser.add_argument_group("trainer")
     trainer.add_argument("--out", metavar="DIR",
                          help="run folder: checkpoints/, official/, logs/, samples/ (default runs/zoomldm)")

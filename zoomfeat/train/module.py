@@ -5,11 +5,13 @@ the whole context replaced by zeros with probability ``p_uncond`` (classifier-fr
 the Summarizer trained jointly with AdamW, the first stage frozen (eval mode, no grad, not in the optimiser),
 an EMA of the U-Net updated after every optimiser step (``model_ema.*``). The random draws of a step (t,
 noise, dropout mask) come from a generator seeded by ``(seed, global_step, rank)``, so resuming is exact.
+A run whose loss shows it has diverged stops with a one-line error (:class:`LossWatch`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zoomfeat.errors import TrainingError
 from zoomfeat.mags import MAGNIFICATIONS, mag_name
 from zoomfeat.train.config import OptimSection, ValidationSection
 
@@ -39,6 +42,50 @@ def ema_context(model):
     return model.ema_swap() if hasattr(model, "model_ema") else contextlib.nullcontext(model)
 
 
+class LossWatch:
+    """Stops a run whose eps-MSE training loss shows that it has diverged, so that it does not go on and exit 0
+    with dead weights (and `extract` then read features from them). A model that predicts no noise at all
+    scores E[eps^2] = 1 (``TRIVIAL``); a run is stopped on
+
+    - a non-finite loss at any step;
+    - a mean over a window of ``window`` steps above 10x that level (exploded);
+    - a window mean back above 0.8x that level after a window below 0.5x (collapsed to the trivial predictor:
+      a tiny model at lr 2e-3 went from 0.007 to 0.98 within 150 steps and stayed there).
+
+    Steps are ``global_step`` values, the numbering of the checkpoint names (``step_<n>.ckpt`` holds the
+    weights after n steps). The windows restart on resume."""
+
+    TRIVIAL = 1.0
+    FIX = "train into a new --out with a lower --lr or with --grad-clip"
+
+    def __init__(self, window: int = 50):
+        self.window = window
+        self.values: list[float] = []
+        self.best: tuple[float, int, int] | None = None  # (window mean, first step, last step)
+        self.healthy = 0  # checkpoint step after the last window below 0.5x the trivial level
+
+    def __call__(self, value: float, step: int) -> None:
+        if not math.isfinite(value):
+            raise TrainingError(f"training loss is {value} at step {step}: the run diverged; {self.FIX}")
+        self.values.append(value)
+        if len(self.values) < self.window:
+            return
+        mean, first = sum(self.values) / len(self.values), step - len(self.values) + 1
+        self.values = []
+        where = f"training loss averaged {mean:.3g} over steps {first}-{step}"
+        if mean > 10 * self.TRIVIAL:
+            raise TrainingError(f"{where}, over 10x the {self.TRIVIAL:g} of a model that predicts no noise: the "
+                                f"run diverged; {self.FIX}")
+        if self.best is not None and self.best[0] < 0.5 * self.TRIVIAL and mean > 0.8 * self.TRIVIAL:
+            raise TrainingError(f"{where} after {self.best[0]:.3g} over steps {self.best[1]}-{self.best[2]}: back "
+                                f"near the {self.TRIVIAL:g} of a model that predicts no noise, the run collapsed "
+                                f"(checkpoints up to step_{self.healthy:07d} predate it); {self.FIX}")
+        if self.best is None or mean < self.best[0]:
+            self.best = (mean, first, step)
+        if mean < 0.5 * self.TRIVIAL:
+            self.healthy = step + 1
+
+
 class ZoomLDMLightning(L.LightningModule):
     """Holds ``model`` (a ZoomLDM) and trains it; ``sample_dir`` receives validation sample PNGs."""
 
@@ -54,6 +101,7 @@ class ZoomLDMLightning(L.LightningModule):
         if optim.summarizer_lr_scale == 0:  # kept at its initialisation: no gradient is computed for it
             self.model.cond_stage_model.requires_grad_(False)
         self._val_contexts: dict[int, list[torch.Tensor]] = {}
+        self.watch = LossWatch()
 
     # -- parameters -------------------------------------------------------------------------------
     def _freeze_first_stage(self) -> None:
@@ -108,9 +156,21 @@ class ZoomLDMLightning(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         gen = step_generator(self.seed, self.global_step, self.global_rank)
         loss = self.diffusion_loss(batch, gen, self.optim_cfg.p_uncond).mean()
+        self.watch(float(loss.detach()), self.global_step)  # before this step's update: stopped, it is not taken
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["mags"]))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(batch["mags"]))
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A non-finite gradient (a finite loss can overflow in the backward pass) stops the run before the
+        update would write NaN into the weights, and so into the next checkpoint. Under fp16 mixed precision
+        the GradScaler skips such steps itself (and lowers its scale), so they are left to it."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+            raise TrainingError(f"the gradient is not finite at step {self.global_step}: the run diverged; "
+                                f"{LossWatch.FIX}")
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The optimiser step, then the EMA update (here, so checkpoints saved at this step include it)."""
