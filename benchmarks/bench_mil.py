@@ -143,7 +143,8 @@ def main() -> None:
     epoch = {k: min(v) for k, v in best.items()}
     print(json.dumps({
         "model": args.model, "model_kwargs": cfg.model_kwargs, "slides": args.slides, "dim": args.dim,
-        "instances": sizes, "epochs": args.epochs, "folds": len(folds), "threads": args.threads, "bags_per_step": training_plan(cfg).bags_per_step,
+        "instances": sizes, "epochs": args.epochs, "folds": len(folds), "threads": args.threads,
+        "bags_per_step": training_plan(cfg).bags_per_step,
         "instance_sample": args.instance_sample, "precision": args.precision,
         "epoch_s_all_folds_summed": {k: round(v, 3) for k, v in epoch.items()},
         "ratio_sequential_vs_plain": round(epoch["sequential"] / epoch["plain"], 3),

@@ -156,7 +156,9 @@ class ZoomLDMLightning(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         gen = step_generator(self.seed, self.global_step, self.global_rank)
         loss = self.diffusion_loss(batch, gen, self.optim_cfg.p_uncond).mean()
-        self.watch(float(loss.detach()), self.global_step)  # before this step's update: stopped, it is not taken
+        # the mean over the processes (DDP), so that every rank takes the same decision and none waits for a
+        # rank that stopped; checked before this step's update: a stopped run does not take it
+        self.watch(float(self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")), self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["mags"]))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(batch["mags"]))
         return loss
