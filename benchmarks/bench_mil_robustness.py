@@ -15,7 +15,9 @@ measurement run by hand (results in RESULTS.md), not a test. Run, e.g.:
     python benchmarks/bench_mil_robustness.py --presets hipt --shares 0.05 --seeds 0 --heads transmil \
         --reduced transmil
 
-``--slides`` and ``--instances lo,hi`` (bag sizes, default 100,200) change the cohort's size.
+``--slides`` and ``--instances lo,hi`` (bag sizes, default 100,200) change the cohort's size, ``--spread`` the
+witnesses' spread (default 3: witnesses also have 3x the noise's norm; 1: a pure shift along the planted
+direction).
 """
 
 from __future__ import annotations
@@ -37,13 +39,27 @@ REDUCED = {"abmil": {"hidden": 64, "attn_dim": 32}, "clam_sb": {"hidden": 64, "a
 COHORTS = {0.05: (64, 0.95), 0.02: (256, 0.9)}
 
 
-def mean_auc(paths, out: Path, model: str, kwargs: dict, protocol: str, instance_sample: float = 1.0) -> float:
+def as_task(paths, task: str):
+    """The cohort's labels for ``task``: a witness cohort is a positive/negative task (``hrd``: 0/1), and that is
+    what the heads' references run such data as (CLAM without ``--subtyping``, DSMIL with one positive
+    stream); ``subtyping`` keeps planted_cohort's IDC (no witnesses) / ILC (witnesses) labels."""
+    import pandas as pd
+
+    if task == "hrd":
+        table = pd.read_csv(paths["labels"])
+        table["label"] = (table["label"] == "ILC").astype(int)
+        table.to_csv(paths["labels"], index=False)
+    return paths
+
+
+def mean_auc(paths, out: Path, model: str, kwargs: dict, protocol: str, instance_sample: float = 1.0,
+             task: str = "hrd") -> float:
     from mil.config import MILConfig, make_protocol
     from mil.cv import run_cv
 
     cfg = MILConfig(features=f"{paths['features']}@20x", labels=str(paths["labels"]), splits=str(paths["splits"]),
                     out=str(out), model=model, model_kwargs=kwargs, protocol=make_protocol(protocol),
-                    all_folds=True, instance_sample=instance_sample)
+                    all_folds=True, instance_sample=instance_sample, task=task)
     return float(run_cv(cfg).set_index("fold").at["mean", "test_auc"])
 
 
@@ -55,6 +71,12 @@ def main() -> None:
     parser.add_argument("--slides", type=int, default=60)
     parser.add_argument("--instances", default="100,200",
                         help="bag size range lo,hi (instances per bag drawn uniformly in [lo, hi))")
+    parser.add_argument("--task", default="hrd", choices=("hrd", "subtyping"),
+                        help="hrd (default): the cohorts as the positive/negative task they are; subtyping: as "
+                             "IDC/ILC subtypes (the runs in RESULTS.md before 2026-12-02 session 7)")
+    parser.add_argument("--dim", type=int, default=0, help="feature width (default: 64 at 5%%, 256 at 2%%)")
+    parser.add_argument("--spread", type=float, default=3.0,
+                        help="witnesses' standard deviation in every dimension (noise: 1); 1 plants a pure mean shift")
     parser.add_argument("--heads", default=",".join(HEADS), help="comma-separated subset of the heads")
     parser.add_argument("--instance-sample", type=float, default=1.0,
                         help="train-mil --instance-sample: share of each bag's instances per training step")
@@ -75,13 +97,14 @@ def main() -> None:
         root = Path(tmp)
         for share in map(float, args.shares.split(",")):
             dim, floor = COHORTS[share]
+            dim = args.dim or dim
             for seed in map(int, args.seeds.split(",")):
-                paths = planted_cohort(root / f"c{share}_{seed}", n_slides=args.slides, dim=dim, seed=seed,
-                                       share=share, sizes=sizes)
+                paths = as_task(planted_cohort(root / f"c{share}_{seed}", n_slides=args.slides, dim=dim, seed=seed,
+                                               share=share, sizes=sizes, spread=args.spread), args.task)
                 for preset in args.presets.split(","):
                     start = time.perf_counter()
-                    aucs = {m: mean_auc(paths, root / f"{preset}{share}{seed}{m}", m, kw, preset, args.instance_sample)
-                            for m, kw in heads.items()}
+                    aucs = {m: mean_auc(paths, root / f"{preset}{share}{seed}{m}", m, kw, preset, args.instance_sample,
+                                        args.task) for m, kw in heads.items()}
                     attn = [a for m, a in aucs.items() if m != "mean"]
                     met = all(a >= floor for a in attn) and aucs.get("mean", 0.0) < min(attn, default=1) - 0.03
                     cells = " | ".join(f"{aucs[m]:.3f}" for m in heads)

@@ -157,12 +157,15 @@ def make_protocol(name: str, **overrides) -> Protocol:
 
 
 def effective_model_kwargs(cfg: MILConfig) -> dict:
-    """``model_kwargs`` plus CLAM's ``subtyping=True`` for ``--task subtyping`` unless given explicitly
-    (subtypes are mutually exclusive: the most attended instances are also negatives for the other
-    classes' instance classifiers, as in CLAM's reference code)."""
+    """``model_kwargs`` plus what the task implies for a head, unless given explicitly: CLAM's
+    ``subtyping=True`` for ``--task subtyping`` (subtypes are mutually exclusive: the most attended instances
+    are also negatives for the other classes' instance classifiers, as in CLAM's reference code), and DSMIL's
+    single positive stream for ``--task hrd``, a positive/negative task (DSMIL's ``--num_classes 1``)."""
     kwargs = dict(cfg.model_kwargs)
     if cfg.model in ("clam_sb", "clam_mb") and cfg.task == "subtyping":
         kwargs.setdefault("subtyping", True)
+    if cfg.model == "dsmil" and cfg.task == "hrd":
+        kwargs.setdefault("negative_stream", False)
     return kwargs
 
 

@@ -95,10 +95,14 @@ class LayerNorm(nn.LayerNorm):
 
 
 class Sigmoid(nn.Module):
-    """``1 / (1 + exp(-x))``: the logistic function through ``exp`` (see the module docstring)."""
+    """``1 / (1 + exp(-x))``: the logistic function through ``exp`` (see the module docstring), with ``x``
+    clamped at -80 first. Without the clamp exp(-x) overflows to inf for x < -88.7 in float32: the value is
+    still 0, but its gradient is 0 * inf = NaN, and a gated-attention head on features of large scale (raw
+    ZoomLDM U-Net features have a standard deviation of ~60) stopped with a NaN loss. At -80 the logistic
+    function and its slope are below 2e-35, so the clamp changes nothing a float32 result can hold."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.reciprocal(1.0 + torch.exp(-x))
+        return torch.reciprocal(1.0 + torch.exp(-torch.clamp(x, min=-80.0)))
 
 
 class Dropout(nn.Dropout):

@@ -268,20 +268,33 @@ class DSMIL(MILHead):
     0.5 max-instance: cross-entropy on the bag logits, and, as in DSMIL, per-class binary cross-entropy of
     the max instance logits against the one-hot label (a softmax over class maxima does not learn: the
     class-0 maximum has no instance-level meaning).
+
+    ``negative_stream=False`` (binary tasks only) is DSMIL's setting for a positive/negative task
+    (``--num_classes 1``, "the number of non-negative classes", as its Camelyon16 runs): one instance
+    classifier, one critical instance and one bag score s for class 1; the logits are (0, s), so the
+    softmax cross-entropy is DSMIL's binary cross-entropy of s. With two streams a negative bag's class-0
+    maximum is asked to be high and a positive bag's to be low, although a positive bag's other instances
+    look like a negative bag's. ``--task hrd`` sets it (``mil.config.effective_model_kwargs``); subtyping
+    keeps a stream per class, as DSMIL's TCGA runs.
     """
 
     bag_weight = 0.5
 
     def __init__(self, in_dim: int, n_classes: int = 2, query_dim: int = 128, passing_v: bool = False,
-                 dropout_v: float = 0.0):
+                 dropout_v: float = 0.0, negative_stream: bool = True):
         super().__init__()
-        self.instance_classifier = Linear(in_dim, n_classes)
+        if not negative_stream and n_classes != 2:
+            raise ConfigError(f"dsmil: negative_stream=False needs a binary task, not {n_classes} classes; "
+                              "drop it from --model-kwargs")
+        streams = n_classes if negative_stream else 1
+        self.instance_classifier = Linear(in_dim, streams)
         self.query = nn.Sequential(Linear(in_dim, query_dim), nn.ReLU(), Linear(query_dim, query_dim),
                                    nn.Tanh())
         self.value = (nn.Sequential(Dropout(dropout_v), Linear(in_dim, in_dim), nn.ReLU())
                       if passing_v else nn.Identity())
-        self.head = nn.Conv1d(n_classes, n_classes, kernel_size=in_dim)
+        self.head = nn.Conv1d(streams, streams, kernel_size=in_dim)
         self.query_dim = query_dim
+        self.negative_stream = negative_stream
 
     def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
         inst = self.instance_classifier(x)  # [*F, B, N, C]
@@ -295,12 +308,19 @@ class DSMIL(MILHead):
         b = a.transpose(-1, -2) @ self.value(x)  # [*F, B, C, D]
         w = self.head.weight
         logits = linear(b.flatten(-2), w.reshape(*w.shape[:-3], w.shape[-3], -1), self.head.bias)  # [*F, B, C]
-        pred = logits.argmax(-1)
-        attention = a.gather(-1, pred[..., None, None].expand(*a.shape[:-1], 1)).squeeze(-1)
+        if not self.negative_stream:  # one positive stream: attention of class 1, logits (0, s)
+            attention = a.squeeze(-1)
+            logits = torch.cat([torch.zeros_like(logits), logits], dim=-1)
+        else:
+            pred = logits.argmax(-1)
+            attention = a.gather(-1, pred[..., None, None].expand(*a.shape[:-1], 1)).squeeze(-1)
         extra = None
         if label is not None:
-            max_logits = inst.max(dim=-2).values  # [*F, B, C]
-            target = F.one_hot(label.long(), inst.shape[-1]).to(max_logits.dtype)
+            max_logits = inst.max(dim=-2).values  # [*F, B, streams]
+            if self.negative_stream:
+                target = F.one_hot(label.long(), inst.shape[-1]).to(max_logits.dtype)
+            else:
+                target = label.to(max_logits.dtype).unsqueeze(-1)
             extra = bce_with_logits(max_logits, target).mean(-1)
         return BagsOutput(logits, attention, extra)
 

@@ -41,16 +41,17 @@ def planted_bag(rng: np.random.Generator, label: int, n: int, dim: int, amplitud
 
 
 def planted_cohort(root: Path, n_slides: int = 60, dim: int = 32, sizes: tuple[int, int] = (100, 200),
-                   folds: int = 5, seed: int = 0, share: float = 0.05) -> dict[str, Path]:
+                   folds: int = 5, seed: int = 0, share: float = 0.05, spread: float = 3.0) -> dict[str, Path]:
     """Feature folder, labels.csv and a stratified k-fold split folder (test = fold k, val = fold k+1);
-    ``share``: the fraction of witness (key) instances in positive bags (:func:`planted_bag`)."""
+    ``share`` and ``spread``: the fraction of witness (key) instances in positive bags and their standard
+    deviation in every dimension (:func:`planted_bag`)."""
     rng = np.random.default_rng(seed)
     labels = np.array([i % 2 for i in range(n_slides)])
     rows = []
     for i, y in enumerate(labels):
         sid = f"S{i:03d}"
         write_feature_file(root / "feats", sid, planted_bag(rng, int(y), int(rng.integers(*sizes)), dim,
-                                                             share=share))
+                                                             share=share, spread=spread))
         rows.append({"case_id": f"C{i:03d}", "slide_id": sid, "label": "ILC" if y else "IDC"})
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
     # classes alternate; with an even k, j % k would give each fold one class, so there the j-th slide of each

@@ -235,3 +235,25 @@ def test_resume_needs_input_fingerprints_and_allows_a_fresh_start_before_any_fol
     labels.to_csv(tmp_path / "l2.csv", index=False)
     run_cv(replace(cfg, labels=str(tmp_path / "l2.csv")))
     assert json.loads(path.read_text())["schema_version"] == 2
+
+
+def test_task_sets_the_heads_reference_semantics(tiny, tmp_path):
+    """A positive/negative task (hrd) runs DSMIL with its one positive stream (--num_classes 1 in DSMIL's code)
+    and CLAM without subtyping; subtyping runs DSMIL with a stream per class and CLAM with subtyping; an
+    explicit --model-kwargs value wins. The checkpoint records what was built."""
+    labels = pd.read_csv(tiny["labels"]).assign(label=lambda d: (d.label == "ILC").astype(int))
+    labels.to_csv(tmp_path / "hrd.csv", index=False)
+    hrd = {**tiny, "labels": tmp_path / "hrd.csv"}
+    cases = [(hrd, "hrd", "dsmil", {}, ("negative_stream", False)),
+             (tiny, "subtyping", "dsmil", {}, ("negative_stream", None)),
+             (hrd, "hrd", "dsmil", {"negative_stream": True}, ("negative_stream", True)),
+             (hrd, "hrd", "clam_sb", {}, ("subtyping", None)),
+             (tiny, "subtyping", "clam_sb", {}, ("subtyping", True))]
+    small = {"dsmil": {"query_dim": 4}, "clam_sb": {"hidden": 8, "attn_dim": 4}}
+    for i, (paths, task, model, given, (key, value)) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        run_cv(_config(paths, out, model, {**small[model], **given}, task=task, epochs=1, folds=(0,)))
+        ckpt = torch.load(out / "fold_0" / "model.ckpt", weights_only=True)
+        assert ckpt["model_kwargs"].get(key) == value, (task, model, given)
+        if model == "dsmil":
+            assert ckpt["state_dict"]["instance_classifier.weight"].shape == (1 if value is False else 2, 8)

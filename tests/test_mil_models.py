@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +51,32 @@ def test_every_head_forward_backward(name, n, n_classes):
     assert grads and all(torch.isfinite(g).all() for g in grads)
     model.eval()
     assert model(x).extra_loss is None  # no label, no auxiliary loss
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_head_has_finite_gradients_on_features_of_large_scale(name):
+    """Raw ZoomLDM U-Net features have a standard deviation of ~60 (up to ~300): a head's gradients must stay
+    finite there (the exp-based sigmoid gate once gave 0 * inf = NaN for pre-activations below -88.7)."""
+    torch.manual_seed(0)
+    model = build_model(name, 12, 2, **SMALL[name])
+    x = torch.randn(40, 12) * 300.0
+    for label in (0, 1):
+        model.zero_grad()
+        bag_loss(model, model(x, torch.tensor(label)), torch.tensor(label)).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None), name
+
+
+def test_sigmoid_matches_torch_and_keeps_its_gradient_finite():
+    from mil.layers import Sigmoid
+
+    x = torch.tensor([-1e4, -200.0, -88.8, -80.0, -30.0, -1.0, 0.0, 2.0, 30.0, 200.0], requires_grad=True)
+    y = Sigmoid()(x)
+    y.sum().backward()
+    e = np.exp(-np.abs(x.detach().double().numpy()))  # the logistic function and its slope in float64
+    value = np.where(x.detach().numpy() >= 0, 1 / (1 + e), e / (1 + e))
+    assert np.allclose(y.detach().numpy(), value, atol=1e-7, rtol=1e-6)
+    assert torch.isfinite(x.grad).all()
+    assert np.allclose(x.grad.numpy(), e / (1 + e) ** 2, atol=1e-12, rtol=1e-5)
 
 
 def _padded(bags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +217,40 @@ def test_dsmil_matches_its_equations():
     assert torch.allclose(out.logits[0], logits, atol=1e-5)
     assert torch.allclose(out.attention, a[:, int(logits.argmax())], atol=1e-6)
     assert torch.allclose(out.extra_loss, bce, atol=1e-6)
+
+
+def test_dsmil_single_positive_stream_matches_its_equations():
+    """DSMIL's positive/negative setting (its --num_classes 1): one instance score per instance, the critical
+    instance is its argmax, and the bag's probability of class 1 is sigmoid of the one bag score."""
+    torch.manual_seed(0)
+    m = build_model("dsmil", 6, 2, query_dim=4, negative_stream=False).eval()
+    assert m.instance_classifier.weight.shape == (1, 6) and m.head.weight.shape == (1, 1, 6)
+    x = torch.randn(9, 6)
+    with torch.no_grad():
+        s = (x @ m.instance_classifier.weight[0] + m.instance_classifier.bias[0]).numpy()  # [N]
+        w0, b0 = m.query[0].weight.numpy(), m.query[0].bias.numpy()
+        w2, b2 = m.query[2].weight.numpy(), m.query[2].bias.numpy()
+        q = np.tanh(np.maximum(x.numpy() @ w0.T + b0, 0) @ w2.T + b2)  # [N, 4]
+        e = np.exp(q @ q[s.argmax()] / 2.0)
+        a = e / e.sum()
+        score = float((a @ x.numpy()) @ m.head.weight[0, 0].numpy() + m.head.bias[0])
+        z = s.max()
+        max_bce = -np.log(1 / (1 + np.exp(-z)))  # label 1
+        out = m(x, torch.tensor(1))
+        assert math.isclose(float(torch.softmax(out.logits[0], -1)[1]), 1 / (1 + math.exp(-score)), rel_tol=1e-5)
+        assert np.allclose(out.attention.numpy(), a, atol=1e-6)
+        assert math.isclose(float(out.extra_loss), max_bce, rel_tol=1e-5)
+        assert math.isclose(float(m(x, torch.tensor(0)).extra_loss), max_bce + z, rel_tol=1e-5)  # -log(1 - sig z)
+        bags = [torch.randn(n, 6) for n in (5, 12, 1)]
+        padded, mask = _padded(bags)
+        y = torch.tensor([0, 1, 1])
+        together = m.forward_bags(padded, mask, y)
+        for i, bag in enumerate(bags):
+            alone = m(bag, y[i])
+            assert torch.allclose(together.logits[i], alone.logits[0], atol=1e-5)
+            assert torch.allclose(together.extra_loss[i], alone.extra_loss, atol=1e-5)
+    with pytest.raises(ConfigError, match="negative_stream=False needs a binary task"):
+        build_model("dsmil", 6, 3, negative_stream=False)
 
 
 def test_smooth_top1_svm_matches_its_formula_and_bounds_the_hinge():

@@ -35,8 +35,9 @@ def tiny(tmp_path_factory):
 
 def _cfg(paths, out: Path, model: str, **kw) -> MILConfig:
     protocol = make_protocol(kw.pop("protocol", "simil"), epochs=kw.pop("epochs", 2), lr=1e-2)
+    kwargs = {**SMALL[model], **kw.pop("model_kwargs", {})}
     return MILConfig(features=f"{paths['features']}@20x", labels=str(paths["labels"]), splits=str(paths["splits"]),
-                     out=str(out), model=model, model_kwargs=SMALL[model], protocol=protocol, **kw)
+                     out=str(out), model=model, model_kwargs=kwargs, protocol=protocol, **kw)
 
 
 def _outputs(run: Path) -> tuple[pd.DataFrame, list[dict], list[dict]]:
@@ -47,16 +48,17 @@ def _outputs(run: Path) -> tuple[pd.DataFrame, list[dict], list[dict]]:
     return preds, metrics, states
 
 
-@pytest.mark.parametrize("model,bags,protocol", [("abmil", 1, "simil"), ("clam_mb", 2, "clam"), ("dsmil", 1, "hipt"),
-                                                 pytest.param("transmil", 1, "hipt", marks=pytest.mark.slow),
-                                                 ("dtfd", 1, "hipt"),
-                                                 ("clam_sb", 3, "simil")])
+@pytest.mark.parametrize("model,bags,protocol,kwargs", [
+    ("abmil", 1, "simil", {}), ("clam_mb", 2, "clam", {}), ("dsmil", 1, "hipt", {}),
+    ("dsmil", 2, "simil", {"negative_stream": False}),
+    pytest.param("transmil", 1, "hipt", {}, marks=pytest.mark.slow), ("dtfd", 1, "hipt", {}),
+    ("clam_sb", 3, "simil", {})])
 @pytest.mark.slow
-def test_all_folds_at_once_is_bit_identical_to_one_by_one(tiny, tmp_path, model, bags, protocol):
+def test_all_folds_at_once_is_bit_identical_to_one_by_one(tiny, tmp_path, model, bags, protocol, kwargs):
     extra = {"min_epochs": 1, "patience": 1} if protocol == "clam" else {}  # folds stop at different epochs
     runs = {}
     for mode in (False, True):
-        cfg = _cfg(tiny, tmp_path / str(mode), model, all_folds=mode, bags_per_step=bags,
+        cfg = _cfg(tiny, tmp_path / str(mode), model, all_folds=mode, bags_per_step=bags, model_kwargs=kwargs,
                    protocol=protocol, epochs=5 if protocol == "clam" else 2)
         if extra:
             from dataclasses import replace
