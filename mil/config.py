@@ -24,7 +24,8 @@ followed for as many epochs as the protocol runs), gradient clipping and the los
 - ``clam_sb``, ``clam_mb``: Adam lr 2e-4, (0.9, 0.999), weight decay 1e-5, constant; bag loss 0.7 /
   instance loss 0.3 (CLAM's README runs).
 - ``dsmil``: Adam lr 2e-4, betas (0.5, 0.9), weight decay 5e-3, cosine annealing to 5e-6 over 200 epochs
-  (DSMIL's train_tcga.py).
+  (DSMIL's train_tcga.py); one positive stream under ``--task hrd`` (its ``--num_classes 1``), one stream per
+  class otherwise (:func:`effective_model_kwargs`).
 - ``transmil``: RAdam inside Lookahead (k 6, alpha 0.5), lr 2e-4, weight decay 1e-5 (decoupled, not on biases
   and 1-d parameters), constant (TransMIL's Camelyon/TransMIL.yaml and optimiser factory).
 - ``dtfd``: Adam lr 1e-4, weight decay 1e-4, LR x 0.2 from epoch 100 (the reference's MultiStepLR([100], 0.2)
