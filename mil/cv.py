@@ -188,6 +188,22 @@ def done_folds(run: Path) -> list[int]:
                   if p.parent.name.split("_")[1].isdigit())
 
 
+def _check_resumed_heads(run: Path, cfg: MILConfig, done: list[int], dim: int, n_classes: int) -> None:
+    """ConfigError when a finished fold's head was built with other arguments than this run would use: the
+    record keeps the arguments as given, and what a task implies (e.g. DSMIL's one positive stream under
+    ``--task hrd``, new in a later zoomfeat) could otherwise mix two kinds of head in one run."""
+    want = {**effective_model_kwargs(cfg), "in_dim": dim, "n_classes": n_classes}
+    for k in done:
+        path = run / f"fold_{k}" / "model.ckpt"
+        if not path.is_file():
+            continue  # a finished fold without its checkpoint is reported where the checkpoint is read
+        have = torch.load(path, map_location="cpu", weights_only=True).get("model_kwargs")
+        if have is not None and have != want:
+            raise ConfigError(f"{run}: fold {k} was trained with head arguments {json.dumps(have, sort_keys=True)}, "
+                              f"this run would build {json.dumps(want, sort_keys=True)}; use a new --out, or "
+                              "delete the folder to start over")
+
+
 def write_summary(run: Path) -> pd.DataFrame:
     """summary.csv from every fold_<k>/metrics.json: fold,test_auc rows, then mean and std (ddof=1)."""
     from zoomfeat.store import atomic_write
@@ -238,7 +254,9 @@ def run_cv(cfg: MILConfig, progress: bool = False) -> pd.DataFrame:
     run = Path(cfg.out)
     record = _record(cfg, spec, cohort, scan.dim, all_folds, scan.usable, left_out, extra_files)
     _check_out(run)
-    check_resume(run, record, done_folds(run))
+    done = done_folds(run)
+    check_resume(run, record, done)
+    _check_resumed_heads(run, cfg, done, scan.dim, n_classes)
     write_record(run, record)
     remove_stale_temps(run)
     # every bag is checked for NaN/Inf as it is loaded; mil.train keeps the bags (one contiguous tensor)

@@ -257,3 +257,20 @@ def test_task_sets_the_heads_reference_semantics(tiny, tmp_path):
         assert ckpt["model_kwargs"].get(key) == value, (task, model, given)
         if model == "dsmil":
             assert ckpt["state_dict"]["instance_classifier.weight"].shape == (1 if value is False else 2, 8)
+
+
+def test_resume_refuses_folds_whose_head_was_built_differently(tiny, tmp_path):
+    """A run whose finished folds hold a head built with other arguments (here: the two-stream DSMIL an earlier
+    zoomfeat built under --task hrd) is not resumed into a mix of heads."""
+    labels = pd.read_csv(tiny["labels"]).assign(label=lambda d: (d.label == "ILC").astype(int))
+    labels.to_csv(tmp_path / "hrd.csv", index=False)
+    cfg = _config({**tiny, "labels": tmp_path / "hrd.csv"}, tmp_path / "run", "dsmil", {"query_dim": 4}, task="hrd",
+                  epochs=1, folds=(0,))
+    run_cv(cfg)
+    ckpt_path = tmp_path / "run" / "fold_0" / "model.ckpt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["model_kwargs"].pop("negative_stream")  # what the earlier version recorded
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(ConfigError, match="fold 0 was trained with head arguments"):
+        run_cv(replace(cfg, folds=(0, 1)))
+    assert not (tmp_path / "run" / "fold_1").exists()
