@@ -16,6 +16,15 @@ of Q and K; then
     Z ~ A^+ by Z0 = A^T / (max_i sum_j |A_ij| * max_j sum_i |A_ij|) (maxima over the heads of the bag) and
     Z <- Z (13 I - A Z (15 I - A Z (7 I - A Z))) / 4, six times.
 
+The value convolution and the class token: Shao et al.'s code builds its layers with the nystrom-attention
+package's ``residual=True``, which adds conv33(V) at every position, the class token's too. The class token sits
+at the start of the sequence, so its window holds the first 16 instance tokens of the bag: a read of fixed bag
+positions that bypasses the attention. On planted-witness cohorts (60 slides, bags in arbitrary order) that path
+lets the head memorise the training bags (train AUC 1.0 by epoch 10, mean test AUC 0.60 / 0.65 on two cohorts);
+leaving the class token out of the convolution, and nothing else, gives 0.93 / 0.94 (RESULTS.md, issue 20).
+``class_token_residual=True`` (the class default) is the reference arithmetic; ``train-mil`` builds the head with
+``False`` unless ``--model-kwargs`` says otherwise (:func:`mil.config.effective_model_kwargs`), and records it.
+
 Attention for heatmaps: the class token's row of the second layer's attention, F1[cls] Z F3, averaged over
 the heads, at the N instance tokens (not normalised; Nystrom weights can be negative).
 One bag per optimiser step (``max_bags_per_step = 1``): padded bags would change the landmarks.
@@ -65,8 +74,11 @@ class NystromAttention(nn.Module):
         """[..., n, heads * d] -> [..., heads, n, d]."""
         return t.reshape(*t.shape[:-1], self.heads, self.dim_head).transpose(-2, -3)
 
-    def forward(self, x: torch.Tensor, cls_index: int | None = None):
-        """``x`` [..., n, dim] -> (out [..., n, dim], the cls token's attention row [..., heads, n] or None)."""
+    def forward(self, x: torch.Tensor, cls_index: int | None = None, cls_residual: bool = True,
+                want_row: bool = False):
+        """``x`` [..., n, dim] -> (out [..., n, dim], the cls token's attention row [..., heads, n] if
+        ``want_row``, else None); ``cls_residual=False`` leaves the token at ``cls_index`` out of the value
+        convolution."""
         n, m = x.shape[-2], self.landmarks
         pad = (m - n % m) % m
         if pad:
@@ -80,11 +92,14 @@ class NystromAttention(nn.Module):
         z = iterative_pinv(torch.softmax(q_land @ k_land.transpose(-1, -2), dim=-1), self.pinv_iterations)
         f3 = torch.softmax(q_land @ k.transpose(-1, -2), dim=-1)
         out = (f1 @ z) @ (f3 @ v)
-        out = out + depthwise_conv2d(v, self.res_conv.weight, None, self.res_conv.padding)
+        conv = depthwise_conv2d(v, self.res_conv.weight, None, self.res_conv.padding)
+        if not cls_residual and cls_index is not None:
+            conv = conv.index_fill(-2, torch.tensor([pad + cls_index], device=conv.device), 0.0)
+        out = out + conv
         out = out.transpose(-2, -3).reshape(*out.shape[:-3], x.shape[-2], self.heads * self.dim_head)
         out = self.to_out(out)[..., pad:, :]
         row = None
-        if cls_index is not None:
+        if want_row:
             row = ((f1[..., pad + cls_index:pad + cls_index + 1, :] @ z) @ f3).squeeze(-2)[..., pad:]
         return out, row
 
@@ -95,8 +110,9 @@ class TransLayer(nn.Module):
         self.norm = LayerNorm(dim)
         self.attn = NystromAttention(dim, **attention)
 
-    def forward(self, x: torch.Tensor, cls_index: int | None = None):
-        out, row = self.attn(self.norm(x), cls_index)
+    def forward(self, x: torch.Tensor, cls_index: int | None = None, cls_residual: bool = True,
+                want_row: bool = False):
+        out, row = self.attn(self.norm(x), cls_index, cls_residual, want_row)
         return x + out, row
 
 
@@ -125,8 +141,10 @@ class TransMIL(MILHead):
     max_bags_per_step = 1
 
     def __init__(self, in_dim: int, n_classes: int = 2, dim: int = 512, heads: int = 8,
-                 landmarks: int | None = None, pinv_iterations: int = 6, dropout: float = 0.1):
+                 landmarks: int | None = None, pinv_iterations: int = 6, dropout: float = 0.1,
+                 class_token_residual: bool = True):
         super().__init__()
+        self.class_token_residual = class_token_residual
         if dim % heads:
             raise ConfigError(f"transmil: dim {dim} must be a multiple of heads {heads}")
         attention = {"heads": heads, "landmarks": landmarks, "pinv_iterations": pinv_iterations,
@@ -148,9 +166,9 @@ class TransMIL(MILHead):
         h = torch.cat([h, h[..., :side * side - n, :]], dim=-2)
         cls = per_fold(self.cls_token, 3, h.dim() + 1).squeeze(-3)  # [1, dim] or [F, 1.., 1, dim]
         h = torch.cat([cls.expand(*h.shape[:-2], 1, h.shape[-1]), h], dim=-2)
-        h, _ = self.layer1(h)
+        h, _ = self.layer1(h, cls_index=0, cls_residual=self.class_token_residual)
         h = self.pos_layer(h, side)
-        h, row = self.layer2(h, cls_index=0)
+        h, row = self.layer2(h, cls_index=0, cls_residual=self.class_token_residual, want_row=True)
         logits = self._fc2(self.norm(h)[..., 0, :])
         attention = row.mean(-2)[..., 1:n + 1]
         return BagsOutput(logits, attention, None)

@@ -53,8 +53,9 @@ def _pinv(a: np.ndarray, iterations: int) -> np.ndarray:
     return z
 
 
-def _nystrom(x: np.ndarray, attn, cls_row: bool):
-    """Nystrom attention of one sequence x [n, dim]; returns (out [n, dim], cls row [heads, n] or None)."""
+def _nystrom(x: np.ndarray, attn, cls_row: bool, cls_conv: bool = True):
+    """Nystrom attention of one sequence x [n, dim], the class token first; returns (out [n, dim], cls row
+    [heads, n] or None). ``cls_conv=False``: no value convolution at the class token's position."""
     n, heads, d, m = x.shape[0], attn.heads, attn.dim_head, attn.landmarks
     pad = (m - n % m) % m
     x = np.concatenate([np.zeros((pad, x.shape[1])), x])
@@ -69,6 +70,8 @@ def _nystrom(x: np.ndarray, attn, cls_row: bool):
     z = _pinv(_softmax(q_land @ k_land.transpose(0, 2, 1)), attn.pinv_iterations)
     f3 = _softmax(q_land @ k.transpose(0, 2, 1))
     res = _conv2d_depthwise(v, _np(attn.res_conv.weight)[:, 0], None, attn.res_conv.padding)
+    if not cls_conv:
+        res[:, pad] = 0.0
     out = f1 @ z @ (f3 @ v) + res  # [heads, n', d]
     out = out.transpose(1, 0, 2).reshape(len(x), heads * d)
     out = (out @ _np(attn.to_out[0].weight).T + _np(attn.to_out[0].bias))[pad:]
@@ -87,23 +90,26 @@ def _ppeg(t: np.ndarray, ppeg, side: int) -> np.ndarray:
 
 def transmil_oracle(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(logits [C], attention [N]) of TransMIL on one bag, in float64."""
+    conv = model.class_token_residual
     n = len(x)
     h = np.maximum(x @ _np(model._fc1[0].weight).T + _np(model._fc1[0].bias), 0)
     side = math.ceil(math.sqrt(n))
     h = np.concatenate([h, h[:side * side - n]])  # pad to a square by repeating the first tokens
     t = np.concatenate([_np(model.cls_token)[0], h])
-    out, _ = _nystrom(_layer_norm(t, model.layer1.norm), model.layer1.attn, False)
+    out, _ = _nystrom(_layer_norm(t, model.layer1.norm), model.layer1.attn, False, conv)
     t = _ppeg(t + out, model.pos_layer, side)
-    out, row = _nystrom(_layer_norm(t, model.layer2.norm), model.layer2.attn, True)
+    out, row = _nystrom(_layer_norm(t, model.layer2.norm), model.layer2.attn, True, conv)
     t = t + out
     logits = _layer_norm(t, model.norm)[0] @ _np(model._fc2.weight).T + _np(model._fc2.bias)
     return logits, row.mean(0)[1:n + 1]
 
 
+@pytest.mark.parametrize("class_token_residual", [True, False])
 @pytest.mark.parametrize("n", [7, 2, 19])
-def test_transmil_reproduces_the_papers_equations(n):
+def test_transmil_reproduces_the_papers_equations(n, class_token_residual):
     torch.manual_seed(3)
-    model = build_model("transmil", 6, 3, dim=8, heads=2).eval()  # landmarks = dim / 2 = 4
+    model = build_model("transmil", 6, 3, dim=8, heads=2,  # landmarks = dim / 2 = 4
+                        class_token_residual=class_token_residual).eval()
     for p in model.parameters():  # larger weights than the init, so every part moves the output
         p.data.normal_(0, 0.5)
     x = torch.randn(n, 6)
@@ -112,6 +118,37 @@ def test_transmil_reproduces_the_papers_equations(n):
     logits, attention = transmil_oracle(model, x.double().numpy())
     np.testing.assert_allclose(out.logits[0].numpy(), logits, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out.attention.numpy(), attention, rtol=1e-4, atol=1e-5)
+
+
+def test_the_class_token_residual_reads_the_first_instances_by_position():
+    """The reference's value convolution (kernel 33) at the class token reads the bag's first instances by
+    position: moving one instance from the front of the bag to the back changes the logits (with no dropout,
+    the rest of the head is nearly order-free). Without it at the class token the change is far smaller."""
+    torch.manual_seed(1)
+    x = torch.randn(40, 6)
+    x[0] += 20.0  # one distinct instance, first in the bag
+    moved = torch.cat([x[1:], x[:1]])
+    change = {}
+    for flag in (True, False):
+        torch.manual_seed(2)
+        model = build_model("transmil", 6, 2, dim=16, heads=2, landmarks=64, class_token_residual=flag).eval()
+        with torch.no_grad():
+            for conv in (model.pos_layer.proj, model.pos_layer.proj1, model.pos_layer.proj2):
+                conv.weight.zero_()  # PPEG off, so only the value convolution sees the order
+                conv.bias.zero_()
+            change[flag] = float((model(x).logits - model(moved).logits).abs().max())
+    assert change[True] > 10 * change[False]
+
+
+def test_train_mil_builds_transmil_without_the_class_token_residual(tmp_path):
+    from mil.config import MILConfig, effective_model_kwargs
+
+    cfg = MILConfig(features=f"{tmp_path}@20x", labels="l.csv", splits=str(tmp_path), out=str(tmp_path / "o"),
+                    model="transmil")
+    assert effective_model_kwargs(cfg)["class_token_residual"] is False
+    explicit = MILConfig(features=f"{tmp_path}@20x", labels="l.csv", splits=str(tmp_path), out=str(tmp_path / "o"),
+                         model="transmil", model_kwargs={"class_token_residual": True})
+    assert effective_model_kwargs(explicit)["class_token_residual"] is True
 
 
 def test_iterative_pinv_approaches_the_pseudo_inverse():

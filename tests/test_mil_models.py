@@ -158,6 +158,23 @@ def test_attention_heads_sum_to_one():
         assert math.isclose(float(out.attention.detach().sum()), 1.0, rel_tol=1e-5), name
 
 
+@pytest.mark.parametrize("name", ["abmil", "clam_sb", "clam_mb", "dsmil", "mean", "max"])
+def test_order_free_heads_do_not_read_instance_positions(name):
+    """A bag is a set: reordering its instances permutes the attention and leaves the logits as they were (in
+    eval mode). TransMIL (PPEG, the value convolution) and DTFD (a fixed split into pseudo-bags by position)
+    read the order by design and are not in this list."""
+    torch.manual_seed(4)
+    x = torch.randn(37, 12)
+    x[0] += 5.0  # a distinct first instance, as a position-reading head would notice
+    order = torch.randperm(37)
+    model = build_model(name, 12, 2, **SMALL[name]).eval()
+    with torch.no_grad():
+        out, shuffled = model(x), model(x[order])
+    torch.testing.assert_close(shuffled.logits, out.logits, rtol=1e-5, atol=1e-6)
+    if out.attention is not None:
+        torch.testing.assert_close(shuffled.attention, out.attention[..., order], rtol=1e-5, atol=1e-6)
+
+
 def _svm(scores: torch.Tensor, target: int) -> float:
     """Smooth top-1 SVM (alpha 1, tau 1) of one row, written out: log sum_j exp(1[j != y] + s_j - s_y)."""
     return math.log(sum(math.exp((0.0 if j == target else 1.0) + float(scores[j] - scores[target]))
