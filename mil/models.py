@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import inspect
 import math
 from typing import Callable, NamedTuple
 
@@ -54,6 +55,11 @@ def build_model(name: str, in_dim: int, n_classes: int, **kwargs) -> nn.Module:
     _load_all()
     if name not in MIL_MODELS:
         raise ConfigError(f"unknown MIL model {name!r}: use one of {', '.join(sorted(MIL_MODELS))}")
+    params = inspect.signature(MIL_MODELS[name].__init__).parameters
+    for key, value in kwargs.items():  # a JSON "false" string would otherwise switch a flag on
+        if key in params and params[key].annotation in (bool, "bool") and not isinstance(value, bool):
+            raise ConfigError(f"model argument {key}={value!r} of {name!r} must be true or false; "
+                              "check --model-kwargs")
     try:
         return MIL_MODELS[name](in_dim=in_dim, n_classes=n_classes, **kwargs)
     except TypeError as exc:

@@ -287,6 +287,10 @@ def test_registry_rejects_unknown_names_bad_kwargs_and_duplicates():
         build_model("nope", 8, 2)
     with pytest.raises(ConfigError, match="bad model arguments for 'abmil'"):
         build_model("abmil", 8, 2, hiden=3)
+    for name, flag in (("transmil", "class_token_residual"), ("dsmil", "negative_stream"),
+                       ("clam_sb", "subtyping")):
+        with pytest.raises(ConfigError, match=f"{flag}='false' of '{name}' must be true or false"):
+            build_model(name, 8, 2, **{flag: "false"})
     with pytest.raises(ValueError, match="registered twice"):
         register_model("abmil")(type("Dup", (torch.nn.Module,), {}))
     with pytest.raises(ConfigError, match="transmil takes one bag"):
