@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mil.layers import Dropout, Linear, Sigmoid, bce_with_logits, linear, masked_softmax
+from mil.layers import (Dropout, EmbedGatedAttention, Linear, Sigmoid, bce_with_logits, fold_masks, keep_scale,
+                        linear, masked_softmax)
 from mil.losses import smooth_top1_svm_rows
 from zoomfeat.errors import ConfigError
 
@@ -145,6 +146,29 @@ class GatedAttention(nn.Module):
         return self.score(self.tanh_gate(h) * self.sigmoid_gate(h))
 
 
+def embed_and_attend(embed: nn.Sequential, attention: GatedAttention, x: torch.Tensor):
+    """``h = embed(x)`` and ``attention(h)``: with parameters stacked over folds (the training engine) one
+    :class:`mil.layers.EmbedGatedAttention` node, the same numbers up to rounding, with the dropout masks drawn
+    in the composition's order (embedding, tanh gate, sigmoid gate); under autocast its products run in the
+    autocast dtype. Otherwise the modules themselves."""
+    first, gate_t, gate_s = embed[0], attention.tanh_gate[0], attention.sigmoid_gate[0]
+    if first.weight.dim() != 3:
+        h = embed(x)
+        return h, attention(h)
+    device = x.device.type
+    low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    folds, rows = x.shape[0], x.shape[1:-1]
+    flat = x.reshape(folds, -1, x.shape[-1])
+    masks = [fold_masks(flat.shape[1:-1] + (layer.out_features,), drop.p, x.device) if embed.training else None
+             for layer, drop in ((first, embed[2]), (gate_t, attention.tanh_gate[2]),
+                                 (gate_s, attention.sigmoid_gate[2]))]
+    with torch.autocast(device, enabled=False):
+        h, scores = EmbedGatedAttention.apply(flat, first.weight, first.bias, gate_t.weight, gate_t.bias,
+                                              gate_s.weight, gate_s.bias, attention.score.weight,
+                                              attention.score.bias, *masks, keep_scale(embed[2].p), low)
+    return h.reshape(folds, *rows, h.shape[-1]), scores.reshape(folds, *rows, scores.shape[-1])
+
+
 @register_model("abmil")
 class ABMIL(MILHead):
     """Gated-attention MIL: Linear(D, 512) + ReLU + Dropout(0.25), attention 512 -> 256 -> 1, Linear(512, C)."""
@@ -157,8 +181,8 @@ class ABMIL(MILHead):
         self.classifier = Linear(hidden, n_classes)
 
     def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
-        h = self.embed(x)  # [*F, B, N, H]
-        a = masked_softmax(self.attention(h).squeeze(-1), mask)  # [*F, B, N]
+        h, scores = embed_and_attend(self.embed, self.attention, x)  # [*F, B, N, H], [*F, B, N, 1]
+        a = masked_softmax(scores.squeeze(-1), mask)  # [*F, B, N]
         pooled = _pool(a.unsqueeze(-2), h).squeeze(-2)  # [*F, B, H]
         return BagsOutput(self.classifier(pooled), a, None)
 
@@ -189,8 +213,8 @@ class _CLAMBase(MILHead):
 
     def _attend(self, x, mask):
         """h [*F, B, N, H] and attention [*F, B, branches, N]."""
-        h = self.embed(x)
-        scores = self.attention(h).transpose(-1, -2)
+        h, scores = embed_and_attend(self.embed, self.attention, x)
+        scores = scores.transpose(-1, -2)
         return h, masked_softmax(scores, None if mask is None else mask.unsqueeze(-2))
 
     def _cluster_losses(self, h, a, classifier, k, k_bag, mask):

@@ -15,6 +15,8 @@ The loop (no Lightning, no DataLoader: its per-step hooks and collation cost mor
   call of the head computes all of them (:mod:`mil.layers`); each fold keeps its own optimiser state, dropout
   generator and early-stopping state. A fold trained alone runs the same code with F = 1 and gets bit-identical
   weights and predictions (tested);
+- ABMIL's and CLAM's embedding + gated attention run as one autograd node with a hand-written backward
+  (:class:`mil.layers.EmbedGatedAttention`), dropout masks from 64-bit random words (:func:`mil.layers.keep_mask`);
 - AdamW-free fused Adam (or RAdam + Lookahead), the head's LR schedule, per-fold gradient clipping, bf16
   autocast on a GPU and with ``--precision bf16`` on a CPU (:func:`mil.config.training_plan`); Linear weights
   are held transposed so that their gradients arrive in the parameters' layout (no copy per step);
