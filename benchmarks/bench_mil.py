@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from mil.bags import BagStore, FeatureSpec  # noqa: E402
-from mil.config import MILConfig, make_protocol, training_plan  # noqa: E402
+from mil.config import MILConfig, effective_model_kwargs, make_protocol, training_plan  # noqa: E402
 from mil.metrics import auroc  # noqa: E402
 from mil.models import build_model  # noqa: E402
 from mil.losses import bag_loss  # noqa: E402
@@ -60,7 +60,7 @@ def plain_fold(cfg: MILConfig, dim: int, data: FoldData, feats: dict, epochs: in
     """The reference loop (Adam with the run's lr, betas and weight decay; constant LR); returns (seconds per
     epoch list, test AUC)."""
     torch.manual_seed(seed)
-    model = build_model(cfg.model, dim, 2, **cfg.model_kwargs)
+    model = build_model(cfg.model, dim, 2, **effective_model_kwargs(cfg))  # the head train-mil builds
     opt = torch.optim.Adam(model.parameters(), lr=cfg.protocol.lr, betas=training_plan(cfg).recipe.betas,
                            weight_decay=cfg.protocol.weight_decay)
     order = torch.Generator().manual_seed(seed)

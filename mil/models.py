@@ -217,23 +217,29 @@ class _CLAMBase(MILHead):
         scores = scores.transpose(-1, -2)
         return h, masked_softmax(scores, None if mask is None else mask.unsqueeze(-2))
 
-    def _cluster_losses(self, h, a, classifier, k, k_bag, mask):
-        """Per-bag (in-class, out-of-class) instance losses of one class; ``a`` [*F, B, N]."""
+    def _cluster_losses(self, h, a, classifier, k, k_bag, mask, need_in: bool, need_out: bool):
+        """Per-bag (in-class, out-of-class) instance losses of one class; ``a`` [*F, B, N]; either is None when
+        not needed (no bag of the step has the class, or every bag has it, or no ``subtyping``)."""
         valid = (torch.arange(k, device=h.device) < k_bag.unsqueeze(-1)).to(h.dtype)  # [B, k]
         fill = float("-inf")
         top_a = a if mask is None else a.masked_fill(~mask, fill)
-        low_a = -a if mask is None else (-a).masked_fill(~mask, fill)
         top = classifier(_gather_rows(h, torch.topk(top_a, k, dim=-1).indices))  # [*F, B, k, 2]
-        low = classifier(_gather_rows(h, torch.topk(low_a, k, dim=-1).indices))
         ones = torch.ones(top.shape[:-1], dtype=torch.long, device=h.device)
-        pos, neg = smooth_top1_svm_rows(top, ones), smooth_top1_svm_rows(low, ones * 0)
         count = k_bag.to(h.dtype)
-        in_class = ((pos * valid).sum(-1) + (neg * valid).sum(-1)) / (2 * count).clamp(min=1)
-        out_class = (smooth_top1_svm_rows(top, ones * 0) * valid).sum(-1) / count.clamp(min=1)
+        in_class = out_class = None
+        if need_in:
+            low_a = -a if mask is None else (-a).masked_fill(~mask, fill)
+            low = classifier(_gather_rows(h, torch.topk(low_a, k, dim=-1).indices))
+            pos, neg = smooth_top1_svm_rows(top, ones), smooth_top1_svm_rows(low, ones * 0)
+            in_class = ((pos * valid).sum(-1) + (neg * valid).sum(-1)) / (2 * count).clamp(min=1)
+        if need_out:
+            out_class = (smooth_top1_svm_rows(top, ones * 0) * valid).sum(-1) / count.clamp(min=1)
         return in_class, out_class
 
     def _instance_loss(self, h, attn, label, mask):
-        """Per-bag loss [*F, B] and the bags it applies to [B] (``attn`` [*F, B, branches, N])."""
+        """Per-bag loss [*F, B] and the bags it applies to [B] (``attn`` [*F, B, branches, N]). As CLAM's
+        reference, a class's in-class clustering is computed only for its own bags and the out-of-class one
+        (subtyping) only for the other bags: a step skips what none of its bags uses."""
         n = h.shape[-2] if mask is None else None
         sizes = torch.full(label.shape, n, device=h.device) if mask is None else mask.sum(-1)
         k_bag = torch.clamp(sizes // 2, max=self.k_sample)
@@ -242,10 +248,17 @@ class _CLAMBase(MILHead):
             return None, None
         total = 0.0
         for c, classifier in enumerate(self.instance_classifiers):
+            own = label == c
+            need_in, need_out = bool(own.any()), self.subtyping and not bool(own.all())
+            if not (need_in or need_out):
+                continue
             a = attn[..., c if attn.shape[-2] > 1 else 0, :]
-            in_class, out_class = self._cluster_losses(h, a, classifier, k, k_bag, mask)
-            own = (label == c).to(h.dtype)
-            total = total + own * in_class + (0.0 if not self.subtyping else (1.0 - own) * out_class)
+            in_class, out_class = self._cluster_losses(h, a, classifier, k, k_bag, mask, need_in, need_out)
+            own = own.to(h.dtype)
+            if in_class is not None:
+                total = total + own * in_class
+            if out_class is not None:
+                total = total + (1.0 - own) * out_class
         if self.subtyping:
             total = total / self.n_classes
         return total, k_bag >= 1
