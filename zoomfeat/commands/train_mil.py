@@ -91,7 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     speed = parser.add_argument_group("speed")  # mil.train (issue 20)
     speed.add_argument("--all-folds", action="store_true",
                        help="train the selected folds at once, parameters stacked per fold: the same numbers as "
-                            "one fold after another, faster (default: one by one; not with --balanced)")
+                            "one fold after another; faster where a step is overhead-bound (small heads, DSMIL: "
+                            "~2x at 5 folds on a CPU), ~0.8-0.9x for default-width ABMIL/CLAM on a CPU "
+                            "(benchmarks/RESULTS.md; default: one by one; not with --balanced)")
     speed.add_argument("--bags-per-step", type=int, default=None, metavar="B",
                        help="bags per optimiser step, padded and masked; TransMIL and DTFD take 1 (default: the "
                             "head's recipe, 1). A step holds B consecutive bags of the shared epoch order, also "
@@ -99,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "a CPU in fp32 not faster (benchmarks/RESULTS.md)")
     speed.add_argument("--precision", default="auto",
                        help="auto (bf16 autocast on a GPU, fp32 on the CPU), fp32 or bf16 (default auto); bf16 "
-                            "on a CPU with AMX/AVX-512 BF16 cut a default ABMIL epoch by ~9%% (benchmarks/RESULTS.md)")
+                            "on a CPU with AMX/AVX-512 BF16 cut a default ABMIL epoch by ~6-9%% (benchmarks/RESULTS.md)")
 
 
 def _model_kwargs(text: str) -> dict:
