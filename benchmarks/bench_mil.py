@@ -38,7 +38,7 @@ from mil.config import MILConfig, effective_model_kwargs, make_protocol, trainin
 from mil.metrics import auroc  # noqa: E402
 from mil.models import build_model  # noqa: E402
 from mil.losses import bag_loss  # noqa: E402
-from mil.train import Engine, FoldData, epoch_order, make_bags  # noqa: E402
+from mil.train import Engine, FoldData, epoch_order, make_bags, retain_freed_memory  # noqa: E402
 from mil_data import planted_cohort  # noqa: E402
 from splits.io import read_splits_dir  # noqa: E402
 
@@ -110,12 +110,14 @@ def main() -> None:
                    help="train-mil's --instance-sample (the plain loop always sees whole bags)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="train-mil's precision (bf16: autocast; the plain loop stays fp32, as its scripts run)")
+    p.add_argument("--compile", action="store_true", help="train-mil's --compile (the plain loop stays eager)")
     p.add_argument("--model-kwargs", default="{}", help="head arguments, JSON (default: the head's defaults)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="/tmp/bench_mil")
     args = p.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as train-mil does (mil.train.run_folds); the plain loop's time does not move with it
     sizes = tuple(int(v) for v in args.instances.split(","))
     root, target, folds = cohort(Path(args.work), args.slides, args.dim, sizes, args.folds)
     spec = f"{root / 'feats'}@20x"
@@ -125,7 +127,7 @@ def main() -> None:
                     model=args.model, model_kwargs=json.loads(args.model_kwargs),
                     protocol=make_protocol("hipt", epochs=args.epochs), seed=args.seed,
                     bags_per_step=args.bags_per_step, instance_sample=args.instance_sample,
-                    precision=args.precision)
+                    precision=args.precision, compile=args.compile)
     bags = make_bags(store, sorted(target), "cpu", True)
     order = epoch_order([d.parts["train"] for _, d in folds], target, lambda s: True)
     best = {"plain": [], "sequential": [], "all_folds": []}
@@ -145,7 +147,7 @@ def main() -> None:
         "model": args.model, "model_kwargs": cfg.model_kwargs, "slides": args.slides, "dim": args.dim,
         "instances": sizes, "epochs": args.epochs, "folds": len(folds), "threads": args.threads,
         "bags_per_step": training_plan(cfg).bags_per_step,
-        "instance_sample": args.instance_sample, "precision": args.precision,
+        "instance_sample": args.instance_sample, "precision": args.precision, "compile": args.compile,
         "epoch_s_all_folds_summed": {k: round(v, 3) for k, v in epoch.items()},
         "ratio_sequential_vs_plain": round(epoch["sequential"] / epoch["plain"], 3),
         "ratio_all_folds_vs_plain": round(epoch["all_folds"] / epoch["plain"], 3),

@@ -94,6 +94,7 @@ class MILConfig:
     augment: str | None = None  # folder of synthetic copies (zoomfeat synthesize): added to training folds only
     train_fraction: float = 1.0  # of each fold's training patients (stratified, seeded, nested); mil.augment
     instance_sample: float = 1.0  # share of each training bag's instances drawn per step (1: all; mil.train)
+    compile: bool = False  # the head's written-out training step through torch.compile (heads with one: abmil)
 
     def __post_init__(self) -> None:
         p = self.protocol
@@ -144,6 +145,10 @@ def validate(cfg: MILConfig) -> None:
     _check(cfg.bags_per_step is None or limit is None or cfg.bags_per_step <= limit,
            f"--bags-per-step {cfg.bags_per_step}: {cfg.model} takes at most {limit} bag per step (no padding)")
     _check(cfg.precision in PRECISIONS, f"unknown --precision {cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
+    fused = [name for name, cls in sorted(MIL_MODELS.items()) if hasattr(cls, "fused_step")]
+    _check(not cfg.compile or cfg.model in fused,
+           f"--compile applies to the heads whose training step is written out ({', '.join(fused)}), not "
+           f"{cfg.model}; drop --compile")
     _check(not (cfg.all_folds and cfg.balanced),
            "--all-folds needs the shared shuffled bag order; drop --balanced (or --all-folds)")
 
@@ -228,6 +233,7 @@ class TrainingPlan:
     precision: str  # "fp32" | "bf16"
     model_kwargs: dict = field(default_factory=dict)  # the head's arguments beyond its defaults
     instance_sample: float = 1.0  # share of a training bag's instances in each step
+    compile: bool = False  # the written-out training step through torch.compile
 
 
 def training_plan(cfg: MILConfig, device: str = "cpu") -> TrainingPlan:
@@ -243,7 +249,7 @@ def training_plan(cfg: MILConfig, device: str = "cpu") -> TrainingPlan:
     if precision == "auto":
         precision = "bf16" if device.startswith("cuda") else "fp32"
     return TrainingPlan(cfg.model, cfg.protocol, recipe, bags, dict(getattr(cls, "clip_groups", {})), precision,
-                        effective_model_kwargs(cfg), float(cfg.instance_sample))
+                        effective_model_kwargs(cfg), float(cfg.instance_sample), bool(cfg.compile))
 
 
 def describe_plan(plan: TrainingPlan) -> str:
@@ -263,8 +269,9 @@ def describe_plan(plan: TrainingPlan) -> str:
     given = ", ".join(f"{k}={v}" for k, v in sorted(plan.model_kwargs.items()))
     sampled = (f", each step seeing a random {plan.instance_sample:.0%} of the bag's instances (seeded per slide "
                "and epoch; evaluation on whole bags)" if plan.instance_sample < 1 else "")
+    compiled = ", training step compiled (torch.compile)" if plan.compile else ""
     args = f" (head defaults); head arguments {given}" if given else " (head defaults)"
     return (f"training plan: {plan.model} under protocol {p.name}: the protocol fixes {p.epochs} epochs (max) "
             f"and {stop}; the head's recipe ({r.source}): {opt} lr {p.lr:g}, betas {r.betas[0]:g}/{r.betas[1]:g}, "
             f"weight decay {p.weight_decay:g}, {schedule[r.schedule]}{clip}; loss {r.loss}{args}; {plan.bags_per_step} bag(s) per "
-            f"optimiser step{sampled}; {plan.precision} (--lr/--weight-decay/--epochs... override any of them)")
+            f"optimiser step{sampled}; {plan.precision}{compiled} (--lr/--weight-decay/--epochs... override any of them)")

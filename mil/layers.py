@@ -197,6 +197,17 @@ def fold_masks(shape: tuple[int, ...], p: float, device) -> torch.Tensor | None:
     return torch.stack([keep_mask(shape, p, g, device) for g in gens])
 
 
+_COMPILED: dict = {}
+
+
+def compiled_step(fn):
+    """``fn`` through ``torch.compile`` with dynamic shapes (bags of every size share one compiled graph), made
+    once per process. Elementwise passes are fused into generated loops; the matrix products stay the library's."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor, low: torch.dtype | None, add: torch.Tensor | None = None) -> torch.Tensor:
     """``add + a @ b`` (batched) in float32; with ``low`` (bf16) the product of the operands cast to it."""
     if low is None:
@@ -205,10 +216,67 @@ def _mm(a: torch.Tensor, b: torch.Tensor, low: torch.dtype | None, add: torch.Te
     return y if add is None else y.add_(add)
 
 
+def embed_gated_forward(x, w1, b1, wa, ba, wb, bb, wc, bc, m1, ma, mb, low):
+    """Forward of :class:`EmbedGatedAttention` as a plain function: ``(h, scores, saved)``, ``saved`` being what
+    :func:`embed_gated_backward` needs (also used by whole training steps written out, :mod:`mil.models`)."""
+    cast = (lambda t: t) if low is None else (lambda t: t.to(low))
+    x, w1, wa, wb = cast(x), cast(w1), cast(wa), cast(wb)
+    h = _mm(x, w1.transpose(1, 2), low, b1.unsqueeze(1)).clamp_(min=0.0)
+    if m1 is not None:
+        h.mul_(m1)
+    hl = cast(h)
+    t = _mm(hl, wa.transpose(1, 2), low, ba.unsqueeze(1)).tanh_()
+    s = _mm(hl, wb.transpose(1, 2), low, bb.unsqueeze(1)).clamp_(min=-80.0).neg_().exp_().add_(1.0)
+    s.reciprocal_()
+    ta = t if ma is None else t * ma
+    sb = s if mb is None else s * mb
+    g = ta * sb
+    if wc.shape[1] == 1:  # as mil.layers.linear: no matrix-vector kernel, whose choice depends on F
+        scores = (g * wc).sum(-1, keepdim=True) + bc.unsqueeze(1)
+    else:
+        scores = _mm(g, wc.transpose(1, 2), low, bc.unsqueeze(1))
+    return h, scores, (x, w1, h, hl, wa, t, ta, wb, s, sb, g, wc, ma, mb)
+
+
+def embed_gated_backward(saved, dh, dscores, keep_scale, low, need_dx: bool):
+    """Backward of :class:`EmbedGatedAttention` as a plain function: the gradients of (x, w1, b1, wa, ba, wb,
+    bb, wc, bc) from ``dh`` and ``dscores`` (``keep_scale``: the value of the embedding mask's kept elements,
+    None without that mask; dx only with ``need_dx``). Weight gradients are transposed views of products laid
+    out like the engine's held weights ([F, in, out])."""
+    x, w1, h, hl, wa, t, ta, wb, s, sb, g, wc, ma, mb = saved
+    if wc.shape[1] == 1:
+        dg = dscores * wc
+        dwc = (g * dscores).sum(-2, keepdim=True)
+    else:
+        dg = _mm(dscores, wc, low)
+        dwc = _mm(g.transpose(1, 2), dscores, low).transpose(1, 2)
+    dbc = dscores.sum(-2)
+    da = dg * sb  # d tanh output
+    if ma is not None:
+        da.mul_(ma)
+    da.mul_(1.0 - t * t)
+    db = dg * ta  # d sigmoid output
+    if mb is not None:
+        db.mul_(mb)
+    db.mul_(s - s * s)
+    dba, dbb = da.sum(-2), db.sum(-2)
+    if low is not None:  # each cast once: both are used twice
+        da, db = da.to(low), db.to(low)
+    dh = _mm(db, wb, low, _mm(da, wa, low, dh))
+    dpre = dh.mul_(torch.sign(h))  # h > 0 exactly where the ReLU passed and the mask kept
+    if keep_scale is not None:
+        dpre.mul_(keep_scale)
+    dx = _mm(dpre, w1, low) if need_dx else None
+    dw1 = _mm(x.transpose(1, 2), dpre, low).transpose(1, 2)
+    dwa = _mm(hl.transpose(1, 2), da, low).transpose(1, 2)
+    dwb = _mm(hl.transpose(1, 2), db, low).transpose(1, 2)
+    return dx, dw1, dpre.sum(-2), dwa, dba, dwb, dbb, dwc, dbc
+
+
 class EmbedGatedAttention(torch.autograd.Function):
     """``h = Dropout(ReLU(x W1 + b1))`` and gated-attention scores ``(Dropout(tanh(h Wa + ba)) *
     Dropout(sigmoid(h Wb + bb))) wc + bc`` of stacked folds as one autograd node (the shared first stage of
-    ABMIL and CLAM), with the backward written out.
+    ABMIL and CLAM), with the backward written out (:func:`embed_gated_forward`, :func:`embed_gated_backward`).
 
     ``x`` [F, M, D]; weights as bound by the engine ([F, out, in] views of weights held [F, in, out]),
     biases [F, out]; dropout masks [F, M, out] or None (:func:`fold_masks`), ``scale1`` the value of ``m1``'s
@@ -221,54 +289,12 @@ class EmbedGatedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, wa, ba, wb, bb, wc, bc, m1, ma, mb, scale1, low):
-        cast = (lambda t: t) if low is None else (lambda t: t.to(low))
-        x, w1, wa, wb = cast(x), cast(w1), cast(wa), cast(wb)
-        h = _mm(x, w1.transpose(1, 2), low, b1.unsqueeze(1)).clamp_(min=0.0)
-        if m1 is not None:
-            h.mul_(m1)
-        hl = cast(h)
-        t = _mm(hl, wa.transpose(1, 2), low, ba.unsqueeze(1)).tanh_()
-        s = _mm(hl, wb.transpose(1, 2), low, bb.unsqueeze(1)).clamp_(min=-80.0).neg_().exp_().add_(1.0)
-        s.reciprocal_()
-        ta = t if ma is None else t * ma
-        sb = s if mb is None else s * mb
-        g = ta * sb
-        if wc.shape[1] == 1:  # as mil.layers.linear: no matrix-vector kernel, whose choice depends on F
-            scores = (g * wc).sum(-1, keepdim=True) + bc.unsqueeze(1)
-        else:
-            scores = _mm(g, wc.transpose(1, 2), low, bc.unsqueeze(1))
-        ctx.save_for_backward(x, w1, h, hl, wa, t, ta, wb, s, sb, g, wc, ma, mb)
+        h, scores, saved = embed_gated_forward(x, w1, b1, wa, ba, wb, bb, wc, bc, m1, ma, mb, low)
+        ctx.save_for_backward(*saved)
         ctx.keep_scale, ctx.low = (None if m1 is None else scale1), low
         return h, scores
 
     @staticmethod
     def backward(ctx, dh, dscores):
-        x, w1, h, hl, wa, t, ta, wb, s, sb, g, wc, ma, mb = ctx.saved_tensors
-        low = ctx.low
-        if wc.shape[1] == 1:
-            dg = dscores * wc
-            dwc = (g * dscores).sum(-2, keepdim=True)
-        else:
-            dg = _mm(dscores, wc, low)
-            dwc = _mm(g.transpose(1, 2), dscores, low).transpose(1, 2)
-        dbc = dscores.sum(-2)
-        da = dg * sb  # d tanh output
-        if ma is not None:
-            da.mul_(ma)
-        da.mul_(1.0 - t * t)
-        db = dg * ta  # d sigmoid output
-        if mb is not None:
-            db.mul_(mb)
-        db.mul_(s - s * s)
-        dba, dbb = da.sum(-2), db.sum(-2)
-        if low is not None:  # each cast once: both are used twice
-            da, db = da.to(low), db.to(low)
-        dh = _mm(db, wb, low, _mm(da, wa, low, dh))
-        dpre = dh.mul_(torch.sign(h))  # h > 0 exactly where the ReLU passed and the mask kept
-        if ctx.keep_scale is not None:
-            dpre.mul_(ctx.keep_scale)
-        dx = _mm(dpre, w1, low) if ctx.needs_input_grad[0] else None
-        dw1 = _mm(x.transpose(1, 2), dpre, low).transpose(1, 2)
-        dwa = _mm(hl.transpose(1, 2), da, low).transpose(1, 2)
-        dwb = _mm(hl.transpose(1, 2), db, low).transpose(1, 2)
-        return (dx, dw1, dpre.sum(-2), dwa, dba, dwb, dbb, dwc, dbc) + (None,) * 5
+        grads = embed_gated_backward(ctx.saved_tensors, dh, dscores, ctx.keep_scale, ctx.low, ctx.needs_input_grad[0])
+        return grads + (None,) * 5

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mil.layers import (Dropout, EmbedGatedAttention, Linear, Sigmoid, bce_with_logits, fold_masks, keep_scale,
-                        linear, masked_softmax)
+from mil.layers import (Dropout, EmbedGatedAttention, Linear, Sigmoid, bce_with_logits, compiled_step,
+                        embed_gated_backward, embed_gated_forward, fold_masks, keep_scale, linear, masked_softmax)
 from mil.losses import smooth_top1_svm_rows
 from zoomfeat.errors import ConfigError
 
@@ -146,6 +146,15 @@ class GatedAttention(nn.Module):
         return self.score(self.tanh_gate(h) * self.sigmoid_gate(h))
 
 
+def _gate_masks(embed: nn.Sequential, attention: GatedAttention, rows: int, device) -> list:
+    """The dropout masks [F, rows, out] of the embedding, tanh gate and sigmoid gate, drawn in that order (the
+    modules' order) from the active fold generators; Nones in eval mode or for p = 0."""
+    layers = ((embed[0], embed[2]), (attention.tanh_gate[0], attention.tanh_gate[2]),
+              (attention.sigmoid_gate[0], attention.sigmoid_gate[2]))
+    return [fold_masks((rows, layer.out_features), drop.p, device) if embed.training else None
+            for layer, drop in layers]
+
+
 def embed_and_attend(embed: nn.Sequential, attention: GatedAttention, x: torch.Tensor):
     """``h = embed(x)`` and ``attention(h)``: with parameters stacked over folds (the training engine) one
     :class:`mil.layers.EmbedGatedAttention` node, the same numbers up to rounding, with the dropout masks drawn
@@ -159,14 +168,48 @@ def embed_and_attend(embed: nn.Sequential, attention: GatedAttention, x: torch.T
     low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     folds, rows = x.shape[0], x.shape[1:-1]
     flat = x.reshape(folds, -1, x.shape[-1])
-    masks = [fold_masks(flat.shape[1:-1] + (layer.out_features,), drop.p, x.device) if embed.training else None
-             for layer, drop in ((first, embed[2]), (gate_t, attention.tanh_gate[2]),
-                                 (gate_s, attention.sigmoid_gate[2]))]
+    masks = _gate_masks(embed, attention, flat.shape[1], x.device)
     with torch.autocast(device, enabled=False):
         h, scores = EmbedGatedAttention.apply(flat, first.weight, first.bias, gate_t.weight, gate_t.bias,
                                               gate_s.weight, gate_s.bias, attention.score.weight,
                                               attention.score.bias, *masks, keep_scale(embed[2].p), low)
     return h.reshape(folds, *rows, h.shape[-1]), scores.reshape(folds, *rows, scores.shape[-1])
+
+
+def gated_attention_step(x, mask, label, weight, w1, b1, wa, ba, wb, bb, wc, bc, wcls, bcls, m1, ma, mb,
+                         scale1: float, low):
+    """One training step of ABMIL on stacked folds, forward and backward written out (no autograd graph).
+
+    ``x`` [F, B, N, D] (padded bags), ``mask`` [B, N] (True = a real instance) or None, ``label`` [B],
+    ``weight`` [F, B] (1 for the fold's own bags of the step, 0 for others); weights bound as the engine binds
+    them ([F, out, in] views), biases [F, out]; dropout masks as :func:`mil.layers.embed_gated_forward` takes
+    them; ``low``: None or the dtype of the bag-sized products (the pooling, classifier and loss stay in
+    float32). Returns each fold's loss [F], the weighted mean of its bags' cross-entropies, and the gradients
+    of (w1, b1, wa, ba, wb, bb, wc, bc, wcls, bcls) in those shapes, weight gradients as transposed views of
+    products laid out [F, in, out]. The same arithmetic as autograd of :class:`ABMIL` (tested against it in
+    float64), without its ~30 nodes; each fold's slice uses the same kernels whatever F (see mil.layers)."""
+    folds, bags, n, dim = x.shape
+    flat = x.reshape(folds, bags * n, dim)
+    h, scores, saved = embed_gated_forward(flat, w1, b1, wa, ba, wb, bb, wc, bc, m1, ma, mb, low)
+    hb = h.reshape(folds, bags, n, h.shape[-1])
+    a = masked_softmax(scores.reshape(folds, bags, n), mask)  # [F, B, N]
+    pooled = _pool(a.unsqueeze(-2), hb).squeeze(-2)  # [F, B, H]
+    logp = torch.log_softmax(linear(pooled, wcls, bcls), dim=-1)  # [F, B, C]
+    index = label.reshape(1, bags, 1).expand(folds, bags, 1)
+    ce = -logp.gather(-1, index).squeeze(-1)  # [F, B]
+    total = weight.sum(-1, keepdim=True)
+    loss = (ce * weight).sum(-1) / total.squeeze(-1)
+    # backward: d loss / d logits = share * (softmax - one-hot), then the classifier, pooling, softmax
+    dlogits = logp.exp().scatter_add_(-1, index, torch.full_like(ce, -1.0).unsqueeze(-1))
+    dlogits.mul_((weight / total).unsqueeze(-1))
+    dwcls = torch.bmm(pooled.transpose(1, 2), dlogits).transpose(1, 2)  # [F, C, H] view of [F, H, C]
+    dpooled = torch.bmm(dlogits, wcls)  # [F, B, H]
+    dh = a.unsqueeze(-1) * dpooled.unsqueeze(-2)  # [F, B, N, H]
+    da = (dpooled.unsqueeze(-2) @ hb.transpose(-1, -2)).squeeze(-2)  # [F, B, N]
+    dscores = a * (da - (a * da).sum(-1, keepdim=True))
+    grads = embed_gated_backward(saved, dh.reshape(folds, bags * n, -1), dscores.reshape(folds, bags * n, 1),
+                                 None if m1 is None else scale1, low, False)
+    return loss, grads[1:] + (dwcls, dlogits.sum(1))
 
 
 @register_model("abmil")
@@ -185,6 +228,21 @@ class ABMIL(MILHead):
         a = masked_softmax(scores.squeeze(-1), mask)  # [*F, B, N]
         pooled = _pool(a.unsqueeze(-2), h).squeeze(-2)  # [*F, B, H]
         return BagsOutput(self.classifier(pooled), a, None)
+
+    def fused_step(self, x, mask, label, weight, low=None, compiled: bool = False):
+        """The engine's training step (parameters bound stacked, inside :func:`mil.layers.fold_generators`):
+        each fold's loss [F] and {parameter name: gradient} from :func:`gated_attention_step`, with the dropout
+        masks the modules would draw; ``compiled``: that function through ``torch.compile``."""
+        first, gate_t, gate_s = self.embed[0], self.attention.tanh_gate[0], self.attention.sigmoid_gate[0]
+        masks = _gate_masks(self.embed, self.attention, x.shape[-3] * x.shape[-2], x.device)
+        step = compiled_step(gated_attention_step) if compiled else gated_attention_step
+        loss, grads = step(x, mask, label, weight, first.weight, first.bias, gate_t.weight, gate_t.bias,
+                           gate_s.weight, gate_s.bias, self.attention.score.weight, self.attention.score.bias,
+                           self.classifier.weight, self.classifier.bias, *masks, keep_scale(self.embed[2].p), low)
+        names = ["embed.0.weight", "embed.0.bias", "attention.tanh_gate.0.weight", "attention.tanh_gate.0.bias",
+                 "attention.sigmoid_gate.0.weight", "attention.sigmoid_gate.0.bias", "attention.score.weight",
+                 "attention.score.bias", "classifier.weight", "classifier.bias"]
+        return loss, dict(zip(names, grads))
 
 
 class _CLAMBase(MILHead):

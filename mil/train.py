@@ -17,6 +17,8 @@ The loop (no Lightning, no DataLoader: its per-step hooks and collation cost mor
   weights and predictions (tested);
 - ABMIL's and CLAM's embedding + gated attention run as one autograd node with a hand-written backward
   (:class:`mil.layers.EmbedGatedAttention`), dropout masks from 64-bit random words (:func:`mil.layers.keep_mask`);
+  a head with its whole step written out (``fused_step``: ABMIL) runs that instead of autograd, optionally
+  through ``torch.compile`` (``--compile``);
 - AdamW-free fused Adam (or RAdam + Lookahead), the head's LR schedule, per-fold gradient clipping, bf16
   autocast on a GPU and with ``--precision bf16`` on a CPU (:func:`mil.config.training_plan`); Linear weights
   are held transposed so that their gradients arrive in the parameters' layout (no copy per step);
@@ -28,6 +30,7 @@ The loop (no Lightning, no DataLoader: its per-step hooks and collation cost mor
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 import zlib
@@ -79,6 +82,31 @@ class _Fold:
     epochs: int = 0
     order: torch.Generator | None = None  # balanced sampling: the fold's own order
     extra: dict = field(default_factory=dict)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+@functools.cache
+def retain_freed_memory() -> bool:
+    """Let glibc keep freed heap memory for reuse instead of returning it to the OS (once per process).
+
+    By default glibc serves blocks above a dynamic threshold with fresh mmaps and trims the heap whenever more
+    than twice that threshold is free at its top. A training step allocates and frees several ~1 MB activations
+    (3 stacked folds of a default ABMIL), so every step page-faulted its memory in again: 1.4 s of system time
+    in a 20 s benchmark and a 20% slower --all-folds epoch (benchmarks/RESULTS.md). With blocks up to 32 MB
+    from the heap and 256 MB of free heap kept, the pages stay mapped. True when set; False off glibc (nothing
+    is changed there)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 256 << 20))
 
 
 def resolve_device(accelerator: str) -> str:
@@ -140,6 +168,9 @@ class Engine:
         self.order_gen = torch.Generator().manual_seed(cfg.seed)
         self.targets = torch.tensor([order[s] for s in self.order_ids], dtype=torch.long)
         self.autocast = _autocast(device, plan.precision)
+        # a head with its training step written out (ABMIL) runs it instead of autograd
+        self.fused = getattr(self.head, "fused_step", None)
+        self._compiled = False
         self.eval_head = build_model(cfg.model, in_dim, n_classes, **effective_model_kwargs(cfg)).to(device)
 
     def _fold_state(self, k: int, data: FoldData) -> _Fold:
@@ -180,19 +211,40 @@ class Engine:
         x, mask = self._step_bags(chunk, epoch)
         y = self.targets[chunk].to(self.device)
         every = rows == list(range(len(self.folds)))
-        leaf = {n: (p if every else p[rows]).detach().requires_grad_(True) for n, p in self.params.items()}
         xs = x.unsqueeze(0).expand(len(rows), *x.shape)
-        with fold_generators([self.folds[r].generator for r in rows]), self.autocast(), self._bound(leaf):
-            out = self.head.forward_bags(xs, mask, y)
-            losses = self.head.bag_losses(out, y).float()  # [F, B]
         w = weights.to(self.device)
-        per_fold = (losses * w).sum(-1) / w.sum(-1)
-        # autograd.grad hands the gradients over as computed (.backward() would copy each into .grad)
-        grads = dict(zip(leaf, torch.autograd.grad(per_fold.sum(), list(leaf.values()), materialize_grads=True)))
+        if self.fused is not None:
+            per_fold, grads = self._fused_step(xs, mask, y, w, rows, every)
+        else:
+            leaf = {n: (p if every else p[rows]).detach().requires_grad_(True) for n, p in self.params.items()}
+            with fold_generators([self.folds[r].generator for r in rows]), self.autocast(), self._bound(leaf):
+                out = self.head.forward_bags(xs, mask, y)
+                losses = self.head.bag_losses(out, y).float()  # [F, B]
+            per_fold = (losses * w).sum(-1) / w.sum(-1)
+            # autograd.grad hands the gradients over as computed (.backward() would copy each into .grad)
+            grads = dict(zip(leaf, torch.autograd.grad(per_fold.sum(), list(leaf.values()),
+                                                       materialize_grads=True)))
         if self.plan.clip_groups:
             clip_per_fold(grads, self.plan.clip_groups)
         self.opt.step(grads, rows, lr)
         return per_fold.detach()
+
+    def _fused_step(self, xs, mask, y, w, rows: list[int], every: bool):
+        """The head's written-out step (no autograd graph): per-fold losses and gradients in the held layouts."""
+        params = {n: (p if every else p[rows]) for n, p in self.params.items()}
+        low = torch.bfloat16 if self.plan.precision == "bf16" else None
+        with fold_generators([self.folds[r].generator for r in rows]), self._bound(params):
+            if not self.plan.compile or self._compiled:
+                per_fold, grads = self.fused(xs, mask, y, w, low, self.plan.compile)
+            else:  # the first compiled call compiles: a missing compiler is a setup error, said once
+                try:
+                    per_fold, grads = self.fused(xs, mask, y, w, low, True)
+                except Exception as exc:  # torch.compile raises backend-specific types
+                    reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                    raise ConfigError(f"--compile: torch.compile failed ({reason}); it needs a C++ compiler on "
+                                      "the CPU (gcc or clang) or Triton on a GPU: install one or drop --compile")
+                self._compiled = True
+        return per_fold, {n: g.transpose(-1, -2) if n in self.transposed else g for n, g in grads.items()}
 
     @contextlib.contextmanager
     def _bound(self, tensors: dict[str, torch.Tensor]):
@@ -376,6 +428,7 @@ def run_folds(cfg: MILConfig, folds: dict[int, FoldData], order: dict[str, int],
         return
     device = resolve_device(cfg.accelerator)
     note(describe_plan(training_plan(cfg, device)))
+    retain_freed_memory()
     bags = make_bags(store, _needed(cfg, folds, order), device, cfg.cache)
     groups = [list(folds)] if cfg.all_folds else [[k] for k in folds]
     for group in groups:

@@ -1,0 +1,194 @@
+"""ABMIL's training step written out (mil.models.gated_attention_step): its loss and gradients against autograd
+of the head's definition written here, the engine's results with it against the engine's autograd path, the
+compiled step against the eager one, and the --compile option's boundaries."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import cli
+import mil.models
+from mil.bags import BagStore, FeatureSpec
+from mil.config import MILConfig, make_protocol, training_plan
+from mil.layers import compiled_step
+from mil.models import gated_attention_step
+from mil.train import Engine, FoldData, epoch_order, make_bags
+from mil_data import planted_cohort
+from splits.io import read_splits_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NAMES = ("w1", "b1", "wa", "ba", "wb", "bb", "wc", "bc", "wcls", "bcls")
+
+
+def _definition(x, mask, label, weight, w1, b1, wa, ba, wb, bb, wc, bc, wcls, bcls, m1, ma, mb):
+    """ABMIL (Ilse et al. 2018, gated attention) per fold and bag, weights [F, out, in]: h = Dropout(ReLU(x W1^T +
+    b1)), scores = (Dropout(tanh(h Wa^T + ba)) * Dropout(sigmoid(h Wb^T + bb))) wc^T + bc, attention = softmax over
+    the bag's real instances, logits = (attention h) Wcls^T + bcls; each fold's loss the weight-averaged
+    cross-entropy of its bags."""
+    folds, bags, n, _ = x.shape
+    losses = []
+    for f in range(folds):
+        total = 0.0
+        for b in range(bags):
+            rows = slice(b * n, b * n + int(mask[b].sum()))  # the bag's real instances come first
+            xb = x[f, b, :int(mask[b].sum())]
+            h = torch.relu(xb @ w1[f].T + b1[f]) * m1[f, rows]
+            gate = torch.tanh(h @ wa[f].T + ba[f]) * ma[f, rows] * torch.sigmoid(h @ wb[f].T + bb[f]) * mb[f, rows]
+            a = torch.softmax((gate @ wc[f].T + bc[f])[:, 0], dim=0)
+            logits = (a @ h) @ wcls[f].T + bcls[f]
+            total = total + weight[f, b] * -torch.log_softmax(logits, dim=0)[label[b]]
+        losses.append(total / weight[f].sum())
+    return torch.stack(losses)
+
+
+def _case(dtype=torch.float64, folds=2):
+    g = torch.Generator().manual_seed(3)
+    bags, n, d, hidden, attn, classes = 2, 7, 5, 6, 4, 3
+    shapes = {"w1": (hidden, d), "b1": (hidden,), "wa": (attn, hidden), "ba": (attn,), "wb": (attn, hidden),
+              "bb": (attn,), "wc": (1, attn), "bc": (1,), "wcls": (classes, hidden), "bcls": (classes,)}
+    values = {k: torch.randn(folds, *s, generator=g, dtype=dtype) for k, s in shapes.items()}
+    x = torch.randn(folds, bags, n, d, generator=g, dtype=dtype)
+    mask = torch.zeros(bags, n, dtype=torch.bool)
+    mask[0, :7], mask[1, :4] = True, True
+    x[:, 1, 4:] = 0.0  # padding, as mil.cache.pad_bags writes it
+    label = torch.tensor([2, 0])
+    weight = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=dtype)[:folds]  # fold 1 does not train on bag 0
+    scale = 4 / 3
+    masks = [(torch.rand(folds, bags * n, k, generator=g) > 0.25).to(dtype) * scale for k in (hidden, attn, attn)]
+    return x, mask, label, weight, values, masks, scale
+
+
+def _held(values):
+    """Leaves laid out as the engine holds them ([F, in, out] weights) and their bound [F, out, in] views."""
+    held = {k: (v.transpose(1, 2).contiguous() if k.startswith("w") else v.clone()) for k, v in values.items()}
+    return held, [held[k].transpose(1, 2) if k.startswith("w") else held[k] for k in NAMES]
+
+
+def test_written_out_abmil_step_matches_autograd_of_the_definition():
+    x, mask, label, weight, values, masks, scale = _case()
+    ref = {k: v.clone().requires_grad_(True) for k, v in values.items()}
+    want_loss = _definition(x, mask, label, weight, *ref.values(), *masks)
+    want = torch.autograd.grad(want_loss.sum(), list(ref.values()))
+    held, bound = _held(values)
+    loss, grads = gated_attention_step(x, mask, label, weight, *bound, *masks, scale, None)
+    assert torch.allclose(loss, want_loss.detach(), atol=1e-12)
+    for name, got, expected in zip(NAMES, grads, want):
+        assert got.shape == expected.shape, name
+        assert torch.allclose(got, expected, atol=1e-10), name
+        if name.startswith("w") and name != "wc":  # weight gradients come laid out as the held weights
+            assert got.transpose(1, 2).is_contiguous(), name
+    assert float(grads[0][1].abs().sum()) > 0  # fold 1 trains on its one bag
+
+
+def test_written_out_step_without_dropout_and_with_bf16_products():
+    x, mask, label, weight, values, _, _ = _case(torch.float32)
+    ones = [torch.ones(2, 14, k) for k in (6, 4, 4)]
+    ref = {k: v.clone().requires_grad_(True) for k, v in values.items()}
+    want_loss = _definition(x, mask, label, weight, *ref.values(), *ones)
+    want = torch.autograd.grad(want_loss.sum(), list(ref.values()))
+    _, bound = _held(values)
+    for low, tol in ((None, 1e-5), (torch.bfloat16, 5e-2)):
+        loss, grads = gated_attention_step(x, mask, label, weight, *bound, None, None, None, 1.0, low)
+        assert loss.dtype == torch.float32 and torch.allclose(loss, want_loss.detach(), rtol=tol, atol=tol)
+        for name, got, expected in zip(NAMES, grads, want):
+            if name == "bc":  # softmax ignores the score bias: both gradients are float32 rounding (~1e-7)
+                assert float(got.abs().max()) < 1e-5
+                continue
+            assert torch.allclose(got, expected, rtol=tol, atol=tol * float(expected.abs().max())), (name, low)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return planted_cohort(tmp_path_factory.mktemp("fused"), n_slides=20, dim=8, sizes=(4, 9))
+
+
+def _engine(paths, **kw) -> tuple[Engine, BagStore]:
+    labels = pd.read_csv(paths["labels"])
+    target = {r.slide_id: int(r.label == "ILC") for r in labels.itertuples()}
+    folds = [(f.index, FoldData({p: list(f.part(p)) for p in ("train", "val", "test")}, target,
+                                {s: s for s in target})) for f in read_splits_dir(paths["splits"])]
+    cfg = MILConfig(features=f"{paths['features']}@20x", labels=str(paths["labels"]), splits=str(paths["splits"]),
+                    out="/tmp/unused", model="abmil", model_kwargs={"hidden": 8, "attn_dim": 4},
+                    protocol=make_protocol("hipt", epochs=2, lr=1e-2), **kw)
+    store = BagStore(FeatureSpec.parse(cfg.features), cache=False)
+    order = epoch_order([d.parts["train"] for _, d in folds], target, lambda s: True)
+    return Engine(cfg, folds[:3], make_bags(store, sorted(target), "cpu", True), order, 8, 2, "cpu",
+                  training_plan(cfg)), store
+
+
+@pytest.mark.parametrize("bags", [1, 3])
+def test_engine_with_the_written_out_step_trains_as_its_autograd_path(tiny, bags):
+    """Three folds stacked, dropout on: the same dropout masks (drawn in the modules' order), the same weights
+    after two epochs up to rounding, whether the step is ABMIL's written-out one or autograd of its modules."""
+    states = []
+    for fused in (True, False):
+        engine, _ = _engine(tiny, all_folds=True, bags_per_step=bags)
+        assert engine.fused is not None
+        if not fused:
+            engine.fused = None  # the generic path: autograd through the head's modules
+        for epoch in range(2):
+            engine.train_epoch(epoch)
+        states.append([engine.fold_state_dict(r) for r in range(3)])
+    moved = 0.0
+    init = _engine(tiny)[0].fold_state_dict(0)
+    for a, b in zip(*states):
+        for name in a:
+            if name == "attention.score.bias":  # softmax ignores it: its gradient, and so its Adam step, is rounding
+                continue
+            assert torch.allclose(a[name], b[name], atol=1e-5), name
+            moved = max(moved, float((a[name] - init[name]).abs().max()))
+    assert moved > 1e-2  # training did move the weights
+
+
+def _compiler_missing() -> bool:
+    return not any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(_compiler_missing(), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_step_gives_the_eager_numbers_and_each_fold_its_own_whatever_the_folds():
+    x, mask, label, weight, values, masks, scale = _case(torch.float32)
+    _, bound = _held(values)
+    both = (x, mask, label, weight, *bound, *masks)
+    first = [t if t is mask or t is label else t[:1] for t in both]  # fold 0 alone
+    compiled = compiled_step(gated_attention_step)
+    runs = {(name, folds): fn(*args, scale, None) for name, fn in (("eager", gated_attention_step),
+                                                                    ("compiled", compiled))
+            for folds, args in ((2, both), (1, first))}
+    for folds in (2, 1):
+        (loss, grads), (want_loss, want) = runs["compiled", folds], runs["eager", folds]
+        assert torch.allclose(loss, want_loss, atol=1e-6)
+        for name, a, b in zip(NAMES, grads, want):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5), (name, folds)
+    for name in ("eager", "compiled"):  # the --all-folds rule: fold 0's numbers, bit for bit, with or without fold 1
+        (loss2, grads2), (loss1, grads1) = runs[name, 2], runs[name, 1]
+        assert torch.equal(loss2[:1], loss1) and all(torch.equal(a[:1], b) for a, b in zip(grads2, grads1)), name
+
+
+def _args(paths, out: Path, *extra) -> list[str]:
+    return ["train-mil", "--features", f"{paths['features']}@20x", "--labels", str(paths["labels"]),
+            "--splits", str(paths["splits"]), "--epochs", "1", "--folds", "0", "--out", str(out),
+            "--model-kwargs", '{"hidden": 8, "attn_dim": 4}', *extra]
+
+
+def test_compile_refuses_a_head_without_a_written_out_step_and_names_a_failed_compile(tiny, tmp_path, capsys,
+                                                                                   monkeypatch):
+    assert cli.main(_args(tiny, tmp_path / "a", "--compile", "--model", "clam_sb")) == 2
+    assert "--compile applies to the heads whose training step is written out (abmil), not clam_sb" in \
+        capsys.readouterr().err
+
+    def broken(fn):
+        def call(*args):
+            raise RuntimeError("CppCompileError: C++ compile error\nlong compiler output")
+        return call
+
+    monkeypatch.setattr(mil.models, "compiled_step", broken)
+    assert cli.main(_args(tiny, tmp_path / "b", "--compile")) == 2
+    err = capsys.readouterr().err
+    assert "--compile: torch.compile failed (CppCompileError: C++ compile error)" in err and "Traceback" not in err
+    assert not list((tmp_path / "b").glob("fold_*/metrics.json"))  # nothing written as if it had trained
