@@ -94,7 +94,7 @@ class MILConfig:
     augment: str | None = None  # folder of synthetic copies (zoomfeat synthesize): added to training folds only
     train_fraction: float = 1.0  # of each fold's training patients (stratified, seeded, nested); mil.augment
     instance_sample: float = 1.0  # share of each training bag's instances drawn per step (1: all; mil.train)
-    compile: bool = False  # the head's written-out training step through torch.compile (heads with one: abmil)
+    compile: bool = False  # the head's written-out training step through torch.compile (heads marked compilable: abmil)
 
     def __post_init__(self) -> None:
         p = self.protocol
@@ -145,10 +145,10 @@ def validate(cfg: MILConfig) -> None:
     _check(cfg.bags_per_step is None or limit is None or cfg.bags_per_step <= limit,
            f"--bags-per-step {cfg.bags_per_step}: {cfg.model} takes at most {limit} bag per step (no padding)")
     _check(cfg.precision in PRECISIONS, f"unknown --precision {cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
-    fused = [name for name, cls in sorted(MIL_MODELS.items()) if hasattr(cls, "fused_step")]
-    _check(not cfg.compile or cfg.model in fused,
-           f"--compile applies to the heads whose training step is written out ({', '.join(fused)}), not "
-           f"{cfg.model}; drop --compile")
+    compilable = [name for name, cls in sorted(MIL_MODELS.items()) if getattr(cls, "compilable", False)]
+    _check(not cfg.compile or cfg.model in compilable,
+           f"--compile applies to the heads whose written-out training step compiles to one graph "
+           f"({', '.join(compilable)}), not {cfg.model}; drop --compile")
     _check(not (cfg.all_folds and cfg.balanced),
            "--all-folds needs the shared shuffled bag order; drop --balanced (or --all-folds)")
 

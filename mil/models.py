@@ -176,6 +176,53 @@ def embed_and_attend(embed: nn.Sequential, attention: GatedAttention, x: torch.T
     return h.reshape(folds, *rows, h.shape[-1]), scores.reshape(folds, *rows, scores.shape[-1])
 
 
+def _attention_pool(x, mask, w1, b1, wa, ba, wb, bb, wc, bc, m1, ma, mb, low):
+    """Forward shared by the written-out steps: the embedding and gated attention of padded bags ``x``
+    [F, B, N, D], softmax attention over each bag's real instances and the pooled embeddings. Returns
+    (saved for :func:`_attention_pool_backward`, h [F, B, N, H], attention [F, B, K, N], pooled [F, B, K, H])."""
+    folds, bags, n, dim = x.shape
+    h, scores, saved = embed_gated_forward(x.reshape(folds, bags * n, dim), w1, b1, wa, ba, wb, bb, wc, bc,
+                                           m1, ma, mb, low)
+    hb = h.reshape(folds, bags, n, h.shape[-1])
+    a = masked_softmax(scores.reshape(folds, bags, n, -1).transpose(-1, -2),
+                       None if mask is None else mask.unsqueeze(-2))
+    return saved, hb, a, _pool(a, hb)
+
+
+def _attention_pool_backward(saved, hb, a, dpooled, dh, m1, scale1, low):
+    """Gradients of (w1, b1, wa, ba, wb, bb, wc, bc) from ``dpooled`` [F, B, K, H] and ``dh`` [F, B, N, H], the
+    gradient reaching h by other paths (CLAM's instance loss; None for none)."""
+    folds, bags, n, hidden = hb.shape
+    branches = a.shape[-2]
+    if branches == 1:  # one product per element: the outer product written elementwise
+        pooled_dh = a.transpose(-1, -2) * dpooled
+    else:
+        pooled_dh = a.transpose(-1, -2) @ dpooled
+    dh = pooled_dh if dh is None else dh.add_(pooled_dh)
+    da = dpooled @ hb.transpose(-1, -2)  # [F, B, K, N]
+    dscores = (a * (da - (a * da).sum(-1, keepdim=True))).transpose(-1, -2).reshape(folds, bags * n, branches)
+    grads = embed_gated_backward(saved, dh.reshape(folds, bags * n, hidden), dscores,
+                                 None if m1 is None else scale1, low, False)
+    return grads[1:]
+
+
+def _cross_entropy(logits, label):
+    """Per-bag cross-entropy [F, B] of ``logits`` [F, B, C] and its gradient with respect to the logits
+    (softmax - one-hot)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    index = label.reshape(1, -1, 1).expand(*logp.shape[:-1], 1)
+    ce = -logp.gather(-1, index).squeeze(-1)
+    return ce, logp.exp().scatter_add_(-1, index, torch.full_like(ce, -1.0).unsqueeze(-1))
+
+
+def _linear_backward(inputs, dout, weight):
+    """Gradients of ``linear(inputs, weight, bias)`` (``inputs`` [F, M, in], ``weight`` bound [F, out, in]) from
+    ``dout`` [F, M, out]: (d inputs, d weight as a view of a product laid out [F, in, out], d bias)."""
+    if weight.shape[1] == 1:  # as mil.layers.linear: no matrix-vector kernel
+        return dout * weight, (dout * inputs).sum(1, keepdim=True), dout.sum(1)
+    return torch.bmm(dout, weight), torch.bmm(inputs.transpose(1, 2), dout).transpose(1, 2), dout.sum(1)
+
+
 def gated_attention_step(x, mask, label, weight, w1, b1, wa, ba, wb, bb, wc, bc, wcls, bcls, m1, ma, mb,
                          scale1: float, low):
     """One training step of ABMIL on stacked folds, forward and backward written out (no autograd graph).
@@ -188,28 +235,133 @@ def gated_attention_step(x, mask, label, weight, w1, b1, wa, ba, wb, bb, wc, bc,
     of (w1, b1, wa, ba, wb, bb, wc, bc, wcls, bcls) in those shapes, weight gradients as transposed views of
     products laid out [F, in, out]. The same arithmetic as autograd of :class:`ABMIL` (tested against it in
     float64), without its ~30 nodes; each fold's slice uses the same kernels whatever F (see mil.layers)."""
-    folds, bags, n, dim = x.shape
-    flat = x.reshape(folds, bags * n, dim)
-    h, scores, saved = embed_gated_forward(flat, w1, b1, wa, ba, wb, bb, wc, bc, m1, ma, mb, low)
-    hb = h.reshape(folds, bags, n, h.shape[-1])
-    a = masked_softmax(scores.reshape(folds, bags, n), mask)  # [F, B, N]
-    pooled = _pool(a.unsqueeze(-2), hb).squeeze(-2)  # [F, B, H]
-    logp = torch.log_softmax(linear(pooled, wcls, bcls), dim=-1)  # [F, B, C]
-    index = label.reshape(1, bags, 1).expand(folds, bags, 1)
-    ce = -logp.gather(-1, index).squeeze(-1)  # [F, B]
+    saved, hb, a, pooled = _attention_pool(x, mask, w1, b1, wa, ba, wb, bb, wc, bc, m1, ma, mb, low)
+    pooled = pooled.squeeze(-2)  # [F, B, H]
+    ce, dce = _cross_entropy(linear(pooled, wcls, bcls), label)
     total = weight.sum(-1, keepdim=True)
     loss = (ce * weight).sum(-1) / total.squeeze(-1)
-    # backward: d loss / d logits = share * (softmax - one-hot), then the classifier, pooling, softmax
-    dlogits = logp.exp().scatter_add_(-1, index, torch.full_like(ce, -1.0).unsqueeze(-1))
-    dlogits.mul_((weight / total).unsqueeze(-1))
-    dwcls = torch.bmm(pooled.transpose(1, 2), dlogits).transpose(1, 2)  # [F, C, H] view of [F, H, C]
-    dpooled = torch.bmm(dlogits, wcls)  # [F, B, H]
-    dh = a.unsqueeze(-1) * dpooled.unsqueeze(-2)  # [F, B, N, H]
-    da = (dpooled.unsqueeze(-2) @ hb.transpose(-1, -2)).squeeze(-2)  # [F, B, N]
-    dscores = a * (da - (a * da).sum(-1, keepdim=True))
-    grads = embed_gated_backward(saved, dh.reshape(folds, bags * n, -1), dscores.reshape(folds, bags * n, 1),
-                                 None if m1 is None else scale1, low, False)
-    return loss, grads[1:] + (dwcls, dlogits.sum(1))
+    dlogits = dce.mul_((weight / total).unsqueeze(-1))
+    dpooled, dwcls, dbcls = _linear_backward(pooled, dlogits, wcls)
+    grads = _attention_pool_backward(saved, hb, a, dpooled.unsqueeze(-2), None, m1, scale1, low)
+    return loss, grads + (dwcls, dbcls)
+
+
+def clam_step(x, mask, label, weight, w1, b1, wa, ba, wb, bb, wc, bc, bag_w: list, bag_b: list, inst_w: list,
+              inst_b: list, m1, ma, mb, scale1: float, low, k_sample: int, subtyping: bool, bag_weight: float):
+    """One training step of CLAM-SB (``bag_w`` one Linear(H, C)) or CLAM-MB (one Linear(H, 1) per class, one
+    attention branch each) on stacked folds, written out as :func:`gated_attention_step` is, with CLAM's
+    instance clustering (``inst_w``/``inst_b``: one Linear(H, 2) per class; :class:`_CLAMBase` defines it).
+
+    Each bag's loss is ``bag_weight * CE + (1 - bag_weight) * instance loss`` (CE alone for a bag too small
+    for it); returns each fold's weighted mean loss [F] and the gradients of (w1, b1, wa, ba, wb, bb, wc, bc,
+    *bag classifiers' (weight, bias), *instance classifiers' (weight, bias)), as autograd of the head gives
+    them (tested in float64). The most / least attended instances are chosen by ``topk``, as in the head; the
+    gradient does not flow through the choice."""
+    saved, hb, a, pooled = _attention_pool(x, mask, w1, b1, wa, ba, wb, bb, wc, bc, m1, ma, mb, low)
+    folds, bags, n, hidden = hb.shape
+    n_classes, branches = len(inst_w), a.shape[-2]
+    if branches == 1:
+        logits = linear(pooled[..., 0, :], bag_w[0], bag_b[0])
+    else:
+        logits = torch.cat([linear(pooled[..., c, :], w, b) for c, (w, b) in enumerate(zip(bag_w, bag_b))], -1)
+    ce, dce = _cross_entropy(logits, label)
+    # the instance loss, as _CLAMBase._instance_loss computes it
+    sizes = torch.full(label.shape, n, device=x.device) if mask is None else mask.sum(-1)
+    k_bag = torch.clamp(sizes // 2, max=k_sample)
+    k = int(min(k_sample, n // 2))
+    terms = []  # per class: None (not needed this step) or ([(indices, rows, logits) top, bottom], need_in, need_out, own)
+    extra = None
+    if k >= 1:
+        valid = (torch.arange(k, device=x.device) < k_bag.unsqueeze(-1)).to(hb.dtype)  # [B, k]
+        count = k_bag.to(hb.dtype)
+        extra = 0.0
+        for c, (wi, bi) in enumerate(zip(inst_w, inst_b)):
+            own = label == c
+            need_in, need_out = bool(own.any()), subtyping and not bool(own.all())
+            if not (need_in or need_out):
+                terms.append(None)
+                continue
+            a_c = a[..., c if branches > 1 else 0, :]
+            chosen = []
+            for sign in ((1.0, -1.0) if need_in else (1.0,)):
+                ranked = sign * a_c if mask is None else (sign * a_c).masked_fill(~mask, float("-inf"))
+                idx = torch.topk(ranked, k, dim=-1).indices  # [F, B, k]
+                rows = _gather_rows(hb, idx)
+                chosen.append((idx, rows, linear(rows, wi, bi)))
+            ones = torch.ones(chosen[0][2].shape[:-1], dtype=torch.long, device=x.device)
+            own_f = own.to(hb.dtype)
+            if need_in:
+                pos = smooth_top1_svm_rows(chosen[0][2], ones)
+                neg = smooth_top1_svm_rows(chosen[1][2], ones * 0)
+                extra = extra + own_f * (((pos * valid).sum(-1) + (neg * valid).sum(-1)) / (2 * count).clamp(min=1))
+            if need_out:
+                out = smooth_top1_svm_rows(chosen[0][2], ones * 0)
+                extra = extra + (1.0 - own_f) * ((out * valid).sum(-1) / count.clamp(min=1))
+            terms.append((chosen, need_in, need_out, own_f))
+        if subtyping:
+            extra = extra / n_classes
+    total = weight.sum(-1, keepdim=True)
+    share = weight / total
+    if extra is None:
+        loss_bag, dce_coef, dextra = ce, share, None
+    else:
+        applies = k_bag >= 1  # [B]
+        loss_bag = torch.where(applies, bag_weight * ce + (1.0 - bag_weight) * extra, ce)
+        dce_coef = torch.where(applies, share * bag_weight, share)  # (where of two Python floats is float32)
+        dextra = torch.where(applies, share * (1.0 - bag_weight), torch.zeros_like(share))
+        if subtyping:
+            dextra = dextra / n_classes
+    loss = (loss_bag * weight).sum(-1) / total.squeeze(-1)
+    # backward: the bag classifier(s), then the instance classifiers into h, then pooling, attention, embedding
+    dlogits = dce.mul_(dce_coef.unsqueeze(-1))
+    bag_grads = []
+    if branches == 1:
+        dp, dw, db = _linear_backward(pooled[..., 0, :], dlogits, bag_w[0])
+        dpooled = dp.unsqueeze(-2)
+        bag_grads += [dw, db]
+    else:
+        parts = []
+        for c, w in enumerate(bag_w):
+            dp, dw, db = _linear_backward(pooled[..., c, :], dlogits[..., c:c + 1], w)
+            parts.append(dp)
+            bag_grads += [dw, db]
+        dpooled = torch.stack(parts, dim=-2)
+    dh = None
+    inst_grads = []
+    for c, term in enumerate(terms if extra is not None else [None] * n_classes):
+        if term is None:
+            inst_grads += [torch.zeros_like(inst_w[c]), torch.zeros_like(inst_b[c])]
+            continue
+        chosen, need_in, need_out, own_f = term
+        top_logits = chosen[0][2]
+        onehot1 = torch.tensor([0.0, 1.0], dtype=hb.dtype, device=x.device)
+        # d/ds of CLAM's smooth top-1 SVM (alpha = tau = 1) for target y: softmax(s + 1 - onehot_y) - onehot_y
+        dtop = torch.zeros_like(top_logits)
+        dlogit_rows = []
+        if need_in:
+            coef = (dextra * own_f / (2 * count).clamp(min=1)).unsqueeze(-1) * valid  # [F, B, k]
+            dtop += coef.unsqueeze(-1) * (torch.softmax(top_logits + 1.0 - onehot1, -1) - onehot1)
+            low_logits = chosen[1][2]
+            onehot0 = 1.0 - onehot1
+            dlow = coef.unsqueeze(-1) * (torch.softmax(low_logits + 1.0 - onehot0, -1) - onehot0)
+        if need_out:
+            onehot0 = 1.0 - onehot1
+            coef = (dextra * (1.0 - own_f) / count.clamp(min=1)).unsqueeze(-1) * valid
+            dtop += coef.unsqueeze(-1) * (torch.softmax(top_logits + 1.0 - onehot0, -1) - onehot0)
+        dlogit_rows.append(dtop)
+        if need_in:
+            dlogit_rows.append(dlow)
+        dw = db = None
+        for (idx, rows, _), drow in zip(chosen, dlogit_rows):
+            flat_rows, flat_d = rows.reshape(folds, -1, hidden), drow.reshape(folds, -1, 2)
+            drows, gw, gb = _linear_backward(flat_rows, flat_d, inst_w[c])
+            dw, db = (gw, gb) if dw is None else (dw + gw, db + gb)
+            if dh is None:
+                dh = torch.zeros_like(hb)
+            dh.scatter_add_(-2, idx.unsqueeze(-1).expand(*idx.shape, hidden), drows.reshape(rows.shape))
+        inst_grads += [dw, db]
+    grads = _attention_pool_backward(saved, hb, a, dpooled, dh, m1, scale1, low)
+    return loss, grads + tuple(bag_grads) + tuple(inst_grads)
 
 
 @register_model("abmil")
@@ -228,6 +380,8 @@ class ABMIL(MILHead):
         a = masked_softmax(scores.squeeze(-1), mask)  # [*F, B, N]
         pooled = _pool(a.unsqueeze(-2), h).squeeze(-2)  # [*F, B, H]
         return BagsOutput(self.classifier(pooled), a, None)
+
+    compilable = True  # its written-out step compiles to one graph (--compile)
 
     def fused_step(self, x, mask, label, weight, low=None, compiled: bool = False):
         """The engine's training step (parameters bound stacked, inside :func:`mil.layers.fold_generators`):
@@ -274,6 +428,28 @@ class _CLAMBase(MILHead):
         h, scores = embed_and_attend(self.embed, self.attention, x)
         scores = scores.transpose(-1, -2)
         return h, masked_softmax(scores, None if mask is None else mask.unsqueeze(-2))
+
+    def _bag_classifiers(self) -> list[tuple[str, nn.Module]]:
+        raise NotImplementedError
+
+    def fused_step(self, x, mask, label, weight, low=None, compiled: bool = False):
+        """The engine's training step, as :meth:`ABMIL.fused_step`, from :func:`clam_step`, always eager: its
+        per-class choices depend on the step's labels and break a compiled graph (measured slower compiled)."""
+        first, gate_t, gate_s = self.embed[0], self.attention.tanh_gate[0], self.attention.sigmoid_gate[0]
+        masks = _gate_masks(self.embed, self.attention, x.shape[-3] * x.shape[-2], x.device)
+        bags = self._bag_classifiers()
+        loss, grads = clam_step(x, mask, label, weight, first.weight, first.bias, gate_t.weight, gate_t.bias,
+                           gate_s.weight, gate_s.bias, self.attention.score.weight, self.attention.score.bias,
+                           [m.weight for _, m in bags], [m.bias for _, m in bags],
+                           [m.weight for m in self.instance_classifiers], [m.bias for m in self.instance_classifiers],
+                           *masks, keep_scale(self.embed[2].p), low, self.k_sample, self.subtyping, self.bag_weight)
+        names = ["embed.0.weight", "embed.0.bias", "attention.tanh_gate.0.weight", "attention.tanh_gate.0.bias",
+                 "attention.sigmoid_gate.0.weight", "attention.sigmoid_gate.0.bias", "attention.score.weight",
+                 "attention.score.bias"]
+        names += [f"{n}.{p}" for n, _ in bags for p in ("weight", "bias")]
+        names += [f"instance_classifiers.{c}.{p}" for c in range(len(self.instance_classifiers))
+                  for p in ("weight", "bias")]
+        return loss, dict(zip(names, grads))
 
     def _cluster_losses(self, h, a, classifier, k, k_bag, mask, need_in: bool, need_out: bool):
         """Per-bag (in-class, out-of-class) instance losses of one class; ``a`` [*F, B, N]; either is None when
@@ -331,6 +507,9 @@ class CLAMSB(_CLAMBase):
         super().__init__(in_dim, n_classes, hidden, attn_dim, dropout, k_sample, subtyping, 1, bag_weight)
         self.classifier = Linear(hidden, n_classes)
 
+    def _bag_classifiers(self) -> list[tuple[str, nn.Module]]:
+        return [("classifier", self.classifier)]
+
     def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
         h, attn = self._attend(x, mask)  # attn [*F, B, 1, N]
         logits = self.classifier(_pool(attn, h).squeeze(-2))  # [*F, B, C]
@@ -347,6 +526,9 @@ class CLAMMB(_CLAMBase):
         super().__init__(in_dim, n_classes, hidden, attn_dim, dropout, k_sample, subtyping, n_classes,
                          bag_weight)
         self.classifiers = nn.ModuleList(Linear(hidden, 1) for _ in range(n_classes))
+
+    def _bag_classifiers(self) -> list[tuple[str, nn.Module]]:
+        return [(f"classifiers.{c}", m) for c, m in enumerate(self.classifiers)]
 
     def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
         h, attn = self._attend(x, mask)  # attn [*F, B, C, N]

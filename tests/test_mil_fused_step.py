@@ -1,6 +1,7 @@
-"""ABMIL's training step written out (mil.models.gated_attention_step): its loss and gradients against autograd
-of the head's definition written here, the engine's results with it against the engine's autograd path, the
-compiled step against the eager one, and the --compile option's boundaries."""
+"""The training steps written out (mil.models.gated_attention_step for ABMIL, clam_step for CLAM-SB/MB): their
+losses and gradients against autograd (of ABMIL's definition written here; of the CLAM heads' own modules), the
+engine's results with them against the engine's autograd path, the compiled step against the eager one, and
+the --compile option's boundaries."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import cli
 import mil.models
 from mil.bags import BagStore, FeatureSpec
 from mil.config import MILConfig, make_protocol, training_plan
-from mil.layers import compiled_step
-from mil.models import gated_attention_step
+from mil.layers import compiled_step, fold_generators
+from mil.losses import bag_loss
+from mil.models import build_model, gated_attention_step
 from mil.train import Engine, FoldData, epoch_order, make_bags
 from mil_data import planted_cohort
 from splits.io import read_splits_dir
@@ -108,13 +110,13 @@ def tiny(tmp_path_factory):
     return planted_cohort(tmp_path_factory.mktemp("fused"), n_slides=20, dim=8, sizes=(4, 9))
 
 
-def _engine(paths, **kw) -> tuple[Engine, BagStore]:
+def _engine(paths, model: str = "abmil", **kw) -> tuple[Engine, BagStore]:
     labels = pd.read_csv(paths["labels"])
     target = {r.slide_id: int(r.label == "ILC") for r in labels.itertuples()}
     folds = [(f.index, FoldData({p: list(f.part(p)) for p in ("train", "val", "test")}, target,
                                 {s: s for s in target})) for f in read_splits_dir(paths["splits"])]
     cfg = MILConfig(features=f"{paths['features']}@20x", labels=str(paths["labels"]), splits=str(paths["splits"]),
-                    out="/tmp/unused", model="abmil", model_kwargs={"hidden": 8, "attn_dim": 4},
+                    out="/tmp/unused", model=model, model_kwargs={"hidden": 8, "attn_dim": 4},
                     protocol=make_protocol("hipt", epochs=2, lr=1e-2), **kw)
     store = BagStore(FeatureSpec.parse(cfg.features), cache=False)
     order = epoch_order([d.parts["train"] for _, d in folds], target, lambda s: True)
@@ -122,13 +124,13 @@ def _engine(paths, **kw) -> tuple[Engine, BagStore]:
                   training_plan(cfg)), store
 
 
-@pytest.mark.parametrize("bags", [1, 3])
-def test_engine_with_the_written_out_step_trains_as_its_autograd_path(tiny, bags):
+@pytest.mark.parametrize("model,bags", [("abmil", 1), ("abmil", 3), ("clam_sb", 1), ("clam_mb", 3)])
+def test_engine_with_the_written_out_step_trains_as_its_autograd_path(tiny, model, bags):
     """Three folds stacked, dropout on: the same dropout masks (drawn in the modules' order), the same weights
-    after two epochs up to rounding, whether the step is ABMIL's written-out one or autograd of its modules."""
+    after two epochs up to rounding, whether the step is the head's written-out one or autograd of its modules."""
     states = []
     for fused in (True, False):
-        engine, _ = _engine(tiny, all_folds=True, bags_per_step=bags)
+        engine, _ = _engine(tiny, model, all_folds=True, bags_per_step=bags)
         assert engine.fused is not None
         if not fused:
             engine.fused = None  # the generic path: autograd through the head's modules
@@ -136,7 +138,7 @@ def test_engine_with_the_written_out_step_trains_as_its_autograd_path(tiny, bags
             engine.train_epoch(epoch)
         states.append([engine.fold_state_dict(r) for r in range(3)])
     moved = 0.0
-    init = _engine(tiny)[0].fold_state_dict(0)
+    init = _engine(tiny, model)[0].fold_state_dict(0)
     for a, b in zip(*states):
         for name in a:
             if name == "attention.score.bias":  # softmax ignores it: its gradient, and so its Adam step, is rounding
@@ -176,11 +178,12 @@ def _args(paths, out: Path, *extra) -> list[str]:
             "--model-kwargs", '{"hidden": 8, "attn_dim": 4}', *extra]
 
 
-def test_compile_refuses_a_head_without_a_written_out_step_and_names_a_failed_compile(tiny, tmp_path, capsys,
-                                                                                   monkeypatch):
-    assert cli.main(_args(tiny, tmp_path / "a", "--compile", "--model", "clam_sb")) == 2
-    assert "--compile applies to the heads whose training step is written out (abmil), not clam_sb" in \
-        capsys.readouterr().err
+def test_compile_refuses_a_head_it_does_not_apply_to_and_names_a_failed_compile(tiny, tmp_path, capsys,
+                                                                                  monkeypatch):
+    for model, kwargs in (("dsmil", '{"query_dim": 4}'), ("clam_sb", '{"hidden": 8, "attn_dim": 4}')):
+        assert cli.main(_args(tiny, tmp_path / "a", "--compile", "--model", model, "--model-kwargs", kwargs)) == 2
+        assert ("--compile applies to the heads whose written-out training step compiles to one graph (abmil), "
+                f"not {model}; drop --compile") in capsys.readouterr().err
 
     def broken(fn):
         def call(*args):
@@ -192,3 +195,75 @@ def test_compile_refuses_a_head_without_a_written_out_step_and_names_a_failed_co
     err = capsys.readouterr().err
     assert "--compile: torch.compile failed (CppCompileError: C++ compile error)" in err and "Traceback" not in err
     assert not list((tmp_path / "b").glob("fold_*/metrics.json"))  # nothing written as if it had trained
+
+
+def _bind(head, tensors):
+    for name, value in tensors.items():
+        module = head.get_submodule(name.rpartition(".")[0])
+        module._parameters[name.rpartition(".")[2]] = value
+
+
+def _clam_case(name: str, subtyping: bool, dropout: float):
+    torch.manual_seed(0)
+    classes = 3 if subtyping else 2
+    head = build_model(name, 5, classes, hidden=6, attn_dim=4, dropout=dropout, k_sample=2,
+                       subtyping=subtyping).double().train()
+    stacked = {n: p.detach().unsqueeze(0).repeat(2, *([1] * p.dim())) + 0.1 * torch.randn(2, *p.shape,
+                                                                                           dtype=torch.float64)
+               for n, p in head.named_parameters()}
+    x = torch.randn(2, 3, 9, 5, dtype=torch.float64)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, 5:], mask[2, 3:] = False, False  # bag 2 has 3 instances: k = 1 for it, 2 for the others
+    x[:, 1, 5:], x[:, 2, 3:] = 0.0, 0.0
+    label = torch.tensor([1, 0, 2 if subtyping else 1])
+    weight = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    return head, stacked, x, mask, label, weight
+
+
+@pytest.mark.parametrize("name", ["clam_sb", "clam_mb"])
+@pytest.mark.parametrize("subtyping", [False, True])
+def test_written_out_clam_step_matches_autograd_of_the_head_fold_by_fold(name, subtyping):
+    """Without dropout: the oracle is autograd of the plain head, one fold and one bag at a time (its modules,
+    unstacked, its own instance loss), weighted as the engine weights the step's bags."""
+    head, stacked, x, mask, label, weight = _clam_case(name, subtyping, 0.0)
+    want = {n: torch.zeros_like(v) for n, v in stacked.items()}
+    want_loss = []
+    for f in range(2):
+        for n, p in head.named_parameters():
+            p.data = stacked[n][f].clone()
+        head.zero_grad()
+        total = 0.0
+        for b in range(3):
+            out = head(x[f, b, :int(mask[b].sum())], label[b])
+            total = total + weight[f, b] * bag_loss(head, out, label[b])
+        total = total / weight[f].sum()
+        total.backward()
+        want_loss.append(float(total))
+        for n, p in head.named_parameters():
+            want[n][f] = p.grad
+    bound = {n: v.transpose(-1, -2) if v.dim() == 3 else v for n, v in  # [F, in, out] held, [F, out, in] bound
+             ((n, v.transpose(-1, -2).contiguous()) if v.dim() == 3 else (n, v) for n, v in stacked.items())}
+    _bind(head, bound)
+    loss, grads = head.fused_step(x, mask, label, weight)
+    assert torch.allclose(loss, torch.tensor(want_loss, dtype=torch.float64), atol=1e-12)
+    assert set(grads) == set(want)
+    for n, g in want.items():
+        assert torch.allclose(grads[n], g, atol=1e-12), n
+
+
+@pytest.mark.parametrize("name", ["clam_sb", "clam_mb"])
+def test_written_out_clam_step_draws_the_modules_masks(name):
+    """With dropout: against autograd through the stacked head's modules with the same fold generators."""
+    head, stacked, x, mask, label, weight = _clam_case(name, True, 0.25)
+    leaf = {n: v.clone().requires_grad_(True) for n, v in stacked.items()}
+    _bind(head, leaf)
+    with fold_generators([torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]):
+        per = (head.bag_losses(head.forward_bags(x, mask, label), label) * weight).sum(-1) / weight.sum(-1)
+    want = torch.autograd.grad(per.sum(), list(leaf.values()), materialize_grads=True)
+    _bind(head, stacked)
+    with fold_generators([torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]):
+        loss, grads = head.fused_step(x, mask, label, weight)
+    assert torch.allclose(loss, per.detach(), atol=1e-12)
+    for n, g in zip(leaf, want):
+        assert torch.allclose(grads[n], g, atol=1e-12), n
+    assert float(grads["instance_classifiers.2.weight"].abs().sum()) > 0  # the instance loss reached them

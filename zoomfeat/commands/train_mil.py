@@ -92,8 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--all-folds", action="store_true",
                        help="train the selected folds at once, parameters stacked per fold: the same numbers as "
                             "one fold after another; on a CPU ~1.7-1.8x faster where a step is overhead-bound "
-                            "(small heads, DSMIL) and 1.03-1.26x for default-width ABMIL/CLAM at 5 folds "
-                            "(benchmarks/RESULTS.md; default: one by one; not with --balanced)")
+                            "(small heads, DSMIL) and 1.02-1.19x for default-width ABMIL/CLAM at 5 folds in fp32 "
+                            "(1.16-1.31x in bf16; benchmarks/RESULTS.md; default: one by one; not with --balanced)")
     speed.add_argument("--bags-per-step", type=int, default=None, metavar="B",
                        help="bags per optimiser step, padded and masked; TransMIL and DTFD take 1 (default: the "
                             "head's recipe, 1). A step holds B consecutive bags of the shared epoch order, also "
@@ -101,11 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "a CPU in fp32 not faster (benchmarks/RESULTS.md)")
     speed.add_argument("--precision", default="auto",
                        help="auto (bf16 autocast on a GPU, fp32 on the CPU), fp32 or bf16 (default auto); bf16 "
-                            "on a CPU with AMX/AVX-512 BF16 cut a default ABMIL epoch by 13%% (21%% with "
-                            "--all-folds; benchmarks/RESULTS.md)")
+                            "on a CPU with AMX/AVX-512 BF16 cut a default ABMIL or CLAM-SB epoch by 13%% (21-24%% "
+                            "with --all-folds; benchmarks/RESULTS.md)")
     speed.add_argument("--compile", action="store_true",
-                       help="run the head's written-out training step (abmil) through torch.compile, elementwise "
-                            "work fused into generated loops: on a CPU 4%% shorter fp32 epochs, 10%% in bf16 with "
+                       help="run ABMIL's written-out training step through torch.compile, elementwise work fused "
+                            "into generated loops: on a CPU 5%% shorter fp32 epochs, 12%% in bf16 with "
                             "--all-folds, after a one-time compile of ~5-20 s; needs a C++ compiler (CPU) or "
                             "Triton (GPU); rounding differs from the eager step (default: eager)")
 
