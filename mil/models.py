@@ -269,7 +269,7 @@ def clam_step(x, mask, label, weight, w1, b1, wa, ba, wb, bb, wc, bc, bag_w: lis
     sizes = torch.full(label.shape, n, device=x.device) if mask is None else mask.sum(-1)
     k_bag = torch.clamp(sizes // 2, max=k_sample)
     k = int(min(k_sample, n // 2))
-    terms = []  # per class: None (not needed this step) or ([(indices, rows, logits) top, bottom], need_in, need_out, own)
+    terms = []  # per class: None (not needed) or ([(indices, rows, logits) of top, bottom], need_in, need_out, own)
     extra = None
     if k >= 1:
         valid = (torch.arange(k, device=x.device) < k_bag.unsqueeze(-1)).to(hb.dtype)  # [B, k]
