@@ -540,6 +540,71 @@ class CLAMMB(_CLAMBase):
         return BagsOutput(logits, chosen, extra, valid)
 
 
+def _logistic(z: torch.Tensor) -> torch.Tensor:
+    """``1 / (1 + exp(-z))`` through ``exp``, as :class:`mil.layers.Sigmoid` (the same bits for any F)."""
+    return torch.clamp(z, min=-80.0).neg_().exp_().add_(1.0).reciprocal_()
+
+
+def dsmil_step(x, mask, label, weight, wi, bi, wq1, bq1, wq2, bq2, wh, bh, negative_stream: bool,
+               bag_weight: float):
+    """One training step of DSMIL (``passing_v`` off: the values are the instances) on stacked folds, forward
+    and backward written out as :func:`gated_attention_step` is.
+
+    Parameters as the engine binds them: instance classifier ``wi`` [F, S, D], query MLP ``wq1`` [F, Q, D],
+    ``wq2`` [F, Q, Q], the bag classifier's Conv1d weight ``wh`` [F, S, S, D] (S streams). Each bag's loss is
+    ``bag_weight * CE(bag logits) + (1 - bag_weight) * BCE(max instance logits)``, as :meth:`DSMIL.forward_bags`
+    and :meth:`MILHead.bag_losses` compute it; returns each fold's weighted mean loss [F] and the gradients of
+    (wi, bi, wq1, bq1, wq2, bq2, wh, bh) (tested against autograd of the head in float64). The critical instance
+    is chosen by ``argmax``; the gradient does not flow through the choice."""
+    folds, bags, n, dim = x.shape
+    flat = x.reshape(folds, bags * n, dim)
+    inst = linear(flat, wi, bi).reshape(folds, bags, n, -1)  # [F, B, N, S]
+    if mask is not None:
+        inst = inst.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+    z1 = linear(flat, wq1, bq1)
+    r = z1.clamp(min=0.0)
+    q = linear(r, wq2, bq2).tanh_()  # [F, B * N, Q]
+    qb = q.reshape(folds, bags, n, -1)
+    critical = inst.argmax(dim=-2)  # [F, B, S]
+    q_max = _gather_rows(qb, critical)  # [F, B, S, Q]
+    root = math.sqrt(q.shape[-1])
+    a = masked_softmax(qb @ q_max.transpose(-1, -2) / root, None if mask is None else mask.unsqueeze(-1), dim=-2)
+    pooled = (a.transpose(-1, -2) @ x).flatten(-2)  # [F, B, S * D]
+    streams = inst.shape[-1]
+    w_flat = wh.reshape(folds, streams, -1)
+    logits = linear(pooled, w_flat, bh)  # [F, B, S]
+    if not negative_stream:
+        logits = torch.cat([torch.zeros_like(logits), logits], dim=-1)
+    ce, dce = _cross_entropy(logits, label)
+    max_logits = inst.gather(-2, critical.unsqueeze(-2)).squeeze(-2)  # [F, B, S], = the max over instances
+    if negative_stream:
+        target = F.one_hot(label.long(), streams).to(max_logits.dtype)
+    else:
+        target = label.to(max_logits.dtype).unsqueeze(-1)
+    extra = bce_with_logits(max_logits, target).mean(-1)
+    total = weight.sum(-1, keepdim=True)
+    loss = ((bag_weight * ce + (1.0 - bag_weight) * extra) * weight).sum(-1) / total.squeeze(-1)
+    share = weight / total
+    # backward: the bag classifier, attention pooling, the query MLP (through the scores and the critical
+    # instance's query), and the instance classifier through the max
+    dlogits = dce.mul_((share * bag_weight).unsqueeze(-1))
+    if not negative_stream:
+        dlogits = dlogits[..., 1:].contiguous()
+    dpooled, dwh, dbh = _linear_backward(pooled, dlogits, w_flat)
+    da = x @ dpooled.reshape(folds, bags, streams, dim).transpose(-1, -2)  # [F, B, N, S]
+    dscores = a * (da - (a * da).sum(-2, keepdim=True)) / root
+    dq = dscores @ q_max  # [F, B, N, Q]
+    dq.scatter_add_(-2, critical.unsqueeze(-1).expand(*critical.shape, q.shape[-1]),
+                    dscores.transpose(-1, -2) @ qb)
+    dz2 = dq.reshape(folds, bags * n, -1).mul_(1.0 - q * q)
+    dr, dwq2, dbq2 = _linear_backward(r, dz2, wq2)
+    _, dwq1, dbq1 = _linear_backward(flat, dr.mul_(torch.sign(r)), wq1)
+    dmax = (share * (1.0 - bag_weight) / streams).unsqueeze(-1) * (_logistic(max_logits) - target)
+    dinst = torch.zeros_like(inst).scatter_(-2, critical.unsqueeze(-2), dmax.unsqueeze(-2))
+    _, dwi, dbi = _linear_backward(flat, dinst.reshape(folds, bags * n, streams), wi)
+    return loss, (dwi, dbi, dwq1, dbq1, dwq2, dbq2, dwh.reshape(wh.shape), dbh)
+
+
 @register_model("dsmil")
 class DSMIL(MILHead):
     """Dual-stream MIL (Li, Li & Eliceiri 2021).
@@ -578,6 +643,21 @@ class DSMIL(MILHead):
         self.head = nn.Conv1d(streams, streams, kernel_size=in_dim)
         self.query_dim = query_dim
         self.negative_stream = negative_stream
+
+    @property
+    def fused_step(self):
+        """The engine's training step from :func:`dsmil_step` (as :meth:`ABMIL.fused_step`); None with
+        ``passing_v`` (its value MLP is not written out: the engine then uses autograd)."""
+        return self._fused_step if isinstance(self.value, nn.Identity) else None
+
+    def _fused_step(self, x, mask, label, weight, low=None, compiled: bool = False):
+        q1, q2 = self.query[0], self.query[2]
+        loss, grads = dsmil_step(x, mask, label, weight, self.instance_classifier.weight,
+                                 self.instance_classifier.bias, q1.weight, q1.bias, q2.weight, q2.bias,
+                                 self.head.weight, self.head.bias, self.negative_stream, self.bag_weight)
+        names = ["instance_classifier.weight", "instance_classifier.bias", "query.0.weight", "query.0.bias",
+                 "query.2.weight", "query.2.bias", "head.weight", "head.bias"]
+        return loss, dict(zip(names, grads))
 
     def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
         inst = self.instance_classifier(x)  # [*F, B, N, C]

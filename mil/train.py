@@ -17,7 +17,7 @@ The loop (no Lightning, no DataLoader: its per-step hooks and collation cost mor
   weights and predictions (tested);
 - ABMIL's and CLAM's embedding + gated attention run as one autograd node with a hand-written backward
   (:class:`mil.layers.EmbedGatedAttention`), dropout masks from 64-bit random words (:func:`mil.layers.keep_mask`);
-  a head with its whole step written out (``fused_step``: ABMIL, CLAM-SB/MB) runs that instead of autograd,
+  a head with its whole step written out (``fused_step``: ABMIL, CLAM-SB/MB, DSMIL) runs that instead of autograd,
   ABMIL's optionally through ``torch.compile`` (``--compile``);
 - AdamW-free fused Adam (or RAdam + Lookahead), the head's LR schedule, per-fold gradient clipping, bf16
   autocast on a GPU and with ``--precision bf16`` on a CPU (:func:`mil.config.training_plan`); Linear weights
@@ -168,7 +168,7 @@ class Engine:
         self.order_gen = torch.Generator().manual_seed(cfg.seed)
         self.targets = torch.tensor([order[s] for s in self.order_ids], dtype=torch.long)
         self.autocast = _autocast(device, plan.precision)
-        # a head with its training step written out (ABMIL, CLAM) runs it instead of autograd
+        # a head with its training step written out (ABMIL, CLAM, DSMIL) runs it instead of autograd
         self.fused = getattr(self.head, "fused_step", None)
         self._compiled = False
         self.eval_head = build_model(cfg.model, in_dim, n_classes, **effective_model_kwargs(cfg)).to(device)

@@ -1,7 +1,7 @@
-"""The training steps written out (mil.models.gated_attention_step for ABMIL, clam_step for CLAM-SB/MB): their
-losses and gradients against autograd (of ABMIL's definition written here; of the CLAM heads' own modules), the
-engine's results with them against the engine's autograd path, the compiled step against the eager one, and
-the --compile option's boundaries."""
+"""The training steps written out (mil.models.gated_attention_step for ABMIL, clam_step for CLAM-SB/MB,
+dsmil_step for DSMIL): their losses and gradients against autograd (of ABMIL's definition written here; of the
+CLAM and DSMIL heads' own modules), the engine's results with them against the engine's autograd path, the
+compiled step against the eager one, and the --compile option's boundaries."""
 
 from __future__ import annotations
 
@@ -115,8 +115,9 @@ def _engine(paths, model: str = "abmil", **kw) -> tuple[Engine, BagStore]:
     target = {r.slide_id: int(r.label == "ILC") for r in labels.itertuples()}
     folds = [(f.index, FoldData({p: list(f.part(p)) for p in ("train", "val", "test")}, target,
                                 {s: s for s in target})) for f in read_splits_dir(paths["splits"])]
+    kwargs = {"query_dim": 4} if model == "dsmil" else {"hidden": 8, "attn_dim": 4}
     cfg = MILConfig(features=f"{paths['features']}@20x", labels=str(paths["labels"]), splits=str(paths["splits"]),
-                    out="/tmp/unused", model=model, model_kwargs={"hidden": 8, "attn_dim": 4},
+                    out="/tmp/unused", model=model, model_kwargs=kwargs,
                     protocol=make_protocol("hipt", epochs=2, lr=1e-2), **kw)
     store = BagStore(FeatureSpec.parse(cfg.features), cache=False)
     order = epoch_order([d.parts["train"] for _, d in folds], target, lambda s: True)
@@ -124,7 +125,7 @@ def _engine(paths, model: str = "abmil", **kw) -> tuple[Engine, BagStore]:
                   training_plan(cfg)), store
 
 
-@pytest.mark.parametrize("model,bags", [("abmil", 1), ("abmil", 3), ("clam_sb", 1), ("clam_mb", 3)])
+@pytest.mark.parametrize("model,bags", [("abmil", 1), ("abmil", 3), ("clam_sb", 1), ("clam_mb", 3), ("dsmil", 2)])
 def test_engine_with_the_written_out_step_trains_as_its_autograd_path(tiny, model, bags):
     """Three folds stacked, dropout on: the same dropout masks (drawn in the modules' order), the same weights
     after two epochs up to rounding, whether the step is the head's written-out one or autograd of its modules."""
@@ -267,3 +268,39 @@ def test_written_out_clam_step_draws_the_modules_masks(name):
     for n, g in zip(leaf, want):
         assert torch.allclose(grads[n], g, atol=1e-12), n
     assert float(grads["instance_classifiers.2.weight"].abs().sum()) > 0  # the instance loss reached them
+
+
+@pytest.mark.parametrize("classes,negative_stream", [(2, True), (3, True), (2, False)])
+def test_written_out_dsmil_step_matches_autograd_of_the_head_fold_by_fold(classes, negative_stream):
+    torch.manual_seed(0)
+    head = build_model("dsmil", 5, classes, query_dim=4, negative_stream=negative_stream).double().train()
+    stacked = {n: p.detach().unsqueeze(0).repeat(2, *([1] * p.dim())) + 0.3 * torch.randn(2, *p.shape,
+                                                                                           dtype=torch.float64)
+               for n, p in head.named_parameters()}
+    _, _, x, mask, label, weight = _clam_case("clam_sb", False, 0.0)
+    label = torch.tensor([1, 0, classes - 1])
+    want = {n: torch.zeros_like(v) for n, v in stacked.items()}
+    want_loss = []
+    for f in range(2):
+        for n, p in head.named_parameters():
+            p.data = stacked[n][f].clone()
+        head.zero_grad()
+        total = sum(weight[f, b] * bag_loss(head, head(x[f, b, :int(mask[b].sum())], label[b]), label[b])
+                    for b in range(3)) / weight[f].sum()
+        total.backward()
+        want_loss.append(float(total))
+        for n, p in head.named_parameters():
+            want[n][f] = p.grad
+    linear_weights = {"instance_classifier.weight", "query.0.weight", "query.2.weight"}  # held [F, in, out]
+    _bind(head, {n: v.transpose(-1, -2).contiguous().transpose(-1, -2) if n in linear_weights else v
+                 for n, v in stacked.items()})
+    loss, grads = head.fused_step(x, mask, label, weight)
+    assert torch.allclose(loss, torch.tensor(want_loss, dtype=torch.float64), atol=1e-12)
+    assert set(grads) == set(want)
+    for n, g in want.items():
+        assert torch.allclose(grads[n], g, atol=1e-12), n
+
+
+def test_dsmil_with_a_value_mlp_trains_through_autograd():
+    assert build_model("dsmil", 5, 2, query_dim=4).fused_step is not None
+    assert build_model("dsmil", 5, 2, query_dim=4, passing_v=True).fused_step is None

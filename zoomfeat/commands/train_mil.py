@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     speed = parser.add_argument_group("speed")  # mil.train (issue 20)
     speed.add_argument("--all-folds", action="store_true",
                        help="train the selected folds at once, parameters stacked per fold: the same numbers as "
-                            "one fold after another; on a CPU ~1.7-1.8x faster where a step is overhead-bound "
+                            "one fold after another; on a CPU 1.5-1.7x faster where a step is overhead-bound "
                             "(small heads, DSMIL) and 1.02-1.19x for default-width ABMIL/CLAM at 5 folds in fp32 "
                             "(1.16-1.31x in bf16; benchmarks/RESULTS.md; default: one by one; not with --balanced)")
     speed.add_argument("--bags-per-step", type=int, default=None, metavar="B",
