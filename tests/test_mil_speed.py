@@ -164,3 +164,14 @@ def test_fold_adam_steps_a_transposed_gradient_like_torch_adam():
         p.grad = grad[k].contiguous()
         ref.step()
         assert torch.allclose(opt.params["w"][k], p.detach(), atol=1e-6)
+
+
+def test_retain_freed_memory_sets_glibc_malloc_once():
+    import platform
+
+    from mil.train import retain_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert retain_freed_memory() is True
+    assert retain_freed_memory() is True  # once per process (cached), still reported as set
