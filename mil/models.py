@@ -644,6 +644,8 @@ class DSMIL(MILHead):
         self.query_dim = query_dim
         self.negative_stream = negative_stream
 
+    fused_bf16 = False  # dsmil_step computes in float32: under --precision bf16 the engine keeps autocast
+
     @property
     def fused_step(self):
         """The engine's training step from :func:`dsmil_step` (as :meth:`ABMIL.fused_step`); None with

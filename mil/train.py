@@ -168,8 +168,11 @@ class Engine:
         self.order_gen = torch.Generator().manual_seed(cfg.seed)
         self.targets = torch.tensor([order[s] for s in self.order_ids], dtype=torch.long)
         self.autocast = _autocast(device, plan.precision)
-        # a head with its training step written out (ABMIL, CLAM, DSMIL) runs it instead of autograd
+        # a head with its training step written out (ABMIL, CLAM, DSMIL) runs it instead of autograd; in bf16 only
+        # where the written-out step has bf16 products (else autocast keeps the precision the plan names)
         self.fused = getattr(self.head, "fused_step", None)
+        if plan.precision == "bf16" and not getattr(self.head, "fused_bf16", True):
+            self.fused = None
         self._compiled = False
         self.eval_head = build_model(cfg.model, in_dim, n_classes, **effective_model_kwargs(cfg)).to(device)
 
@@ -241,8 +244,8 @@ class Engine:
                     per_fold, grads = self.fused(xs, mask, y, w, low, True)
                 except Exception as exc:  # torch.compile raises backend-specific types
                     reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-                    raise ConfigError(f"--compile: torch.compile failed ({reason}); it needs a C++ compiler on "
-                                      "the CPU (gcc or clang) or Triton on a GPU: install one or drop --compile")
+                    raise ConfigError(f"--compile: torch.compile failed ({reason}); it needs a C++ compiler on the "
+                                      "CPU (gcc or clang) or Triton on a GPU: install one or drop --compile") from exc
                 self._compiled = True
         return per_fold, {n: g.transpose(-1, -2) if n in self.transposed else g for n, g in grads.items()}
 

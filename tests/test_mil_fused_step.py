@@ -301,6 +301,9 @@ def test_written_out_dsmil_step_matches_autograd_of_the_head_fold_by_fold(classe
         assert torch.allclose(grads[n], g, atol=1e-12), n
 
 
-def test_dsmil_with_a_value_mlp_trains_through_autograd():
+def test_dsmil_with_a_value_mlp_or_in_bf16_trains_through_autograd(tiny):
     assert build_model("dsmil", 5, 2, query_dim=4).fused_step is not None
     assert build_model("dsmil", 5, 2, query_dim=4, passing_v=True).fused_step is None
+    assert _engine(tiny, "dsmil", precision="fp32")[0].fused is not None
+    assert _engine(tiny, "dsmil", precision="bf16")[0].fused is None  # autocast keeps bf16 products
+    assert _engine(tiny, "abmil", precision="bf16")[0].fused is not None  # its step casts them itself
