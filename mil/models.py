@@ -430,7 +430,10 @@ class _CLAMBase(MILHead):
         return h, masked_softmax(scores, None if mask is None else mask.unsqueeze(-2))
 
     def _bag_classifiers(self) -> list[tuple[str, nn.Module]]:
-        raise NotImplementedError
+        """(name, Linear) of the bag classifier(s): CLAM-SB's one, CLAM-MB's one per class."""
+        if hasattr(self, "classifiers"):
+            return [(f"classifiers.{c}", m) for c, m in enumerate(self.classifiers)]
+        return [("classifier", self.classifier)]
 
     def fused_step(self, x, mask, label, weight, low=None, compiled: bool = False):
         """The engine's training step, as :meth:`ABMIL.fused_step`, from :func:`clam_step`, always eager: its
@@ -507,9 +510,6 @@ class CLAMSB(_CLAMBase):
         super().__init__(in_dim, n_classes, hidden, attn_dim, dropout, k_sample, subtyping, 1, bag_weight)
         self.classifier = Linear(hidden, n_classes)
 
-    def _bag_classifiers(self) -> list[tuple[str, nn.Module]]:
-        return [("classifier", self.classifier)]
-
     def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
         h, attn = self._attend(x, mask)  # attn [*F, B, 1, N]
         logits = self.classifier(_pool(attn, h).squeeze(-2))  # [*F, B, C]
@@ -526,9 +526,6 @@ class CLAMMB(_CLAMBase):
         super().__init__(in_dim, n_classes, hidden, attn_dim, dropout, k_sample, subtyping, n_classes,
                          bag_weight)
         self.classifiers = nn.ModuleList(Linear(hidden, 1) for _ in range(n_classes))
-
-    def _bag_classifiers(self) -> list[tuple[str, nn.Module]]:
-        return [(f"classifiers.{c}", m) for c, m in enumerate(self.classifiers)]
 
     def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
         h, attn = self._attend(x, mask)  # attn [*F, B, C, N]
