@@ -221,32 +221,39 @@ def _clam_case(name: str, subtyping: bool, dropout: float):
     return head, stacked, x, mask, label, weight
 
 
-@pytest.mark.parametrize("name", ["clam_sb", "clam_mb"])
-@pytest.mark.parametrize("subtyping", [False, True])
-def test_written_out_clam_step_matches_autograd_of_the_head_fold_by_fold(name, subtyping):
-    """Without dropout: the oracle is autograd of the plain head, one fold and one bag at a time (its modules,
-    unstacked, its own instance loss), weighted as the engine weights the step's bags."""
-    head, stacked, x, mask, label, weight = _clam_case(name, subtyping, 0.0)
+def _fold_by_fold_autograd(head, stacked, x, mask, label, weight):
+    """The oracle: autograd of the plain head, one fold and one bag at a time (its modules, unstacked, its own
+    auxiliary loss), each fold's loss the weighted mean of its bags' as the engine weights a step's bags."""
     want = {n: torch.zeros_like(v) for n, v in stacked.items()}
-    want_loss = []
-    for f in range(2):
+    losses = []
+    for f in range(x.shape[0]):
         for n, p in head.named_parameters():
             p.data = stacked[n][f].clone()
         head.zero_grad()
-        total = 0.0
-        for b in range(3):
-            out = head(x[f, b, :int(mask[b].sum())], label[b])
-            total = total + weight[f, b] * bag_loss(head, out, label[b])
-        total = total / weight[f].sum()
+        total = sum(weight[f, b] * bag_loss(head, head(x[f, b, :int(mask[b].sum())], label[b]), label[b])
+                    for b in range(x.shape[1])) / weight[f].sum()
         total.backward()
-        want_loss.append(float(total))
+        losses.append(float(total))
         for n, p in head.named_parameters():
             want[n][f] = p.grad
-    bound = {n: v.transpose(-1, -2) if v.dim() == 3 else v for n, v in  # [F, in, out] held, [F, out, in] bound
-             ((n, v.transpose(-1, -2).contiguous()) if v.dim() == 3 else (n, v) for n, v in stacked.items())}
-    _bind(head, bound)
+    return torch.tensor(losses, dtype=torch.float64), want
+
+
+def _bound_as_engine(stacked, linear_weights):
+    """Stacked parameters as the engine binds them: Linear weights [F, out, in] views of tensors held [F, in, out]."""
+    return {n: v.transpose(-1, -2).contiguous().transpose(-1, -2) if n in linear_weights else v
+            for n, v in stacked.items()}
+
+
+@pytest.mark.parametrize("name", ["clam_sb", "clam_mb"])
+@pytest.mark.parametrize("subtyping", [False, True])
+def test_written_out_clam_step_matches_autograd_of_the_head_fold_by_fold(name, subtyping):
+    """Without dropout, against autograd of the plain head fold by fold and bag by bag."""
+    head, stacked, x, mask, label, weight = _clam_case(name, subtyping, 0.0)
+    want_loss, want = _fold_by_fold_autograd(head, stacked, x, mask, label, weight)
+    _bind(head, _bound_as_engine(stacked, {n for n, v in stacked.items() if v.dim() == 3}))  # every Linear weight
     loss, grads = head.fused_step(x, mask, label, weight)
-    assert torch.allclose(loss, torch.tensor(want_loss, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(loss, want_loss, atol=1e-12)
     assert set(grads) == set(want)
     for n, g in want.items():
         assert torch.allclose(grads[n], g, atol=1e-12), n
@@ -279,23 +286,10 @@ def test_written_out_dsmil_step_matches_autograd_of_the_head_fold_by_fold(classe
                for n, p in head.named_parameters()}
     _, _, x, mask, label, weight = _clam_case("clam_sb", False, 0.0)
     label = torch.tensor([1, 0, classes - 1])
-    want = {n: torch.zeros_like(v) for n, v in stacked.items()}
-    want_loss = []
-    for f in range(2):
-        for n, p in head.named_parameters():
-            p.data = stacked[n][f].clone()
-        head.zero_grad()
-        total = sum(weight[f, b] * bag_loss(head, head(x[f, b, :int(mask[b].sum())], label[b]), label[b])
-                    for b in range(3)) / weight[f].sum()
-        total.backward()
-        want_loss.append(float(total))
-        for n, p in head.named_parameters():
-            want[n][f] = p.grad
-    linear_weights = {"instance_classifier.weight", "query.0.weight", "query.2.weight"}  # held [F, in, out]
-    _bind(head, {n: v.transpose(-1, -2).contiguous().transpose(-1, -2) if n in linear_weights else v
-                 for n, v in stacked.items()})
+    want_loss, want = _fold_by_fold_autograd(head, stacked, x, mask, label, weight)
+    _bind(head, _bound_as_engine(stacked, {"instance_classifier.weight", "query.0.weight", "query.2.weight"}))
     loss, grads = head.fused_step(x, mask, label, weight)
-    assert torch.allclose(loss, torch.tensor(want_loss, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(loss, want_loss, atol=1e-12)
     assert set(grads) == set(want)
     for n, g in want.items():
         assert torch.allclose(grads[n], g, atol=1e-12), n
