@@ -25,7 +25,8 @@ followed for as many epochs as the protocol runs), gradient clipping and the los
   instance loss 0.3 (CLAM's README runs).
 - ``dsmil``: Adam lr 2e-4, betas (0.5, 0.9), weight decay 5e-3, cosine annealing to 5e-6 over 200 epochs
   (DSMIL's train_tcga.py); one positive stream under ``--task hrd`` (its ``--num_classes 1``), one stream per
-  class otherwise (:func:`effective_model_kwargs`).
+  class otherwise; a bag is scored by the mean of the two streams' probabilities, as train_tcga.py's
+  ``--average`` default (:func:`effective_model_kwargs`).
 - ``transmil``: RAdam inside Lookahead (k 6, alpha 0.5), lr 2e-4, weight decay 1e-5 (decoupled, not on biases
   and 1-d parameters), constant (TransMIL's Camelyon/TransMIL.yaml and optimiser factory); the class token
   left out of the value convolution (``class_token_residual=False``, see :mod:`mil.transmil`).
@@ -167,15 +168,18 @@ def effective_model_kwargs(cfg: MILConfig) -> dict:
     """``model_kwargs`` plus what the task implies for a head, unless given explicitly: CLAM's
     ``subtyping=True`` for ``--task subtyping`` (subtypes are mutually exclusive: the most attended instances
     are also negatives for the other classes' instance classifiers, as in CLAM's reference code), and DSMIL's
-    single positive stream for ``--task hrd``, a positive/negative task (DSMIL's ``--num_classes 1``); and for
-    TransMIL, whatever the task, the class token left out of the value convolution (``class_token_residual=False``:
-    in the reference the convolution lets the class token read the bag's first 16 instances by position, a path
-    that memorises small cohorts; see mil.transmil)."""
+    single positive stream for ``--task hrd``, a positive/negative task (DSMIL's ``--num_classes 1``); whatever
+    the task, DSMIL's prediction as the mean of its two streams (``average=True``, its train_tcga.py's
+    ``--average`` default and the paper's bag score) and TransMIL's class token left out of the value
+    convolution (``class_token_residual=False``: in the reference the convolution lets the class token read the
+    bag's first 16 instances by position, a path that memorises small cohorts; see mil.transmil)."""
     kwargs = dict(cfg.model_kwargs)
     if cfg.model in ("clam_sb", "clam_mb") and cfg.task == "subtyping":
         kwargs.setdefault("subtyping", True)
-    if cfg.model == "dsmil" and cfg.task == "hrd":
-        kwargs.setdefault("negative_stream", False)
+    if cfg.model == "dsmil":
+        kwargs.setdefault("average", True)
+        if cfg.task == "hrd":
+            kwargs.setdefault("negative_stream", False)
     if cfg.model == "transmil":
         kwargs.setdefault("class_token_residual", False)
     return kwargs

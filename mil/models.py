@@ -602,6 +602,20 @@ def dsmil_step(x, mask, label, weight, wi, bi, wq1, bq1, wq2, bq2, wh, bh, negat
     return loss, (dwi, dbi, dwq1, dbq1, dwq2, dbq2, dwh.reshape(wh.shape), dbh)
 
 
+def _two_stream_log_probs(bag_logits: torch.Tensor, max_logits: torch.Tensor, negative_stream: bool) -> torch.Tensor:
+    """log of the mean of DSMIL's two streams' class probabilities [*F, B, C] (see :class:`DSMIL`), from the
+    bag logits [*F, B, C] and the max instance logits [*F, B, S], in log space (finite for any logits)."""
+    half = math.log(2.0)
+    if not negative_stream:  # bag logits (0, s): P(1) = (sigmoid(m) + sigmoid(s)) / 2, P(0) its complement
+        s, m = bag_logits[..., 1], max_logits[..., 0]
+        positive = torch.logaddexp(F.logsigmoid(s), F.logsigmoid(m))
+        negative = torch.logaddexp(F.logsigmoid(-s), F.logsigmoid(-m))
+        return torch.stack([negative, positive], dim=-1) - half
+    instance = F.logsigmoid(max_logits)
+    instance = instance - instance.logsumexp(-1, keepdim=True)
+    return torch.logaddexp(bag_logits.log_softmax(-1), instance) - half
+
+
 @register_model("dsmil")
 class DSMIL(MILHead):
     """Dual-stream MIL (Li, Li & Eliceiri 2021).
@@ -621,12 +635,23 @@ class DSMIL(MILHead):
     maximum is asked to be high and a positive bag's to be low, although a positive bag's other instances
     look like a negative bag's. ``--task hrd`` sets it (``mil.config.effective_model_kwargs``); subtyping
     keeps a stream per class, as DSMIL's TCGA runs.
+
+    ``average=True``: the prediction (eval mode) is the mean of the two streams' probabilities, the bag score
+    c(B) = (c_m(B) + c_b(B)) / 2 of the paper and the default (``--average True``) of DSMIL's current
+    train_tcga.py, which scores a bag by ``0.5 sigmoid(max instance logit) + 0.5 sigmoid(bag logit)``. With one
+    positive stream that is the probability of class 1; with a stream per class the instance stream's
+    sigmoids are normalised over the classes (the engine predicts a distribution) and averaged with the bag
+    stream's softmax. ``logits`` are then the log of those probabilities; training (train mode) is unchanged.
+    The class default ``False`` scores by the bag stream alone, as DSMIL's 2021 train_tcga.py did (and what
+    checkpoints written before this option were evaluated with); ``train-mil`` builds the head with ``True``
+    (:func:`mil.config.effective_model_kwargs`). Where the bag stream's attention never finds the witnesses
+    the instance stream still does (RESULTS.md: 2% witnesses, 500 slides).
     """
 
     bag_weight = 0.5
 
     def __init__(self, in_dim: int, n_classes: int = 2, query_dim: int = 128, passing_v: bool = False,
-                 dropout_v: float = 0.0, negative_stream: bool = True):
+                 dropout_v: float = 0.0, negative_stream: bool = True, average: bool = False):
         super().__init__()
         if not negative_stream and n_classes != 2:
             raise ConfigError(f"dsmil: negative_stream=False needs a binary task, not {n_classes} classes; "
@@ -640,6 +665,7 @@ class DSMIL(MILHead):
         self.head = nn.Conv1d(streams, streams, kernel_size=in_dim)
         self.query_dim = query_dim
         self.negative_stream = negative_stream
+        self.average = average
 
     fused_bf16 = False  # dsmil_step computes in float32: under --precision bf16 the engine keeps autocast
 
@@ -676,9 +702,11 @@ class DSMIL(MILHead):
         else:
             pred = logits.argmax(-1)
             attention = a.gather(-1, pred[..., None, None].expand(*a.shape[:-1], 1)).squeeze(-1)
+        max_logits = inst.max(dim=-2).values  # [*F, B, streams]
+        if self.average and not self.training:
+            logits = _two_stream_log_probs(logits, max_logits, self.negative_stream)
         extra = None
         if label is not None:
-            max_logits = inst.max(dim=-2).values  # [*F, B, streams]
             if self.negative_stream:
                 target = F.one_hot(label.long(), inst.shape[-1]).to(max_logits.dtype)
             else:

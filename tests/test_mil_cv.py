@@ -257,14 +257,17 @@ def test_task_sets_the_heads_reference_semantics(tiny, tmp_path):
         assert ckpt["model_kwargs"].get(key) == value, (task, model, given)
         if model == "dsmil":
             assert ckpt["state_dict"]["instance_classifier.weight"].shape == (1 if value is False else 2, 8)
+            assert ckpt["model_kwargs"]["average"] is True  # scored by both streams, whatever the task
 
 
-@pytest.mark.parametrize("model,kwargs,new_argument", [("dsmil", {"query_dim": 4}, "negative_stream"),
-                                                        ("transmil", {"dim": 8, "heads": 2}, "class_token_residual")])
-def test_resume_refuses_folds_whose_head_was_built_differently(tiny, tmp_path, model, kwargs, new_argument):
+@pytest.mark.parametrize("model,kwargs,new_argument,value", [
+    ("dsmil", {"query_dim": 4}, "negative_stream", False), ("dsmil", {"query_dim": 4}, "average", True),
+    ("transmil", {"dim": 8, "heads": 2}, "class_token_residual", False)])
+def test_resume_refuses_folds_whose_head_was_built_differently(tiny, tmp_path, model, kwargs, new_argument, value):
     """A run whose finished folds hold a head built with other arguments (the two-stream DSMIL an earlier
-    zoomfeat built under --task hrd; TransMIL with the reference's class-token convolution) is not resumed into
-    a mix of heads, and an old TransMIL fold still loads as the head it was trained as."""
+    zoomfeat built under --task hrd; DSMIL scored by its bag stream alone; TransMIL with the reference's
+    class-token convolution) is not resumed into a mix of heads, and an old fold still loads as the head it was
+    trained as."""
     from mil.cv import load_fold_model
 
     labels = pd.read_csv(tiny["labels"]).assign(label=lambda d: (d.label == "ILC").astype(int))
@@ -274,10 +277,10 @@ def test_resume_refuses_folds_whose_head_was_built_differently(tiny, tmp_path, m
     run_cv(cfg)
     ckpt_path = tmp_path / "run" / "fold_0" / "model.ckpt"
     ckpt = torch.load(ckpt_path, weights_only=True)
-    assert ckpt["model_kwargs"].pop(new_argument) is False  # recorded; popped: what the earlier version wrote
+    assert ckpt["model_kwargs"].pop(new_argument) is value  # recorded; popped: what the earlier version wrote
     torch.save(ckpt, ckpt_path)
-    if model == "transmil":  # same weights either way (DSMIL's two streams would need other weights)
-        assert load_fold_model(tmp_path / "run", 0)[0].class_token_residual is True  # the class default
+    if new_argument != "negative_stream":  # same weights either way (two streams would need other weights)
+        assert getattr(load_fold_model(tmp_path / "run", 0)[0], new_argument) is not value  # the class default
     with pytest.raises(ConfigError, match="fold 0 was trained with head arguments"):
         run_cv(replace(cfg, folds=(0, 1)))
     assert not (tmp_path / "run" / "fold_1").exists()

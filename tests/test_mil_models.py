@@ -270,6 +270,40 @@ def test_dsmil_single_positive_stream_matches_its_equations():
         build_model("dsmil", 6, 3, negative_stream=False)
 
 
+def test_dsmil_average_scores_a_bag_by_the_mean_of_its_two_streams():
+    """``average=True`` (what train-mil builds): in eval mode the bag's class probabilities are the mean of the
+    two streams', 0.5 sigmoid(max instance logit) + 0.5 sigmoid(bag logit) as DSMIL's train_tcga.py scores a
+    bag (one positive stream), and the mean of the bag softmax and the class-normalised instance sigmoids with
+    a stream per class; in train mode the logits, the attention and the loss are those of the plain head."""
+    torch.manual_seed(0)
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    for negative_stream in (False, True):
+        plain = build_model("dsmil", 6, 2, query_dim=4, negative_stream=negative_stream)
+        both = build_model("dsmil", 6, 2, query_dim=4, negative_stream=negative_stream, average=True)
+        both.load_state_dict(plain.state_dict())
+        x = torch.randn(9, 6) * 3
+        with torch.no_grad():
+            bag_logits = plain.eval()(x).logits[0].double().numpy()  # the bag stream alone (tested above)
+            inst = (x @ plain.instance_classifier.weight.T + plain.instance_classifier.bias).double().numpy()
+            m = inst.max(0)  # [S]
+            if negative_stream:
+                bag_p = np.exp(bag_logits) / np.exp(bag_logits).sum()
+                expected = 0.5 * bag_p + 0.5 * sig(m) / sig(m).sum()
+            else:
+                p1 = 0.5 * sig(m[0]) + 0.5 * sig(bag_logits[1] - bag_logits[0])
+                expected = np.array([1 - p1, p1])
+            out = both.eval()(x, torch.tensor(1))
+            assert np.allclose(torch.softmax(out.logits[0].double(), -1).numpy(), expected, atol=1e-6)
+            assert torch.allclose(out.attention, plain(x).attention)
+            both.train(), plain.train()
+            trained, reference = both(x, torch.tensor(1)), plain(x, torch.tensor(1))
+            assert torch.equal(trained.logits, reference.logits) and torch.equal(trained.extra_loss,
+                                                                                 reference.extra_loss)
+    extreme = build_model("dsmil", 6, 2, query_dim=4, negative_stream=False, average=True).eval()
+    with torch.no_grad():  # saturated sigmoids stay finite log-probabilities
+        assert torch.isfinite(extreme(torch.randn(9, 6) * 1e4).logits).all()
+
+
 def test_smooth_top1_svm_matches_its_formula_and_bounds_the_hinge():
     scores = torch.tensor([[2.0, 0.5], [0.0, 3.0], [1.0, 1.0]])
     target = torch.tensor([0, 0, 1])
