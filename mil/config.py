@@ -23,10 +23,6 @@ followed for as many epochs as the protocol runs), gradient clipping and the los
 - ``abmil``, ``mean``, ``max``: Adam lr 5e-4, (0.9, 0.999), weight decay 1e-4, constant (Ilse et al. 2018).
 - ``clam_sb``, ``clam_mb``: Adam lr 2e-4, (0.9, 0.999), weight decay 1e-5, constant; bag loss 0.7 /
   instance loss 0.3 (CLAM's README runs).
-- ``abmil``, ``clam_sb``, ``clam_mb`` start with their attention score layer at zero (``zero_score_init``, see
-  :class:`mil.models.GatedAttention`): every instance starts with the same attention, instead of a random
-  preference that can leave the key instances starved of gradient (CLAM-SB failed from half its random
-  inits on a planted cohort).
 - ``dsmil``: Adam lr 2e-4, betas (0.5, 0.9), weight decay 5e-3, cosine annealing to 5e-6 over 200 epochs
   (DSMIL's train_tcga.py); one positive stream under ``--task hrd`` (its ``--num_classes 1``), one stream per
   class otherwise; a bag is scored by the mean of the two streams' probabilities, as train_tcga.py's
@@ -168,9 +164,6 @@ def make_protocol(name: str, **overrides) -> Protocol:
     return replace(PROTOCOLS[name], **given)
 
 
-GATED_ATTENTION_HEADS: tuple[str, ...] = ("abmil", "clam_sb", "clam_mb")
-
-
 def effective_model_kwargs(cfg: MILConfig) -> dict:
     """``model_kwargs`` plus what the task implies for a head, unless given explicitly: CLAM's
     ``subtyping=True`` for ``--task subtyping`` (subtypes are mutually exclusive: the most attended instances
@@ -179,8 +172,7 @@ def effective_model_kwargs(cfg: MILConfig) -> dict:
     the task, DSMIL's prediction as the mean of its two streams (``average=True``, its train_tcga.py's
     ``--average`` default and the paper's bag score) and TransMIL's class token left out of the value
     convolution (``class_token_residual=False``: in the reference the convolution lets the class token read the
-    bag's first 16 instances by position, a path that memorises small cohorts; see mil.transmil); and the
-    gated-attention heads' score layer zero-initialised (``zero_score_init``, see mil.models.GatedAttention)."""
+    bag's first 16 instances by position, a path that memorises small cohorts; see mil.transmil)."""
     kwargs = dict(cfg.model_kwargs)
     if cfg.model in ("clam_sb", "clam_mb") and cfg.task == "subtyping":
         kwargs.setdefault("subtyping", True)
@@ -190,8 +182,6 @@ def effective_model_kwargs(cfg: MILConfig) -> dict:
             kwargs.setdefault("negative_stream", False)
     if cfg.model == "transmil":
         kwargs.setdefault("class_token_residual", False)
-    if cfg.model in GATED_ATTENTION_HEADS:
-        kwargs.setdefault("zero_score_init", True)
     return kwargs
 
 

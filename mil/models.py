@@ -134,25 +134,13 @@ def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class GatedAttention(nn.Module):
-    """Gated attention (Ilse et al. 2018): score = W (tanh(V h) * sigmoid(U h)); h [..., N, H] -> [..., N, branches].
+    """Gated attention (Ilse et al. 2018): score = W (tanh(V h) * sigmoid(U h)); h [..., N, H] -> [..., N, branches]."""
 
-    ``zero_score_init``: W and its bias start at zero (after the same random draws, so every other weight is
-    the one the default init gives), and every instance of a bag starts with the same attention. With the
-    references' random W the initial scores already prefer some regions of feature space; where the key
-    instances start below their bag's mean score the softmax gives them little weight and little gradient,
-    and a one-branch head can stay there: CLAM-SB on fold 0 of a planted cohort (2% witnesses, 500 slides,
-    bag loss only, 5 epochs) reached test AUC 0.41-0.55 from 3 of 6 random inits (attention on the witnesses
-    below uniform) and 1.00 from the other 3; zero-initialised, 0.97 from each of the 3 that failed. The gates' weights get gradients once W has moved (after the first step)."""
-
-    def __init__(self, hidden: int = 512, attn_dim: int = 256, dropout: float = 0.25, branches: int = 1,
-                 zero_score_init: bool = False):
+    def __init__(self, hidden: int = 512, attn_dim: int = 256, dropout: float = 0.25, branches: int = 1):
         super().__init__()
         self.tanh_gate = nn.Sequential(Linear(hidden, attn_dim), nn.Tanh(), Dropout(dropout))
         self.sigmoid_gate = nn.Sequential(Linear(hidden, attn_dim), Sigmoid(), Dropout(dropout))
         self.score = Linear(attn_dim, branches)
-        if zero_score_init:
-            nn.init.zeros_(self.score.weight)
-            nn.init.zeros_(self.score.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.score(self.tanh_gate(h) * self.sigmoid_gate(h))
@@ -378,14 +366,13 @@ def clam_step(x, mask, label, weight, w1, b1, wa, ba, wb, bb, wc, bc, bag_w: lis
 
 @register_model("abmil")
 class ABMIL(MILHead):
-    """Gated-attention MIL: Linear(D, 512) + ReLU + Dropout(0.25), attention 512 -> 256 -> 1, Linear(512, C).
-    ``zero_score_init``: see :class:`GatedAttention` (``train-mil`` sets it)."""
+    """Gated-attention MIL: Linear(D, 512) + ReLU + Dropout(0.25), attention 512 -> 256 -> 1, Linear(512, C)."""
 
     def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 512, attn_dim: int = 256,
-                 dropout: float = 0.25, zero_score_init: bool = False):
+                 dropout: float = 0.25):
         super().__init__()
         self.embed = _embed(in_dim, hidden, dropout)
-        self.attention = GatedAttention(hidden, attn_dim, dropout, zero_score_init=zero_score_init)
+        self.attention = GatedAttention(hidden, attn_dim, dropout)
         self.classifier = Linear(hidden, n_classes)
 
     def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
@@ -426,10 +413,10 @@ class _CLAMBase(MILHead):
     bag_weight = 0.7
 
     def __init__(self, in_dim: int, n_classes: int, hidden: int, attn_dim: int, dropout: float,
-                 k_sample: int, subtyping: bool, branches: int, bag_weight: float, zero_score_init: bool):
+                 k_sample: int, subtyping: bool, branches: int, bag_weight: float):
         super().__init__()
         self.embed = _embed(in_dim, hidden, dropout)
-        self.attention = GatedAttention(hidden, attn_dim, dropout, branches, zero_score_init)
+        self.attention = GatedAttention(hidden, attn_dim, dropout, branches)
         self.instance_classifiers = nn.ModuleList(Linear(hidden, 2) for _ in range(n_classes))
         self.k_sample = k_sample
         self.subtyping = subtyping
@@ -519,10 +506,8 @@ class CLAMSB(_CLAMBase):
     """CLAM single-branch: one gated attention branch, Linear(512, C) bag classifier."""
 
     def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 512, attn_dim: int = 256,
-                 dropout: float = 0.25, k_sample: int = 8, subtyping: bool = False, bag_weight: float = 0.7,
-                 zero_score_init: bool = False):
-        super().__init__(in_dim, n_classes, hidden, attn_dim, dropout, k_sample, subtyping, 1, bag_weight,
-                         zero_score_init)
+                 dropout: float = 0.25, k_sample: int = 8, subtyping: bool = False, bag_weight: float = 0.7):
+        super().__init__(in_dim, n_classes, hidden, attn_dim, dropout, k_sample, subtyping, 1, bag_weight)
         self.classifier = Linear(hidden, n_classes)
 
     def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
@@ -537,10 +522,9 @@ class CLAMMB(_CLAMBase):
     """CLAM multi-branch: one attention branch and one Linear(512, 1) bag classifier per class."""
 
     def __init__(self, in_dim: int, n_classes: int = 2, hidden: int = 512, attn_dim: int = 256,
-                 dropout: float = 0.25, k_sample: int = 8, subtyping: bool = False, bag_weight: float = 0.7,
-                 zero_score_init: bool = False):
+                 dropout: float = 0.25, k_sample: int = 8, subtyping: bool = False, bag_weight: float = 0.7):
         super().__init__(in_dim, n_classes, hidden, attn_dim, dropout, k_sample, subtyping, n_classes,
-                         bag_weight, zero_score_init)
+                         bag_weight)
         self.classifiers = nn.ModuleList(Linear(hidden, 1) for _ in range(n_classes))
 
     def forward_bags(self, x, mask=None, label=None) -> BagsOutput:

@@ -304,26 +304,6 @@ def test_dsmil_average_scores_a_bag_by_the_mean_of_its_two_streams():
         assert torch.isfinite(extreme(torch.randn(9, 6) * 1e4).logits).all()
 
 
-@pytest.mark.parametrize("name", ["abmil", "clam_sb", "clam_mb"])
-def test_zero_score_init_starts_every_instance_at_the_same_attention(name):
-    """``zero_score_init`` (what train-mil builds): the attention score layer starts at zero, so a bag's
-    attention starts uniform (the softmax of equal scores), and every other weight is the one the default
-    init draws for the same seed."""
-    kw = {"hidden": 16, "attn_dim": 8}
-    torch.manual_seed(3)
-    plain = build_model(name, 12, 2, **kw)
-    torch.manual_seed(3)
-    zero = build_model(name, 12, 2, zero_score_init=True, **kw).eval()
-    for (key, a), (_, b) in zip(plain.state_dict().items(), zero.state_dict().items()):
-        if key.startswith("attention.score."):
-            assert not b.any() and a.any(), key
-        else:
-            assert torch.equal(a, b), key
-    with torch.no_grad():
-        attention = zero(torch.randn(7, 12) * 5).attention
-    assert torch.allclose(attention, torch.full((7,), 1 / 7))
-
-
 def test_smooth_top1_svm_matches_its_formula_and_bounds_the_hinge():
     scores = torch.tensor([[2.0, 0.5], [0.0, 3.0], [1.0, 1.0]])
     target = torch.tensor([0, 0, 1])

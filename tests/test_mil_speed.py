@@ -93,8 +93,7 @@ def test_one_bag_per_step_is_a_plain_adam_loop(tiny):
     for epoch in range(2):
         engine.train_epoch(epoch)
     torch.manual_seed(cfg.seed)
-    model = build_model("clam_sb", 8, 2, hidden=8, attn_dim=4, dropout=0.0, subtyping=True,
-                        zero_score_init=True)  # the head train-mil builds (its task is subtyping)
+    model = build_model("clam_sb", 8, 2, hidden=8, attn_dim=4, dropout=0.0, subtyping=True)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-5)
     ids, perm_gen = list(order), torch.Generator().manual_seed(cfg.seed)
     train = set(folds[0][1].parts["train"])
