@@ -21,12 +21,13 @@ def write_feature_file(directory: Path, slide_id: str, feats_20x: np.ndarray, fe
 
 
 def planted_bag(rng: np.random.Generator, label: int, n: int, dim: int, amplitude: float = 7.0,
-                share: float = 0.05, spread: float = 3.0) -> np.ndarray:
+                share: float = 0.05, spread: float = 3.0, matched: bool = True) -> np.ndarray:
     """[n, dim] N(0, 1) instances; in positive bags ``share`` of them (the key instances) are drawn from
     N(amplitude * u, spread^2 I) with u = (1, 1, 1, 1, 0, ...) / 2 instead. Negative bags are pure noise.
 
     The other instances of a positive bag move by a small opposite amount, so both classes have the same
     expected bag mean: mean pooling sees little, while a head that finds the few key instances separates them.
+    ``matched=False`` leaves them in place (the same draws otherwise): the witnesses alone mark the bag.
     """
     x = rng.standard_normal((n, dim)).astype(np.float32)
     if label == 1:
@@ -36,22 +37,25 @@ def planted_bag(rng: np.random.Generator, label: int, n: int, dim: int, amplitud
         key = np.zeros(n, dtype=bool)
         key[rng.choice(n, size=k, replace=False)] = True
         x[key] = spread * x[key] + amplitude * u
-        x[~key] -= amplitude * k / (n - k) * u  # keeps the expected bag mean at 0, as in negative bags
+        if matched:
+            x[~key] -= amplitude * k / (n - k) * u  # keeps the expected bag mean at 0, as in negative bags
     return x
 
 
 def planted_cohort(root: Path, n_slides: int = 60, dim: int = 32, sizes: tuple[int, int] = (100, 200),
-                   folds: int = 5, seed: int = 0, share: float = 0.05, spread: float = 3.0) -> dict[str, Path]:
+                   folds: int = 5, seed: int = 0, share: float = 0.05, spread: float = 3.0,
+                   matched: bool = True) -> dict[str, Path]:
     """Feature folder, labels.csv and a stratified k-fold split folder (test = fold k, val = fold k+1);
-    ``share`` and ``spread``: the fraction of witness (key) instances in positive bags and their standard
-    deviation in every dimension (:func:`planted_bag`)."""
+    ``share``, ``spread`` and ``matched``: the fraction of witness (key) instances in positive bags, their
+    standard deviation in every dimension, and whether the other instances balance the bag mean
+    (:func:`planted_bag`)."""
     rng = np.random.default_rng(seed)
     labels = np.array([i % 2 for i in range(n_slides)])
     rows = []
     for i, y in enumerate(labels):
         sid = f"S{i:03d}"
         write_feature_file(root / "feats", sid, planted_bag(rng, int(y), int(rng.integers(*sizes)), dim,
-                                                             share=share, spread=spread))
+                                                             share=share, spread=spread, matched=matched))
         rows.append({"case_id": f"C{i:03d}", "slide_id": sid, "label": "ILC" if y else "IDC"})
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
     # classes alternate; with an even k, j % k would give each fold one class, so there the j-th slide of each

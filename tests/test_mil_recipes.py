@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,6 +186,24 @@ def test_simil_selection_scores_as_simil():
             best, saved = (auc + acc) / 2, epoch
         assert fold.best_epoch == saved + 1
     assert saved == 5  # scores 0.5, 0.75, 0.875, 0.875, 0.9375, 0.9375: each tie replaced the best
+
+
+def test_planted_bags_balance_their_mean_unless_told_not_to():
+    """The robustness cohorts' positive bags: the other instances move by -7 k / (n - k) along u, so the bag's
+    mean along u is the noise's alone (expected 0, as in a negative bag); with ``matched=False`` the same draws
+    without that shift, so the bag mean along u is 7 k / n (k witnesses of n) plus the same noise."""
+    from mil_data import planted_bag
+
+    n, dim, share = 150, 16, 0.02
+    k = round(share * n)
+    u = np.zeros(dim)
+    u[:4] = 0.5
+    matched = planted_bag(np.random.default_rng(4), 1, n, dim, share=share)
+    plain = planted_bag(np.random.default_rng(4), 1, n, dim, share=share, matched=False)
+    moved = ~np.isclose(matched, plain).all(axis=1)
+    assert moved.sum() == n - k  # the witnesses are the same rows with the same values
+    assert np.allclose((plain - matched)[moved], 7.0 * k / (n - k) * u, atol=1e-5)
+    assert np.isclose((plain.mean(0) - matched.mean(0)) @ u / (u @ u), 7.0 * k / n, atol=1e-5)
 
 
 def _planted_cv(tmp_path, model: str, seed: int, instance_sample: float = 1.0) -> float:
