@@ -18,7 +18,9 @@ measurement run by hand (results in RESULTS.md), not a test. Run, e.g.:
 ``--slides`` and ``--instances lo,hi`` (bag sizes, default 100,200) change the cohort's size, ``--spread`` the
 witnesses' spread (default 3: witnesses also have 3x the noise's norm; 1: a pure shift along the planted
 direction), ``--unmatched`` drops the small opposite shift of the positive bags' other instances (which keeps
-both classes' expected bag mean equal, so that mean pooling sees little).
+both classes' expected bag mean equal, so that mean pooling sees little). ``--train-seeds 0,1,...`` repeats each
+cell for several ``train-mil --seed`` values: every fold of a run starts from the seed's weights, so one seed is one
+draw of the head's initialisation for the whole cross-validation.
 """
 
 from __future__ import annotations
@@ -54,13 +56,13 @@ def as_task(paths, task: str):
 
 
 def mean_auc(paths, out: Path, model: str, kwargs: dict, protocol: str, instance_sample: float = 1.0,
-             task: str = "hrd") -> float:
+             task: str = "hrd", train_seed: int = 0) -> float:
     from mil.config import MILConfig, make_protocol
     from mil.cv import run_cv
 
     cfg = MILConfig(features=f"{paths['features']}@20x", labels=str(paths["labels"]), splits=str(paths["splits"]),
                     out=str(out), model=model, model_kwargs=kwargs, protocol=make_protocol(protocol),
-                    all_folds=True, instance_sample=instance_sample, task=task)
+                    all_folds=True, instance_sample=instance_sample, task=task, seed=train_seed)
     return float(run_cv(cfg).set_index("fold").at["mean", "test_auc"])
 
 
@@ -84,6 +86,10 @@ def main() -> None:
     parser.add_argument("--heads", default=",".join(HEADS), help="comma-separated subset of the heads")
     parser.add_argument("--instance-sample", type=float, default=1.0,
                         help="train-mil --instance-sample: share of each bag's instances per training step")
+    parser.add_argument("--train-seeds", default="0",
+                        help="train-mil --seed values (the heads' initial weights, dropout masks and bag order; every "
+                             "fold of a run starts from the same weights), comma-separated: one row per cohort seed "
+                             "and train seed")
     parser.add_argument("--reduced", default="", help="heads run at reduced width (REDUCED), comma-separated")
     args = parser.parse_args()
     sizes = tuple(int(v) for v in args.instances.split(","))
@@ -95,8 +101,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     names = [m + (" (reduced)" if m in reduced else "") for m in heads]
-    print("| preset | witnesses | dim | seed | " + " | ".join(names) + " | bar met | seconds |")
-    print("|" + "---|" * (len(heads) + 6))
+    train_seeds = [int(v) for v in args.train_seeds.split(",")]
+    print("| preset | witnesses | dim | seed | train seed | " + " | ".join(names) + " | bar met | seconds |")
+    print("|" + "---|" * (len(heads) + 7))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for share in map(float, args.shares.split(",")):
@@ -106,14 +113,14 @@ def main() -> None:
                 paths = as_task(planted_cohort(root / f"c{share}_{seed}", n_slides=args.slides, dim=dim, seed=seed,
                                                share=share, sizes=sizes, spread=args.spread,
                                                matched=not args.unmatched), args.task)
-                for preset in args.presets.split(","):
+                for preset, train_seed in ((p, t) for p in args.presets.split(",") for t in train_seeds):
                     start = time.perf_counter()
-                    aucs = {m: mean_auc(paths, root / f"{preset}{share}{seed}{m}", m, kw, preset, args.instance_sample,
-                                        args.task) for m, kw in heads.items()}
+                    aucs = {m: mean_auc(paths, root / f"{preset}{share}{seed}{train_seed}{m}", m, kw, preset,
+                                        args.instance_sample, args.task, train_seed) for m, kw in heads.items()}
                     attn = [a for m, a in aucs.items() if m != "mean"]
                     met = all(a >= floor for a in attn) and aucs.get("mean", 0.0) < min(attn, default=1) - 0.03
                     cells = " | ".join(f"{aucs[m]:.3f}" for m in heads)
-                    print(f"| {preset} | {share:.0%} | {dim} | {seed} | {cells} | {'yes' if met else 'no'} | "
+                    print(f"| {preset} | {share:.0%} | {dim} | {seed} | {train_seed} | {cells} | {'yes' if met else 'no'} | "
                           f"{time.perf_counter() - start:.0f} |", flush=True)
 
 
