@@ -66,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="which epoch's weights are evaluated (default: the protocol's)")
     schedule.add_argument("--balanced", action="store_true",
                           help="draw training bags class-balanced, with replacement (default: a seeded shuffle)")
-    schedule.add_argument("--seed", type=int, default=0, help="seed of initialisation and bag order (default 0)")
+    schedule.add_argument("--seed", type=int, default=0,
+                          help="seed of the initial weights (every fold starts from the same ones), dropout and bag "
+                               "order (default 0); one seed is one draw of the init: repeat a study over several")
     schedule.add_argument("--folds", type=_folds, default=None, metavar="K,K",
                           help="train only these folds, e.g. 0,1 (default: every fold of --splits)")
     runtime = parser.add_argument_group("runtime")
