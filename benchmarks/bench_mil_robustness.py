@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--train-seeds", default="0",
                         help="train-mil --seed values (the heads' initial weights, dropout masks and bag order; every "
                              "fold of a run starts from the same weights), comma-separated: one row per cohort seed "
-                             "and train seed")
+                             "and train seed, then their mean")
     parser.add_argument("--reduced", default="", help="heads run at reduced width (REDUCED), comma-separated")
     args = parser.parse_args()
     sizes = tuple(int(v) for v in args.instances.split(","))
@@ -117,7 +117,7 @@ def main() -> None:
                     rows = []
                     for train_seed in train_seeds:
                         start = time.perf_counter()
-                        aucs = {m: mean_auc(paths, root / f"{preset}{share}{seed}{train_seed}{m}", m, kw, preset,
+                        aucs = {m: mean_auc(paths, root / f"{preset}_{share}_{seed}_{train_seed}_{m}", m, kw, preset,
                                             args.instance_sample, args.task, train_seed) for m, kw in heads.items()}
                         rows.append(aucs)
                         print(_row(f"| {preset} | {share:.0%} | {dim} | {seed} | {train_seed}", aucs, floor,
