@@ -122,14 +122,15 @@ def test_generate_large_end_to_end_and_regeneration(slide, tmp_path, method):
 
     out = tmp_path / method
     assert cli.main(["generate-large", *BASE, "--slide", str(slide), "--method", method, "--steps", "5",
-                     "--inner-iterations", "2", "--seed", "1", "--out", str(out)]) == 0
+                     "--joint-iterations", "1", "--refine-t0", "100", "--seed", "1", "--out", str(out)]) == 0
     man = json.loads((out / "manifest.json").read_text())
     large = read_png(out / "large.png")
     assert large.shape == (32, 32, 3)  # (20/10) x 16 px
     assert man["sampling"]["method"] == method and man["sampling"]["stride"] == 200
     if method == "joint":
         assert read_png(out / "guide.png").shape == (16, 16, 3)
-        assert len(man["disagreement_per_step"]) == 5
+        assert len(man["images"][0]["disagreement_per_step"]) == 5
+        assert man["sampling"]["joint_update"] == "je" and man["images"][0]["joint_evaluations"] == 5 * (1 + 4 * 3)
     again = regenerate(out)
     assert np.array_equal(again[0], large)
 
@@ -179,12 +180,12 @@ def test_regenerate_refuses_a_changed_checkpoint(sample_run, tmp_path):
 
 def test_cli_choices_match_the_registries():
     from zoomfeat.commands import generate_large, sample
-    from zoomfeat.generate.guidance import GUIDANCE_FORMS
+    from zoomfeat.generate.joint import JOINT_UPDATES
     from zoomfeat.generate.run import METHODS
     from zoomfeat.generate.samplers import sampler_names
 
     assert tuple(sorted(sample.SAMPLER_CHOICES)) == tuple(sampler_names())
-    assert sample.GUIDANCE_FORMS == GUIDANCE_FORMS
+    assert generate_large.JOINT_UPDATES == JOINT_UPDATES
     assert generate_large.METHODS == METHODS
 
 
