@@ -227,7 +227,7 @@ def run_cv(cfg: MILConfig, progress: bool = False) -> pd.DataFrame:
     Everything that can be checked is checked before the first fold trains: labels, splits, feature files,
     trainable folds, model arguments, device settings, and that a resumed run has the same inputs.
     """
-    from zoomfeat.extract.runtime import check_devices
+    from zoomfeat.runtime import check_devices
 
     spec = FeatureSpec.parse(cfg.features)
     cohort = apply_task(read_labels(cfg.labels, label_col=cfg.label_col), cfg.task, cfg.label_col,

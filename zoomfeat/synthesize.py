@@ -288,7 +288,7 @@ def _extractor_of(files: list[Path]) -> tuple[str, dict]:
 def synthesize(cfg: SynthesizeConfig) -> int:
     """Write the synthetic copies of every slide's feature file; returns the exit code (1 if a slide failed)."""
     from zoomfeat.batch import run_batch, shard_slides
-    from zoomfeat.extract.runtime import resolve_runtime
+    from zoomfeat.runtime import resolve_runtime
     from zoomfeat.store import check_output_folder
 
     files = _real_files(cfg)

@@ -8,7 +8,7 @@ from pathlib import Path
 from zoomfeat import __version__
 from zoomfeat.errors import ConfigError
 from zoomfeat.extract.config import ExtractConfig
-from zoomfeat.extract.runtime import Runtime
+from zoomfeat.runtime import Runtime
 from zoomfeat.resolve import WEIGHT_NAMES, file_sha256, resolve_zoomldm  # noqa: F401 (re-exported)
 
 

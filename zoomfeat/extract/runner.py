@@ -20,7 +20,7 @@ import numpy as np
 from zoomfeat.errors import SlideError
 from zoomfeat.extract.config import CONFIG_NAME, ExtractConfig
 from zoomfeat.extract.loading import Networks, load_networks
-from zoomfeat.extract.runtime import Runtime, check_devices, on_device, resolve_runtime
+from zoomfeat.runtime import Runtime, check_devices, on_device, resolve_runtime
 from zoomfeat.mags import CONDITIONING_MAG, PATCH_SIZE, MagDict, Magnification
 
 

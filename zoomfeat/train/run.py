@@ -91,11 +91,11 @@ LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixe
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """A Lightning precision string: ``auto`` follows extract's rule (:func:`zoomfeat.extract.runtime.resolve_runtime`:
+    """A Lightning precision string: ``auto`` follows extract's rule (:func:`zoomfeat.runtime.resolve_runtime`:
     bf16, or fp16 where bf16 is unsupported, on a GPU; fp32 on the CPU); fp32/bf16/fp16 map to 32-true /
     bf16-mixed / 16-mixed; Lightning's own strings pass through (its precision plugins do the rest)."""
     if precision == "auto":
-        from zoomfeat.extract.runtime import resolve_runtime
+        from zoomfeat.runtime import resolve_runtime
 
         device = "cpu" if accelerator == "cpu" else "auto"
         precision = resolve_runtime(device, "auto").precision
