@@ -35,8 +35,9 @@ from mil.train import FoldData, epoch_order, run_folds
 from splits.audit import trainability_problems
 from splits.io import PARTS, SplitFold, read_splits_dir
 from splits.labels import read_labels
-from zoomfeat.config import to_jsonable, write_json_atomic
 from zoomfeat.errors import CheckpointError, ConfigError, DataError
+from zoomfeat.serial import to_jsonable
+from zoomfeat.store import write_json_atomic
 
 CHECKPOINT_FORMAT = "zoomfeat-mil"
 CHECKPOINT_VERSION = 1

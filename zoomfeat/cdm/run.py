@@ -24,7 +24,7 @@ import torch
 from zoomfeat.cdm.config import TrainCDMConfig
 from zoomfeat.store.contexts import ContextSet
 from zoomfeat.cdm.dit import DiTConfig
-from zoomfeat.config import to_jsonable
+from zoomfeat.serial import to_jsonable
 from zoomfeat.errors import ConfigError
 
 CONFIG_NAME = "train_cdm_config.json"

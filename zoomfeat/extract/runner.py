@@ -35,7 +35,7 @@ class ExtractStats:
 
 def slide_grid(slide, cfg: ExtractConfig):
     """TileGrid of one slide at ``cfg.mags``: read from ``cfg.tiles_dir`` or made with the same rules as ``tile``."""
-    from zoomfeat.tiling import slide_tile_grid
+    from zoomfeat.store import slide_tile_grid
 
     return slide_tile_grid(slide, cfg.mags, cfg.tissue, cfg.tiles_dir)
 

@@ -213,7 +213,7 @@ def run_inputs(data: TrainingSet) -> dict:
 
 def _fixed(settings: dict) -> dict:
     """The settings of a run that a resume must keep (RESUME_FREE dropped), in dotted form."""
-    from zoomfeat.config import to_jsonable
+    from zoomfeat.serial import to_jsonable
 
     flat = {f"{section}.{key}": value for section, values in to_jsonable(settings).items()
             if isinstance(values, dict) for key, value in values.items()}
@@ -253,7 +253,7 @@ def check_resume(cfg: TrainConfig, out: Path, resume: str | None, inputs: dict) 
 
 
 def to_settings(cfg: TrainConfig) -> dict:
-    from zoomfeat.config import to_jsonable
+    from zoomfeat.serial import to_jsonable
 
     return to_jsonable(cfg)
 
@@ -283,7 +283,7 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the output folder. Every check (Lightning settings, training set,
     model, resume settings and checkpoint) runs before anything is written."""
-    from zoomfeat.config import write_json_atomic
+    from zoomfeat.store import write_json_atomic
     from zoomfeat.fitting import fit
 
     out = Path(cfg.trainer.out)
