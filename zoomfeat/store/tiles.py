@@ -24,8 +24,8 @@ import numpy as np
 from zoomfeat.errors import ConfigError, DataError, SlideError
 from zoomfeat.mags import PATCH_SIZE, MagDict, Magnification, mag_name, parse_mag
 from zoomfeat.slides import SlideInfo
-from zoomfeat.store.files import (HDF5_OVERHEAD, check_free_space, commit_file, fingerprint, same_file, temp_path,
-                                  write_failure, writing)
+from zoomfeat.store.files import (HDF5_OVERHEAD, check_free_space, commit_file, describe_diff, fingerprint, same_file,
+                                  settings_diff, temp_path, write_failure, writing)
 from zoomfeat.tiling import TileGrid, grid_from_coords, make_grid, restrict_grid
 from zoomfeat.tissue import TissueParams
 
@@ -65,6 +65,20 @@ def is_complete(path: str | Path, slide_path: str | Path | None = None) -> bool:
     if attrs.get("format") != FORMAT or attrs.get("format_version") != FORMAT_VERSION or not attrs.get("complete"):
         return False
     return slide_path is None or same_file(attrs.get("fingerprint", "{}"), slide_path)
+
+
+def is_complete_with(path: str | Path, slide_path: str | Path | None, extractor_config: dict | None) -> bool:
+    """``path`` is a complete feature file of ``slide_path`` (any slide when None) made with ``extractor_config``;
+    SlideError naming the keys that differ when it was made with another one (extract and the feature copies
+    skip a complete file, never overwrite one made otherwise)."""
+    if not is_complete(path, slide_path):
+        return False
+    with FeatureFile(path) as f:
+        diff = settings_diff(f.extractor_config or {}, extractor_config or {})
+    if diff:
+        raise SlideError(f"{path} holds features made with other settings ({describe_diff(diff)}): "
+                         "use another --out (or --conditioning-out), or delete the file")
+    return True
 
 
 class TileStoreWriter:

@@ -153,7 +153,8 @@ def check_data(data: TrainingSet, model) -> None:
                         f"{model.conditioning_dim}: rerun prepare-train with the matching conditioner")
 
 
-def _loggers(out: Path) -> list:
+def run_loggers(out: Path) -> list:
+    """The loggers of a training run in ``out``: CSV always, TensorBoard when it is installed."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     loggers: list = [CSVLogger(out, name="logs")]
@@ -182,7 +183,7 @@ def build_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
         precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps, max_epochs=-1,
         val_check_interval=t.every_n_steps, check_val_every_n_epoch=None, limit_val_batches=limit_val,
         num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, default_root_dir=out,
-        use_distributed_sampler=False, gradient_clip_val=cfg.optim.grad_clip, logger=_loggers(out),
+        use_distributed_sampler=False, gradient_clip_val=cfg.optim.grad_clip, logger=run_loggers(out),
         callbacks=[ckpt, OfficialExport(out / "official", t.every_n_steps)], plugins=[atomic_checkpoint_io()],
         enable_model_summary=False)
 
