@@ -20,9 +20,9 @@
 
 Run by hand (CPU):
 
-    python benchmarks/bench_generate.py time --zoomldm ../shared/golden/generation/zoomldm_small --mag 10x
+    python benchmarks/bench_generate.py time --zoomldm $ZOOMFEAT_SHARED/golden/generation/zoomldm_small --mag 10x
     python benchmarks/bench_generate.py time --zoomldm tiny --mag 5x
-    python benchmarks/bench_generate.py memory --zoomldm ../shared/golden/generation/zoomldm_small
+    python benchmarks/bench_generate.py memory --zoomldm $ZOOMFEAT_SHARED/golden/generation/zoomldm_small
     python benchmarks/bench_generate.py updates --threads 1
     python benchmarks/bench_generate.py decode-stride --threads 1
 """
@@ -290,7 +290,7 @@ def main() -> None:
     p.add_argument("--inner", type=int, default=10, help="gmres: Krylov size (the notebook copy's 10)")
     p.add_argument("--update", default="je", choices=("je", "gmres"), help="time/memory: the joint update")
     p.add_argument("--seeds", type=int, default=3, help="updates/decode-stride: seeds per setting")
-    shared = Path(os.environ.get("ZOOMFEAT_SHARED", ROOT.parent / "shared"))
+    shared = Path(os.environ.get("ZOOMFEAT_SHARED", "."))
     p.add_argument("--small", default=str(shared / "golden" / "generation" / "zoomldm_small"),
                    help="decode-stride: the golden small model (real 64-px window geometry) for timing")
     p.add_argument("--batch-size", type=int, default=8)

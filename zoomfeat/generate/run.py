@@ -225,7 +225,7 @@ def run_sample(cfg: SampleConfig) -> dict:
     disk, a killed job) resumes: finished images are kept, the rest are made (each image has its own seed, so
     they are the same images an uninterrupted run makes). ``write_real``: the real patch of each condition
     (read from its slide at the same magnification and size) goes to ``real/``, the samples to ``syn/``."""
-    from zoomfeat.extract.runtime import resolve_runtime
+    from zoomfeat.runtime import resolve_runtime
     from zoomfeat.generate.conditions import context_source
     from zoomfeat.generate.images import contact_sheet, save_png
     from zoomfeat.generate.samplers import network_evaluations
@@ -470,7 +470,7 @@ def _large_items(cfg: LargeConfig, conds) -> list[tuple[int, int]]:
 def run_large(cfg: LargeConfig) -> dict:
     """Generate ``cfg.n`` large images from one model load, written manifest-first (resumable, as
     :func:`run_sample`): ``large.png`` / ``guide.png`` for one image, ``large_###`` / ``guide_###`` for several."""
-    from zoomfeat.extract.runtime import resolve_runtime
+    from zoomfeat.runtime import resolve_runtime
     from zoomfeat.generate.conditions import grid_source
     from zoomfeat.generate.images import PNG_MAX_SIDE, save_large, save_png
 
@@ -525,7 +525,7 @@ def regenerate(manifest_path, device: str | None = None) -> list[np.ndarray]:
     """The images of a manifest (same order as ``manifest["images"]``), regenerated from its records."""
     import torch
 
-    from zoomfeat.extract.runtime import resolve_runtime
+    from zoomfeat.runtime import resolve_runtime
     from zoomfeat.generate.conditions import conditions_from_saved
     from zoomfeat.generate.manifest import load_conditions, read_manifest
     from zoomfeat.generate.samplers import SamplerSettings
