@@ -10,8 +10,8 @@ so the time is the joint sampler + decode + projection; add the inversion time f
 ``--steps`` joint steps and ``--inner`` GMRES iterations, vs the bare network calls it makes (U-Net, first-stage
 encoder and decoder, recorded by wrapping them) replayed alone on random inputs of the same shapes.
 
-    python benchmarks/bench_invert.py --zoomldm ../shared/golden/zoomldm_tiny --threads 2
-    python benchmarks/bench_invert.py --zoomldm ../shared/golden/generation/zoomldm_small --iterations 20 --skip-sr
+    python benchmarks/bench_invert.py --zoomldm $ZOOMFEAT_SHARED/golden/zoomldm_tiny --threads 2
+    python benchmarks/bench_invert.py --zoomldm $ZOOMFEAT_SHARED/golden/generation/zoomldm_small --iterations 20 --skip-sr
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def bench_inversion(m, mag, iterations: int) -> dict:
 def bench_superres(m, mag, steps: int, inner: int) -> dict:
     r = m.first_stage_resolution
     image = np.random.default_rng(0).integers(0, 256, (r, r, 3), dtype=np.uint8)
-    settings = SuperResSettings(row="uncond", joint=JointSettings(stride=1000 // steps, inner_iterations=inner))
+    settings = SuperResSettings(row="uncond", joint=JointSettings(stride=1000 // steps, update="gmres", krylov=inner))
     calls: list[tuple] = []
     nets = {"unet": m.unet, "encode_first_stage": m.encode_first_stage, "decode_first_stage": m.decode_first_stage}
 
