@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from zoomfeat.commands.options import add_scale_group, add_tissue_group
+from zoomfeat.commands.generate_large import add_guidance_options, add_joint_options, add_refine_options
 from zoomfeat.commands.sample import add_model_group, add_runtime_group
 
 HELP = ("generate a synthetic whole slide (pyramidal TIFF) from a real slide's tissue and 20x embeddings, coarse "
@@ -30,16 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "ending at 20x (default 1.25x,5x,20x)")
     sampling.add_argument("--steps", type=int, default=50, help="denoising steps from t = 1000 of the first level "
                           "and of each region's joint sampling (default 50, the supplement's)")
-    sampling.add_argument("--guidance", type=float, default=2.0, help="guidance w of the large-image form "
-                          "(1+w) e_c - w e_u (default 2.0)")
-    sampling.add_argument("--refine-t0", type=int, default=300, help="refinement pass over each region and its "
-                          "finished neighbours' band: re-noise to this 1-based t (default 300; 0 = off)")
-    sampling.add_argument("--refine-stride", type=int, default=50, help="refinement timestep stride (default 50)")
+    add_guidance_options(sampling)
+    add_joint_options(sampling)
+    add_refine_options(sampling)
+    sampling.add_argument("--window-stride", type=int, default=None, help="latent px between overlapping windows "
+                          "(first level and refinement; default a quarter window, below 20x rounded to whole 20x "
+                          "tiles)")
     sampling.add_argument("--seed", type=int, default=0, help="seed; unit (level, row, col) draws from "
                           "SeedSequence([seed, level, row, col]) (default 0)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", required=True, help="the new .tiff file; finished regions are kept in "
                         "<out>.parts/ until it is written (run the same command again to resume)")
+    output.add_argument("--decode-stride", type=int, default=None, help="latent px between the Gaussian-blended "
+                        "decoder windows (default a quarter window)")
     output.add_argument("--tile", type=int, default=256, help="TIFF tile side in px (default 256)")
     output.add_argument("--compression", default="jpeg", choices=COMPRESSIONS, help="TIFF tile compression "
                         "(default jpeg)")
@@ -69,7 +73,7 @@ def build_config(args: argparse.Namespace):
     from zoomfeat.encoders.specs import parse_conditioner
     from zoomfeat.errors import ConfigError
     from zoomfeat.generate.conditions import ConditionRequest
-    from zoomfeat.generate.guidance import Guidance
+    from zoomfeat.commands.generate_large import guidance_of
     from zoomfeat.generate.slide import SlideGenConfig
     from zoomfeat.mags import parse_mags
     from zoomfeat.resolve import resolve_zoomldm
@@ -91,8 +95,11 @@ def build_config(args: argparse.Namespace):
                                tissue=tissue_params(args), batch_size=max(1, args.batch_size))
     source = resolve_zoomldm(args.zoomldm, args.weights, require_weights=str(args.zoomldm).strip().lower() != "tiny")
     return SlideGenConfig(zoomldm=source, conditions=request, out=Path(args.out), levels=levels,
-                          region=_region(args.region), steps=args.steps, guidance=Guidance(args.guidance, "large_image"),
-                          refine_t0=args.refine_t0, refine_stride=args.refine_stride, seed=args.seed,
+                          region=_region(args.region), steps=args.steps, guidance=guidance_of(args), h=args.fd_step,
+                          lr=args.joint_lr, joint_update=args.joint_update, joint_iterations=args.joint_iterations,
+                          krylov=args.krylov_size, refine_t0=0 if args.no_refine else args.refine_t0,
+                          refine_stride=args.refine_stride, window_stride=args.window_stride,
+                          decode_stride=args.decode_stride, seed=args.seed,
                           batch_size=args.batch_size, device=args.device, precision=args.precision, tile=args.tile,
                           compression=args.compression, quality=args.quality, keep_parts=args.keep_parts)
 

@@ -67,8 +67,15 @@ class SlideGenConfig:
     region: tuple[int, int, int, int] | None = None
     steps: int = 50
     guidance: Guidance = field(default_factory=lambda: Guidance(2.0, "large_image"))
+    h: float = 0.005
+    lr: float = 0.5
+    joint_update: str = "je"
+    joint_iterations: int = 1
+    krylov: int = 10
     refine_t0: int = 300
     refine_stride: int = 50
+    window_stride: int | None = None
+    decode_stride: int | None = None
     seed: int = 0
     batch_size: int = 8
     device: str = "auto"
@@ -97,6 +104,11 @@ class SlideGenConfig:
             raise ConfigError("bad --refine-t0/--refine-stride: t0 in 0..1000 (0 = off), stride >= 1")
         if self.seed < 0:
             raise ConfigError(f"bad --seed {self.seed}: use a seed >= 0")
+        if self.decode_stride is not None and self.decode_stride < 1:
+            raise ConfigError(f"bad --decode-stride {self.decode_stride}: use 1 or more latent px")
+        if self.window_stride is not None and self.window_stride < 1:
+            raise ConfigError(f"bad --window-stride {self.window_stride}: use 1 or more latent px")
+        self.joint_settings(1)  # validates the joint update's settings
         if self.batch_size < 1:
             raise ConfigError(f"bad --batch-size {self.batch_size}: use 1 or more")
         if Path(self.out).suffix.lower() not in (".tif", ".tiff"):
@@ -104,6 +116,12 @@ class SlideGenConfig:
         if Path(self.out).exists():
             raise ConfigError(f"--out {self.out} exists: give a new file name (generation never overwrites)")
         PyramidSettings(self.tile, self.compression, self.quality)
+
+    def joint_settings(self, stride: int):
+        from zoomfeat.generate.joint import JointSettings
+
+        return JointSettings(1000, stride, self.guidance, self.h, self.lr, update=self.joint_update,
+                             iterations=self.joint_iterations, krylov=self.krylov, batch_size=self.batch_size)
 
     @property
     def parts(self) -> Path:
@@ -113,7 +131,10 @@ class SlideGenConfig:
         """The settings that decide the pixels (written into the parts folder and the TIFF)."""
         return {"levels": [m.name for m in self.levels], "region": list(self.region) if self.region else None,
                 "steps": self.steps, "guidance": self.guidance.value, "guidance_form": self.guidance.form,
-                "refine_t0": self.refine_t0, "refine_stride": self.refine_stride, "seed": self.seed,
+                "h": self.h, "lr": self.lr, "joint_update": self.joint_update,
+                "joint_iterations": self.joint_iterations, "krylov": self.krylov, "refine_t0": self.refine_t0,
+                "refine_stride": self.refine_stride, "window_stride": self.window_stride, "decode_stride": self.decode_stride,
+                "seed": self.seed,
                 "batch_size": self.batch_size, "tile": self.tile, "compression": self.compression,
                 "quality": self.quality}
 
@@ -343,8 +364,13 @@ class Cascade:
             return contexts_for_mag(self.m, grids, level.mag)
 
     def window_stride(self, level: Level) -> int:
-        """Latent px between windows: a quarter window, or a half at 10x (so windows sit on whole 20x tiles)."""
-        return self.side // min(4, level.g) if level.g > 1 else self.side // 4
+        """Latent px between windows: ``window_stride`` (default a quarter window), below 20x rounded down to a
+        multiple of the latent px of one 20x tile, so that every window sits on whole tiles of the grid."""
+        stride = self.cfg.window_stride or self.side // 4
+        if level.g == 1:
+            return max(1, min(stride, self.side))
+        unit = max(1, self.side // level.g)
+        return max(unit, min(stride, self.side) // unit * unit)
 
     # the windowed (MultiDiffusion) loop ---------------------------------------------------------------------
     def windows_denoise(self, level: Level, x, steps: list[int], stride: int, noise, offset=(0, 0), known=None,
@@ -432,7 +458,7 @@ class Cascade:
         a, b = _widen(a, b, h_all, self.side)
         c, d = _widen(c, d, w_all, self.side)
         lat = torch.from_numpy(reader.crop(a, b, c, d))[None].to(self.device)
-        img = decode_large(self.m, lat, batch_size=self.cfg.batch_size)
+        img = decode_large(self.m, lat, batch_size=self.cfg.batch_size, stride=self.cfg.decode_stride)
         f = self.f
         return img[:, :, f * (r0 - a):f * (r1 - a), f * (c0 - c):f * (c1 - c)].clamp(-1, 1)
 
@@ -441,7 +467,7 @@ class Cascade:
         finished neighbours' band re-imposed."""
         import torch
 
-        from zoomfeat.generate.joint import FixedGuide, JointSettings, joint_sample, stitch
+        from zoomfeat.generate.joint import FixedGuide, joint_sample, stitch
         from zoomfeat.generate.windows import SeededNoise
 
         name = unit_name(level.index, i, j)
@@ -452,8 +478,7 @@ class Cascade:
         positions = np.array([((i * rr + a) * self.side, (j * rc + b) * self.side) for a in range(rr)
                               for b in range(rc)], np.int64)
         contexts = self.window_contexts(level, positions)
-        settings = JointSettings(t_start=1000, stride=self.stride, guidance=self.cfg.guidance,
-                                 batch_size=self.cfg.batch_size)
+        settings = self.cfg.joint_settings(self.stride)
         result = joint_sample(self.m, contexts, FixedGuide(image=self.guide_image(level, i, j)), settings, noise,
                               grid_hw=(rr, rc))
         latent = stitch(result.latents, (rr, rc)).to(self.device)
@@ -505,14 +530,24 @@ class Cascade:
         bg = np.array(self.src.background, np.uint8)
 
         def band(y0: int, y1: int) -> np.ndarray:
+            """Decoded where the band has tissue (its column span, one window of margin), background elsewhere."""
+            tissue = tissue_rows(self.src, y0, y1, w_lat * f, px_per_tile)
+            out = np.empty((y1 - y0, w_lat * f, 3), np.uint8)
+            out[:] = bg
+            cols = np.flatnonzero(tissue.any(axis=0))
+            if not len(cols):
+                return out
             ly0, ly1 = y0 // f, -(-y1 // f)
             a, b = _widen(max(0, ly0 - self.side), min(h_lat, ly1 + self.side), h_lat, self.side)
-            lat = torch.from_numpy(reader.crop(a, b, 0, w_lat))[None].to(self.device)
+            c, d = _widen(max(0, cols[0] // f - self.side), min(w_lat, -(-(cols[-1] + 1) // f) + self.side), w_lat,
+                          self.side)
+            lat = torch.from_numpy(reader.crop(a, b, c, d))[None].to(self.device)
             with torch.no_grad():
-                img = decode_large(self.m, lat, batch_size=self.cfg.batch_size)
+                img = decode_large(self.m, lat, batch_size=self.cfg.batch_size, stride=self.cfg.decode_stride)
             rows = to_uint8(img[:, :, y0 - f * a:y1 - f * a])[0]
-            tissue = tissue_rows(self.src, y0, y1, rows.shape[1], px_per_tile)
-            return np.where(tissue[..., None], rows, bg)
+            span = slice(f * c, f * d)
+            out[:, span] = np.where(tissue[:, span, None], rows, bg)
+            return out
 
         return band, (h_lat * f, w_lat * f)
 
@@ -545,7 +580,7 @@ def _model_record(source, model) -> dict:
 
 def generate_slide(cfg: SlideGenConfig, progress=None) -> dict:
     """Generate (or resume) the slide of ``cfg``; returns the record written into the TIFF's description."""
-    from zoomfeat.extract.runtime import resolve_runtime
+    from zoomfeat.runtime import resolve_runtime
     from zoomfeat.generate.pyramid import PyramidSettings, write_pyramid_streamed
 
     runtime = resolve_runtime(cfg.device, cfg.precision)
