@@ -76,20 +76,19 @@ code = cli.main(["generate-slide", "--slide", real, "--base-mag", f"{base_mag:.1
 seconds = time.perf_counter() - t
 assert code == 0
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-from zoomfeat.generate.slide import Level
 from zoomfeat.slides import Slide
-from zoomfeat.tissue import TissueParams, mask_from_rgb
+from zoomfeat.tissue import tissue_mask
 with Slide(real, base_mag=base_mag) as s:
-    thumb = s.thumbnail(2048)
-mask, _ = mask_from_rgb(thumb, TissueParams())
+    mask = tissue_mask(s).mask  # the mask generate-slide used, resampled to the output below
 record = json.loads(tifffile.TiffFile(out).pages[0].description)
 stats = {"side": side, "seconds": seconds, "peak_rss_mb": rss, "tissue_fraction": float(mask.mean())}
 stats["tissue_mpx"] = stats["tissue_fraction"] * side * side / 1e6
 stats["s_per_tissue_mpx"] = seconds / stats["tissue_mpx"]
 if side <= 8192:  # the pixel statistics read the whole level 0
     img = tifffile.imread(out, key=0).astype(np.float32)
-    rep = side // mask.shape[0]
-    m = np.repeat(np.repeat(mask, rep, 0), rep, 1)[:side, :side]
+    ys = ((np.arange(side) + 0.5) * mask.shape[0] / side).astype(int)
+    xs = ((np.arange(side) + 0.5) * mask.shape[1] / side).astype(int)
+    m = mask[ys][:, xs]
     region = extra["region_px"]
     groups = {"region": [], "patch": [], "texture": []}
     idx = np.arange(1, side)
@@ -143,7 +142,7 @@ def run_slide(sides, model: str, conditioner: str, device: str, args: list[str],
     return rows
 
 
-TINY_ARGS = ["--levels", "5x,20x", "--steps", "4", "--refine-t0", "300", "--refine-stride", "100",
+TINY_ARGS = ["--levels", "5x,20x", "--steps", "2", "--refine-t0", "300", "--refine-stride", "150",
              "--window-stride", "4", "--decode-stride", "4", "--batch-size", "32", "--compression", "deflate"]
 
 

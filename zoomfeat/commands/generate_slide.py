@@ -87,6 +87,9 @@ def build_config(args: argparse.Namespace):
     else:
         conditioner, weights = args.conditioner.partition("=")[0].strip().lower(), None
     check_scale_overrides(args.base_mag, args.mpp)
+    if args.guide_guidance is not None:
+        raise ConfigError("--guide-guidance: generate-slide's guide is the finished level above (fixed, not "
+                          "sampled): drop it")
     levels = parse_mags(args.levels)
     request = ConditionRequest(mag=levels[0], slide=Path(args.slide),
                                conditioning_dir=Path(args.conditioning) if args.conditioning else None,
