@@ -109,6 +109,17 @@ DINOV2 = _spec(EncoderSpec(
     description="DINOv2 ViT-L/14 with registers (natural images; the NAIP ZoomLDM conditioner)",
 ))
 
+CONCH = _spec(EncoderSpec(
+    name="conch",
+    dim=512,
+    input_size=448,
+    mean=(0.48145466, 0.4578275, 0.40821073),  # OpenAI CLIP's, as CONCH's transform uses
+    std=(0.26862954, 0.26130258, 0.27577711),
+    weight_files=("pytorch_model.bin",),
+    architecture="CoCa vision tower: timm ViT-B/16 at 448 px + attentional pooler (1 query) + LayerNorm",
+    description="MahmoodLab CONCH image encoder (ViT-B/16, vision-language, 20x)",
+))
+
 TOY = _spec(EncoderSpec(
     name="toy",
     dim=64,
