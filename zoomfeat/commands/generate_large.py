@@ -86,8 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "regions at --mag, or with --x/--y one region and seeds seed..seed+N-1 (default 1)")
     output = parser.add_argument_group("output")
     output.add_argument("--decode-stride", type=int, default=None, help="latent px between the Gaussian-blended "
-                        "decoder windows (default half a window: 32 for 64-px latents; 16 is the official "
-                        "decode_large_image's)")
+                        "decoder windows (default a quarter window: 16 for 64-px latents, the official "
+                        "decode_large_image's; half a window decodes ~3x faster with a stronger seam at the patch "
+                        "borders, measured in benchmarks/RESULTS.md)")
     output.add_argument("--out", required=True, help="new (or empty) folder, or the folder of an interrupted run "
                         "to resume: large.png (large.tiff above 4096 px), guide.png (joint), conditions.npz, "
                         "manifest.json (large_###/guide_### with --n > 1)")
