@@ -189,7 +189,8 @@ def high_frequency_fraction(image: torch.Tensor) -> float:
     return float(power[(fy.pow(2) + fx.pow(2)).sqrt() > 0.25].sum() / power.sum().clamp_min(1e-30))
 
 
-UPDATE_RUNS = (("je", 50, 1), ("je", 20, 1), ("gmres", 20, 10))  # (update, steps, K or Krylov size)
+# (update, steps, K or Krylov size); "none": the same loop and draws with no correction (independent patches)
+UPDATE_RUNS = (("je", 50, 1), ("je", 20, 1), ("gmres", 20, 10), ("gmres", 50, 10), ("none", 50, 1))
 
 
 def bench_updates(args) -> dict:
@@ -202,8 +203,9 @@ def bench_updates(args) -> dict:
             g = parse_mag(mag).grid_width
             for seed in range(args.seeds):
                 c20, cm = fitted_contexts(model, mag, seed)
-                settings = JointSettings(t_start=1000, stride=1000 // steps, update=update, iterations=size,
-                                         krylov=size, batch_size=args.batch_size)
+                settings = JointSettings(t_start=1000, stride=1000 // steps, update="je" if update == "none" else
+                                         update, iterations=size, krylov=size, batch_size=args.batch_size,
+                                         constrain=update != "none")
                 t0 = time.process_time()
                 res = joint_sample(model, c20, SampledGuide(cm), settings, SeededNoise(seed))
                 cpu = time.process_time() - t0
@@ -216,7 +218,7 @@ def bench_updates(args) -> dict:
     for update, steps, size in UPDATE_RUNS:
         sel = [r for r in rows if (r["update"], r["steps"], r["size"]) == (update, steps, size)]
         mean = lambda k: sum(r[k] for r in sel) / len(sel)  # noqa: E731
-        summary.append({"update": update, "steps": steps, ("K" if update == "je" else "krylov"): size,
+        summary.append({"update": update, "steps": steps, ("krylov" if update == "gmres" else "K"): size,
                         **{f"evaluations_{m}": next(r["evaluations"] for r in sel if r["mag"] == m)
                            for m in args.mags.split(",")},
                         "cpu_s": round(mean("cpu_s"), 2), "disagreement": round(mean("disagreement"), 4),

@@ -56,10 +56,9 @@ class ConchVision(nn.Module):
     def __init__(self, width: int = 768, depth: int = 12, heads: int = 12, image_size: int = 448,
                  patch_size: int = 16, embed_dim: int = 512, pool_heads: int = 8):
         super().__init__()
-        timm = import_timm("conch")
+        import_timm("conch")  # a one-line error when timm cannot be imported
         from timm.models.vision_transformer import VisionTransformer
 
-        del timm
         self.trunk = VisionTransformer(embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=4.0,
                                        img_size=image_size, patch_size=patch_size, num_classes=0,
                                        dynamic_img_size=True)
