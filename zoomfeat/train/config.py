@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zoomfeat.encoders.specs import parse_conditioner
 from zoomfeat.errors import ConfigError
 from zoomfeat.mags import Magnification, parse_mags
 from zoomfeat.slides import check_scale_overrides
@@ -65,8 +66,6 @@ class PrepareConfig:
             raise ConfigError("no slide given: pass slide files or folders to prepare-train")
         object.__setattr__(self, "mags", parse_mags(self.mags))
         check_scale_overrides(self.base_mag, self.mpp)
-        from zoomfeat.encoders.specs import parse_conditioner
-
         parse_conditioner(self.conditioner if self.conditioner_weights is None
                           else f"{self.conditioner}={self.conditioner_weights}")  # the one --conditioner rule
         if self.conditioner_weights is not None and not Path(self.conditioner_weights).is_file():
