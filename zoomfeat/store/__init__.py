@@ -3,8 +3,8 @@
 * :mod:`zoomfeat.store.files`: the one atomic write (:func:`atomic_write` / :func:`commit_file`), the slide
   :func:`fingerprint`, the one settings comparison (:func:`settings_diff`) and the check every output folder
   gets (:func:`check_output_folder`).
-* :mod:`zoomfeat.store.tiles`: tile and feature files, one HDF5 file per slide (DESIGN.md "Tile store and
-  feature files"): :class:`TileStoreWriter`, the one reader :class:`FeatureFile`, :func:`verify_file`, and
+* :mod:`zoomfeat.store.tiles`: tile and feature files, one HDF5 file per slide (docs/formats.md):
+  :class:`TileStoreWriter`, the one reader :class:`FeatureFile`, :func:`verify_file`, and
   :func:`slide_tile_grid`, the one way a command gets a slide's tile grid (the stored one, or a fresh one).
 * :mod:`zoomfeat.store.trainset`: the ZoomLDM training-set format of ``prepare-train`` / ``train``.
 * :mod:`zoomfeat.store.claims`: per-slide claims shared by concurrent runs on one folder.

@@ -1,4 +1,4 @@
-"""HDF5 tile and feature files, one per slide (format: DESIGN.md "Tile store and feature files").
+"""HDF5 tile and feature files, one per slide (format: docs/formats.md).
 
 Layout of ``<DIR>/<slide_id>.h5``::
 
