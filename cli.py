@@ -15,7 +15,7 @@ import sys
 from zoomfeat import __version__
 from zoomfeat.config import (add_config_options, apply_config_defaults, config_actions, parse_set_items,
                              read_config_file, resolved_config, save_resolved_config)
-from zoomfeat.errors import ZoomfeatError
+from zoomfeat.errors import ZoomfeatError, one_line
 
 # subcommand -> module under zoomfeat.commands (the one list of commands; `tests/test_cli.py` runs them all)
 COMMANDS: dict[str, str] = {
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except ZoomfeatError as exc:
         if "--debug" in argv:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc, None)}", file=sys.stderr)
         return 2
     if not getattr(args, "_run", None):
         build_parser().print_help()
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except ZoomfeatError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc, None)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from zoomfeat import __version__
-from zoomfeat.errors import ConfigError
+from zoomfeat.errors import ConfigError, one_line
 from zoomfeat.serial import to_jsonable
 from zoomfeat.store import atomic_write, write_json_atomic
 
@@ -135,7 +135,7 @@ def read_config_file(path: str | Path, command: str, table: Mapping[str, tuple[s
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())[:120]})") from exc
+        raise ConfigError(f"--config {path}: not valid YAML ({one_line(exc, 120)})") from exc
     if not isinstance(raw, Mapping):
         raise ConfigError(f"--config {path}: expected a mapping of sections, got {type(raw).__name__}")
     saved_for = raw.get("command")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zoomfeat.errors import ConfigError, DataError
+from zoomfeat.errors import ConfigError, DataError, one_line
 from zoomfeat.store import FeatureFile, atomic_write
 
 MPP_20X = 0.5  # um/px of a 20x scan, the convention behind "10 / mpp" magnifications
@@ -177,7 +177,7 @@ def _read_h5_checked(path: Path):
     try:
         return _h5().File(path, "r")
     except OSError as exc:
-        raise DataError(f"{path}: unreadable HDF5 file ({' '.join(str(exc).split())[:80]}); re-export it") from exc
+        raise DataError(f"{path}: unreadable HDF5 file ({one_line(exc, 80)}); re-export it") from exc
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from zoomfeat.encoders.specs import parse_conditioner
-from zoomfeat.errors import ConfigError
+from zoomfeat.errors import ConfigError, one_line
 from zoomfeat.mags import Magnification, parse_mags
 from zoomfeat.slides import check_scale_overrides
 from zoomfeat.tissue import TissueParams
@@ -241,7 +241,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"{path} is not valid YAML: {one_line(e)}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping with sections {', '.join(_SECTION_TYPES)}")
     return data

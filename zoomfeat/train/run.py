@@ -20,7 +20,7 @@ import lightning as L
 import torch
 
 from zoomfeat.config import save_config
-from zoomfeat.errors import CheckpointError, ConfigError, DataError
+from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
 from zoomfeat.fitting import atomic_checkpoint_io, fit, load_checkpoint, make_trainer
 from zoomfeat.resolve import file_sha256
 from zoomfeat.serial import to_jsonable
@@ -71,7 +71,7 @@ def world_size(accelerator: str, devices, num_nodes: int = 1) -> int:
     try:
         parsed = kind.auto_device_count() if str(devices) == "auto" else kind.parse_devices(devices)
     except (MisconfigurationException, ValueError, TypeError) as exc:
-        raise ConfigError(f"trainer.devices {devices!r} (--devices): {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"trainer.devices {devices!r} (--devices): {one_line(exc)}") from exc
     count = len(parsed) if isinstance(parsed, (list, tuple)) else int(parsed or 0)
     return count * int(num_nodes)
 
