@@ -91,7 +91,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sp.set_defaults(_run=module.run)
         for _path, leaf in _leaf_parsers(sp, (name,)):
             leaf.formatter_class = _HelpFormatter
-            if getattr(module, "CONFIG_SYSTEM", True) and "--config" not in leaf._option_string_actions:  # `train` has its own sectioned config
+            if getattr(module, "CONFIG_SYSTEM", True):  # `config show` passes its options on
                 add_config_options(leaf)
                 leaf.set_defaults(_config_system=True)
     return parser
