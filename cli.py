@@ -25,7 +25,7 @@ COMMANDS: dict[str, str] = {
     "verify": "verify",
     "extract": "extract",
     "export": "export",
-    "synthesize": "synthesize",
+    "feature-copies": "feature_copies",
     "prepare-train": "prepare_train",
     "train": "train",
     "prepare-cdm": "prepare_cdm",

@@ -20,7 +20,7 @@ EXAMPLES: dict[str, list[str]] = {
     "verify": ["verify", "tiles"],
     "extract": ["extract", "slides", "--out", "feats", "--encoder", "toy", "--mags", "20x", "--batch-size", "8"],
     "export": ["export", "feats", "--format", "clam", "--out", "clam"],
-    "synthesize": ["synthesize", "--features", "f", "--conditioning", "c", "--zoomldm", "tiny", "--out", "o",
+    "feature-copies": ["feature-copies", "--features", "f", "--conditioning", "c", "--zoomldm", "tiny", "--out", "o",
                    "--copies", "3"],
     "prepare-train": ["prepare-train", "slides", "--out", "ts", "--conditioner", "toy"],
     "prepare-cdm": ["prepare-cdm", "--data", "ts", "--zoomldm", "tiny", "--weights", "w.ckpt", "--out", "ctx"],
