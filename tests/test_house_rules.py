@@ -298,3 +298,69 @@ def test_exception_messages_are_cut_to_one_line_by_one_helper():
                  if p.relative_to(ROOT).as_posix() not in PENDING_MESSAGE_CUTS | {"zoomfeat/errors.py"}
                  for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not offenders, f"use zoomfeat.errors.one_line: {offenders}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The command line (issue 35): descriptions, one meaning per option name, help that names only real options.
+# --------------------------------------------------------------------------------------------------------------
+
+SHARED_OPTIONS = ("--device", "--workers")  # one default and one help wherever they appear
+# A mention that says the option is not needed (`heatmap --features`: "no --base-mag needed").
+MENTIONS_OF_ABSENT_OPTIONS = {("heatmap", "--base-mag")}
+
+
+def _command_parsers():
+    """``(command path, parser)`` for every command and subcommand of the CLI (``splits`` and its four)."""
+    import argparse
+
+    import cli
+
+    def walk(parser, path):
+        yield path, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from walk(child, (*path, name))
+
+    root = cli.build_parser()
+    return [(path, parser) for path, parser in walk(root, ()) if path]
+
+
+def test_every_command_and_subcommand_has_a_description():
+    parsers = _command_parsers()
+    assert {("splits", "make"), ("splits", "audit"), ("train",), ("feature-copies",)} <= {p for p, _ in parsers}
+    missing = [" ".join(path) for path, parser in parsers if not (parser.description or "").strip()]
+    assert not missing, f"commands without a description (`zoomfeat CMD --help` shows none): {missing}"
+
+
+def test_shared_options_have_one_default_and_one_help():
+    for option in SHARED_OPTIONS:
+        seen = {}
+        for path, parser in _command_parsers():
+            action = parser._option_string_actions.get(option)
+            if action is not None:
+                seen[" ".join(path)] = (action.default, action.help)
+        assert len(seen) >= 4, (option, sorted(seen))
+        variants = {value: sorted(c for c, v in seen.items() if v == value) for value in set(seen.values())}
+        assert len(variants) == 1, f"{option} differs between commands: {variants}"
+    device = next(p for path, p in _command_parsers() if path == ("sample",))._option_string_actions["--device"]
+    assert device.default == "auto"
+
+
+def test_help_names_only_options_the_command_has():
+    """An option named in a command's help exists in that command; `other-command --option` in backticks names
+    another command's option and is fine."""
+    import cli
+
+    commands = "|".join(re.escape(c) for c in cli.COMMANDS)
+    elsewhere = re.compile(rf"`(?:zoomfeat )?(?:{commands})\b[^`]*`")
+    offenders = []
+    for path, parser in _command_parsers():
+        if path[0] == "config":  # its OPTIONS are the target command's
+            continue
+        texts = [parser.description or ""] + [a.help or "" for a in parser._actions]
+        for text in texts:
+            for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", elsewhere.sub("", text)):
+                if option not in parser._option_string_actions and (path[0], option) not in MENTIONS_OF_ABSENT_OPTIONS:
+                    offenders.append((" ".join(path), option, text[:80]))
+    assert not offenders, offenders

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.commands.options import add_device_option
+
 HELP = "generation metrics between a folder of real and a folder of generated images (FID, SSIM, PSNR, LPIPS, ...)"
 # the registry's names (zoomfeat.generate.metrics.metric_names(); kept torch-free here, checked by a test)
 METRIC_NAMES = ("fid", "crop-fid", "downsampled-fid", "nn-distance", "ssim", "psnr", "lpips", "embedding")
@@ -40,8 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         ".csv (metric,item,value,n); default: print only")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--batch-size", type=int, default=16, help="images per network batch (default 16)")
-    runtime.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                         help="where the feature networks run (default auto = cuda when visible)")
+    add_device_option(runtime)
 
 
 def build_config(args: argparse.Namespace):

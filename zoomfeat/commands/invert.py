@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.commands.options import add_device_option
+
 HELP = "infer a conditioning grid for one patch image (ZoomLDM condition inversion) and save it as HDF5"
 
 
@@ -33,8 +35,7 @@ def add_runtime_group(parser: argparse.ArgumentParser, what: str, batch_size: bo
         group.add_argument("--batch-size", type=int, default=8,
                            help="20x patches per network batch in joint sampling (default 8)")
     group.add_argument("--seed", type=int, default=0, help=f"seed of the {what} (default 0)")
-    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                       help="where the networks run (default auto = cuda when visible)")
+    add_device_option(group)
     group.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"),
                        help="autocast of the inversion's U-Net passes (default fp32; auto = bf16 on CUDA)")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from zoomfeat.commands.options import add_scale_group, add_tissue_group
+from zoomfeat.commands.options import add_device_option, add_scale_group, add_tissue_group
 
 HELP = ("generate N ZoomLDM variations of real patches (slide + coordinates, tile store or conditioning folder) "
         "or of contexts drawn by a CDM (--cdm, no slide)")
@@ -63,8 +63,7 @@ def add_runtime_group(parser: argparse.ArgumentParser, batch_size: int) -> None:
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--batch-size", type=int, default=batch_size,
                          help=f"patches (or windows) per network pass (default {batch_size})")
-    runtime.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                         help="where the networks run (default auto = cuda when visible)")
+    add_device_option(runtime)
     runtime.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                          help="auto (default) = bf16 autocast on CUDA, fp32 on CPU")
 
