@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "extract": "extract",
     "export": "export",
     "feature-copies": "feature_copies",
+    "fit-first-stage": "fit_first_stage",
     "prepare-train": "prepare_train",
     "train": "train",
     "prepare-cdm": "prepare_cdm",
