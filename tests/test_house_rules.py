@@ -348,12 +348,12 @@ def test_shared_options_have_one_default_and_one_help():
 
 
 def test_help_names_only_options_the_command_has():
-    """An option named in a command's help exists in that command; `other-command --option` in backticks names
-    another command's option and is fine."""
+    """An option named in a command's help exists in that command; `other-command --option` in backticks, or
+    after ``zoomfeat other-command``, names another command's option and is fine."""
     import cli
 
     commands = "|".join(re.escape(c) for c in cli.COMMANDS)
-    elsewhere = re.compile(rf"`(?:zoomfeat )?(?:{commands})\b[^`]*`")
+    elsewhere = re.compile(rf"`(?:zoomfeat )?(?:{commands})\b[^`]*`|\bzoomfeat (?:{commands})\b[^`);,]*")
     offenders = []
     for path, parser in _command_parsers():
         if path[0] == "config":  # its OPTIONS are the target command's
