@@ -285,6 +285,30 @@ def test_function_level_imports_keep_heavy_libraries_out():
         f"ones to the top of their file, e.g. {light[-5:]}")
 
 
+# Layers, lowest first: a module imports only modules of its own layer or lower ones.
+ORCHESTRATION = {"cli", "zoomfeat.commands.config", "zoomfeat.commands.demo", "zoomfeat.demo"}  # run other commands
+# Left for their owners (issue 35): the synthetic-copy names (mil.augment.synthetic_id / source_of) belong with the
+# module that writes the copies; the CDM's prepare reads the labels table of splits. May only go.
+PENDING_UPWARD = {("zoomfeat.feature_copies", "mil.augment"), ("zoomfeat.cdm.prepare", "splits.labels")}
+
+
+def _layer(module: str) -> int:
+    if module in ORCHESTRATION:
+        return 4
+    if module.startswith("zoomfeat.commands") or module == "zoomfeat.demo_page":
+        return 3
+    return {"mil": 2, "splits": 1}.get(module.split(".")[0], 0)
+
+
+def test_no_upward_imports():
+    """The library (zoomfeat) < splits < mil < the commands < cli and the commands that run commands."""
+    graph = _graph()
+    upward = sorted((m, t) for m, targets in graph.edges.items() for t in targets if _layer(t) > _layer(m))
+    offenders = [edge for edge in upward if edge not in PENDING_UPWARD]
+    assert not offenders, f"(importer, imported) where the importer is on a lower layer: {offenders}"
+    assert _layer("zoomfeat.store.tiles") < _layer("splits.io") < _layer("mil.cv") < _layer("zoomfeat.commands.tile")
+
+
 # torch.load wrappers that issue 35's `load_torch_file` replaces (it quotes torch's error itself): may only go.
 PENDING_MESSAGE_CUTS = {"zoomfeat/model/checkpoint.py", "zoomfeat/fitting.py", "zoomfeat/cdm/dit.py",
                         "zoomfeat/encoders/weights.py", "zoomfeat/torch_files.py"}
