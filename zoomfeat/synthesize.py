@@ -134,7 +134,7 @@ class Synthesizer:
         return self._pixel_featurizer()
 
     def _pixel_featurizer(self):
-        from zoomfeat.encoders import ENCODERS, load_encoder
+        from zoomfeat.encoders import ENCODERS, encoder_weights, load_encoder
         from zoomfeat.extract.baseline import EncoderFeaturizer
 
         name = self.extractor
@@ -147,10 +147,11 @@ class Synthesizer:
             if self.cfg.encoder_weights is None:
                 raise ConfigError(f"{self.cfg.features_dir} holds {name} features: pass --encoder-weights with the "
                                   f"{name} weights that extracted them")
-            if self.real_config.get("checkpoint_sha256") not in (None, file_sha256(self.cfg.encoder_weights)):
+            weights = encoder_weights(name, self.cfg.encoder_weights, "--encoder-weights")  # a path or hub reference
+            if self.real_config.get("checkpoint_sha256") not in (None, file_sha256(weights)):
                 raise ConfigError(f"--encoder-weights {self.cfg.encoder_weights} are not the {name} weights that "
                                   f"made {self.cfg.features_dir} (sha256 differs)")
-            encoder = load_encoder(name, self.cfg.encoder_weights)
+            encoder = load_encoder(name, weights)
         return EncoderFeaturizer(encoder.to(self.runtime.device), self.runtime.device, self.runtime.autocast())
 
     def record(self) -> dict:

@@ -96,6 +96,7 @@ def condition_request(args: argparse.Namespace, n_patches: int = 1):
 
     from zoomfeat.commands.options import tissue_params
     from zoomfeat.encoders.specs import parse_conditioner
+    from zoomfeat import hub
     from zoomfeat.errors import ConfigError
     from zoomfeat.generate.conditions import ConditionRequest
     from zoomfeat.mags import parse_mag
@@ -132,6 +133,7 @@ def cdm_request(args: argparse.Namespace, n_patches: int):
     """The ConditionRequest of the "cdm" source: ``n_patches`` contexts drawn by the CDM at --mag."""
     from pathlib import Path
 
+    from zoomfeat import hub
     from zoomfeat.errors import ConfigError
     from zoomfeat.generate.conditions import ConditionRequest
     from zoomfeat.mags import parse_mag
@@ -140,9 +142,10 @@ def cdm_request(args: argparse.Namespace, n_patches: int):
                             ("--tiles", args.tiles), ("--conditioning", args.conditioning)) if v is not None]
     if given:
         raise ConfigError(f"--cdm draws the contexts itself: drop {', '.join(given)}")
-    if not Path(args.cdm).exists():
+    cdm = hub.local_file(args.cdm, ("last.ckpt",), "--cdm")  # a path, or a hub reference resolved to its file
+    if not cdm.exists():
         raise ConfigError(f"--cdm {args.cdm} not found: pass a train-cdm run folder or a CDM checkpoint file")
-    extra = {"cdm": Path(args.cdm), "cdm_steps": args.cdm_steps, "cdm_guidance": args.cdm_guidance,
+    extra = {"cdm": cdm, "cdm_steps": args.cdm_steps, "cdm_guidance": args.cdm_guidance,
              "cdm_seed": args.cdm_seed}
     return ConditionRequest(mag=parse_mag(args.mag), n_patches=n_patches, batch_size=max(1, args.batch_size),
                             extra=extra)

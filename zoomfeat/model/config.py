@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from zoomfeat.errors import ConfigError
+from zoomfeat.resolve import zoomldm_config_path
 
 
 @dataclass(frozen=True)
@@ -236,13 +237,9 @@ def parse_config(tree: Mapping[str, Any], where: str = "<config>") -> ZoomLDMCon
 
 
 def config_path(config: str | Path) -> Path:
-    """The yaml file named by ``config`` (a file, or a folder holding ``config.yaml``)."""
-    path = Path(config)
-    if path.is_dir():
-        path = path / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"ZoomLDM config {path} not found: pass the official config.yaml or its folder")
-    return path
+    """The yaml file named by ``config`` (:func:`zoomfeat.resolve.zoomldm_config_path`: a file, a folder holding
+    ``config.yaml``, ``tiny`` or a hub reference)."""
+    return zoomldm_config_path(config)
 
 
 def read_config(config: str | Path | Mapping[str, Any] | ZoomLDMConfig) -> ZoomLDMConfig:

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zoomfeat import hub
 from zoomfeat.errors import ConfigError
+from zoomfeat.resolve import WEIGHT_NAMES, zoomldm_config_path
 from zoomfeat.mags import Magnification, parse_mags
 from zoomfeat.slides import check_scale_overrides
 from zoomfeat.tissue import TissueParams
@@ -25,17 +27,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "32-true", "32", "bf16-mixed", "16
 
 
 def resolve_zoomldm_config(path: str | Path) -> Path:
-    """An official ``config.yaml``, given as the file, the folder that holds it, or ``tiny`` (the packaged one)."""
-    if str(path) == "tiny":
-        from zoomfeat.train import TINY_ZOOMLDM_YAML
-
-        return TINY_ZOOMLDM_YAML
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"ZoomLDM config {path} not found: pass an official config.yaml or the folder holding it")
-    return path
+    """An official ``config.yaml`` (:func:`zoomfeat.resolve.zoomldm_config_path`: the file, its folder, ``tiny``
+    or a hub reference)."""
+    return zoomldm_config_path(path)
 
 
 @dataclass(frozen=True)
@@ -209,7 +203,9 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where} = {value!r} is not a boolean: use true or false")
     try:
-        if isinstance(default, Path) or where in ("model.zoomldm", "model.init_from"):
+        if where == "model.init_from":  # a path, or a hub reference resolved here, at the boundary
+            return hub.local_file(value, WEIGHT_NAMES, where)
+        if isinstance(default, Path) or where == "model.zoomldm":
             return Path(str(value))
         if isinstance(default, int):
             return int(value)

@@ -129,13 +129,15 @@ def adopt_first_stage(data: TrainingSet, model, from_checkpoint: bool) -> None:
     From scratch, the first stage comes from ``DATA/first_stage.pt``; when fine-tuning, the checkpoint's
     first stage must be that one (same digest), or the latents would not match the decoder.
     """
+    from zoomfeat.torch_files import load_torch_file
     from zoomfeat.train.prepare import FIRST_STAGE_NAME, first_stage_digest
 
     if not from_checkpoint:
         path = data.root / FIRST_STAGE_NAME
         if not path.is_file():
             raise DataError(f"{path} not found: rerun prepare-train (it saves the first stage it used)")
-        model.first_stage_model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.first_stage_model.load_state_dict(load_torch_file(path, "first stage", error=DataError,
+                                                                fix="rerun prepare-train"))
     if data.first_stage_digest and first_stage_digest(model) != data.first_stage_digest:
         raise DataError(f"{data.root}: the latents were made with another first stage than {model.config.source}'s "
                         "weights: rerun prepare-train with --weights set to the --init-from file")
