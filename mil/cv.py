@@ -35,8 +35,9 @@ from mil.train import FoldData, epoch_order, run_folds
 from splits.audit import trainability_problems
 from splits.io import PARTS, SplitFold, read_splits_dir
 from splits.labels import read_labels
-from zoomfeat.config import to_jsonable, write_json_atomic
 from zoomfeat.errors import CheckpointError, ConfigError, DataError
+from zoomfeat.serial import to_jsonable
+from zoomfeat.store import write_json_atomic
 from zoomfeat.torch_files import load_torch_file
 
 CHECKPOINT_FORMAT = "zoomfeat-mil"
@@ -228,7 +229,7 @@ def run_cv(cfg: MILConfig, progress: bool = False) -> pd.DataFrame:
     Everything that can be checked is checked before the first fold trains: labels, splits, feature files,
     trainable folds, model arguments, device settings, and that a resumed run has the same inputs.
     """
-    from zoomfeat.extract.runtime import check_devices
+    from zoomfeat.runtime import check_devices
 
     spec = FeatureSpec.parse(cfg.features)
     cohort = apply_task(read_labels(cfg.labels, label_col=cfg.label_col), cfg.task, cfg.label_col,

@@ -23,8 +23,8 @@ import pandas as pd
 from mil import html, plots
 from mil.metrics import THRESHOLD, auc_rows, auroc, balanced_accuracy, check_finite, confusion, f1
 from mil.record import RunRecord, read_record
-from zoomfeat.config import write_json_atomic
 from zoomfeat.errors import DataError
+from zoomfeat.store import write_json_atomic
 
 BOOTSTRAP_CELLS = 2_000_000  # resampled predictions held in memory at once by the bootstrap
 PREDICTION_COLUMNS = ("slide_id", "case_id", "label", "split")

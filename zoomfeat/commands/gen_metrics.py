@@ -48,8 +48,8 @@ def build_config(args: argparse.Namespace):
     from pathlib import Path
 
     from zoomfeat.encoders.specs import SPECS, encoder_weights
-    from zoomfeat.extract.runtime import resolve_runtime
     from zoomfeat.generate.metrics import GenMetricsConfig
+    from zoomfeat.runtime import resolve_runtime
 
     names = tuple(n.strip().lower() for value in args.metric for n in value.split(",") if n.strip())
     path = lambda v: Path(v) if v else None  # noqa: E731

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace):
     from zoomfeat import hub
     from zoomfeat.encoders.specs import parse_conditioner
-    from zoomfeat.extract.runtime import check_device
+    from zoomfeat.runtime import check_device
     from zoomfeat.mags import parse_mags
     from zoomfeat.resolve import resolve_zoomldm
     from zoomfeat.train.config import PrepareConfig
