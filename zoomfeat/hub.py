@@ -254,7 +254,7 @@ def _missing(ref: HubRef, entries, why: str) -> ConfigError:
                        f"zoomfeat fetch-weights {ref.fetch_arg} where there is network (or copy that cache here)")
 
 
-def _hub_error(error: Exception, ref: HubRef, entries) -> ConfigError:
+def hub_error(error: Exception, ref: HubRef, entries) -> ConfigError:
     """One line for an exception of the hub client."""
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -290,11 +290,11 @@ def _download(ref: HubRef, entries) -> Resolved:
                 local = huggingface_hub.hf_hub_download(ref.repo, name, revision=ref.revision,
                                                         cache_dir=str(cache_dir()))
             except LocalEntryNotFoundError as error:  # a subclass of EntryNotFoundError: no network, not no file
-                raise _hub_error(error, ref, entries) from error
+                raise hub_error(error, ref, entries) from error
             except EntryNotFoundError:
                 continue
             except Exception as error:  # the client's errors (HTTP, network, disk): one line each
-                raise _hub_error(error, ref, entries) from error
+                raise hub_error(error, ref, entries) from error
             chosen.append(Path(local))
             break
         else:

@@ -46,7 +46,7 @@ def _fetch_folder(ref) -> tuple[str, list]:
         root = Path(huggingface_hub.snapshot_download(ref.repo, revision=ref.revision, allow_patterns=pattern,
                                                       cache_dir=str(hub.cache_dir())))
     except Exception as error:  # the client's errors (HTTP, network, disk): one line each
-        raise hub._hub_error(error, ref, ((pattern or "every file",),)) from error
+        raise hub.hub_error(error, ref, ((pattern or "every file",),)) from error
     files = sorted(p for p in (root / ref.path).rglob("*") if p.is_file())
     return root.name, files
 
