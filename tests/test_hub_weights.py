@@ -113,6 +113,27 @@ def test_references_resolve_to_the_snapshot_files(hub_cache):
     assert encoder_weights("uni", "weights/uni") == Path("weights/uni")
 
 
+def test_train_init_from_zoomldm_and_cdm_take_references(hub_cache, tmp_path):
+    """``train`` (model.zoomldm, model.init_from) and ``sample --cdm`` resolve at the boundary to cache files."""
+    import argparse
+
+    from zoomfeat.commands.sample import cdm_request
+    from zoomfeat.resolve import tiny_config_path
+    from zoomfeat.train import EXAMPLE_TRAIN_YAML
+    from zoomfeat.train.config import load_train_config, resolve_zoomldm_config
+
+    snapshot = put(hub_cache, "StonyBrook-CVLab/ZoomLDM", {"brca/config.yaml": tiny_config_path().read_bytes(),
+                                                           "brca/weights.ckpt": b"\x80" + b"w" * 63,
+                                                           "cdm/dit.pt": b"\x80" + b"c" * 63})
+    cfg = load_train_config(EXAMPLE_TRAIN_YAML, {"model.zoomldm": "zoomldm-brca", "model.init_from": "zoomldm-brca"})
+    assert cfg.model.init_from == snapshot / "brca" / "weights.ckpt"
+    assert resolve_zoomldm_config(cfg.model.zoomldm) == snapshot / "brca" / "config.yaml"
+    args = argparse.Namespace(cdm="hf-hub:StonyBrook-CVLab/ZoomLDM/cdm/dit.pt", slide=None, x=None, y=None,
+                              tiles=None, conditioning=None, cdm_steps=10, cdm_guidance=1.0, cdm_seed=0,
+                              mag="1.25x", batch_size=2)
+    assert cdm_request(args, 4).extra["cdm"] == snapshot / "cdm" / "dit.pt"
+
+
 def test_registered_names_match_the_encoders_weight_files():
     """Each encoder name's hub files are files its loader accepts (the registry and the specs agree)."""
     from zoomfeat.encoders.specs import SPECS
