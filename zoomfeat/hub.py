@@ -183,23 +183,19 @@ class Resolved:
     commit: str
     files: tuple[Path, ...]
 
-    @property
-    def folder(self) -> Path:
-        return self.files[0].parent
 
-
-def _needs(ref: HubRef, files: tuple[tuple[str, ...], ...]) -> tuple[str, tuple[tuple[str, ...], ...]]:
-    """(folder in the repo, entries of repo-relative alternatives). A reference that names a file needs that
-    file (in place of the entry with the same suffix, or of the last entry: the weights)."""
+def _needs(ref: HubRef, files: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], ...]:
+    """The entries as repo-relative alternatives. A reference that names a file needs that file (in place of the
+    entry with the same suffix, or of the last entry: the weights)."""
     if not ref.names_file:
-        return ref.path, tuple(tuple("/".join(p for p in (ref.path, n) if p) for n in entry) for entry in files)
+        return tuple(tuple("/".join(p for p in (ref.path, n) if p) for n in entry) for entry in files)
     folder, _, name = ref.path.rpartition("/")
     suffix = Path(name).suffix.lower()
     slot = next((i for i, entry in enumerate(files) if any(Path(n).suffix.lower() == suffix for n in entry)),
                 len(files) - 1)
     entries = [tuple("/".join(p for p in (folder, n) if p) for n in entry) for entry in files]
     entries[slot] = (ref.path,)
-    return folder, tuple(entries)
+    return tuple(entries)
 
 
 def _from_cache(ref: HubRef, entries) -> Resolved | None:
@@ -311,7 +307,7 @@ def _download(ref: HubRef, entries) -> Resolved:
 def resolve(ref: HubRef, files: tuple[tuple[str, ...], ...], *, refresh: bool = False) -> Resolved:
     """Local files for ``ref``: from the cache without a network call when all are there (unless ``refresh``,
     which asks the hub where the revision points now); else downloaded, or a one-line error offline."""
-    _, entries = _needs(ref, files)
+    entries = _needs(ref, files)
     if not refresh:
         hit = _from_cache(ref, entries)
         if hit is not None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zoomfeat import hub
 from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.mags import MagDict, Magnification, parse_mags
 from zoomfeat.resolve import ZoomLDMSource, file_sha256
@@ -79,7 +80,8 @@ class SynthesizeConfig:
                 "sampler": self.sampler, "steps": self.steps, "guidance": self.guidance,
                 "guidance_form": "standard (e_u + s (e_c - e_u)), zeros as the unconditional context",
                 "use_ema": True, "seed": self.seed, "fraction": float(self.fraction),
-                "seed_rule": "sha256(seed|slide_id|copy|mag|x|y) -> torch.Generator seed of x_T"}
+                "seed_rule": "sha256(seed|slide_id|copy|mag|x|y) -> torch.Generator seed of x_T",
+                **hub.weights_sources(checkpoint=self.zoomldm.weights, config=self.zoomldm.config)}
 
 
 def tile_seed(seed: int, slide_id: str, copy: int, mag: Magnification, x: int, y: int) -> int:

@@ -35,6 +35,7 @@ def label_vectors(labels_csv: Path, slide_of_row: np.ndarray, slide_ids: list[st
 
 
 def _settings(cfg: PrepareCDMConfig, source, runtime, n: int, labels: list[str]) -> str:
+    from zoomfeat import hub
     from zoomfeat.resolve import file_sha256
 
     data = Path(cfg.data)
@@ -43,6 +44,7 @@ def _settings(cfg: PrepareCDMConfig, source, runtime, n: int, labels: list[str])
         "zoomldm_config_sha256": file_sha256(source.config), "zoomldm_weights_sha256": file_sha256(source.weights),
         "precision": runtime.precision, "rows": n, "labels": labels,
         "labels_sha256": file_sha256(cfg.labels),
+        **hub.weights_sources(checkpoint=source.weights, config=source.config),
     }, sort_keys=True)
 
 

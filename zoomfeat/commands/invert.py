@@ -87,6 +87,7 @@ def load_model(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from zoomfeat import hub
     from zoomfeat.errors import DataError
     from zoomfeat.generate.invert import invert_image, save_grid
     from zoomfeat.generate.metrics.images import read_image
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     result = invert_image(model, image, mag, settings, autocast=runtime.autocast())
     provenance = {"image": str(args.image), "zoomldm_config": str(source.config),
                   "zoomldm_sha256": file_sha256(source.weights), "settings": settings.__dict__,
-                  "precision": runtime.precision}
+                  "precision": runtime.precision,
+                  **hub.weights_sources(checkpoint=source.weights, config=source.config)}
     save_grid(out, result, provenance)
     first, last = result.probe_losses[0], result.probe_losses[-1]
     print(f"invert: {mag} grid {list(result.grid.shape)}; probe loss {first:.6g} -> {last:.6g} "

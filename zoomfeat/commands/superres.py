@@ -129,6 +129,7 @@ def _gt_grids(args, rows, model, images, mag):
 
 
 def run(args: argparse.Namespace) -> int:
+    from zoomfeat import hub
     from zoomfeat.commands.invert import load_model
     from zoomfeat.store import write_json_atomic
     from zoomfeat.generate.metrics.images import read_image
@@ -149,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
     gt = _gt_grids(args, rows, model, images, mag)
     pixels = dict(images)
     provenance = {"zoomldm_config": str(source.config), "zoomldm_sha256": file_sha256(source.weights),
-                  "precision": runtime.precision, "device": runtime.device}
+                  "precision": runtime.precision, "device": runtime.device,
+                  **hub.weights_sources(checkpoint=source.weights, config=source.config)}
     for path, row, out in targets:
         result = superres(model, pixels[path], mag, settings[row], gt_grid=gt, autocast=runtime.autocast())
         written = save_large(out.with_suffix(""), result.image)  # .png, or a pyramidal .tiff above 4096 px
