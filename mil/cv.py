@@ -35,7 +35,7 @@ from mil.train import FoldData, epoch_order, run_folds
 from splits.audit import trainability_problems
 from splits.io import PARTS, SplitFold, read_splits_dir
 from splits.labels import read_labels
-from zoomfeat.errors import CheckpointError, ConfigError, DataError
+from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
 from zoomfeat.serial import to_jsonable
 from zoomfeat.store import write_json_atomic
 from zoomfeat.torch_files import load_torch_file
@@ -88,7 +88,7 @@ def check_model_kwargs(cfg: MILConfig, in_dim: int, n_classes: int) -> None:
     try:
         build_model(cfg.model, in_dim, n_classes, **effective_model_kwargs(cfg))
     except (TypeError, ValueError, RuntimeError) as exc:
-        reason = " ".join(str(exc).split())
+        reason = one_line(exc)
         raise ConfigError(f"--model-kwargs {json.dumps(cfg.model_kwargs)} does not make a {cfg.model} head "
                           f"({reason}); see the head's arguments in mil/models.py") from exc
 
@@ -111,8 +111,8 @@ def _augmentation(cfg: MILConfig, spec: FeatureSpec, all_folds: list[SplitFold],
             raise DataError(f"--augment {cfg.augment}: no synthetic copy of a slide of this run")
         scan = scan_bags(aug_spec, candidates)
         if scan.dim != dim:
-            raise DataError(f"--augment {cfg.augment}: {scan.dim}-d bags, but {spec} gives {dim}-d: synthesize "
-                            "from the same feature set")
+            raise DataError(f"--augment {cfg.augment}: {scan.dim}-d bags, but {spec} gives {dim}-d: make the "
+                            "copies from the same feature set")
         available = scan.usable
     every = {f.index: _fold_data(f, usable, cohort) for f in all_folds}
     return plan_cohort(every, case_of, label_of, fraction=float(cfg.train_fraction), seed=cfg.seed,
@@ -343,7 +343,7 @@ def load_fold_model(run_dir: str | Path, fold: int) -> tuple[nn.Module, RunRecor
         model = build_model(ckpt["model"], kwargs.pop("in_dim"), kwargs.pop("n_classes"), **kwargs)
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        reason = " ".join(str(exc).split())[:160]
+        reason = one_line(exc, 160)
         raise CheckpointError(f"{path}: checkpoint does not rebuild its head ({reason}); retrain this fold") \
             from exc
     model.eval()

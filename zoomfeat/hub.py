@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from zoomfeat.errors import CheckpointError, ConfigError
+from zoomfeat.errors import CheckpointError, ConfigError, one_line
 
 PREFIX = "hf-hub:"
 FORM = "hf-hub:ORG/NAME[/SUBFOLDER_OR_FILE][@REVISION]"
@@ -270,8 +270,7 @@ def hub_error(error: Exception, ref: HubRef, entries) -> ConfigError:
     if isinstance(error, HfHubHTTPError):
         return ConfigError(f"{ref.repo}: the hub refused the download (HTTP {status}): retry later, or "
                            f"fetch it elsewhere with zoomfeat fetch-weights {ref.fetch_arg}")
-    reason = " ".join(str(error).split())[:200] or type(error).__name__
-    return ConfigError(f"{ref.repo}: download failed ({reason}): check the network and free disk space, then "
+    return ConfigError(f"{ref.repo}: download failed ({one_line(error)}): check the network and free disk space, then "
                        f"rerun zoomfeat fetch-weights {ref.fetch_arg}")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from zoomfeat.errors import CheckpointError
+from zoomfeat.errors import CheckpointError, one_line
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 _PICKLE_MAGIC = b"\x80"  # a pickle protocol >= 2 (legacy torch.save)
@@ -71,8 +71,8 @@ def load_torch_file(path: str | Path, what: str = "weight file", *, fix: str = "
             return torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=mmap)
     except Exception as e:  # torch raises many types (KeyError, IndexError, EOFError ...) for foreign bytes
         lines = str(e).strip().splitlines()
-        reason = " ".join(lines[0].split())[:200] if lines else type(e).__name__
+        reason = one_line(lines[0] if lines else e)
         if "weights only load failed" in reason.lower() or "weights_only" in str(e):
-            unsupported = next((" ".join(x.split()) for x in lines if "Unsupported global" in x), reason)[:200]
+            unsupported = one_line(next((x for x in lines if "Unsupported global" in x), reason))
             reason = f"it holds pickled objects that a weights-only load refuses ({unsupported})"
         raise error(f"cannot read {what} {path}: {reason}; {fix}") from e

@@ -16,7 +16,7 @@ from torch import nn
 
 from zoomfeat import hub
 from zoomfeat.encoders.specs import encoder_weights
-from zoomfeat.errors import CheckpointError, ConfigError
+from zoomfeat.errors import CheckpointError, ConfigError, one_line
 from zoomfeat.torch_files import load_torch_file
 
 _LISTED = 8  # keys named per category in an error message
@@ -104,7 +104,7 @@ def import_timm(encoder: str):
         import timm
     except (ImportError, RuntimeError, OSError) as error:
         raise ConfigError(f"{encoder} needs timm (and a torchvision build matching torch), which failed "
-                          f"to import: {str(error).splitlines()[0]}; reinstall torchvision for this torch") from error
+                          f"to import: {one_line(error)}; reinstall torchvision for this torch") from error
     return timm
 
 
