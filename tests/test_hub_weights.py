@@ -118,15 +118,15 @@ def test_train_init_from_zoomldm_and_cdm_take_references(hub_cache, tmp_path):
     import argparse
 
     from zoomfeat.commands.sample import cdm_request
-    from zoomfeat.resolve import tiny_config_path
-    from zoomfeat.train.config import load_train_config, resolve_zoomldm_config
+    from zoomfeat.resolve import tiny_config_path, zoomldm_config_path
+    from zoomfeat.train.config import load_train_config
 
     snapshot = put(hub_cache, "StonyBrook-CVLab/ZoomLDM", {"brca/config.yaml": tiny_config_path().read_bytes(),
                                                            "brca/weights.ckpt": b"\x80" + b"w" * 63,
                                                            "cdm/dit.pt": b"\x80" + b"c" * 63})
     cfg = load_train_config({"model.zoomldm": "zoomldm-brca", "model.init_from": "zoomldm-brca"})
     assert cfg.model.init_from == snapshot / "brca" / "weights.ckpt"
-    assert resolve_zoomldm_config(cfg.model.zoomldm) == snapshot / "brca" / "config.yaml"
+    assert zoomldm_config_path(cfg.model.zoomldm) == snapshot / "brca" / "config.yaml"
     args = argparse.Namespace(cdm="hf-hub:StonyBrook-CVLab/ZoomLDM/cdm/dit.pt", slide=None, x=None, y=None,
                               tiles=None, conditioning=None, cdm_steps=10, cdm_guidance=1.0, cdm_seed=0,
                               mag="1.25x", batch_size=2)

@@ -212,14 +212,16 @@ def test_a_hub_cache_file_is_never_unpickled(tmp_path):
 
 
 def test_one_config_yaml_rule_for_every_caller(tmp_path, tiny_dir):
-    """The model, the training config and the resolver take the same forms and give the same errors."""
-    from zoomfeat.model.config import config_path
+    """The one "config.yaml or its folder" rule: the forms it takes and its one-line error; the model and the
+    training config read their config through it."""
+    from zoomfeat.model import load_zoomldm
     from zoomfeat.resolve import tiny_config_path, zoomldm_config_path
-    from zoomfeat.train.config import resolve_zoomldm_config
+    from zoomfeat.train.config import load_train_config
 
-    for resolver in (config_path, zoomldm_config_path, resolve_zoomldm_config):
-        assert resolver(tiny_dir) == tiny_dir / "config.yaml"
-        assert resolver(tiny_dir / "config.yaml") == tiny_dir / "config.yaml"
-        assert resolver("tiny") == tiny_config_path()
-        with pytest.raises(ConfigError, match=f"ZoomLDM config {tmp_path / 'config.yaml'} not found"):
-            resolver(tmp_path)
+    assert zoomldm_config_path(tiny_dir) == tiny_dir / "config.yaml"
+    assert zoomldm_config_path(tiny_dir / "config.yaml") == tiny_dir / "config.yaml"
+    assert zoomldm_config_path("tiny") == tiny_config_path()
+    message = f"ZoomLDM config {tmp_path / 'config.yaml'} not found"
+    for reader in (zoomldm_config_path, load_zoomldm, lambda p: load_train_config({"model.zoomldm": p})):
+        with pytest.raises(ConfigError, match=message):
+            reader(tmp_path)

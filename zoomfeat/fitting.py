@@ -18,14 +18,12 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from zoomfeat.errors import ConfigError, one_line
+from zoomfeat.errors import CheckpointError, ConfigError, one_line
+from zoomfeat.torch_files import load_torch_file
 
 
 def load_checkpoint(path, fix: str, *, mmap: bool = False) -> dict:
     """The dict saved at ``path`` (tensors and plain values only); CheckpointError ending with ``fix``."""
-    from zoomfeat.errors import CheckpointError
-    from zoomfeat.torch_files import load_torch_file
-
     ckpt = load_torch_file(path, "checkpoint", fix=fix, mmap=mmap)  # empty / text / random bytes: one line
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict; {fix}")

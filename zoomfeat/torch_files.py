@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from zoomfeat.errors import CheckpointError, one_line
+from zoomfeat.hub import hub_source
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 _PICKLE_MAGIC = b"\x80"  # a pickle protocol >= 2 (legacy torch.save)
@@ -55,7 +56,6 @@ def load_torch_file(path: str | Path, what: str = "weight file", *, fix: str = "
     if not path.is_file():
         raise error(f"{what} {path} not found: {fix}")
     if unsafe:
-        from zoomfeat.hub import hub_source
 
         if hub_source(path) is not None:
             raise error(f"{what} {path} comes from the hub cache: it is loaded weights-only, never unpickled; "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zoomfeat import hub
 from zoomfeat.cdm.config import PrepareCDMConfig
 from zoomfeat.errors import DataError
 
@@ -35,7 +36,6 @@ def label_vectors(labels_csv: Path, slide_of_row: np.ndarray, slide_ids: list[st
 
 
 def _settings(cfg: PrepareCDMConfig, source, runtime, n: int, labels: list[str]) -> str:
-    from zoomfeat import hub
     from zoomfeat.resolve import file_sha256
 
     data = Path(cfg.data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat import hub
 HELP = "download weights by name or hf-hub: reference into the Hugging Face cache and print where they are"
 
 
@@ -23,7 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print_list() -> None:
-    from zoomfeat import hub
 
     for k in hub.KNOWN.values():
         files = ", ".join(" or ".join(e) for e in k.files)
@@ -39,7 +39,6 @@ def _fetch_folder(ref) -> tuple[str, list]:
 
     import huggingface_hub
 
-    from zoomfeat import hub
 
     pattern = f"{ref.path}/*" if ref.path else None
     try:
@@ -52,7 +51,6 @@ def _fetch_folder(ref) -> tuple[str, list]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from zoomfeat import hub
     from zoomfeat.errors import ConfigError
 
     if args.list:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat import hub
+
 HELP = "infer a conditioning grid for one patch image (ZoomLDM condition inversion) and save it as HDF5"
 
 
@@ -87,7 +89,6 @@ def load_model(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from zoomfeat import hub
     from zoomfeat.errors import DataError
     from zoomfeat.generate.invert import invert_image, save_grid
     from zoomfeat.generate.metrics.images import read_image

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from zoomfeat import hub
 from zoomfeat.commands.options import add_scale_group, add_tissue_group, tissue_params
 from zoomfeat.encoders.specs import parse_conditioner
 from zoomfeat.mags import parse_mags
+from zoomfeat.resolve import resolve_zoomldm
 from zoomfeat.train.config import PrepareConfig
 
 HELP = "write a ZoomLDM training set: per-magnification latents and 20x conditioning grids in HDF5 shards"
@@ -48,12 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from zoomfeat import hub
-    from zoomfeat.encoders.specs import parse_conditioner
-    from zoomfeat.mags import parse_mags
-    from zoomfeat.resolve import resolve_zoomldm
     from zoomfeat.runtime import check_device
-    from zoomfeat.train.config import PrepareConfig
 
     name, weights = parse_conditioner(args.conditioner)
     weights = Path(weights) if weights else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat import hub
 from zoomfeat.commands.options import add_scale_group, add_tissue_group
 
 HELP = ("generate N ZoomLDM variations of real patches (slide + coordinates, tile store or conditioning folder) "
@@ -96,7 +97,6 @@ def condition_request(args: argparse.Namespace, n_patches: int = 1):
 
     from zoomfeat.commands.options import tissue_params
     from zoomfeat.encoders.specs import parse_conditioner
-    from zoomfeat import hub
     from zoomfeat.errors import ConfigError
     from zoomfeat.generate.conditions import ConditionRequest
     from zoomfeat.mags import parse_mag
@@ -133,7 +133,6 @@ def cdm_request(args: argparse.Namespace, n_patches: int):
     """The ConditionRequest of the "cdm" source: ``n_patches`` contexts drawn by the CDM at --mag."""
     from pathlib import Path
 
-    from zoomfeat import hub
     from zoomfeat.errors import ConfigError
     from zoomfeat.generate.conditions import ConditionRequest
     from zoomfeat.mags import parse_mag

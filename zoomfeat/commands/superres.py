@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat import hub
+
 HELP = "super-resolve images at --mag to 20x: inverted conditions + joint sampling with the image as measurement"
 ROWS = ("inverted", "gt", "uncond", "bicubic")  # zoomfeat.generate.superres.ROWS (torch-free copy, tested)
 
@@ -129,7 +131,6 @@ def _gt_grids(args, rows, model, images, mag):
 
 
 def run(args: argparse.Namespace) -> int:
-    from zoomfeat import hub
     from zoomfeat.commands.invert import load_model
     from zoomfeat.store import write_json_atomic
     from zoomfeat.generate.metrics.images import read_image

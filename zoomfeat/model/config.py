@@ -236,12 +236,6 @@ def parse_config(tree: Mapping[str, Any], where: str = "<config>") -> ZoomLDMCon
     return ZoomLDMConfig(diffusion, unet, first, summ, source=None if where == "<config>" else where)
 
 
-def config_path(config: str | Path) -> Path:
-    """The yaml file named by ``config`` (:func:`zoomfeat.resolve.zoomldm_config_path`: a file, a folder holding
-    ``config.yaml``, ``tiny`` or a hub reference)."""
-    return zoomldm_config_path(config)
-
-
 def read_config(config: str | Path | Mapping[str, Any] | ZoomLDMConfig) -> ZoomLDMConfig:
     """Read an official ZoomLDM ``config.yaml`` (path, folder, loaded mapping, or an already parsed config)."""
     if isinstance(config, ZoomLDMConfig):
@@ -250,7 +244,7 @@ def read_config(config: str | Path | Mapping[str, Any] | ZoomLDMConfig) -> ZoomL
         return parse_config(config)
     import yaml
 
-    path = config_path(config)
+    path = zoomldm_config_path(config)
     try:
         tree = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

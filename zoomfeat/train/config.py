@@ -28,12 +28,6 @@ MAG_SAMPLING = ("uniform", "proportional")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
-def resolve_zoomldm_config(path: str | Path) -> Path:
-    """An official ``config.yaml`` (:func:`zoomfeat.resolve.zoomldm_config_path`: the file, its folder, ``tiny``
-    or a hub reference)."""
-    return zoomldm_config_path(path)
-
-
 @dataclass(frozen=True)
 class PrepareConfig:
     """Settings of ``zoomfeat prepare-train`` (one training set, written under ``out``)."""
@@ -65,7 +59,7 @@ class PrepareConfig:
                           else f"{self.conditioner}={self.conditioner_weights}")  # the one --conditioner rule
         if self.conditioner_weights is not None and not Path(self.conditioner_weights).is_file():
             raise ConfigError(f"conditioner weights {self.conditioner_weights} not found: pass an existing file")
-        resolve_zoomldm_config(self.zoomldm)
+        zoomldm_config_path(self.zoomldm)
         if self.zoomldm_weights is not None and not Path(self.zoomldm_weights).is_file():
             raise ConfigError(f"ZoomLDM weights {self.zoomldm_weights} not found: pass an existing weights.ckpt")
         if self.max_patches_per_mag is not None and self.max_patches_per_mag < 1:
@@ -153,7 +147,7 @@ def _check(ok: bool, message: str) -> None:
 def _validate(c: TrainConfig) -> None:
     d, o, t, v = c.data, c.optim, c.trainer, c.validation
     _check(c.model.zoomldm is not None, "model.zoomldm is not set: pass --zoomldm CONFIG_OR_DIR (or tiny)")
-    resolve_zoomldm_config(c.model.zoomldm)
+    zoomldm_config_path(c.model.zoomldm)
     _check(d.mag_sampling in MAG_SAMPLING, f"data.mag_sampling {d.mag_sampling!r}: use one of {MAG_SAMPLING}")
     _check(d.batch_size >= 1, f"data.batch_size {d.batch_size} must be at least 1")
     _check(d.workers >= 0, f"data.workers {d.workers} must be 0 or more")
