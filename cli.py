@@ -43,6 +43,7 @@ COMMANDS: dict[str, str] = {
     "generate-large": "generate_large",
     "demo": "demo",
     "config": "config",
+    "fetch-weights": "fetch_weights",
 }
 
 

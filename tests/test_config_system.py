@@ -18,6 +18,7 @@ EXAMPLES: dict[str, list[str]] = {
     "synth": ["synth", "--out", "cohort", "--n", "3", "--seed", "4"],
     "tile": ["tile", "a.svs", "b_dir", "--out", "tiles", "--mags", "20x,5x", "--min-tissue", "0.4"],
     "verify": ["verify", "tiles"],
+    "fetch-weights": ["fetch-weights", "zoomldm-brca", "--files", "config.yaml"],
     "extract": ["extract", "slides", "--out", "feats", "--encoder", "toy", "--mags", "20x", "--batch-size", "8"],
     "export": ["export", "feats", "--format", "clam", "--out", "clam"],
     "feature-copies": ["feature-copies", "--features", "f", "--conditioning", "c", "--zoomldm", "tiny", "--out", "o",

@@ -9,7 +9,8 @@ import pytest
 
 from zoomfeat.errors import ConfigError
 from zoomfeat.train import EXAMPLE_TRAIN_YAML, TINY_ZOOMLDM_YAML
-from zoomfeat.train.config import load_train_config, resolve_zoomldm_config
+from zoomfeat.resolve import zoomldm_config_path
+from zoomfeat.train.config import load_train_config
 from zoomfeat.train.dataset import StepBatchSampler, split_rows, val_batches
 
 
@@ -27,7 +28,7 @@ def test_example_yaml_is_valid_and_overrides_win():
     assert cfg.optim.lr == 2e-5 and cfg.optim.weight_decay == 0.01 and cfg.optim.warmup_steps == 1000
     assert cfg.optim.p_uncond == 0.1 and cfg.data.mag_sampling == "uniform" and cfg.trainer.resume == "auto"
     assert cfg.data.path == Path("trainset") and cfg.data.workers == 4 and cfg.trainer.max_steps == 100000
-    assert resolve_zoomldm_config(cfg.model.zoomldm) == TINY_ZOOMLDM_YAML
+    assert zoomldm_config_path(cfg.model.zoomldm) == TINY_ZOOMLDM_YAML
     assert config["command"] == "train" and config["optim"]["p_uncond"] == 0.1 and config["data"]["path"] == "trainset"
     cfg, _ = _resolved(["--config", str(EXAMPLE_TRAIN_YAML), "--set", "optim.lr=1e-3", "--set", "data.batch_size=2",
                         "--no-val-samples", "--set", "model.init_from=null", "--batch-size", "3"])

@@ -81,8 +81,10 @@ def build_config(args: argparse.Namespace):
             conditioner = args.conditioner.partition("=")[0].strip().lower()
     else:
         from zoomfeat.encoders import encoder_class
+        from zoomfeat.encoders.specs import encoder_weights
 
         encoder_class(encoder)  # ConfigError listing the choices
+        weights = encoder_weights(encoder, args.weights)  # a path, or a hub reference resolved here
     return ExtractConfig(
         out_dir=Path(args.out), encoder=encoder, mags=parse_mags(args.mags), zoomldm_config=zoomldm_config,
         weights=weights, conditioner=conditioner, conditioner_weights=Path(cond_weights) if cond_weights else None,

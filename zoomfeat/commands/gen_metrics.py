@@ -48,14 +48,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace):
     from pathlib import Path
 
-    from zoomfeat.runtime import resolve_runtime
+    from zoomfeat.encoders.specs import SPECS, encoder_weights
     from zoomfeat.generate.metrics import GenMetricsConfig
+    from zoomfeat.runtime import resolve_runtime
 
     names = tuple(n.strip().lower() for value in args.metric for n in value.split(",") if n.strip())
     path = lambda v: Path(v) if v else None  # noqa: E731
+    encoder = args.encoder.strip().lower() if args.encoder else None
+    weights = args.encoder_weights  # a path, or a hub reference resolved here
+    weights = encoder_weights(encoder, weights, "--encoder-weights") if encoder in SPECS and weights else path(weights)
     return GenMetricsConfig(
         real=Path(args.real), fake=Path(args.fake), metrics=names, out=path(args.out), weights=path(args.weights),
-        encoder=args.encoder.strip().lower() if args.encoder else None, encoder_weights=path(args.encoder_weights),
+        encoder=encoder, encoder_weights=weights,
         encoder_dim=args.encoder_dim, lpips_backbone=path(args.lpips_backbone), lpips_linear=path(args.lpips_linear),
         lpips_net=args.lpips_net, crop_size=args.crop_size, downsample_size=args.downsample_size,
         batch_size=args.batch_size, device=resolve_runtime(args.device, "fp32").device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat import hub
 from zoomfeat.commands.options import add_device_option
 
 HELP = "infer a conditioning grid for one patch image (ZoomLDM condition inversion) and save it as HDF5"
@@ -107,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     result = invert_image(model, image, mag, settings, autocast=runtime.autocast())
     provenance = {"image": str(args.image), "zoomldm_config": str(source.config),
                   "zoomldm_sha256": file_sha256(source.weights), "settings": settings.__dict__,
-                  "precision": runtime.precision}
+                  "precision": runtime.precision,
+                  **hub.weights_sources(checkpoint=source.weights, config=source.config)}
     save_grid(out, result, provenance)
     first, last = result.probe_losses[0], result.probe_losses[-1]
     print(f"invert: {mag} grid {list(result.grid.shape)}; probe loss {first:.6g} -> {last:.6g} "

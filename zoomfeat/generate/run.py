@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zoomfeat import hub
 from zoomfeat.errors import CheckpointError, ConfigError, DataError
 from zoomfeat.generate.guidance import Guidance
 from zoomfeat.mags import Magnification
@@ -164,7 +165,8 @@ def _model_record(source: ZoomLDMSource, model) -> dict:
             "weights": str(source.weights) if source.weights else None,
             "checkpoint_sha256": file_sha256(source.weights), "use_ema": True,
             "random_init_seed": RANDOM_INIT_SEED if source.weights is None else None,
-            "first_stage_resolution": model.first_stage_resolution}
+            "first_stage_resolution": model.first_stage_resolution,
+            **hub.weights_sources(checkpoint=source.weights, config=source.config)}
 
 
 def _require_finite(tensor, what: str) -> None:
