@@ -359,6 +359,7 @@ def _write_contact_sheets(out: Path) -> None:
     from PIL import Image
 
     from zoomfeat.generate.images import contact_sheet, save_png
+    from zoomfeat.plain_images import read_rgb
 
     g = out / "generation"
     for mag in ("20x", "5x"):
@@ -368,7 +369,7 @@ def _write_contact_sheets(out: Path) -> None:
             if not manifest.exists():
                 continue
             record = json.loads(manifest.read_text())
-            samples = [np.asarray(Image.open(folder / e["file"]).convert("RGB")) for e in record["images"]]
+            samples = [read_rgb(folder / e["file"]) for e in record["images"]]
             side = samples[0].shape[0]
             conditions = record["conditions"]
             slide, (x, y) = conditions.get("slide"), _first_coords(conditions)

@@ -36,11 +36,10 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
 
 
 def read_png(path: str | Path) -> np.ndarray:
-    """uint8 [H, W, 3] of a PNG written by :func:`save_png`."""
-    from PIL import Image
+    """uint8 [H, W, 3] of a PNG written by :func:`save_png` (read by :func:`zoomfeat.plain_images.read_rgb`)."""
+    from zoomfeat.plain_images import read_rgb
 
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return read_rgb(path)
 
 
 def contact_sheet(images: Sequence[np.ndarray], columns: int | None = None, pad: int = 2,
