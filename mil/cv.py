@@ -140,7 +140,7 @@ def _class_columns(frame: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 
 
 def _write_fold(fold_dir: Path, result, cfg: MILConfig, cohort: LabelledCohort, dim: int) -> None:
-    from zoomfeat.store import atomic_write
+    from zoomfeat.store import atomic_write, save_torch
 
     classes = [n for n, _ in sorted(cohort.label_map.items(), key=lambda kv: kv[1])]
     predictions = _class_columns(result.predictions, classes)
@@ -149,8 +149,7 @@ def _write_fold(fold_dir: Path, result, cfg: MILConfig, cohort: LabelledCohort, 
     ckpt = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "model": cfg.model,
             "model_kwargs": {**effective_model_kwargs(cfg), "in_dim": dim, "n_classes": len(cohort.label_map)},
             "features": cfg.features, "label_map": cohort.label_map, "task": cfg.task, **result.checkpoint}
-    with atomic_write(fold_dir / "model.ckpt") as tmp:
-        torch.save(ckpt, tmp)
+    save_torch(ckpt, fold_dir / "model.ckpt")
     with atomic_write(fold_dir / "predictions.csv") as tmp:
         predictions.to_csv(tmp, index=False)
     write_json_atomic(fold_dir / "metrics.json", result.metrics)  # last: marks the fold done

@@ -43,12 +43,11 @@ def atomic_checkpoint_io():
     """A :class:`lightning.pytorch.plugins.io.TorchCheckpointIO` whose files appear complete or not at all."""
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from zoomfeat.store import atomic_write
+    from zoomfeat.store import save_torch
 
     class AtomicCheckpointIO(TorchCheckpointIO):
         def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-            with atomic_write(path) as tmp:
-                super().save_checkpoint(checkpoint, tmp, storage_options)
+            save_torch(checkpoint, path)  # what TorchCheckpointIO saves, through the one torch writer
 
     return AtomicCheckpointIO()
 

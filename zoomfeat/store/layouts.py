@@ -152,10 +152,9 @@ def _tensor_to_numpy(value, where: Path) -> np.ndarray:
 def _save_torch(path: Path, features: np.ndarray) -> None:
     import torch
 
-    from zoomfeat.store import atomic_write
+    from zoomfeat.store import save_torch
 
-    with atomic_write(path) as tmp:
-        torch.save(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)), tmp)
+    save_torch(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)), path)
 
 
 def _write_h5(path: Path, datasets: dict[str, np.ndarray], attrs: dict[str, dict]) -> None:

@@ -24,8 +24,8 @@ import numpy as np
 from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.mags import PATCH_SIZE, MagDict, Magnification, mag_name, parse_mag
 from zoomfeat.slides import SlideInfo
-from zoomfeat.store.files import (HDF5_OVERHEAD, check_free_space, commit_file, fingerprint, same_file, temp_path,
-                                  write_failure, writing)
+from zoomfeat.store.files import (HDF5_OVERHEAD, check_free_space, commit_file, discard, fingerprint, same_file,
+                                  temp_path, write_failure, writing)
 from zoomfeat.tiling import TileGrid
 
 FORMAT = "zoomfeat"
@@ -89,7 +89,7 @@ class TileStoreWriter:
         try:
             self._file = h5py.File(self.tmp, "w")
         except OSError as exc:
-            self.tmp.unlink(missing_ok=True)
+            discard(self.tmp)
             raise write_failure(exc, self.path) from exc
         try:
             with writing(self.path):
@@ -198,7 +198,7 @@ class TileStoreWriter:
                 self._file.close()
         except (OSError, RuntimeError):
             pass  # a full disk can make the close fail: the file is deleted anyway
-        self.tmp.unlink(missing_ok=True)
+        discard(self.tmp)
 
     def __enter__(self) -> TileStoreWriter:
         return self

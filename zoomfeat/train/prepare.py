@@ -174,11 +174,9 @@ def first_stage_digest(model) -> str:
 def _save_first_stage(model, out: Path) -> str:
     import torch
 
-    from zoomfeat.store import atomic_write
+    from zoomfeat.store import save_torch
 
-    state = {k: v.detach().cpu() for k, v in model.first_stage_model.state_dict().items()}
-    with atomic_write(out / FIRST_STAGE_NAME) as tmp:
-        torch.save(state, tmp)
+    save_torch({k: v.detach().cpu() for k, v in model.first_stage_model.state_dict().items()}, out / FIRST_STAGE_NAME)
     return first_stage_digest(model)
 
 
