@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli_logging(debug="--debug" in argv)
     try:
         args, _path, config = resolve(argv)
+        from zoomfeat.commands.options import check_common
+
+        check_common(args)
     except ZoomfeatError as exc:
         if "--debug" in argv:
             raise
