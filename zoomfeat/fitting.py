@@ -73,6 +73,9 @@ def make_trainer(*, options: dict[str, str] | None = None, **kwargs: Any):
 
 def fit(trainer, *args: Any, **kwargs: Any) -> None:
     """``trainer.fit(*args, **kwargs)``; Ctrl-C raises KeyboardInterrupt (not Lightning's ``sys.exit(1)``)."""
+    if kwargs.get("ckpt_path"):  # a resumed checkpoint is read weights-only first: a pickle that is not is one line
+        load_checkpoint(kwargs["ckpt_path"], "pass a checkpoint this command wrote (--resume), or --resume none",
+                        mmap=True)
     previous = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit(*args, **kwargs)

@@ -90,7 +90,7 @@ def check_list_repeats(text: str, option: str) -> None:
 
 def check_common(args: argparse.Namespace) -> None:
     """The checks every command gets, by option name: seeds within 0..2^63-1, names used in paths safe,
-    comma lists of classes without repeats."""
+    comma lists of classes without repeats, feature sets well formed (a known layout prefix)."""
     for dest, value in vars(args).items():
         if dest.startswith("_") or value is None:
             continue
@@ -101,3 +101,7 @@ def check_common(args: argparse.Namespace) -> None:
             safe_name(value, _option(dest))
         elif dest == "classes" and isinstance(value, str):
             check_list_repeats(value, _option(dest))
+        elif dest == "features" and isinstance(value, str) and "@" in value:  # a feature set (DIR@20x...)
+            from zoomfeat.features import FeatureSpec
+
+            FeatureSpec.parse(value)  # an unknown layout prefix or a malformed set, before any file is read
