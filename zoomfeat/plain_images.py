@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zoomfeat.errors import DataError
+from zoomfeat.errors import DataError, one_line
 
 PLAIN_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _LEVEL_FACTORS = (1, 4, 16, 64)  # an in-memory pyramid is built lazily for the coarse factors
@@ -188,7 +188,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
         except PlainImageError:
             raise
         except (tifffile.TiffFileError, ValueError, OSError, KeyError, IndexError) as exc:
-            raise PlainImageError(f"{path}: not a readable TIFF ({' '.join(str(exc).split())[:100]}): "
+            raise PlainImageError(f"{path}: not a readable TIFF ({one_line(exc, 100)}): "
                                   "pass a PNG, JPEG or TIFF file") from exc
     from PIL import Image, UnidentifiedImageError
 
@@ -199,7 +199,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
     except PlainImageError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise PlainImageError(f"{path}: not a readable image ({' '.join(str(exc).split())[:100]}): "
+        raise PlainImageError(f"{path}: not a readable image ({one_line(exc, 100)}): "
                               "pass a PNG, JPEG or TIFF file") from exc
 
 
@@ -222,7 +222,7 @@ class PlainImage:
             except PlainImageError:
                 raise
             except (tifffile.TiffFileError, ValueError, OSError, KeyError, IndexError) as exc:
-                raise PlainImageError(f"not a readable TIFF ({' '.join(str(exc).split())[:100]})") from exc
+                raise PlainImageError(f"not a readable TIFF ({one_line(exc, 100)})") from exc
             if np.asarray(self._pixels[:1, :1]).dtype not in (np.uint8, np.uint16, np.bool_):
                 # float or 32-bit samples: their range is checked on the whole image now, not per read
                 self._pixels = pixels_to_rgb(np.asarray(self._pixels), str(self.path), photo, colormap)
