@@ -12,6 +12,9 @@ import argparse
 import importlib
 import sys
 
+from zoomfeat.commands.options import check_common
+from zoomfeat.store.files import os_write_error
+
 from zoomfeat import __version__
 from zoomfeat.config import (add_config_options, apply_config_defaults, config_actions, parse_set_items,
                              read_config_file, resolved_config, save_resolved_config)
@@ -158,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli_logging(debug="--debug" in argv)
     try:
         args, _path, config = resolve(argv)
-        from zoomfeat.commands.options import check_common
-
         check_common(args)
     except ZoomfeatError as exc:
         if "--debug" in argv:
@@ -179,8 +180,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(exc, None)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a write that failed outside the store's writers (full disk, read-only, no access)
-        from zoomfeat.store.files import os_write_error
-
         error = os_write_error(exc)
         if error is None or args.debug:
             raise

@@ -37,7 +37,7 @@ from splits.io import PARTS, SplitFold, read_splits_dir
 from splits.labels import read_labels
 from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
 from zoomfeat.serial import to_jsonable
-from zoomfeat.store import write_json_atomic
+from zoomfeat.store import save_torch, write_json_atomic
 
 CHECKPOINT_FORMAT = "zoomfeat-mil"
 CHECKPOINT_VERSION = 1
@@ -141,7 +141,7 @@ def _class_columns(frame: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 
 
 def _write_fold(fold_dir: Path, result, cfg: MILConfig, cohort: LabelledCohort, dim: int) -> None:
-    from zoomfeat.store import atomic_write, save_torch
+    from zoomfeat.store import atomic_write
 
     classes = [n for n, _ in sorted(cohort.label_map.items(), key=lambda kv: kv[1])]
     predictions = _class_columns(result.predictions, classes)

@@ -13,6 +13,7 @@ from html import escape
 from pathlib import Path
 
 from mil import html
+from zoomfeat.plain_images import read_rgb
 from zoomfeat.store import atomic_write
 
 INDEX_NAME = "index.html"
@@ -359,7 +360,6 @@ def _write_contact_sheets(out: Path) -> None:
     from PIL import Image
 
     from zoomfeat.generate.images import contact_sheet, save_png
-    from zoomfeat.plain_images import read_rgb
 
     g = out / "generation"
     for mag in ("20x", "5x"):

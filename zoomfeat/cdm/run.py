@@ -26,6 +26,7 @@ from zoomfeat.store.contexts import ContextSet
 from zoomfeat.cdm.dit import DiTConfig
 from zoomfeat.serial import to_jsonable
 from zoomfeat.errors import ConfigError
+from zoomfeat.mags import MAGNIFICATIONS, mag_name
 
 CONFIG_NAME = "train_cdm_config.json"
 RECORD_SECTION = "cdm"  # the run record's section in CONFIG_NAME (data, model, optim, dit, data_settings)
@@ -89,9 +90,7 @@ def train_cdm(cfg: TrainCDMConfig) -> Path:
     store = ContextSet(cfg.data.path)
     dit = dit_config(cfg, store)
     resume = resolve_resume(cfg.trainer.resume, out)
-    from zoomfeat.mags import MAGNIFICATIONS
-
-    seen = [MAGNIFICATIONS[i].name for i in sorted({int(i) for i in store.mags})]
+    seen = [mag_name(MAGNIFICATIONS[i]) for i in sorted({int(i) for i in store.mags})]
     check_out(out, cfg, run_record(cfg, store, dit), store.cond_labels, resume, mags_seen=seen)
     torch.manual_seed(cfg.data.seed)  # the DiT's random init
     module = CDMLightning(CDM(dit, cfg.optim.ema_decay), cfg.optim, seed=cfg.data.seed)

@@ -19,6 +19,7 @@ import torch
 from zoomfeat.cdm.dit import DiT, DiTConfig
 from zoomfeat.errors import CheckpointError, ConfigError
 from zoomfeat.mags import Magnification, parse_mag
+from zoomfeat.resolve import file_sha256
 
 DEFAULT_STEPS = 200
 
@@ -71,8 +72,6 @@ def _run_folder_provenance(folder: Path) -> tuple[str | None, list[str] | None]:
 def check_cdm_fits(cdm: LoadedCDM, zoomldm_weights: str | Path | None, mag: Magnification) -> None:
     """ConfigError when the CDM was trained on the contexts of another ZoomLDM (by weights sha256) or never saw
     ``mag``; what a CDM checkpoint file does not record is not checked."""
-    from zoomfeat.resolve import file_sha256
-
     if cdm.zoomldm_sha256 and zoomldm_weights is not None and Path(zoomldm_weights).is_file():
         if file_sha256(zoomldm_weights) != cdm.zoomldm_sha256:
             raise ConfigError(f"the CDM {cdm.weights} was trained on the contexts of another ZoomLDM (weights sha256 "
@@ -90,8 +89,6 @@ def load_cdm(source: str | Path, device: str | torch.device = "cpu", use_ema: bo
     ``num_heads`` for non-official sizes) or a flat DiT state_dict."""
     from zoomfeat.cdm.dit import infer_config, read_dit_checkpoint
     from zoomfeat.model.checkpoint import load_strict
-    from zoomfeat.resolve import file_sha256
-
     source = Path(source)
     if source.is_dir():
         cfg, weights, labels = _run_folder_config(source)

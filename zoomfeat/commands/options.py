@@ -1,11 +1,17 @@
 """Argument groups shared by the slide commands (``tile``, ``extract``, ``prepare-train``, ``info``): one
-spelling, unit and default for the tissue flags, the scale overrides and sharding. Standard library only
-(command modules are imported for ``--help``); the values become typed objects in the library.
+spelling, unit and default for the tissue flags, the scale overrides and sharding (light imports only: command
+modules are imported for ``--help``); the values become typed objects in the library. :func:`check_common` holds
+the checks every command's options get before it runs (cli.main calls it): seeds, names used in paths, class
+lists, feature sets.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+
+from zoomfeat.errors import ConfigError
+from zoomfeat.features import FeatureSpec
 
 from zoomfeat.tissue import TissueParams
 
@@ -51,7 +57,7 @@ def add_shard_option(group) -> None:
 # ---- checks every command's parsed options get (cli.main runs them before the command) ----
 SEED_MAX = 2**63 - 1  # numpy, torch and HDF5 attributes all hold a seed in a signed 64-bit integer
 PATH_NAME_OPTIONS = ("encoder_name",)  # options whose value becomes a file or folder name
-_SAFE_NAME = __import__("re").compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 
 def _option(dest: str) -> str:
@@ -59,8 +65,6 @@ def _option(dest: str) -> str:
 
 
 def check_seed(value, option: str) -> None:
-    from zoomfeat.errors import ConfigError
-
     if isinstance(value, bool) or not isinstance(value, int):
         return
     if not 0 <= value <= SEED_MAX:
@@ -70,8 +74,6 @@ def check_seed(value, option: str) -> None:
 def safe_name(value: str, option: str) -> str:
     """``value`` when it is usable as one file or folder name (letters, digits, ``._+-``; no separator, no
     ``..``, not hidden); a ConfigError naming the option otherwise."""
-    from zoomfeat.errors import ConfigError
-
     if not _SAFE_NAME.fullmatch(value) or ".." in value:
         raise ConfigError(f"bad {option} {value!r}: it names a file or folder, so use letters, digits and ._+- "
                           "only (no path separators, no '..', not starting with '.')")
@@ -79,8 +81,6 @@ def safe_name(value: str, option: str) -> str:
 
 
 def check_list_repeats(text: str, option: str) -> None:
-    from zoomfeat.errors import ConfigError
-
     items = [item.strip() for item in text.split(",")]
     repeated = sorted({item for item in items if items.count(item) > 1})
     if repeated:
@@ -102,6 +102,4 @@ def check_common(args: argparse.Namespace) -> None:
         elif dest == "classes" and isinstance(value, str):
             check_list_repeats(value, _option(dest))
         elif dest == "features" and isinstance(value, str) and "@" in value:  # a feature set (DIR@20x...)
-            from zoomfeat.features import FeatureSpec
-
             FeatureSpec.parse(value)  # an unknown layout prefix or a malformed set, before any file is read

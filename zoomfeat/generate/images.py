@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.errors import DataError
+from zoomfeat.plain_images import read_rgb
 from zoomfeat.store import atomic_write
 
 PNG_MAX_SIDE = 4096  # larger images are written as pyramidal TIFF
@@ -37,8 +38,6 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
 
 def read_png(path: str | Path) -> np.ndarray:
     """uint8 [H, W, 3] of a PNG written by :func:`save_png` (read by :func:`zoomfeat.plain_images.read_rgb`)."""
-    from zoomfeat.plain_images import read_rgb
-
     return read_rgb(path)
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.errors import ConfigError, DataError, one_line
-from zoomfeat.store import FeatureFile, atomic_write
+from zoomfeat.store import FeatureFile, atomic_write, save_torch
 
 MPP_20X = 0.5  # um/px of a 20x scan, the convention behind "10 / mpp" magnifications
 
@@ -152,8 +152,6 @@ def _tensor_to_numpy(value, where: Path) -> np.ndarray:
 
 def _save_torch(path: Path, features: np.ndarray) -> None:
     import torch
-
-    from zoomfeat.store import save_torch
 
     save_torch(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)), path)
 

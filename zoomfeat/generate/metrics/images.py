@@ -12,6 +12,7 @@ import numpy as np
 
 from zoomfeat.errors import DataError
 from zoomfeat.log import warn
+from zoomfeat.plain_images import read_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -30,8 +31,6 @@ def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
 def read_image(path: str | Path) -> np.ndarray:
     """uint8 RGB [H, W, 3] of a PNG/JPEG/TIFF file through the one image reader
     (:func:`zoomfeat.plain_images.read_rgb`: every mode at its true range, or one line naming the mode)."""
-    from zoomfeat.plain_images import read_rgb
-
     return read_rgb(path)
 
 
