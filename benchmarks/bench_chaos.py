@@ -67,13 +67,15 @@ def _tiny_zoomldm(work: Path) -> Path:
     return path
 
 
-def setup(name: str, work: Path) -> dict:
-    """Inputs of a workload (made once) and its command: {"argv": [...], "procs": k, "run": folder}."""
+def setup(name: str, work: Path, small: bool = False) -> dict:
+    """Inputs of a workload (made once) and its command: {"argv": [...], "procs": k, "run": folder}; ``small``:
+    the test suite's version (2 slides of 1024 px, 1 epoch)."""
     run = work / name / "run"
     if name == "extract":
         cohort = work / "cohort"
         if not (cohort / "labels.csv").is_file():
-            _run(_cli("synth", "--out", cohort, "--n", 3, "--size", 2048, "--seed", 3))
+            _run(_cli("synth", "--out", cohort, "--n", 2 if small else 3, "--size", 1024 if small else 2048,
+                      "--seed", 3))
         argv = _cli("extract", cohort, "--out", run, "--encoder", "toy", "--mags", "20x,5x", "--device", "cpu",
                     "--workers", 0, "--batch-size", 16)
         return {"argv": argv, "procs": 2, "run": run}
@@ -85,7 +87,7 @@ def setup(name: str, work: Path) -> dict:
                   "folds=3)"])
         argv = _cli("train-mil", "--features", f"{data / 'feats'}@20x", "--labels", data / "labels.csv", "--splits",
                     data / "splits", "--out", run, "--model", "mean", "--model-kwargs", '{"hidden": 4}',
-                    "--epochs", 3, "--lr", "1e-2", "--seed", 1)
+                    "--epochs", 1 if small else 3, "--lr", "1e-2", "--seed", 1)
         return {"argv": argv, "procs": 1, "run": run}
     if name == "train-cdm":
         weights = _tiny_zoomldm(work)
@@ -174,10 +176,10 @@ def cycle(spec: dict, ref: dict[str, str], seconds: float, rng: random.Random) -
     return True, f"kill at {at:.1f}s ({killed} killed): identical ({len(got)} files)"
 
 
-def chaos(workloads, cycles: int, seed: int, work: Path, verbose: bool = True) -> dict[str, dict]:
+def chaos(workloads, cycles: int, seed: int, work: Path, verbose: bool = True, small: bool = False) -> dict[str, dict]:
     results = {}
     for name in workloads:
-        spec = setup(name, work)
+        spec = setup(name, work, small)
         ref, seconds = reference(spec)
         rng = random.Random(f"{seed}-{name}")
         passed, notes = 0, []

@@ -152,7 +152,7 @@ def test_sample_with_a_cdm_of_another_zoomldm_or_an_unseen_mag(cdm_run, zoomldm_
     seen = record["mags_seen"]
     assert seen and json.loads(record["cdm"]["data_settings"])["zoomldm_weights_sha256"]
     unseen = next(m for m in ("20x", "10x", "5x", "2.5x", "1.25x") if m not in seen)
-    base = ["sample", "--zoomldm", "tiny", "--cdm", str(cdm_run), "--n", "1", "--steps", "1", "--cdm-steps", "1",
+    base = ["sample", "--zoomldm", "tiny", "--cdm", str(cdm_run), "--n", "1", "--steps", "1", "--cdm-steps", "2",
             "--device", "cpu"]
     torch.manual_seed(99)
     other = tmp_path / "other.ckpt"

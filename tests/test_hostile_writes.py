@@ -19,6 +19,7 @@ from conftest import require_shared
 from hostile import one_error, snapshot
 from mil_data import planted_cohort
 from test_cdm_pipeline import RUNTIME, TINY_DIT, cohort, contexts, trainset, zoomldm_weights  # noqa: F401
+from test_synthesize import _synthesize, extracted, tiny  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,6 +42,7 @@ def full_disk(monkeypatch):
     """Every temporary file of the store is a link to /dev/full: each write fails with the kernel's ENOSPC."""
     import zoomfeat.store.files as files
     import zoomfeat.store.tiles as tiles
+    from zoomfeat.store import output_error
     import zoomfeat.store.trainset as trainset_module
 
     real = files.temp_path
@@ -179,3 +181,43 @@ def test_a_new_folder_under_a_read_only_mount_is_one_line(command, mil, tmp_path
     line = one_error(argv, capsys)
     assert str(ro) in line and "Read-only file system" in line, line
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_synthesize_resumes_after_a_full_disk(extracted, tiny, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """A disk that fills after the first copy: one line, exit 2; the rerun (space freed) keeps the finished copy,
+    writes the rest, and every copy equals an uninterrupted run's."""
+    import h5py
+
+    import zoomfeat.store.tiles as tiles
+    from zoomfeat.store import output_error
+
+    assert _synthesize(extracted, tiny, tmp_path / "ref", "--copies", "2") == 0
+    real, calls = tiles.check_free_space, []
+
+    def fills_up(path, needed):
+        calls.append(path)
+        if len(calls) > 1:
+            raise output_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path)
+        return real(path, needed)
+
+    monkeypatch.setattr(tiles, "check_free_space", fills_up)
+    capsys.readouterr()
+    assert _synthesize(extracted, tiny, tmp_path / "out", "--copies", "2") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left" in errors[0], errors
+    done = sorted(p.name for p in (tmp_path / "out").glob("*.h5"))
+    assert len(done) == 1
+    _no_temp_files(tmp_path / "out")
+    monkeypatch.setattr(tiles, "check_free_space", real)
+    first = (tmp_path / "out" / done[0]).stat().st_mtime_ns
+    assert _synthesize(extracted, tiny, tmp_path / "out", "--copies", "2") == 0
+    assert (tmp_path / "out" / done[0]).stat().st_mtime_ns == first  # the finished copy is kept, not redone
+    names = sorted(p.name for p in (tmp_path / "ref").glob("*.h5"))
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.h5")) == names
+    for name in names:
+        with h5py.File(tmp_path / "ref" / name) as a, h5py.File(tmp_path / "out" / name) as b:
+            keys = []
+            a.visititems(lambda k, o: keys.append(k) if isinstance(o, h5py.Dataset) else None)
+            for key in keys:
+                assert np.array_equal(a[key][()], b[key][()]), (name, key)
