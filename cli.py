@@ -28,7 +28,8 @@ COMMANDS: dict[str, str] = {
     "verify": "verify",
     "extract": "extract",
     "export": "export",
-    "synthesize": "synthesize",
+    "feature-copies": "feature_copies",
+    "fit-first-stage": "fit_first_stage",
     "prepare-train": "prepare_train",
     "train": "train",
     "prepare-cdm": "prepare_cdm",
@@ -94,7 +95,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sp.set_defaults(_run=module.run)
         for _path, leaf in _leaf_parsers(sp, (name,)):
             leaf.formatter_class = _HelpFormatter
-            if getattr(module, "CONFIG_SYSTEM", True) and "--config" not in leaf._option_string_actions:  # `train` has its own sectioned config
+            if getattr(module, "CONFIG_SYSTEM", True):  # `config show` passes its options on
                 add_config_options(leaf)
                 leaf.set_defaults(_config_system=True)
     return parser

@@ -110,8 +110,8 @@ def _augmentation(cfg: MILConfig, spec: FeatureSpec, all_folds: list[SplitFold],
             raise DataError(f"--augment {cfg.augment}: no synthetic copy of a slide of this run")
         scan = scan_bags(aug_spec, candidates)
         if scan.dim != dim:
-            raise DataError(f"--augment {cfg.augment}: {scan.dim}-d bags, but {spec} gives {dim}-d: synthesize "
-                            "from the same feature set")
+            raise DataError(f"--augment {cfg.augment}: {scan.dim}-d bags, but {spec} gives {dim}-d: make the "
+                            "copies from the same feature set")
         available = scan.usable
     every = {f.index: _fold_data(f, usable, cohort) for f in all_folds}
     return plan_cohort(every, case_of, label_of, fraction=float(cfg.train_fraction), seed=cfg.seed,

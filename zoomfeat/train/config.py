@@ -1,8 +1,9 @@
 """Typed, frozen configs of ``zoomfeat prepare-train`` and ``zoomfeat train``.
 
-``TrainConfig`` is one YAML file with a section per stage (``data``, ``model``, ``optim``, ``trainer``,
-``validation``; see ``zoomfeat/train/example_train.yaml``), overridden by CLI flags given as dotted keys
-(``{"optim.lr": 1e-4}``), validated before any work starts and saved with the run (``OUT/train_config.json``).
+``TrainConfig`` has a section per stage (``data``, ``model``, ``optim``, ``trainer``, ``validation``), built from
+dotted keys (``{"optim.lr": 1e-4}``), validated before any work starts and saved with the run
+(``OUT/train_config.json``). ``zoomfeat train`` has one option per key: a sectioned YAML file
+(``zoomfeat/train/example_train.yaml``) is read by the generic ``--config``/``--set`` loader.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from zoomfeat.encoders.specs import parse_conditioner
-from zoomfeat.errors import ConfigError, one_line
+from zoomfeat.errors import ConfigError
 from zoomfeat.mags import Magnification, parse_mags
 from zoomfeat.slides import check_scale_overrides
 from zoomfeat.tissue import TissueParams
@@ -233,46 +234,14 @@ def _section(name: str, values: Mapping[str, Any] | None) -> Any:
     return cls(**kwargs)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    if not path.is_file():
-        raise ConfigError(f"training config {path} not found: pass --config train.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {one_line(e)}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping with sections {', '.join(_SECTION_TYPES)}")
-    return data
-
-
-def load_train_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-    """Read ``path`` (optional), apply ``overrides`` (``{"section.key": value}``, ``None`` = null)."""
+def load_train_config(values: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The validated config of dotted ``values`` (``{"optim.lr": 1e-4, "model.init_from": None}``; a missing key
+    keeps its default). The command line reaches it through ``zoomfeat train``'s options, one per key, which the
+    generic ``--config``/``--set`` loader (:mod:`zoomfeat.config`) fills from a sectioned YAML file."""
     raw: dict[str, dict[str, Any]] = {}
-    if path is not None:
-        for name, values in _read_yaml(Path(path)).items():
-            if name not in _SECTION_TYPES:
-                raise ConfigError(f"unknown section {name!r} in {path}: use {', '.join(_SECTION_TYPES)}")
-            if values is not None and not isinstance(values, dict):
-                raise ConfigError(f"section {name!r} in {path} must be a mapping")
-            raw[name] = dict(values or {})
-    for key, value in (overrides or {}).items():
+    for key, value in (values or {}).items():
         section, _, name = key.partition(".")
         if section not in _SECTION_TYPES or not name:
-            raise ConfigError(f"bad override {key!r}: use section.key with a section of {', '.join(_SECTION_TYPES)}")
+            raise ConfigError(f"bad key {key!r}: use section.key with a section of {', '.join(_SECTION_TYPES)}")
         raw.setdefault(section, {})[name] = value
     return TrainConfig(**{name: _section(name, raw.get(name)) for name in _SECTION_TYPES})
-
-
-def parse_set_options(items: list[str] | None) -> dict[str, str | None]:
-    """``["optim.lr=1e-4", "model.init_from=null"]`` (``--set``) -> ``{"optim.lr": "1e-4", "model.init_from": None}``."""
-    out: dict[str, str | None] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: use section.key=value")
-        value = value.strip()
-        out[key.strip()] = None if value.lower() in ("null", "none") else value
-    return out
-

@@ -208,5 +208,5 @@ def prepare_training_set(cfg: PrepareConfig) -> PrepareReport:
     counts, n_shards = write_index(out, settings=settings, conditioner=cfg.conditioner,
                                    zoomldm_config=str(resolve_zoomldm_config(cfg.zoomldm)),
                                    grid_pool_to=cfg.grid_pool_to, first_stage=digest)
-    print("patches per magnification: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print("patches per magnification: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
     return PrepareReport(out=out, counts=counts, n_shards=n_shards, exit_code=int(batch.exit_code))

@@ -1,4 +1,4 @@
-"""``zoomfeat synthesize``: synthetic copies of slides' tile sets (features of ZoomLDM-generated tiles)."""
+"""``zoomfeat feature-copies``: synthetic copies of slides' tile sets (features of ZoomLDM-generated tiles)."""
 
 from __future__ import annotations
 
@@ -49,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from zoomfeat.resolve import resolve_zoomldm
-    from zoomfeat.synthesize import SynthesizeConfig, synthesize
+    from zoomfeat.feature_copies import FeatureCopiesConfig, make_feature_copies
 
-    cfg = SynthesizeConfig(
+    cfg = FeatureCopiesConfig(
         features_dir=Path(args.features), conditioning_dir=Path(args.conditioning), out_dir=Path(args.out),
         zoomldm=resolve_zoomldm(args.zoomldm, args.weights), mags=args.mags, copies=args.copies,
         fraction=args.fraction, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
@@ -59,4 +59,4 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, device=args.device, precision=args.precision, shard=args.shard,
         slides=tuple(Path(s).stem if "." in Path(s).name else s for s in args.slides),
     )
-    return synthesize(cfg)
+    return make_feature_copies(cfg)
