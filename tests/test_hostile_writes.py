@@ -19,7 +19,7 @@ from conftest import require_shared
 from hostile import one_error, snapshot
 from mil_data import planted_cohort
 from test_cdm_pipeline import RUNTIME, TINY_DIT, cohort, contexts, trainset, zoomldm_weights  # noqa: F401
-from test_synthesize import _synthesize, extracted, tiny  # noqa: F401
+from test_feature_copies import _feature_copies, extracted, tiny  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -184,7 +184,7 @@ def test_a_new_folder_under_a_read_only_mount_is_one_line(command, mil, tmp_path
 
 
 @pytest.mark.slow
-def test_synthesize_resumes_after_a_full_disk(extracted, tiny, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_feature_copies_resumes_after_a_full_disk(extracted, tiny, tmp_path, capsys, monkeypatch):  # noqa: F811
     """A disk that fills after the first copy: one line, exit 2; the rerun (space freed) keeps the finished copy,
     writes the rest, and every copy equals an uninterrupted run's."""
     import h5py
@@ -192,7 +192,7 @@ def test_synthesize_resumes_after_a_full_disk(extracted, tiny, tmp_path, capsys,
     import zoomfeat.store.tiles as tiles
     from zoomfeat.store import output_error
 
-    assert _synthesize(extracted, tiny, tmp_path / "ref", "--copies", "2") == 0
+    assert _feature_copies(extracted, tiny, tmp_path / "ref", "--copies", "2") == 0
     real, calls = tiles.check_free_space, []
 
     def fills_up(path, needed):
@@ -203,7 +203,7 @@ def test_synthesize_resumes_after_a_full_disk(extracted, tiny, tmp_path, capsys,
 
     monkeypatch.setattr(tiles, "check_free_space", fills_up)
     capsys.readouterr()
-    assert _synthesize(extracted, tiny, tmp_path / "out", "--copies", "2") == 2
+    assert _feature_copies(extracted, tiny, tmp_path / "out", "--copies", "2") == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "No space left" in errors[0], errors
     done = sorted(p.name for p in (tmp_path / "out").glob("*.h5"))
@@ -211,7 +211,7 @@ def test_synthesize_resumes_after_a_full_disk(extracted, tiny, tmp_path, capsys,
     _no_temp_files(tmp_path / "out")
     monkeypatch.setattr(tiles, "check_free_space", real)
     first = (tmp_path / "out" / done[0]).stat().st_mtime_ns
-    assert _synthesize(extracted, tiny, tmp_path / "out", "--copies", "2") == 0
+    assert _feature_copies(extracted, tiny, tmp_path / "out", "--copies", "2") == 0
     assert (tmp_path / "out" / done[0]).stat().st_mtime_ns == first  # the finished copy is kept, not redone
     names = sorted(p.name for p in (tmp_path / "ref").glob("*.h5"))
     assert sorted(p.name for p in (tmp_path / "out").glob("*.h5")) == names
