@@ -12,6 +12,9 @@ import argparse
 import importlib
 import sys
 
+from zoomfeat.commands.options import check_common
+from zoomfeat.store.files import os_write_error
+
 from zoomfeat import __version__
 from zoomfeat.config import (add_config_options, apply_config_defaults, config_actions, parse_set_items,
                              read_config_file, resolved_config, save_resolved_config)
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli_logging(debug="--debug" in argv)
     try:
         args, _path, config = resolve(argv)
+        check_common(args)
     except ZoomfeatError as exc:
         if "--debug" in argv:
             raise
@@ -176,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {one_line(exc, None)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a write that failed outside the store's writers (full disk, read-only, no access)
+        error = os_write_error(exc)
+        if error is None or args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

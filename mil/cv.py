@@ -37,7 +37,7 @@ from splits.io import PARTS, SplitFold, read_splits_dir
 from splits.labels import read_labels
 from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
 from zoomfeat.serial import to_jsonable
-from zoomfeat.store import write_json_atomic
+from zoomfeat.store import save_torch, write_json_atomic
 from zoomfeat.torch_files import load_torch_file
 
 CHECKPOINT_FORMAT = "zoomfeat-mil"
@@ -151,8 +151,7 @@ def _write_fold(fold_dir: Path, result, cfg: MILConfig, cohort: LabelledCohort, 
     ckpt = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "model": cfg.model,
             "model_kwargs": {**effective_model_kwargs(cfg), "in_dim": dim, "n_classes": len(cohort.label_map)},
             "features": cfg.features, "label_map": cohort.label_map, "task": cfg.task, **result.checkpoint}
-    with atomic_write(fold_dir / "model.ckpt") as tmp:
-        torch.save(ckpt, tmp)
+    save_torch(ckpt, fold_dir / "model.ckpt")
     with atomic_write(fold_dir / "predictions.csv") as tmp:
         predictions.to_csv(tmp, index=False)
     write_json_atomic(fold_dir / "metrics.json", result.metrics)  # last: marks the fold done

@@ -34,12 +34,11 @@ def atomic_checkpoint_io():
     """A :class:`lightning.pytorch.plugins.io.TorchCheckpointIO` whose files appear complete or not at all."""
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from zoomfeat.store import atomic_write
+    from zoomfeat.store import save_torch
 
     class AtomicCheckpointIO(TorchCheckpointIO):
         def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-            with atomic_write(path) as tmp:
-                super().save_checkpoint(checkpoint, tmp, storage_options)
+            save_torch(checkpoint, path)  # what TorchCheckpointIO saves, through the one torch writer
 
     return AtomicCheckpointIO()
 
@@ -92,6 +91,9 @@ def _step_progress_bar():
 
 def fit(trainer, *args: Any, **kwargs: Any) -> None:
     """``trainer.fit(*args, **kwargs)``; Ctrl-C raises KeyboardInterrupt (not Lightning's ``sys.exit(1)``)."""
+    if kwargs.get("ckpt_path"):  # a resumed checkpoint is read weights-only first: a pickle that is not is one line
+        load_checkpoint(kwargs["ckpt_path"], "pass a checkpoint this command wrote (--resume), or --resume none",
+                        mmap=True)
     previous = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit(*args, **kwargs)

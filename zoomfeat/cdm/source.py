@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from zoomfeat import hub
-from zoomfeat.cdm.sample import DEFAULT_STEPS, load_cdm, sample_contexts
+from zoomfeat.cdm.sample import DEFAULT_STEPS, check_cdm_fits, load_cdm, sample_contexts
 from zoomfeat.errors import ConfigError
 from zoomfeat.generate.conditions import Conditions, register_context_source
 from zoomfeat.mags import parse_mag
@@ -33,6 +33,7 @@ def _options(extra: dict) -> dict:
 
 def _draw(model, mag, n: int, opts: dict, device, batch_size: int) -> Conditions:
     cdm = load_cdm(Path(opts["cdm"]), device=device)
+    check_cdm_fits(cdm, getattr(model, "weights_path", None), mag)
     width = int(model.context_dim)
     if cdm.context_shape[1] != width:
         raise ConfigError(f"the CDM {cdm.weights} draws {cdm.context_shape[1]}-wide contexts but this ZoomLDM takes "

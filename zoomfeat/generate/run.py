@@ -115,8 +115,9 @@ class LargeConfig:
             raise ConfigError(f"bad --steps {self.steps}: use 1..{self.t_start} (the stride is t_start // steps)")
         if self.window_stride is not None and self.window_stride < 1:
             raise ConfigError(f"bad --window-stride {self.window_stride}: use 1 or more latent px")
-        if self.refine_t0 < 0 or self.refine_stride < 1:
-            raise ConfigError("bad --refine-t0/--refine-stride: t0 >= 0 (0 = no refinement), stride >= 1")
+        if not 0 <= self.refine_t0 <= timesteps or self.refine_stride < 1:
+            raise ConfigError(f"bad --refine-t0 {self.refine_t0}/--refine-stride {self.refine_stride}: "
+                              f"t0 in 0..{timesteps} (0 = no refinement), stride >= 1")
         if self.seed < 0:
             raise ConfigError(f"bad --seed {self.seed}: use a seed >= 0")
         self.joint_settings()  # validates h, lr, inner iterations

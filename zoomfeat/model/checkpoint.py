@@ -67,9 +67,6 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     """Write a flat state_dict atomically (temp file in the same folder, fsync, rename)."""
-    from zoomfeat.store import atomic_write
+    from zoomfeat.store import save_torch
 
-    path = Path(path)
-    with atomic_write(path) as tmp:
-        torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
-    return path
+    return save_torch({k: v.detach().cpu().contiguous() for k, v in state.items()}, Path(path))

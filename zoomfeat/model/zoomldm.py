@@ -225,6 +225,7 @@ def load_zoomldm(config, weights=None, use_ema: bool = True, device: str | torch
     path = _weights_path(config, weights)
     if path is not None:
         load_strict(model, read_state_dict(path, unsafe=unsafe), str(path))
+    model.weights_path = path  # what it was loaded from (artifacts made with it check their provenance by hash)
     if use_ema:
         if not hasattr(model, "model_ema"):
             raise CheckpointError("use_ema=True but the config has no EMA (model.params.use_ema false): pass use_ema=False")

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.errors import ConfigError, DataError, one_line
-from zoomfeat.store import FeatureFile, atomic_write
+from zoomfeat.store import FeatureFile, atomic_write, save_torch
 from zoomfeat.torch_files import load_torch_file
 
 MPP_20X = 0.5  # um/px of a 20x scan, the convention behind "10 / mpp" magnifications
@@ -145,8 +145,7 @@ def _tensor_to_numpy(value, where: Path) -> np.ndarray:
 def _save_torch(path: Path, features: np.ndarray) -> None:
     import torch
 
-    with atomic_write(path) as tmp:
-        torch.save(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)), tmp)
+    save_torch(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)), path)
 
 
 def _write_h5(path: Path, datasets: dict[str, np.ndarray], attrs: dict[str, dict]) -> None:

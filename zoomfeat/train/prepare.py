@@ -26,7 +26,7 @@ from zoomfeat.mags import PATCH_SIZE, MagDict, Magnification, mag_name
 from zoomfeat.resolve import zoomldm_config_path
 from zoomfeat.serial import to_jsonable
 from zoomfeat.slides import Slide, find_slides
-from zoomfeat.store import atomic_write, check_output_folder, slide_tile_grid
+from zoomfeat.store import check_output_folder, save_torch, slide_tile_grid
 from zoomfeat.store.trainset import (FORMAT_VERSION, INDEX_FORMAT, INDEX_NAME, SHARD_FORMAT,  # noqa: F401
                                      ShardWriter, shard_is_current, shard_path, write_index)
 from zoomfeat.train.config import PrepareConfig
@@ -172,11 +172,7 @@ def first_stage_digest(model) -> str:
 
 
 def _save_first_stage(model, out: Path) -> str:
-    import torch
-
-    state = {k: v.detach().cpu() for k, v in model.first_stage_model.state_dict().items()}
-    with atomic_write(out / FIRST_STAGE_NAME) as tmp:
-        torch.save(state, tmp)
+    save_torch({k: v.detach().cpu() for k, v in model.first_stage_model.state_dict().items()}, out / FIRST_STAGE_NAME)
     return first_stage_digest(model)
 
 
