@@ -68,6 +68,9 @@ def add_refine_options(group, default_t0: int = 300, default_stride: int = 50) -
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_group(parser)
     add_conditions_group(parser, patches=False)
+    for action in parser._actions:  # the shared group words --slide for `sample`, which can draw contexts instead
+        if action.dest == "slide":
+            action.help = "the slide whose real 20x embeddings condition the image (required)"
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--method", default="joint", choices=METHODS,
                           help="joint: ZoomLDM §3.2 guide at M + 20x patches kept in agreement (default); grid: "
