@@ -12,9 +12,9 @@
    earlier Newton-Krylov step) on the fitted test model (tests/helpers_generate.py): guided denoiser evaluations,
    CPU seconds, final disagreement with the guide (rms between the decoded guide and the 2x2-block-averaged
    decoded mosaic, as the agreement test measures it) and high-frequency energy (fraction of the grey mosaic's
-   spectral power above half the Nyquist frequency), mean over seeds and two magnifications.
+   spectral power above half the Nyquist frequency), mean over seeds (``--mags``: 10x and 5x guides).
 4. ``decode-stride``: the Gaussian-window decode at strides of 1/4, 1/2 and 1 window (16/32/64 latent px for
-   ZoomLDM's 64-px windows) of one joint latent: the seam statistic (mean absolute neighbour difference across
+   ZoomLDM's 64-px windows) of joint latents at 5x (4x4 patches; je, 20 steps): the seam statistic (mean absolute neighbour difference across
    the 20x patch borders divided by the same mean elsewhere; 1 = no seam) and the decode's CPU seconds, on the
    fitted test model and (time only; random weights) on the golden small model at its real 64-px geometry.
 
@@ -189,7 +189,8 @@ def high_frequency_fraction(image: torch.Tensor) -> float:
     return float(power[(fy.pow(2) + fx.pow(2)).sqrt() > 0.25].sum() / power.sum().clamp_min(1e-30))
 
 
-UPDATE_RUNS = (("je", 50, 1), ("je", 20, 1), ("gmres", 20, 10), ("gmres", 50, 10))
+# (update, steps, K or Krylov size); "none": the same loop and draws with no correction (independent patches)
+UPDATE_RUNS = (("je", 50, 1), ("je", 20, 1), ("gmres", 20, 10), ("gmres", 50, 10), ("none", 50, 1))
 
 
 def bench_updates(args) -> dict:
@@ -198,12 +199,13 @@ def bench_updates(args) -> dict:
     model = fitted_model()
     rows = []
     for update, steps, size in UPDATE_RUNS:
-        for mag in ("10x", "5x"):
+        for mag in args.mags.split(","):
             g = parse_mag(mag).grid_width
             for seed in range(args.seeds):
                 c20, cm = fitted_contexts(model, mag, seed)
-                settings = JointSettings(t_start=1000, stride=1000 // steps, update=update, iterations=size,
-                                         krylov=size, batch_size=args.batch_size)
+                settings = JointSettings(t_start=1000, stride=1000 // steps, update="je" if update == "none" else
+                                         update, iterations=size, krylov=size, batch_size=args.batch_size,
+                                         constrain=update != "none")
                 t0 = time.process_time()
                 res = joint_sample(model, c20, SampledGuide(cm), settings, SeededNoise(seed))
                 cpu = time.process_time() - t0
@@ -216,12 +218,12 @@ def bench_updates(args) -> dict:
     for update, steps, size in UPDATE_RUNS:
         sel = [r for r in rows if (r["update"], r["steps"], r["size"]) == (update, steps, size)]
         mean = lambda k: sum(r[k] for r in sel) / len(sel)  # noqa: E731
-        summary.append({"update": update, "steps": steps, ("K" if update == "je" else "krylov"): size,
-                        "evaluations_10x": next(r["evaluations"] for r in sel if r["mag"] == "10x"),
-                        "evaluations_5x": next(r["evaluations"] for r in sel if r["mag"] == "5x"),
+        summary.append({"update": update, "steps": steps, ("krylov" if update == "gmres" else "K"): size,
+                        **{f"evaluations_{m}": next(r["evaluations"] for r in sel if r["mag"] == m)
+                           for m in args.mags.split(",")},
                         "cpu_s": round(mean("cpu_s"), 2), "disagreement": round(mean("disagreement"), 4),
                         "hf_fraction": round(mean("hf_fraction"), 4)})
-    return {"model": "fitted test model (tests/helpers_generate.py)", "seeds": args.seeds, "mags": ["10x", "5x"],
+    return {"model": "fitted test model (tests/helpers_generate.py)", "seeds": args.seeds, "mags": args.mags,
             "threads": torch.get_num_threads(), "summary": summary, "runs": rows}
 
 
@@ -244,11 +246,11 @@ def bench_decode_stride(args) -> dict:
     model = fitted_model()
     window = int(model.config.diffusion.image_size)
     f = int(model.config.first_stage.downsample_factor)
-    for mag in ("5x", "2.5x"):
+    for mag in ("5x",):
         g = parse_mag(mag).grid_width
         for seed in range(args.seeds):
-            c20, cm = fitted_contexts(model, mag, seed)
-            res = joint_sample(model, c20, SampledGuide(cm), JointSettings(batch_size=args.batch_size),
+            c20, cm = fitted_contexts(model, mag, seed)  # a je latent at the fast 20-step schedule
+            res = joint_sample(model, c20, SampledGuide(cm), JointSettings(stride=50, batch_size=args.batch_size),
                                SeededNoise(seed))
             latent = stitch(res.latents, (g, g))
             for frac in (4, 2, 1):
@@ -290,6 +292,7 @@ def main() -> None:
     p.add_argument("--inner", type=int, default=10, help="gmres: Krylov size (the notebook copy's 10)")
     p.add_argument("--update", default="je", choices=("je", "gmres"), help="time/memory: the joint update")
     p.add_argument("--seeds", type=int, default=3, help="updates/decode-stride: seeds per setting")
+    p.add_argument("--mags", default="10x,5x", help="updates: magnifications of the guide (comma-separated)")
     shared = Path(os.environ.get("ZOOMFEAT_SHARED", "."))
     p.add_argument("--small", default=str(shared / "golden" / "generation" / "zoomldm_small"),
                    help="decode-stride: the golden small model (real 64-px window geometry) for timing")

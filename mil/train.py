@@ -47,7 +47,7 @@ from mil.layers import Linear, fold_generators
 from mil.metrics import auroc_or_none, balanced_accuracy, f1
 from mil.models import build_model
 from mil.optim import FoldOptimizer, clip_per_fold, lr_at
-from zoomfeat.errors import ConfigError, DataError
+from zoomfeat.errors import ConfigError, DataError, one_line
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ class Engine:
                 try:
                     per_fold, grads = self.fused(xs, mask, y, w, low, True)
                 except Exception as exc:  # torch.compile raises backend-specific types
-                    reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                    reason = one_line(exc)
                     raise ConfigError(f"--compile: torch.compile failed ({reason}); it needs a C++ compiler on the "
                                       "CPU (gcc or clang) or Triton on a GPU: install one or drop --compile") from exc
                 self._compiled = True

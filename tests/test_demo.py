@@ -6,8 +6,11 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -18,7 +21,8 @@ from PIL import Image
 from scipy import stats
 
 import cli
-from zoomfeat.demo import FEATURE_SETS, DemoConfig, stages
+from zoomfeat.commands.demo import demo_config
+from zoomfeat.demo import FEATURE_SETS, QUICK, DemoConfig, shown_command, stages
 from zoomfeat.errors import ConfigError
 
 # the headless screenshot of the demo page goes here (git-ignored; CI may point it at its artefact folder)
@@ -164,18 +168,20 @@ def test_tile_signal_gives_label_1_epithelium_a_finer_grain_of_the_same_colour()
 
 
 # ----- the plan ---------------------------------------------------------------------------------------------------
-def test_demo_plan_runs_public_commands_in_order(tmp_path):
-    cfg = DemoConfig(out=tmp_path)
-    (tmp_path / "slides").mkdir()
-    (tmp_path / "slides" / "labels.csv").write_text(
+def test_demo_plan_runs_public_commands_in_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = DemoConfig(out=Path("demo_out"), rerun=("demo", "--quick", "--out", "demo_out"))
+    (tmp_path / "demo_out" / "slides").mkdir(parents=True)
+    (tmp_path / "demo_out" / "slides" / "labels.csv").write_text(
         "case_id,slide_id,label\n" + "".join(f"c{i},s{i},{i % 2}\n" for i in range(10)))
     plan = stages(cfg)
     commands = [s.command()[0] if s.argv is not None and not callable(s.argv) else None for s in plan]
-    assert commands[:2] == ["synth", "tile"]
-    assert plan[2].python_name == "zoomfeat.demo.fit_first_stage" and commands[4] == "train"
-    # the fitted first stage is the one the training set is encoded with and the one training starts from
-    init = str(plan[2].done)
-    prepare, train = plan[3].command(), plan[4].command()
+    assert commands[:2] == ["synth", "tile"] and commands[4] == "train"
+    # the first-stage fit is a public command; its checkpoint encodes the training set and starts the training
+    fit, prepare, train = plan[2].command(), plan[3].command(), plan[4].command()
+    assert fit[0] == "fit-first-stage" and cli.COMMANDS["fit-first-stage"]
+    init = fit[fit.index("--out") + 1]
+    assert init == str(plan[2].done) == "demo_out/zoomldm_init/init.ckpt"
     assert prepare[0] == "prepare-train" and prepare[prepare.index("--weights") + 1] == init
     assert train[train.index("--init-from") + 1] == init
     assert [c for c in commands if c == "train-mil"] == ["train-mil"] * len(FEATURE_SETS)
@@ -191,6 +197,36 @@ def test_demo_plan_runs_public_commands_in_order(tmp_path):
     assert sorted(c[c.index("--mag") + 1] for c in novel) == ["20x", "5x"]
     assert all(c[0] == "sample" and c[c.index("--cdm") + 1] == train_cdm[train_cdm.index("--out") + 1]
                and "--slide" not in c for c in novel)
+    # what is printed: no absolute path (the packaged model config is named `tiny`), and every step that is not
+    # a command of its own is printed as the demo command that reruns just that stage
+    for stage in plan[:5] + [s for s in plan if s.argv is not None and not callable(s.argv)]:
+        assert not any(a.startswith("/") for a in stage.command()), stage.command()
+    python_steps = [(k, s) for k, s in enumerate(plan, 1) if s.python is not None]
+    assert len(python_steps) == 3
+    for k, stage in python_steps:
+        assert shown_command(cfg, stage, k).startswith(f"$ zoomfeat demo --quick --out demo_out --stage {k} ")
+
+
+def test_demo_options_fill_in_the_quick_preset_and_record_the_rerun_command():
+    args = cli.build_parser().parse_args(["demo", "--quick", "--out", "q", "--slides", "14", "--seed", "3"])
+    cfg = demo_config(args)
+    assert (cfg.slides, cfg.seed, cfg.size, cfg.folds, cfg.train_steps) == (14, 3, QUICK["size"], QUICK["folds"],
+                                                                         QUICK["train_steps"])
+    assert cfg.rerun == ("demo", "--quick", "--out", "q", "--slides", "14", "--seed", "3")
+    full = demo_config(cli.build_parser().parse_args(["demo"]))
+    assert (full.slides, full.size, full.folds, full.train_steps, full.rerun) == (48, 3072, 5, 400,
+                                                                                  ("demo", "--out", "demo_out"))
+    # stages out of range are a one-line error, before any work
+    assert cli.main(["demo", "--quick", "--out", "q", "--stage", "99"]) == 2
+
+
+def test_the_page_is_fed_by_the_demo_and_does_not_import_it():
+    import ast
+
+    tree = ast.parse((Path(__file__).parents[1] / "zoomfeat" / "demo_page.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "zoomfeat.demo" not in imported
 
 
 def test_demo_refuses_a_cohort_too_small_for_its_folds():
@@ -204,23 +240,27 @@ def test_demo_refuses_a_cohort_too_small_for_its_folds():
 
 
 @pytest.mark.slow
-def test_fitted_first_stage_keeps_the_tissue_types_apart_and_a_random_one_does_not(tmp_path):
-    """The demo's first-stage fit: latents of stroma and epithelium 20x tiles (types from the cohort's own map)
-    lie apart by more than twice their spread after the fit, and well within it with the random encoder."""
+def test_fitted_first_stage_keeps_the_tissue_types_apart_and_its_decoder_shows_their_colours(tmp_path):
+    """`zoomfeat fit-first-stage`: latents of stroma and epithelium 20x tiles (types from the cohort's own map) lie
+    apart by more than twice their spread after the fit, and well within it with the random encoder; the fitted
+    codebook and decoder give each tile back in its own colour (mean RGB of the decoded tile against the real
+    tile's, computed here), and the random ones do not."""
     import torch
 
-    from zoomfeat.demo import fit_first_stage, tiny_model_config
     from zoomfeat.extract.zoomldm import to_model_input
     from zoomfeat.model import build_zoomldm, load_zoomldm
     from zoomfeat.synthetic import write_cohort
+    from zoomfeat.train import TINY_ZOOMLDM_YAML
 
     slides = write_cohort(tmp_path / "slides", n=2, size=2048, kind="arrangement")
     assert cli.main(["tile", str(slides), "--out", str(tmp_path / "tiles"), "--mags", "20x,5x"]) == 0
     paths = sorted(slides.glob("*.svs"))
     ckpt = tmp_path / "init" / "init.ckpt"
-    record = fit_first_stage(tiny_model_config(), paths, tmp_path / "tiles", ckpt, seed=0, steps=60)
-    assert record["last_loss"] < 0.2 * record["first_loss"]
-    assert json.loads(ckpt.with_suffix(".json").read_text())["steps"] == 60
+    assert cli.main(["fit-first-stage", *map(str, paths), "--tiles", str(tmp_path / "tiles"), "--steps", "60",
+                     "--decoder-steps", "150", "--out", str(ckpt)]) == 0
+    record = json.loads(ckpt.with_suffix(".json").read_text())
+    assert record["steps"] == 60 and record["last_loss"] < 0.2 * record["first_loss"]
+    assert record["decoder_last_loss"] < 0.5 * record["decoder_first_loss"]
     types = json.loads((slides / "tissue_types.json").read_text())
     tiles, kinds = [], []
     for path in paths:
@@ -232,19 +272,26 @@ def test_fitted_first_stage_keeps_the_tissue_types_apart_and_a_random_one_does_n
                 kinds.append(int(grid[i, j]))
     images = to_model_input(torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2), 64)
     kinds = np.asarray(kinds)
+    real_rgb = images.mean(dim=(2, 3)).numpy()  # each tile's mean colour in [-1, 1]
 
-    def separation(model) -> float:
+    def measure(model) -> tuple[float, float, float]:
         with torch.no_grad():
-            z = model.encode_first_stage(images).mean(dim=(2, 3)).numpy()  # [N, 3] per-tile mean latent
+            latents = model.encode_first_stage(images)
+            decoded_rgb = model.decode_first_stage(latents).clamp(-1, 1).mean(dim=(2, 3)).numpy()
+        z = latents.mean(dim=(2, 3)).numpy()  # [N, 3] per-tile mean latent
         gap = np.linalg.norm(z[kinds == 1].mean(0) - z[kinds == 2].mean(0))
         spread = np.sqrt(np.mean([z[kinds == k].var(0).sum() for k in (1, 2)]))
-        return gap / max(spread, 1e-12), float(z.std())
+        colour_error = float(np.abs(decoded_rgb - real_rgb).mean())
+        return gap / max(spread, 1e-12), float(z.std()), colour_error
 
     torch.manual_seed(0)
-    random_gap, _ = separation(build_zoomldm(tiny_model_config()).eval())
-    fitted_gap, fitted_std = separation(load_zoomldm(tiny_model_config(), ckpt, use_ema=False).eval())
+    random_gap, _, random_error = measure(build_zoomldm(TINY_ZOOMLDM_YAML).eval())
+    fitted_gap, fitted_std, fitted_error = measure(load_zoomldm(TINY_ZOOMLDM_YAML, ckpt, use_ema=False).eval())
     assert fitted_gap > 2.0 and fitted_gap > 5 * random_gap, (fitted_gap, random_gap)  # measured 3.0 vs 0.30
     assert 0.3 < fitted_std < 3.0  # about unit variance, as the standardised target asks
+    # stroma and epithelium differ by ~0.3 in mean colour here: the decoded colour must be far closer than that
+    stroma, epithelium = real_rgb[kinds == 1].mean(0), real_rgb[kinds == 2].mean(0)
+    assert fitted_error < 0.25 * np.abs(stroma - epithelium).mean() < random_error, (fitted_error, random_error)
 
 
 def test_hanley_mcneil_standard_error_matches_the_formula_by_simulation():
@@ -323,19 +370,56 @@ def _screenshot(index: Path) -> None:
     assert Image.open(shot).size[0] > 0
 
 
-SMOKE_ARGS = ["--slides", "20", "--size", "2048", "--train-steps", "10", "--mil-epochs", "2", "--train-slides", "4",
-              "--gen-steps", "2", "--first-stage-steps", "10", "--cdm-steps", "5"]
-
-
 @pytest.mark.slow
-def test_the_whole_demo_runs_and_its_page_holds_every_image_and_link(tmp_path):
-    """The README's first command, at the smallest size that runs every stage (the numbers mean nothing here)."""
-    out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--seed", "0", *SMOKE_ARGS]) == 0
+def test_the_quick_demo_runs_every_stage_and_its_page_holds_every_image_and_link(tmp_path, monkeypatch, capsys):
+    """The README's first command, `zoomfeat demo --quick` (its numbers mean nothing): every stage runs, prints
+    paths relative to the working directory and no zero-count magnification, and the page holds every image,
+    link and measurement; a rerun resumes."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--quick", "--out", "demo_out"]) == 0
+    printed = capsys.readouterr()
+    out = tmp_path / "demo_out"
     _check_page(out)
     _screenshot(out / "index.html")
+    assert str(tmp_path) not in printed.out and "0/?" not in printed.out  # relative paths, no empty bars
+    assert not re.search(r"patches per magnification: .*\b[0-9.]+x 0\b", printed.out)
+    assert "fit-first-stage: encoder step" in printed.out and "fit-first-stage: decoder step" in printed.out
+    stages_run = json.loads((out / "stages.json").read_text())["stages"]
+    assert len(stages_run) == len(stages(demo_config(cli.build_parser().parse_args(["demo", "--quick"]))))
+    assert all(r["seconds"] is not None for r in stages_run)
+    # the generation measurements the page reports: finite distances, and the superres projection's agreement
+    resemblance = json.loads((out / "generation" / "resemblance.json").read_text())["by_mag"]
+    assert sorted(resemblance) == ["20x", "5x"]
+    for row in resemblance.values():
+        assert row["images"] == QUICK["resemblance_images"]
+        assert all(np.isfinite(row[k]) and row[k] >= 0 for k in ("fd_fitted_decoder", "fd_random_decoder",
+                                                                    "fd_real_vs_real"))
+    sr = json.loads((out / "generation" / "superres" / "inverted" / "superres_input_5x.json").read_text())
+    assert sr["psnr_final_db"] >= 40  # the projection makes the output's downsampling the input
+    text = (out / "index.html").read_text()
+    assert "Fréchet distance" in text and f"{sr['psnr_final_db']:.1f} dB after the projection" in text
     assert cli.main(["verify", str(out / "features" / "zoomldm")]) == 0
-    assert cli.main(["demo", "--out", str(out), "--seed", "0", *SMOKE_ARGS]) == 0  # a rerun resumes
+    assert cli.main(["demo", "--quick", "--out", "demo_out"]) == 0  # a rerun resumes
+    assert "already done" in capsys.readouterr().out
+
+
+def test_ctrl_c_names_the_stage_and_how_to_resume(tmp_path):
+    """SIGINT while the demo runs: one line naming the stage and the way to resume, exit code 130."""
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "demo", "--quick", "--out", str(tmp_path / "d")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("[1/"):
+                break
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "demo: interrupted at stage 1; rerun the same command to resume" in err
+    assert "failed" not in err and not (tmp_path / "d" / "index.html").exists()
 
 
 @pytest.mark.slow

@@ -126,8 +126,8 @@ def test_similarity_pulls_the_grid_vectors_together(sensitive):
 
     def mean_cos(w):
         grid = inv.invert_latent(sensitive, z, parse_mag("5x"),
-                                 inv.InversionSettings(iterations=12, similarity=w, probe_timesteps=1,
-                                                       eval_every=12, seed=3)).grid
+                                 inv.InversionSettings(iterations=8, similarity=w, probe_timesteps=1,
+                                                       eval_every=8, seed=3)).grid
         v = grid.reshape(grid.shape[0], -1).t()
         sims = torch.nn.functional.cosine_similarity(v[:, None], v[None], dim=2)
         n = len(v)

@@ -4,12 +4,14 @@ Every stage is a ``zoomfeat`` command line: the demo prints it, runs it in this 
 :func:`cli.main`, times it, and stops at the first stage that fails. The cohort (``synth --kind
 arrangement``) carries a purely multi-scale class signal: two tissue types per 20x tile in the same
 proportions in both classes, clustered in one class and intermixed in the other, so a bag of single 20x
-tiles cannot separate the classes and a 5x view (4x4 tiles) can. A few steps are plain Python rather than
-commands (they are printed as ``(python) ...``): writing the 5x input image of ``superres``, measuring how
-much the trained model's features move with their conditioning, and the index page.
+tiles cannot separate the classes and a 5x view (4x4 tiles) can. Three steps are measurements with no command
+of their own (writing the 5x input image of ``superres``, how much the trained model's features move with their
+conditioning, how much generated patches resemble real ones); each is printed as ``zoomfeat demo ... --stage K``,
+the command that reruns just that stage.
 
 A stage whose outputs exist is skipped (the analysis commands resume by themselves; the generation commands,
 which want a new folder, are skipped when their manifest exists), so rerunning after an interruption continues.
+``--quick`` (:data:`QUICK`) is the smallest cohort and the fewest steps that still run every stage.
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from importlib import resources
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from zoomfeat.demo_page import write_index
 from zoomfeat.errors import ConfigError
-from zoomfeat.mags import Magnification
-from zoomfeat.synthetic import patient_slide_counts
+from zoomfeat.log import quiet_third_party
+from zoomfeat.mags import MAGNIFICATIONS, Magnification, mag_name, parse_mag
+from zoomfeat.slides import Slide
+from zoomfeat.store import atomic_write, slide_tile_grid, write_json_atomic
+from zoomfeat.synthetic import ARRANGEMENT_TILE, patient_slide_counts
 
 # The ABMIL runs of the comparison: (run name, feature set directory, magnification spec); the first is the
 # reference of the paired statistics.
@@ -64,12 +69,16 @@ class DemoConfig:
     timestep: int = 200  # diffusion timestep of the extracted features
     block: int = 8  # U-Net output block of the features (16x16 latent positions: 4x4 per 20x tile of a 5x patch)
     pooling: str = "meanmax"  # spatial mean and max of that block, concatenated
-    first_stage_steps: int = 120  # fitting steps of the first-stage encoder (see fit_first_stage)
+    first_stage_steps: int = 120  # fitting steps of the first-stage encoder (zoomfeat fit-first-stage)
+    decoder_steps: int = 200  # fitting steps of its decoder: decoded samples show the cohort's colours
+    first_stage_batch: int = 16  # patches per fitting step
     folds: int = 5
     mil_epochs: int = 20
     generation: bool = True  # the generation wing (sample, generate-large, superres)
     gen_steps: int = 10
     cdm_steps: int = 300  # training steps of the generation wing's tiny CDM
+    resemblance_images: int = 16  # generated patches per magnification in the resemblance measurement
+    rerun: tuple[str, ...] = field(default=("demo",), compare=False)  # the demo's own command (for --stage K)
 
     def __post_init__(self) -> None:
         # patient-level stratified folds need at least one patient of each of the two classes per fold
@@ -92,20 +101,30 @@ class DemoConfig:
         if not (math.isfinite(self.summarizer_lr_scale) and self.summarizer_lr_scale >= 0):
             raise ConfigError(f"--summarizer-lr-scale {self.summarizer_lr_scale} must be a finite number >= 0 "
                               "(0: the Summarizer kept at its initialisation, 1: trained with the U-Net)")
-        if self.first_stage_steps < 1:
-            raise ConfigError(f"--first-stage-steps {self.first_stage_steps} must be at least 1")
+        if self.first_stage_steps < 1 or self.decoder_steps < 0:
+            raise ConfigError(f"--first-stage-steps {self.first_stage_steps} must be at least 1 and "
+                              f"--decoder-steps {self.decoder_steps} at least 0")
+        if self.resemblance_images < 2:
+            raise ConfigError(f"--resemblance-images {self.resemblance_images} must be at least 2")
+
+
+# ``zoomfeat demo --quick``: the smallest cohort (3 patient-level folds of 2 patients per class) and the fewest
+# steps that still run every stage; its numbers mean nothing, it shows the stages, their outputs and the page.
+QUICK: dict = {"slides": 12, "size": 2048, "folds": 3, "train_slides": 4, "patches_per_mag": 12,
+               "train_steps": 40, "first_stage_steps": 30, "decoder_steps": 40, "first_stage_batch": 8,
+               "mil_epochs": 4, "gen_steps": 4, "cdm_steps": 20, "resemblance_images": 8}
 
 
 @dataclass
 class Stage:
-    """One step of the demo: a ``zoomfeat`` command (``argv``) or a Python step (``python``).
+    """One step of the demo: a ``zoomfeat`` command (``argv``) or a measurement in Python (``python``).
 
     ``argv`` may be a callable when it depends on what an earlier stage wrote (e.g. the test slides of fold 0);
     ``done`` is a file whose existence means the stage has already run (generation commands want a new folder).
     """
 
     title: str
-    argv: list[str] | Callable[[], list[str]] | None = None
+    argv: list | Callable[[], list] | None = None
     python: Callable[[], None] | None = None
     python_name: str = ""
     done: Path | None = None
@@ -113,12 +132,18 @@ class Stage:
 
     def command(self) -> list[str]:
         argv = self.argv() if callable(self.argv) else self.argv
-        return [str(a) for a in argv or []]
+        return [shown_path(a) if isinstance(a, Path) else str(a) for a in argv or []]
 
 
-def tiny_model_config() -> Path:
-    """The official-format config of the tiny ZoomLDM the demo trains (shipped with the package)."""
-    return Path(str(resources.files("zoomfeat.train").joinpath("tiny_zoomldm.yaml")))
+def shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies inside it (what the demo prints and runs)."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 # ----- what the cohort holds -----------------------------------------------------------------------------------
@@ -151,8 +176,6 @@ def tissue_patch(types_json: Path, slide_id: str, mag: Magnification) -> tuple[i
     """Level-0 (x, y) of the 20x tile or 5x patch (4x4 tiles) with the most tissue tiles, nearest the centre."""
     import numpy as np
 
-    from zoomfeat.synthetic import ARRANGEMENT_TILE
-
     types = np.asarray(json.loads(types_json.read_text())[slide_id])
     mag = Magnification(mag)
     width = mag.grid_width
@@ -173,85 +196,12 @@ def write_superres_input(slide: Path, x: int, y: int, out_png: Path, side: int =
     import openslide
     from PIL import Image
 
-    from zoomfeat.store import atomic_write
-
     with openslide.OpenSlide(str(slide)) as s:
         region = s.read_region((x, y), 0, (1024, 1024)).convert("RGB")
     image = region.resize((side, side), Image.Resampling.BOX)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out_png) as tmp:
         Image.fromarray(np.asarray(image)).save(tmp, format="PNG")
-
-
-# ----- a first stage that keeps the tissue colours -------------------------------------------------------------
-def fit_first_stage(config: Path, slides: list[Path], tiles_dir: Path, out_ckpt: Path, *, seed: int,
-                    steps: int, per_mag: int = 24, batch: int = 16, lr: float = 1e-3) -> dict:
-    """An official-format checkpoint of the tiny ZoomLDM (random U-Net and Summarizer, seeded) whose first-stage
-    encoder is fitted, for ``steps`` Adam steps, to map each patch to its 4x4-average colour, standardised per
-    channel over the patches (so the latents have about unit variance, as a real first stage with its
-    ``scale_factor`` does). Patches: up to ``per_mag`` 20x tiles and 5x patches of each training slide
-    (``subsample_rows``, as ``prepare-train`` draws them). Writes ``out_ckpt`` and returns the fit's record.
-
-    Why: the randomly initialised encoder maps stroma and epithelium tiles to latents whose means differ by
-    ~0.5 % of the latent std, so neither the image nor the conditioning matters to the denoiser. The decoder
-    and codebook stay random (the generated images are not meant to look like tissue).
-    """
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    from zoomfeat.extract.zoomldm import to_model_input
-    from zoomfeat.mags import parse_mag
-    from zoomfeat.model import build_zoomldm
-    from zoomfeat.patches import TilePatchDataset
-    from zoomfeat.slides import Slide
-    from zoomfeat.store import slide_tile_grid
-    from zoomfeat.train.prepare import subsample_rows
-
-    torch.manual_seed(seed)
-    model = build_zoomldm(config)
-    fs = model.first_stage_model
-    pixels = []
-    for path in slides:
-        with Slide(path) as slide:
-            grid = slide_tile_grid(slide, [parse_mag("20x"), parse_mag("5x")], tiles_dir=tiles_dir)
-            slide_id = slide.info.slide_id
-        for mag in ("20x", "5x"):
-            coords = np.asarray(grid.coords[mag], np.int64).reshape(-1, 2)
-            coords = coords[subsample_rows(len(coords), per_mag, seed, slide_id, parse_mag(mag))]
-            data = TilePatchDataset(path, coords, parse_mag(mag))
-            try:
-                pixels += [data[i][1] for i in range(len(data))]
-            finally:
-                data.close()
-    if len(pixels) < batch:
-        raise ConfigError(f"only {len(pixels)} tissue patches in the training slides: use more --train-slides")
-    images = to_model_input(torch.stack(pixels), model.first_stage_resolution)
-    pooled = F.avg_pool2d(images, model.config.first_stage.downsample_factor)
-    mean, std = pooled.mean(dim=(0, 2, 3), keepdim=True), pooled.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3)
-    target = (pooled - mean) / std
-    params = list(fs.encoder.parameters()) + list(fs.quant_conv.parameters())
-    optimiser = torch.optim.Adam(params, lr=lr)
-    draws = np.random.default_rng([seed, 5])
-    losses = []
-    fs.train()
-    for _ in range(steps):
-        rows = torch.from_numpy(draws.integers(0, len(images), batch))
-        loss = F.mse_loss(fs.encode(images[rows]), target[rows])
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(float(loss.detach()))
-    fs.eval()
-    if not np.isfinite(losses).all():
-        raise ConfigError("the first-stage fit diverged (non-finite loss): rerun with fewer --first-stage-steps")
-    from zoomfeat.store import write_json_atomic
-
-    model.save_official(out_ckpt)
-    record = {"patches": len(images), "steps": steps, "first_loss": losses[0], "last_loss": losses[-1],
-              "channel_mean": mean.flatten().tolist(), "channel_std": std.flatten().tolist()}
-    write_json_atomic(out_ckpt.with_suffix(".json"), record)
-    return record
 
 
 # ----- how much the features move with the conditioning ------------------------------------------------------
@@ -267,8 +217,6 @@ def context_response(config: Path, weights: Path, trainset: Path, timesteps: tup
     import numpy as np
     import torch
 
-    from zoomfeat.store import write_json_atomic
-    from zoomfeat.mags import MAGNIFICATIONS, mag_name
     from zoomfeat.model import load_zoomldm
     from zoomfeat.train.dataset import TrainingSet
 
@@ -297,6 +245,97 @@ def context_response(config: Path, weights: Path, trainset: Path, timesteps: tup
                 entry[str(t)] = {f"vs_{k}": float(((feats["own"] - feats[k]).norm(dim=1) / norm).mean())
                                  for k in ("other", "zero")}
         result["by_mag"][mag_name(MAGNIFICATIONS[int(mag)])] = entry
+    write_json_atomic(out_json, result)
+    return result
+
+
+# ----- how much generated patches resemble real ones -----------------------------------------------------------
+def _real_patches(slides: list[Path], tiles_dir: Path, mag: Magnification, limit: int, seed: int):
+    """uint8 [N, 3, 256, 256]: up to ``limit`` tissue patches at ``mag`` over ``slides``, a seeded subset."""
+    import numpy as np
+    import torch
+
+    from zoomfeat.patches import TilePatchDataset
+
+    rows = []
+    for path in slides:
+        with Slide(path) as slide:
+            coords = np.asarray(slide_tile_grid(slide, [mag], tiles_dir=tiles_dir).coords[mag], np.int64)
+        rows += [(path, xy) for xy in coords.reshape(-1, 2)]
+    picked = np.random.default_rng([seed, 38]).permutation(len(rows))[:limit]
+    pixels = []
+    for path in sorted({rows[k][0] for k in picked}):
+        coords = np.asarray([rows[k][1] for k in picked if rows[k][0] == path], np.int64)
+        data = TilePatchDataset(path, coords, mag)
+        try:
+            pixels += [data[i][1] for i in range(len(data))]
+        finally:
+            data.close()
+    return torch.stack(pixels)
+
+
+def generation_resemblance(config: Path, weights: Path, sample_dirs: dict[str, list[Path]], slides: list[Path],
+                           tiles_dir: Path, out_json: Path, *, images_per_mag: int, seed: int) -> dict:
+    """How much generated patches resemble real ones: the Frechet distance between the toy encoder's features of
+    real tissue patches and of patches the demo's model generates from the conditions of ``sample_dirs`` (per
+    magnification: the ``sample`` output folders), decoded by its fitted decoder and, from the same latents, by the
+    random first stage it started from (what the demo's decoder was before it was fitted); and, as the floor at
+    this sample size, the same distance between two disjoint sets of real patches. Every distance is between two
+    sets of ``images_per_mag`` patches (the distance's bias depends on the set sizes). The toy encoder (random,
+    seeded) is read at a width below the number of images so that the covariances have full rank."""
+    import numpy as np
+    import torch
+
+    from zoomfeat.encoders import load_encoder
+    from zoomfeat.generate.conditions import conditions_from_saved
+    from zoomfeat.generate.decode import decode_patches
+    from zoomfeat.generate.guidance import Guidance
+    from zoomfeat.generate.manifest import load_conditions, read_manifest
+    from zoomfeat.generate.metrics.fid import feature_stats, frechet_distance
+    from zoomfeat.generate.samplers import SamplerSettings, sample_patches
+    from zoomfeat.model import build_zoomldm, load_zoomldm
+
+    model = load_zoomldm(config, weights, use_ema=True).eval()
+    torch.manual_seed(seed)  # the initial weights fit-first-stage started from (its --seed)
+    random_first_stage = build_zoomldm(config).eval()
+    dim = min(16, images_per_mag - 1)
+    toy = load_encoder("toy", dim=dim, seed=seed).eval()
+
+    def features(images_nchw) -> np.ndarray:
+        with torch.no_grad():
+            return toy(toy.preprocess(images_nchw)).double().numpy()
+
+    def distance(a, b, what: str) -> float:
+        return frechet_distance(feature_stats(a, what), feature_stats(b, what))
+
+    result: dict = {"encoder": f"toy (dim {dim}, seed {seed})", "by_mag": {}}
+    for mag, folders in sample_dirs.items():
+        contexts, settings = [], None
+        for folder in folders:
+            man = read_manifest(folder)
+            saved = load_conditions(folder / man["conditions"]["file"])
+            contexts.append(conditions_from_saved(model, saved["grids"], saved["mag"], saved["coords_level0"]).contexts)
+            s = man["sampling"]
+            settings = SamplerSettings(s["sampler"], s["steps"], Guidance(s["guidance"], s["guidance_form"]))
+        contexts = torch.cat(contexts)
+        per = -(-images_per_mag // len(contexts))
+        contexts = contexts.repeat_interleave(per, dim=0)[:images_per_mag]
+        with torch.no_grad():
+            latents = sample_patches(model, contexts, [seed * 100_000 + k for k in range(len(contexts))], settings)
+            fitted = torch.from_numpy(decode_patches(model, latents)).permute(0, 3, 1, 2)
+            randomly = torch.from_numpy(decode_patches(random_first_stage, latents)).permute(0, 3, 1, 2)
+        n = len(contexts)
+        real = _real_patches(slides, tiles_dir, parse_mag(mag), 2 * n, seed)
+        if len(real) < 2 * n:
+            raise ConfigError(f"only {len(real)} real {mag} patches for {n} generated ones: lower "
+                              "--resemblance-images")
+        f_real, f_fit, f_rand = features(real), features(fitted), features(randomly)
+        result["by_mag"][mag] = {
+            "images": n, "sampler": settings.sampler, "steps": settings.steps,
+            "fd_fitted_decoder": distance(f_real[:n], f_fit, f"real vs generated {mag} patches"),
+            "fd_random_decoder": distance(f_real[:n], f_rand, f"real vs random-decoder {mag} patches"),
+            "fd_real_vs_real": distance(f_real[:n], f_real[n:], f"two sets of real {mag} patches"),
+        }
     write_json_atomic(out_json, result)
     return result
 
@@ -339,8 +378,17 @@ def _generation_stages(cfg: DemoConfig, model_args: list) -> list[Stage]:
                          argv=lambda mag=mag: ["sample", *model_args, *at(0, mag), "--n", 4, *small,
                                                "--out", g / f"sample_{mag}_intermixed"],
                          done=g / f"sample_{mag}_intermixed" / "manifest.json"))
+    official = d / "zoomldm" / "official"
+    out.append(Stage("measure how much generated patches resemble real ones (Frechet distance of toy-encoder "
+                     "features; the fitted decoder against the random one it started from)", group="generation",
+                     python=lambda: generation_resemblance(
+                         official / "config.yaml", official / "last.ckpt",
+                         {mag: [g / f"sample_{mag}_clustered", g / f"sample_{mag}_intermixed"] for mag in ("20x", "5x")},
+                         sorted(slides.glob("*.svs")), d / "tiles", g / "resemblance.json",
+                         images_per_mag=cfg.resemblance_images, seed=cfg.seed),
+                     python_name="zoomfeat.demo.generation_resemblance", done=g / "resemblance.json"))
     for method in ("grid", "joint"):
-        extra = ["--inner-iterations", 2] if method == "joint" else []
+        extra = ["--joint-iterations", 1] if method == "joint" else []
         out.append(Stage(f"generate-large: the 20x image of a 5x patch ({method})", group="generation",
                          argv=lambda method=method, extra=extra: [
                              "generate-large", *model_args, *at(1, "5x"), "--method", method, *extra,
@@ -361,7 +409,7 @@ def _generation_stages(cfg: DemoConfig, model_args: list) -> list[Stage]:
                                    "--zoomldm", d / "zoomldm" / "official" / "config.yaml",
                                    "--weights", d / "zoomldm" / "official" / "last.ckpt",
                                    "--rows", "inverted,bicubic", "--steps", max(2, cfg.gen_steps // 2),
-                                   "--inner-iterations", 2, "--inversion-steps", 30, "--seed", cfg.seed,
+                                   "--joint-iterations", 1, "--inversion-steps", 30, "--seed", cfg.seed,
                                    "--device", "cpu", "--out", g / "superres"],
                      done=g / "superres" / "inverted" / "superres_input_5x.png"))
     out += _cdm_stages(cfg, model_args)
@@ -403,7 +451,6 @@ def stages(cfg: DemoConfig) -> list[Stage]:
     slides, labels = d / "slides", d / "slides" / "labels.csv"
     model_dir = d / "zoomldm"
     init = d / "zoomldm_init" / "init.ckpt"
-    tiny = tiny_model_config()
     model_args = _model_args(cfg)
     plan = [
         Stage("synthesise a two-class cohort whose signal is the 5x arrangement of tissue types",
@@ -413,18 +460,20 @@ def stages(cfg: DemoConfig) -> list[Stage]:
               done=labels),
         Stage("tile: tissue masks and aligned 20x/5x grids",
               ["tile", slides, "--out", d / "tiles", "--mags", "20x,5x", "--preview"]),
-        Stage(f"fit the first-stage encoder to the patches' 4x4 mean colour ({cfg.first_stage_steps} steps)",
-              python=lambda: fit_first_stage(tiny, training_slides(slides, cfg.train_slides), d / "tiles", init,
-                                             seed=cfg.seed, steps=cfg.first_stage_steps,
-                                             per_mag=cfg.patches_per_mag),
-              python_name="zoomfeat.demo.fit_first_stage", done=init),
+        Stage(f"fit the first stage to {cfg.train_slides} slides' patches: encoder to their 4x4 mean colour "
+              f"({cfg.first_stage_steps} steps), codebook and decoder to reconstruct them ({cfg.decoder_steps} steps)",
+              lambda: ["fit-first-stage", *training_slides(slides, cfg.train_slides), "--tiles", d / "tiles",
+                       "--zoomldm", "tiny", "--steps", cfg.first_stage_steps, "--decoder-steps", cfg.decoder_steps,
+                       "--per-mag", cfg.patches_per_mag, "--batch-size", cfg.first_stage_batch, "--seed", cfg.seed,
+                       "--out", init],
+              done=init),
         Stage(f"prepare the ZoomLDM training set from {cfg.train_slides} slides (latents + conditioning grids)",
               lambda: ["prepare-train", *training_slides(slides, cfg.train_slides), "--out", d / "trainset",
-                       "--conditioner", "toy", "--zoomldm", tiny, "--weights", init, "--mags", "20x,5x",
+                       "--conditioner", "toy", "--zoomldm", "tiny", "--weights", init, "--mags", "20x,5x",
                        "--max-patches-per-mag", cfg.patches_per_mag, "--seed", cfg.seed]),
         Stage("train a tiny ZoomLDM on CPU" + (" (U-Net only; the Summarizer stays at its initialisation)"
                                               if cfg.summarizer_lr_scale == 0 else ""),
-              ["train", "--data", d / "trainset", "--zoomldm", tiny, "--init-from", init, "--out", model_dir,
+              ["train", "--data", d / "trainset", "--zoomldm", "tiny", "--init-from", init, "--out", model_dir,
                "--max-steps", cfg.train_steps, "--batch-size", 8, "--lr", cfg.lr, "--warmup-steps", 20,
                "--every-n-steps", cfg.train_steps, "--seed", cfg.seed, "--workers", 0, "--no-val-samples",
                "--summarizer-lr-scale", cfg.summarizer_lr_scale]),
@@ -472,52 +521,86 @@ def _run_stage(stage: Stage) -> int:
     return cli.main(stage.command())
 
 
-def run_demo(cfg: DemoConfig) -> int:
-    """Run every stage; write the index page; return 0, or the exit code of the first stage that failed."""
-    from zoomfeat.demo_page import write_index
-    from zoomfeat.log import quiet_third_party
+def shown_command(cfg: DemoConfig, stage: Stage, k: int) -> str:
+    """The command line that runs stage ``k`` on its own: the stage's ``zoomfeat`` command, or for a Python
+    measurement the demo's own command with ``--stage k``."""
+    if stage.python is not None:
+        return f"$ zoomfeat {shlex.join([*cfg.rerun, '--stage', str(k)])}    # {stage.python_name}"
+    return f"$ zoomfeat {shlex.join(stage.command())}"
 
-    quiet_third_party()
-    print("zoomfeat demo: a SYNTHETIC cohort and a TINY model -- the numbers show what the pipeline measures, "
-          "not how ZoomLDM performs on real slides.", flush=True)
-    start = time.perf_counter()
-    plan = stages(cfg)
-    record: list[dict] = []
-    for i, stage in enumerate(plan, 1):
-        shown = f"(python) {stage.python_name}" if stage.python else f"$ zoomfeat {shlex.join(stage.command())}"
-        print(f"\n[{i}/{len(plan)}] {stage.title}\n{shown}", flush=True)
-        if stage.done is not None and stage.done.exists():
-            print("    already done", flush=True)
-            record.append({"title": stage.title, "command": shown, "seconds": None, "group": stage.group})
-            continue
-        t0, c0 = time.perf_counter(), time.process_time()
-        code = _run_stage(stage)
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        if code != 0:
-            print(f"demo: stage {i} failed with exit code {code}; rerun the command above to see why",
-                  file=sys.stderr)
-            return code
+
+def _run_and_record(cfg: DemoConfig, plan: list[Stage], i: int, stage: Stage, record: list[dict],
+                    only_stage: int | None) -> int:
+    """Print, run and time stage ``i`` (skipped when done, unless it is ``only_stage``); its exit code."""
+    shown = shown_command(cfg, stage, i)
+    print(f"\n[{i}/{len(plan)}] {stage.title}\n{shown}", flush=True)
+    if only_stage is None and stage.done is not None and stage.done.exists():
+        print("    already done", flush=True)
+        record.append({"title": stage.title, "command": shown, "seconds": None, "group": stage.group})
+        return 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    code = _run_stage(stage)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if code not in (0, 130):
+        print(f"demo: stage {i} failed with exit code {code}; rerun the command above to see why", file=sys.stderr)
+    if code == 0:
         record.append({"title": stage.title, "command": shown, "seconds": round(seconds, 1),
                        "cpu_seconds": round(cpu, 1), "group": stage.group})
         print(f"    done in {seconds:.0f} s", flush=True)
+    return code
+
+
+def run_demo(cfg: DemoConfig, only_stage: int | None = None) -> int:
+    """Run every stage (or only stage ``only_stage``, done or not); write the index page; return 0, 130 when
+    interrupted, or the exit code of the first stage that failed."""
+    quiet_third_party()
+    plan = stages(cfg)
+    if only_stage is not None and not 1 <= only_stage <= len(plan):
+        raise ConfigError(f"--stage {only_stage}: the demo has stages 1 to {len(plan)}")
+    print("zoomfeat demo: a SYNTHETIC cohort and a TINY model -- the numbers show what the pipeline measures, "
+          "not how ZoomLDM performs on real slides.", flush=True)
+    start = time.perf_counter()
+    record: list[dict] = []
+    current = 0
+    try:
+        for current, stage in enumerate(plan, 1):
+            if only_stage is None or current == only_stage:
+                code = _run_and_record(cfg, plan, current, stage, record, only_stage)
+                if code != 0:
+                    break
+        else:
+            code = 0
+    except KeyboardInterrupt:
+        code = 130
+    if code == 130:
+        print(f"demo: interrupted at stage {current}; rerun the same command to resume", file=sys.stderr, flush=True)
+    if code != 0:
+        return code
+    if only_stage is not None:
+        return 0
     total = time.perf_counter() - start
     _write_stage_times(cfg.out / "stages.json", record, total)
-    index = write_index(cfg, record, total)
-    print(f"\ndemo finished in {total:.0f} s: open {index}")
+    index = write_index(cfg, record, total, page_inputs(cfg))
+    print(f"\ndemo finished in {total:.0f} s: open {shown_path(index)}")
     return 0
+
+
+def page_inputs(cfg: DemoConfig) -> dict:
+    """What the index page needs from the demo (the page does not import this module)."""
+    return {"labels": read_labels(cfg.out / "slides" / "labels.csv"), "feature_sets": FEATURE_SETS,
+            "fused_run": FUSED_RUN, "settings": config_record(cfg)}
 
 
 def _write_stage_times(path: Path, record: list[dict], total: float) -> None:
     """stages.json: every stage's title, command, wall and CPU seconds (None: already done) of this run."""
-    from zoomfeat.store import write_json_atomic
-
     write_json_atomic(path, {"total_seconds": round(total, 1), "stages": record})
 
 
 def config_record(cfg: DemoConfig) -> dict:
     """The settings as JSON-ready values (for the page)."""
     return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-            for k, v in asdict(cfg).items()}
+            for k, v in asdict(cfg).items() if k != "rerun"}
 
 
-__all__ = ["DemoConfig", "FEATURE_SETS", "Stage", "stages", "run_demo", "context_response"]
+__all__ = ["DemoConfig", "FEATURE_SETS", "QUICK", "Stage", "stages", "run_demo", "context_response",
+           "generation_resemblance"]

@@ -13,6 +13,7 @@ from html import escape
 from pathlib import Path
 
 from mil import html
+from zoomfeat.plain_images import read_rgb
 from zoomfeat.store import atomic_write
 
 INDEX_NAME = "index.html"
@@ -33,22 +34,17 @@ def _code(text: str) -> str:
     return f"<pre><code>{escape(text)}</code></pre>"
 
 
-def _cohort(out: Path) -> dict:
-    from zoomfeat.demo import read_labels
-
-    rows = read_labels(out / "slides" / "labels.csv")
+def _cohort(rows: list[tuple[str, str, int]]) -> dict:
     patients = {c: y for c, _, y in rows}
     return {"slides": len(rows), "patients": len(patients),
             "slides_per_class": [sum(1 for _, _, y in rows if y == c) for c in (0, 1)],
             "patients_per_class": [sum(1 for y in patients.values() if y == c) for c in (0, 1)]}
 
 
-def _test_fold_sizes(out: Path, folds: int) -> list[tuple[int, int]]:
+def _test_fold_sizes(out: Path, folds: int, rows: list[tuple[str, str, int]]) -> list[tuple[int, int]]:
     import csv
 
-    from zoomfeat.demo import read_labels
-
-    label = {s: y for _, s, y in read_labels(out / "slides" / "labels.csv")}
+    label = {s: y for _, s, y in rows}
     sizes = []
     for k in range(folds):
         with open(out / "splits" / f"splits_{k}.csv", newline="") as fh:
@@ -116,20 +112,16 @@ def _table_section(out: Path) -> list[str]:
     return parts
 
 
-def _reports_section(out: Path) -> list[str]:
-    from zoomfeat.demo import FEATURE_SETS
-
+def _reports_section(feature_sets) -> list[str]:
     items = []
-    for name, features, mags in FEATURE_SETS:
+    for name, features, mags in feature_sets:
         report = Path("runs") / name / "report" / "report.html"
         items.append(f"<li>{_link(report, f'{features}@{mags}')} (run folder {_link(Path('runs') / name, name)})</li>")
     return [html.heading("Run reports"), "<ul>" + "".join(items) + "</ul>"]
 
 
-def _heatmaps_section(out: Path) -> list[str]:
-    from zoomfeat.demo import FUSED_RUN
-
-    parts = [html.heading(f"Attention heatmaps ({FUSED_RUN}, fold 0 model, test slides)")]
+def _heatmaps_section(out: Path, fused_run: str) -> list[str]:
+    parts = [html.heading(f"Attention heatmaps ({fused_run}, fold 0 model, test slides)")]
     for kind in ("clustered", "intermixed"):
         png = Path("heatmaps") / f"{kind}.png"
         top = Path("heatmaps") / f"{kind}_top.png"
@@ -174,7 +166,7 @@ def _context_section(out: Path, cfg) -> list[str]:
             "VQ-f4 autoencoder; a randomly initialised one (what prepare-train uses without weights) maps stroma "
             "and epithelium tiles to latents whose means differ by about 0.5 % of the latents' spread, so nothing "
             "the U-Net denoises depends on the tissue, and the previous demo's ZoomLDM rows sat at chance. This "
-            f"demo first fits the encoder ({cfg.first_stage_steps} Adam steps, zoomfeat.demo.fit_first_stage"
+            f"demo first fits the encoder ({cfg.first_stage_steps} Adam steps, zoomfeat fit-first-stage"
             f"{fit}) to map each patch to its 4x4-average colour, standardised per channel (unit-variance "
             "latents, as a trained first stage with its scale factor gives), then trains the U-Net"
             + (" alone, the Summarizer kept at its seeded initialisation (a fixed random projection of the "
@@ -229,21 +221,59 @@ def _context_verdict(data: dict) -> str:
         "paths.")
 
 
+def _resemblance_section(out: Path) -> list[str]:
+    """The Frechet distances of generation/resemblance.json as a table, with what they mean."""
+    path = out / "generation" / "resemblance.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    rows = [[mag, str(v["images"]), f"{v['fd_fitted_decoder']:.3g}", f"{v['fd_random_decoder']:.3g}",
+             f"{v['fd_real_vs_real']:.3g}"] for mag, v in data["by_mag"].items()]
+    return [html.heading("How much do generated patches resemble real ones?", 3),
+            html.table(["magnification", "patches per set", "generated (fitted decoder) vs real",
+                        "same latents, random decoder, vs real", "real vs other real (floor)"], rows),
+            html.paragraph(
+                f"Fréchet distance between {data['encoder']} encoder features of two sets of patches (lower is "
+                "closer): the demo's model generates from the conditions of the sampled patches, and the same "
+                "latents are decoded twice, by the fitted decoder and by the random first stage it started from; "
+                "the last column compares two disjoint sets of real tissue patches, the smallest value a set of "
+                "this size can reach. With so few patches and a random encoder these numbers are coarse: they say "
+                "whether the generated patches sit near the real ones, not how realistic they are.", "note")]
+
+
+def _superres_psnr(out: Path) -> str:
+    """"PSNR of the input against the output's downsampling: sampler X dB, after the projection Y dB", or ""."""
+    path = out / "generation" / "superres" / "inverted" / "superres_input_5x.json"
+    if not path.exists():
+        return ""
+    data = json.loads(path.read_text())
+    sampler, final = data.get("psnr_sampler_db"), data.get("psnr_final_db")
+    if sampler is None or final is None:
+        return ""
+    return (f"Agreement of the output with its input (PSNR of the input against the output's downsampling by the "
+            f"Resizer): {sampler:.1f} dB from the sampler itself, {final:.1f} dB after the projection onto the "
+            "images whose downsampling is the input (--consistency project). The first number is the model's; "
+            "the second is guaranteed by the projection whatever the model does.")
+
+
 def _generation_section(out: Path) -> list[str]:
     g = Path("generation")
     parts = [html.heading("The generative model"),
-             html.paragraph("All from the same tiny ZoomLDM (64-px patches), on CPU, with few sampler steps. "
-                            "Only its first stage's encoder is fitted (to mean colours, see above); the decoder "
-                            "and codebook are random and frozen, and the toolkit has no command that trains "
-                            "them: decoded samples cannot look like tissue. The images show that every "
-                            "generation command runs on the demo's model and what it writes, not sample quality. "
-                            "The command of each image is listed under Stages.", "note")]
+             html.paragraph("All from the same tiny ZoomLDM (64-px patches), on CPU, with few sampler steps. Its "
+                            "first stage was fitted to the cohort's patches before training (zoomfeat "
+                            "fit-first-stage): the encoder to their mean colours, the codebook and decoder to "
+                            "reconstruct them, so decoded samples show the cohort's pink stroma and purple "
+                            "epithelium at the resolution of 4x4-pixel colour blocks. The images show that every "
+                            "generation command runs on the demo's model and what it writes; the table below "
+                            "measures how near the real patches they sit. The command of each image is listed "
+                            "under Stages.", "note")]
     for mag in ("20x", "5x"):
         parts.append(html.heading(f"Real {mag} patches and 4 samples conditioned on their 20x embeddings", 3))
         for kind in ("clustered", "intermixed"):
             sheet = g / f"contact_{mag}_{kind}.png"
             parts += [html.paragraph(f"{kind} slide: real patch (left), samples (right)"),
                       _img(out, sheet, f"real and sampled {mag} {kind}", 560)]
+    parts += _resemblance_section(out)
     parts.append(html.heading("A large image: the 20x image of a 5x patch (generate-large)", 3))
     row = []
     for method in ("grid", "joint"):
@@ -258,6 +288,9 @@ def _generation_section(out: Path) -> list[str]:
         row.append(f"<figure style='display:inline-block'>{_img(out, rel, label, 256)}"
                    f"<figcaption>{escape(label)}</figcaption></figure>")
     parts.append("".join(row))
+    psnr = _superres_psnr(out)
+    if psnr:
+        parts.append(html.paragraph(psnr, "note"))
     parts.append(html.heading("Novel patches: contexts drawn by a conditioning diffusion model (sample --cdm)", 3))
     parts.append(html.paragraph(
         "prepare-cdm stores the Summarizer context of every training patch, train-cdm fits a tiny DiT to them, and "
@@ -322,30 +355,30 @@ def _caveats(out: Path) -> list[str]:
             "They do not show how ZoomLDM performs on real slides, nor that ZoomLDM features beat a pathology "
             "foundation model: the slides are synthetic, the model is tiny and trained for minutes, the baseline "
             "is a random CNN, and a cohort of this size only separates large differences. The real comparison "
-            "needs the released weights and real cohorts (README: the real-data path).", "note"),
+            "needs the released weights and real cohorts (README, \"The real-data path\").", "note"),
     ]
 
 
-def write_index(cfg, record: list[dict], total: float) -> Path:
-    """Write ``cfg.out/index.html``; return its path."""
-    from zoomfeat.demo import config_record
-
+def write_index(cfg, record: list[dict], total: float, inputs: dict) -> Path:
+    """Write ``cfg.out/index.html``; return its path. ``cfg`` holds the demo's settings (attributes), ``inputs``
+    what the demo passes in: ``labels`` (case_id, slide_id, label rows), ``feature_sets`` ((run, features, mags)
+    rows), ``fused_run`` and ``settings`` (JSON-ready)."""
     out = cfg.out
-    cohort = _cohort(out)
-    fold_sizes = _test_fold_sizes(out, cfg.folds)
+    cohort = _cohort(inputs["labels"])
+    fold_sizes = _test_fold_sizes(out, cfg.folds, inputs["labels"])
     parts = [html.paragraph("zoomfeat demo: a SYNTHETIC cohort and a TINY model trained on CPU.", "note")]
     parts += _why_section(cfg, cohort, fold_sizes)
     parts += _table_section(out)
     parts += _caveats(out)
     parts += _context_section(out, cfg)
-    parts += _reports_section(out)
-    parts += _heatmaps_section(out)
+    parts += _reports_section(inputs["feature_sets"])
+    parts += _heatmaps_section(out, inputs["fused_run"])
     if cfg.generation:
         _write_contact_sheets(out)
         parts += _generation_section(out)
     parts += _stages_section(record, total)
     parts.append(html.heading("Settings", 3))
-    parts.append(_code(json.dumps(config_record(cfg), indent=2)))
+    parts.append(_code(json.dumps(inputs["settings"], indent=2)))
     path = out / INDEX_NAME
     with atomic_write(path) as tmp:
         Path(tmp).write_text(html.page("zoomfeat demo", parts))
@@ -368,7 +401,7 @@ def _write_contact_sheets(out: Path) -> None:
             if not manifest.exists():
                 continue
             record = json.loads(manifest.read_text())
-            samples = [np.asarray(Image.open(folder / e["file"]).convert("RGB")) for e in record["images"]]
+            samples = [read_rgb(folder / e["file"]) for e in record["images"]]
             side = samples[0].shape[0]
             conditions = record["conditions"]
             slide, (x, y) = conditions.get("slide"), _first_coords(conditions)

@@ -18,22 +18,13 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from zoomfeat.errors import ConfigError
+from zoomfeat.errors import CheckpointError, ConfigError, one_line
+from zoomfeat.torch_files import load_torch_file
 
 
 def load_checkpoint(path, fix: str, *, mmap: bool = False) -> dict:
     """The dict saved at ``path`` (tensors and plain values only); CheckpointError ending with ``fix``."""
-    import torch
-
-    from zoomfeat.errors import CheckpointError
-    from zoomfeat.model.checkpoint import check_checkpoint_file
-
-    check_checkpoint_file(path)  # empty / text / random bytes, before torch unpickles anything
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # torch.load raises many types (RuntimeError, KeyError, EOFError ...) for bad bytes
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason}); {fix}") from exc
+    ckpt = load_torch_file(path, "checkpoint", fix=fix, mmap=mmap)  # empty / text / random bytes: one line
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict; {fix}")
     return ckpt
@@ -43,12 +34,11 @@ def atomic_checkpoint_io():
     """A :class:`lightning.pytorch.plugins.io.TorchCheckpointIO` whose files appear complete or not at all."""
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from zoomfeat.store import atomic_write
+    from zoomfeat.store import save_torch
 
     class AtomicCheckpointIO(TorchCheckpointIO):
         def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-            with atomic_write(path) as tmp:
-                super().save_checkpoint(checkpoint, tmp, storage_options)
+            save_torch(checkpoint, path)  # what TorchCheckpointIO saves, through the one torch writer
 
     return AtomicCheckpointIO()
 
@@ -58,22 +48,52 @@ def make_trainer(*, options: dict[str, str] | None = None, **kwargs: Any):
     (``{"devices": "--devices"}``) for the error message."""
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.callbacks import ProgressBar
 
     from zoomfeat.log import quiet_third_party
 
     quiet_third_party()
+    callbacks = list(kwargs.get("callbacks") or [])
+    if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        kwargs["callbacks"] = [*callbacks, _step_progress_bar()]  # no empty "Training: 0/?" bar
     try:
         return L.Trainer(**kwargs)
     except (MisconfigurationException, ValueError, TypeError) as exc:
         names = options or {}
         given = ", ".join(f"{names.get(k, k)} {kwargs[k]!r}" for k in ("accelerator", "devices", "num_nodes",
                                                                           "precision", "strategy") if k in kwargs)
-        reason = " ".join(str(exc).split())
+        reason = one_line(exc)
         raise ConfigError(f"Lightning refuses {given}: {reason}") from exc
+
+
+def _step_progress_bar():
+    """Lightning's TQDM bar without its empty first lines: the training bar is shown once it has a total (it is
+    created before the epoch's length is known and would print "Training: 0/?" twice)."""
+    import sys
+
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
+
+    class StepProgressBar(TQDMProgressBar):
+        def init_train_tqdm(self):
+            return Tqdm(desc=self.train_description, position=2 * self.process_position, disable=self.is_disabled,
+                        leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT,
+                        delay=1e-9)
+
+        def on_train_epoch_start(self, trainer, *_: Any) -> None:
+            bar = self.train_progress_bar
+            bar.set_description(f"Epoch {trainer.current_epoch}", refresh=False)
+            bar.reset(convert_inf(self.total_train_batches))
+            bar.initial = 0
+
+    return StepProgressBar()
 
 
 def fit(trainer, *args: Any, **kwargs: Any) -> None:
     """``trainer.fit(*args, **kwargs)``; Ctrl-C raises KeyboardInterrupt (not Lightning's ``sys.exit(1)``)."""
+    if kwargs.get("ckpt_path"):  # a resumed checkpoint is read weights-only first: a pickle that is not is one line
+        load_checkpoint(kwargs["ckpt_path"], "pass a checkpoint this command wrote (--resume), or --resume none",
+                        mmap=True)
     previous = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit(*args, **kwargs)

@@ -31,6 +31,7 @@ _THIRD_PARTY_NOISE = (
     r".*TPU available.*",
     r".*Trainer.fit` stopped: `max_.*",
     r".*The number of training batches.*",
+    r".*Total length of `DataLoader` across ranks is zero.*",  # a run without validation batches
     r".*Checkpoint directory .* exists and is not empty.*",
     r".*LightningModule.*has parameters that were not used.*",
     r".*upgrade your.*checkpoint.*",

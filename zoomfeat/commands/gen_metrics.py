@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.commands.options import add_device_option
+
 HELP = "generation metrics between a folder of real and a folder of generated images (FID, SSIM, PSNR, LPIPS, ...)"
 # the registry's names (zoomfeat.generate.metrics.metric_names(); kept torch-free here, checked by a test)
 METRIC_NAMES = ("fid", "clip-fid", "crop-fid", "downsampled-fid", "nn-distance", "ssim", "psnr", "lpips",
@@ -46,21 +48,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         ".csv (metric,item,value,n); default: print only")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--batch-size", type=int, default=16, help="images per network batch (default 16)")
-    runtime.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                         help="where the feature networks run (default auto = cuda when visible)")
+    add_device_option(runtime)
 
 
 def build_config(args: argparse.Namespace):
     from pathlib import Path
 
-    from zoomfeat.runtime import resolve_runtime
+    from zoomfeat.encoders.specs import SPECS, encoder_weights
     from zoomfeat.generate.metrics import GenMetricsConfig
+    from zoomfeat.runtime import resolve_runtime
 
     names = tuple(n.strip().lower() for value in args.metric for n in value.split(",") if n.strip())
     path = lambda v: Path(v) if v else None  # noqa: E731
+    encoder = args.encoder.strip().lower() if args.encoder else None
+    weights = args.encoder_weights  # a path, or a hub reference resolved here
+    weights = encoder_weights(encoder, weights, "--encoder-weights") if encoder in SPECS and weights else path(weights)
     return GenMetricsConfig(
         real=Path(args.real), fake=Path(args.fake), metrics=names, out=path(args.out), weights=path(args.weights),
-        encoder=args.encoder.strip().lower() if args.encoder else None, encoder_weights=path(args.encoder_weights),
+        encoder=encoder, encoder_weights=weights,
         encoder_dim=args.encoder_dim, lpips_backbone=path(args.lpips_backbone), lpips_linear=path(args.lpips_linear),
         lpips_net=args.lpips_net, crop_size=args.crop_size, downsample_size=args.downsample_size,
         batch_size=args.batch_size, device=resolve_runtime(args.device, "fp32").device,

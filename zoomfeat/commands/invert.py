@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat import hub
+from zoomfeat.commands.options import add_device_option
+
 HELP = "infer a conditioning grid for one patch image (ZoomLDM condition inversion) and save it as HDF5"
 
 
@@ -39,8 +42,7 @@ def add_runtime_group(parser: argparse.ArgumentParser, what: str, batch_size: bo
         group.add_argument("--batch-size", type=int, default=8,
                            help="20x patches per network batch in joint sampling (default 8)")
     group.add_argument("--seed", type=int, default=0, help=f"seed of the {what} (default 0)")
-    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                       help="where the networks run (default auto = cuda when visible)")
+    add_device_option(group)
     group.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"),
                        help="autocast of the inversion's U-Net passes (default fp32; auto = bf16 on CUDA)")
 
@@ -118,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
         close()
     provenance = {"image": str(args.image), "zoomldm_config": str(source.config),
                   "zoomldm_sha256": file_sha256(source.weights), "settings": settings.__dict__,
-                  "precision": runtime.precision}
+                  "precision": runtime.precision,
+                  **hub.weights_sources(checkpoint=source.weights, config=source.config)}
     save_grid(out, result, provenance)
     first, last = result.probe_losses[0], result.probe_losses[-1]
     print(f"invert: {mag} grid {list(result.grid.shape)}; probe loss {first:.6g} -> {last:.6g} "

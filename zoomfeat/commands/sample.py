@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from zoomfeat.commands.options import add_scale_group, add_tissue_group
+from zoomfeat import hub
+from zoomfeat.commands.options import add_device_option, add_scale_group, add_tissue_group
 
 HELP = ("generate N ZoomLDM variations of real patches (slide + coordinates, tile store or conditioning folder) "
         "or of contexts drawn by a CDM (--cdm, no slide)")
@@ -62,8 +63,7 @@ def add_runtime_group(parser: argparse.ArgumentParser, batch_size: int) -> None:
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--batch-size", type=int, default=batch_size,
                          help=f"patches (or windows) per network pass (default {batch_size})")
-    runtime.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                         help="where the networks run (default auto = cuda when visible)")
+    add_device_option(runtime)
     runtime.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                          help="auto (default) = bf16 autocast on CUDA, fp32 on CPU")
 
@@ -141,9 +141,10 @@ def cdm_request(args: argparse.Namespace, n_patches: int):
                             ("--tiles", args.tiles), ("--conditioning", args.conditioning)) if v is not None]
     if given:
         raise ConfigError(f"--cdm draws the contexts itself: drop {', '.join(given)}")
-    if not Path(args.cdm).exists():
+    cdm = hub.local_file(args.cdm, ("last.ckpt",), "--cdm")  # a path, or a hub reference resolved to its file
+    if not cdm.exists():
         raise ConfigError(f"--cdm {args.cdm} not found: pass a train-cdm run folder or a CDM checkpoint file")
-    extra = {"cdm": Path(args.cdm), "cdm_steps": args.cdm_steps, "cdm_guidance": args.cdm_guidance,
+    extra = {"cdm": cdm, "cdm_steps": args.cdm_steps, "cdm_guidance": args.cdm_guidance,
              "cdm_seed": args.cdm_seed}
     return ConditionRequest(mag=parse_mag(args.mag), n_patches=n_patches, batch_size=max(1, args.batch_size),
                             extra=extra)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.cdm import config as c
+from zoomfeat.cdm.config import TrainCDMConfig
+from zoomfeat.commands.options import add_workers_option
+
 HELP = "train the conditioning diffusion model (DiT over Summarizer contexts; checkpoints, resume, DDP)"
 
 # argparse group = config section; every option's dest is the field name of that section
@@ -11,8 +15,6 @@ SECTIONS = ("data", "model", "optim", "trainer")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from zoomfeat.cdm.config import TrainCDMConfig  # torch-free; the dataclasses hold the defaults
-
     d = TrainCDMConfig.__dataclass_fields__
     dd, md, od, td = (d[name].default_factory() for name in SECTIONS)
     data = parser.add_argument_group("data")
@@ -20,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="folder written by `zoomfeat prepare-cdm` (its contexts.h5)")
     data.add_argument("--batch-size", type=int, default=dd.batch_size,
                       help=f"contexts per device and step (default {dd.batch_size}, the official global batch)")
-    data.add_argument("--workers", type=int, default=dd.workers, help=f"DataLoader workers per device (default {dd.workers})")
+    add_workers_option(data)
     data.add_argument("--mag-sampling", choices=("uniform", "proportional"), default=dd.mag_sampling,
                       help="magnification of each sample: uniform (default, as ZoomLDM training) or by counts")
     data.add_argument("--steps-per-epoch", type=int, default=dd.steps_per_epoch,
@@ -66,8 +68,6 @@ def build_config(args: argparse.Namespace):
     """TrainCDMConfig from the parsed options (validated before any work)."""
     import dataclasses
     from pathlib import Path
-
-    from zoomfeat.cdm import config as c
 
     types = {"data": c.DataSection, "model": c.ModelSection, "optim": c.OptimSection, "trainer": c.TrainerSection}
     sections = {}

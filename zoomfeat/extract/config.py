@@ -9,6 +9,7 @@ from pathlib import Path
 from zoomfeat.errors import ConfigError
 from zoomfeat.mags import Magnification, mag_name, parse_mags
 from zoomfeat.slides import check_scale_overrides
+from zoomfeat.tissue import TissueParams
 
 POOLINGS = ("mean", "meanmax")
 NOISES = ("seeded", "none")
@@ -75,8 +76,6 @@ class ExtractConfig:
     @property
     def tissue(self):
         """The tissue detection settings (the same flags and rules as ``zoomfeat tile``)."""
-        from zoomfeat.tissue import TissueParams
-
         return TissueParams(min_tissue=self.min_tissue, mask_mag=self.mask_mag,
                             saturation_threshold=self.saturation_threshold, min_saturation=self.min_saturation)
 
@@ -148,7 +147,8 @@ def validate(c: ExtractConfig) -> None:
         raise ConfigError(f"bad --batch-size {c.batch_size}: use a positive number")
     if c.workers < 0:
         raise ConfigError(f"bad --workers {c.workers}: use 0 or more")
-    _choice("device", c.device, DEVICES)
+    if c.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(c.device)):
+        raise ConfigError(f"bad --device {c.device!r}: use one of {', '.join(DEVICES)} or cuda:N")
     _choice("precision", c.precision, PRECISIONS)
     if c.devices < 1:
         raise ConfigError(f"bad --devices {c.devices}: use the number of processes per node, 1 or more")

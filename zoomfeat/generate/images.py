@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.errors import ConfigError, DataError
+from zoomfeat.plain_images import read_rgb
 from zoomfeat.store import atomic_write
 
 PNG_MAX_SIDE = 4096  # larger images are written as pyramidal TIFF
@@ -44,11 +45,8 @@ def save_png(path: str | Path, image: np.ndarray, text: dict | None = None) -> P
 
 
 def read_png(path: str | Path) -> np.ndarray:
-    """uint8 [H, W, 3] of a PNG written by :func:`save_png`."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    """uint8 [H, W, 3] of a PNG written by :func:`save_png` (read by :func:`zoomfeat.plain_images.read_rgb`)."""
+    return read_rgb(path)
 
 
 def contact_sheet(images: Sequence[np.ndarray], columns: int | None = None, pad: int = 2,

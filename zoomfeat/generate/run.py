@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zoomfeat import hub
 from zoomfeat.errors import CheckpointError, ConfigError, DataError
 from zoomfeat.generate.guidance import Guidance
 from zoomfeat.mags import Magnification
@@ -133,8 +134,9 @@ class LargeConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"bad --{name.replace('_', '-')} {value}: use 1 or more latent px")
-        if self.refine_t0 < 0 or self.refine_stride < 1:
-            raise ConfigError("bad --refine-t0/--refine-stride: t0 >= 0 (0 = no refinement), stride >= 1")
+        if not 0 <= self.refine_t0 <= timesteps or self.refine_stride < 1:
+            raise ConfigError(f"bad --refine-t0 {self.refine_t0}/--refine-stride {self.refine_stride}: "
+                              f"t0 in 0..{timesteps} (0 = no refinement), stride >= 1")
         if self.seed < 0:
             raise ConfigError(f"bad --seed {self.seed}: use a seed >= 0")
         if self.n < 1:
@@ -185,7 +187,8 @@ def _model_record(source: ZoomLDMSource, model) -> dict:
             "weights": str(source.weights) if source.weights else None,
             "checkpoint_sha256": file_sha256(source.weights), "use_ema": True,
             "random_init_seed": RANDOM_INIT_SEED if source.weights is None else None,
-            "first_stage_resolution": model.first_stage_resolution}
+            "first_stage_resolution": model.first_stage_resolution,
+            **hub.weights_sources(checkpoint=source.weights, config=source.config)}
 
 
 def _require_finite(tensor, what: str) -> None:

@@ -33,7 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from zoomfeat.errors import ConfigError, DataError
+from zoomfeat.errors import ConfigError, DataError, one_line
+from zoomfeat.store import FeatureFile, atomic_write, save_torch
+from zoomfeat.torch_files import load_torch_file
 
 MPP_20X = 0.5  # um/px of a 20x scan, the convention behind "10 / mpp" magnifications
 
@@ -127,15 +129,6 @@ def lattice_spacing(coords: np.ndarray) -> int | None:
     return int(np.gcd.reduce(steps)) if steps else None
 
 
-def _torch_load(path: Path):
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a foreign file
-        raise DataError(f"{path}: not a readable torch tensor file ({type(exc).__name__}); re-export it") from exc
-
-
 def _tensor_to_numpy(value, where: Path) -> np.ndarray:
     if isinstance(value, dict):
         for key in ("features", "feats", "embeddings"):
@@ -152,15 +145,10 @@ def _tensor_to_numpy(value, where: Path) -> np.ndarray:
 def _save_torch(path: Path, features: np.ndarray) -> None:
     import torch
 
-    from zoomfeat.store import atomic_write
-
-    with atomic_write(path) as tmp:
-        torch.save(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)), tmp)
+    save_torch(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)), path)
 
 
 def _write_h5(path: Path, datasets: dict[str, np.ndarray], attrs: dict[str, dict]) -> None:
-    from zoomfeat.store import atomic_write
-
     with atomic_write(path) as tmp:
         with _h5().File(tmp, "w") as fh:
             for name, data in datasets.items():
@@ -180,7 +168,7 @@ def _read_h5_checked(path: Path):
     try:
         return _h5().File(path, "r")
     except OSError as exc:
-        raise DataError(f"{path}: unreadable HDF5 file ({' '.join(str(exc).split())[:80]}); re-export it") from exc
+        raise DataError(f"{path}: unreadable HDF5 file ({one_line(exc, 80)}); re-export it") from exc
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,7 +186,7 @@ def _clam_files(folder: Path) -> dict[str, Path]:
 
 def _read_clam(path: Path, mpp: float | None = None) -> ForeignFeatures:
     if path.suffix == ".pt":
-        feats = _tensor_to_numpy(_torch_load(path), path)
+        feats = _tensor_to_numpy(load_torch_file(path, "torch tensor file", error=DataError, fix="re-export it"), path)
         return ForeignFeatures(path.stem, feats, None, None, None, "clam", path,
                                "CLAM pt_files carry no coordinates")
     with _read_h5_checked(path) as fh:
@@ -369,7 +357,7 @@ def _read_slide2vec(path: Path, mpp: float | None = None) -> ForeignFeatures:
                 raise DataError(f"{path}: a slide2vec .npz needs a 'features' array")
             feats = _features(payload["features"], path)
     else:
-        feats = _tensor_to_numpy(_torch_load(path), path)
+        feats = _tensor_to_numpy(load_torch_file(path, "torch tensor file", error=DataError, fix="re-export it"), path)
     root = path.parent.parent if path.parent.name == "tile_embeddings" else path.parent
     coords_file = root / "coordinates" / f"{sample_id}.npy"
     if not coords_file.is_file():
@@ -389,8 +377,6 @@ def _read_slide2vec(path: Path, mpp: float | None = None) -> ForeignFeatures:
 
 def _write_slide2vec(folder: Path, slide_id: str, features: np.ndarray, coords_level0: np.ndarray, *,
                      patch_size_level0: int, magnification: float, encoder: str = "zoomfeat", **_) -> list[Path]:
-    from zoomfeat.store import atomic_write
-
     pt = folder / "tile_embeddings" / f"{slide_id}.pt"
     meta = folder / "tile_embeddings" / f"{slide_id}.meta.json"
     coords_file = folder / "coordinates" / f"{slide_id}.npy"
@@ -434,7 +420,7 @@ def _eva_files(folder: Path) -> dict[str, Path]:
 def _read_eva(path: Path, mpp: float | None = None) -> ForeignFeatures:
     if not path.is_file():
         raise DataError(f"{path}: listed in the eva manifest but missing")
-    value = _torch_load(path)
+    value = load_torch_file(path, "torch tensor file", error=DataError, fix="re-export it")
     if isinstance(value, (list, tuple)):
         import torch
 
@@ -444,8 +430,6 @@ def _read_eva(path: Path, mpp: float | None = None) -> ForeignFeatures:
 
 
 def _write_eva(folder: Path, slide_id: str, features: np.ndarray, coords_level0: np.ndarray, **_) -> list[Path]:
-    from zoomfeat.store import atomic_write
-
     pt = folder / "embeddings" / f"{slide_id}.pt"
     _save_torch(pt, features)
     manifest = folder / "manifest.csv"
@@ -582,8 +566,6 @@ class _Part:
 
 
 def _read_native(directory: Path, mag, slide_id: str) -> _Part:
-    from zoomfeat.store import FeatureFile
-
     path = directory / f"{slide_id}.h5"
     if not path.is_file():
         raise DataError(f"{path}: feature file not found; extract slide {slide_id} or drop it from the split")

@@ -20,10 +20,17 @@ import lightning as L
 import torch
 
 from zoomfeat.config import save_config
-from zoomfeat.errors import ConfigError, DataError
-from zoomfeat.train.config import TrainConfig, resolve_zoomldm_config
+from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
+from zoomfeat.fitting import atomic_checkpoint_io, fit, load_checkpoint, make_trainer
+from zoomfeat.resolve import file_sha256, zoomldm_config_path
+from zoomfeat.serial import to_jsonable
+from zoomfeat.store import atomic_write, describe_diff, settings_diff, write_json_atomic
+from zoomfeat.store.trainset import INDEX_NAME
+from zoomfeat.torch_files import load_torch_file
+from zoomfeat.train.config import TrainConfig
 from zoomfeat.train.dataset import TrainingSet, ZoomLDMDataModule
 from zoomfeat.train.module import ZoomLDMLightning
+from zoomfeat.train.prepare import FIRST_STAGE_NAME, first_stage_digest
 
 
 class OfficialExport(L.Callback):
@@ -65,7 +72,7 @@ def world_size(accelerator: str, devices, num_nodes: int = 1) -> int:
     try:
         parsed = kind.auto_device_count() if str(devices) == "auto" else kind.parse_devices(devices)
     except (MisconfigurationException, ValueError, TypeError) as exc:
-        raise ConfigError(f"trainer.devices {devices!r} (--devices): {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"trainer.devices {devices!r} (--devices): {one_line(exc)}") from exc
     count = len(parsed) if isinstance(parsed, (list, tuple)) else int(parsed or 0)
     return count * int(num_nodes)
 
@@ -116,7 +123,7 @@ def build_model(cfg: TrainConfig):
     """The ZoomLDM to train: official weights from ``init_from`` (fine-tuning) or a random init."""
     from zoomfeat.model import build_zoomldm, load_zoomldm
 
-    config = resolve_zoomldm_config(cfg.model.zoomldm)
+    config = zoomldm_config_path(cfg.model.zoomldm)
     if cfg.model.init_from is not None:
         return load_zoomldm(config, cfg.model.init_from, use_ema=False, device="cpu").train()
     torch.manual_seed(cfg.data.seed)
@@ -129,13 +136,12 @@ def adopt_first_stage(data: TrainingSet, model, from_checkpoint: bool) -> None:
     From scratch, the first stage comes from ``DATA/first_stage.pt``; when fine-tuning, the checkpoint's
     first stage must be that one (same digest), or the latents would not match the decoder.
     """
-    from zoomfeat.train.prepare import FIRST_STAGE_NAME, first_stage_digest
-
     if not from_checkpoint:
         path = data.root / FIRST_STAGE_NAME
         if not path.is_file():
             raise DataError(f"{path} not found: rerun prepare-train (it saves the first stage it used)")
-        model.first_stage_model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.first_stage_model.load_state_dict(load_torch_file(path, "first stage", error=DataError,
+                                                                fix="rerun prepare-train"))
     if data.first_stage_digest and first_stage_digest(model) != data.first_stage_digest:
         raise DataError(f"{data.root}: the latents were made with another first stage than {model.config.source}'s "
                         "weights: rerun prepare-train with --weights set to the --init-from file")
@@ -167,8 +173,6 @@ def build_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
     """The Lightning Trainer of a run; devices, precision and strategy are parsed by Lightning (one-line
     ConfigError for what it refuses)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from zoomfeat.fitting import atomic_checkpoint_io, make_trainer
 
     t, v = cfg.trainer, cfg.validation
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step_{step:07d}", auto_insert_metric_name=False,
@@ -206,16 +210,11 @@ ADDED_SETTINGS: dict[str, object] = {"optim.summarizer_lr_scale": 1.0}
 
 def run_inputs(data: TrainingSet) -> dict:
     """Content fingerprints of a run's inputs: the training set's index (sha256) and first-stage digest."""
-    from zoomfeat.resolve import file_sha256
-    from zoomfeat.store.trainset import INDEX_NAME
-
     return {"index_sha256": file_sha256(data.root / INDEX_NAME), "first_stage_digest": data.first_stage_digest}
 
 
 def _fixed(settings: dict) -> dict:
     """The settings of a run that a resume must keep (RESUME_FREE dropped), in dotted form."""
-    from zoomfeat.serial import to_jsonable
-
     flat = {f"{section}.{key}": value for section, values in to_jsonable(settings).items()
             if isinstance(values, dict) for key, value in values.items()}
     return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE)}
@@ -234,8 +233,6 @@ def _read_json(path: Path) -> dict:
 def check_resume(cfg: TrainConfig, out: Path, resume: str | None, inputs: dict) -> None:
     """Refuse a resume whose settings or inputs differ from those the run began with, and a fresh start
     (``--resume none``) over a folder that holds another run's checkpoints. ConfigError naming the keys."""
-    from zoomfeat.store import describe_diff, settings_diff
-
     if resume is None:
         if any((out / "checkpoints").glob("*.ckpt")):
             raise ConfigError(f"{out} holds checkpoints of an earlier run and --resume is none: continue it with "
@@ -254,16 +251,11 @@ def check_resume(cfg: TrainConfig, out: Path, resume: str | None, inputs: dict) 
 
 
 def to_settings(cfg: TrainConfig) -> dict:
-    from zoomfeat.serial import to_jsonable
-
     return to_jsonable(cfg)
 
 
 def check_resume_checkpoint(path: str | None) -> None:
     """CheckpointError (one line) for a resume file that is not a Lightning checkpoint of this trainer."""
-    from zoomfeat.errors import CheckpointError
-    from zoomfeat.fitting import load_checkpoint
-
     if path is None:
         return
     fix = "pass OUT/checkpoints/last.ckpt of a `zoomfeat train` run, or --resume none"
@@ -275,8 +267,6 @@ def check_resume_checkpoint(path: str | None) -> None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    from zoomfeat.store import atomic_write
-
     with atomic_write(dst) as tmp:
         shutil.copyfile(src, tmp)
 
@@ -284,9 +274,6 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the output folder. Every check (Lightning settings, training set,
     model, resume settings and checkpoint) runs before anything is written."""
-    from zoomfeat.store import write_json_atomic
-    from zoomfeat.fitting import fit
-
     out = Path(cfg.trainer.out)
     trainer = build_trainer(cfg, out)
     resume = resolve_resume(cfg.trainer.resume, out)
@@ -299,7 +286,7 @@ def train(cfg: TrainConfig) -> Path:
     check_resume(cfg, out, resume, inputs)
     save_config(cfg, out / CONFIG_NAME)
     write_json_atomic(out / INPUTS_NAME, inputs)
-    _copy_atomic(resolve_zoomldm_config(cfg.model.zoomldm), out / "official" / "config.yaml")
+    _copy_atomic(zoomldm_config_path(cfg.model.zoomldm), out / "official" / "config.yaml")
     module = ZoomLDMLightning(model, cfg.optim, cfg.validation, seed=cfg.data.seed, sample_dir=out / "samples")
     fit(trainer, module, datamodule=ZoomLDMDataModule(cfg.data), ckpt_path=resume, weights_only=True)
     return out
