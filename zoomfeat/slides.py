@@ -163,11 +163,25 @@ def _check_agreement(path: Path, objective: float, mpp: float) -> None:
          f"{_nearest_objective(mpp):g}x): using {objective:g}x; pass --base-mag or --mpp if that is wrong")
 
 
-def _written_magnification(properties: dict) -> float | None:
-    """The magnification a zoomfeat-written slide (:mod:`zoomfeat.generate.pyramid`) records in its description."""
-    from zoomfeat.generate.pyramid import read_description
+WRITTEN_FORMAT = "zoomfeat-slide"  # the description format of zoomfeat.generate.pyramid
 
-    record = read_description(properties.get("tiff.ImageDescription"))
+
+def read_written_description(text: str | None) -> dict | None:
+    """The JSON description of a slide zoomfeat wrote (:mod:`zoomfeat.generate.pyramid`); None for other text."""
+    import json
+
+    if not text or not text.lstrip().startswith("{"):
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and record.get("format") == WRITTEN_FORMAT else None
+
+
+def _written_magnification(properties: dict) -> float | None:
+    """The magnification a zoomfeat-written slide records in its description (generic TIFF has no objective)."""
+    record = read_written_description(properties.get("tiff.ImageDescription"))
     return _plausible_objective(str(record.get("magnification"))) if record else None
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from zoomfeat.commands.options import add_scale_group, add_tissue_group
-from zoomfeat.commands.generate_large import add_guidance_options, add_joint_options, add_refine_options
+from zoomfeat.commands.options import add_scale_group, add_tissue_group, tissue_params
+from zoomfeat.commands.generate_large import add_guidance_options, add_joint_options, add_refine_options, guidance_of
 from zoomfeat.commands.sample import add_model_group, add_runtime_group
+from zoomfeat.errors import ConfigError
+from zoomfeat.log import note
+from zoomfeat.mags import parse_mags
 
 HELP = ("generate a synthetic whole slide (pyramidal TIFF) from a real slide's tissue and 20x embeddings, coarse "
         "to fine: overlapping windows at the first level, then region by region in agreement with the level above "
@@ -53,7 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _region(text: str | None):
-    from zoomfeat.errors import ConfigError
 
     if text is None:
         return None
@@ -69,13 +71,9 @@ def _region(text: str | None):
 def build_config(args: argparse.Namespace):
     from pathlib import Path
 
-    from zoomfeat.commands.options import tissue_params
     from zoomfeat.encoders.specs import parse_conditioner
-    from zoomfeat.errors import ConfigError
     from zoomfeat.generate.conditions import ConditionRequest
-    from zoomfeat.commands.generate_large import guidance_of
     from zoomfeat.generate.slide import SlideGenConfig
-    from zoomfeat.mags import parse_mags
     from zoomfeat.resolve import resolve_zoomldm
     from zoomfeat.slides import check_scale_overrides
 
@@ -113,7 +111,6 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from zoomfeat.generate.slide import generate_slide
-    from zoomfeat.log import note
 
     cfg = build_config(args)
     bar = tqdm(desc="regions", unit="region", file=sys.stderr, disable=None, leave=False)

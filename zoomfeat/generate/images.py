@@ -85,7 +85,7 @@ def save_large(stem: str | Path, image: np.ndarray, mpp: float = 0.5, magnificat
     if large_suffix(max(image.shape[:2]), fmt) == ".png":
         return save_png(stem.with_suffix(".png"), image,
                         {"magnification": f"{magnification:g}", "mpp": f"{mpp:g}", **(text or {})})
-    from zoomfeat.generate.pyramid import write_pyramid_array
+    from zoomfeat.generate.pyramid import write_pyramid_array  # tifffile
 
     return write_pyramid_array(stem.with_suffix(".tiff"), image, mpp=mpp, magnification=magnification,
                                metadata=dict(text or {}))

@@ -6,8 +6,8 @@ chain (level 0 ``NewSubfileType`` 0, the reduced levels 1); OpenSlide ignores Su
 page carries its resolution (``XResolution``/``YResolution`` in px per cm, from which OpenSlide reports
 ``openslide.mpp-x``), and level 0 an ``ImageDescription`` that is one JSON object
 ``{"format": "zoomfeat-slide", "format_version": 1, "magnification": 20.0, "mpp": 0.5, ...}`` with whatever
-provenance the caller adds (source slide fingerprint, model hash, seeds, settings); :mod:`zoomfeat.slides` reads
-the magnification from it (generic TIFF has no objective-power field).
+provenance the caller adds (source slide fingerprint, model hash, seeds, settings);
+:func:`zoomfeat.slides.read_written_description` reads it, and the slide reader takes the magnification from it (generic TIFF has no objective-power field).
 
 Streaming: level 0 is produced band by band by a caller's ``band(y0, y1) -> uint8 [y1-y0, W, 3]`` and handed to
 tifffile tile by tile from a generator; while a band is cut into tiles it is also 2x2 box-averaged
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.errors import ConfigError, DataError
-
-FORMAT = "zoomfeat-slide"
+from zoomfeat.slides import WRITTEN_FORMAT as FORMAT
+from zoomfeat.store import atomic_write
 FORMAT_VERSION = 1
 COMPRESSIONS = ("jpeg", "deflate", "none")
 
@@ -87,17 +87,6 @@ def description(magnification: float, mpp: float, metadata: dict | None = None) 
     return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
 
-def read_description(text: str | None) -> dict | None:
-    """The metadata of a description written by :func:`description`; None for any other text."""
-    if not text or not text.lstrip().startswith("{"):
-        return None
-    try:
-        record = json.loads(text)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) and record.get("format") == FORMAT else None
-
-
 class _RawLevel:
     """A level's pixels in a raw uint8 file on disk: rows appended in order, read back by row ranges."""
 
@@ -147,8 +136,6 @@ def write_pyramid_streamed(path: str | Path, height: int, width: int, band: Band
     """Write a ``height x width`` RGB image whose level-0 rows come from ``band(y0, y1)`` (called once per band
     of ``settings.tile`` rows, top to bottom) as a pyramidal TIFF at ``path`` (atomic). Returns ``path``."""
     import tifffile
-
-    from zoomfeat.store import atomic_write
 
     if height < 1 or width < 1:
         raise ConfigError(f"a slide needs at least 1x1 px, got {width}x{height}")

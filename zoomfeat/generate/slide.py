@@ -41,14 +41,27 @@ from __future__ import annotations
 import json
 import shutil
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from zoomfeat.errors import ConfigError, DataError
-from zoomfeat.generate.guidance import Guidance
+from zoomfeat.generate.conditions import contexts_for_mag, grid_source
+from zoomfeat.generate.decode import decode_large, to_uint8
+from zoomfeat.generate.guidance import Guidance, guided_eps
+from zoomfeat.generate.interpolate import contexts_20x, embeddings_at
+from zoomfeat.generate.joint import FixedGuide, JointSettings, joint_sample, stitch
+from zoomfeat.generate.pyramid import PyramidSettings, write_pyramid_streamed
+from zoomfeat.generate.windows import SeededNoise, StepCoefficients, large_image_timesteps, renoise, window_grid
 from zoomfeat.mags import CONDITIONING_MAG, PATCH_SIZE, Magnification, parse_mag
+from zoomfeat.model import load_zoomldm
+from zoomfeat.resolve import file_sha256
+from zoomfeat.runtime import resolve_runtime
+from zoomfeat.slides import Slide
+from zoomfeat.store import atomic_write, write_text
+from zoomfeat.tissue import TissueParams, mask_from_rgb
 
 PARTS_VERSION = 1
 DEFAULT_LEVELS = ("1.25x", "5x", "20x")
@@ -86,8 +99,6 @@ class SlideGenConfig:
     keep_parts: bool = False
 
     def __post_init__(self) -> None:
-        from zoomfeat.generate.pyramid import PyramidSettings
-
         levels = tuple(sorted({parse_mag(m) for m in self.levels}))
         object.__setattr__(self, "levels", levels)
         if len(levels) < 2 or levels[-1] != CONDITIONING_MAG:
@@ -118,8 +129,6 @@ class SlideGenConfig:
         PyramidSettings(self.tile, self.compression, self.quality)
 
     def joint_settings(self, stride: int):
-        from zoomfeat.generate.joint import JointSettings
-
         return JointSettings(1000, stride, self.guidance, self.h, self.lr, update=self.joint_update,
                              iterations=self.joint_iterations, krylov=self.krylov, batch_size=self.batch_size)
 
@@ -158,7 +167,6 @@ class Parts:
                 raise ConfigError(f"{self.folder} holds the parts of a run with other settings or inputs: delete it "
                                   "or give another --out")
         else:
-            from zoomfeat.store import write_text
 
             self.folder.mkdir(parents=True, exist_ok=True)
             write_text(run, text)
@@ -170,7 +178,6 @@ class Parts:
         return self.path(name).exists()
 
     def save(self, name: str, array: np.ndarray) -> None:
-        from zoomfeat.store import atomic_write
 
         with atomic_write(self.path(name)) as tmp, open(tmp, "wb") as fh:
             np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
@@ -279,11 +286,7 @@ def _region_patches(info, cfg: SlideGenConfig) -> tuple[int, int, int, int, floa
 
 def read_source(model, cfg: SlideGenConfig, runtime) -> tuple[Source, int, int]:
     """The conditions and tissue of the real slide's region (conditioner on every 20x tile under it)."""
-    from dataclasses import replace
 
-    from zoomfeat.generate.conditions import grid_source
-    from zoomfeat.slides import Slide
-    from zoomfeat.tissue import TissueParams, mask_from_rgb
 
     request = cfg.conditions
     with Slide(request.slide, base_mag=request.base_mag, mpp=request.mpp) as slide:
@@ -349,10 +352,6 @@ class Cascade:
         """Contexts [N, 65, D] of windows at latent ``positions`` (row, col) of a latent whose corner is the
         level's latent px ``offset``: the (20/m)^2 sub-grid under the window at m, or at 20x the slerped
         embedding (official rule)."""
-        import torch
-
-        from zoomfeat.generate.conditions import contexts_for_mag
-        from zoomfeat.generate.interpolate import contexts_20x, embeddings_at
 
         pos = np.asarray(positions, np.int64) + np.asarray(offset, np.int64)
         if level.g == 1:
@@ -379,10 +378,6 @@ class Cascade:
         estimates; a pixel no window covers keeps x0 = 0). ``known`` = (mask [1,1,H,W] bool, z [1,C,H,W]):
         before every step the masked part of x is set to z re-noised to that step's t. ``active(r, c)``:
         whether a window is run (default all)."""
-        import torch
-
-        from zoomfeat.generate.guidance import guided_eps
-        from zoomfeat.generate.windows import StepCoefficients, renoise, window_grid
 
         _, _, h, w = x.shape
         pos = window_grid(h, w, self.side, self.window_stride(level))
@@ -412,15 +407,12 @@ class Cascade:
         return x
 
     def timesteps(self, t_start: int, stride: int) -> list[int]:
-        from zoomfeat.generate.windows import large_image_timesteps
 
         return large_image_timesteps(t_start, stride, self.m.num_timesteps)
 
     # units --------------------------------------------------------------------------------------------------
     def coarsest(self) -> None:
         """Level 0: the whole tissue area sampled as one latent with overlapping windows."""
-        from zoomfeat.generate.windows import SeededNoise
-
         level = self.levels[0]
         name = unit_name(0, 0, 0)
         if self.parts.has(name):
@@ -440,9 +432,6 @@ class Cascade:
 
     def guide_image(self, level: Level, i: int, j: int):
         """The level above decoded over region (i, j) of ``level``: float [1, 3, h, w] in about [-1, 1]."""
-        import torch
-
-        from zoomfeat.generate.decode import decode_large
 
         above = self.levels[level.index - 1]
         reader = LatentReader(self.parts, above, self.side, self.channels, cache=4)
@@ -465,10 +454,6 @@ class Cascade:
     def region(self, level: Level, i: int, j: int) -> None:
         """One region of a finer level: joint sampling under the level above, then the refinement pass with the
         finished neighbours' band re-imposed."""
-        import torch
-
-        from zoomfeat.generate.joint import FixedGuide, joint_sample, stitch
-        from zoomfeat.generate.windows import SeededNoise
 
         name = unit_name(level.index, i, j)
         if self.parts.has(name) or not any_tissue(self.src, level, i, j):
@@ -490,9 +475,6 @@ class Cascade:
     def refine(self, level: Level, i: int, j: int, latent, noise):
         """The refinement pass over the region plus a one-patch band of the finished neighbours above and to
         the left (kept: re-imposed before every step); returns the region's part."""
-        import torch
-
-        from zoomfeat.generate.windows import renoise
 
         s = self.side
         top, left = (s if i > 0 else 0), (s if j > 0 else 0)
@@ -511,17 +493,12 @@ class Cascade:
         return x[:, :, top:, left:]
 
     def _check(self, x, what: str) -> None:
-        import torch
-
         if not bool(torch.isfinite(x).all()):
             raise DataError(f"{what} has non-finite values: use --precision fp32, more --steps or a lower --guidance")
 
     # assembly -----------------------------------------------------------------------------------------------
     def band_source(self):
         """``band(y0, y1)`` of the finest level's output pixels (uint8 [y1-y0, W, 3]) and (H, W)."""
-        import torch
-
-        from zoomfeat.generate.decode import decode_large, to_uint8
 
         level = self.levels[-1]
         reader = LatentReader(self.parts, level, self.side, self.channels, cache=2 * level.n_regions[1] + 2)
@@ -562,9 +539,7 @@ def _widen(a: int, b: int, size: int, window: int) -> tuple[int, int]:
 
 # ----- the run -----------------------------------------------------------------------------------------------
 def _load_model(source, runtime):
-    import torch
 
-    from zoomfeat.model import load_zoomldm
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # a model without weights is built from seed 0 (as generate-large)
@@ -572,7 +547,6 @@ def _load_model(source, runtime):
 
 
 def _model_record(source, model) -> dict:
-    from zoomfeat.resolve import file_sha256
 
     return {"config_sha256": file_sha256(source.config), "checkpoint_sha256": file_sha256(source.weights),
             "first_stage_resolution": int(model.first_stage_resolution)}
@@ -580,8 +554,6 @@ def _model_record(source, model) -> dict:
 
 def generate_slide(cfg: SlideGenConfig, progress=None) -> dict:
     """Generate (or resume) the slide of ``cfg``; returns the record written into the TIFF's description."""
-    from zoomfeat.runtime import resolve_runtime
-    from zoomfeat.generate.pyramid import PyramidSettings, write_pyramid_streamed
 
     runtime = resolve_runtime(cfg.device, cfg.precision)
     model = _load_model(cfg.zoomldm, runtime)
@@ -632,7 +604,6 @@ def _cached_source(model, cfg: SlideGenConfig, runtime) -> tuple[Source, int, in
     source, rows0, cols0 = read_source(model, cfg, runtime)
     meta = {k: v for k, v in asdict(source).items() if k not in ("embeddings", "mask")}
     meta.update(rows0=rows0, cols0=cols0)
-    from zoomfeat.store import atomic_write
 
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_write(cache) as tmp, open(tmp, "wb") as fh:
