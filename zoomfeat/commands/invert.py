@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.progress import progress
+
 from zoomfeat import hub
 from zoomfeat.commands.options import add_device_option
 
@@ -111,7 +113,6 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{args.image} is {image.shape[1]}x{image.shape[0]} px: invert takes one square patch of "
                         f"256 px{'' if side == 256 else f' or {side} px'} at {mag}; use `zoomfeat superres` for "
                         f"larger images")
-    from zoomfeat.progress import progress
 
     tick, close = progress(settings.iterations, "invert", "step")
     try:

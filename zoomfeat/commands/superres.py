@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.progress import progress
+
 from zoomfeat import hub
 
 HELP = "super-resolve images at --mag to 20x: inverted conditions + joint sampling with the image as measurement"
@@ -154,7 +156,6 @@ def run(args: argparse.Namespace) -> int:
     provenance = {"zoomldm_config": str(source.config), "zoomldm_sha256": file_sha256(source.weights),
                   "precision": runtime.precision, "device": runtime.device,
                   **hub.weights_sources(checkpoint=source.weights, config=source.config)}
-    from zoomfeat.progress import progress
 
     for path, row, out in targets:
         bars = {}

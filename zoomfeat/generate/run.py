@@ -22,7 +22,10 @@ import numpy as np
 from zoomfeat import hub
 from zoomfeat.errors import CheckpointError, ConfigError, DataError
 from zoomfeat.generate.guidance import Guidance
+from zoomfeat.generate.manifest import (CONDITIONS_NAME, MANIFEST_NAME, load_conditions, read_manifest,
+                                        save_conditions, write_manifest)
 from zoomfeat.mags import Magnification
+from zoomfeat.progress import progress
 from zoomfeat.resolve import ZoomLDMSource, file_sha256
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -164,8 +167,6 @@ class LargeConfig:
 
 # ----- shared pieces ---------------------------------------------------------------------------------------
 def _progress(total: int, desc: str):
-    from zoomfeat.progress import progress
-
     return progress(total, desc, "patch-step")
 
 
@@ -296,7 +297,6 @@ def _write_real(run: ManifestRun, cfg: SampleConfig, conds, size: int) -> None:
 
 def _check_out_or_manifest(out: Path) -> None:
     """A new or empty folder, or one holding a generation manifest (a run to resume)."""
-    from zoomfeat.generate.manifest import MANIFEST_NAME
 
     if not (Path(out) / MANIFEST_NAME).is_file():
         _check_out(out)
@@ -324,7 +324,6 @@ class ManifestRun:
     done with its sha256 and rewrites the manifest atomically."""
 
     def __init__(self, out: Path, manifest: dict):
-        from zoomfeat.generate.manifest import MANIFEST_NAME, read_manifest
 
         self.out = Path(out)
         self.manifest = manifest
@@ -344,7 +343,6 @@ class ManifestRun:
         self._write()
 
     def _write(self) -> None:
-        from zoomfeat.generate.manifest import write_manifest
 
         write_manifest(self.out, self.manifest)
 
@@ -360,7 +358,6 @@ class ManifestRun:
 
 def _conditions_record(out: Path, conds, n_patches: int) -> dict:
     """Save ``conditions.npz`` (kept as is when the folder already holds the same conditions) and its record."""
-    from zoomfeat.generate.manifest import CONDITIONS_NAME, load_conditions, save_conditions
 
     record = dict(conds.record)
     record["patches"] = n_patches
@@ -537,7 +534,6 @@ def regenerate(manifest_path, device: str | None = None) -> list[np.ndarray]:
 
     from zoomfeat.runtime import resolve_runtime
     from zoomfeat.generate.conditions import conditions_from_saved
-    from zoomfeat.generate.manifest import load_conditions, read_manifest
     from zoomfeat.generate.samplers import SamplerSettings
 
     man = read_manifest(manifest_path)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zoomfeat.encoders.weights import load_strict, read_state_dict
 from zoomfeat.errors import CheckpointError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -100,12 +101,7 @@ def load_clip_visual(path: str | Path, act: str = "gelu") -> ClipVisual:
     """The image tower of a local open_clip ViT checkpoint (a state_dict, or a dict holding one under
     ``state_dict``); CheckpointError naming the file when the layout is not open_clip's ViT."""
     path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (any unreadable file is the same user error)
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    state = read_state_dict(path, "state_dict")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     need = ("conv1.weight", "class_embedding", "positional_embedding", "proj", "ln_post.weight")
@@ -118,9 +114,5 @@ def load_clip_visual(path: str | Path, act: str = "gelu") -> ClipVisual:
     grid = int(round((tokens - 1) ** 0.5))
     layers = len({k.split(".")[2] for k in visual if k.startswith("transformer.resblocks.")})
     model = ClipVisual(int(width), layers, int(patch), grid * int(patch), int(visual["proj"].shape[1]), act)
-    try:
-        model.load_state_dict(visual, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise CheckpointError(f"{path}: its image tower does not match open_clip's ViT layout ({first})") from exc
+    load_strict(model, visual, path, "open_clip's ViT image tower (visual.*)")
     return model.eval()

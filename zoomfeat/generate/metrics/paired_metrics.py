@@ -12,6 +12,7 @@ from zoomfeat.errors import DataError
 from zoomfeat.generate.metrics.context import MetricContext, MetricResult
 from zoomfeat.generate.metrics.images import read_image
 from zoomfeat.generate.metrics.registry import register_metric
+from zoomfeat.log import warn
 
 
 def _pairs(ctx: MetricContext):
@@ -31,8 +32,6 @@ def _mean(name: str, items: list[tuple[str, float]], details: dict | None = None
     """Mean over the pairs. A pair whose value is not finite (identical images: PSNR = inf; a constant image:
     an undefined cosine) keeps its own value in the items, is left out of the mean with a warning naming it, and
     never aborts the run; when no pair is finite the value is the first pair's."""
-    from zoomfeat.log import warn
-
     values = np.array([v for _, v in items], dtype=np.float64)
     finite = np.isfinite(values)
     details = dict(details or {})
