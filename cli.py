@@ -12,6 +12,9 @@ import argparse
 import importlib
 import sys
 
+from zoomfeat.commands.options import check_common
+from zoomfeat.store.files import os_write_error
+
 from zoomfeat import __version__
 from zoomfeat.config import (add_config_options, apply_config_defaults, config_actions, parse_set_items,
                              read_config_file, resolved_config, save_resolved_config)
@@ -25,7 +28,7 @@ COMMANDS: dict[str, str] = {
     "verify": "verify",
     "extract": "extract",
     "export": "export",
-    "synthesize": "synthesize",
+    "feature-copies": "feature_copies",
     "fit-first-stage": "fit_first_stage",
     "prepare-train": "prepare_train",
     "train": "train",
@@ -41,8 +44,10 @@ COMMANDS: dict[str, str] = {
     "superres": "superres",
     "sample": "sample",
     "generate-large": "generate_large",
+    "generate-slide": "generate_slide",
     "demo": "demo",
     "config": "config",
+    "fetch-weights": "fetch_weights",
 }
 
 
@@ -92,7 +97,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         sp.set_defaults(_run=module.run)
         for _path, leaf in _leaf_parsers(sp, (name,)):
             leaf.formatter_class = _HelpFormatter
-            if getattr(module, "CONFIG_SYSTEM", True) and "--config" not in leaf._option_string_actions:  # `train` has its own sectioned config
+            if getattr(module, "CONFIG_SYSTEM", True):  # `config show` passes its options on
                 add_config_options(leaf)
                 leaf.set_defaults(_config_system=True)
     return parser
@@ -159,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli_logging(debug="--debug" in argv)
     try:
         args, _path, config = resolve(argv)
+        check_common(args)
     except ZoomfeatError as exc:
         if "--debug" in argv:
             raise
@@ -175,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {one_line(exc, None)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a write that failed outside the store's writers (full disk, read-only, no access)
+        error = os_write_error(exc)
+        if error is None or args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,7 +7,7 @@ outcome in the run record:
   and **nested**: one seeded permutation of each class's patients per fold, of which a fraction takes a prefix,
   so the 10% set contains the 1% set and curves over fractions are paired. Validation and test are untouched.
 * :func:`synthetic_for_fold` picks the synthetic copies (``<slide_id>~syn<k>``, written by
-  ``zoomfeat synthesize``) of the fold's training slides, and only those: never a copy of a validation or test
+  ``zoomfeat feature-copies``) of the fold's training slides, and only those: never a copy of a validation or test
   slide, never a copy of any slide of a patient who has a slide held out in that fold.
 """
 
@@ -156,14 +156,14 @@ class AugmentedStore:
 
 
 def synthetic_ids(folder: str | Path) -> list[str]:
-    """The synthetic copies in a ``zoomfeat synthesize`` folder (file stems ``<id>~syn<k>``)."""
+    """The synthetic copies in a ``zoomfeat feature-copies`` folder (file stems ``<id>~syn<k>``)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"--augment {folder} is not a folder: give the --out of `zoomfeat synthesize`")
+        raise ConfigError(f"--augment {folder} is not a folder: give the --out of `zoomfeat feature-copies`")
     ids = sorted(p.stem for p in folder.glob("*.h5") if not p.name.startswith(".") and source_of(p.stem))
     if not ids:
         raise ConfigError(f"--augment {folder} holds no synthetic copies (<slide_id>~syn<k>.h5): run "
-                          "`zoomfeat synthesize` first")
+                          "`zoomfeat feature-copies` first")
     return ids
 
 

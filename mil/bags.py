@@ -64,7 +64,7 @@ def _read(spec: FeatureSpec, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
         feats, coords = read_spec_bag(spec, slide_id)
         return feats, (np.full((len(feats), 2), -1, np.int64) if coords is None else coords)
     with FeatureFile(path) as f:
-        f.require_complete().fused_shape(spec.mags)
+        f.require_complete(slide_id).fused_shape(spec.mags)
         return f.fused(spec.mags)
 
 
@@ -136,7 +136,7 @@ def scan_bags(spec: FeatureSpec, slide_ids: Iterable[str]) -> ScanResult:
             continue
         if native:
             with FeatureFile(path) as f:
-                n, d = f.require_complete().fused_shape(spec.mags)
+                n, d = f.require_complete(slide_id).fused_shape(spec.mags)
         else:
             n, d = _read(spec, slide_id)[0].shape
         if dim is None:

@@ -92,7 +92,7 @@ class MILConfig:
     bags_per_step: int | None = None  # None: the head's recipe (1)
     all_folds: bool = False  # train the selected folds at once (same numbers as one by one)
     precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on the CPU), fp32, bf16
-    augment: str | None = None  # folder of synthetic copies (zoomfeat synthesize): added to training folds only
+    augment: str | None = None  # folder of synthetic copies (zoomfeat feature-copies): added to training folds only
     train_fraction: float = 1.0  # of each fold's training patients (stratified, seeded, nested); mil.augment
     instance_sample: float = 1.0  # share of each training bag's instances drawn per step (1: all; mil.train)
     compile: bool = False  # the head's written-out training step through torch.compile (heads marked compilable: abmil)

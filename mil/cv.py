@@ -37,7 +37,8 @@ from splits.io import PARTS, SplitFold, read_splits_dir
 from splits.labels import read_labels
 from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
 from zoomfeat.serial import to_jsonable
-from zoomfeat.store import write_json_atomic
+from zoomfeat.store import save_torch, write_json_atomic
+from zoomfeat.torch_files import load_torch_file
 
 CHECKPOINT_FORMAT = "zoomfeat-mil"
 CHECKPOINT_VERSION = 1
@@ -110,8 +111,8 @@ def _augmentation(cfg: MILConfig, spec: FeatureSpec, all_folds: list[SplitFold],
             raise DataError(f"--augment {cfg.augment}: no synthetic copy of a slide of this run")
         scan = scan_bags(aug_spec, candidates)
         if scan.dim != dim:
-            raise DataError(f"--augment {cfg.augment}: {scan.dim}-d bags, but {spec} gives {dim}-d: synthesize "
-                            "from the same feature set")
+            raise DataError(f"--augment {cfg.augment}: {scan.dim}-d bags, but {spec} gives {dim}-d: make the "
+                            "copies from the same feature set")
         available = scan.usable
     every = {f.index: _fold_data(f, usable, cohort) for f in all_folds}
     return plan_cohort(every, case_of, label_of, fraction=float(cfg.train_fraction), seed=cfg.seed,
@@ -150,8 +151,7 @@ def _write_fold(fold_dir: Path, result, cfg: MILConfig, cohort: LabelledCohort, 
     ckpt = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "model": cfg.model,
             "model_kwargs": {**effective_model_kwargs(cfg), "in_dim": dim, "n_classes": len(cohort.label_map)},
             "features": cfg.features, "label_map": cohort.label_map, "task": cfg.task, **result.checkpoint}
-    with atomic_write(fold_dir / "model.ckpt") as tmp:
-        torch.save(ckpt, tmp)
+    save_torch(ckpt, fold_dir / "model.ckpt")
     with atomic_write(fold_dir / "predictions.csv") as tmp:
         predictions.to_csv(tmp, index=False)
     write_json_atomic(fold_dir / "metrics.json", result.metrics)  # last: marks the fold done
@@ -198,7 +198,7 @@ def _check_resumed_heads(run: Path, cfg: MILConfig, done: list[int], dim: int, n
         path = run / f"fold_{k}" / "model.ckpt"
         if not path.is_file():
             continue  # a finished fold without its checkpoint is reported where the checkpoint is read
-        have = torch.load(path, map_location="cpu", weights_only=True).get("model_kwargs")
+        have = load_torch_file(path, "fold checkpoint", fix="delete the fold folder to retrain it").get("model_kwargs")
         if have is not None and have != want:
             raise ConfigError(f"{run}: fold {k} was trained with head arguments {json.dumps(have, sort_keys=True)}, "
                               f"this run would build {json.dumps(want, sort_keys=True)}; use a new --out, or "

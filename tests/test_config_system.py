@@ -18,12 +18,18 @@ EXAMPLES: dict[str, list[str]] = {
     "synth": ["synth", "--out", "cohort", "--n", "3", "--seed", "4"],
     "tile": ["tile", "a.svs", "b_dir", "--out", "tiles", "--mags", "20x,5x", "--min-tissue", "0.4"],
     "verify": ["verify", "tiles"],
+    "fit-first-stage": ["fit-first-stage", "s.svs", "--tiles", "t", "--out", "fs.ckpt"],
+    "generate-slide": ["generate-slide", "--slide", "s.svs", "--zoomldm", "tiny", "--out", "syn.tiff"],
+    "fetch-weights": ["fetch-weights", "zoomldm-brca", "--files", "config.yaml"],
     "extract": ["extract", "slides", "--out", "feats", "--encoder", "toy", "--mags", "20x", "--batch-size", "8"],
     "export": ["export", "feats", "--format", "clam", "--out", "clam"],
-    "synthesize": ["synthesize", "--features", "f", "--conditioning", "c", "--zoomldm", "tiny", "--out", "o",
+    "feature-copies": ["feature-copies", "--features", "f", "--conditioning", "c", "--zoomldm", "tiny", "--out", "o",
                    "--copies", "3"],
     "prepare-train": ["prepare-train", "slides", "--out", "ts", "--conditioner", "toy"],
     "prepare-cdm": ["prepare-cdm", "--data", "ts", "--zoomldm", "tiny", "--weights", "w.ckpt", "--out", "ctx"],
+    "fit-first-stage": ["fit-first-stage", "s.svs", "--tiles", "t", "--out", "fs.ckpt"],
+    "train": ["train", "--data", "ts", "--zoomldm", "tiny", "--out", "run", "--max-steps", "3", "--set",
+              "optim.p_uncond=0.2", "--no-val-samples"],
     "train-cdm": ["train-cdm", "--data", "ctx", "--out", "run", "--set", "model.depth=2", "--max-steps", "10"],
     "splits hipt": ["splits", "hipt", "--splits-dir", "s", "--labels", "l.csv", "--out", "o"],
     "splits simil": ["splits", "simil", "--labels", "l.csv", "--out", "o", "--folds", "3"],
@@ -41,7 +47,7 @@ EXAMPLES: dict[str, list[str]] = {
     "superres": ["superres", "img.png", "--mag", "5x", "--zoomldm", "tiny", "--out", "sr.png"],
     "gen-metrics": ["gen-metrics", "--real", "r", "--fake", "f", "--metric", "psnr,ssim"],
 }
-OWN_CONFIG = {"train", "config"}  # train keeps its sectioned train.yaml; config show is the viewer
+OWN_CONFIG = {"config"}  # config show is the viewer
 
 
 def _leaf_commands() -> list[str]:

@@ -70,7 +70,7 @@ def test_non_finite_rows_are_not_exported(features, tmp_path, capsys):
     src = _with(features, tmp_path, "inf", poison)
     out = tmp_path / "out"
     assert cli.main(["export", str(src), "--format", "trident", "--mag", "5x", "--out", str(out)]) == 1
-    assert "1 5x feature rows are NaN or inf (first row 0): not exported" in capsys.readouterr().err
+    assert "5x/features: 1 rows contain NaN or inf" in capsys.readouterr().err
     assert not (out / "features_toy" / "inf.h5").exists() and (out / "features_toy" / "case1.h5").is_file()
     with h5py.File(out / "features_toy" / "case1.h5", "r") as f:
         assert np.isfinite(f["features"][:]).all()

@@ -1,9 +1,9 @@
 """Label efficiency end to end (issue 17): a cohort whose class signal lives in the conditioning, a tiny ZoomLDM
-trained on it in the test, real ZoomLDM features, synthetic copies from ``zoomfeat synthesize``, ABMIL at 10% of
+trained on it in the test, real ZoomLDM features, synthetic copies from ``zoomfeat feature-copies``, ABMIL at 10% of
 the training patients with and without ``--augment``, and ``zoomfeat compare``'s label-efficiency curve.
 
 Every stage is the public command (``cli.main``): ``prepare-train`` -> ``train`` -> ``extract --encoder zoomldm``
--> ``splits make`` -> ``synthesize`` -> ``train-mil --train-fraction F [--augment DIR]`` -> ``compare``.
+-> ``splits make`` -> ``feature-copies`` -> ``train-mil --train-fraction F [--augment DIR]`` -> ``compare``.
 
 The cohort: each 20x tile (256 level-0 px) is one of two tissue types, pink "normal" or purple "signal"; a slide
 of class c holds a number of signal tiles drawn from ``signal_counts[c]``. The toy conditioner sees the tile's
@@ -204,7 +204,7 @@ def run_study(root: Path, study: Study) -> dict:
     timed("splits", ["splits", "make", "--labels", labels, "--out", root / "splits", "--folds", 5,
                      "--mode", "kfold", "--seed", 0])
     syn = root / "synthetic"
-    timed("synthesize", ["synthesize", *_fraction_slides(root / "splits", labels, study),
+    timed("feature-copies", ["feature-copies", *_fraction_slides(root / "splits", labels, study),
                          "--features", root / "features" / "zoomldm", "--conditioning", root / "features" / "toy",
                          *model, "--copies", study.copies, "--steps", study.gen_steps, "--out", syn,
                          "--device", "cpu", "--batch-size", 64])

@@ -1,3 +1,5 @@
+import dataclasses
+
 import h5py
 import numpy as np
 import pytest
@@ -45,6 +47,7 @@ def test_roundtrip_and_attrs(tmp_path, slide_and_grid):
 
 def test_features_stream_and_verify(tmp_path, slide_and_grid):
     info, grid = slide_and_grid
+    info = dataclasses.replace(info, slide_id="f")  # a file is named after its slide (verify checks it)
     path = write(tmp_path / "f.h5", info, grid, extractor="toy", extractor_config={"seed": 0}, feature_dim=3)
     feats = read_features(path, "5x")
     assert feats.dtype == np.float32 and feats.shape == (len(grid.coords["5x"]), 3)
@@ -116,7 +119,8 @@ def test_verify_catches_a_missing_features_dataset_or_magnification_group(tmp_pa
 def test_verify_dir_reports_a_file_of_another_feature_width(tmp_path, slide_and_grid):
     info, grid = slide_and_grid
     for name, dim in (("a", 3), ("b", 3), ("c", 5)):
-        write(tmp_path / f"{name}.h5", info, grid, extractor="toy", feature_dim=dim)
+        write(tmp_path / f"{name}.h5", dataclasses.replace(info, slide_id=name), grid, extractor="toy",
+              feature_dim=dim)
     report = verify_dir(tmp_path)
     assert report[tmp_path / "a.h5"] == [] and report[tmp_path / "b.h5"] == []
     assert report[tmp_path / "c.h5"] == ["feature width 5 differs from the folder's 3 (e.g. a.h5): a folder holds "

@@ -9,18 +9,48 @@ import pytest
 
 from zoomfeat.errors import ConfigError
 from zoomfeat.train import EXAMPLE_TRAIN_YAML, TINY_ZOOMLDM_YAML
-from zoomfeat.train.config import load_train_config, parse_set_options, resolve_zoomldm_config
+from zoomfeat.resolve import zoomldm_config_path
+from zoomfeat.train.config import load_train_config
 from zoomfeat.train.dataset import StepBatchSampler, split_rows, val_batches
 
 
-def test_example_yaml_is_valid_and_overrides_win(tmp_path):
-    cfg = load_train_config(EXAMPLE_TRAIN_YAML)
+def _resolved(argv: list[str]):
+    """``zoomfeat train ARGV`` through the generic config loader: (TrainConfig, resolved config)."""
+    import cli
+    from zoomfeat.commands.train import train_config
+
+    args, _path, config = cli.resolve(["train", *argv])
+    return train_config(args), config
+
+
+def test_example_yaml_is_valid_and_overrides_win():
+    cfg, config = _resolved(["--config", str(EXAMPLE_TRAIN_YAML)])
     assert cfg.optim.lr == 2e-5 and cfg.optim.weight_decay == 0.01 and cfg.optim.warmup_steps == 1000
     assert cfg.optim.p_uncond == 0.1 and cfg.data.mag_sampling == "uniform" and cfg.trainer.resume == "auto"
-    assert resolve_zoomldm_config(cfg.model.zoomldm) == TINY_ZOOMLDM_YAML
-    cfg = load_train_config(EXAMPLE_TRAIN_YAML, {"optim.lr": "1e-3", "data.batch_size": "2",
-                                                 "validation.samples": "false", "model.init_from": None})
-    assert cfg.optim.lr == 1e-3 and cfg.data.batch_size == 2 and cfg.validation.samples is False
+    assert cfg.data.path == Path("trainset") and cfg.data.workers == 4 and cfg.trainer.max_steps == 100000
+    assert zoomldm_config_path(cfg.model.zoomldm) == TINY_ZOOMLDM_YAML
+    assert config["command"] == "train" and config["optim"]["p_uncond"] == 0.1 and config["data"]["path"] == "trainset"
+    cfg, _ = _resolved(["--config", str(EXAMPLE_TRAIN_YAML), "--set", "optim.lr=1e-3", "--set", "data.batch_size=2",
+                        "--no-val-samples", "--set", "model.init_from=null", "--batch-size", "3"])
+    assert cfg.optim.lr == 1e-3 and cfg.data.batch_size == 3 and cfg.validation.samples is False  # flag > --set
+
+
+def test_config_show_train_prints_the_resolved_config(capsys):
+    """`zoomfeat config show train` (refused before train used the generic loader): every section, defaults of
+    the dataclasses (here written out as numbers), values from flags and --set."""
+    import yaml
+
+    import cli
+
+    assert cli.main(["config", "show", "train", "--data", "ts", "--zoomldm", "tiny", "--lr", "1e-3",
+                     "--set", "validation.guidance=3"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["command"] == "train"
+    assert {"data", "model", "optim", "trainer", "validation"} <= set(shown)
+    assert shown["data"]["path"] == "ts" and shown["model"]["zoomldm"] == "tiny" and shown["optim"]["lr"] == 1e-3
+    assert shown["validation"]["guidance"] == 3.0 and shown["validation"]["samples"] is True
+    assert shown["trainer"]["max_steps"] == 10000 and shown["optim"]["p_uncond"] == 0.1
+    assert shown["trainer"]["out"] == "runs/zoomldm" and shown["model"]["init_from"] is None
 
 
 @pytest.mark.parametrize("override, message", [
@@ -31,24 +61,32 @@ def test_example_yaml_is_valid_and_overrides_win(tmp_path):
     ({"trainer.resume": "/no/such.ckpt"}, "trainer.resume"),
     ({"model.init_from": "/no/such.ckpt"}, "model.init_from"),
     ({"model.zoomldm": "/no/such/config.yaml"}, "not found"),
+    ({"model.zoomldm": None}, "model.zoomldm is not set"),
     ({"validation.samples": "maybe"}, "boolean"),
     ({"optim.summarizer_lr_scale": -0.5}, "optim.summarizer_lr_scale -0.5 must be a finite number >= 0"),
     ({"optim.summarizer_lr_scale": float("nan")}, "optim.summarizer_lr_scale nan must be a finite number"),
     ({"optim.summarizer_lr_scale": float("inf")}, "optim.summarizer_lr_scale inf must be a finite number"),
+    ({"lr": 1}, "bad key 'lr'"),
 ])
 def test_bad_values_fail_up_front_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_train_config(EXAMPLE_TRAIN_YAML, override)
+        load_train_config({"model.zoomldm": "tiny", **override})
 
 
-def test_bad_yaml_sections(tmp_path):
+@pytest.mark.parametrize("text, argv, message", [
+    ("optimizer:\n  lr: 1\n", [], "unknown section 'optimizer'"),
+    ("optim:\n  learning_rate: 1\n", [], "unknown key optim.learning_rate"),
+    ("optim:\n  lr: fast\n", [], "'fast' is not valid"),
+    ("", ["--set", "lr"], "use section.key=value"),
+])
+def test_bad_train_yaml_and_set_are_one_line_errors(tmp_path, capsys, text, argv, message):
+    import cli
+
     bad = tmp_path / "t.yaml"
-    bad.write_text("optimizer:\n  lr: 1\n")
-    with pytest.raises(ConfigError, match="unknown section 'optimizer'"):
-        load_train_config(bad)
-    with pytest.raises(ConfigError, match="section.key=value"):
-        parse_set_options(["lr"])
-    assert parse_set_options(["optim.lr=0.1", "model.init_from=null"]) == {"optim.lr": "0.1", "model.init_from": None}
+    bad.write_text(text)
+    assert cli.main(["train", "--data", "ts", "--zoomldm", "tiny", "--config", str(bad), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
 
 
 def test_uniform_sampling_balances_magnifications_and_proportional_does_not():
@@ -107,7 +145,6 @@ def test_warmup_is_linear_then_constant(warmup, start):
 def test_checkpoint_io_never_leaves_a_truncated_checkpoint(tmp_path, monkeypatch):
     """Lightning writes checkpoints in place; a write that dies half-way (disk full, kill) must leave the previous
     last.ckpt whole and no temporary file (zoomfeat.fitting.atomic_checkpoint_io)."""
-    import lightning.fabric.plugins.io.torch_io as torch_io
     import torch
 
     from zoomfeat.errors import ZoomfeatError
@@ -118,11 +155,11 @@ def test_checkpoint_io_never_leaves_a_truncated_checkpoint(tmp_path, monkeypatch
     io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
     before = path.read_bytes()
 
-    def dies_half_way(checkpoint, filepath):
-        Path(filepath).write_bytes(before[: len(before) // 2])
+    def dies_half_way(checkpoint, fh, *args, **kwargs):
+        fh.write(before[: len(before) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch_io, "_atomic_save", dies_half_way)
+    monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(ZoomfeatError, match="last.ckpt"):
         io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
     assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]

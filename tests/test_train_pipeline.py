@@ -55,7 +55,7 @@ def _train_cfg(trainset: Path, out: Path, **overrides):
               "optim.lr": 2e-3, "optim.warmup_steps": 0, "trainer.out": out, "trainer.accelerator": "cpu",
               "trainer.devices": "1", "trainer.log_every_n_steps": 1, "validation.enabled": False}
     values.update(overrides)
-    return load_train_config(None, values)
+    return load_train_config(values)
 
 
 # -- prepare-train ---------------------------------------------------------------------------------------
@@ -344,8 +344,8 @@ def test_summarizer_lr_scale_freezes_or_slows_the_summarizer_and_old_runs_resume
     assert len(ckpt["optimizer_states"][0]["param_groups"]) == 1
     from zoomfeat.train.run import build_model
 
-    fresh = build_model(load_train_config(None, {"model.zoomldm": "tiny", "data.path": trainset, "data.seed": 5,
-                                                 "trainer.out": tmp_path / "unused"})).state_dict()
+    fresh = build_model(load_train_config({"model.zoomldm": "tiny", "data.path": trainset, "data.seed": 5,
+                                           "trainer.out": tmp_path / "unused"})).state_dict()
     assert all(torch.equal(a[k], fresh[k]) for k in summarizer)
     assert any(not torch.equal(a[k], fresh[k]) for k in unet)
 
@@ -410,6 +410,28 @@ def test_a_diverging_run_stops_with_one_line_and_exports_nothing(trainset, tmp_p
     for path in (out / "checkpoints").glob("step_*.ckpt"):
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
         assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()), path
+
+
+def test_a_saved_train_config_reruns_the_training(trainset, tmp_path):
+    """`zoomfeat train` saves OUT/train.config.yaml (the generic config system); `train --config` of it trains
+    the same run again: the same settings record and, bit for bit, the same official weights."""
+    import yaml
+
+    from cli import main
+
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert main(_cli_train(trainset, first, "--seed", "3", "--set", "optim.p_uncond=0.3")) == 0
+    saved = first / "train.config.yaml"
+    config = yaml.safe_load(saved.read_text())
+    assert config["command"] == "train" and config["data"]["seed"] == 3 and config["optim"]["p_uncond"] == 0.3
+    assert main(["train", "--config", str(saved), "--out", str(again)]) == 0
+    records = [json.loads((run / "train_config.json").read_text()) for run in (first, again)]
+    assert records[0]["trainer"].pop("out") == str(first) and records[1]["trainer"].pop("out") == str(again)
+    assert records[0] == records[1] and records[0]["optim"]["p_uncond"] == 0.3
+    weights = [torch.load(run / "official" / "last.ckpt", map_location="cpu", weights_only=True)
+               for run in (first, again)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_grad_clip_flag_reaches_the_trainer(trainset, tmp_path):

@@ -389,7 +389,7 @@ def _generation_stages(cfg: DemoConfig, model_args: list) -> list[Stage]:
                          images_per_mag=cfg.resemblance_images, seed=cfg.seed),
                      python_name="zoomfeat.demo.generation_resemblance", done=g / "resemblance.json"))
     for method in ("grid", "joint"):
-        extra = ["--inner-iterations", 2] if method == "joint" else []
+        extra = ["--joint-iterations", 1] if method == "joint" else []
         out.append(Stage(f"generate-large: the 20x image of a 5x patch ({method})", group="generation",
                          argv=lambda method=method, extra=extra: [
                              "generate-large", *model_args, *at(1, "5x"), "--method", method, *extra,
@@ -410,7 +410,7 @@ def _generation_stages(cfg: DemoConfig, model_args: list) -> list[Stage]:
                                    "--zoomldm", d / "zoomldm" / "official" / "config.yaml",
                                    "--weights", d / "zoomldm" / "official" / "last.ckpt",
                                    "--rows", "inverted,bicubic", "--steps", max(2, cfg.gen_steps // 2),
-                                   "--inner-iterations", 2, "--inversion-steps", 30, "--seed", cfg.seed,
+                                   "--joint-iterations", 1, "--inversion-steps", 30, "--seed", cfg.seed,
                                    "--device", "cpu", "--out", g / "superres"],
                      done=g / "superres" / "inverted" / "superres_input_5x.png"))
     out += _cdm_stages(cfg, model_args)

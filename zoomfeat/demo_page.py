@@ -13,6 +13,7 @@ from html import escape
 from pathlib import Path
 
 from mil import html
+from zoomfeat.plain_images import read_rgb
 from zoomfeat.store import atomic_write
 
 INDEX_NAME = "index.html"
@@ -403,7 +404,7 @@ def _write_contact_sheets(out: Path) -> None:
             if not manifest.exists():
                 continue
             record = json.loads(manifest.read_text())
-            samples = [np.asarray(Image.open(folder / e["file"]).convert("RGB")) for e in record["images"]]
+            samples = [read_rgb(folder / e["file"]) for e in record["images"]]
             side = samples[0].shape[0]
             conditions = record["conditions"]
             slide, (x, y) = conditions.get("slide"), _first_coords(conditions)

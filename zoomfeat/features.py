@@ -16,6 +16,7 @@ which is what run records store; :meth:`FeatureSpec.parse` reads it back.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,9 @@ def _split_layout(folder: str) -> tuple[str | None, str]:
     head, sep, rest = folder.partition(":")
     if sep and head.strip().lower() in LAYOUT_NAMES:
         return head.strip().lower(), rest
+    if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]+", head.strip()) and not Path(folder).exists():
+        raise ConfigError(f"unknown feature layout {head.strip()!r} in {folder!r}: use one of "
+                          f"{', '.join(sorted(LAYOUT_NAMES))} (or no prefix for a zoomfeat folder)")
     return None, folder
 
 

@@ -18,22 +18,13 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from zoomfeat.errors import ConfigError, one_line
+from zoomfeat.errors import CheckpointError, ConfigError, one_line
+from zoomfeat.torch_files import load_torch_file
 
 
 def load_checkpoint(path, fix: str, *, mmap: bool = False) -> dict:
     """The dict saved at ``path`` (tensors and plain values only); CheckpointError ending with ``fix``."""
-    import torch
-
-    from zoomfeat.errors import CheckpointError
-    from zoomfeat.model.checkpoint import check_checkpoint_file
-
-    check_checkpoint_file(path)  # empty / text / random bytes, before torch unpickles anything
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # torch.load raises many types (RuntimeError, KeyError, EOFError ...) for bad bytes
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason}); {fix}") from exc
+    ckpt = load_torch_file(path, "checkpoint", fix=fix, mmap=mmap)  # empty / text / random bytes: one line
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict; {fix}")
     return ckpt
@@ -43,12 +34,11 @@ def atomic_checkpoint_io():
     """A :class:`lightning.pytorch.plugins.io.TorchCheckpointIO` whose files appear complete or not at all."""
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from zoomfeat.store import atomic_write
+    from zoomfeat.store import save_torch
 
     class AtomicCheckpointIO(TorchCheckpointIO):
         def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-            with atomic_write(path) as tmp:
-                super().save_checkpoint(checkpoint, tmp, storage_options)
+            save_torch(checkpoint, path)  # what TorchCheckpointIO saves, through the one torch writer
 
     return AtomicCheckpointIO()
 
@@ -101,6 +91,9 @@ def _step_progress_bar():
 
 def fit(trainer, *args: Any, **kwargs: Any) -> None:
     """``trainer.fit(*args, **kwargs)``; Ctrl-C raises KeyboardInterrupt (not Lightning's ``sys.exit(1)``)."""
+    if kwargs.get("ckpt_path"):  # a resumed checkpoint is read weights-only first: a pickle that is not is one line
+        load_checkpoint(kwargs["ckpt_path"], "pass a checkpoint this command wrote (--resume), or --resume none",
+                        mmap=True)
     previous = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit(*args, **kwargs)

@@ -58,14 +58,12 @@ class CDM(nn.Module):
         """The official training-checkpoint layout ``{"model", "ema", "opt", "args"}`` (the official FID script
         loads ``["ema"]``); ``opt`` is left empty (the Lightning checkpoints hold the optimiser) and ``args``
         is the architecture as a plain dict."""
-        from zoomfeat.store import atomic_write
+        from zoomfeat.store import save_torch
 
         cpu = lambda sd: {k: v.detach().cpu().contiguous() for k, v in sd.items()}  # noqa: E731
         checkpoint = {"model": cpu(self.dit.state_dict()), "ema": cpu(self.ema_state_dict()), "opt": {},
                       "args": asdict(self.cfg)}
-        with atomic_write(path) as tmp:
-            torch.save(checkpoint, tmp)
-        return Path(path)
+        return save_torch(checkpoint, path)
 
 
 class CDMLightning(L.LightningModule):

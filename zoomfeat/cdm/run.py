@@ -26,6 +26,7 @@ from zoomfeat.store.contexts import ContextSet
 from zoomfeat.cdm.dit import DiTConfig
 from zoomfeat.serial import to_jsonable
 from zoomfeat.errors import ConfigError
+from zoomfeat.mags import MAGNIFICATIONS, mag_name
 
 CONFIG_NAME = "train_cdm_config.json"
 RECORD_SECTION = "cdm"  # the run record's section in CONFIG_NAME (data, model, optim, dit, data_settings)
@@ -44,7 +45,8 @@ def run_record(cfg: TrainCDMConfig, store: ContextSet, dit: DiTConfig) -> dict:
             "data_settings": store.settings}
 
 
-def check_out(out: Path, cfg: TrainCDMConfig, record: dict, labels: list[str], resume: str | None) -> None:
+def check_out(out: Path, cfg: TrainCDMConfig, record: dict, labels: list[str], resume: str | None,
+              mags_seen: list[str] | None = None) -> None:
     """Refuse to overwrite a run (``--resume none`` over checkpoints) or to continue one with other settings;
     then write ``OUT/train_cdm_config.json`` (the run record under ``"cdm"``, the trainer settings beside it)."""
     from zoomfeat.store import check_output_folder
@@ -53,7 +55,8 @@ def check_out(out: Path, cfg: TrainCDMConfig, record: dict, labels: list[str], r
         raise ConfigError(f"{out} already holds a CDM run and --resume is none: pass another --out "
                           "(a run folder is never overwritten) or --resume auto to continue it")
     check_output_folder(out, "--out", record, CONFIG_NAME, section=RECORD_SECTION,
-                        extra={"trainer": to_jsonable(cfg.trainer), "cond_labels": labels})
+                        extra={"trainer": to_jsonable(cfg.trainer), "cond_labels": labels,
+                               **({"mags_seen": mags_seen} if mags_seen is not None else {})})
 
 
 def build_trainer(cfg: TrainCDMConfig, out: Path):
@@ -87,7 +90,8 @@ def train_cdm(cfg: TrainCDMConfig) -> Path:
     store = ContextSet(cfg.data.path)
     dit = dit_config(cfg, store)
     resume = resolve_resume(cfg.trainer.resume, out)
-    check_out(out, cfg, run_record(cfg, store, dit), store.cond_labels, resume)
+    seen = [mag_name(MAGNIFICATIONS[i]) for i in sorted({int(i) for i in store.mags})]
+    check_out(out, cfg, run_record(cfg, store, dit), store.cond_labels, resume, mags_seen=seen)
     torch.manual_seed(cfg.data.seed)  # the DiT's random init
     module = CDMLightning(CDM(dit, cfg.optim.ema_decay), cfg.optim, seed=cfg.data.seed)
     quiet_third_party()

@@ -19,6 +19,7 @@ import torch
 from zoomfeat.cdm.dit import DiT, DiTConfig
 from zoomfeat.errors import CheckpointError, ConfigError
 from zoomfeat.mags import Magnification, parse_mag
+from zoomfeat.resolve import file_sha256
 
 DEFAULT_STEPS = 200
 
@@ -31,6 +32,8 @@ class LoadedCDM:
     weights: Path
     weights_sha256: str
     cond_labels: list[str]
+    zoomldm_sha256: str | None = None  # the ZoomLDM whose contexts it was trained on (a run folder records it)
+    mags_seen: list[str] | None = None  # the magnifications of those contexts (recorded by train-cdm)
 
     @property
     def cfg(self) -> DiTConfig:
@@ -53,6 +56,32 @@ def _run_folder_config(folder: Path) -> tuple[DiTConfig, Path, list[str]]:
     return DiTConfig(**record[RECORD_SECTION]["dit"]), weights, list(record.get("cond_labels", []))
 
 
+def _run_folder_provenance(folder: Path) -> tuple[str | None, list[str] | None]:
+    """(sha256 of the ZoomLDM weights the training contexts came from, magnifications seen) of a run folder."""
+    from zoomfeat.cdm.run import CONFIG_NAME, RECORD_SECTION
+
+    record = json.loads((folder / CONFIG_NAME).read_text())
+    try:
+        settings = json.loads(record[RECORD_SECTION].get("data_settings") or "{}")
+    except (TypeError, ValueError):
+        settings = {}
+    seen = record.get("mags_seen")
+    return settings.get("zoomldm_weights_sha256"), (list(seen) if isinstance(seen, list) else None)
+
+
+def check_cdm_fits(cdm: LoadedCDM, zoomldm_weights: str | Path | None, mag: Magnification) -> None:
+    """ConfigError when the CDM was trained on the contexts of another ZoomLDM (by weights sha256) or never saw
+    ``mag``; what a CDM checkpoint file does not record is not checked."""
+    if cdm.zoomldm_sha256 and zoomldm_weights is not None and Path(zoomldm_weights).is_file():
+        if file_sha256(zoomldm_weights) != cdm.zoomldm_sha256:
+            raise ConfigError(f"the CDM {cdm.weights} was trained on the contexts of another ZoomLDM (weights sha256 "
+                              f"{cdm.zoomldm_sha256[:12]}..., not {Path(zoomldm_weights).name}'s): sample with that "
+                              "ZoomLDM or train a CDM on this one's contexts (prepare-cdm --zoomldm it)")
+    if cdm.mags_seen is not None and mag.name not in cdm.mags_seen:
+        raise ConfigError(f"the CDM {cdm.weights} never saw {mag.name} contexts (trained on "
+                          f"{', '.join(cdm.mags_seen)}): pass one of those with --mag")
+
+
 def load_cdm(source: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
              num_heads: int | None = None) -> LoadedCDM:
     """A train-cdm run folder, or a checkpoint file: the official ``{"model","ema","opt","args"}`` (train-cdm's
@@ -60,8 +89,6 @@ def load_cdm(source: str | Path, device: str | torch.device = "cpu", use_ema: bo
     ``num_heads`` for non-official sizes) or a flat DiT state_dict."""
     from zoomfeat.cdm.dit import infer_config, read_dit_checkpoint
     from zoomfeat.model.checkpoint import load_strict
-    from zoomfeat.resolve import file_sha256
-
     source = Path(source)
     if source.is_dir():
         cfg, weights, labels = _run_folder_config(source)
@@ -73,7 +100,8 @@ def load_cdm(source: str | Path, device: str | torch.device = "cpu", use_ema: bo
     cfg = cfg or recorded or infer_config(state, num_heads)
     dit = DiT(cfg)
     load_strict(dit, state, str(weights))
-    return LoadedCDM(dit.to(device).eval(), weights, file_sha256(weights), labels)
+    zoomldm_sha256, seen = _run_folder_provenance(source) if source.is_dir() else (None, None)
+    return LoadedCDM(dit.to(device).eval(), weights, file_sha256(weights), labels, zoomldm_sha256, seen)
 
 
 def _check_request(cdm: LoadedCDM, mag: Magnification, n: int, steps: int, guidance: float, cond) -> None:

@@ -28,6 +28,6 @@ def run(args: argparse.Namespace) -> int:
     except SystemExit as exc:  # argparse already printed its one-line usage error
         return int(exc.code or 0)
     if config is None:
-        raise ConfigError(f"`zoomfeat {args.target}` keeps its own sectioned config: see its --config/--set help")
+        raise ConfigError(f"`zoomfeat {args.target}` has no config to show")
     print(dump_config(config), end="")
     return 0

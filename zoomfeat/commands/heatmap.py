@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     slide = args.slide or args.slide_pos
     if not run_dir or not slide:
         raise ConfigError("heatmap needs a run directory and a slide: zoomfeat heatmap RUN_DIR SLIDE")
+    if args.out and not str(args.out).lower().endswith(".png"):
+        raise ConfigError(f"--out {args.out}: heatmap writes PNG images; give a file name ending in .png")
     from mil.heatmap import build_heatmap
 
     result = build_heatmap(run_dir, args.fold, slide, args.features, args.out, top=args.top,

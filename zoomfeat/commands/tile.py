@@ -94,7 +94,12 @@ def run(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     slides = shard_slides(find_slides(config.slides), config.shard)
+    record = Path(config.out) / RECORD_NAME
+    recorded_before = record.is_file()
     check_output_folder(config.out, "--out", config.record(), RECORD_NAME, section="grid", extra=to_jsonable(config))
     report = run_batch(slides, config.out, lambda p: tile_slide(p, config), desc="tile",
                        progress=not args.no_progress, shard=config.shard)
+    if not recorded_before and not any(Path(config.out).glob("*.h5")):
+        # every slide failed: the folder holds no tiles, so its settings must not refuse the corrected rerun
+        record.unlink(missing_ok=True)
     return report.exit_code

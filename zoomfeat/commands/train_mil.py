@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="read bags from disk every epoch instead of keeping them in memory (default: cache)")
     augmentation = parser.add_argument_group("augmentation")  # mil.augment (issue 17)
     augmentation.add_argument("--augment", metavar="DIR", default=None,
-                              help="synthetic copies from `zoomfeat synthesize` (<slide_id>~syn<k>.h5, the same "
+                              help="synthetic copies from `zoomfeat feature-copies` (<slide_id>~syn<k>.h5, the same "
                                    "extractor and magnifications): those of each fold's training slides join its "
                                    "training set, never validation or test, never a held-out patient's (default: none)")
     augmentation.add_argument("--train-fraction", type=float, default=1.0, metavar="F",

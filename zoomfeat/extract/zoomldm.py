@@ -80,7 +80,7 @@ class ZoomLDMFeaturizer:
     def latent_features(self, z: torch.Tensor, batch: PatchBatch) -> np.ndarray:
         """Features of first-stage latents z [B, C, h, w] (``batch`` gives grids, coordinates and the noise
         seed; its ``images`` are not used): the same computation as for encoded pixels, so synthetic latents
-        (``zoomfeat synthesize``) are featurised without a decode/encode round trip."""
+        (``zoomfeat feature-copies``) are featurised without a decode/encode round trip."""
         m = self.model
         z = z.to(self.device).float()
         t = torch.full((len(z),), self.timestep, dtype=torch.long, device=self.device)

@@ -16,13 +16,14 @@ from torch import nn
 
 from zoomfeat.errors import CheckpointError, ConfigError
 from zoomfeat.model import samplers
-from zoomfeat.model.config import ZoomLDMConfig, config_path, read_config
+from zoomfeat.model.config import ZoomLDMConfig, read_config
 from zoomfeat.model.checkpoint import load_strict, read_state_dict, save_state_dict
 from zoomfeat.model.ema import LitEma
 from zoomfeat.model.first_stage import VQModel
 from zoomfeat.model.schedule import linear_schedule, q_sample
 from zoomfeat.model.summarizer import Summarizer, preprocess_ssl
 from zoomfeat.model.unet import UNetModel
+from zoomfeat.resolve import zoomldm_config_path
 
 
 class DiffusionWrapper(nn.Module):
@@ -219,11 +220,12 @@ def load_zoomldm(config, weights=None, use_ema: bool = True, device: str | torch
     With ``use_ema`` the EMA weights go into the U-Net. ``unsafe`` allows full unpickling (trusted files).
     """
     if isinstance(config, (str, Path)):
-        config_path(config)  # fail early, naming the file
+        zoomldm_config_path(config)  # fail early, naming the file
     model = build_zoomldm(config)
     path = _weights_path(config, weights)
     if path is not None:
         load_strict(model, read_state_dict(path, unsafe=unsafe), str(path))
+    model.weights_path = path  # what it was loaded from (artifacts made with it check their provenance by hash)
     if use_ema:
         if not hasattr(model, "model_ema"):
             raise CheckpointError("use_ema=True but the config has no EMA (model.params.use_ema false): pass use_ema=False")

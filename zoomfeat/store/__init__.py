@@ -13,8 +13,8 @@
 
 from zoomfeat.store.claims import Claim
 from zoomfeat.store.files import (OutputError, atomic_write, check_output_folder, check_record, commit_file,
-                                  describe_diff, fingerprint, make_folder, output_error, same_file, settings_diff,
-                                  temp_path, write_json_atomic, write_text)
+                                  describe_diff, discard, fingerprint, make_folder, os_write_error, output_error,
+                                  same_file, save_torch, settings_diff, temp_path, write_json_atomic, write_text)
 from zoomfeat.store.records import ERRORS_CSV, merged_errors, read_errors, record_tag, update_records, write_errors
 from zoomfeat.store.tiles import (FORMAT, FORMAT_VERSION, REQUIRED_ATTRS, FeatureFile, TileStoreWriter,
                                   feature_width, h5_path, is_complete, is_complete_with, read_attrs, read_features,
@@ -23,8 +23,8 @@ from zoomfeat.store.tiles import (FORMAT, FORMAT_VERSION, REQUIRED_ATTRS, Featur
 __all__ = [
     "Claim", "ERRORS_CSV", "FORMAT", "FORMAT_VERSION", "FeatureFile", "OutputError", "REQUIRED_ATTRS",
     "TileStoreWriter", "atomic_write", "check_output_folder", "check_record", "commit_file", "describe_diff",
-    "feature_width", "fingerprint", "h5_path", "is_complete", "is_complete_with", "make_folder", "merged_errors",
-    "output_error", "read_attrs", "read_errors", "read_features", "read_grid", "record_tag", "same_file",
-    "settings_diff", "slide_tile_grid", "temp_path", "update_records", "verify_dir", "verify_file", "write_errors",
-    "write_feature_file", "write_json_atomic", "write_text",
+    "discard", "feature_width", "fingerprint", "h5_path", "is_complete", "is_complete_with", "make_folder",
+    "merged_errors", "os_write_error", "output_error", "read_attrs", "read_errors", "read_features", "read_grid",
+    "record_tag", "same_file", "save_torch", "settings_diff", "slide_tile_grid", "temp_path", "update_records",
+    "verify_dir", "verify_file", "write_errors", "write_feature_file", "write_json_atomic", "write_text",
 ]

@@ -63,12 +63,12 @@ def write_failure(exc: BaseException, path: str | Path) -> BaseException:
     """The error to raise for an exception from writing ``path``: OSErrors, and the RuntimeErrors in which
     the HDF5 library reports a failed write (``... errno = 28, error message = 'No space left on device'``),
     become an :class:`OutputError`; anything else is returned unchanged (a bug keeps its type)."""
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return output_error(exc, path)
     match = _H5_ERRNO.search(str(exc)) if isinstance(exc, (OSError, RuntimeError)) else None
-    if match and int(match.group(1)):
+    if match and int(match.group(1)):  # HDF5's long text: keep its errno only
         code = int(match.group(1))
         return output_error(OSError(code, os.strerror(code)), path)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return output_error(exc, path)
     return output_error(exc, path) if isinstance(exc, OSError) else exc
 
 
@@ -149,6 +149,41 @@ def make_folder(folder: str | Path, option: str = "--out") -> Path:
     return folder
 
 
+def discard(path: str | Path) -> None:
+    """Remove a temporary file if it is there; a folder where nothing can be removed (read-only: even a missing
+    file's unlink is EROFS there) had nothing written either, so the error is not the one to report."""
+    try:
+        Path(path).unlink()
+    except OSError:
+        pass
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EFBIG)
+
+
+def os_write_error(exc: BaseException) -> OutputError | None:
+    """The one-line :class:`OutputError` for an OSError of a failed write that reached the command line from a
+    writer outside the store (a folder made with ``mkdir``, a third-party writer), naming the path and cause;
+    None for anything else."""
+    if not isinstance(exc, OSError) or exc.errno not in WRITE_ERRNOS:
+        return None
+    return output_error(exc, exc.filename if exc.filename is not None else "the output")
+
+
+def save_torch(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write`: the one write of every torch file.
+
+    torch.save given a file name writes through its own C++ writer, which reports a full disk as a
+    RuntimeError without an errno ("unexpected pos ..."); given a Python file it writes through it, so a
+    full disk or quota is the OSError (ENOSPC, EDQUOT) that becomes one line naming the file.
+    """
+    import torch
+
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """``with atomic_write(out) as tmp: <write the file tmp>``: ``out`` appears complete or not at all.
@@ -164,7 +199,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
             yield tmp
             commit_file(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise
 
 

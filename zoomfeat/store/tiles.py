@@ -24,8 +24,8 @@ import numpy as np
 from zoomfeat.errors import ConfigError, DataError, SlideError, one_line
 from zoomfeat.mags import PATCH_SIZE, MagDict, Magnification, mag_name, parse_mag
 from zoomfeat.slides import SlideInfo
-from zoomfeat.store.files import (HDF5_OVERHEAD, check_free_space, commit_file, describe_diff, fingerprint, same_file,
-                                  settings_diff, temp_path, write_failure, writing)
+from zoomfeat.store.files import (HDF5_OVERHEAD, check_free_space, commit_file, describe_diff, discard, fingerprint,
+                                  same_file, settings_diff, temp_path, write_failure, writing)
 from zoomfeat.tiling import TileGrid, grid_from_coords, make_grid, restrict_grid
 from zoomfeat.tissue import TissueParams
 
@@ -104,7 +104,7 @@ class TileStoreWriter:
         try:
             self._file = h5py.File(self.tmp, "w")
         except OSError as exc:
-            self.tmp.unlink(missing_ok=True)
+            discard(self.tmp)
             raise write_failure(exc, self.path) from exc
         try:
             with writing(self.path):
@@ -213,7 +213,7 @@ class TileStoreWriter:
                 self._file.close()
         except (OSError, RuntimeError):
             pass  # a full disk can make the close fail: the file is deleted anyway
-        self.tmp.unlink(missing_ok=True)
+        discard(self.tmp)
 
     def __enter__(self) -> TileStoreWriter:
         return self
@@ -324,10 +324,18 @@ class FeatureFile:
         except ValueError:
             return {"raw": str(raw)}
 
-    def require_complete(self) -> FeatureFile:
+    def require_complete(self, slide_id: str | None = None) -> FeatureFile:
+        """The file itself, complete and (with ``slide_id``) made from that slide; DataError otherwise."""
         if not self.complete:
             raise DataError(f"{self.path}: incomplete feature file (no 'complete' attribute); rerun the extraction")
+        if slide_id is not None:
+            self._refuse(slide_id_problem(self.attrs, slide_id))
         return self
+
+    def _refuse(self, problems: list[str]) -> None:
+        """DataError with the first of ``verify``'s problems for this file (the same message verify prints)."""
+        if problems:
+            raise DataError(f"{self.path}: {problems[0]}")
 
     # --- contents ------------------------------------------------------------------------------------------
     @property
@@ -347,14 +355,24 @@ class FeatureFile:
 
     def shape(self, mag) -> tuple[int, int]:
         """(rows, width) of one magnification's features, from the dataset shape (no data read)."""
-        shape = self._group(mag)["features"].shape
-        if len(shape) != 2:
-            raise DataError(f"{self.path}: {mag_name(mag)}/features has shape {shape}, expected [N, D]")
-        return int(shape[0]), int(shape[1])
+        group = self._group(mag)
+        features, n = group["features"], self._rows(group)
+        if features.ndim != 2 or features.shape[0] != n:
+            self._refuse(feature_problems(mag_name(mag), features, n))
+        return int(features.shape[0]), int(features.shape[1])
+
+    def _rows(self, group) -> int:
+        if "coords" not in group:
+            raise DataError(f"{self.path}: {group.name.strip('/')}: no coords dataset")
+        return int(group["coords"].shape[0])
 
     def features(self, mag) -> np.ndarray:
-        """float32 [N, D] features of one magnification (float16 storage upcast)."""
-        return np.asarray(self._group(mag)["features"][()], dtype=np.float32)
+        """float32 [N, D] features of one magnification, checked as ``verify`` checks them (shape against the
+        coordinates, float32, finite)."""
+        group = self._group(mag)
+        features = group["features"][()]
+        self._refuse(feature_problems(mag_name(mag), features, self._rows(group)))
+        return np.asarray(features, dtype=np.float32)
 
     def grid(self) -> TileGrid:
         names = [m.name for m in self.mags]
@@ -369,7 +387,10 @@ class FeatureFile:
         if key not in self._group(fine, "coords"):
             raise DataError(f"{self.path}: group {fine} has no {key}; extract with both magnifications "
                             f"({fine}+{coarse}) in one run")
-        return np.asarray(self._f[fine][key][()], dtype=np.int64)
+        rows = np.asarray(self._f[fine][key][()])
+        self._refuse(parent_problems(fine, key, rows, self.coords(fine), self.coords(coarse),
+                                     int(self._f[coarse].attrs.get("patch_size_level0", 0))))
+        return rows.astype(np.int64)
 
     def fused_shape(self, mags: Sequence) -> tuple[int, int]:
         """(instances, fused width) of the bag fusing ``mags`` (finest first), from shapes only."""
@@ -480,7 +501,8 @@ def verify_file(path: str | Path) -> list[str]:
 
     try:
         with h5py.File(path, "r") as f:
-            return _verify_open(f)
+            attrs = {k: _decode(v) for k, v in f.attrs.items()}
+            return _verify_open(f) + slide_id_problem(attrs, Path(path).stem)
     except OSError as exc:
         return [f"unreadable: {one_line(exc)}"]
 
@@ -548,23 +570,24 @@ def _verify_group(f, name: str, coarser: list[str], base_mag, feature_dims: set)
     if "features" in group:
         features = group["features"]
         feature_dims.add(features.shape[1] if features.ndim == 2 else -1)
-        if features.ndim != 2 or features.shape[0] != len(coords):
-            problems.append(f"{name}/features has shape {features.shape}, expected [{len(coords)}, D]")
-        else:
-            bad = sum(int((~np.isfinite(features[i : i + 4096])).any(axis=1).sum())
-                      for i in range(0, len(features), 4096))
-            if bad:
-                problems.append(f"{name}/features: {bad} rows contain NaN or inf")
+        problems += feature_problems(name, features, len(coords))
     return problems
 
 
-def _verify_parents(f, name: str, parent: str, coords: np.ndarray) -> list[str]:
-    key = f"parent_{parent}"
-    if key not in f[name]:
-        return [f"{name}: missing {key}"]
-    rows = f[name][key][()]
-    parent_coords = f[parent]["coords"][()]
-    parent_size = int(f[parent].attrs.get("patch_size_level0", 0))
+def feature_problems(name: str, features, n_coords: int) -> list[str]:
+    """What is wrong with one magnification's features (an HDF5 dataset or an array) against its ``n_coords``
+    tiles: the one check of ``verify`` and of :class:`FeatureFile` reads (same messages)."""
+    if features.ndim != 2 or features.shape[0] != n_coords:
+        return [f"{name}/features has shape {features.shape}, expected [{n_coords}, D]"]
+    if features.dtype != np.float32:
+        return [f"{name}/features is {features.dtype}, the format stores float32: extract the slide again"]
+    bad = sum(int((~np.isfinite(features[i : i + 4096])).any(axis=1).sum()) for i in range(0, len(features), 4096))
+    return [f"{name}/features: {bad} rows contain NaN or inf"] if bad else []
+
+
+def parent_problems(name: str, key: str, rows: np.ndarray, coords: np.ndarray, parent_coords: np.ndarray,
+                    parent_size: int) -> list[str]:
+    """What is wrong with the parent links ``rows`` of ``name``'s tiles (verify's and the readers' check)."""
     if rows.shape != (len(coords),):
         return [f"{name}/{key} has shape {rows.shape}, expected ({len(coords)},)"]
     if len(rows) and (rows.min() < 0 or rows.max() >= len(parent_coords)):
@@ -574,6 +597,23 @@ def _verify_parents(f, name: str, parent: str, coords: np.ndarray) -> list[str]:
         if wrong:
             return [f"{name}/{key}: {wrong} tiles do not lie inside their parent tile"]
     return []
+
+
+def slide_id_problem(attrs: Mapping, expected: str) -> list[str]:
+    """The file's ``slide_id`` attribute against the slide it is read for (its file name in ``verify``)."""
+    recorded = attrs.get("slide_id")
+    if recorded is not None and str(recorded) != expected:
+        return [f"slide_id {str(recorded)!r} names another slide than {expected!r}: the file was renamed or "
+                "copied from another slide; extract the slide again"]
+    return []
+
+
+def _verify_parents(f, name: str, parent: str, coords: np.ndarray) -> list[str]:
+    key = f"parent_{parent}"
+    if key not in f[name]:
+        return [f"{name}: missing {key}"]
+    return parent_problems(name, key, f[name][key][()], coords, f[parent]["coords"][()],
+                           int(f[parent].attrs.get("patch_size_level0", 0)))
 
 
 def verify_dir(folder: str | Path) -> dict[Path, list[str]]:

@@ -26,8 +26,8 @@ import numpy as np
 
 from zoomfeat.errors import DataError
 from zoomfeat.mags import MAGNIFICATIONS, Magnification, mag_name
-from zoomfeat.store.files import (HDF5_OVERHEAD, atomic_write, check_free_space, commit_file, fingerprint, same_file,
-                                  temp_path, write_failure, writing)
+from zoomfeat.store.files import (HDF5_OVERHEAD, atomic_write, check_free_space, commit_file, discard, fingerprint,
+                                  same_file, temp_path, write_failure, writing)
 
 SHARD_FORMAT = "zoomfeat-trainshard"
 INDEX_FORMAT = "zoomfeat-trainset"
@@ -120,7 +120,7 @@ class ShardWriter:
                 self._file.close()
         except (OSError, RuntimeError):
             pass
-        self.tmp.unlink(missing_ok=True)
+        discard(self.tmp)
 
     def __enter__(self) -> ShardWriter:
         return self

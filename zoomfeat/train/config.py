@@ -1,8 +1,9 @@
 """Typed, frozen configs of ``zoomfeat prepare-train`` and ``zoomfeat train``.
 
-``TrainConfig`` is one YAML file with a section per stage (``data``, ``model``, ``optim``, ``trainer``,
-``validation``; see ``zoomfeat/train/example_train.yaml``), overridden by CLI flags given as dotted keys
-(``{"optim.lr": 1e-4}``), validated before any work starts and saved with the run (``OUT/train_config.json``).
+``TrainConfig`` has a section per stage (``data``, ``model``, ``optim``, ``trainer``, ``validation``), built from
+dotted keys (``{"optim.lr": 1e-4}``), validated before any work starts and saved with the run
+(``OUT/train_config.json``). ``zoomfeat train`` has one option per key: a sectioned YAML file
+(``zoomfeat/train/example_train.yaml``) is read by the generic ``--config``/``--set`` loader.
 """
 
 from __future__ import annotations
@@ -14,29 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zoomfeat import hub
 from zoomfeat.encoders.specs import parse_conditioner
-from zoomfeat.errors import ConfigError, one_line
+from zoomfeat.errors import ConfigError
 from zoomfeat.mags import Magnification, parse_mags
+from zoomfeat.resolve import WEIGHT_NAMES, zoomldm_config_path
 from zoomfeat.slides import check_scale_overrides
 from zoomfeat.tissue import TissueParams
 
 MAG_SAMPLING = ("uniform", "proportional")
 # zoomfeat's runtime vocabulary (auto/fp32/bf16/fp16, as extract) and Lightning's own precision strings
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
-
-
-def resolve_zoomldm_config(path: str | Path) -> Path:
-    """An official ``config.yaml``, given as the file, the folder that holds it, or ``tiny`` (the packaged one)."""
-    if str(path) == "tiny":
-        from zoomfeat.train import TINY_ZOOMLDM_YAML
-
-        return TINY_ZOOMLDM_YAML
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"ZoomLDM config {path} not found: pass an official config.yaml or the folder holding it")
-    return path
 
 
 @dataclass(frozen=True)
@@ -70,7 +59,7 @@ class PrepareConfig:
                           else f"{self.conditioner}={self.conditioner_weights}")  # the one --conditioner rule
         if self.conditioner_weights is not None and not Path(self.conditioner_weights).is_file():
             raise ConfigError(f"conditioner weights {self.conditioner_weights} not found: pass an existing file")
-        resolve_zoomldm_config(self.zoomldm)
+        zoomldm_config_path(self.zoomldm)
         if self.zoomldm_weights is not None and not Path(self.zoomldm_weights).is_file():
             raise ConfigError(f"ZoomLDM weights {self.zoomldm_weights} not found: pass an existing weights.ckpt")
         if self.max_patches_per_mag is not None and self.max_patches_per_mag < 1:
@@ -158,7 +147,7 @@ def _check(ok: bool, message: str) -> None:
 def _validate(c: TrainConfig) -> None:
     d, o, t, v = c.data, c.optim, c.trainer, c.validation
     _check(c.model.zoomldm is not None, "model.zoomldm is not set: pass --zoomldm CONFIG_OR_DIR (or tiny)")
-    resolve_zoomldm_config(c.model.zoomldm)
+    zoomldm_config_path(c.model.zoomldm)
     _check(d.mag_sampling in MAG_SAMPLING, f"data.mag_sampling {d.mag_sampling!r}: use one of {MAG_SAMPLING}")
     _check(d.batch_size >= 1, f"data.batch_size {d.batch_size} must be at least 1")
     _check(d.workers >= 0, f"data.workers {d.workers} must be 0 or more")
@@ -208,7 +197,9 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where} = {value!r} is not a boolean: use true or false")
     try:
-        if isinstance(default, Path) or where in ("model.zoomldm", "model.init_from"):
+        if where == "model.init_from":  # a path, or a hub reference resolved here, at the boundary
+            return hub.local_file(value, WEIGHT_NAMES, where)
+        if isinstance(default, Path) or where == "model.zoomldm":
             return Path(str(value))
         if isinstance(default, int):
             return int(value)
@@ -233,46 +224,14 @@ def _section(name: str, values: Mapping[str, Any] | None) -> Any:
     return cls(**kwargs)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    if not path.is_file():
-        raise ConfigError(f"training config {path} not found: pass --config train.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {one_line(e)}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping with sections {', '.join(_SECTION_TYPES)}")
-    return data
-
-
-def load_train_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-    """Read ``path`` (optional), apply ``overrides`` (``{"section.key": value}``, ``None`` = null)."""
+def load_train_config(values: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The validated config of dotted ``values`` (``{"optim.lr": 1e-4, "model.init_from": None}``; a missing key
+    keeps its default). The command line reaches it through ``zoomfeat train``'s options, one per key, which the
+    generic ``--config``/``--set`` loader (:mod:`zoomfeat.config`) fills from a sectioned YAML file."""
     raw: dict[str, dict[str, Any]] = {}
-    if path is not None:
-        for name, values in _read_yaml(Path(path)).items():
-            if name not in _SECTION_TYPES:
-                raise ConfigError(f"unknown section {name!r} in {path}: use {', '.join(_SECTION_TYPES)}")
-            if values is not None and not isinstance(values, dict):
-                raise ConfigError(f"section {name!r} in {path} must be a mapping")
-            raw[name] = dict(values or {})
-    for key, value in (overrides or {}).items():
+    for key, value in (values or {}).items():
         section, _, name = key.partition(".")
         if section not in _SECTION_TYPES or not name:
-            raise ConfigError(f"bad override {key!r}: use section.key with a section of {', '.join(_SECTION_TYPES)}")
+            raise ConfigError(f"bad key {key!r}: use section.key with a section of {', '.join(_SECTION_TYPES)}")
         raw.setdefault(section, {})[name] = value
     return TrainConfig(**{name: _section(name, raw.get(name)) for name in _SECTION_TYPES})
-
-
-def parse_set_options(items: list[str] | None) -> dict[str, str | None]:
-    """``["optim.lr=1e-4", "model.init_from=null"]`` (``--set``) -> ``{"optim.lr": "1e-4", "model.init_from": None}``."""
-    out: dict[str, str | None] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: use section.key=value")
-        value = value.strip()
-        out[key.strip()] = None if value.lower() in ("null", "none") else value
-    return out
-

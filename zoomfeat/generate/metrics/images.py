@@ -12,6 +12,7 @@ import numpy as np
 
 from zoomfeat.errors import DataError
 from zoomfeat.log import warn
+from zoomfeat.plain_images import read_rgb
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
@@ -28,31 +29,9 @@ def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """uint8 RGB [H, W, 3] from a PNG/JPEG/TIFF file (grey is repeated, alpha dropped); DataError otherwise."""
-    path = Path(path)
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            arr = np.asarray(tifffile.imread(path))
-        else:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB") if im.mode not in ("RGB", "L", "RGBA") else im)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}; pass a PNG, JPEG or TIFF file") from exc
-    return _to_rgb8(arr, path)
-
-
-def _to_rgb8(arr: np.ndarray, path: Path) -> np.ndarray:
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-        raise DataError(f"image {path} has shape {list(arr.shape)}: expected an RGB(A) or grey image")
-    if arr.dtype != np.uint8:
-        raise DataError(f"image {path} is {arr.dtype}: only 8-bit images are supported")
-    return np.ascontiguousarray(arr[:, :, :3])
+    """uint8 RGB [H, W, 3] of a PNG/JPEG/TIFF file through the one image reader
+    (:func:`zoomfeat.plain_images.read_rgb`: every mode at its true range, or one line naming the mode)."""
+    return read_rgb(path)
 
 
 def iter_images(paths: list[Path]) -> Iterator[np.ndarray]:

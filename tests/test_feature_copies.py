@@ -1,4 +1,4 @@
-"""``zoomfeat synthesize``: every synthetic tile equals a step-by-step computation through the model API;
+"""``zoomfeat feature-copies``: every synthetic tile equals a step-by-step computation through the model API;
 copies are resumable, refused when settings change, partial copies keep real rows, pixel encoders decode."""
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def extracted(tmp_path_factory, tiny):
     return root
 
 
-def _synthesize(root, tiny, out, *extra):
-    return cli.main(["synthesize", "--features", str(root / "feats" / "zoomldm"), "--conditioning",
+def _feature_copies(root, tiny, out, *extra):
+    return cli.main(["feature-copies", "--features", str(root / "feats" / "zoomldm"), "--conditioning",
                      str(root / "feats" / "toy"), "--zoomldm", str(tiny), "--steps", str(STEPS), "--out", str(out),
                      "--device", "cpu", "--batch-size", "8", *extra])
 
@@ -45,7 +45,7 @@ def _synthesize(root, tiny, out, *extra):
 @pytest.fixture(scope="module")
 def copies(extracted, tiny):
     out = extracted / "syn"
-    assert _synthesize(extracted, tiny, out, "--copies", "2") == 0
+    assert _feature_copies(extracted, tiny, out, "--copies", "2") == 0
     return out
 
 
@@ -56,7 +56,7 @@ def _direct_row(tiny, root, slide_id: str, copy: int, mag: str, row: int) -> np.
     from zoomfeat.extract.noise import seeded_noise
     from zoomfeat.mags import parse_mag
     from zoomfeat.model import load_zoomldm
-    from zoomfeat.synthesize import tile_seed
+    from zoomfeat.feature_copies import tile_seed
 
     m = load_zoomldm(tiny / "config.yaml", tiny / "weights.ckpt", use_ema=True).eval()
     with FeatureFile(root / "feats" / "zoomldm" / f"{slide_id}.h5") as f:
@@ -116,10 +116,10 @@ def test_a_synthetic_row_equals_the_model_api_computation(copies, extracted, tin
 @pytest.mark.slow
 def test_rerun_skips_and_changed_settings_are_refused(copies, extracted, tiny, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in copies.glob("*.h5")}
-    assert _synthesize(extracted, tiny, copies, "--copies", "2") == 0
+    assert _feature_copies(extracted, tiny, copies, "--copies", "2") == 0
     assert {p.name: p.stat().st_mtime_ns for p in copies.glob("*.h5")} == before
     capsys.readouterr()
-    assert _synthesize(extracted, tiny, copies, "--copies", "2", "--guidance", "3.0") == 2
+    assert _feature_copies(extracted, tiny, copies, "--copies", "2", "--guidance", "3.0") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--out" in err[0] and "guidance" in err[0]
     assert {p.name: p.stat().st_mtime_ns for p in copies.glob("*.h5")} == before
@@ -128,7 +128,7 @@ def test_rerun_skips_and_changed_settings_are_refused(copies, extracted, tiny, c
 @pytest.mark.slow
 def test_partial_copy_keeps_the_other_rows_real(extracted, tiny):
     out = extracted / "syn_half"
-    assert _synthesize(extracted, tiny, out, "--fraction", "0.5", "--mags", "20x") == 0
+    assert _feature_copies(extracted, tiny, out, "--fraction", "0.5", "--mags", "20x") == 0
     with FeatureFile(extracted / "feats" / "zoomldm" / "s1.h5") as f:
         real = f.features("20x")
     with FeatureFile(out / "s1~syn0.h5") as f:
@@ -141,7 +141,7 @@ def test_partial_copy_keeps_the_other_rows_real(extracted, tiny):
 @pytest.mark.slow
 def test_pixel_encoder_features_come_from_decoded_tiles(extracted, tiny):
     out = extracted / "syn_toy"
-    argv = ["synthesize", "s2", "--features", str(extracted / "feats" / "toy20"), "--conditioning",
+    argv = ["feature-copies", "s2", "--features", str(extracted / "feats" / "toy20"), "--conditioning",
             str(extracted / "feats" / "toy"), "--zoomldm", str(tiny), "--steps", "2", "--out", str(out),
             "--device", "cpu"]
     assert cli.main(argv) == 0
@@ -154,7 +154,7 @@ def test_pixel_encoder_features_come_from_decoded_tiles(extracted, tiny):
 
 @pytest.mark.parametrize("extra, fragment", [(["--fraction", "0"], "--fraction"), (["--copies", "0"], "--copies")])
 def test_bad_options_are_one_line_errors(extracted, tiny, tmp_path, capsys, extra, fragment):
-    assert _synthesize(extracted, tiny, tmp_path / "o", *extra) == 2
+    assert _feature_copies(extracted, tiny, tmp_path / "o", *extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0]
     assert not (tmp_path / "o").exists()
@@ -167,7 +167,7 @@ def test_same_seed_same_copy_another_seed_another(copies, extracted, tiny):
     runs = {}
     for seed in (0, 1):
         out = extracted / f"syn_seed{seed}"
-        assert _synthesize(extracted, tiny, out, "s2", "--mags", "20x", "--seed", str(seed)) == 0
+        assert _feature_copies(extracted, tiny, out, "s2", "--mags", "20x", "--seed", str(seed)) == 0
         with FeatureFile(out / "s2~syn0.h5") as f:
             runs[seed] = f.features("20x")
     with FeatureFile(copies / "s2~syn0.h5") as f:

@@ -1,4 +1,4 @@
-"""Benchmark: synthetic tiles per second for ``zoomfeat synthesize``, with and without the decode/encode round trip.
+"""Benchmark: synthetic tiles per second for ``zoomfeat feature-copies``, with and without the decode/encode round trip.
 
 ZoomLDM features of a synthetic tile are taken from the generated latent directly
 (``ZoomLDMFeaturizer.latent_features``). The reference it replaces is the round trip a pipeline without that
@@ -7,7 +7,7 @@ block 3. Sampling (the DDIM steps) is common to both and timed on its own. The p
 the toy encoder) is timed too. Model: the tiny golden ZoomLDM (``$ZOOMFEAT_SHARED/golden/zoomldm_tiny``) or any
 official-format config + weights. Run by hand:
 
-    python benchmarks/bench_synthesize.py --tiles 32 --steps 10 --threads 2
+    python benchmarks/bench_feature_copies.py --tiles 32 --steps 10 --threads 2
 """
 
 from __future__ import annotations

@@ -1,0 +1,223 @@
+"""Chaos benchmark: SIGKILL at seeded random moments, then a rerun; the final outputs must be byte-identical to
+an uninterrupted run's.
+
+    python benchmarks/bench_chaos.py [--cycles 20] [--seed 0] [--workloads extract,train-mil,train-cdm,generate-large]
+                                     [--work DIR] [--keep]
+
+Workloads (tiny inputs made once under ``--work``):
+
+- ``extract``: two concurrent ``extract`` processes on one folder (3 synthetic 2048-px slides, toy encoder, 20x+5x);
+  both are killed, then both rerun;
+- ``train-mil``: a 3-fold ``train-mil`` run (mean-pooling head, 12 planted slides);
+- ``train-cdm``: ``train-cdm`` of the tiny DiT on contexts of the tiny ZoomLDM (checkpoint every 2 steps);
+- ``generate-large``: ``generate-large`` (joint sampler, 2 steps) with the tiny ZoomLDM and the toy conditioner.
+
+Each workload first runs uninterrupted into its run folder (the reference: sha256 of every output file, timing
+T). Each cycle empties the folder, starts the command(s) in their own process group, sends SIGKILL to the group
+at a moment drawn uniformly from [0.05 T, 0.95 T] by ``random.Random(seed)``, reruns to completion (exit 0),
+and compares every output file with the reference (logs and progress records excluded: they hold times).
+A cycle passes when the same files exist with the same bytes. Prints one Markdown row per workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOADS = ("extract", "train-mil", "train-cdm", "generate-large")
+# files that legitimately differ between runs (wall-clock times, logger output): not compared
+VOLATILE = ("logs/", "lightning_logs/", "metrics.csv", "hparams.yaml", ".log", "errors.csv", "claims/", ".claim",
+            "records/")
+
+
+def _cli(*argv) -> list[str]:
+    return [sys.executable, "-m", "cli", *map(str, argv)]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    return env
+
+
+def _run(argv: list[str], **kw) -> None:
+    done = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, text=True, **kw)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip().splitlines()[-3:]}")
+
+
+def _tiny_zoomldm(work: Path) -> Path:
+    """A tiny ZoomLDM checkpoint with seeded random weights (what prepare-cdm and generate-large load)."""
+    path = work / "zoomldm_tiny.ckpt"
+    if not path.is_file():
+        _run([sys.executable, "-c", "import torch; from zoomfeat.model import build_zoomldm; "
+              "from zoomfeat.resolve import tiny_config_path; torch.manual_seed(0); "
+              f"build_zoomldm(tiny_config_path()).save_official({str(path)!r})"])
+    return path
+
+
+def setup(name: str, work: Path, small: bool = False) -> dict:
+    """Inputs of a workload (made once) and its command: {"argv": [...], "procs": k, "run": folder}; ``small``:
+    the test suite's version (2 slides of 1024 px, 1 epoch)."""
+    run = work / name / "run"
+    if name == "extract":
+        cohort = work / "cohort"
+        if not (cohort / "labels.csv").is_file():
+            _run(_cli("synth", "--out", cohort, "--n", 2 if small else 3, "--size", 1024 if small else 2048,
+                      "--seed", 3))
+        argv = _cli("extract", cohort, "--out", run, "--encoder", "toy", "--mags", "20x,5x", "--device", "cpu",
+                    "--workers", 0, "--batch-size", 16)
+        return {"argv": argv, "procs": 2, "run": run}
+    if name == "train-mil":
+        data = work / "mil"
+        if not (data / "labels.csv").is_file():
+            _run([sys.executable, "-c", "import sys; sys.path.insert(0, 'tests'); from mil_data import planted_cohort; "
+                  f"planted_cohort(__import__('pathlib').Path({str(data)!r}), n_slides=12, dim=4, sizes=(4, 7), "
+                  "folds=3)"])
+        argv = _cli("train-mil", "--features", f"{data / 'feats'}@20x", "--labels", data / "labels.csv", "--splits",
+                    data / "splits", "--out", run, "--model", "mean", "--model-kwargs", '{"hidden": 4}',
+                    "--epochs", 1 if small else 3, "--lr", "1e-2", "--seed", 1)
+        return {"argv": argv, "procs": 1, "run": run}
+    if name == "train-cdm":
+        weights = _tiny_zoomldm(work)
+        cohort, trainset, ctx = work / "cdm_cohort", work / "cdm_trainset", work / "cdm_contexts"
+        if not (cohort / "labels.csv").is_file():
+            _run(_cli("synth", "--out", cohort, "--n", 2, "--size", 2048, "--seed", 5))
+        if not (trainset / "index.h5").is_file():
+            _run(_cli("prepare-train", cohort, "--out", trainset, "--conditioner", "toy", "--zoomldm", "tiny",
+                      "--mags", "20x,5x", "--max-patches-per-mag", 2, "--batch-size", 16))
+        if not (ctx / "contexts.h5").is_file():
+            _run(_cli("prepare-cdm", "--data", trainset, "--zoomldm", "tiny", "--weights", weights, "--out", ctx,
+                      "--batch-size", 4, "--workers", 0, "--device", "cpu"))
+        argv = _cli("train-cdm", "--data", ctx, "--out", run, "--size", "DiT-S", "--depth", 1, "--hidden-size", 32,
+                    "--num-heads", 2, "--batch-size", 4, "--workers", 0, "--accelerator", "cpu", "--devices", 1,
+                    "--max-steps", 8, "--every-n-steps", 2, "--resume", "auto", "--log-every-n-steps", 1)
+        return {"argv": argv, "procs": 1, "run": run, "outputs": ("official/",)}
+    if name == "generate-large":
+        weights = _tiny_zoomldm(work)
+        cohort = work / "cohort"
+        if not (cohort / "labels.csv").is_file():
+            _run(_cli("synth", "--out", cohort, "--n", 3, "--size", 2048, "--seed", 3))
+        slide = sorted(cohort.glob("*.svs"))[0]
+        argv = _cli("generate-large", "--zoomldm", "tiny", "--weights", weights, "--slide", slide, "--mag", "10x",
+                    "--method", "joint", "--conditioner", "toy", "--steps", 2, "--device", "cpu", "--out", run)
+        return {"argv": argv, "procs": 1, "run": run}
+    raise SystemExit(f"unknown workload {name!r}: use {', '.join(WORKLOADS)}")
+
+
+def digest(run: Path, outputs: tuple[str, ...] | None = None) -> dict[str, str]:
+    out = {}
+    for path in sorted(run.rglob("*")):
+        rel = path.relative_to(run).as_posix()
+        if not path.is_file() or any(v in rel for v in VOLATILE):
+            continue
+        if outputs is not None and not rel.startswith(outputs):
+            continue
+        out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def _start(spec: dict) -> list[subprocess.Popen]:
+    return [subprocess.Popen(spec["argv"], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+            for _ in range(spec["procs"])]
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    return [(p.wait(), p.stderr.read()) for p in procs]
+
+
+def reference(spec: dict) -> tuple[dict[str, str], float]:
+    shutil.rmtree(spec["run"], ignore_errors=True)
+    start = time.perf_counter()
+    results = _finish(_start(spec))
+    seconds = time.perf_counter() - start
+    bad = [(rc, err.strip().splitlines()[-1:]) for rc, err in results if rc != 0]
+    if bad:
+        raise RuntimeError(f"reference run of {spec['argv'][3]} failed: {bad}")
+    return digest(spec["run"], spec.get("outputs")), seconds
+
+
+def cycle(spec: dict, ref: dict[str, str], seconds: float, rng: random.Random) -> tuple[bool, str]:
+    """One kill-and-rerun cycle; (passed, what happened)."""
+    shutil.rmtree(spec["run"], ignore_errors=True)
+    at = rng.uniform(0.05, 0.95) * seconds
+    procs = _start(spec)
+    time.sleep(at)
+    killed = 0
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    _finish(procs)
+    rerun = _finish(_start(spec))
+    failed = [(rc, err.strip().splitlines()[-1:]) for rc, err in rerun if rc != 0]
+    if failed:
+        return False, f"kill at {at:.1f}s ({killed} killed): rerun failed {failed}"
+    got = digest(spec["run"], spec.get("outputs"))
+    if got != ref:
+        differ = sorted(k for k in set(got) | set(ref) if got.get(k) != ref.get(k))
+        return False, f"kill at {at:.1f}s ({killed} killed): {len(differ)} files differ, e.g. {differ[:3]}"
+    return True, f"kill at {at:.1f}s ({killed} killed): identical ({len(got)} files)"
+
+
+def chaos(workloads, cycles: int, seed: int, work: Path, verbose: bool = True, small: bool = False) -> dict[str, dict]:
+    results = {}
+    for name in workloads:
+        spec = setup(name, work, small)
+        ref, seconds = reference(spec)
+        rng = random.Random(f"{seed}-{name}")
+        passed, notes = 0, []
+        for k in range(cycles):
+            ok, note = cycle(spec, ref, seconds, rng)
+            passed += ok
+            notes.append(note)
+            if verbose:
+                print(f"  {name} cycle {k + 1}/{cycles}: {'ok' if ok else 'FAIL'} - {note}", file=sys.stderr)
+        results[name] = {"cycles": cycles, "passed": passed, "reference_s": seconds, "files": len(ref),
+                         "notes": notes}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cycles", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--work", type=Path, default=None, help="folder for inputs and runs (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep --work afterwards")
+    args = parser.parse_args()
+    import tempfile
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="zoomfeat-chaos-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        results = chaos([w.strip() for w in args.workloads.split(",") if w.strip()], args.cycles, args.seed, work)
+    finally:
+        if not args.keep and args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print("| workload | processes | reference run (s) | output files | cycles | identical after rerun |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        procs = 2 if name == "extract" else 1
+        print(f"| {name} | {procs} | {r['reference_s']:.1f} | {r['files']} | {r['cycles']} | {r['passed']} |")
+    if any(r["passed"] != r["cycles"] for r in results.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
