@@ -56,7 +56,7 @@ def bench_inversion(m, mag, iterations: int) -> dict:
 def bench_superres(m, mag, steps: int, inner: int) -> dict:
     r = m.first_stage_resolution
     image = np.random.default_rng(0).integers(0, 256, (r, r, 3), dtype=np.uint8)
-    settings = SuperResSettings(row="uncond", joint=JointSettings(stride=1000 // steps, inner_iterations=inner))
+    settings = SuperResSettings(row="uncond", joint=JointSettings(stride=1000 // steps, update="gmres", krylov=inner))
     calls: list[tuple] = []
     nets = {"unet": m.unet, "encode_first_stage": m.encode_first_stage, "decode_first_stage": m.decode_first_stage}
 

@@ -38,6 +38,7 @@ from splits.labels import read_labels
 from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
 from zoomfeat.serial import to_jsonable
 from zoomfeat.store import save_torch, write_json_atomic
+from zoomfeat.torch_files import load_torch_file
 
 CHECKPOINT_FORMAT = "zoomfeat-mil"
 CHECKPOINT_VERSION = 1
@@ -197,7 +198,7 @@ def _check_resumed_heads(run: Path, cfg: MILConfig, done: list[int], dim: int, n
         path = run / f"fold_{k}" / "model.ckpt"
         if not path.is_file():
             continue  # a finished fold without its checkpoint is reported where the checkpoint is read
-        have = torch.load(path, map_location="cpu", weights_only=True).get("model_kwargs")
+        have = load_torch_file(path, "fold checkpoint", fix="delete the fold folder to retrain it").get("model_kwargs")
         if have is not None and have != want:
             raise ConfigError(f"{run}: fold {k} was trained with head arguments {json.dumps(have, sort_keys=True)}, "
                               f"this run would build {json.dumps(want, sort_keys=True)}; use a new --out, or "

@@ -13,6 +13,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ZOOMFEAT_SHARED", ROOT.parent / "shared"))
+# Tests never touch the network or the developer's own Hugging Face cache: a weights name resolves offline in an
+# empty cache (tests/test_hub_weights.py builds its own caches).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = str(Path(os.environ.get("TMPDIR", "/tmp")) / "zoomfeat-tests-no-hub-cache")
 
 
 def require_shared(*parts: str) -> Path:

@@ -20,9 +20,9 @@ def _tiles(batch: int = 2, size: int = 256, seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_holds_the_baselines_and_toy():
-    assert encoder_names() == ["ctranspath", "dinov2", "phikon", "toy", "uni"]
-    assert {n: ENCODERS[n].dim for n in encoder_names()} == {"ctranspath": 768, "dinov2": 1024, "phikon": 768,
-                                                             "toy": 64, "uni": 1024}
+    assert encoder_names() == ["conch", "ctranspath", "dinov2", "phikon", "toy", "uni"]
+    assert {n: ENCODERS[n].dim for n in encoder_names()} == {"conch": 512, "ctranspath": 768, "dinov2": 1024,
+                                                             "phikon": 768, "toy": 64, "uni": 1024}
     for name, spec in ENCODERS.items():
         assert isinstance(spec, EncoderSpec) and spec.name == name and spec.magnification == 20.0
         assert issubclass(encoder_class(name), Encoder)
@@ -108,7 +108,7 @@ def test_load_encoder_errors_name_the_fix(tmp_path):
         load_encoder("uni", tmp_path, dim=32)
 
 
-@pytest.mark.parametrize("name", ["uni", "phikon", "ctranspath", "dinov2"])
+@pytest.mark.parametrize("name", ["uni", "phikon", "ctranspath", "dinov2", "conch"])
 def test_missing_weight_file_names_path_and_expected_files(tmp_path, name):
     with pytest.raises(ConfigError, match=f"{tmp_path}.*{ENCODERS[name].weight_files[0]}"):
         load_encoder(name, tmp_path)
@@ -192,3 +192,33 @@ def test_specs_are_torch_free_and_match_the_registered_classes():
     from zoomfeat.encoders import SPECS
 
     assert {n: ENCODERS[n] for n in ENCODERS} == SPECS
+
+
+def test_conch_image_embedding_follows_the_coca_vision_tower(tmp_path):
+    """A small CONCH-layout tower (same module names, ViT 64-wide): the file's other keys (text tower, caption
+    pooler, the contrastive projection) are ignored, and the embedding is ln_contrast of the one-query attention
+    pool over ln_k(trunk tokens), computed here with torch's functional multi-head attention."""
+    from zoomfeat.encoders.conch import ConchVision, image_tower_state
+
+    torch.manual_seed(0)
+    tower = ConchVision(width=64, depth=1, heads=2, image_size=32, patch_size=16, embed_dim=32, pool_heads=4)
+    state = {f"visual.{k}": torch.randn_like(v) * 0.2 for k, v in tower.state_dict().items()}
+    state.update({"text.token_embedding.weight": torch.zeros(3, 4), "visual.proj_contrast": torch.zeros(32, 32),
+                  "visual.attn_pool_caption.query": torch.zeros(2, 32), "logit_scale": torch.zeros(())})
+    loaded = ConchVision(width=64, depth=1, heads=2, image_size=32, patch_size=16, embed_dim=32, pool_heads=4)
+    loaded.load_state_dict(image_tower_state(state), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = loaded(x)
+        tokens = loaded.trunk.forward_features(x)
+        s = lambda k: state[f"visual.attn_pool_contrast.{k}"]  # noqa: E731
+        k = torch.nn.functional.layer_norm(tokens, (64,), s("ln_k.weight"), s("ln_k.bias"))
+        q = torch.nn.functional.layer_norm(s("query"), (32,), s("ln_q.weight"), s("ln_q.bias"))
+        pooled, _ = torch.nn.functional.multi_head_attention_forward(
+            q[:, None].expand(-1, 2, -1), k.transpose(0, 1), k.transpose(0, 1), 32, 4, None, s("attn.in_proj_bias"),
+            None, None, False, 0.0, s("attn.out_proj.weight"), s("attn.out_proj.bias"), training=False,
+            need_weights=False, use_separate_proj_weight=True, q_proj_weight=s("attn.q_proj_weight"),
+            k_proj_weight=s("attn.k_proj_weight"), v_proj_weight=s("attn.v_proj_weight"))
+        want = torch.nn.functional.layer_norm(pooled[0], (32,), state["visual.ln_contrast.weight"],
+                                              state["visual.ln_contrast.bias"])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -216,12 +216,26 @@ def test_ssim_psnr_equal_torchmetrics(tmp_path):
     assert sum(1 for r in rows if r[0] == "psnr" and r[1]) == 3  # per-pair rows, the unpaired file ignored
 
 
-def test_psnr_of_identical_images_is_an_error_not_inf(tmp_path, capsys):
-    _images(tmp_path / "real", 2, size=32)
-    _images(tmp_path / "fake", 2, size=32)
+def test_an_identical_or_constant_pair_warns_and_never_aborts_the_run(tmp_path, capsys):
+    """Pair img00 identical (PSNR inf), pair img01 a constant black image vs noise; img02 an ordinary pair."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    real = _images(tmp_path / "real", 3, size=32, seed=1)
+    (tmp_path / "fake").mkdir()
+    fakes = [real[0], np.zeros_like(real[1]), np.clip(real[2].astype(int) + 20, 0, 255).astype(np.uint8)]
+    for i, f in enumerate(fakes):
+        Image.fromarray(f).save(tmp_path / "fake" / f"img{i:02d}.png")
+    out = tmp_path / "r.json"
     assert cli.main(["gen-metrics", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
-                     "--metric", "psnr", "--device", "cpu"]) == 2
-    assert "not finite" in capsys.readouterr().err
+                     "--metric", "psnr,ssim,embedding", "--encoder", "toy", "--encoder-dim", "8", "--device", "cpu",
+                     "--out", str(out)]) == 0
+    assert "img00" in capsys.readouterr().err  # the warning names the non-finite pair
+    res = {r["metric"]: r for r in json.loads(out.read_text())["results"]}
+    t = lambda a: torch.from_numpy(a.transpose(2, 0, 1).copy())[None].double() / 255  # noqa: E731
+    finite = [float(peak_signal_noise_ratio(t(f), t(r), data_range=1.0)) for r, f in zip(real[1:], fakes[1:])]
+    assert res["psnr"]["value"] == pytest.approx(np.mean(finite), rel=1e-9)
+    assert res["psnr"]["details"]["non_finite_pairs"] == ["img00"] and res["psnr"]["n"] == 2
+    assert np.isfinite(res["ssim"]["value"]) and np.isfinite(res["embedding"]["value"])
 
 
 def _random_alexnet_file(tmp_path):
@@ -330,3 +344,80 @@ def test_missing_or_empty_folders_are_errors(tmp_path, capsys):
     assert cli.main(["gen-metrics", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "empty"),
                      "--metric", "ssim", "--device", "cpu"]) == 2
     assert "holds no" in capsys.readouterr().err
+
+
+# ----- clip-fid and per-patch embeddings -------------------------------------------------------------------------
+def _tiny_open_clip_file(tmp_path):
+    """A tiny random open_clip CLIP (ViT image tower: width 64, 2 layers, patch 8, 32-px input) saved as a state_dict."""
+    import open_clip  # the test extra (pyproject): an independent implementation of the tower
+    torch.manual_seed(0)
+    model = open_clip.CLIP(embed_dim=16, vision_cfg={"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+                           text_cfg={"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 1})
+    with torch.no_grad():  # open_clip's init leaves some tensors at zero/one: perturb everything
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "clip.pt"
+    torch.save(model.state_dict(), path)
+    return model.eval(), path
+
+
+def test_clip_fid_equals_scipy_frechet_distance_of_open_clip_features(tmp_path):
+    model, weights = _tiny_open_clip_file(tmp_path)
+    real = _images(tmp_path / "real", 6, size=48, seed=3, smooth=True)
+    fake = _images(tmp_path / "fake", 5, size=48, seed=4, smooth=True)
+    out = tmp_path / "c.json"
+    assert cli.main(["gen-metrics", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
+                     "--metric", "clip-fid", "--clip-weights", str(weights), "--device", "cpu",
+                     "--out", str(out)]) == 0
+    value = json.loads(out.read_text())["results"][0]["value"]
+
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+    def feats(images):  # the whole image resized to the tower's 32-px input, CLIP-normalised
+        x = torch.from_numpy(np.stack(images).transpose(0, 3, 1, 2).copy()).float() / 255
+        x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False,
+                                            antialias=True).clamp(0, 1)
+        with torch.no_grad():
+            return model.encode_image((x - mean) / std).double().numpy()
+
+    assert value == pytest.approx(direct_fid(feats(real), feats(fake)), abs=1e-6, rel=1e-6)
+
+
+def test_clip_weights_that_are_not_an_open_clip_vit_are_one_line_errors(tmp_path, capsys):
+    _images(tmp_path / "real", 2, size=32)
+    _images(tmp_path / "fake", 2, size=32, seed=1)
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    base = ["gen-metrics", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--device", "cpu",
+            "--metric", "clip-fid"]
+    assert cli.main(base) == 2 and "--clip-weights" in capsys.readouterr().err
+    assert cli.main(base + ["--clip-weights", str(tmp_path / "other.pt")]) == 2
+    assert "open_clip" in capsys.readouterr().err
+
+
+def test_embedding_per_patch_equals_a_per_patch_loop(tmp_path):
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    real = _images(tmp_path / "real", 2, size=64, seed=10, smooth=True)
+    (tmp_path / "fake").mkdir()
+    rng = np.random.default_rng(11)
+    fake = [np.clip(r.astype(int) + rng.integers(-40, 40, r.shape), 0, 255).astype(np.uint8) for r in real]
+    for i, f in enumerate(fake):
+        Image.fromarray(f).save(tmp_path / "fake" / f"img{i:02d}.png")
+    out = tmp_path / "p.json"
+    assert cli.main(["gen-metrics", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"),
+                     "--metric", "embedding", "--per-patch", "--patch-size", "32", "--encoder", "toy",
+                     "--encoder-dim", "8", "--device", "cpu", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["results"][0]
+    per_pair, every = {}, []
+    for i, (r, f) in enumerate(zip(real, fake)):
+        sims = []
+        for y in range(0, 64, 32):
+            for x in range(0, 64, 32):
+                a = _toy_features([r[y:y + 32, x:x + 32]])
+                b = _toy_features([f[y:y + 32, x:x + 32]])
+                sims.append(cosine_similarity(a, b)[0, 0])
+        per_pair[f"img{i:02d}"] = np.mean(sims)
+        every += sims
+    assert res["value"] == pytest.approx(np.mean(every), rel=1e-5) and res["n"] == 8
+    assert {i["item"]: i["value"] for i in res["items"]} == pytest.approx(per_pair, rel=1e-5)

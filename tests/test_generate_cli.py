@@ -122,14 +122,15 @@ def test_generate_large_end_to_end_and_regeneration(slide, tmp_path, method):
 
     out = tmp_path / method
     assert cli.main(["generate-large", *BASE, "--slide", str(slide), "--method", method, "--steps", "5",
-                     "--inner-iterations", "2", "--seed", "1", "--out", str(out)]) == 0
+                     "--joint-iterations", "1", "--refine-t0", "100", "--seed", "1", "--out", str(out)]) == 0
     man = json.loads((out / "manifest.json").read_text())
     large = read_png(out / "large.png")
     assert large.shape == (32, 32, 3)  # (20/10) x 16 px
     assert man["sampling"]["method"] == method and man["sampling"]["stride"] == 200
     if method == "joint":
         assert read_png(out / "guide.png").shape == (16, 16, 3)
-        assert len(man["disagreement_per_step"]) == 5
+        assert len(man["images"][0]["disagreement_per_step"]) == 5
+        assert man["sampling"]["joint_update"] == "je" and man["images"][0]["joint_evaluations"] == 5 * (1 + 4 * 3)
     again = regenerate(out)
     assert np.array_equal(again[0], large)
 
@@ -179,12 +180,12 @@ def test_regenerate_refuses_a_changed_checkpoint(sample_run, tmp_path):
 
 def test_cli_choices_match_the_registries():
     from zoomfeat.commands import generate_large, sample
-    from zoomfeat.generate.guidance import GUIDANCE_FORMS
+    from zoomfeat.generate.joint import JOINT_UPDATES
     from zoomfeat.generate.run import METHODS
     from zoomfeat.generate.samplers import sampler_names
 
     assert tuple(sorted(sample.SAMPLER_CHOICES)) == tuple(sampler_names())
-    assert sample.GUIDANCE_FORMS == GUIDANCE_FORMS
+    assert generate_large.JOINT_UPDATES == JOINT_UPDATES
     assert generate_large.METHODS == METHODS
 
 
@@ -201,7 +202,7 @@ def test_images_above_4096_px_are_pyramidal_tiffs_openslide_opens(tmp_path):
     osl = openslide.OpenSlide(str(path))
     try:
         assert osl.dimensions == (4104, 4104) and osl.level_count > 1
-        assert osl.properties.get("openslide.objective-power") == "20"
+        assert json.loads(osl.properties["tiff.ImageDescription"])["magnification"] == 20.0
         region = np.asarray(osl.read_region((2000, 3000), 0, (64, 64)).convert("RGB")).astype(int)
     finally:
         osl.close()
@@ -238,3 +239,59 @@ def test_a_registered_context_source_plugs_in_and_its_drawn_contexts_regenerate(
             assert np.array_equal(img, read_png(tmp_path / "drawn" / entry["file"]))
     finally:
         CONTEXT_SOURCES.pop("test-drawn", None)
+
+
+# ----- manifest-first outputs, real/syn folders, several large images ------------------------------------------
+def test_sample_resumes_an_interrupted_run_and_refuses_a_different_one(slide, sample_run, tmp_path, capsys):
+    """A run whose last image never got written (as after a full disk): the rerun keeps the finished images and
+    makes the missing one, identical to the uninterrupted run's; other settings in the same folder are refused."""
+    import shutil
+
+    out = tmp_path / "resume"
+    shutil.copytree(sample_run, out)
+    man = json.loads((out / "manifest.json").read_text())
+    assert all(e["status"] == "done" for e in man["images"])
+    (out / "images" / "p000_v002.png").unlink()
+    man["images"][2]["status"] = "pending"
+    (out / "manifest.json").write_text(json.dumps(man))
+    kept = (out / "images" / "p000_v000.png").stat().st_mtime_ns
+    args = ["sample", *BASE, "--slide", str(slide), "--x", "512", "--y", "512", "--n", "3", "--steps", "10",
+            "--sampler", "plms", "--seed", "5", "--out", str(out)]
+    assert cli.main(args) == 0
+    assert (out / "images" / "p000_v000.png").stat().st_mtime_ns == kept  # not redone
+    assert _sha(out / "images" / "p000_v002.png") == _sha(sample_run / "images" / "p000_v002.png")
+    assert json.loads((out / "manifest.json").read_text())["images"][2]["status"] == "done"
+    args[args.index("--seed") + 1] = "6"
+    assert cli.main(args) == 2
+    assert "different run" in capsys.readouterr().err
+
+
+def test_sample_write_real_gives_real_and_syn_folders(slide, tmp_path):
+    from zoomfeat.mags import parse_mag
+    from zoomfeat.slides import Slide
+
+    out = tmp_path / "fid"
+    assert cli.main(["sample", *BASE, "--slide", str(slide), "--patches", "2", "--n", "2", "--steps", "4",
+                     "--write-real", "--out", str(out)]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert sorted(p.name for p in (out / "syn").glob("*.png")) == [f"p{p:03d}_v{v:03d}.png" for p in range(2)
+                                                                     for v in range(2)]
+    assert sorted(p.name for p in (out / "real").glob("*.png")) == ["p000.png", "p001.png"]
+    with Slide(slide) as s:  # the real patch under each condition, read here through OpenSlide
+        for p, (x, y) in enumerate(man["conditions"]["coords_level0"]):
+            assert np.array_equal(read_png(out / "real" / f"p{p:03d}.png"), s.read_patch(x, y, parse_mag("10x"), 16))
+    assert all(e["status"] == "done" for e in man["images"])
+
+
+def test_generate_large_n_seeds_from_one_load(slide, tmp_path):
+    """--n 2 with --x/--y: one region, seeds 1 and 2; each image is the one a single run with that seed makes."""
+    out = tmp_path / "two"
+    common = [*BASE, "--slide", str(slide), "--x", "512", "--y", "512", "--method", "grid", "--steps", "3",
+              "--no-refine"]
+    assert cli.main(["generate-large", *common, "--n", "2", "--seed", "1", "--out", str(out)]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert [(e["file"], e["seed"]) for e in man["images"]] == [("large_000.png", 1), ("large_001.png", 2)]
+    assert man["sampling"]["refine_t0"] == 0
+    single = tmp_path / "one"
+    assert cli.main(["generate-large", *common, "--seed", "2", "--out", str(single)]) == 0
+    assert np.array_equal(read_png(single / "large.png"), read_png(out / "large_001.png"))

@@ -81,7 +81,7 @@ def test_inverted_grid_beats_random_and_mean_grids(sensitive):
     assert [p.requires_grad for p in m.parameters()] == flags  # restored after the inversion
     assert [i for i, _ in result.probe] == [0, 20, 40, 60]
     assert result.probe_losses[-1] < result.probe_losses[0]
-    assert len(result.losses) == 60 and result.timesteps[0] == 999 and result.timesteps[-1] == 0
+    assert len(result.losses) == 60 and result.timesteps[0] == 950 and result.timesteps[-1] == 50
 
     # held-out evaluation: timesteps and noise the inversion never saw
     with torch.no_grad():
@@ -107,8 +107,34 @@ def test_objective_pieces_match_their_formulas(tiny):
     t = torch.tensor([0, 10, 500, 999])
     a = tiny.alphas_cumprod[t].double()
     assert torch.allclose(inv.loss_weight(tiny.alphas_cumprod, t).double(), a.sqrt() * (1 - a), rtol=1e-6)
-    steps = inv.inversion_timesteps(1000, inv.InversionSettings(iterations=200))
-    assert len(steps) == 200 and steps[0] == 999 and steps[-1] == 0 and np.all(np.diff(steps) <= 0)
+
+
+def test_defaults_are_the_supplements():
+    """200 Adam steps (lr 0.1), timesteps annealed linearly 950 -> 50 over the steps, similarity weight 0.05."""
+    s = inv.InversionSettings()
+    assert (s.iterations, s.lr, s.similarity, s.t_high, s.t_low) == (200, 0.1, 0.05, 950, 50)
+    steps = inv.inversion_timesteps(1000, s)
+    expected = np.rint(950 - 900 * np.arange(200) / 199)  # linear, written from the text
+    assert len(steps) == 200 and np.array_equal(steps, expected)
+    assert np.all(np.diff(steps) < 0)
+
+
+def test_similarity_pulls_the_grid_vectors_together(sensitive):
+    """W > 0 (the supplement's prior) ends with a higher mean pairwise cosine of the grid than W = 0, and a
+    negative W (a diversity penalty) with a lower one; cosine computed here with torch's cosine_similarity."""
+    z = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+
+    def mean_cos(w):
+        grid = inv.invert_latent(sensitive, z, parse_mag("5x"),
+                                 inv.InversionSettings(iterations=8, similarity=w, probe_timesteps=1,
+                                                       eval_every=8, seed=3)).grid
+        v = grid.reshape(grid.shape[0], -1).t()
+        sims = torch.nn.functional.cosine_similarity(v[:, None], v[None], dim=2)
+        n = len(v)
+        return float((sims.sum() - sims.diagonal().sum()) / (n * (n - 1)))
+
+    off, pull, push = mean_cos(0.0), mean_cos(0.5), mean_cos(-0.5)
+    assert pull > off > push, (pull, off, push)
 
 
 def test_denoising_loss_equals_the_oracle(tiny):
@@ -131,7 +157,7 @@ def test_coarse_magnification_grid_is_learned_at_full_width(tiny):
 
 
 @pytest.mark.parametrize("kw, message", [({"iterations": 0}, "iterations"), ({"lr": 0.0}, "learning rate"),
-                                         ({"diversity": -1.0}, "diversity"), ({"t_low": 5, "t_high": 2}, "t_low")])
+                                         ({"similarity": float("nan")}, "similarity"), ({"t_low": 5, "t_high": 2}, "t_low")])
 def test_bad_settings(kw, message):
     with pytest.raises(ConfigError, match=message):
         inv.InversionSettings(**kw)

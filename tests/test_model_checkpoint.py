@@ -166,3 +166,62 @@ def test_unet_features_never_runs_later_blocks(tiny_dir):
     assert feats.shape == (2, m.feature_dim(3), 4, 4)
     with pytest.raises(ConfigError, match="out of range"):
         m.unet_features(x, t, ctx, block=12)
+
+
+# -- load_torch_file: the one reader of torch files ----------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "text", "cut", "pickled"])
+def test_load_torch_file_is_one_line_for_every_kind_of_bad_file(tmp_path, kind):
+    """Each bad file is one line naming it and the fix; a pickle with code objects is refused, never run."""
+    from zoomfeat.errors import DataError
+    from zoomfeat.torch_files import load_torch_file
+
+    path = tmp_path / "w.pt"
+    whole = tmp_path / "whole.pt"
+    torch.save({"a": torch.arange(1000.0)}, whole)
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("not weights\n")
+    elif kind == "cut":
+        path.write_bytes(whole.read_bytes()[:2000])  # a download cut short
+    elif kind == "pickled":
+        torch.save({"a": torch.zeros(2), "args": argparse.Namespace(lr=1.0)}, path)
+    expect = {"missing": "not found: FIX", "folder": "is a folder", "empty": "it is empty",
+              "text": "it is text", "cut": "cannot read feature file", "pickled": "weights-only load refuses"}[kind]
+    with pytest.raises(DataError) as err:
+        load_torch_file(path, "feature file", fix="FIX", error=DataError)
+    message = str(err.value)
+    assert expect in message and str(path) in message and "\n" not in message
+    assert torch.equal(load_torch_file(whole, "feature file")["a"], torch.arange(1000.0))
+    if kind == "pickled":  # the classes a caller allows (the official CDM's args) are rebuilt, nothing else
+        assert load_torch_file(path, allowed=[argparse.Namespace])["args"].lr == 1.0
+
+
+def test_a_hub_cache_file_is_never_unpickled(tmp_path):
+    from zoomfeat.torch_files import load_torch_file
+
+    snapshot = tmp_path / "models--org--m" / "snapshots" / ("3" * 40)
+    snapshot.mkdir(parents=True)
+    torch.save({"a": torch.zeros(2)}, snapshot / "w.ckpt")
+    with pytest.raises(CheckpointError, match="comes from the hub cache: it is loaded weights-only"):
+        load_torch_file(snapshot / "w.ckpt", unsafe=True)
+    assert torch.equal(load_torch_file(snapshot / "w.ckpt")["a"], torch.zeros(2))
+
+
+def test_one_config_yaml_rule_for_every_caller(tmp_path, tiny_dir):
+    """The one "config.yaml or its folder" rule: the forms it takes and its one-line error; the model and the
+    training config read their config through it."""
+    from zoomfeat.model import load_zoomldm
+    from zoomfeat.resolve import tiny_config_path, zoomldm_config_path
+    from zoomfeat.train.config import load_train_config
+
+    assert zoomldm_config_path(tiny_dir) == tiny_dir / "config.yaml"
+    assert zoomldm_config_path(tiny_dir / "config.yaml") == tiny_dir / "config.yaml"
+    assert zoomldm_config_path("tiny") == tiny_config_path()
+    message = f"ZoomLDM config {tmp_path / 'config.yaml'} not found"
+    for reader in (zoomldm_config_path, load_zoomldm, lambda p: load_train_config({"model.zoomldm": p})):
+        with pytest.raises(ConfigError, match=message):
+            reader(tmp_path)

@@ -22,7 +22,7 @@ from zoomfeat.mags import parse_mag
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = JointSettings(t_start=1000, stride=1000, inner_iterations=2)  # 1 joint step: a plumbing-sized run
+FAST = JointSettings(t_start=1000, stride=1000, iterations=1)  # 1 joint step: a plumbing-sized run
 CONSISTENT_DB = 40.0  # stated bound: downsampled output vs input with --consistency project (uint8 output)
 
 
@@ -126,7 +126,7 @@ def test_superres_command_writes_rows_and_manifests(tmp_path, capsys):
     Image.fromarray(lr_image(64, 64)).save(tmp_path / "a.png")
     out = tmp_path / "sr"
     rc = cli.main(["superres", str(tmp_path / "a.png"), "--mag", "10x", "--zoomldm", str(folder), "--rows",
-                   "uncond,bicubic", "--steps", "1", "--inner-iterations", "2", "--device", "cpu", "--out", str(out)])
+                   "uncond,bicubic", "--steps", "1", "--joint-iterations", "1", "--device", "cpu", "--out", str(out)])
     assert rc == 0
     for row in ("uncond", "bicubic"):
         img = np.asarray(Image.open(out / row / "a.png"))
@@ -172,7 +172,7 @@ def test_superres_command_gt_row_from_a_slide(tmp_path, synthetic_slide):
     out = tmp_path / "gt.png"
     assert cli.main(["superres", str(tmp_path / "a.png"), "--mag", "10x", "--zoomldm", str(folder), "--rows", "gt",
                      "--slide", str(slide.path), "--x", "0", "--y", "0", "--conditioner", "toy", "--steps", "1",
-                     "--inner-iterations", "1", "--device", "cpu", "--out", str(out)]) == 0
+                     "--joint-iterations", "1", "--device", "cpu", "--out", str(out)]) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["row"] == "gt" and np.asarray(Image.open(out)).shape == (128, 128, 3)
     assert record["psnr_final_db"] >= CONSISTENT_DB

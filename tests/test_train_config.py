@@ -9,7 +9,8 @@ import pytest
 
 from zoomfeat.errors import ConfigError
 from zoomfeat.train import EXAMPLE_TRAIN_YAML, TINY_ZOOMLDM_YAML
-from zoomfeat.train.config import load_train_config, resolve_zoomldm_config
+from zoomfeat.resolve import zoomldm_config_path
+from zoomfeat.train.config import load_train_config
 from zoomfeat.train.dataset import StepBatchSampler, split_rows, val_batches
 
 
@@ -27,7 +28,7 @@ def test_example_yaml_is_valid_and_overrides_win():
     assert cfg.optim.lr == 2e-5 and cfg.optim.weight_decay == 0.01 and cfg.optim.warmup_steps == 1000
     assert cfg.optim.p_uncond == 0.1 and cfg.data.mag_sampling == "uniform" and cfg.trainer.resume == "auto"
     assert cfg.data.path == Path("trainset") and cfg.data.workers == 4 and cfg.trainer.max_steps == 100000
-    assert resolve_zoomldm_config(cfg.model.zoomldm) == TINY_ZOOMLDM_YAML
+    assert zoomldm_config_path(cfg.model.zoomldm) == TINY_ZOOMLDM_YAML
     assert config["command"] == "train" and config["optim"]["p_uncond"] == 0.1 and config["data"]["path"] == "trainset"
     cfg, _ = _resolved(["--config", str(EXAMPLE_TRAIN_YAML), "--set", "optim.lr=1e-3", "--set", "data.batch_size=2",
                         "--no-val-samples", "--set", "model.init_from=null", "--batch-size", "3"])
@@ -144,7 +145,6 @@ def test_warmup_is_linear_then_constant(warmup, start):
 def test_checkpoint_io_never_leaves_a_truncated_checkpoint(tmp_path, monkeypatch):
     """Lightning writes checkpoints in place; a write that dies half-way (disk full, kill) must leave the previous
     last.ckpt whole and no temporary file (zoomfeat.fitting.atomic_checkpoint_io)."""
-    import lightning.fabric.plugins.io.torch_io as torch_io
     import torch
 
     from zoomfeat.errors import ZoomfeatError
@@ -155,11 +155,11 @@ def test_checkpoint_io_never_leaves_a_truncated_checkpoint(tmp_path, monkeypatch
     io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
     before = path.read_bytes()
 
-    def dies_half_way(checkpoint, filepath):
-        Path(filepath).write_bytes(before[: len(before) // 2])
+    def dies_half_way(checkpoint, fh, *args, **kwargs):
+        fh.write(before[: len(before) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch_io, "_atomic_save", dies_half_way)
+    monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(ZoomfeatError, match="last.ckpt"):
         io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
     assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]

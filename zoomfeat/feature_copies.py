@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from mil.augment import source_of, synthetic_id
+from zoomfeat import hub
 from zoomfeat.batch import run_batch, shard_slides
 from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.extract import conditioning_io as cio
@@ -89,7 +90,8 @@ class FeatureCopiesConfig:
                 "sampler": self.sampler, "steps": self.steps, "guidance": self.guidance,
                 "guidance_form": "standard (e_u + s (e_c - e_u)), zeros as the unconditional context",
                 "use_ema": True, "seed": self.seed, "fraction": float(self.fraction),
-                "seed_rule": "sha256(seed|slide_id|copy|mag|x|y) -> torch.Generator seed of x_T"}
+                "seed_rule": "sha256(seed|slide_id|copy|mag|x|y) -> torch.Generator seed of x_T",
+                **hub.weights_sources(checkpoint=self.zoomldm.weights, config=self.zoomldm.config)}
 
 
 def tile_seed(seed: int, slide_id: str, copy: int, mag: Magnification, x: int, y: int) -> int:
@@ -144,7 +146,7 @@ class FeatureCopier:
         return self._pixel_featurizer()
 
     def _pixel_featurizer(self):
-        from zoomfeat.encoders import ENCODERS, load_encoder
+        from zoomfeat.encoders import ENCODERS, encoder_weights, load_encoder
         from zoomfeat.extract.baseline import EncoderFeaturizer
 
         name = self.extractor
@@ -157,10 +159,11 @@ class FeatureCopier:
             if self.cfg.encoder_weights is None:
                 raise ConfigError(f"{self.cfg.features_dir} holds {name} features: pass --encoder-weights with the "
                                   f"{name} weights that extracted them")
-            if self.real_config.get("checkpoint_sha256") not in (None, file_sha256(self.cfg.encoder_weights)):
+            weights = encoder_weights(name, self.cfg.encoder_weights, "--encoder-weights")  # a path or hub reference
+            if self.real_config.get("checkpoint_sha256") not in (None, file_sha256(weights)):
                 raise ConfigError(f"--encoder-weights {self.cfg.encoder_weights} are not the {name} weights that "
                                   f"made {self.cfg.features_dir} (sha256 differs)")
-            encoder = load_encoder(name, self.cfg.encoder_weights)
+            encoder = load_encoder(name, weights)
         return EncoderFeaturizer(encoder.to(self.runtime.device), self.runtime.device, self.runtime.autocast())
 
     def record(self) -> dict:

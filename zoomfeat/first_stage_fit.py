@@ -31,9 +31,9 @@ from zoomfeat.extract.zoomldm import to_model_input
 from zoomfeat.mags import parse_mag
 from zoomfeat.model import build_zoomldm
 from zoomfeat.patches import TilePatchDataset
+from zoomfeat.resolve import zoomldm_config_path
 from zoomfeat.slides import Slide
 from zoomfeat.store import slide_tile_grid, write_json_atomic
-from zoomfeat.train.config import resolve_zoomldm_config
 from zoomfeat.train.prepare import subsample_rows
 
 PROGRESS_SECONDS = 5.0  # a progress line at least this often
@@ -95,7 +95,7 @@ def fit_first_stage(config: Path | str, slides: list[Path], tiles_dir: Path, out
     if steps < 1 or decoder_steps < 0 or per_mag < 1 or batch < 1 or not lr > 0:
         raise ConfigError("fit-first-stage: --steps and --per-mag must be >= 1, --decoder-steps >= 0, --lr > 0")
     torch.manual_seed(seed)
-    model = build_zoomldm(resolve_zoomldm_config(config))
+    model = build_zoomldm(zoomldm_config_path(config))
     fs = model.first_stage_model
     pixels = collect_patches(slides, tiles_dir, per_mag, seed)
     if len(pixels) < batch:

@@ -18,22 +18,13 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from zoomfeat.errors import ConfigError, one_line
+from zoomfeat.errors import CheckpointError, ConfigError, one_line
+from zoomfeat.torch_files import load_torch_file
 
 
 def load_checkpoint(path, fix: str, *, mmap: bool = False) -> dict:
     """The dict saved at ``path`` (tensors and plain values only); CheckpointError ending with ``fix``."""
-    import torch
-
-    from zoomfeat.errors import CheckpointError
-    from zoomfeat.model.checkpoint import check_checkpoint_file
-
-    check_checkpoint_file(path)  # empty / text / random bytes, before torch unpickles anything
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # torch.load raises many types (RuntimeError, KeyError, EOFError ...) for bad bytes
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason}); {fix}") from exc
+    ckpt = load_torch_file(path, "checkpoint", fix=fix, mmap=mmap)  # empty / text / random bytes: one line
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict; {fix}")
     return ckpt

@@ -1,8 +1,12 @@
-"""The one ZoomLDM resolver (``tiny``, a folder, or a config + weights), torch-free, used by every command.
+"""The one ZoomLDM resolver (``tiny``, a folder, a hub reference, or a config + weights), torch-free, used by
+every command.
 
 ``--zoomldm`` takes ``tiny`` (the packaged CPU-sized config, random or given weights), a folder holding
-``config.yaml`` and a checkpoint, or the path of a ``config.yaml``; ``--weights`` names the checkpoint when
-it is not beside the config. Paths are checked here, at the boundary, with one-line errors naming the fix.
+``config.yaml`` and a checkpoint, the path of a ``config.yaml``, a registered name (``zoomldm-brca``) or
+``hf-hub:ORG/NAME[/SUBFOLDER][@REVISION]`` (:mod:`zoomfeat.hub`: resolved to files in the hub cache, offline
+first); ``--weights`` names the checkpoint when it is not beside the config (a path or a hub reference).
+Paths are checked here, at the boundary, with one-line errors naming the fix. :func:`zoomldm_config_path` is
+the one "config.yaml or its folder" rule.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from zoomfeat import hub
 from zoomfeat.errors import ConfigError
 
 WEIGHT_NAMES = ("weights.ckpt", "model.ckpt", "last.ckpt")
@@ -21,6 +26,21 @@ TINY = "tiny"
 def tiny_config_path() -> Path:
     """The official-format config of the tiny ZoomLDM shipped with the package (CPU-sized, for demos/tests)."""
     return Path(str(resources.files("zoomfeat.train").joinpath("tiny_zoomldm.yaml")))
+
+
+def zoomldm_config_path(value: str | Path, option: str = "--zoomldm") -> Path:
+    """The official ``config.yaml`` named by ``value``: ``tiny`` (the packaged one), the file, the folder that
+    holds it, or a hub reference / registered name (its ``config.yaml``, fetched alone)."""
+    if str(value).strip().lower() == TINY:
+        return tiny_config_path()
+    if hub.is_reference(value):
+        return hub.resolve_files(value, (("config.yaml",),), option).files[0]
+    path = Path(value)
+    config = path / "config.yaml" if path.is_dir() else path
+    if not config.is_file():
+        raise ConfigError(f"ZoomLDM config {config} not found: pass {option} with the config.yaml, its folder, "
+                          f"'tiny', a weights name ({hub.known_names()}) or {hub.FORM}")
+    return config
 
 
 @dataclass(frozen=True)
@@ -42,15 +62,19 @@ def resolve_zoomldm(zoomldm: str | Path, weights: str | Path | None = None, *,
     ``require_weights=False`` allows a config without a checkpoint (random init: training from scratch,
     benchmarks, ``tiny``). A weights path that is a folder is searched for one of :data:`WEIGHT_NAMES`.
     """
-    if str(zoomldm).strip().lower() == TINY:
+    if hub.is_reference(weights):
+        weights = hub.local_file(weights, WEIGHT_NAMES, "--weights")
+    if str(zoomldm).strip().lower() != TINY and hub.is_reference(zoomldm):
+        entries = (("config.yaml",),) if weights is not None else (("config.yaml",), WEIGHT_NAMES)
+        files = hub.resolve_files(zoomldm, entries, "--zoomldm").files
+        config, search_dir = files[0], None
+        if weights is None:
+            return ZoomLDMSource(config, files[1])
+    elif str(zoomldm).strip().lower() == TINY:
         config = tiny_config_path()
         search_dir = None
     else:
-        path = Path(zoomldm)
-        config = path / "config.yaml" if path.is_dir() else path
-        if not config.is_file():
-            raise ConfigError(f"ZoomLDM config {config} not found: pass --zoomldm with the config.yaml, its folder, "
-                              f"or 'tiny'")
+        config = zoomldm_config_path(zoomldm)
         search_dir = config.parent
     if weights is not None:
         wpath = Path(weights)

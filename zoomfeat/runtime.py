@@ -38,17 +38,23 @@ def resolve_runtime(device: str, precision: str) -> Runtime:
     fp32 on the CPU. The GPU of a rank is picked later by Lightning Fabric (``fabric.device``)."""
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda but no CUDA GPU is visible: use --device cpu (or auto)")
+    device = resolve_device(device)
     if precision == "auto":
         if device.startswith("cuda"):
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             precision = "fp32"
     return Runtime(device=device, precision=precision)
+
+
+def resolve_device(device: str, option: str = "--device") -> str:
+    """``auto`` = ``cuda`` when a CUDA GPU is visible, else ``cpu``; any other value is checked by
+    :func:`check_device` (``cpu``, ``cuda``, ``cuda:N`` that exists here; ConfigError naming the fix)."""
+    if str(device).strip().lower() == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return check_device(device, option)
 
 
 def on_device(runtime: Runtime, device) -> Runtime:
@@ -65,7 +71,7 @@ def check_device(device: str, option: str = "--device") -> str:
 
     value = str(device).strip().lower()
     if not re.match(_DEVICE_RE, value):
-        raise ConfigError(f"bad {option} {device!r}: use cpu, cuda or cuda:N")
+        raise ConfigError(f"bad {option} {device!r}: use auto, cpu, cuda or cuda:N")
     if value.startswith("cuda"):
         import torch
 

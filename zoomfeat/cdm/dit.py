@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoomfeat.errors import CheckpointError, ConfigError
+from zoomfeat.torch_files import load_torch_file
 
 FREQUENCY_DIM = 256  # width of the sinusoidal timestep features fed to the timestep MLP
 # official sizes (cdm_dit/models.py): depth, hidden, heads
@@ -252,14 +253,6 @@ class DiT(nn.Module):
 
 # -- weights -------------------------------------------------------------------------------------------------
 
-def _read_checkpoint(path: Path):
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # the official "args" entry
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file; one line with the file name
-        raise CheckpointError(f"cannot read CDM weights {path}: {str(e).splitlines()[0]}") from e
-
-
 def read_dit_checkpoint(path: str | Path, entry: str = "ema") -> tuple[dict[str, torch.Tensor], DiTConfig | None]:
     """(flat DiT state_dict, architecture or None) of a flat file or of the official training checkpoint
     ``{"model","ema","opt","args"}`` (its ``entry``: ``"ema"`` as the official evaluation loads it, or ``"model"``
@@ -268,7 +261,8 @@ def read_dit_checkpoint(path: str | Path, entry: str = "ema") -> tuple[dict[str,
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"CDM weights {path} not found: pass a train-cdm run folder or an official .pt")
-    obj = _read_checkpoint(path)
+    obj = load_torch_file(path, "CDM weights", allowed=[argparse.Namespace],  # the official "args" entry
+                          fix="pass a train-cdm run folder or an official CDM .pt")
     cfg = None
     if isinstance(obj, Mapping) and "ema" in obj and "model" in obj:
         args = obj.get("args")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zoomfeat import hub
 from zoomfeat.cdm.config import PrepareCDMConfig
 from zoomfeat.errors import DataError
 
@@ -43,6 +44,7 @@ def _settings(cfg: PrepareCDMConfig, source, runtime, n: int, labels: list[str])
         "zoomldm_config_sha256": file_sha256(source.config), "zoomldm_weights_sha256": file_sha256(source.weights),
         "precision": runtime.precision, "rows": n, "labels": labels,
         "labels_sha256": file_sha256(cfg.labels),
+        **hub.weights_sources(checkpoint=source.weights, config=source.config),
     }, sort_keys=True)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from zoomfeat import hub
 from zoomfeat.cdm.sample import DEFAULT_STEPS, check_cdm_fits, load_cdm, sample_contexts
 from zoomfeat.errors import ConfigError
 from zoomfeat.generate.conditions import Conditions, register_context_source
@@ -43,7 +44,8 @@ def _draw(model, mag, n: int, opts: dict, device, batch_size: int) -> Conditions
               "cdm_sha256": cdm.weights_sha256, "cdm_steps": int(opts["cdm_steps"]),
               "cdm_guidance": float(opts["cdm_guidance"]), "cdm_seed": int(opts["cdm_seed"]),
               "cdm_sampler": "DDIM eta 0, respaced; noise torch.Generator().manual_seed(cdm_seed) [n, D, 65]",
-              "contexts_drawn": n, "cdm_batch_size": batch_size, "context_shape": list(cdm.context_shape)}
+              "contexts_drawn": n, "cdm_batch_size": batch_size, "context_shape": list(cdm.context_shape),
+              **hub.weights_sources(cdm=cdm.weights)}
     return Conditions(mag, contexts.to(device), None, None, record)
 
 

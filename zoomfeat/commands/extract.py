@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from zoomfeat.commands.options import add_scale_group, add_shard_option, add_tissue_group
+from zoomfeat.commands.options import (add_device_option, add_scale_group, add_shard_option, add_tissue_group,
+                                       add_workers_option)
 from zoomfeat.encoders.specs import encoder_names, parse_conditioner
 from zoomfeat.mags import parse_mags
 
@@ -47,10 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "other features)")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--batch-size", type=int, default=32, help="patches per forward pass (default 32)")
-    runtime.add_argument("--workers", type=int, default=2, help="DataLoader worker processes reading tiles "
-                         "(default 2)")
-    runtime.add_argument("--device", "--accelerator", dest="device", default="auto", metavar="auto|cpu|cuda",
-                         help="where the networks run (default auto = cuda when visible)")
+    add_workers_option(runtime)
+    add_device_option(runtime, "--accelerator")
     runtime.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU processes) per node, "
                          ">= 1 (default 1); more than 1 runs DDP through Lightning Fabric, one slide shard per rank")
     runtime.add_argument("--num-nodes", type=int, default=1, help="nodes of a multi-node run (torchrun/SLURM; "
@@ -82,8 +81,10 @@ def build_config(args: argparse.Namespace):
             conditioner = args.conditioner.partition("=")[0].strip().lower()
     else:
         from zoomfeat.encoders import encoder_class
+        from zoomfeat.encoders.specs import encoder_weights
 
         encoder_class(encoder)  # ConfigError listing the choices
+        weights = encoder_weights(encoder, args.weights)  # a path, or a hub reference resolved here
     return ExtractConfig(
         out_dir=Path(args.out), encoder=encoder, mags=parse_mags(args.mags), zoomldm_config=zoomldm_config,
         weights=weights, conditioner=conditioner, conditioner_weights=Path(cond_weights) if cond_weights else None,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.commands.options import add_device_option
+
 HELP = "generation metrics between a folder of real and a folder of generated images (FID, SSIM, PSNR, LPIPS, ...)"
 # the registry's names (zoomfeat.generate.metrics.metric_names(); kept torch-free here, checked by a test)
-METRIC_NAMES = ("fid", "crop-fid", "downsampled-fid", "nn-distance", "ssim", "psnr", "lpips", "embedding")
+METRIC_NAMES = ("fid", "clip-fid", "crop-fid", "downsampled-fid", "nn-distance", "ssim", "psnr", "lpips",
+                "embedding")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     metrics.add_argument("--crop-size", type=int, default=256, help="crop side in px for crop-fid (default 256)")
     metrics.add_argument("--downsample-size", type=int, default=256,
                          help="side in px the images are downsampled to for downsampled-fid (default 256)")
+    metrics.add_argument("--per-patch", action="store_true", help="embedding: the cosine similarity of each "
+                         "--patch-size patch of a pair (the super-resolution table's UNI/CONCH columns), averaged")
+    metrics.add_argument("--patch-size", type=int, default=256, help="patch side in px for --per-patch (default 256)")
     features = parser.add_argument_group("features")
     features.add_argument("--weights", metavar="FILE", help="local Inception-v3 state_dict for fid/crop-fid/"
                           "downsampled-fid/nn-distance/embedding (pytorch-fid's pt_inception-2015-12-05-6726825d.pth"
@@ -30,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "instead of Inception: a domain FID / embedding similarity")
     features.add_argument("--encoder-weights", metavar="PATH", help="the encoder's local weight file or folder")
     features.add_argument("--encoder-dim", type=int, help="output width of the toy encoder (default 64)")
+    features.add_argument("--clip-weights", metavar="FILE", help="local open_clip ViT-B-32 state_dict for clip-fid "
+                          "(never downloaded)")
     features.add_argument("--lpips-backbone", metavar="FILE", help="local torchvision AlexNet (or VGG16 with "
                           "--lpips-net vgg) state_dict for lpips")
     features.add_argument("--lpips-linear", metavar="FILE", help="LPIPS v0.1 linear weights (default: the copy "
@@ -40,24 +48,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         ".csv (metric,item,value,n); default: print only")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--batch-size", type=int, default=16, help="images per network batch (default 16)")
-    runtime.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                         help="where the feature networks run (default auto = cuda when visible)")
+    add_device_option(runtime)
 
 
 def build_config(args: argparse.Namespace):
     from pathlib import Path
 
-    from zoomfeat.runtime import resolve_runtime
+    from zoomfeat.encoders.specs import SPECS, encoder_weights
     from zoomfeat.generate.metrics import GenMetricsConfig
+    from zoomfeat.runtime import resolve_runtime
 
     names = tuple(n.strip().lower() for value in args.metric for n in value.split(",") if n.strip())
     path = lambda v: Path(v) if v else None  # noqa: E731
+    encoder = args.encoder.strip().lower() if args.encoder else None
+    weights = args.encoder_weights  # a path, or a hub reference resolved here
+    weights = encoder_weights(encoder, weights, "--encoder-weights") if encoder in SPECS and weights else path(weights)
     return GenMetricsConfig(
         real=Path(args.real), fake=Path(args.fake), metrics=names, out=path(args.out), weights=path(args.weights),
-        encoder=args.encoder.strip().lower() if args.encoder else None, encoder_weights=path(args.encoder_weights),
+        encoder=encoder, encoder_weights=weights,
         encoder_dim=args.encoder_dim, lpips_backbone=path(args.lpips_backbone), lpips_linear=path(args.lpips_linear),
         lpips_net=args.lpips_net, crop_size=args.crop_size, downsample_size=args.downsample_size,
-        batch_size=args.batch_size, device=resolve_runtime(args.device, "fp32").device)
+        batch_size=args.batch_size, device=resolve_runtime(args.device, "fp32").device,
+        clip_weights=path(args.clip_weights), per_patch=args.per_patch, patch_size=args.patch_size)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.progress import progress
+
+from zoomfeat import hub
+from zoomfeat.commands.options import add_device_option
+
 HELP = "infer a conditioning grid for one patch image (ZoomLDM condition inversion) and save it as HDF5"
 
 
@@ -21,8 +26,14 @@ def add_inversion_group(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--inversion-steps", type=int, default=200,
                        help="Adam iterations, one timestep each from high to low noise (default 200)")
     group.add_argument("--inversion-lr", type=float, default=0.1, help="Adam learning rate (default 0.1)")
-    group.add_argument("--diversity", type=float, default=0.05,
-                       help="weight of the mean pairwise cosine similarity penalty of the grid vectors (default 0.05)")
+    group.add_argument("--similarity", type=float, default=0.05, metavar="W",
+                       help="weight W of the supplement's prior, -W * mean pairwise cosine of the grid vectors: "
+                            "W > 0 pulls them together (default 0.05, the paper's); 0 turns it off; W < 0 pushes "
+                            "them apart (a diversity penalty, not the paper's)")
+    group.add_argument("--t-high", type=int, default=950,
+                       help="first (noisiest) 0-based timestep of the linear anneal (default 950, the supplement's)")
+    group.add_argument("--t-low", type=int, default=50,
+                       help="last 0-based timestep of the linear anneal over the steps (default 50, the supplement's)")
     group.add_argument("--noise-batch", type=int, default=1, help="noise draws per iteration (default 1)")
 
 
@@ -33,8 +44,7 @@ def add_runtime_group(parser: argparse.ArgumentParser, what: str, batch_size: bo
         group.add_argument("--batch-size", type=int, default=8,
                            help="20x patches per network batch in joint sampling (default 8)")
     group.add_argument("--seed", type=int, default=0, help=f"seed of the {what} (default 0)")
-    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                       help="where the networks run (default auto = cuda when visible)")
+    add_device_option(group)
     group.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"),
                        help="autocast of the inversion's U-Net passes (default fp32; auto = bf16 on CUDA)")
 
@@ -56,8 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def inversion_settings(args: argparse.Namespace):
     from zoomfeat.generate.invert import InversionSettings
 
-    return InversionSettings(iterations=args.inversion_steps, lr=args.inversion_lr, diversity=args.diversity,
-                             noise_batch=args.noise_batch, seed=args.seed)
+    return InversionSettings(iterations=args.inversion_steps, lr=args.inversion_lr, similarity=args.similarity,
+                             t_high=args.t_high, t_low=args.t_low, noise_batch=args.noise_batch, seed=args.seed)
 
 
 def check_out(path, overwrite: bool, suffixes: tuple[str, ...]):
@@ -103,10 +113,16 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{args.image} is {image.shape[1]}x{image.shape[0]} px: invert takes one square patch of "
                         f"256 px{'' if side == 256 else f' or {side} px'} at {mag}; use `zoomfeat superres` for "
                         f"larger images")
-    result = invert_image(model, image, mag, settings, autocast=runtime.autocast())
+
+    tick, close = progress(settings.iterations, "invert", "step")
+    try:
+        result = invert_image(model, image, mag, settings, autocast=runtime.autocast(), progress=tick)
+    finally:
+        close()
     provenance = {"image": str(args.image), "zoomldm_config": str(source.config),
                   "zoomldm_sha256": file_sha256(source.weights), "settings": settings.__dict__,
-                  "precision": runtime.precision}
+                  "precision": runtime.precision,
+                  **hub.weights_sources(checkpoint=source.weights, config=source.config)}
     save_grid(out, result, provenance)
     first, last = result.probe_losses[0], result.probe_losses[-1]
     print(f"invert: {mag} grid {list(result.grid.shape)}; probe loss {first:.6g} -> {last:.6g} "

@@ -1,8 +1,8 @@
-"""Argument groups shared by the slide commands (``tile``, ``extract``, ``prepare-train``, ``info``): one
-spelling, unit and default for the tissue flags, the scale overrides and sharding (light imports only: command
-modules are imported for ``--help``); the values become typed objects in the library. :func:`check_common` holds
-the checks every command's options get before it runs (cli.main calls it): seeds, names used in paths, class
-lists, feature sets.
+"""Options shared by several commands: one spelling, unit, default and help for the tissue flags, the scale
+overrides, sharding, ``--device`` and ``--workers`` (``tests/test_house_rules.py`` checks the last two agree).
+Light imports only (command modules are imported for ``--help``); the values become typed objects in the library.
+:func:`check_common` holds the checks every command's options get before it runs (cli.main calls it): seeds,
+names used in paths, class lists, feature sets.
 """
 
 from __future__ import annotations
@@ -45,6 +45,24 @@ def add_scale_group(parser: argparse.ArgumentParser) -> None:
     exclusive.add_argument("--mpp", type=float, default=None,
                            help="microns per level-0 pixel, 0.1-2.0 (e.g. 0.5) for slides that lack it "
                                 "(default: from the slide)")
+
+
+DEVICE_HELP = "where the networks run: auto (cuda when a GPU is visible), cpu, cuda or cuda:N (default auto)"
+WORKERS = 2
+WORKERS_HELP = (f"DataLoader worker processes reading the inputs, per device (default {WORKERS}; 0 reads in the "
+                "main process)")
+
+
+def add_device_option(group, *aliases: str) -> None:
+    """``--device`` (one default and meaning in every command): checked by :func:`zoomfeat.runtime.resolve_device`
+    when the command runs, so a bad value is a one-line error naming it."""
+    group.add_argument("--device", *aliases, dest="device", default="auto", metavar="auto|cpu|cuda[:N]",
+                       help=DEVICE_HELP)
+
+
+def add_workers_option(group) -> None:
+    """``--workers`` (one default and meaning in every command that reads through a DataLoader)."""
+    group.add_argument("--workers", type=int, default=WORKERS, metavar="N", help=WORKERS_HELP)
 
 
 def add_shard_option(group) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from zoomfeat.cdm.config import PrepareCDMConfig
+from zoomfeat.commands.options import add_device_option, add_workers_option
 from zoomfeat.mags import mag_names
 
 HELP = "compute the ZoomLDM Summarizer contexts [65, D] of a prepare-train set (streamed, resumable HDF5)"
@@ -26,9 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--out", required=True, metavar="DIR", help="output folder (contexts.h5)")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--batch-size", type=int, default=64, help="patches per Summarizer batch (default 64)")
-    runtime.add_argument("--workers", type=int, default=2, help="DataLoader workers reading the set (default 2)")
-    runtime.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                         help="where the Summarizer runs (default auto: cuda when visible)")
+    add_workers_option(runtime)
+    add_device_option(runtime)
     runtime.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                          help="autocast of the Summarizer (default auto: bf16 on CUDA, fp32 on CPU); stored fp32")
 

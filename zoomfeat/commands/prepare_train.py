@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from zoomfeat.commands.options import add_scale_group, add_tissue_group, tissue_params
+from zoomfeat import hub
+from zoomfeat.commands.options import (add_device_option, add_scale_group, add_tissue_group, add_workers_option,
+                                       tissue_params)
 from zoomfeat.encoders.specs import parse_conditioner
 from zoomfeat.mags import parse_mags
+from zoomfeat.resolve import resolve_zoomldm
 from zoomfeat.train.config import PrepareConfig
 
 HELP = "write a ZoomLDM training set: per-magnification latents and 20x conditioning grids in HDF5 shards"
@@ -39,26 +42,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--batch-size", type=int, default=32, help="patches per batch for the encoders "
                          "(default 32)")
-    runtime.add_argument("--workers", type=int, default=0, help="DataLoader worker processes reading tiles "
-                         "(default 0)")
-    runtime.add_argument("--device", default="cpu", help="torch device for the encoders: cpu (default), cuda, "
-                         "cuda:1")
+    add_workers_option(runtime)
+    add_device_option(runtime)
     runtime.add_argument("--seed", type=int, default=0, help="subset draws and the random init of toy/tiny models "
                          "(default 0)")
 
 
 def build_config(args: argparse.Namespace):
-    from zoomfeat.runtime import check_device
+    from zoomfeat.runtime import resolve_device
 
     name, weights = parse_conditioner(args.conditioner)
     weights = Path(weights) if weights else None
+    zoomldm, zoomldm_weights = Path(args.zoomldm), Path(args.zoomldm_weights) if args.zoomldm_weights else None
+    if hub.is_reference(args.zoomldm) or hub.is_reference(args.zoomldm_weights):  # resolved here, at the boundary
+        source = resolve_zoomldm(args.zoomldm, args.zoomldm_weights, require_weights=False)
+        zoomldm, zoomldm_weights = source.config, source.weights
     return PrepareConfig(
         slides=tuple(Path(s) for s in args.slides), out=Path(args.out), conditioner=name,
-        conditioner_weights=weights, zoomldm=Path(args.zoomldm),
-        zoomldm_weights=Path(args.zoomldm_weights) if args.zoomldm_weights else None,
+        conditioner_weights=weights, zoomldm=zoomldm, zoomldm_weights=zoomldm_weights,
         mags=parse_mags(args.mags), max_patches_per_mag=args.max_patches_per_mag,
         conditioner_dim=args.conditioner_dim, batch_size=args.batch_size, workers=args.workers,
-        device=check_device(args.device), seed=args.seed, base_mag=args.base_mag, mpp=args.mpp, tissue=tissue_params(args))
+        device=resolve_device(args.device), seed=args.seed, base_mag=args.base_mag, mpp=args.mpp, tissue=tissue_params(args))
 
 
 def run(args: argparse.Namespace) -> int:

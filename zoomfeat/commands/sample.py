@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from zoomfeat.commands.options import add_scale_group, add_tissue_group
+from zoomfeat import hub
+from zoomfeat.commands.options import add_device_option, add_scale_group, add_tissue_group
 
 HELP = ("generate N ZoomLDM variations of real patches (slide + coordinates, tile store or conditioning folder) "
         "or of contexts drawn by a CDM (--cdm, no slide)")
 
-# zoomfeat.generate.samplers.sampler_names() and zoomfeat.generate.guidance.GUIDANCE_FORMS, kept torch-free
-# here (command modules import only the standard library); a test checks they agree
+# zoomfeat.generate.samplers.sampler_names(), kept torch-free here (command modules import only the standard
+# library); a test checks they agree
 SAMPLER_CHOICES = ("ddim", "plms")
-GUIDANCE_FORMS = ("standard", "large_image")
 
 
 def add_model_group(parser: argparse.ArgumentParser) -> None:
@@ -63,8 +63,7 @@ def add_runtime_group(parser: argparse.ArgumentParser, batch_size: int) -> None:
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--batch-size", type=int, default=batch_size,
                          help=f"patches (or windows) per network pass (default {batch_size})")
-    runtime.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                         help="where the networks run (default auto = cuda when visible)")
+    add_device_option(runtime)
     runtime.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                          help="auto (default) = bf16 autocast on CUDA, fp32 on CPU")
 
@@ -76,17 +75,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--n", type=int, default=8, help="variations per patch (default 8)")
     sampling.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    sampling.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance value in the "
-                          "--guidance-form (default 2.0)")
-    sampling.add_argument("--guidance-form", default="standard", choices=GUIDANCE_FORMS,
-                          help="standard: e_u + s(e_c - e_u) (CompVis samplers, default); large_image: "
-                               "(1+w) e_c - w e_u (w = s - 1)")
+    sampling.add_argument("--guidance", type=float, default=2.0, metavar="S",
+                          help="classifier-free guidance as the standard scale s: e_u + s (e_c - e_u) (the CompVis "
+                               "samplers' form; default 2.0, the official notebooks')")
     sampling.add_argument("--sampler", default="ddim", choices=SAMPLER_CHOICES, help="sampler (default ddim)")
     sampling.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k "
                           "(default 0)")
     output = parser.add_argument_group("output")
-    output.add_argument("--out", required=True, help="new (or empty) folder: images/, contact_sheet.png, "
-                        "conditions.npz, manifest.json")
+    output.add_argument("--out", required=True, help="new (or empty) folder, or the folder of an interrupted run "
+                        "to resume: images/ (syn/ and real/ with --write-real), contact_sheet.png, conditions.npz, "
+                        "manifest.json")
+    output.add_argument("--write-real", action="store_true",
+                        help="also write the real patch of each condition (from its slide, same magnification and "
+                             "size) to real/, and the samples to syn/: the two folders of an FID")
     add_runtime_group(parser, batch_size=8)
 
 
@@ -140,9 +141,10 @@ def cdm_request(args: argparse.Namespace, n_patches: int):
                             ("--tiles", args.tiles), ("--conditioning", args.conditioning)) if v is not None]
     if given:
         raise ConfigError(f"--cdm draws the contexts itself: drop {', '.join(given)}")
-    if not Path(args.cdm).exists():
+    cdm = hub.local_file(args.cdm, ("last.ckpt",), "--cdm")  # a path, or a hub reference resolved to its file
+    if not cdm.exists():
         raise ConfigError(f"--cdm {args.cdm} not found: pass a train-cdm run folder or a CDM checkpoint file")
-    extra = {"cdm": Path(args.cdm), "cdm_steps": args.cdm_steps, "cdm_guidance": args.cdm_guidance,
+    extra = {"cdm": cdm, "cdm_steps": args.cdm_steps, "cdm_guidance": args.cdm_guidance,
              "cdm_seed": args.cdm_seed}
     return ConditionRequest(mag=parse_mag(args.mag), n_patches=n_patches, batch_size=max(1, args.batch_size),
                             extra=extra)
@@ -157,12 +159,13 @@ def build_config(args: argparse.Namespace):
     from zoomfeat.resolve import resolve_zoomldm
 
     source = resolve_zoomldm(args.zoomldm, args.weights, require_weights=str(args.zoomldm).strip().lower() != "tiny")
-    sampler = SamplerSettings(args.sampler, args.steps, Guidance(args.guidance, args.guidance_form))
+    sampler = SamplerSettings(args.sampler, args.steps, Guidance(args.guidance, "standard"))
     if args.cdm is not None:
         import zoomfeat.cdm.source  # noqa: F401  (registers the "cdm" context source)
     return SampleConfig(zoomldm=source, conditions=condition_request(args, args.patches), out=Path(args.out),
                         n=args.n, sampler=sampler, seed=args.seed, batch_size=args.batch_size, device=args.device,
-                        precision=args.precision, source="grid" if args.cdm is None else "cdm")
+                        precision=args.precision, source="grid" if args.cdm is None else "cdm",
+                        write_real=args.write_real)
 
 
 def run(args: argparse.Namespace) -> int:

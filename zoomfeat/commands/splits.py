@@ -12,8 +12,13 @@ from zoomfeat.store import write_json_atomic
 HELP = "import (HIPT, SI-MIL), generate (patient-grouped, stratified) and audit cross-validation splits"
 
 
+def _subcommand(sub, name: str, text: str) -> argparse.ArgumentParser:
+    """A ``splits`` subcommand whose one-line help is also its description (``splits NAME --help``)."""
+    return sub.add_parser(name, help=text, description=text)
+
+
 def _add_hipt(sub) -> None:
-    p = sub.add_parser("hipt", help="normalise HIPT/CLAM split files and keep labelled slides")
+    p = _subcommand(sub, "hipt", "normalise HIPT/CLAM split files and keep labelled slides")
     data = p.add_argument_group("data")
     data.add_argument("--splits-dir", required=True, metavar="DIR",
                       help="folder with splits_<k>.csv (or splits_<k>_bool.csv); required")
@@ -28,7 +33,7 @@ def _add_hipt(sub) -> None:
 
 
 def _add_simil(sub) -> None:
-    p = sub.add_parser("simil", help="SI-MIL protocol: fixed test set, k folds of train/val on the rest")
+    p = _subcommand(sub, "simil", "SI-MIL protocol: fixed test set, k folds of train/val on the rest")
     data = p.add_argument_group("data")
     src = data.add_mutually_exclusive_group(required=True)
     src.add_argument("--labels", metavar="CSV",
@@ -50,7 +55,7 @@ def _add_simil(sub) -> None:
 
 
 def _add_make(sub) -> None:
-    p = sub.add_parser("make", help="patient-grouped, stratified k-fold or repeated (CLAM-style) splits")
+    p = _subcommand(sub, "make", "patient-grouped, stratified k-fold or repeated (CLAM-style) splits")
     data = p.add_argument_group("data")
     data.add_argument("--labels", required=True, metavar="CSV", help="label CSV (case_id,slide_id,label); required")
     output = p.add_argument_group("output")
@@ -70,7 +75,7 @@ def _add_make(sub) -> None:
 
 
 def _add_audit(sub) -> None:
-    p = sub.add_parser("audit", help="leaks across patients, class counts, test overlap, missing labels/features, "
+    p = _subcommand(sub, "audit", "leaks across patients, class counts, test overlap, missing labels/features, "
                                      "folds that cannot be trained")
     data = p.add_argument_group("data")
     data.add_argument("dir", help="split folder (splits_<k>.csv)")

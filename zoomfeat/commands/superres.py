@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.progress import progress
+
+from zoomfeat import hub
+
 HELP = "super-resolve images at --mag to 20x: inverted conditions + joint sampling with the image as measurement"
 ROWS = ("inverted", "gt", "uncond", "bicubic")  # zoomfeat.generate.superres.ROWS (torch-free copy, tested)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from zoomfeat.commands.generate_large import add_guidance_options, add_joint_options
     from zoomfeat.commands.invert import add_inversion_group, add_model_group, add_runtime_group
     from zoomfeat.commands.options import add_scale_group
 
@@ -26,13 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--rows", default="inverted", metavar="ROW[,ROW]",
                           help=f"what to produce, comma-separated: {', '.join(ROWS)} (default inverted)")
-    sampling.add_argument("--steps", type=int, default=20, help="joint sampling steps from t=1000 (default 20, "
-                          "stride 1000/steps = 50)")
-    sampling.add_argument("--guidance", type=float, default=2.0,
-                          help="guidance w in the large-image form (1+w) e_c - w e_u (default 2)")
-    sampling.add_argument("--fd-step", type=float, default=0.005, help="finite-difference step h (default 0.005)")
-    sampling.add_argument("--joint-lr", type=float, default=0.5, help="constraint step size (default 0.5)")
-    sampling.add_argument("--inner-iterations", type=int, default=10, help="GMRES iterations per step (default 10)")
+    sampling.add_argument("--steps", type=int, default=50, help="joint sampling steps from t=1000 (default 50, the "
+                          "supplement's; 20 is the second-hand notebook copy's faster setting)")
+    add_guidance_options(sampling)
+    add_joint_options(sampling)
     sampling.add_argument("--refine", action="store_true", help="run the official refinement pass after sampling")
     sampling.add_argument("--refine-t0", type=int, default=300, help="refinement start timestep, 1-based (default 300)")
     sampling.add_argument("--refine-stride", type=int, default=100, help="refinement timestep stride (default 100)")
@@ -59,6 +61,7 @@ def _rows(value: str) -> tuple[str, ...]:
 
 
 def build_settings(args: argparse.Namespace, row: str):
+    from zoomfeat.commands.generate_large import guidance_of
     from zoomfeat.commands.invert import inversion_settings
     from zoomfeat.errors import ConfigError
     from zoomfeat.generate.guidance import Guidance
@@ -68,9 +71,11 @@ def build_settings(args: argparse.Namespace, row: str):
 
     if not 1 <= args.steps <= 1000:
         raise ConfigError(f"--steps {args.steps}: use 1..1000")
-    guidance = Guidance(args.guidance, "large_image")
+    guidance = guidance_of(args)
+    guide = None if args.guide_guidance is None else Guidance(args.guide_guidance - 1.0, "large_image")
     joint = JointSettings(t_start=1000, stride=1000 // args.steps, guidance=guidance, h=args.fd_step,
-                          lr=args.joint_lr, inner_iterations=args.inner_iterations, batch_size=args.batch_size)
+                          lr=args.joint_lr, update=args.joint_update, iterations=args.joint_iterations,
+                          krylov=args.krylov_size, guide_guidance=guide, batch_size=args.batch_size)
     refinement = (WindowSettings(t_start=args.refine_t0, stride=args.refine_stride, guidance=guidance)
                   if args.refine and row in ("inverted", "gt") else None)
     return SuperResSettings(row=row, joint=joint, inversion=inversion_settings(args), refinement=refinement,
@@ -149,9 +154,23 @@ def run(args: argparse.Namespace) -> int:
     gt = _gt_grids(args, rows, model, images, mag)
     pixels = dict(images)
     provenance = {"zoomldm_config": str(source.config), "zoomldm_sha256": file_sha256(source.weights),
-                  "precision": runtime.precision, "device": runtime.device}
+                  "precision": runtime.precision, "device": runtime.device,
+                  **hub.weights_sources(checkpoint=source.weights, config=source.config)}
+
     for path, row, out in targets:
-        result = superres(model, pixels[path], mag, settings[row], gt_grid=gt, autocast=runtime.autocast())
+        bars = {}
+
+        def tick(stage: str, n: int) -> None:
+            if stage not in bars:
+                bars[stage] = progress(None, f"superres {row} {path.name}: {stage}", "eval")
+            bars[stage][0](n)
+
+        try:
+            result = superres(model, pixels[path], mag, settings[row], gt_grid=gt, autocast=runtime.autocast(),
+                              progress=tick)
+        finally:
+            for _, close in bars.values():
+                close()
         written = save_large(out.with_suffix(""), result.image)  # .png, or a pyramidal .tiff above 4096 px
         record = manifest(result, settings[row], mag, {**provenance, "input": str(path), "output": str(written)})
         write_json_atomic(out.with_suffix(".json"), record)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from zoomfeat.commands.options import add_workers_option
 from zoomfeat.train.config import (DataSection, ModelSection, OptimSection, TrainerSection, TrainConfig,
                                    ValidationSection, load_train_config)
 
@@ -27,8 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="training set folder written by prepare-train (required)")
     data.add_argument("--batch-size", type=int, metavar="N", default=_DATA.batch_size,
                       help=f"patches per device per step (default {_DATA.batch_size})")
-    data.add_argument("--workers", type=int, metavar="N", default=_DATA.workers,
-                      help=f"DataLoader worker processes per device (default {_DATA.workers})")
+    add_workers_option(data)
     data.add_argument("--seed", type=int, default=_DATA.seed,
                       help=f"seed of init, batch draws, noise and dropout (default {_DATA.seed})")
     data.add_argument("--mag-sampling", choices=("uniform", "proportional"), default=_DATA.mag_sampling,

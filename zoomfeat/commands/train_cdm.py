@@ -6,6 +6,7 @@ import argparse
 
 from zoomfeat.cdm import config as c
 from zoomfeat.cdm.config import TrainCDMConfig
+from zoomfeat.commands.options import add_workers_option
 
 HELP = "train the conditioning diffusion model (DiT over Summarizer contexts; checkpoints, resume, DDP)"
 
@@ -21,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="folder written by `zoomfeat prepare-cdm` (its contexts.h5)")
     data.add_argument("--batch-size", type=int, default=dd.batch_size,
                       help=f"contexts per device and step (default {dd.batch_size}, the official global batch)")
-    data.add_argument("--workers", type=int, default=dd.workers, help=f"DataLoader workers per device (default {dd.workers})")
+    add_workers_option(data)
     data.add_argument("--mag-sampling", choices=("uniform", "proportional"), default=dd.mag_sampling,
                       help="magnification of each sample: uniform (default, as ZoomLDM training) or by counts")
     data.add_argument("--steps-per-epoch", type=int, default=dd.steps_per_epoch,

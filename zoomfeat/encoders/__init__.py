@@ -1,4 +1,5 @@
-"""Patch encoders: UNI, Phikon, CTransPath, DINOv2 (ViT-L/14-reg4) and a random ``toy`` encoder, one registry.
+"""Patch encoders: UNI, Phikon, CTransPath, DINOv2 (ViT-L/14-reg4), CONCH and a random ``toy`` encoder, one
+registry.
 
 >>> from zoomfeat.encoders import load_encoder
 >>> enc = load_encoder("toy", dim=32, seed=0)
@@ -13,14 +14,14 @@ from __future__ import annotations
 
 import importlib
 
-from zoomfeat.encoders.specs import SPECS, EncoderSpec, encoder_help, encoder_names
+from zoomfeat.encoders.specs import SPECS, EncoderSpec, encoder_help, encoder_names, encoder_weights
 
-_MODULES = ("toy", "uni", "phikon", "ctranspath", "dinov2")  # each registers its class with @register_encoder
+_MODULES = ("toy", "uni", "phikon", "ctranspath", "dinov2", "conch")  # each registers its class with @register_encoder
 _FROM_REGISTRY = ("ENCODERS", "Encoder", "ModuleEncoder", "encoder_class", "load_encoder", "register_encoder",
                   "freeze")
 
 __all__ = ["ENCODERS", "Encoder", "EncoderSpec", "SPECS", "encoder_class", "encoder_help", "encoder_names",
-           "load_encoder", "register_encoder"]
+           "encoder_weights", "load_encoder", "register_encoder"]
 
 
 def _registry():

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoomfeat.encoders.specs import IMAGENET_MEAN, IMAGENET_STD, SPECS, EncoderSpec, encoder_names  # noqa: F401
+from zoomfeat.encoders.specs import (IMAGENET_MEAN, IMAGENET_STD, SPECS, EncoderSpec,  # noqa: F401
+                                     encoder_names, encoder_weights)
+from zoomfeat import hub
 from zoomfeat.errors import ConfigError, DataError
 
 class Encoder(nn.Module, ABC):
@@ -114,10 +116,11 @@ def load_encoder(name: str, weights: str | Path | None = None, *, dim: int | Non
     if spec.weight_files:
         if weights is None:
             raise ConfigError(f"encoder {name!r} needs a weight path (a file or a folder with "
-                              f"{' or '.join(spec.weight_files)}); pass --weights PATH")
+                              f"{' or '.join(spec.weight_files)}); pass --weights PATH"
+                              + (f" or --weights {name} (the hub weights)" if name in hub.KNOWN else ""))
         if dim is not None and dim != spec.dim:
             raise ConfigError(f"encoder {name!r} has a fixed dim of {spec.dim}; do not pass dim={dim}")
-        encoder = cls.from_weights(spec, Path(weights))
+        encoder = cls.from_weights(spec, encoder_weights(name, weights))
     else:
         if weights is not None:
             raise ConfigError(f"encoder {name!r} takes no weights (it is random and seeded); drop {weights}")

@@ -8,7 +8,9 @@ torch (``zoomfeat --help`` stays instant). The networks half (:mod:`zoomfeat.enc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from zoomfeat import hub
 from zoomfeat.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -109,6 +111,17 @@ DINOV2 = _spec(EncoderSpec(
     description="DINOv2 ViT-L/14 with registers (natural images; the NAIP ZoomLDM conditioner)",
 ))
 
+CONCH = _spec(EncoderSpec(
+    name="conch",
+    dim=512,
+    input_size=448,
+    mean=(0.48145466, 0.4578275, 0.40821073),  # OpenAI CLIP's, as CONCH's transform uses
+    std=(0.26862954, 0.26130258, 0.27577711),
+    weight_files=("pytorch_model.bin",),
+    architecture="CoCa vision tower: timm ViT-B/16 at 448 px + attentional pooler (1 query) + LayerNorm",
+    description="MahmoodLab CONCH image encoder (ViT-B/16, vision-language, 20x)",
+))
+
 TOY = _spec(EncoderSpec(
     name="toy",
     dim=64,
@@ -121,16 +134,28 @@ TOY = _spec(EncoderSpec(
 ))
 
 
+def encoder_weights(name: str, value: str | Path | None, option: str = "--weights") -> Path | None:
+    """The local weight path of encoder ``name`` for an option's value: a local path unchanged; a registered
+    name (``uni``) or ``hf-hub:ORG/NAME[/SUBFOLDER][@REVISION]`` resolved (:mod:`zoomfeat.hub`) to its weight
+    file in the hub cache, fetched with the files it needs beside it (Phikon's ``config.json``)."""
+    if value is None:
+        return None
+    spec = SPECS[name]
+    return hub.local_file(value, spec.weight_files, option, extra=tuple((c,) for c in spec.config_files))
+
+
 def parse_conditioner(value: str, option: str = "--conditioner") -> tuple[str, str | None]:
-    """The one parser of ``--conditioner``: ``toy`` -> ("toy", None); ``NAME=PATH`` -> (NAME, PATH) for any
-    registered encoder that has weight files (``uni=weights/uni``, ``dinov2=weights/dinov2``)."""
+    """The one parser of ``--conditioner``: ``toy`` -> ("toy", None); ``NAME=WEIGHTS`` -> (NAME, local path) for
+    any registered encoder that has weight files (``uni=weights/uni``, ``uni=uni``, ``uni=hf-hub:MahmoodLab/UNI``:
+    hub references are resolved to their local file here)."""
     name, sep, path = str(value).partition("=")
     name = name.strip().lower()
     if name in SPECS and not SPECS[name].weight_files and not sep:
         return name, None
     if name in SPECS and SPECS[name].weight_files and sep and path.strip():
-        return name, path.strip()
+        return name, str(encoder_weights(name, path.strip(), f"{option} {name}="))
     with_weights = [n for n in encoder_names() if SPECS[n].weight_files]
     if name in SPECS and SPECS[name].weight_files:
-        raise ConfigError(f"{option} {value!r}: {name} needs its local weights: write {name}=PATH")
+        hubname = f" or {name}={name} (the hub weights: zoomfeat fetch-weights {name})" if name in hub.KNOWN else ""
+        raise ConfigError(f"{option} {value!r}: {name} needs its weights: write {name}=PATH{hubname}")
     raise ConfigError(f"bad {option} {value!r}: use NAME=PATH with NAME one of {', '.join(with_weights)}, or toy")

@@ -1,6 +1,7 @@
 """Reading official weight files and loading them strictly.
 
-Weight files are read with ``torch.load(weights_only=True)`` (no pickled code runs) or safetensors.
+Weight files are read with :func:`zoomfeat.torch_files.load_torch_file` (``torch.load(weights_only=True)``:
+no pickled code runs; or safetensors).
 Every mismatch between a file and an architecture is a ``CheckpointError`` that lists the missing,
 unexpected and mis-shaped keys.
 """
@@ -13,16 +14,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zoomfeat import hub
+from zoomfeat.encoders.specs import encoder_weights
 from zoomfeat.errors import CheckpointError, ConfigError, one_line
+from zoomfeat.torch_files import load_torch_file
 
 _LISTED = 8  # keys named per category in an error message
 
 
 def resolve_file(path: str | Path, names: Sequence[str], encoder: str) -> Path:
-    """The weight file: ``path`` itself, or the first of ``names`` inside the folder ``path``.
+    """The weight file: ``path`` itself, or the first of ``names`` inside the folder ``path``; a hub reference or
+    registered name (:func:`zoomfeat.encoders.specs.encoder_weights`) resolves to its file in the hub cache.
 
     ConfigError naming the path and the expected file names when neither exists.
     """
+    if hub.is_reference(path):
+        return encoder_weights(encoder, path, encoder)
     path = Path(path).expanduser()
     if path.is_file():
         return path
@@ -44,20 +51,7 @@ def read_state_dict(path: Path, container_key: str | None = None) -> dict[str, t
     ``container_key`` (e.g. ``"model"``) unwraps a dict that holds the state_dict under that key; a file
     without it is taken as the state_dict itself.
     """
-    from zoomfeat.model.checkpoint import check_checkpoint_file
-
-    check_checkpoint_file(path, "a torch or .safetensors weight file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises KeyError/IndexError/EOFError ... on foreign bytes
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot read weight file {path}: {reason}; "
-                              "pass the official, unmodified file") from error
+    obj = load_torch_file(path, "weight file", fix="pass the official, unmodified file")
     if container_key is not None and isinstance(obj, Mapping) and isinstance(obj.get(container_key), Mapping):
         obj = obj[container_key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

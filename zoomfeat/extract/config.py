@@ -147,7 +147,8 @@ def validate(c: ExtractConfig) -> None:
         raise ConfigError(f"bad --batch-size {c.batch_size}: use a positive number")
     if c.workers < 0:
         raise ConfigError(f"bad --workers {c.workers}: use 0 or more")
-    _choice("device", c.device, DEVICES)
+    if c.device not in DEVICES and not re.fullmatch(r"cuda:\d+", str(c.device)):
+        raise ConfigError(f"bad --device {c.device!r}: use one of {', '.join(DEVICES)} or cuda:N")
     _choice("precision", c.precision, PRECISIONS)
     if c.devices < 1:
         raise ConfigError(f"bad --devices {c.devices}: use the number of processes per node, 1 or more")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoomfeat import __version__
+from zoomfeat import __version__, hub
 from zoomfeat.errors import ConfigError
 from zoomfeat.extract.config import ExtractConfig
 from zoomfeat.runtime import Runtime
@@ -37,7 +37,7 @@ def _conditioner_config(cfg: ExtractConfig, dim: int) -> dict:
         "weights_sha256": file_sha256(cfg.conditioner_weights),
         "dim": dim,
         "seed": cfg.toy_seed if cfg.conditioner == "toy" else None,
-        "code_version": __version__,
+        "code_version": __version__, **hub.weights_sources(weights=cfg.conditioner_weights),
     }
 
 
@@ -57,7 +57,7 @@ def _load_baseline(cfg: ExtractConfig, runtime: Runtime) -> Networks:
         "encoder": cfg.encoder, "checkpoint_sha256": file_sha256(cfg.weights), "dim": encoder.spec.dim,
         "seed": cfg.toy_seed if cfg.encoder == "toy" else None,  # the toy encoder's weights come from its seed
         "input_size": encoder.spec.input_size, "patch_size": 256, "precision": runtime.precision,
-        "mags": list(cfg.mag_names), "code_version": __version__,
+        "mags": list(cfg.mag_names), "code_version": __version__, **hub.weights_sources(checkpoint=cfg.weights),
     }
     featurizer = EncoderFeaturizer(encoder, runtime.device, runtime.autocast(), provenance=config)
     return Networks(featurizer, None, cfg.encoder, config, None)
@@ -92,6 +92,8 @@ def _load_zoomldm(cfg: ExtractConfig, runtime: Runtime) -> Networks:
         "conditioning_dir": str(cfg.conditioning_dir) if cfg.conditioning_dir else None,
         "first_stage_resolution": model.first_stage_resolution, "precision": runtime.precision,
         "use_ema": True, "mags": list(cfg.mag_names), "dim": featurizer.dim, "code_version": __version__,
+        **hub.weights_sources(checkpoint=cfg.weights, config=cfg.zoomldm_config,
+                              conditioner_weights=cfg.conditioner_weights),
     }
     featurizer.provenance = config
     return Networks(featurizer, conditioner, "zoomldm", config, cond_config)

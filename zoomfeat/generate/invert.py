@@ -6,14 +6,17 @@ grid's context. The grid goes through the model's own preprocessing (pooled to a
 location: :meth:`ZoomLDM.preprocess_ssl`) and the Summarizer, exactly as a real grid does, so the result is a grid
 in the conditioner's space that every other command accepts (it is saved in the conditioning file format).
 
-Objective (the paper's stated settings; its notebook is missing upstream, so this follows the text):
+Objective (the supplement's stated settings; its notebook is missing upstream, so this follows the text):
 
     L(g) = w(t) * mean((eps - eps_theta(sqrt(abar_t) z + sqrt(1 - abar_t) eps, t, c(g)))^2)
-           + lambda * mean_{i<j} cos(g_i, g_j),          w(t) = sqrt(abar_t) (1 - abar_t),  lambda = 0.05
+           - W * mean_{i<j} cos(g_i, g_j),          w(t) = sqrt(abar_t) (1 - abar_t),  W = 0.05
 
-optimised by Adam (lr 0.1) for 200 iterations, one timestep per iteration visited from high to low noise
-(0-based, ``linspace(T-1, 0)``), fresh noise each iteration from a seeded generator. The cosine term keeps the
-grid's vectors from collapsing onto one direction. Only the grid receives gradients.
+optimised by Adam (lr 0.1) for 200 iterations, one timestep per iteration annealed linearly from 950 to 50 (the
+supplement's; 0-based, ``linspace(t_high, t_low, iterations)`` rounded), fresh noise each iteration from a
+seeded generator. The similarity term is the supplement's prior, "a penalty that maximizes the similarity
+between the different vectors": with W > 0 it pulls the grid's vectors together (what makes the cells of an
+inverted grid usable independently in super-resolution); W = 0 turns it off, and W < 0 pushes the vectors
+apart (a diversity penalty, not the paper's). Only the grid receives gradients.
 
 Because the timestep changes every iteration, the training loss is not comparable across iterations; the loss
 CURVE reported is therefore a fixed probe: the same weighted denoising loss on a fixed set of timesteps and noise
@@ -39,9 +42,9 @@ class InversionSettings:
 
     iterations: int = 200
     lr: float = 0.1
-    diversity: float = 0.05
-    t_high: int | None = None  # default: the last timestep (T - 1)
-    t_low: int = 0
+    similarity: float = 0.05  # W: > 0 pulls the vectors together (the supplement's prior), < 0 pushes them apart
+    t_high: int | None = 950  # None: the last timestep (T - 1)
+    t_low: int = 50
     noise_batch: int = 1  # noise draws per iteration (all at the iteration's timestep)
     probe_timesteps: int = 8  # timesteps of the fixed probe loss (the reported curve)
     probe_draws: int = 1  # noise draws per probe timestep
@@ -55,8 +58,8 @@ class InversionSettings:
                 raise ConfigError(f"inversion {name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if not (self.lr > 0 and np.isfinite(self.lr)):
             raise ConfigError(f"inversion learning rate must be a positive number, got {self.lr!r}")
-        if not (self.diversity >= 0 and np.isfinite(self.diversity)):
-            raise ConfigError(f"inversion diversity weight must be >= 0, got {self.diversity!r}")
+        if not np.isfinite(self.similarity):
+            raise ConfigError(f"inversion similarity weight must be a finite number, got {self.similarity!r}")
         if self.t_low < 0 or (self.t_high is not None and self.t_high < self.t_low):
             raise ConfigError(f"inversion timesteps must satisfy 0 <= t_low <= t_high, got {self.t_low}, "
                               f"{self.t_high}")
@@ -79,10 +82,11 @@ class InversionResult:
 
 
 def inversion_timesteps(num_timesteps: int, settings: InversionSettings) -> np.ndarray:
-    """One 0-based timestep per iteration, from ``t_high`` (default T-1) down to ``t_low``."""
+    """One 0-based timestep per iteration, linearly from ``t_high`` (default 950) down to ``t_low`` (default 50)."""
     high = num_timesteps - 1 if settings.t_high is None else settings.t_high
-    if high >= num_timesteps:
-        raise ConfigError(f"inversion t_high {high} is beyond the model's {num_timesteps} timesteps")
+    if high >= num_timesteps or settings.t_low >= num_timesteps:
+        raise ConfigError(f"inversion timesteps {high} -> {settings.t_low} go beyond the model's {num_timesteps} "
+                          f"timesteps (0-based): lower --t-high/--t-low")
     return np.rint(np.linspace(high, settings.t_low, settings.iterations)).astype(np.int64)
 
 
@@ -129,7 +133,7 @@ class Probe:
     noise draw per (timestep, draw), the same for every grid evaluated."""
 
     def __init__(self, model, z: torch.Tensor, settings: InversionSettings, autocast: Callable | None = None):
-        high = model.num_timesteps - 1 if settings.t_high is None else settings.t_high
+        high = model.num_timesteps - 1 if settings.t_high is None else min(settings.t_high, model.num_timesteps - 1)
         k = settings.probe_timesteps
         t = np.rint(np.linspace(settings.t_low, high, k + 2)[1:-1] if k > 1 else [(settings.t_low + high) / 2])
         t = np.repeat(t.astype(np.int64), settings.probe_draws)
@@ -187,8 +191,8 @@ def invert_latent(model, z: torch.Tensor, mag: Magnification, settings: Inversio
             noise = torch.randn((settings.noise_batch, *z.shape[1:]), generator=gen).to(device)
             context = grid_context(model, [grid], mag)
             loss = denoising_loss(model, z, context, t, noise, autocast).mean()
-            if settings.diversity:
-                loss = loss + settings.diversity * mean_pairwise_cosine(grid)
+            if settings.similarity:
+                loss = loss - settings.similarity * mean_pairwise_cosine(grid)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

@@ -1,33 +1,40 @@
-"""Joint multi-scale sampling (ZoomLDM, Yellapragada et al. CVPR 2025, §3.2).
+"""Joint multi-scale sampling (ZoomLDM, Yellapragada et al. CVPR 2025, §3.2 and supplement Algorithm S2).
 
 A coarse guide (one patch at magnification M, conditioned on its own grid) is sampled together with the
 ``g x g`` 20x patches of the region it covers (g = 20/M). At every step, after both have their clean estimates,
 the 20x patches are moved so that their decoded mosaic, downsampled to the guide's resolution, agrees with the
 guide's decoded clean estimate; the guide is never influenced by the patches. The official notebooks for this
-are missing upstream, so this follows the paper's description and stated settings (20 steps of stride 50 from
-t = 1000, large-image guidance w = 2, finite-difference step h = 0.005, lr 0.5, 10 inner iterations); its
-correctness is checked by the property it promises (agreement), not by resemblance.
+are missing upstream, so this follows the supplement's text (Algorithm S2) and the same lab's public
+constrained sampler (Graikos et al., "Fast constrained sampling in pre-trained diffusion models", its
+``superres`` notebook: facts only); its correctness is also checked by the property it promises (agreement).
 
 One step at 1-based t (coefficients of :class:`zoomfeat.generate.windows.StepCoefficients`):
 
-1. guide: ``eps_g``, ``x0_g = x_g/sqrt(a) - eps_g sqrt((1-a)/a)``, image ``I_M = D(x0_g)`` (a *fixed* guide
-   gives ``I_M`` itself: a measurement image, or the decoding of a fixed latent);
+1. guide: ``eps_g`` (its own guidance, ``guide_guidance``), ``x0_g = x_g/sqrt(a) - eps_g sqrt((1-a)/a)``,
+   image ``I_M = D(x0_g)`` (a *fixed* guide gives ``I_M`` itself: a measurement image, or a fixed latent decoded);
 2. patches (``batch_size`` at a time): ``eps_i``, ``x0_i``, ``D(x0_i)``; the downsampled mosaic
    ``down(mosaic)`` is accumulated patch by patch through the separable resize operators (never materialising
    the mosaic); the residual ``r = I_M - down(mosaic)`` (its rms is the step's *disagreement*);
-3. per patch, the image-space correction ``dI_i`` = patch i's tile of ``up(r)`` (antialiased bicubic
-   :class:`~zoomfeat.generate.resize.Resizer`, factor g) is taken to latent space by a finite-difference
-   Jacobian-vector product through the VAE encoder, ``dz_i = J_E(D(x0_i)) dI_i``;
-4. inexact Newton: the change of x_t whose clean estimate moves by ``dz_i`` solves ``J_x0(x_t) dx = dz_i``,
-   with ``J_x0 = d x0 / d x_t`` (through the guided denoiser) applied only as finite-difference JVPs, solved
-   by ``inner_iterations`` of GMRES per patch; then ``x_t += lr dx`` and ``x0_i += lr J dx``;
+3. per patch, the latent-space error ``e_i = J_E(D(x0_i)) dI_i``: patch i's tile of ``up(r)`` (antialiased
+   bicubic :class:`~zoomfeat.generate.resize.Resizer`, factor g) taken to latent space by a finite-difference
+   Jacobian-vector product through the VAE encoder (step ``h``, the supplement's delta);
+4. the update of x_t, one of two (``update``):
+
+   * ``"je"`` (default; Algorithm S2, the lab's "inexact Newton"): ``e <- e / max|e|``;
+     ``Je = (x0(x_t + zeta e) - x0(x_t)) / zeta`` (one forward finite difference through the guided denoiser,
+     zeta = ``h``); ``u = Je / max|Je|``; ``x_t <- x_t + lr u`` (lambda = ``lr``); then x0 and eps are
+     re-evaluated at the new x_t. Repeated ``iterations`` (K) times per step, the residual re-measured between
+     repetitions. Cost per step: 1 + N (1 + 2K) guided evaluations for N patches.
+   * ``"gmres"`` (zoomfeat's earlier Newton-Krylov step, not in the papers): solve ``J dx = e`` with
+     ``krylov`` GMRES iterations of finite-difference JVPs (step rms ``h``), then ``x_t += lr dx`` and
+     ``x0 += lr J dx``. Cost per step: 1 + N (1 + krylov).
+
 5. both take the official large-image step ``x <- sqrt(a_prev) x0 + sqrt(1-a_prev-beta_tilde) eps +
    sqrt(beta_tilde) n`` with ``eps = (x - sqrt(a) x0)/sqrt(1-a)``.
 
-A finite-difference JVP of f at x along v is ``(f(x + h v/rms(v)) - f(x)) rms(v) / h``: the step has rms h
-whatever the size of v. No backpropagation anywhere. Memory: the latents of every patch (small) plus one batch
-of network activations and decoded patches; the 20x mosaic is never held in pixels.
-The finite differences run in fp32 (a bf16 difference at h = 0.005 would be noise).
+Max-norms are per patch (each patch's latent is one constrained sample). No backpropagation anywhere. Memory:
+the latents of every patch plus one batch of network activations and decoded patches; the 20x mosaic is never
+held in pixels. The finite differences run in fp32 (a bf16 difference at h = 0.005 would be noise).
 
 ``joint_sample(model, contexts_20x, guide, settings, noise)`` takes either :class:`SampledGuide` (its
 context, sampled jointly) or :class:`FixedGuide` (an image or latent at M, for super-resolution / inversion).
@@ -46,28 +53,51 @@ from zoomfeat.generate.resize import Resizer
 from zoomfeat.generate.windows import NoiseFn, StepCoefficients, large_image_timesteps
 
 
+JOINT_UPDATES = ("je", "gmres")
+
+
 @dataclass(frozen=True)
 class JointSettings:
-    """Joint sampler settings; defaults are the paper's (ZoomLDM §3.2 / supplementary)."""
+    """Joint sampler settings; defaults are the supplement's (Algorithm S2: 50 DDIM steps from t = 1000, J·e
+    update with zeta = delta = 0.005, lambda = 0.5, K = 1; large-image guidance w = 2, i.e. a standard scale 3).
+
+    ``guide_guidance`` (None: the same as ``guidance``) is the guide's own scale s_L. ``krylov`` is the GMRES
+    size of ``update="gmres"``; ``iterations`` the K of ``update="je"``."""
 
     t_start: int = 1000
-    stride: int = 50
+    stride: int = 20
     guidance: Guidance = field(default_factory=lambda: Guidance(2.0, "large_image"))
     h: float = 0.005
     lr: float = 0.5
-    inner_iterations: int = 10
+    update: str = "je"
+    iterations: int = 1
+    krylov: int = 10
+    guide_guidance: Guidance | None = None
     batch_size: int = 8
     constrain: bool = True  # False: the same loop and draws with no correction (independent sampling)
 
     def __post_init__(self) -> None:
+        if self.update not in JOINT_UPDATES:
+            raise ConfigError(f"bad joint update {self.update!r}: use one of {', '.join(JOINT_UPDATES)}")
         if not self.h > 0:
             raise ConfigError(f"finite-difference step h must be > 0, got {self.h}")
         if not self.lr > 0:
             raise ConfigError(f"joint lr must be > 0, got {self.lr}")
-        if self.inner_iterations < 1:
-            raise ConfigError(f"inner iterations must be >= 1, got {self.inner_iterations}")
+        if self.iterations < 1:
+            raise ConfigError(f"joint iterations (K) must be >= 1, got {self.iterations}")
+        if self.krylov < 1:
+            raise ConfigError(f"GMRES Krylov size must be >= 1, got {self.krylov}")
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+
+    @property
+    def guide_scale(self) -> Guidance:
+        return self.guidance if self.guide_guidance is None else self.guide_guidance
+
+    def evaluations_per_step(self, n_patches: int, sampled_guide: bool = True) -> int:
+        """Guided denoiser evaluations of one step (one evaluation = one latent through the guided eps)."""
+        per_patch = 1 + ((2 * self.iterations if self.update == "je" else self.krylov) if self.constrain else 0)
+        return int(sampled_guide) + n_patches * per_patch
 
 
 @dataclass
@@ -92,16 +122,23 @@ class FixedGuide:
 @dataclass
 class JointResult:
     """Patch latents [N, C, h, w] (row-major: n = row * gw + col), the guide's final latent (None when fixed),
-    and the rms disagreement ``r`` of every step (before its correction)."""
+    the rms disagreement ``r`` of every step (before its correction), and the number of guided denoiser
+    evaluations made (one latent through the guided eps; guide included)."""
 
     latents: torch.Tensor
     guide_latent: torch.Tensor | None
     disagreement: list[float]
+    evaluations: int = 0
 
 
 def _rms(v: torch.Tensor) -> torch.Tensor:
     """Per-sample rms [B, 1, 1, 1] (never 0)."""
     return v.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
+
+
+def max_norm(v: torch.Tensor) -> torch.Tensor:
+    """Per-sample max |v| [B, 1, 1, 1] (never 0)."""
+    return v.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
 
 
 def fd_jvp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, fx: torch.Tensor, v: torch.Tensor,
@@ -186,10 +223,12 @@ class JointSampler:
         side = int(model.config.diffusion.image_size)
         self.shape = (int(model.latent_channels), side, side)
         self.patch_px = side * int(model.config.first_stage.downsample_factor)
+        self.evaluations = 0
 
     # ----- networks (fp32, no grad) -----------------------------------------------------------------------
-    def _x0(self, x: torch.Tensor, t: int, ctx: torch.Tensor, coef: StepCoefficients):
-        eps = guided_eps(self.m, x, t, ctx, self.s.guidance, "one_based").float()
+    def _x0(self, x: torch.Tensor, t: int, ctx: torch.Tensor, coef: StepCoefficients, guidance=None):
+        eps = guided_eps(self.m, x, t, ctx, guidance or self.s.guidance, "one_based").float()
+        self.evaluations += len(x)
         if self.tick is not None:
             self.tick(len(x))
         return coef.x0(x, eps), eps
@@ -205,7 +244,7 @@ class JointSampler:
         """(guide image [1,3,Hm,Wm], x0_g, eps_g); a fixed guide returns its image and Nones."""
         if isinstance(self.guide, FixedGuide):
             return self._fixed_image, None, None
-        x0_g, eps_g = self._x0(x_g, t, self.guide.context.to(self.device), coef)
+        x0_g, eps_g = self._x0(x_g, t, self.guide.context.to(self.device), coef, self.s.guide_scale)
         return self._decode(x0_g), x0_g, eps_g
 
     def residual(self, x, t, coef, image_m, mosaic: _Mosaic):
@@ -219,20 +258,52 @@ class JointSampler:
                 mosaic.add_down(acc, start + k, img)
         return x0, eps, image_m[0] - acc
 
-    def correct(self, x, x0, t, coef, r, mosaic: _Mosaic) -> None:
-        """In place: x_t += lr dx and x0 += lr J dx for every patch, a batch at a time."""
+    def _latent_error(self, x0b: torch.Tensor, r: torch.Tensor, idx: range, mosaic: _Mosaic) -> torch.Tensor:
+        """e_i = J_E(D(x0_i)) (patch i's tile of up(r)) for the patches ``idx`` (their x0 ``x0b``)."""
+        img = self._decode(x0b)
+        d_img = torch.stack([mosaic.up_tile(r, n) for n in idx])
+        return fd_jvp(self._encode, img, self._encode(img), d_img, self.s.h)
+
+    def correct(self, x, x0, eps, t, coef, r, mosaic: _Mosaic) -> None:
+        """In place: the joint update of every patch, a batch at a time (``je`` or ``gmres``, module doc)."""
+        if self.s.update == "gmres":
+            return self._correct_gmres(x, x0, eps, t, coef, r, mosaic)
+        for k in range(self.s.iterations):
+            if k:
+                r = self._residual_of(x0, mosaic)
+            for start in range(0, len(x), self.s.batch_size):
+                sl = slice(start, start + self.s.batch_size)
+                idx = range(start, min(start + self.s.batch_size, len(x)))
+                xb, ctx = x[sl], self.contexts[sl]
+                e = self._latent_error(x0[sl], r, idx, mosaic)
+                e = e / max_norm(e)
+                x0_e, _ = self._x0(xb + self.s.h * e, t, ctx, coef)
+                je = (x0_e - x0[sl]) / self.s.h
+                x[sl] = xb + self.s.lr * je / max_norm(je)
+                x0[sl], eps[sl] = self._x0(x[sl], t, ctx, coef)
+
+    def _residual_of(self, x0, mosaic: _Mosaic) -> torch.Tensor:
+        """r = I_M - down(mosaic(D(x0))) for given clean estimates and this step's guide image (no network)."""
+        acc = torch.zeros_like(self._image_m[0])
+        for start in range(0, len(x0), self.s.batch_size):
+            sl = slice(start, start + self.s.batch_size)
+            for k, img in enumerate(self._decode(x0[sl])):
+                mosaic.add_down(acc, start + k, img)
+        return self._image_m[0] - acc
+
+    def _correct_gmres(self, x, x0, eps, t, coef, r, mosaic: _Mosaic) -> None:
+        """x_t += lr dx and x0 += lr J dx, dx from ``krylov`` GMRES iterations on J dx = e."""
         h = self.s.h
         for start in range(0, len(x), self.s.batch_size):
             sl = slice(start, start + self.s.batch_size)
             idx = range(start, min(start + self.s.batch_size, len(x)))
-            img = self._decode(x0[sl])
-            d_img = torch.stack([mosaic.up_tile(r, n) for n in idx])
-            dz = fd_jvp(self._encode, img, self._encode(img), d_img, h)
+            dz = self._latent_error(x0[sl], r, idx, mosaic)
             xb, x0b, ctx = x[sl], x0[sl], self.contexts[sl]
             matvec = lambda v: fd_jvp(lambda y: self._x0(y, t, ctx, coef)[0], xb, x0b, v, h)  # noqa: E731
-            dx, jdx = gmres(matvec, dz, self.s.inner_iterations)
+            dx, jdx = gmres(matvec, dz, self.s.krylov)
             x[sl] = xb + self.s.lr * dx
             x0[sl] = x0b + self.s.lr * jdx
+            eps[sl] = coef.eps(x[sl], x0[sl])
 
     def run(self, on_step=None) -> JointResult:
         s, m = self.s, self.m
@@ -251,6 +322,7 @@ class JointSampler:
             for k, t in enumerate(steps):
                 coef = StepCoefficients.at(m, t, s.stride)
                 image_m, x0_g, eps_g = self.guide_image(x_g, t, coef)
+                self._image_m = image_m
                 if mosaic is None:
                     mosaic = _Mosaic(self.gh, self.gw, self.patch_px, tuple(image_m.shape[-2:]))
                 x0, eps, r = self.residual(x, t, coef, image_m, mosaic)
@@ -258,11 +330,11 @@ class JointSampler:
                 if on_step is not None:
                     on_step(k, t, history[-1])
                 if s.constrain:
-                    self.correct(x, x0, t, coef, r, mosaic)
+                    self.correct(x, x0, eps, t, coef, r, mosaic)
                 if sampled:
                     x_g = coef.step(x0_g, coef.eps(x_g, x0_g), self.noise(tuple(x_g.shape)))
                 x = coef.step(x0, coef.eps(x, x0), self.noise(tuple(x.shape)))
-        return JointResult(x.cpu(), x_g.cpu() if sampled else None, history)
+        return JointResult(x.cpu(), x_g.cpu() if sampled else None, history, self.evaluations)
 
 
 def joint_sample(model, contexts_20x: torch.Tensor, guide: SampledGuide | FixedGuide, settings: JointSettings,

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from zoomfeat.errors import CheckpointError
+from zoomfeat.torch_files import load_torch_file
 
 SHOW = 5  # keys listed per kind of mismatch
 
@@ -16,51 +17,20 @@ SHOW = 5  # keys listed per kind of mismatch
 def read_state_dict(path: str | Path, unsafe: bool = False) -> dict[str, torch.Tensor]:
     """Flat state_dict from ``path``: a flat dict of tensors, or a Lightning checkpoint with "state_dict".
 
-    Loaded with ``weights_only=True`` (no code runs) unless ``unsafe`` is set for a trusted old pickle.
+    Loaded weights-only (:func:`zoomfeat.torch_files.load_torch_file`: no code runs) unless ``unsafe`` is set
+    for a trusted old pickle of your own (never for a file from the hub cache).
     """
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"weight path {path} is a folder: pass the checkpoint file inside it "
                               "(e.g. weights.ckpt)")
-    if not path.is_file():
-        raise CheckpointError(f"weight file {path} not found: pass the released weights.ckpt")
-    check_checkpoint_file(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not unsafe)
-    except Exception as e:  # torch.load raises many types (KeyError, IndexError, ...) for foreign bytes
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        hint = "" if unsafe else " (a trusted pickle with custom objects needs unsafe=True / --unsafe-load)"
-        raise CheckpointError(f"cannot read weights {path}: {first}{hint}") from e
+    hint = "" if unsafe else " (a trusted pickle with custom objects needs unsafe=True / --unsafe-load)"
+    obj = load_torch_file(path, "weight file", fix="pass the released weights.ckpt" + hint, unsafe=unsafe)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is not a state_dict of tensors (nor a Lightning checkpoint with one)")
     return dict(obj)
-
-
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
-_PICKLE_MAGIC = b"\x80"  # a pickle protocol >= 2 (legacy torch.save)
-_SAFETENSORS_MIN = 8  # an 8-byte little-endian header length, then a JSON header
-
-
-def check_checkpoint_file(path: str | Path, kinds: str = "a PyTorch checkpoint (torch.save)") -> None:
-    """CheckpointError when ``path`` is plainly not a checkpoint (empty, text, random bytes), before torch
-    tries to unpickle it (which fails with KeyError/IndexError/segfault-prone errors on such files)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-    except OSError as e:
-        raise CheckpointError(f"cannot read weights {path}: {e.strerror or e}") from e
-    if not head:
-        raise CheckpointError(f"cannot read weight file {path}: it is empty, not {kinds} (cut short?): pass the "
-                              "released checkpoint file")
-    if path.suffix == ".safetensors":
-        return
-    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
-        what = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "not a checkpoint"
-        raise CheckpointError(f"cannot read weight file {path}: it is {what} (starts {head[:8]!r}), not {kinds}: "
-                              "pass the released checkpoint file")
 
 
 def _listing(keys: list[str]) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from zoomfeat.errors import ConfigError, one_line
+from zoomfeat.resolve import zoomldm_config_path
 
 
 @dataclass(frozen=True)
@@ -235,16 +236,6 @@ def parse_config(tree: Mapping[str, Any], where: str = "<config>") -> ZoomLDMCon
     return ZoomLDMConfig(diffusion, unet, first, summ, source=None if where == "<config>" else where)
 
 
-def config_path(config: str | Path) -> Path:
-    """The yaml file named by ``config`` (a file, or a folder holding ``config.yaml``)."""
-    path = Path(config)
-    if path.is_dir():
-        path = path / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"ZoomLDM config {path} not found: pass the official config.yaml or its folder")
-    return path
-
-
 def read_config(config: str | Path | Mapping[str, Any] | ZoomLDMConfig) -> ZoomLDMConfig:
     """Read an official ZoomLDM ``config.yaml`` (path, folder, loaded mapping, or an already parsed config)."""
     if isinstance(config, ZoomLDMConfig):
@@ -253,7 +244,7 @@ def read_config(config: str | Path | Mapping[str, Any] | ZoomLDMConfig) -> ZoomL
         return parse_config(config)
     import yaml
 
-    path = config_path(config)
+    path = zoomldm_config_path(config)
     try:
         tree = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

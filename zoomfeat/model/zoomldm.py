@@ -16,13 +16,14 @@ from torch import nn
 
 from zoomfeat.errors import CheckpointError, ConfigError
 from zoomfeat.model import samplers
-from zoomfeat.model.config import ZoomLDMConfig, config_path, read_config
+from zoomfeat.model.config import ZoomLDMConfig, read_config
 from zoomfeat.model.checkpoint import load_strict, read_state_dict, save_state_dict
 from zoomfeat.model.ema import LitEma
 from zoomfeat.model.first_stage import VQModel
 from zoomfeat.model.schedule import linear_schedule, q_sample
 from zoomfeat.model.summarizer import Summarizer, preprocess_ssl
 from zoomfeat.model.unet import UNetModel
+from zoomfeat.resolve import zoomldm_config_path
 
 
 class DiffusionWrapper(nn.Module):
@@ -219,7 +220,7 @@ def load_zoomldm(config, weights=None, use_ema: bool = True, device: str | torch
     With ``use_ema`` the EMA weights go into the U-Net. ``unsafe`` allows full unpickling (trusted files).
     """
     if isinstance(config, (str, Path)):
-        config_path(config)  # fail early, naming the file
+        zoomldm_config_path(config)  # fail early, naming the file
     model = build_zoomldm(config)
     path = _weights_path(config, weights)
     if path is not None:

@@ -35,6 +35,7 @@ import numpy as np
 
 from zoomfeat.errors import ConfigError, DataError, one_line
 from zoomfeat.store import FeatureFile, atomic_write, save_torch
+from zoomfeat.torch_files import load_torch_file
 
 MPP_20X = 0.5  # um/px of a 20x scan, the convention behind "10 / mpp" magnifications
 
@@ -128,15 +129,6 @@ def lattice_spacing(coords: np.ndarray) -> int | None:
     return int(np.gcd.reduce(steps)) if steps else None
 
 
-def _torch_load(path: Path):
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a foreign file
-        raise DataError(f"{path}: not a readable torch tensor file ({type(exc).__name__}); re-export it") from exc
-
-
 def _tensor_to_numpy(value, where: Path) -> np.ndarray:
     if isinstance(value, dict):
         for key in ("features", "feats", "embeddings"):
@@ -194,7 +186,7 @@ def _clam_files(folder: Path) -> dict[str, Path]:
 
 def _read_clam(path: Path, mpp: float | None = None) -> ForeignFeatures:
     if path.suffix == ".pt":
-        feats = _tensor_to_numpy(_torch_load(path), path)
+        feats = _tensor_to_numpy(load_torch_file(path, "torch tensor file", error=DataError, fix="re-export it"), path)
         return ForeignFeatures(path.stem, feats, None, None, None, "clam", path,
                                "CLAM pt_files carry no coordinates")
     with _read_h5_checked(path) as fh:
@@ -365,7 +357,7 @@ def _read_slide2vec(path: Path, mpp: float | None = None) -> ForeignFeatures:
                 raise DataError(f"{path}: a slide2vec .npz needs a 'features' array")
             feats = _features(payload["features"], path)
     else:
-        feats = _tensor_to_numpy(_torch_load(path), path)
+        feats = _tensor_to_numpy(load_torch_file(path, "torch tensor file", error=DataError, fix="re-export it"), path)
     root = path.parent.parent if path.parent.name == "tile_embeddings" else path.parent
     coords_file = root / "coordinates" / f"{sample_id}.npy"
     if not coords_file.is_file():
@@ -428,7 +420,7 @@ def _eva_files(folder: Path) -> dict[str, Path]:
 def _read_eva(path: Path, mpp: float | None = None) -> ForeignFeatures:
     if not path.is_file():
         raise DataError(f"{path}: listed in the eva manifest but missing")
-    value = _torch_load(path)
+    value = load_torch_file(path, "torch tensor file", error=DataError, fix="re-export it")
     if isinstance(value, (list, tuple)):
         import torch
 

@@ -15,29 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zoomfeat import hub
 from zoomfeat.encoders.specs import parse_conditioner
 from zoomfeat.errors import ConfigError
 from zoomfeat.mags import Magnification, parse_mags
+from zoomfeat.resolve import WEIGHT_NAMES, zoomldm_config_path
 from zoomfeat.slides import check_scale_overrides
 from zoomfeat.tissue import TissueParams
 
 MAG_SAMPLING = ("uniform", "proportional")
 # zoomfeat's runtime vocabulary (auto/fp32/bf16/fp16, as extract) and Lightning's own precision strings
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
-
-
-def resolve_zoomldm_config(path: str | Path) -> Path:
-    """An official ``config.yaml``, given as the file, the folder that holds it, or ``tiny`` (the packaged one)."""
-    if str(path) == "tiny":
-        from zoomfeat.train import TINY_ZOOMLDM_YAML
-
-        return TINY_ZOOMLDM_YAML
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"ZoomLDM config {path} not found: pass an official config.yaml or the folder holding it")
-    return path
 
 
 @dataclass(frozen=True)
@@ -71,7 +59,7 @@ class PrepareConfig:
                           else f"{self.conditioner}={self.conditioner_weights}")  # the one --conditioner rule
         if self.conditioner_weights is not None and not Path(self.conditioner_weights).is_file():
             raise ConfigError(f"conditioner weights {self.conditioner_weights} not found: pass an existing file")
-        resolve_zoomldm_config(self.zoomldm)
+        zoomldm_config_path(self.zoomldm)
         if self.zoomldm_weights is not None and not Path(self.zoomldm_weights).is_file():
             raise ConfigError(f"ZoomLDM weights {self.zoomldm_weights} not found: pass an existing weights.ckpt")
         if self.max_patches_per_mag is not None and self.max_patches_per_mag < 1:
@@ -159,7 +147,7 @@ def _check(ok: bool, message: str) -> None:
 def _validate(c: TrainConfig) -> None:
     d, o, t, v = c.data, c.optim, c.trainer, c.validation
     _check(c.model.zoomldm is not None, "model.zoomldm is not set: pass --zoomldm CONFIG_OR_DIR (or tiny)")
-    resolve_zoomldm_config(c.model.zoomldm)
+    zoomldm_config_path(c.model.zoomldm)
     _check(d.mag_sampling in MAG_SAMPLING, f"data.mag_sampling {d.mag_sampling!r}: use one of {MAG_SAMPLING}")
     _check(d.batch_size >= 1, f"data.batch_size {d.batch_size} must be at least 1")
     _check(d.workers >= 0, f"data.workers {d.workers} must be 0 or more")
@@ -209,7 +197,9 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where} = {value!r} is not a boolean: use true or false")
     try:
-        if isinstance(default, Path) or where in ("model.zoomldm", "model.init_from"):
+        if where == "model.init_from":  # a path, or a hub reference resolved here, at the boundary
+            return hub.local_file(value, WEIGHT_NAMES, where)
+        if isinstance(default, Path) or where == "model.zoomldm":
             return Path(str(value))
         if isinstance(default, int):
             return int(value)

@@ -23,12 +23,13 @@ from zoomfeat.batch import run_batch
 from zoomfeat.conditioning import ConditioningGrids
 from zoomfeat.config import save_config
 from zoomfeat.mags import PATCH_SIZE, MagDict, Magnification, mag_name
+from zoomfeat.resolve import zoomldm_config_path
 from zoomfeat.serial import to_jsonable
 from zoomfeat.slides import Slide, find_slides
 from zoomfeat.store import check_output_folder, save_torch, slide_tile_grid
 from zoomfeat.store.trainset import (FORMAT_VERSION, INDEX_FORMAT, INDEX_NAME, SHARD_FORMAT,  # noqa: F401
                                      ShardWriter, shard_is_current, shard_path, write_index)
-from zoomfeat.train.config import PrepareConfig, resolve_zoomldm_config
+from zoomfeat.train.config import PrepareConfig
 from zoomfeat.tissue import TissueParams
 
 FIRST_STAGE_NAME = "first_stage.pt"  # the first-stage state_dict the latents were made with
@@ -54,7 +55,7 @@ def content_settings(cfg: PrepareConfig, conditioner_dim: int, first_stage: str,
         extra["tissue"] = cfg.tissue
     return json.dumps(to_jsonable({**extra,
         "conditioner": cfg.conditioner, "conditioner_weights": _absolute(cfg.conditioner_weights),
-        "conditioner_dim": conditioner_dim, "zoomldm": resolve_zoomldm_config(cfg.zoomldm),
+        "conditioner_dim": conditioner_dim, "zoomldm": zoomldm_config_path(cfg.zoomldm),
         "zoomldm_weights": _absolute(cfg.zoomldm_weights), "mags": [mag_name(m) for m in cfg.mags],
         "max_patches_per_mag": cfg.max_patches_per_mag, "seed": cfg.seed, "grid_pool_to": cfg.grid_pool_to,
         "first_stage_digest": first_stage,
@@ -182,7 +183,7 @@ def _load_models(cfg: PrepareConfig):
     from zoomfeat.model import load_zoomldm
 
     torch.manual_seed(cfg.seed)  # a random first stage (no weights: tests, demo) is reproducible
-    source = cfg.zoomldm if Path(cfg.zoomldm).is_dir() else resolve_zoomldm_config(cfg.zoomldm)
+    source = cfg.zoomldm if Path(cfg.zoomldm).is_dir() else zoomldm_config_path(cfg.zoomldm)
     model = load_zoomldm(source, cfg.zoomldm_weights, use_ema=False, device=cfg.device)
     model.eval()
     if cfg.conditioner == "toy":
@@ -206,7 +207,7 @@ def prepare_training_set(cfg: PrepareConfig) -> PrepareReport:
     writer = SlideShardWriter(cfg, FirstStageEncoder(model, cfg.device), encoder, settings, overrides)
     batch = run_batch(slides, out, writer, desc="prepare-train")
     counts, n_shards = write_index(out, settings=settings, conditioner=cfg.conditioner,
-                                   zoomldm_config=str(resolve_zoomldm_config(cfg.zoomldm)),
+                                   zoomldm_config=str(zoomldm_config_path(cfg.zoomldm)),
                                    grid_pool_to=cfg.grid_pool_to, first_stage=digest)
     print("patches per magnification: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
     return PrepareReport(out=out, counts=counts, n_shards=n_shards, exit_code=int(batch.exit_code))

@@ -22,11 +22,12 @@ import torch
 from zoomfeat.config import save_config
 from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
 from zoomfeat.fitting import atomic_checkpoint_io, fit, load_checkpoint, make_trainer
-from zoomfeat.resolve import file_sha256
+from zoomfeat.resolve import file_sha256, zoomldm_config_path
 from zoomfeat.serial import to_jsonable
 from zoomfeat.store import atomic_write, describe_diff, settings_diff, write_json_atomic
 from zoomfeat.store.trainset import INDEX_NAME
-from zoomfeat.train.config import TrainConfig, resolve_zoomldm_config
+from zoomfeat.torch_files import load_torch_file
+from zoomfeat.train.config import TrainConfig
 from zoomfeat.train.dataset import TrainingSet, ZoomLDMDataModule
 from zoomfeat.train.module import ZoomLDMLightning
 from zoomfeat.train.prepare import FIRST_STAGE_NAME, first_stage_digest
@@ -122,7 +123,7 @@ def build_model(cfg: TrainConfig):
     """The ZoomLDM to train: official weights from ``init_from`` (fine-tuning) or a random init."""
     from zoomfeat.model import build_zoomldm, load_zoomldm
 
-    config = resolve_zoomldm_config(cfg.model.zoomldm)
+    config = zoomldm_config_path(cfg.model.zoomldm)
     if cfg.model.init_from is not None:
         return load_zoomldm(config, cfg.model.init_from, use_ema=False, device="cpu").train()
     torch.manual_seed(cfg.data.seed)
@@ -139,7 +140,8 @@ def adopt_first_stage(data: TrainingSet, model, from_checkpoint: bool) -> None:
         path = data.root / FIRST_STAGE_NAME
         if not path.is_file():
             raise DataError(f"{path} not found: rerun prepare-train (it saves the first stage it used)")
-        model.first_stage_model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.first_stage_model.load_state_dict(load_torch_file(path, "first stage", error=DataError,
+                                                                fix="rerun prepare-train"))
     if data.first_stage_digest and first_stage_digest(model) != data.first_stage_digest:
         raise DataError(f"{data.root}: the latents were made with another first stage than {model.config.source}'s "
                         "weights: rerun prepare-train with --weights set to the --init-from file")
@@ -284,7 +286,7 @@ def train(cfg: TrainConfig) -> Path:
     check_resume(cfg, out, resume, inputs)
     save_config(cfg, out / CONFIG_NAME)
     write_json_atomic(out / INPUTS_NAME, inputs)
-    _copy_atomic(resolve_zoomldm_config(cfg.model.zoomldm), out / "official" / "config.yaml")
+    _copy_atomic(zoomldm_config_path(cfg.model.zoomldm), out / "official" / "config.yaml")
     module = ZoomLDMLightning(model, cfg.optim, cfg.validation, seed=cfg.data.seed, sample_dir=out / "samples")
     fit(trainer, module, datamodule=ZoomLDMDataModule(cfg.data), ckpt_path=resume, weights_only=True)
     return out

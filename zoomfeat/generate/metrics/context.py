@@ -36,6 +36,9 @@ class MetricContext:
     downsample_size: int = 256
     batch_size: int = 16
     device: str = "cpu"
+    clip_weights: Path | None = None
+    per_patch: bool = False
+    patch_size: int = 256
 
     @cached_property
     def real(self) -> list[Path]:
@@ -56,6 +59,10 @@ class MetricContext:
         if self.features is None:
             raise ConfigError("this metric needs a feature network: --weights INCEPTION.pth or --encoder NAME")
         return load_feature_net(self.features, self.device)
+
+    @cached_property
+    def clip_net(self) -> FeatureNet:
+        return load_feature_net(FeatureNetSpec("clip", self.clip_weights), self.device)
 
     @cached_property
     def lpips(self):

@@ -82,6 +82,14 @@ def load_feature_net(spec: FeatureNetSpec, device: str = "cpu") -> FeatureNet:
 
         net = load_inception(spec.weights)
         return FeatureNet(spec, net, net.dim, lambda x: x, device)
+    if spec.network == "clip":
+        if spec.weights is None:
+            raise ConfigError("clip-fid needs --clip-weights FILE (a local open_clip ViT-B-32 state_dict; nothing is "
+                              "downloaded)")
+        from zoomfeat.generate.metrics.clip import load_clip_visual, preprocess
+
+        net = load_clip_visual(spec.weights)
+        return FeatureNet(spec, net, net.dim, lambda x: preprocess(x, net.image_size), device)
     from zoomfeat.encoders import load_encoder
 
     encoder = load_encoder(spec.network, spec.weights, dim=spec.dim, seed=spec.seed)

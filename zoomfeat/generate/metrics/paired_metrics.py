@@ -12,6 +12,7 @@ from zoomfeat.errors import DataError
 from zoomfeat.generate.metrics.context import MetricContext, MetricResult
 from zoomfeat.generate.metrics.images import read_image
 from zoomfeat.generate.metrics.registry import register_metric
+from zoomfeat.log import warn
 
 
 def _pairs(ctx: MetricContext):
@@ -28,11 +29,20 @@ def _tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def _mean(name: str, items: list[tuple[str, float]], details: dict | None = None) -> MetricResult:
+    """Mean over the pairs. A pair whose value is not finite (identical images: PSNR = inf; a constant image:
+    an undefined cosine) keeps its own value in the items, is left out of the mean with a warning naming it, and
+    never aborts the run; when no pair is finite the value is the first pair's."""
     values = np.array([v for _, v in items], dtype=np.float64)
-    if not np.all(np.isfinite(values)):
+    finite = np.isfinite(values)
+    details = dict(details or {})
+    if not finite.all():
         bad = [k for k, v in items if not np.isfinite(v)]
-        raise DataError(f"{name} is not finite for {', '.join(bad[:5])} (identical images give an infinite PSNR)")
-    return MetricResult(name, float(values.mean()), len(items), details or {}, items)
+        warn(f"{name}: {len(bad)} pair(s) give a non-finite value ({', '.join(bad[:5])}"
+             f"{', ...' if len(bad) > 5 else ''}; identical images give an infinite PSNR, a constant image an "
+             f"undefined similarity): left out of the mean")
+        details["non_finite_pairs"] = bad
+    value = float(values[finite].mean()) if finite.any() else float(values[0]) if len(values) else float("nan")
+    return MetricResult(name, value, int(finite.sum()) if finite.any() else len(items), details, items)
 
 
 def ssim_value(real: torch.Tensor, fake: torch.Tensor) -> float:
@@ -67,12 +77,49 @@ def lpips(ctx: MetricContext) -> MetricResult:
     return _mean("lpips", items, {"net": ctx.lpips_net, "backbone": str(ctx.lpips_backbone)})
 
 
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two embeddings [D] in float64; NaN when either is all zeros (undefined)."""
+    a, b = a.double(), b.double()
+    na, nb = a.norm(), b.norm()
+    if float(na) == 0.0 or float(nb) == 0.0:
+        return float("nan")
+    return float((a @ b) / (na * nb))
+
+
+def patch_tiles(image: torch.Tensor, size: int, what: str) -> torch.Tensor:
+    """uint8 [1, 3, H, W] -> its non-overlapping ``size``-px patches [n, 3, size, size], row-major."""
+    _, c, h, w = image.shape
+    if h % size or w % size:
+        raise DataError(f"{what} is {w}x{h} px: --per-patch cuts images into {size}-px patches, so its sides must "
+                        f"be multiples of {size} (set --patch-size)")
+    return image[0].reshape(c, h // size, size, w // size, size).permute(1, 3, 0, 2, 4).reshape(-1, c, size, size)
+
+
 @register_metric("embedding", paired=True, needs="features",
-                 description="cosine similarity of the pair's embeddings (UNI or any registered encoder), mean")
+                 description="cosine similarity of the pair's embeddings (UNI, CONCH or any registered encoder), "
+                             "mean; --per-patch: of each --patch-size patch of the pair (the ZoomLDM "
+                             "super-resolution table's UNI/CONCH columns), mean over all patches")
 def embedding(ctx: MetricContext) -> MetricResult:
     net = ctx.feature_net
-    items = []
+    items, patches = [], []
     for key, real, fake in _pairs(ctx):
-        a, b = net(real)[0].double(), net(fake)[0].double()
-        items.append((key, float(torch.nn.functional.cosine_similarity(a, b, dim=0))))
-    return _mean("embedding", items, {"features": net.describe()})
+        if ctx.per_patch:
+            r_tiles = patch_tiles(real, ctx.patch_size, key)
+            f_tiles = patch_tiles(fake, ctx.patch_size, key)
+            values = []
+            for start in range(0, len(r_tiles), ctx.batch_size):
+                a = net(r_tiles[start:start + ctx.batch_size])
+                b = net(f_tiles[start:start + ctx.batch_size])
+                values += [cosine(x, y) for x, y in zip(a, b)]
+            patches += [(f"{key}#{k}", v) for k, v in enumerate(values)]
+            finite = [v for v in values if np.isfinite(v)]
+            items.append((key, float(np.mean(finite)) if finite else float("nan")))
+        else:
+            items.append((key, cosine(net(real)[0], net(fake)[0])))
+    details = {"features": net.describe(), "per_patch": ctx.per_patch}
+    if ctx.per_patch:
+        details["patch_size"] = ctx.patch_size
+        result = _mean("embedding", patches, details)
+        result.items = items
+        return result
+    return _mean("embedding", items, details)

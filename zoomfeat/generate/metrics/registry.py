@@ -18,7 +18,8 @@ from zoomfeat.errors import ConfigError
 @dataclass(frozen=True)
 class MetricSpec:
     """``fn(context) -> MetricResult``; ``paired``: needs name-matched pairs; ``needs``: "features" (Inception
-    or encoder), "encoder" (a registered encoder only), "lpips" or "" (pixels only)."""
+    or encoder), "encoder" (a registered encoder only), "clip" (a local open_clip ViT), "lpips" or "" (pixels
+    only)."""
 
     name: str
     fn: Callable
@@ -32,7 +33,7 @@ METRICS: dict[str, MetricSpec] = {}
 
 def register_metric(name: str, *, paired: bool, needs: str = "", description: str = ""):
     """Function decorator registering a metric under ``name``."""
-    if needs not in ("", "features", "encoder", "lpips"):
+    if needs not in ("", "features", "encoder", "clip", "lpips"):
         raise ValueError(f"metric {name!r}: unknown requirement {needs!r}")
 
     def wrap(fn: Callable) -> Callable:

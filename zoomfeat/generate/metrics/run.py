@@ -31,6 +31,9 @@ class GenMetricsConfig:
     downsample_size: int = 256
     batch_size: int = 16
     device: str = "cpu"
+    clip_weights: Path | None = None
+    per_patch: bool = False
+    patch_size: int = 256
 
     def __post_init__(self) -> None:
         if not self.metrics:
@@ -47,13 +50,15 @@ class GenMetricsConfig:
 
             if self.encoder not in encoder_names():
                 raise ConfigError(f"unknown --encoder {self.encoder!r}: use one of {', '.join(encoder_names())}")
-        for name in ("weights", "encoder_weights", "lpips_backbone", "lpips_linear"):
+        if any(s.needs == "clip" for s in specs) and self.clip_weights is None:
+            raise ConfigError("clip-fid needs --clip-weights FILE (a local open_clip ViT-B-32 state_dict)")
+        for name in ("weights", "encoder_weights", "lpips_backbone", "lpips_linear", "clip_weights"):
             path = getattr(self, name)
             if path is not None and not path.exists():
                 raise ConfigError(f"--{name.replace('_', '-')} {path} does not exist: pass a local file")
         if any(s.needs == "lpips" for s in specs) and self.lpips_backbone is None:
             raise ConfigError("lpips needs --lpips-backbone FILE (a local torchvision AlexNet state_dict)")
-        for name in ("crop_size", "downsample_size", "batch_size"):
+        for name in ("crop_size", "downsample_size", "batch_size", "patch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.out is not None and self.out.suffix.lower() not in (".json", ".csv"):
@@ -68,7 +73,8 @@ class GenMetricsConfig:
 
     def context(self) -> MetricContext:
         return MetricContext(self.real, self.fake, self.feature_net_spec(), self.lpips_backbone, self.lpips_linear,
-                             self.lpips_net, self.crop_size, self.downsample_size, self.batch_size, self.device)
+                             self.lpips_net, self.crop_size, self.downsample_size, self.batch_size, self.device,
+                             self.clip_weights, self.per_patch, self.patch_size)
 
 
 def compute_metrics(config: GenMetricsConfig) -> list[MetricResult]:

@@ -17,8 +17,8 @@ from zoomfeat.generate.metrics.images import crops, downsample, iter_images
 from zoomfeat.generate.metrics.registry import register_metric
 
 
-def _fid(ctx: MetricContext, name: str, transform) -> MetricResult:
-    net = ctx.feature_net
+def _fid(ctx: MetricContext, name: str, transform, net=None) -> MetricResult:
+    net = net or ctx.feature_net
     real = net.features(transform(iter_images(ctx.real)), ctx.batch_size)
     fake = net.features(transform(iter_images(ctx.fake)), ctx.batch_size)
     value = fid_from_features(real, fake)
@@ -32,8 +32,16 @@ def fid(ctx: MetricContext) -> MetricResult:
     return _fid(ctx, "fid", lambda images: images)
 
 
+@register_metric("clip-fid", paired=False, needs="clip",
+                 description="Frechet distance of CLIP image embeddings (whole image resized to the CLIP input; "
+                             "a local open_clip ViT-B-32 from --clip-weights)")
+def clip_fid(ctx: MetricContext) -> MetricResult:
+    return _fid(ctx, "clip-fid", lambda images: images, ctx.clip_net)
+
+
 @register_metric("crop-fid", paired=False, needs="features",
-                 description="FID over all non-overlapping --crop-size crops (256 px) of the images")
+                 description="FID over all non-overlapping --crop-size crops (256 px) of the images: MultiDiffusion's "
+                             "crop FID when --fake holds the large images and --real the 256-px real patches")
 def crop_fid(ctx: MetricContext) -> MetricResult:
     size = ctx.crop_size
     result = _fid(ctx, "crop-fid", lambda images: (c for im in images for c in crops(im, size)))
