@@ -44,6 +44,7 @@ COMMANDS: dict[str, str] = {
     "superres": "superres",
     "sample": "sample",
     "generate-large": "generate_large",
+    "generate-slide": "generate_slide",
     "demo": "demo",
     "config": "config",
     "fetch-weights": "fetch_weights",

@@ -10,7 +10,7 @@ Workloads (tiny inputs made once under ``--work``):
   both are killed, then both rerun;
 - ``train-mil``: a 3-fold ``train-mil`` run (mean-pooling head, 12 planted slides);
 - ``train-cdm``: ``train-cdm`` of the tiny DiT on contexts of the tiny ZoomLDM (checkpoint every 2 steps);
-- ``generate-large``: ``generate-large --n 3`` with the tiny ZoomLDM and the toy conditioner.
+- ``generate-large``: ``generate-large`` (joint sampler, 2 steps) with the tiny ZoomLDM and the toy conditioner.
 
 Each workload first runs uninterrupted into its run folder (the reference: sha256 of every output file, timing
 T). Each cycle empties the folder, starts the command(s) in their own process group, sends SIGKILL to the group
@@ -111,8 +111,7 @@ def setup(name: str, work: Path, small: bool = False) -> dict:
             _run(_cli("synth", "--out", cohort, "--n", 3, "--size", 2048, "--seed", 3))
         slide = sorted(cohort.glob("*.svs"))[0]
         argv = _cli("generate-large", "--zoomldm", "tiny", "--weights", weights, "--slide", slide, "--mag", "10x",
-                    "--method", "joint", "--conditioner", "toy", "--size", 128, "--steps", 2, "--n", 3,
-                    "--device", "cpu", "--out", run)
+                    "--method", "joint", "--conditioner", "toy", "--steps", 2, "--device", "cpu", "--out", run)
         return {"argv": argv, "procs": 1, "run": run}
     raise SystemExit(f"unknown workload {name!r}: use {', '.join(WORKLOADS)}")
 

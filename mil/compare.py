@@ -209,7 +209,7 @@ def _notes(entries: list[dict]) -> list[str]:
     return notes
 
 
-def _table_rows(result: dict) -> list[list[str]]:
+def table_rows(result: dict) -> list[list[str]]:
     rows = []
     for fs in result["feature_sets"]:
         cells = [result["table"][fs].get(t) for t in result["tasks"]]
@@ -217,7 +217,7 @@ def _table_rows(result: dict) -> list[list[str]]:
     return rows
 
 
-def _comparison_rows(result: dict) -> list[list[str]]:
+def comparison_rows(result: dict) -> list[list[str]]:
     rows = []
     for c in result["comparisons"]:
         ci = c["bootstrap_ci95"]
@@ -235,10 +235,10 @@ COMPARISON_HEADER = ["task", "feature set", "reference", "folds", "per-fold ΔAU
 
 def render_html(result: dict, images: dict[str, bytes]) -> str:
     parts = [html.heading("Test AUC per feature set and task"),
-             html.table(["feature set", *result["tasks"]], _table_rows(result)),
+             html.table(["feature set", *result["tasks"]], table_rows(result)),
              html.heading("Paired differences against the reference")]
     if result["comparisons"]:
-        parts.append(html.table(COMPARISON_HEADER, _comparison_rows(result)))
+        parts.append(html.table(COMPARISON_HEADER, comparison_rows(result)))
     else:
         parts.append(html.paragraph("No pairs: every task has a single run."))
     parts += [html.paragraph(n, "note") for n in result["notes"]]
@@ -253,9 +253,9 @@ def render_html(result: dict, images: dict[str, bytes]) -> str:
 
 def render_markdown(result: dict, images: dict[str, bytes]) -> str:
     lines = ["# Feature-set comparison", "", "## Test AUC per feature set and task", "",
-             html.markdown_table(["feature set", *result["tasks"]], _table_rows(result)), "",
+             html.markdown_table(["feature set", *result["tasks"]], table_rows(result)), "",
              "## Paired differences against the reference", ""]
-    lines.append(html.markdown_table(COMPARISON_HEADER, _comparison_rows(result)) if result["comparisons"]
+    lines.append(html.markdown_table(COMPARISON_HEADER, comparison_rows(result)) if result["comparisons"]
                  else "No pairs: every task has a single run.")
     lines += [""] + [f"> {n}" for n in result["notes"]] + [""]
     lines += [f"![per-fold AUC {name}]({name})" for name in images] + [""]

@@ -396,7 +396,7 @@ def test_sample_cli_draws_novel_images_from_a_cdm(contexts, zoomldm_weights, tmp
 
     run = tmp_path / "cdm"
     assert _train(["--max-steps", "2", "--every-n-steps", "2"], contexts, run) == 0
-    base = ["sample", "--zoomldm", "tiny", "--weights", str(zoomldm_weights), "--mag", "1.25x", "--device", "cpu",
+    base = ["sample", "--zoomldm", "tiny", "--weights", str(zoomldm_weights), "--mag", "5x", "--device", "cpu",
             "--steps", "2", "--n", "2"]
     out = tmp_path / "gen"
     assert cli.main([*base, "--cdm", str(run), "--patches", "3", "--cdm-steps", "4", "--cdm-seed", "2",
@@ -404,7 +404,7 @@ def test_sample_cli_draws_novel_images_from_a_cdm(contexts, zoomldm_weights, tmp
     man = json.loads((out / "manifest.json").read_text())
     rec = man["conditions"]
     assert rec["source"] == "cdm" and rec["contexts_drawn"] == 3 and rec["cdm_steps"] == 4 and rec["cdm_seed"] == 2
-    assert rec["cdm_sha256"] == file_sha256(run / "official" / "last.ckpt") and rec["mag"] == "1.25x"
+    assert rec["cdm_sha256"] == file_sha256(run / "official" / "last.ckpt") and rec["mag"] == "5x"
     assert len(man["images"]) == 6 and (out / "contact_sheet.png").is_file()
     assert (out / "sample.config.yaml").is_file()
     capsys.readouterr()

@@ -18,6 +18,8 @@ EXAMPLES: dict[str, list[str]] = {
     "synth": ["synth", "--out", "cohort", "--n", "3", "--seed", "4"],
     "tile": ["tile", "a.svs", "b_dir", "--out", "tiles", "--mags", "20x,5x", "--min-tissue", "0.4"],
     "verify": ["verify", "tiles"],
+    "fit-first-stage": ["fit-first-stage", "s.svs", "--tiles", "t", "--out", "fs.ckpt"],
+    "generate-slide": ["generate-slide", "--slide", "s.svs", "--zoomldm", "tiny", "--out", "syn.tiff"],
     "fetch-weights": ["fetch-weights", "zoomldm-brca", "--files", "config.yaml"],
     "extract": ["extract", "slides", "--out", "feats", "--encoder", "toy", "--mags", "20x", "--batch-size", "8"],
     "export": ["export", "feats", "--format", "clam", "--out", "clam"],

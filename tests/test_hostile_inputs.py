@@ -30,8 +30,6 @@ def _seed_options() -> list[tuple[str, str]]:
 
 
 SEEDS = _seed_options()
-# command lines of the commands without one in test_config_system.EXAMPLES
-ARGV = {"fit-first-stage": ["fit-first-stage", "s.svs", "--tiles", "t", "--out", "fs.ckpt"]}
 
 
 def test_every_command_with_a_seed_is_covered():
@@ -43,7 +41,7 @@ def test_every_command_with_a_seed_is_covered():
 @pytest.mark.parametrize("value", [str(2**63), str(2**64 + 5), "-1"])
 def test_a_seed_out_of_range_is_one_line_for_every_command(command, option, value, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    argv = list(EXAMPLES.get(command) or ARGV.get(command) or command.split()) + [option, value]
+    argv = list(EXAMPLES.get(command, command.split())) + [option, value]
     line = one_error(argv, capsys)
     assert f"bad {option} {value}" in line and "2^63-1" in line, line
     assert list(tmp_path.iterdir()) == []
@@ -130,7 +128,7 @@ def test_train_cdm_resume_from_a_pickle_is_one_line(contexts, tmp_path, capsys):
     before = snapshot(contexts)
     line = one_error(["train-cdm", "--data", str(contexts), "--out", str(tmp_path / "r"), "--max-steps", "1",
                       "--resume", str(bad), *TINY_DIT, *RUNTIME], capsys)
-    assert str(bad) in line and "not a readable checkpoint" in line, line
+    assert str(bad) in line and "weights-only load refuses" in line, line
     assert "unpickled!" not in capsys.readouterr().out
     assert snapshot(contexts) == before
 

@@ -108,8 +108,9 @@ class DemoConfig:
             raise ConfigError(f"--resemblance-images {self.resemblance_images} must be at least 2")
 
 
-# ``zoomfeat demo --quick``: the smallest cohort (3 patient-level folds of 2 patients per class) and the fewest
-# steps that still run every stage; its numbers mean nothing, it shows the stages, their outputs and the page.
+# ``zoomfeat demo --quick``: the smallest cohort (12 slides of 6 patients: 3 folds, one patient of each class per
+# test fold) and the fewest steps that still run every stage; its numbers mean nothing, it shows the stages, their
+# outputs and the page (183 CPU seconds, benchmarks/RESULTS.md).
 QUICK: dict = {"slides": 12, "size": 2048, "folds": 3, "train_slides": 4, "patches_per_mag": 12,
                "train_steps": 40, "first_stage_steps": 30, "decoder_steps": 40, "first_stage_batch": 8,
                "mil_epochs": 4, "gen_steps": 4, "cdm_steps": 20, "resemblance_images": 8}
@@ -512,13 +513,53 @@ def stages(cfg: DemoConfig) -> list[Stage]:
 
 
 # ----- running it ----------------------------------------------------------------------------------------------
-def _run_stage(stage: Stage) -> int:
+HEARTBEAT_SECONDS = 10.0  # a stage that has printed nothing for this long gets a "still running" line
+
+
+class _Watched:
+    """A text stream that remembers when it was last written to (everything else goes to the stream)."""
+
+    def __init__(self, stream, watch: dict):
+        self._stream, self._watch = stream, watch
+
+    def write(self, text: str) -> int:
+        self._watch["last"] = time.monotonic()
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _run_stage(stage: Stage, k: int) -> int:
+    """Run one stage in this process; while it prints nothing, print a line every HEARTBEAT_SECONDS."""
+    import threading
+
     import cli
 
-    if stage.python is not None:
-        stage.python()
-        return 0
-    return cli.main(stage.command())
+    out, err = sys.stdout, sys.stderr
+    watch = {"last": time.monotonic(), "start": time.monotonic()}
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.wait(0.5):
+            now = time.monotonic()
+            if now - watch["last"] >= HEARTBEAT_SECONDS:
+                watch["last"] = now
+                out.write(f"    stage {k} still running ({now - watch['start']:.0f} s)\n")
+                out.flush()
+
+    sys.stdout, sys.stderr = _Watched(out, watch), _Watched(err, watch)
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
+    try:
+        if stage.python is not None:
+            stage.python()
+            return 0
+        return cli.main(stage.command())
+    finally:
+        done.set()
+        beat.join()
+        sys.stdout, sys.stderr = out, err
 
 
 def shown_command(cfg: DemoConfig, stage: Stage, k: int) -> str:
@@ -539,7 +580,7 @@ def _run_and_record(cfg: DemoConfig, plan: list[Stage], i: int, stage: Stage, re
         record.append({"title": stage.title, "command": shown, "seconds": None, "group": stage.group})
         return 0
     t0, c0 = time.perf_counter(), time.process_time()
-    code = _run_stage(stage)
+    code = _run_stage(stage, i)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     if code not in (0, 130):
         print(f"demo: stage {i} failed with exit code {code}; rerun the command above to see why", file=sys.stderr)

@@ -95,16 +95,16 @@ def _why_section(cfg, cohort: dict, fold_sizes: list[tuple[int, int]]) -> list[s
 
 
 def _table_section(out: Path) -> list[str]:
-    from mil.compare import COMPARISON_HEADER, _comparison_rows, _table_rows
+    from mil.compare import COMPARISON_HEADER, comparison_rows, table_rows
 
     path = out / "report" / "compare.json"
     if not path.exists():
         return [html.paragraph("(no comparison: compare did not run)", "note")]
     result = json.loads(path.read_text())
     parts = [html.heading("Comparison (from zoomfeat compare)"),
-             html.table(["feature set", *result["tasks"]], _table_rows(result)),
+             html.table(["feature set", *result["tasks"]], table_rows(result)),
              html.heading("Paired differences against toy@20x", 3),
-             html.table(COMPARISON_HEADER, _comparison_rows(result))]
+             html.table(COMPARISON_HEADER, comparison_rows(result))]
     parts += [html.paragraph(n, "note") for n in result["notes"]]
     parts.append("<p>" + " · ".join([_link("report/index.html", "the full comparison page"),
                                       _link("report/compare.md", "compare.md"),
@@ -276,10 +276,13 @@ def _generation_section(out: Path) -> list[str]:
     parts += _resemblance_section(out)
     parts.append(html.heading("A large image: the 20x image of a 5x patch (generate-large)", 3))
     row = []
-    for method in ("grid", "joint"):
-        row.append(f"<figure style='display:inline-block'>{_img(out, g / f'large_{method}' / 'large.png', method, 320)}"
-                   f"<figcaption>{method}</figcaption></figure>")
+    for label, rel in (("grid", g / "large_grid" / "large.png"), ("joint", g / "large_joint" / "large.png"),
+                       ("joint: its 5x guide", g / "large_joint" / "guide.png")):
+        row.append(f"<figure style='display:inline-block'>{_img(out, rel, label, 320)}"
+                   f"<figcaption>{escape(label)}</figcaption></figure>")
     parts.append("".join(row))
+    parts.append(html.paragraph("Joint sampling draws the 5x guide and its 20x patches together, the patches pulled "
+                                "towards the guide's layout; grid sampling has no guide.", "note"))
     parts.append(html.heading("Super-resolution: a 5x patch to 20x (superres)", 3))
     row = []
     for label, rel in (("5x input", g / "superres_input_5x.png"),

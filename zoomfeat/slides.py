@@ -131,7 +131,7 @@ def resolve_scale(properties: dict, path: Path, base_mag: float | None, mpp: flo
     else:
         slide_mpp = _plausible_mpp(properties.get("openslide.mpp-x"))
         mpp_source = "mpp" if slide_mpp is not None else "missing"
-    objective = _plausible_objective(properties.get("openslide.objective-power"))
+    objective = _plausible_objective(properties.get("openslide.objective-power")) or _written_magnification(properties)
     if base_mag is None and mpp is None and objective is not None and slide_mpp is not None:
         _check_agreement(path, objective, slide_mpp)
     if base_mag is not None:
@@ -161,6 +161,28 @@ def _check_agreement(path: Path, objective: float, mpp: float) -> None:
 
     warn(f"{path}: objective power {objective:g}x disagrees with its mpp {mpp:g} um/px (about "
          f"{_nearest_objective(mpp):g}x): using {objective:g}x; pass --base-mag or --mpp if that is wrong")
+
+
+WRITTEN_FORMAT = "zoomfeat-slide"  # the description format of zoomfeat.generate.pyramid
+
+
+def read_written_description(text: str | None) -> dict | None:
+    """The JSON description of a slide zoomfeat wrote (:mod:`zoomfeat.generate.pyramid`); None for other text."""
+    import json
+
+    if not text or not text.lstrip().startswith("{"):
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and record.get("format") == WRITTEN_FORMAT else None
+
+
+def _written_magnification(properties: dict) -> float | None:
+    """The magnification a zoomfeat-written slide records in its description (generic TIFF has no objective)."""
+    record = read_written_description(properties.get("tiff.ImageDescription"))
+    return _plausible_objective(str(record.get("magnification"))) if record else None
 
 
 def _plausible_objective(value: str | None) -> float | None:

@@ -10,6 +10,7 @@ HELP = "generate the 20x image of one patch's region at M ((20/M) patches a side
 METHODS = ("grid", "joint")  # zoomfeat.generate.run.METHODS (torch-free copy, checked by a test)
 
 
+FORMATS = ("auto", "png", "tiff")  # zoomfeat.generate.images.FORMATS (torch-free copy)
 JOINT_UPDATES = ("je", "gmres")  # zoomfeat.generate.joint.JOINT_UPDATES (torch-free copy, checked by a test)
 
 
@@ -92,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "decoder windows (default a quarter window: 16 for 64-px latents, the official "
                         "decode_large_image's; half a window decodes ~3x faster with a stronger seam at the patch "
                         "borders, measured in benchmarks/RESULTS.md)")
+    output.add_argument("--format", default="auto", choices=FORMATS, help="auto: PNG up to 4096 px a side, else "
+                        "a tiled pyramidal TIFF; png; tiff (OpenSlide/QuPath open it; mpp and magnification written "
+                        "in). PNGs carry magnification, mpp, seed and model hash as text chunks (default auto)")
     output.add_argument("--out", required=True, help="new (or empty) folder, or the folder of an interrupted run "
                         "to resume: large.png (large.tiff above 4096 px), guide.png (joint), conditions.npz, "
                         "manifest.json (large_###/guide_### with --n > 1)")
@@ -113,7 +117,7 @@ def build_config(args: argparse.Namespace):
                        krylov=args.krylov_size, guide_guidance=guide, window_stride=args.window_stride,
                        refine_t0=0 if args.no_refine else args.refine_t0, refine_stride=args.refine_stride,
                        decode_stride=args.decode_stride, seed=args.seed, n=args.n, batch_size=args.batch_size,
-                       device=args.device, precision=args.precision)
+                       device=args.device, precision=args.precision, format=args.format)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
-"""Writing generated images: PNG files, a contact sheet, and a tiled pyramidal TIFF (OpenSlide-readable)
-for images larger than 4096 px a side. Every file goes through :func:`zoomfeat.store.atomic_write`.
+"""Writing generated images: PNG files (with text chunks when given: magnification, mpp, seed, model hash), a
+contact sheet, and a tiled pyramidal TIFF (OpenSlide-readable, :mod:`zoomfeat.generate.pyramid`) for images
+larger than 4096 px a side or when asked for. Every file goes through :func:`zoomfeat.store.atomic_write`.
 Images are uint8 [H, W, 3] numpy arrays (what :func:`zoomfeat.generate.decode.to_uint8` returns per item).
 """
 
@@ -11,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from zoomfeat.errors import DataError
+from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.plain_images import read_rgb
 from zoomfeat.store import atomic_write
 
 PNG_MAX_SIDE = 4096  # larger images are written as pyramidal TIFF
+FORMATS = ("auto", "png", "tiff")  # auto: PNG up to PNG_MAX_SIDE px a side, else TIFF
 
 
 def _check(image: np.ndarray) -> np.ndarray:
@@ -25,14 +27,20 @@ def _check(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def save_png(path: str | Path, image: np.ndarray) -> Path:
-    """Write ``image`` as a PNG at ``path`` (atomic)."""
+def save_png(path: str | Path, image: np.ndarray, text: dict | None = None) -> Path:
+    """Write ``image`` as a PNG at ``path`` (atomic), ``text`` as tEXt chunks (keys and values as strings)."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     image = _check(image)
     path = Path(path)
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(str(key), str(value))
     with atomic_write(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
     return path
 
 
@@ -59,16 +67,25 @@ def contact_sheet(images: Sequence[np.ndarray], columns: int | None = None, pad:
     return sheet
 
 
-def save_large(stem: str | Path, image: np.ndarray, mpp: float = 0.5, magnification: float = 20.0) -> Path:
-    """``<stem>.png`` when both sides are at most 4096 px, else ``<stem>.tiff``: a tiled JPEG pyramid in the
-    Aperio layout with ``AppMag`` / ``MPP`` (default 20x at 0.5 um/px), which OpenSlide (and zoomfeat) opens."""
+def large_suffix(side_px: int, fmt: str = "auto") -> str:
+    """``.png`` or ``.tiff``: what :func:`save_large` writes for an image of ``side_px`` px in ``fmt``."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"bad --format {fmt!r}: use one of {', '.join(FORMATS)}")
+    return ".tiff" if fmt == "tiff" or (fmt == "auto" and side_px > PNG_MAX_SIDE) else ".png"
+
+
+def save_large(stem: str | Path, image: np.ndarray, mpp: float = 0.5, magnification: float = 20.0,
+               fmt: str = "auto", text: dict | None = None) -> Path:
+    """``<stem>.png`` or ``<stem>.tiff`` (:func:`large_suffix`). The TIFF is a tiled JPEG pyramid
+    (:func:`zoomfeat.generate.pyramid.write_pyramid_array`) with mpp and magnification (default 20x at 0.5
+    um/px) written in, which OpenSlide and zoomfeat open; ``text`` goes into its description, and into a PNG's
+    text chunks beside ``magnification`` and ``mpp``."""
     image = _check(image)
     stem = Path(stem)
-    if max(image.shape[:2]) <= PNG_MAX_SIDE:
-        return save_png(stem.with_suffix(".png"), image)
-    from zoomfeat.synthetic import write_pyramid
+    if large_suffix(max(image.shape[:2]), fmt) == ".png":
+        return save_png(stem.with_suffix(".png"), image,
+                        {"magnification": f"{magnification:g}", "mpp": f"{mpp:g}", **(text or {})})
+    from zoomfeat.generate.pyramid import write_pyramid_array  # tifffile
 
-    path = stem.with_suffix(".tiff")
-    with atomic_write(path) as tmp:
-        write_pyramid(tmp, image, fmt="aperio", mpp=mpp, app_mag=magnification, quality=90)
-    return path
+    return write_pyramid_array(stem.with_suffix(".tiff"), image, mpp=mpp, magnification=magnification,
+                               metadata=dict(text or {}))

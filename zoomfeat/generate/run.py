@@ -112,6 +112,7 @@ class LargeConfig:
     decode_stride: int | None = None
     seed: int = 0
     n: int = 1
+    format: str = "auto"  # zoomfeat.generate.images.FORMATS
     batch_size: int = 8
     device: str = "auto"
     precision: str = "auto"
@@ -119,6 +120,9 @@ class LargeConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"bad --method {self.method!r}: use one of {', '.join(METHODS)}")
+        from zoomfeat.generate.images import large_suffix
+
+        large_suffix(1, self.format)  # validates the format
         if Magnification(self.conditions.mag).grid_width < 2:
             raise ConfigError(f"--mag {self.conditions.mag} covers one 20x patch: a large image needs a magnification "
                               "below 20x (10x gives 2x2 patches, 5x 4x4, 1.25x 16x16)")
@@ -472,7 +476,7 @@ def run_large(cfg: LargeConfig) -> dict:
     :func:`run_sample`): ``large.png`` / ``guide.png`` for one image, ``large_###`` / ``guide_###`` for several."""
     from zoomfeat.runtime import resolve_runtime
     from zoomfeat.generate.conditions import grid_source
-    from zoomfeat.generate.images import PNG_MAX_SIDE, save_large, save_png
+    from zoomfeat.generate.images import large_suffix, save_large, save_png
 
     _check_out_or_manifest(cfg.out)
     runtime = resolve_runtime(cfg.device, cfg.precision)
@@ -486,7 +490,7 @@ def run_large(cfg: LargeConfig) -> dict:
                     conds.coords_level0[:max(r for r, _ in items) + 1])
     g = conds.grids.shape[-1]
     side = g * model.first_stage_resolution
-    suffix = ".png" if side <= PNG_MAX_SIDE else ".tiff"
+    suffix = large_suffix(side, cfg.format)
     out = Path(cfg.out)
     name = (lambda stem, k: stem) if cfg.n == 1 else (lambda stem, k: f"{stem}_{k:03d}")
     entries = []
@@ -507,7 +511,10 @@ def run_large(cfg: LargeConfig) -> dict:
             image, guide_img, stats = large_images(model, replace(cfg, seed=seed), conds.grids[r],
                                                    conds.contexts[r:r + 1], runtime, tick)
             idx = [i for i, e in enumerate(entries) if e["item"] == k]
-            run.finish(idx[0], save_large(out / Path(entries[idx[0]]["file"]).stem, image), **(stats or {}))
+            text = {"seed": str(seed), "model_sha256": manifest["model"]["checkpoint_sha256"] or "random-init",
+                    "config_sha256": manifest["model"]["config_sha256"], "generator": "zoomfeat generate-large"}
+            written = save_large(out / Path(entries[idx[0]]["file"]).stem, image, fmt=cfg.format, text=text)
+            run.finish(idx[0], written, **(stats or {}))
             if guide_img is not None:
                 run.finish(idx[1], save_png(out / entries[idx[1]]["file"], guide_img))
     finally:
