@@ -27,7 +27,6 @@ EXAMPLES: dict[str, list[str]] = {
                    "--copies", "3"],
     "prepare-train": ["prepare-train", "slides", "--out", "ts", "--conditioner", "toy"],
     "prepare-cdm": ["prepare-cdm", "--data", "ts", "--zoomldm", "tiny", "--weights", "w.ckpt", "--out", "ctx"],
-    "fit-first-stage": ["fit-first-stage", "s.svs", "--tiles", "t", "--out", "fs.ckpt"],
     "train": ["train", "--data", "ts", "--zoomldm", "tiny", "--out", "run", "--max-steps", "3", "--set",
               "optim.p_uncond=0.2", "--no-val-samples"],
     "train-cdm": ["train-cdm", "--data", "ctx", "--out", "run", "--set", "model.depth=2", "--max-steps", "10"],

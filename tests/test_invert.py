@@ -75,7 +75,10 @@ def test_inverted_grid_beats_random_and_mean_grids(sensitive):
     image = generated_image(m, known, mag)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     flags = [p.requires_grad for p in m.parameters()]
-    result = inv.invert_image(m, image, mag, inv.InversionSettings(iterations=60, eval_every=20, seed=0))
+    # the data term alone (W = 0): the similarity prior trades some denoising loss for agreement between the
+    # grid vectors (tested by test_similarity_pulls_the_grid_vectors_together)
+    result = inv.invert_image(m, image, mag, inv.InversionSettings(iterations=60, eval_every=20, seed=0,
+                                                                   similarity=0.0))
     assert result.grid.shape == (m.conditioning_dim, 4, 4) and not result.grid.requires_grad
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # frozen networks
     assert [p.requires_grad for p in m.parameters()] == flags  # restored after the inversion
