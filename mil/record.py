@@ -311,9 +311,10 @@ def finished_pairs(run_dir: str | Path, record: RunRecord) -> list[tuple[int, in
     record's order, then folds); planned or not (``--folds`` of an earlier invocation)."""
     flat, nested = _finished_dirs(Path(run_dir))
     found = {(record.seeds[0], k) for k in flat} if len(record.seeds) == 1 else set(nested)
-    folds = {int(k) for k in record.split_fingerprints}
+    folds = {int(k) for k in record.split_fingerprints}  # none recorded (an old record): every fold found
     rank = {s: i for i, s in enumerate(record.seeds)}
-    return sorted((p for p in found if p[0] in rank and p[1] in folds), key=lambda p: (rank[p[0]], p[1]))
+    return sorted((p for p in found if p[0] in rank and (not folds or p[1] in folds)),
+                  key=lambda p: (rank[p[0]], p[1]))
 
 
 def stray_pairs(run_dir: str | Path, record: RunRecord) -> list[str]:

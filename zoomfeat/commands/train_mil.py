@@ -18,10 +18,12 @@ def _folds(text: str) -> tuple[int, ...]:
 
 
 def _seeds(text: str) -> tuple[int, ...]:
+    from zoomfeat.errors import ConfigError
+
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--seeds takes numbers like 0,1,2, got {text!r}") from exc
+        raise ConfigError(f"--seeds takes numbers like 0,1,2, got {text!r}") from exc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="which epoch's weights are evaluated (default: the protocol's)")
     schedule.add_argument("--balanced", action="store_true",
                           help="draw training bags class-balanced, with replacement (default: a seeded shuffle)")
-    schedule.add_argument("--seeds", type=_seeds, default=None, metavar="S,S",
+    schedule.add_argument("--seeds", default=None, metavar="S,S",
                           help="init seeds: the cross-validation runs once per seed into the run folder "
                                "(seed_<s>/fold_<k>/ for several), summary.csv gives the mean over folds per seed "
                                "and the mean and std over seeds; a seed sets the initial weights (every fold "
@@ -148,9 +150,9 @@ def build_config(args: argparse.Namespace):
                              lr=args.lr, weight_decay=args.weight_decay, selection=args.selection)
     classes = tuple(c.strip() for c in args.classes.split(",")) if args.classes else None
     if args.seed is not None and args.seeds is not None:
-        raise ConfigError(f"--seed {args.seed} and --seeds {','.join(map(str, args.seeds))}: give one of them "
+        raise ConfigError(f"--seed {args.seed} and --seeds {args.seeds}: give one of them "
                           "(--seed S is --seeds S)")
-    seeds = args.seeds if args.seeds is not None else (args.seed if args.seed is not None else 0,)
+    seeds = _seeds(args.seeds) if args.seeds is not None else (args.seed if args.seed is not None else 0,)
     return MILConfig(features=FeatureSpec.parse(args.features), labels=args.labels, splits=args.splits, out=args.out, task=args.task,
                      label_col=label_col, hrd_threshold=args.hrd_threshold, classes=classes, model=args.model,
                      model_kwargs=_model_kwargs(args.model_kwargs), protocol=protocol, balanced=args.balanced,
@@ -168,5 +170,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     summary = run_cv(cfg, progress=sys.stderr.isatty())  # warnings go through the zoomfeat logger
     print(summary.to_string(index=False))
+    if len(cfg.seeds) > 1:
+        row = summary[summary.fold == "mean"].set_index("seed")
+        mean, std = row.at["mean", "test_auc"], row.at["std", "test_auc"]
+        if mean is not None and mean == mean:
+            spread = "" if std is None or std != std else f" ± {std:.3f}"
+            print(f"test AUC over {len(cfg.seeds)} seeds (mean ± std of the per-seed means over folds): "
+                  f"{mean:.3f}{spread}")
     print(f"wrote {cfg.out}/summary.csv")
     return 0
