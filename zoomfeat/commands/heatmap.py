@@ -44,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
 
     features = FeatureSpec.parse(args.features) if args.features else None
     completeness = check_complete(run_dir, allow_partial=args.allow_partial)  # a partial run: one line, exit 2
-    result = build_heatmap(run_dir, args.fold, slide, features, args.out, top=args.top,
-                           max_size=args.max_size, alpha=args.alpha)
     if completeness.note():
         print(f"{run_dir}: {completeness.note()}")
+    result = build_heatmap(run_dir, args.fold, slide, features, args.out, top=args.top,
+                           max_size=args.max_size, alpha=args.alpha)
     print(f"{result.n_tiles} tiles: wrote {result.heatmap_png} and {result.top_png}")
     return 0

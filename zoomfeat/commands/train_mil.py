@@ -153,8 +153,9 @@ def build_config(args: argparse.Namespace):
         raise ConfigError(f"--seed {args.seed} and --seeds {args.seeds}: give one of them "
                           "(--seed S is --seeds S)")
     seeds = _seeds(args.seeds) if args.seeds is not None else (args.seed if args.seed is not None else 0,)
-    return MILConfig(features=FeatureSpec.parse(args.features), labels=args.labels, splits=args.splits, out=args.out, task=args.task,
-                     label_col=label_col, hrd_threshold=args.hrd_threshold, classes=classes, model=args.model,
+    return MILConfig(features=FeatureSpec.parse(args.features), labels=args.labels, splits=args.splits,
+                     out=args.out, task=args.task, label_col=label_col, hrd_threshold=args.hrd_threshold,
+                     classes=classes, model=args.model,
                      model_kwargs=_model_kwargs(args.model_kwargs), protocol=protocol, balanced=args.balanced,
                      seeds=seeds, folds=args.folds, accelerator=args.accelerator, devices=args.devices,
                      cache=not args.no_cache, all_folds=args.all_folds, bags_per_step=args.bags_per_step,
