@@ -25,9 +25,8 @@ from mil import html, plots
 from mil.metrics import METRICS, auroc, metric_label
 from mil.record import RunRecord
 from mil.report import Pair, RunResult, fmt, fmt_mean_std, fold_metrics, load_run, mean_std, resampled_aucs
-from zoomfeat.config import write_json_atomic
 from zoomfeat.errors import DataError
-from zoomfeat.store import write_text
+from zoomfeat.store import write_json_atomic, write_text
 
 
 def base_feature_set(record: RunRecord) -> str:

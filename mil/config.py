@@ -128,7 +128,7 @@ class MILConfig:
 
     def to_json(self) -> dict:
         """The config as JSON values, the feature set in its text form (``DIR@20x+5x``)."""
-        from zoomfeat.config import to_jsonable
+        from zoomfeat.serial import to_jsonable
 
         return {**to_jsonable(self), "features": str(self.features)}
 

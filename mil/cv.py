@@ -47,8 +47,8 @@ from mil.train import FoldData, epoch_order, run_folds
 from splits.audit import trainability_problems
 from splits.io import PARTS, SplitFold, read_splits_dir
 from splits.labels import read_labels
-from zoomfeat.config import write_json_atomic
 from zoomfeat.errors import CheckpointError, ConfigError, DataError
+from zoomfeat.store import write_json_atomic
 
 CHECKPOINT_FORMAT = "zoomfeat-mil"
 CHECKPOINT_VERSION = 1
@@ -300,8 +300,8 @@ def run_cv(cfg: MILConfig, progress: bool = False, on_fold=None) -> pd.DataFrame
     resumed run has the same inputs and seeds.
     """
     from mil.train import resolve_device
-    from zoomfeat.extract.runtime import check_devices
     from zoomfeat.log import note
+    from zoomfeat.runtime import check_devices
 
     spec = cfg.features
     cohort = apply_task(read_labels(cfg.labels, label_col=cfg.label_col), cfg.task, cfg.label_col,

@@ -27,8 +27,8 @@ import pandas as pd
 from mil import html, plots
 from mil.metrics import METRICS, THRESHOLD, auc_rows, auroc, check_finite, classification_metrics, confusion, metric_label
 from mil.record import Completeness, RunRecord, check_complete, finished_pairs, fold_dir, read_record
-from zoomfeat.config import write_json_atomic
 from zoomfeat.errors import DataError
+from zoomfeat.store import write_json_atomic
 
 BOOTSTRAP_CELLS = 2_000_000  # resampled predictions held in memory at once by the bootstrap
 PREDICTION_COLUMNS = ("slide_id", "case_id", "label", "split")

@@ -2,41 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from zoomfeat.mags import Magnification
-
-
-def to_jsonable(value: Any) -> Any:
-    """Convert dataclasses, paths, tuples and numpy scalars into plain JSON values."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Magnification):  # stored canonically, by name
-        return value.name
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return value.item()
-    return value
-
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON to ``path`` through a temporary file and a rename."""
-    from zoomfeat.store import atomic_write
-
-    path = Path(path)
-    with atomic_write(path) as tmp, open(tmp, "w") as fh:
-        json.dump(to_jsonable(data), fh, indent=2, sort_keys=False)
-        fh.write("\n")
-    return path
+from zoomfeat.serial import to_jsonable
+from zoomfeat.store import atomic_write, write_json_atomic
 
 
 def save_config(config: Any, path: str | Path) -> Path:
@@ -253,8 +224,6 @@ def config_output_path(command: str, out: str | Path) -> Path:
 
 def save_resolved_config(config: Mapping[str, Any], out: str | Path) -> Path:
     """Write the resolved config beside the command's outputs (atomic)."""
-    from zoomfeat.store import atomic_write
-
     path = config_output_path(str(config["command"]), out)
     with atomic_write(path) as tmp:
         tmp.write_text(dump_config(config))

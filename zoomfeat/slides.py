@@ -1,7 +1,7 @@
 """Slide access through OpenSlide: metadata (base magnification, mpp and where they came from), patches
 read at any magnification from the best pyramid level, thumbnails.
 
-Base magnification (DESIGN.md): ``--base-mag`` override, else ``openslide.objective-power``, else
+Base magnification (docs/ARCHITECTURE.md, "Binding contracts"): ``--base-mag`` override, else ``openslide.objective-power``, else
 10 / mpp rounded to the nearest standard objective, where mpp is ``--mpp`` or ``openslide.mpp-x``;
 an mpp outside 0.1-2.0 um/px is treated as missing. Without either, a :class:`SlideError` names the options.
 """

@@ -180,15 +180,14 @@ class Synthesizer:
 
     def _copy(self, info, grid, mags, real, cond, k: int, source: dict) -> str:
         from mil.augment import synthetic_id
-        from zoomfeat.extract.runner import _finished
-        from zoomfeat.store import TileStoreWriter, h5_path
+        from zoomfeat.store import TileStoreWriter, h5_path, is_complete_with
         from zoomfeat.tiling import restrict_grid
 
         syn_id = synthetic_id(info.slide_id, k)
         path = h5_path(self.cfg.out_dir, syn_id)
         config = {**self.record(), "synthetic": {**self.record()["synthetic"], "synthetic_of": info.slide_id,
                                                  "copy": k, "source_features": source, "mags": [m.name for m in mags]}}
-        if _finished(path, None, config):  # complete with these settings: skip; with others: refused
+        if is_complete_with(path, None, config):  # complete with these settings: skip; with others: refused
             return "skipped"
         out_grid = restrict_grid(grid, mags, info.slide_id)
         with TileStoreWriter(path, replace(info, slide_id=syn_id), out_grid, extractor=self.extractor,
@@ -231,9 +230,9 @@ class Synthesizer:
 
 def _write_rows(writer, mag: Magnification, rows: np.ndarray, feats: np.ndarray) -> None:
     """Feature rows at (sorted) row indices ``rows``, written as contiguous runs."""
-    from zoomfeat.extract.runner import _contiguous_runs
+    from zoomfeat.extract.runner import contiguous_runs
 
-    for start, stop in _contiguous_runs(rows):
+    for start, stop in contiguous_runs(rows):
         writer.write_features(mag, int(rows[start]), feats[start:stop])
 
 
@@ -288,7 +287,7 @@ def _extractor_of(files: list[Path]) -> tuple[str, dict]:
 def synthesize(cfg: SynthesizeConfig) -> int:
     """Write the synthetic copies of every slide's feature file; returns the exit code (1 if a slide failed)."""
     from zoomfeat.batch import run_batch, shard_slides
-    from zoomfeat.extract.runtime import resolve_runtime
+    from zoomfeat.runtime import resolve_runtime
     from zoomfeat.store import check_output_folder
 
     files = _real_files(cfg)

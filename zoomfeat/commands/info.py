@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from zoomfeat.config import to_jsonable
+    from zoomfeat.serial import to_jsonable
     from zoomfeat.slides import Slide
 
     with Slide(args.slide, base_mag=args.base_mag, mpp=args.mpp) as slide:

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     from zoomfeat.encoders.specs import parse_conditioner
-    from zoomfeat.extract.runtime import check_device
+    from zoomfeat.runtime import check_device
     from zoomfeat.mags import parse_mags
     from zoomfeat.train.config import PrepareConfig
 

@@ -162,7 +162,7 @@ def _run_audit(args) -> int:
     from splits.audit import audit_splits, format_audit
     from splits.io import read_splits_dir
     from splits.labels import read_labels
-    from zoomfeat.config import write_json_atomic
+    from zoomfeat.store import write_json_atomic
     from zoomfeat.errors import ConfigError
 
     if args.features and not os.path.isdir(args.features):

@@ -70,7 +70,7 @@ def tile_slide(path: Path, config: TileConfig) -> str:
     from zoomfeat.preview import save_preview
     from zoomfeat.slides import Slide, slide_id_of
     from zoomfeat.store import TileStoreWriter, h5_path, is_complete
-    from zoomfeat.tiling import slide_tile_grid
+    from zoomfeat.store import slide_tile_grid
     from zoomfeat.tissue import tissue_mask
 
     target = h5_path(config.out, slide_id_of(path))
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     slides = shard_slides(find_slides(config.slides), config.shard)
-    from zoomfeat.config import to_jsonable
+    from zoomfeat.serial import to_jsonable
 
     check_output_folder(config.out, "--out", config.record(), RECORD_NAME, section="grid", extra=to_jsonable(config))
     report = run_batch(slides, config.out, lambda p: tile_slide(p, config), desc="tile",

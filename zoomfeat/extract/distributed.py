@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zoomfeat.extract.runtime import Runtime
+from zoomfeat.runtime import Runtime
 
 COUNTS = ("done", "skipped", "failed", "patches", "seconds")
 

@@ -20,8 +20,9 @@ import numpy as np
 from zoomfeat.errors import SlideError
 from zoomfeat.extract.config import CONFIG_NAME, ExtractConfig
 from zoomfeat.extract.loading import Networks, load_networks
-from zoomfeat.extract.runtime import Runtime, check_devices, on_device, resolve_runtime
 from zoomfeat.mags import CONDITIONING_MAG, PATCH_SIZE, MagDict, Magnification
+from zoomfeat.runtime import Runtime, check_devices, on_device, resolve_runtime
+from zoomfeat.store import TileStoreWriter, check_output_folder, h5_path, is_complete_with, slide_tile_grid
 
 
 @dataclass
@@ -35,8 +36,6 @@ class ExtractStats:
 
 def slide_grid(slide, cfg: ExtractConfig):
     """TileGrid of one slide at ``cfg.mags``: read from ``cfg.tiles_dir`` or made with the same rules as ``tile``."""
-    from zoomfeat.tiling import slide_tile_grid
-
     return slide_tile_grid(slide, cfg.mags, cfg.tissue, cfg.tiles_dir)
 
 
@@ -47,13 +46,9 @@ class SlideExtractor:
         self.cfg, self.net, self.runtime, self.stats = cfg, networks, runtime, stats
 
     def out_path(self, slide_id: str) -> Path:
-        from zoomfeat.store import h5_path
-
         return h5_path(self.cfg.out_dir, slide_id)
 
     def cond_path(self, slide_id: str) -> Path | None:
-        from zoomfeat.store import h5_path
-
         return h5_path(self.cfg.conditioning_out_dir(), slide_id) if self.cfg.writes_conditioning() else None
 
     def is_done(self, slide_path: Path, slide_id: str) -> bool:
@@ -62,13 +57,12 @@ class SlideExtractor:
         A complete file made with other settings (another encoder, dimension, checkpoint ...) is never
         overwritten nor taken as done: the slide fails with a message naming the file and what differs."""
         cond = self.cond_path(slide_id)
-        return _finished(self.out_path(slide_id), slide_path, self.net.extractor_config) and (
-            cond is None or _finished(cond, slide_path, self.net.conditioning_config))
+        return is_complete_with(self.out_path(slide_id), slide_path, self.net.extractor_config) and (
+            cond is None or is_complete_with(cond, slide_path, self.net.conditioning_config))
 
     def __call__(self, slide_path: Path) -> str:
         """Process one slide; "skipped" when its complete files exist (fingerprint checked), else "done"."""
         from zoomfeat.slides import Slide, slide_id_of
-        from zoomfeat.store import TileStoreWriter
 
         slide_id = slide_id_of(slide_path)
         if self.is_done(Path(slide_path), slide_id):
@@ -132,7 +126,7 @@ class SlideExtractor:
 
         coords = writer.grid.coords[mag]
         feats = self.net.featurizer(PatchBatch(images, mag, coords[rows], slide_id, grids))
-        for start, stop in _contiguous_runs(rows):
+        for start, stop in contiguous_runs(rows):
             writer.write_features(mag, int(rows[start]), feats[start:stop])
         bar.update(len(rows))
         self.stats.patches += len(rows)
@@ -153,21 +147,7 @@ class SlideExtractor:
             dataset.close()
 
 
-def _finished(path: Path, slide_path: Path, extractor_config: dict | None) -> bool:
-    """``path`` is complete for ``slide_path``; SlideError when it was made with another extractor config."""
-    from zoomfeat.store import FeatureFile, describe_diff, is_complete, settings_diff
-
-    if not is_complete(path, slide_path):
-        return False
-    with FeatureFile(path) as f:
-        diff = settings_diff(f.extractor_config or {}, extractor_config or {})
-    if diff:
-        raise SlideError(f"{path} holds features made with other settings ({describe_diff(diff)}): "
-                         "use another --out (or --conditioning-out), or delete the file")
-    return True
-
-
-def _contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+def contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     """[start, stop) positions of runs of consecutive row indices (a DataLoader yields one run per batch)."""
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     edges = [0, *breaks.tolist(), len(rows)]
@@ -197,7 +177,6 @@ def conditioning_record(cfg: ExtractConfig, networks: Networks) -> dict:
 def check_out_dir(cfg: ExtractConfig, networks: Networks, write: bool = True) -> None:
     """Refuse an output folder (``--out``, and the conditioning folder a ZoomLDM run writes) that holds
     features made with other settings, naming the folder and the option; save the records when ``write``."""
-    from zoomfeat.store import check_output_folder
 
     check_output_folder(cfg.out_dir, "--out", out_record(cfg, networks), CONFIG_NAME, write=write,
                         extra={"config": cfg})

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from zoomfeat.config import to_jsonable as jsonable
+from zoomfeat.serial import to_jsonable as jsonable
 from zoomfeat.errors import ConfigError, DataError
 
 
@@ -301,3 +301,12 @@ def check_record(path: Path, option: str, record: Mapping, section: str = "featu
     if diff:
         raise ConfigError(f"{path.parent} holds outputs made with other settings ({describe_diff(diff)}): "
                           f"pass another {option} or the same settings")
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    with atomic_write(path) as tmp, open(tmp, "w") as fh:
+        json.dump(jsonable(data), fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    return path

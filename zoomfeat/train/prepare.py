@@ -4,7 +4,7 @@ The on-disk format (``shards/<slide_id>.h5``, ``index.h5``) is a store module:
 :mod:`zoomfeat.store.trainset` documents and writes it. Beside them: ``prepare_config.json`` (the settings of
 the last run) and ``first_stage.pt`` (the first-stage weights, ``first_stage_model.*`` without the prefix, that
 encoded the latents, so training decodes with the same ones; its digest is the index attr
-``first_stage_digest``). Patches come from the one tile-grid function (:func:`zoomfeat.tiling.slide_tile_grid`)
+``first_stage_digest``). Patches come from the one tile-grid function (:func:`zoomfeat.store.slide_tile_grid`)
 with the same tissue flags as ``tile`` and ``extract``.
 
 A slide whose complete shard exists with the same fingerprint and settings is skipped (resumable).
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from zoomfeat.config import save_config, to_jsonable
+from zoomfeat.config import save_config
 from zoomfeat.mags import PATCH_SIZE, MagDict, Magnification, mag_name
+from zoomfeat.serial import to_jsonable
 from zoomfeat.store.trainset import (FORMAT_VERSION, INDEX_FORMAT, INDEX_NAME, SHARD_FORMAT,  # noqa: F401
                                      ShardWriter, shard_is_current, shard_path, write_index)
 from zoomfeat.train.config import PrepareConfig, resolve_zoomldm_config
@@ -98,7 +99,7 @@ def _latent_shape(first_stage: FirstStageEncoder) -> tuple[int, ...]:
 
 def _coords_by_mag(slide, mags: tuple[Magnification, ...], cfg: PrepareConfig) -> MagDict:
     """Tissue-grid patch corners per magnification; mags whose tile is larger than the slide give none."""
-    from zoomfeat.tiling import slide_tile_grid
+    from zoomfeat.store import slide_tile_grid
 
     grid = slide_tile_grid(slide, mags, cfg.tissue, drop_larger_than_slide=True)
     return MagDict({mag: np.asarray(c, np.int64).reshape(-1, 2)[

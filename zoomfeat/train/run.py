@@ -91,11 +91,11 @@ LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixe
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """A Lightning precision string: ``auto`` follows extract's rule (:func:`zoomfeat.extract.runtime.resolve_runtime`:
+    """A Lightning precision string: ``auto`` follows extract's rule (:func:`zoomfeat.runtime.resolve_runtime`:
     bf16, or fp16 where bf16 is unsupported, on a GPU; fp32 on the CPU); fp32/bf16/fp16 map to 32-true /
     bf16-mixed / 16-mixed; Lightning's own strings pass through (its precision plugins do the rest)."""
     if precision == "auto":
-        from zoomfeat.extract.runtime import resolve_runtime
+        from zoomfeat.runtime import resolve_runtime
 
         device = "cpu" if accelerator == "cpu" else "auto"
         precision = resolve_runtime(device, "auto").precision
@@ -153,7 +153,8 @@ def check_data(data: TrainingSet, model) -> None:
                         f"{model.conditioning_dim}: rerun prepare-train with the matching conditioner")
 
 
-def _loggers(out: Path) -> list:
+def run_loggers(out: Path) -> list:
+    """The loggers of a training run in ``out``: CSV always, TensorBoard when it is installed."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     loggers: list = [CSVLogger(out, name="logs")]
@@ -182,7 +183,7 @@ def build_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
         precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps, max_epochs=-1,
         val_check_interval=t.every_n_steps, check_val_every_n_epoch=None, limit_val_batches=limit_val,
         num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, default_root_dir=out,
-        use_distributed_sampler=False, gradient_clip_val=cfg.optim.grad_clip, logger=_loggers(out),
+        use_distributed_sampler=False, gradient_clip_val=cfg.optim.grad_clip, logger=run_loggers(out),
         callbacks=[ckpt, OfficialExport(out / "official", t.every_n_steps)], plugins=[atomic_checkpoint_io()],
         enable_model_summary=False)
 
@@ -213,7 +214,7 @@ def run_inputs(data: TrainingSet) -> dict:
 
 def _fixed(settings: dict) -> dict:
     """The settings of a run that a resume must keep (RESUME_FREE dropped), in dotted form."""
-    from zoomfeat.config import to_jsonable
+    from zoomfeat.serial import to_jsonable
 
     flat = {f"{section}.{key}": value for section, values in to_jsonable(settings).items()
             if isinstance(values, dict) for key, value in values.items()}
@@ -253,7 +254,7 @@ def check_resume(cfg: TrainConfig, out: Path, resume: str | None, inputs: dict) 
 
 
 def to_settings(cfg: TrainConfig) -> dict:
-    from zoomfeat.config import to_jsonable
+    from zoomfeat.serial import to_jsonable
 
     return to_jsonable(cfg)
 
@@ -283,7 +284,7 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the output folder. Every check (Lightning settings, training set,
     model, resume settings and checkpoint) runs before anything is written."""
-    from zoomfeat.config import write_json_atomic
+    from zoomfeat.store import write_json_atomic
     from zoomfeat.fitting import fit
 
     out = Path(cfg.trainer.out)
