@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = ("compare train-mil runs: mean +- std AUC per feature set and task (over folds and seeds), paired by (seed, "
-        "fold): Wilcoxon and bootstrap vs a reference")
+HELP = "compare train-mil runs: mean +- std AUC per feature set and task, paired Wilcoxon and bootstrap vs a reference"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
