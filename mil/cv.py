@@ -421,14 +421,13 @@ def _load_checkpoint(path: Path) -> dict:
 
 def load_fold_model(run_dir: str | Path, fold: int, seed: int | None = None) -> tuple[nn.Module, RunRecord]:
     """The trained head of (``seed``, ``fold``) in eval mode and the run's record; ``seed`` None is the run's
-    one seed (a ConfigError for a run of several). CheckpointError for a missing, unreadable or foreign
-    checkpoint, or one whose weights do not fit its own architecture."""
+    first recorded seed (its only one in a one-seed run; callers of a several-seed run say which they drew).
+    CheckpointError for a missing, unreadable or foreign checkpoint, or one whose weights do not fit its own
+    architecture."""
     from mil.record import read_record
 
     run = Path(run_dir)
     record = read_record(run)
-    if seed is None and len(record.seeds) > 1:
-        raise ConfigError(f"{run} was trained with seeds {','.join(map(str, record.seeds))}: pass --seed S")
     if seed is not None and seed not in record.seeds:
         raise ConfigError(f"--seed {seed}: {run} was trained with seeds {','.join(map(str, record.seeds))}")
     seed = record.seeds[0] if seed is None else seed

@@ -234,7 +234,7 @@ def resume_differences(old: RunRecord, new: RunRecord) -> list[str]:
     from zoomfeat.store import describe_diff, settings_diff
 
     strip = lambda r: {**{k: v for k, v in r.config.items() if k not in RESUME_IGNORED},  # noqa: E731
-                       "seeds": list(r.seeds)}
+                       "seeds": ",".join(map(str, r.seeds))}
     out = []
     diff = settings_diff(strip(old), strip(new))
     if diff:

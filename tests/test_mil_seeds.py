@@ -165,3 +165,21 @@ def test_seed_options_of_the_cli(cohort, tmp_path, capsys):
     assert cli.main([*base, "--seeds", str(2**63)]) == 2
     assert "--seeds must be in [0, 2^63)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_model_of_each_seed_loads_and_reproduces_its_predictions(three_seeds):
+    import torch
+
+    from mil.bags import load_bag
+    from mil.cv import load_fold_model
+
+    cfg, _ = three_seeds
+    for s in (0, 2):
+        model, record = load_fold_model(cfg.out, 1, seed=s)
+        preds = pd.read_csv(Path(cfg.out) / f"seed_{s}" / "fold_1" / "predictions.csv")
+        with torch.no_grad():
+            probs = [float(torch.softmax(model(load_bag(record.feature_spec, x).features).logits, 1)[0, 1])
+                     for x in preds.slide_id]
+        assert np.allclose(probs, preds.prob_ILC, atol=1e-5)
+    with pytest.raises(ConfigError, match="--seed 5: .* was trained with seeds 0,1,2"):
+        load_fold_model(cfg.out, 1, seed=5)

@@ -294,3 +294,24 @@ def test_metric_functions_take_tensors_or_arrays_and_refuse_non_finite_scores():
     for metric in (auroc, balanced_accuracy, accuracy, macro_f1):
         with pytest.raises(DataError, match="non-finite"):
             metric(bad, y)
+
+
+def test_small_test_folds_are_flagged_and_per_fold_and_pooled_auc_reconciled(tmp_path):
+    run = fabricate_run(tmp_path / "run", n_folds=3, n_per_fold=8, seed=4)  # 4 IDC + 4 ILC per test fold
+    result = build_report(run, n_bootstrap=0)
+    assert result["small_folds"] == [{"fold": k, "class": c, "n": 4} for k in range(3) for c in ("IDC", "ILC")]
+    aucs, frames = [], []
+    for k in range(3):
+        df = pd.read_csv(run / f"fold_{k}" / "predictions.csv")
+        df = df[df.split == "test"]
+        aucs.append(roc_auc_score(df.label, df.prob))
+        frames.append(df)
+    pooled = pd.concat(frames)
+    pooled_auc = roc_auc_score(pooled.label, pooled.prob)
+    text = (run / "report" / "report.md").read_text()
+    assert "Small test folds (fold 0: 4 IDC; fold 0: 4 ILC; fold 1: 4 IDC" in text
+    assert "lands near 0 or 1 by chance" in text
+    assert (f"The mean per-fold AUC ({np.mean(aucs):.3f}) and the pooled AUC ({pooled_auc:.3f}) differ by "
+            f"{abs(np.mean(aucs) - pooled_auc):.3f} because") in text
+    assert fabricate_run(tmp_path / "big", n_folds=2, n_per_fold=10) and not build_report(
+        tmp_path / "big", n_bootstrap=0)["small_folds"]  # 5 slides of each class: not small

@@ -46,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     completeness = check_complete(run_dir, allow_partial=args.allow_partial)  # a partial run: one line, exit 2
     if completeness.note():
         print(f"{run_dir}: {completeness.note()}")
+    seeds = completeness.record.seeds
+    if len(seeds) > 1:
+        print(f"{run_dir} was trained with seeds {', '.join(map(str, seeds))}: drawing fold {args.fold} of seed "
+              f"{seeds[0]}")
     result = build_heatmap(run_dir, args.fold, slide, features, args.out, top=args.top,
                            max_size=args.max_size, alpha=args.alpha)
     print(f"{result.n_tiles} tiles: wrote {result.heatmap_png} and {result.top_png}")
