@@ -99,7 +99,8 @@ def test_cli_records_instance_sample_and_refuses_bad_values(tiny, tmp_path, caps
     args = ["train-mil", "--features", f"{tiny['features']}@20x", "--labels", str(tiny["labels"]),
             "--splits", str(tiny["splits"]), "--epochs", "1", "--model-kwargs", json.dumps(SMALL)]
     assert cli.main([*args, "--out", str(tmp_path / "a"), "--instance-sample", "0.5", "--folds", "0"]) == 0
-    assert "random 50% of the bag's instances" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the plan names the departure as an option
+    assert "a random 50%  [--instance-sample (departs from every reference: all instances)]" in err
     assert json.loads((tmp_path / "a" / "config.json").read_text())["config"]["instance_sample"] == 0.5
     for bad in ("0", "1.5", "-0.1"):
         assert cli.main([*args, "--out", str(tmp_path / f"b{bad}"), "--instance-sample", bad]) == 2
