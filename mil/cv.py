@@ -28,7 +28,7 @@ from torch import nn
 from mil.bags import BagStore, FeatureSpec, MILDataWarning, read_extractor, scan_bags
 from mil.config import MILConfig, effective_model_kwargs
 from mil.metrics import check_finite
-from mil.models import build_model
+from mil.registry import build_model
 from mil.record import RECORD_NAME, RunRecord, check_resume, input_fingerprints, split_fingerprint, write_record
 from mil.tasks import LabelledCohort, apply_task
 from mil.train import FoldData, epoch_order, run_folds
@@ -88,7 +88,7 @@ def check_model_kwargs(cfg: MILConfig, in_dim: int, n_classes: int) -> None:
     except (TypeError, ValueError, RuntimeError) as exc:
         reason = " ".join(str(exc).split())
         raise ConfigError(f"--model-kwargs {json.dumps(cfg.model_kwargs)} does not make a {cfg.model} head "
-                          f"({reason}); see the head's arguments in mil/models.py") from exc
+                          f"({reason}); see the head's arguments in mil/heads/") from exc
 
 
 def _augmentation(cfg: MILConfig, spec: FeatureSpec, all_folds: list[SplitFold], usable: set[str],
@@ -289,7 +289,7 @@ def fold_claims(run: Path, pending: dict[int, FoldData]):
 def _train_pending(cfg: MILConfig, run: Path, all_folds: list[SplitFold], data: dict[int, FoldData],
                    cohort: LabelledCohort, spec: FeatureSpec, usable: set[str], named: set[str], dim: int,
                    store, progress: bool, augmentation=None) -> None:
-    """Train the folds not done yet (mil.train.run_folds: one by one, or all at once with --all-folds); the
+    """Train the folds not done yet (mil.train.run_folds); the
     epoch order runs over the training slides of every fold of the split folder (``usable``: the checked
     slides of the selected folds, ``named``: every slide those folds name)."""
     pending = {k: d for k, d in data.items() if not (run / f"fold_{k}" / "metrics.json").is_file()}
