@@ -142,7 +142,7 @@ def speed(n20: int, threads: int, repeats: int = 2) -> dict:
     from zoomfeat.extract.config import ExtractConfig
     from zoomfeat.extract.loading import Networks
     from zoomfeat.extract.runner import ExtractStats, SlideExtractor
-    from zoomfeat.extract.runtime import Runtime
+    from zoomfeat.runtime import Runtime
     from zoomfeat.extract.zoomldm import ZoomLDMFeaturizer, to_model_input
     from zoomfeat.model import load_zoomldm
     from zoomfeat.synthetic import write_synthetic_slide

@@ -10,9 +10,9 @@
 
 Run by hand (CPU):
 
-    python benchmarks/bench_generate.py time --zoomldm ../shared/golden/generation/zoomldm_small --mag 10x
+    python benchmarks/bench_generate.py time --zoomldm $ZOOMFEAT_SHARED/golden/generation/zoomldm_small --mag 10x
     python benchmarks/bench_generate.py time --zoomldm tiny --mag 5x
-    python benchmarks/bench_generate.py memory --zoomldm ../shared/golden/generation/zoomldm_small
+    python benchmarks/bench_generate.py memory --zoomldm $ZOOMFEAT_SHARED/golden/generation/zoomldm_small
 """
 
 from __future__ import annotations

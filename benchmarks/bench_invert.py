@@ -10,8 +10,8 @@ so the time is the joint sampler + decode + projection; add the inversion time f
 ``--steps`` joint steps and ``--inner`` GMRES iterations, vs the bare network calls it makes (U-Net, first-stage
 encoder and decoder, recorded by wrapping them) replayed alone on random inputs of the same shapes.
 
-    python benchmarks/bench_invert.py --zoomldm ../shared/golden/zoomldm_tiny --threads 2
-    python benchmarks/bench_invert.py --zoomldm ../shared/golden/generation/zoomldm_small --iterations 20 --skip-sr
+    python benchmarks/bench_invert.py --zoomldm $ZOOMFEAT_SHARED/golden/zoomldm_tiny --threads 2
+    python benchmarks/bench_invert.py --zoomldm $ZOOMFEAT_SHARED/golden/generation/zoomldm_small --iterations 20 --skip-sr
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ ZoomLDM features of a synthetic tile are taken from the generated latent directl
 (``ZoomLDMFeaturizer.latent_features``). The reference it replaces is the round trip a pipeline without that
 shortcut would make: decode the latent to pixels (first stage), re-encode them, then the same q_sample + U-Net to
 block 3. Sampling (the DDIM steps) is common to both and timed on its own. The pixel-encoder path (decode, then
-the toy encoder) is timed too. Model: the tiny golden ZoomLDM (``../shared/golden/zoomldm_tiny``) or any
+the toy encoder) is timed too. Model: the tiny golden ZoomLDM (``$ZOOMFEAT_SHARED/golden/zoomldm_tiny``) or any
 official-format config + weights. Run by hand:
 
     python benchmarks/bench_synthesize.py --tiles 32 --steps 10 --threads 2

@@ -1,6 +1,6 @@
 """ZoomLDM training step time and memory (run by hand; results go to benchmarks/RESULTS.md).
 
-    python benchmarks/bench_train.py [--config ../shared/golden/zoomldm_brca_config.yaml] [--batch-size 2]
+    python benchmarks/bench_train.py [--config $ZOOMFEAT_SHARED/golden/zoomldm_brca_config.yaml] [--batch-size 2]
                                      [--steps 3] [--threads 2]
 
 Builds the architecture with random weights (``load_zoomldm(config, None)``), then runs the training step of
@@ -12,9 +12,11 @@ parameters, seconds per step (first step separately: it allocates the optimiser 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import time
+from pathlib import Path
 
 
 def peak_rss_gib() -> float:
@@ -63,7 +65,9 @@ def run(config: str, batch_size: int, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="../shared/golden/zoomldm_brca_config.yaml")
+    shared = Path(os.environ.get("ZOOMFEAT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    parser.add_argument("--config", default=str(shared / "golden" / "zoomldm_brca_config.yaml"),
+                        help="official config.yaml (default: the golden one under $ZOOMFEAT_SHARED)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)

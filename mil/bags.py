@@ -1,4 +1,4 @@
-"""Bags of instance features read lazily from the per-slide feature files (DESIGN.md, binding format).
+"""Bags of instance features read lazily from the per-slide feature files (format: docs/formats.md).
 
 A feature-set spec names a folder and one or more magnifications: ``DIR@20x`` is a bag of 20x features,
 ``DIR@20x+5x`` a bag of 20x instances, each concatenated with the feature of its parent 5x tile (found

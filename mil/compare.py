@@ -21,10 +21,9 @@ from mil import html, plots
 from mil.metrics import auroc
 from mil.record import RunRecord
 from mil.report import RunResult, fmt, fmt_mean_std, load_run, mean_std, resampled_aucs
-from zoomfeat.config import write_json_atomic
 from zoomfeat.errors import DataError
 from zoomfeat.features import FeatureSpec
-from zoomfeat.store import write_text
+from zoomfeat.store import write_json_atomic, write_text
 
 
 def base_feature_set(record: RunRecord) -> str:

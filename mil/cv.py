@@ -35,8 +35,9 @@ from mil.train import FoldData, epoch_order, run_folds
 from splits.audit import trainability_problems
 from splits.io import PARTS, SplitFold, read_splits_dir
 from splits.labels import read_labels
-from zoomfeat.config import to_jsonable, write_json_atomic
-from zoomfeat.errors import CheckpointError, ConfigError, DataError
+from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
+from zoomfeat.serial import to_jsonable
+from zoomfeat.store import write_json_atomic
 
 CHECKPOINT_FORMAT = "zoomfeat-mil"
 CHECKPOINT_VERSION = 1
@@ -86,7 +87,7 @@ def check_model_kwargs(cfg: MILConfig, in_dim: int, n_classes: int) -> None:
     try:
         build_model(cfg.model, in_dim, n_classes, **effective_model_kwargs(cfg))
     except (TypeError, ValueError, RuntimeError) as exc:
-        reason = " ".join(str(exc).split())
+        reason = one_line(exc)
         raise ConfigError(f"--model-kwargs {json.dumps(cfg.model_kwargs)} does not make a {cfg.model} head "
                           f"({reason}); see the head's arguments in mil/heads/") from exc
 
@@ -227,7 +228,7 @@ def run_cv(cfg: MILConfig, progress: bool = False) -> pd.DataFrame:
     Everything that can be checked is checked before the first fold trains: labels, splits, feature files,
     trainable folds, model arguments, device settings, and that a resumed run has the same inputs.
     """
-    from zoomfeat.extract.runtime import check_devices
+    from zoomfeat.runtime import check_devices
 
     spec = FeatureSpec.parse(cfg.features)
     cohort = apply_task(read_labels(cfg.labels, label_col=cfg.label_col), cfg.task, cfg.label_col,
@@ -341,7 +342,7 @@ def load_fold_model(run_dir: str | Path, fold: int) -> tuple[nn.Module, RunRecor
         model = build_model(ckpt["model"], kwargs.pop("in_dim"), kwargs.pop("n_classes"), **kwargs)
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        reason = " ".join(str(exc).split())[:160]
+        reason = one_line(exc, 160)
         raise CheckpointError(f"{path}: checkpoint does not rebuild its head ({reason}); retrain this fold") \
             from exc
     model.eval()

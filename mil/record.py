@@ -119,7 +119,7 @@ def input_fingerprints(labels_path: str | Path, feature_paths: dict[str, Path]) 
 
 # ---------------------------------------------------------------------------------------------- write / read
 def write_record(run_dir: str | Path, record: RunRecord) -> Path:
-    from zoomfeat.config import write_json_atomic
+    from zoomfeat.store import write_json_atomic
 
     return write_json_atomic(Path(run_dir) / RECORD_NAME, record.to_json())
 

@@ -23,8 +23,8 @@ import pandas as pd
 from mil import html, plots
 from mil.metrics import THRESHOLD, auc_rows, auroc, balanced_accuracy, check_finite, confusion, f1
 from mil.record import RunRecord, read_record
-from zoomfeat.config import write_json_atomic
-from zoomfeat.errors import DataError
+from zoomfeat.errors import DataError, one_line
+from zoomfeat.store import write_json_atomic
 
 BOOTSTRAP_CELLS = 2_000_000  # resampled predictions held in memory at once by the bootstrap
 PREDICTION_COLUMNS = ("slide_id", "case_id", "label", "split")
@@ -98,7 +98,7 @@ def _read_predictions(path: Path, record: RunRecord) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype={"slide_id": str, "case_id": str})
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"cannot read {path}: {' '.join(str(exc).split())}") from exc
+        raise DataError(f"cannot read {path}: {one_line(exc)}") from exc
     missing = [c for c in PREDICTION_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{path} lacks columns {missing}: expected {', '.join(PREDICTION_COLUMNS)} and "

@@ -18,8 +18,8 @@ from typing import Any, Iterable, Sequence
 import pandas as pd
 
 from splits.labels import normalize_slide_id
-from zoomfeat.config import write_json_atomic
 from zoomfeat.errors import DataError
+from zoomfeat.store import write_json_atomic
 
 PARTS: tuple[str, str, str] = ("train", "val", "test")
 SPLITS_FORMAT = "zoomfeat-splits"

@@ -8,7 +8,7 @@ import pytest
 import torch  # noqa: E402  (a required dependency: imported, never skipped)
 
 from zoomfeat.extract.noise import patch_seed, seeded_noise  # noqa: E402
-from zoomfeat.extract.runner import _contiguous_runs  # noqa: E402
+from zoomfeat.extract.runner import contiguous_runs  # noqa: E402
 from zoomfeat.extract.zoomldm import pool_features, to_model_input  # noqa: E402
 
 
@@ -43,5 +43,5 @@ def test_model_input_is_resized_and_in_minus_one_one():
 
 
 def test_contiguous_runs():
-    assert _contiguous_runs(np.array([4, 5, 6])) == [(0, 3)]
-    assert _contiguous_runs(np.array([1, 2, 7, 8, 10])) == [(0, 2), (2, 4), (4, 5)]
+    assert contiguous_runs(np.array([4, 5, 6])) == [(0, 3)]
+    assert contiguous_runs(np.array([1, 2, 7, 8, 10])) == [(0, 2), (2, 4), (4, 5)]

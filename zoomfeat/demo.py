@@ -205,7 +205,7 @@ def fit_first_stage(config: Path, slides: list[Path], tiles_dir: Path, out_ckpt:
     from zoomfeat.model import build_zoomldm
     from zoomfeat.patches import TilePatchDataset
     from zoomfeat.slides import Slide
-    from zoomfeat.tiling import slide_tile_grid
+    from zoomfeat.store import slide_tile_grid
     from zoomfeat.train.prepare import subsample_rows
 
     torch.manual_seed(seed)
@@ -245,7 +245,7 @@ def fit_first_stage(config: Path, slides: list[Path], tiles_dir: Path, out_ckpt:
     fs.eval()
     if not np.isfinite(losses).all():
         raise ConfigError("the first-stage fit diverged (non-finite loss): rerun with fewer --first-stage-steps")
-    from zoomfeat.config import write_json_atomic
+    from zoomfeat.store import write_json_atomic
 
     model.save_official(out_ckpt)
     record = {"patches": len(images), "steps": steps, "first_loss": losses[0], "last_loss": losses[-1],
@@ -267,7 +267,7 @@ def context_response(config: Path, weights: Path, trainset: Path, timesteps: tup
     import numpy as np
     import torch
 
-    from zoomfeat.config import write_json_atomic
+    from zoomfeat.store import write_json_atomic
     from zoomfeat.mags import MAGNIFICATIONS, mag_name
     from zoomfeat.model import load_zoomldm
     from zoomfeat.train.dataset import TrainingSet
@@ -509,7 +509,7 @@ def run_demo(cfg: DemoConfig) -> int:
 
 def _write_stage_times(path: Path, record: list[dict], total: float) -> None:
     """stages.json: every stage's title, command, wall and CPU seconds (None: already done) of this run."""
-    from zoomfeat.config import write_json_atomic
+    from zoomfeat.store import write_json_atomic
 
     write_json_atomic(path, {"total_seconds": round(total, 1), "stages": record})
 

@@ -48,7 +48,7 @@ class CDMDataModule(L.LightningDataModule):
             self.store = ContextSet(self.cfg.path)
 
     def train_dataloader(self):
-        from zoomfeat.train.dataset import StepBatchSampler, _worker_seeder
+        from zoomfeat.train.dataset import StepBatchSampler, worker_seeder
 
         trainer = self.trainer
         rank = trainer.global_rank if trainer is not None else 0
@@ -58,5 +58,5 @@ class CDMDataModule(L.LightningDataModule):
             start_step=(lambda: trainer.global_step) if trainer is not None else (lambda: 0))
         return torch.utils.data.DataLoader(
             ContextDataset(self.store), batch_sampler=sampler, num_workers=self.cfg.workers, collate_fn=collate,
-            worker_init_fn=_worker_seeder(self.cfg.seed + rank), persistent_workers=self.cfg.workers > 0,
+            worker_init_fn=worker_seeder(self.cfg.seed + rank), persistent_workers=self.cfg.workers > 0,
             pin_memory=torch.cuda.is_available())

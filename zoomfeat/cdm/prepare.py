@@ -86,7 +86,7 @@ def prepare_contexts(cfg: PrepareCDMConfig) -> Path:
     from tqdm import tqdm
 
     from zoomfeat.store.contexts import ContextWriter, complete_settings, store_path
-    from zoomfeat.extract.runtime import resolve_runtime
+    from zoomfeat.runtime import resolve_runtime
     from zoomfeat.log import note
     from zoomfeat.train.dataset import TrainingSet
 

@@ -24,7 +24,7 @@ import torch
 from zoomfeat.cdm.config import TrainCDMConfig
 from zoomfeat.store.contexts import ContextSet
 from zoomfeat.cdm.dit import DiTConfig
-from zoomfeat.config import to_jsonable
+from zoomfeat.serial import to_jsonable
 from zoomfeat.errors import ConfigError
 
 CONFIG_NAME = "train_cdm_config.json"
@@ -60,7 +60,7 @@ def build_trainer(cfg: TrainCDMConfig, out: Path):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from zoomfeat.train.run import OfficialExport, _loggers, parse_devices, resolve_precision, resolve_strategy
+    from zoomfeat.train.run import OfficialExport, parse_devices, run_loggers, resolve_precision, resolve_strategy
 
     t = cfg.trainer
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step_{step:07d}", auto_insert_metric_name=False,
@@ -71,7 +71,7 @@ def build_trainer(cfg: TrainCDMConfig, out: Path):
         strategy=resolve_strategy(t.strategy, devices, t.num_nodes),
         precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps, max_epochs=-1,
         limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, default_root_dir=out,
-        use_distributed_sampler=False, gradient_clip_val=cfg.optim.grad_clip, logger=_loggers(out),
+        use_distributed_sampler=False, gradient_clip_val=cfg.optim.grad_clip, logger=run_loggers(out),
         callbacks=[ckpt, OfficialExport(out / "official", t.every_n_steps)], enable_model_summary=False)
 
 

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace):
     from pathlib import Path
 
-    from zoomfeat.extract.runtime import resolve_runtime
+    from zoomfeat.runtime import resolve_runtime
     from zoomfeat.generate.metrics import GenMetricsConfig
 
     names = tuple(n.strip().lower() for value in args.metric for n in value.split(",") if n.strip())

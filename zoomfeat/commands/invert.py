@@ -76,7 +76,7 @@ def check_out(path, overwrite: bool, suffixes: tuple[str, ...]):
 
 def load_model(args: argparse.Namespace):
     """(model, ZoomLDMSource, Runtime) from the model/runtime options."""
-    from zoomfeat.extract.runtime import resolve_runtime
+    from zoomfeat.runtime import resolve_runtime
     from zoomfeat.model import load_zoomldm
     from zoomfeat.resolve import resolve_zoomldm
 

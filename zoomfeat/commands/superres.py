@@ -130,7 +130,7 @@ def _gt_grids(args, rows, model, images, mag):
 
 def run(args: argparse.Namespace) -> int:
     from zoomfeat.commands.invert import load_model
-    from zoomfeat.config import write_json_atomic
+    from zoomfeat.store import write_json_atomic
     from zoomfeat.generate.metrics.images import read_image
     from zoomfeat.generate.images import save_large
     from zoomfeat.generate.superres import check_input, manifest, superres

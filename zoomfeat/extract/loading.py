@@ -8,7 +8,7 @@ from pathlib import Path
 from zoomfeat import __version__
 from zoomfeat.errors import ConfigError
 from zoomfeat.extract.config import ExtractConfig
-from zoomfeat.extract.runtime import Runtime
+from zoomfeat.runtime import Runtime
 from zoomfeat.resolve import WEIGHT_NAMES, file_sha256, resolve_zoomldm  # noqa: F401 (re-exported)
 
 
@@ -80,7 +80,7 @@ def _load_zoomldm(cfg: ExtractConfig, runtime: Runtime) -> Networks:
                                    runtime.autocast(), channels_last=runtime.is_cuda)
     conditioner, cond_config = None, None
     if cfg.conditioning_dir is None:
-        conditioner = _load_conditioner(cfg, model.conditioning_dim).to(runtime.device)
+        conditioner = load_conditioner(cfg, model.conditioning_dim).to(runtime.device)
         cond_config = _conditioner_config(cfg, model.conditioning_dim)
     config = {
         "checkpoint_sha256": file_sha256(cfg.weights),
@@ -97,7 +97,9 @@ def _load_zoomldm(cfg: ExtractConfig, runtime: Runtime) -> Networks:
     return Networks(featurizer, conditioner, "zoomldm", config, cond_config)
 
 
-def _load_conditioner(cfg: ExtractConfig, dim: int):
+def load_conditioner(cfg: ExtractConfig, dim: int):
+    """The conditioner encoder of ``cfg`` (``toy`` or a registered one); ConfigError unless it gives ``dim``-d
+    embeddings. Also used by the generation wing to encode reference patches."""
     from zoomfeat.encoders import load_encoder
 
     if cfg.conditioner == "toy":

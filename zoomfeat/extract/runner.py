@@ -17,11 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
+from zoomfeat.batch import run_batch
+from zoomfeat.conditioning import ConditioningStream
 from zoomfeat.errors import SlideError
+from zoomfeat.extract import conditioning_io as cio, distributed as dist
 from zoomfeat.extract.config import CONFIG_NAME, ExtractConfig
+from zoomfeat.extract.featurizer import PatchBatch
 from zoomfeat.extract.loading import Networks, load_networks
-from zoomfeat.extract.runtime import Runtime, check_devices, on_device, resolve_runtime
 from zoomfeat.mags import CONDITIONING_MAG, PATCH_SIZE, MagDict, Magnification
+from zoomfeat.runtime import Runtime, check_devices, on_device, resolve_runtime
+from zoomfeat.slides import Slide, find_slides, slide_id_of
+from zoomfeat.store import TileStoreWriter, check_output_folder, h5_path, is_complete_with, slide_tile_grid
 
 
 @dataclass
@@ -35,8 +41,6 @@ class ExtractStats:
 
 def slide_grid(slide, cfg: ExtractConfig):
     """TileGrid of one slide at ``cfg.mags``: read from ``cfg.tiles_dir`` or made with the same rules as ``tile``."""
-    from zoomfeat.tiling import slide_tile_grid
-
     return slide_tile_grid(slide, cfg.mags, cfg.tissue, cfg.tiles_dir)
 
 
@@ -47,13 +51,9 @@ class SlideExtractor:
         self.cfg, self.net, self.runtime, self.stats = cfg, networks, runtime, stats
 
     def out_path(self, slide_id: str) -> Path:
-        from zoomfeat.store import h5_path
-
         return h5_path(self.cfg.out_dir, slide_id)
 
     def cond_path(self, slide_id: str) -> Path | None:
-        from zoomfeat.store import h5_path
-
         return h5_path(self.cfg.conditioning_out_dir(), slide_id) if self.cfg.writes_conditioning() else None
 
     def is_done(self, slide_path: Path, slide_id: str) -> bool:
@@ -62,14 +62,11 @@ class SlideExtractor:
         A complete file made with other settings (another encoder, dimension, checkpoint ...) is never
         overwritten nor taken as done: the slide fails with a message naming the file and what differs."""
         cond = self.cond_path(slide_id)
-        return _finished(self.out_path(slide_id), slide_path, self.net.extractor_config) and (
-            cond is None or _finished(cond, slide_path, self.net.conditioning_config))
+        return is_complete_with(self.out_path(slide_id), slide_path, self.net.extractor_config) and (
+            cond is None or is_complete_with(cond, slide_path, self.net.conditioning_config))
 
     def __call__(self, slide_path: Path) -> str:
         """Process one slide; "skipped" when its complete files exist (fingerprint checked), else "done"."""
-        from zoomfeat.slides import Slide, slide_id_of
-        from zoomfeat.store import TileStoreWriter
-
         slide_id = slide_id_of(slide_path)
         if self.is_done(Path(slide_path), slide_id):
             return "skipped"
@@ -98,8 +95,6 @@ class SlideExtractor:
 
     def _conditioning(self, slide_path: Path, info, grid, writer, bar):
         """(conditioning grids or None, the magnifications whose features are already written)."""
-        from zoomfeat.extract import conditioning_io as cio
-
         if not self.cfg.is_zoomldm:
             return None, ()
         coords = MagDict({m: grid.coords[m] for m in self.cfg.mags})
@@ -109,8 +104,6 @@ class SlideExtractor:
         path = self.cond_path(info.slide_id)
         if cio.is_reusable(path, slide_path, self.net.conditioning_config):
             return cio.read_conditioning(path.parent, info, coords, dim), ()
-        from zoomfeat.conditioning import ConditioningStream
-
         tile = CONDITIONING_MAG
         first = coords[tile] if tile in coords and len(coords[tile]) > 0 else None
         stream = ConditioningStream(slide_path, coords, self.net.conditioner, self.cfg.batch_size, self.cfg.workers,
@@ -128,11 +121,9 @@ class SlideExtractor:
     def _features_batch(self, writer, mag: Magnification, rows: np.ndarray, images, grids, slide_id: str,
                         bar) -> None:
         """Features of one batch of patches (rows of ``mag``'s coords, in order) streamed into ``writer``."""
-        from zoomfeat.extract.featurizer import PatchBatch
-
         coords = writer.grid.coords[mag]
         feats = self.net.featurizer(PatchBatch(images, mag, coords[rows], slide_id, grids))
-        for start, stop in _contiguous_runs(rows):
+        for start, stop in contiguous_runs(rows):
             writer.write_features(mag, int(rows[start]), feats[start:stop])
         bar.update(len(rows))
         self.stats.patches += len(rows)
@@ -153,21 +144,7 @@ class SlideExtractor:
             dataset.close()
 
 
-def _finished(path: Path, slide_path: Path, extractor_config: dict | None) -> bool:
-    """``path`` is complete for ``slide_path``; SlideError when it was made with another extractor config."""
-    from zoomfeat.store import FeatureFile, describe_diff, is_complete, settings_diff
-
-    if not is_complete(path, slide_path):
-        return False
-    with FeatureFile(path) as f:
-        diff = settings_diff(f.extractor_config or {}, extractor_config or {})
-    if diff:
-        raise SlideError(f"{path} holds features made with other settings ({describe_diff(diff)}): "
-                         "use another --out (or --conditioning-out), or delete the file")
-    return True
-
-
-def _contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+def contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     """[start, stop) positions of runs of consecutive row indices (a DataLoader yields one run per batch)."""
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
     edges = [0, *breaks.tolist(), len(rows)]
@@ -197,7 +174,6 @@ def conditioning_record(cfg: ExtractConfig, networks: Networks) -> dict:
 def check_out_dir(cfg: ExtractConfig, networks: Networks, write: bool = True) -> None:
     """Refuse an output folder (``--out``, and the conditioning folder a ZoomLDM run writes) that holds
     features made with other settings, naming the folder and the option; save the records when ``write``."""
-    from zoomfeat.store import check_output_folder
 
     check_output_folder(cfg.out_dir, "--out", out_record(cfg, networks), CONFIG_NAME, write=write,
                         extra={"config": cfg})
@@ -211,10 +187,6 @@ def check_out_dir(cfg: ExtractConfig, networks: Networks, write: bool = True) ->
 def extract(cfg: ExtractConfig, slides: list[str | Path]) -> int:
     """Run extraction over ``slides`` (files or folders) on ``cfg.devices`` x ``cfg.num_nodes`` processes;
     returns the exit code (1 if any slide failed on any rank)."""
-    from zoomfeat.batch import run_batch
-    from zoomfeat.extract import distributed as dist
-    from zoomfeat.slides import find_slides
-
     all_slides = find_slides(slides)
     runtime = resolve_runtime(cfg.device, cfg.precision)
     check_devices(cfg.devices, runtime.device, cfg.num_nodes)

@@ -1,4 +1,4 @@
-"""Generation wing: images from ZoomLDM (see DESIGN.md "Generation wing").
+"""Generation wing: images from ZoomLDM (see docs/ARCHITECTURE.md and docs/generation.md).
 
 One module per stage, data flowing one way:
 

@@ -151,9 +151,9 @@ def grid_source(model, request: ConditionRequest, runtime=None) -> Conditions:
         cond = read_conditioning(Path(request.conditioning_dir), info, {name: coords}, model.conditioning_dim)
         embedder = {"conditioning_dir": str(request.conditioning_dir)}
     else:
-        from zoomfeat.extract.loading import _load_conditioner  # the one conditioner loader (reads the same fields)
+        from zoomfeat.extract.loading import load_conditioner  # the one conditioner loader (reads the same fields)
 
-        encoder = _load_conditioner(request, model.conditioning_dim).to(device)
+        encoder = load_conditioner(request, model.conditioning_dim).to(device)
         autocast = runtime.autocast() if runtime is not None else None
         cond = ConditioningGrids(info.path, {name: coords}, encoder, batch_size=request.batch_size, workers=0,
                                  device=device, base_mag=info.base_magnification, slide_kwargs=overrides,

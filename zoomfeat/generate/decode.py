@@ -1,6 +1,6 @@
 """Decoding large latents by overlapping first-stage windows blended with a Gaussian window.
 
-As the official ``decode_large_image`` (``../shared/golden/generation/README.md``): latent windows of the
+As the official ``decode_large_image`` (as recorded in the golden files of ``tests/test_generate_golden.py``): latent windows of the
 first stage's own latent side ``w`` (64 for ZoomLDM, 16 for the tiny model) at row/column offsets
 ``0, s, ..., H - w`` (rows outer, columns inner; default stride ``s = w / 4``), each decoded with
 ``decode_first_stage`` to ``f w`` px (f = the first stage's downsampling factor), multiplied by

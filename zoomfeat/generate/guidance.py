@@ -1,6 +1,6 @@
 """Classifier-free guidance and timestep conventions, both forms named explicitly.
 
-Two conventions coexist in the official ZoomLDM code (see ``../shared/golden/generation/README.md``):
+Two conventions coexist in the official ZoomLDM code (as recorded in the golden files of ``tests/test_generate_golden.py``):
 
 * ``"standard"`` guidance (the CompVis DDIM/PLMS samplers): ``eps = e_u + s (e_c - e_u)``, scale ``s``
   (2.0 in the notebooks); timesteps ``"zero_based"``: the U-Net gets the integer index t and the schedule entry

@@ -7,7 +7,7 @@ the grid ``E [D, h, w]`` is replicate-padded by one row (bottom) and one column 
 ``top = slerp(tx, E[r, c], E[r, c+1])``, ``bot = slerp(tx, E[r+1, c], E[r+1, c+1])``, ``e = slerp(ty, top, bot)``
 (horizontal first: slerp is not separable), then ``e = (e - mean) / std`` over the D channels (unbiased std, no
 epsilon) and the context is the Summarizer output for the grid ``e [D, 1, 1]`` at magnification 20x.
-Behaviour as stated in ``../shared/golden/generation/README.md``; written from that description.
+Behaviour as stated in the golden files' README (``tests/test_generate_golden.py``); written from that description.
 """
 
 from __future__ import annotations

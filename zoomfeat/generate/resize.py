@@ -1,6 +1,6 @@
 """Antialiased bicubic resizing (MATLAB ``imresize`` style), as the ``Resizer`` the official code ships.
 
-Behaviour from ``../shared/golden/generation/README.md`` (resizer.npz): a scalar scale applies to the last two
+Behaviour from the golden files' README (resizer.npz, ``tests/test_generate_golden.py``): a scalar scale applies to the last two
 axes; output size ``ceil(in * scale)``; separable, ``out = M_H @ x @ M_W^T`` per channel. Row o (1-based
 u = o + 1) of the 1-D operator M samples the input at ``x = u/s + (1 - 1/s)/2 - (out - in*s)/(2s)`` with the
 Keys cubic (a = -0.5, support 2); when downscaling with antialiasing the kernel is ``s k(s d)`` (support 2/s);

@@ -202,7 +202,7 @@ def _sampler_record(settings) -> dict:
 
 def run_sample(cfg: SampleConfig) -> dict:
     """Generate, write images + contact sheet + conditions + manifest; returns the manifest."""
-    from zoomfeat.extract.runtime import resolve_runtime
+    from zoomfeat.runtime import resolve_runtime
     from zoomfeat.generate.conditions import context_source
     from zoomfeat.generate.images import contact_sheet, save_png
     from zoomfeat.generate.manifest import write_manifest
@@ -307,7 +307,7 @@ def large_images(model, cfg: LargeConfig, grid, guide_context, runtime, tick=Non
 
 def run_large(cfg: LargeConfig) -> dict:
     """Generate one large image, write it (PNG or pyramidal TIFF), the guide, conditions and manifest."""
-    from zoomfeat.extract.runtime import resolve_runtime
+    from zoomfeat.runtime import resolve_runtime
     from zoomfeat.generate.conditions import grid_source
     from zoomfeat.generate.images import save_large, save_png
     from zoomfeat.generate.manifest import write_manifest
@@ -346,7 +346,7 @@ def regenerate(manifest_path, device: str | None = None) -> list[np.ndarray]:
     """The images of a manifest (same order as ``manifest["images"]``), regenerated from its records."""
     import torch
 
-    from zoomfeat.extract.runtime import resolve_runtime
+    from zoomfeat.runtime import resolve_runtime
     from zoomfeat.generate.conditions import conditions_from_saved
     from zoomfeat.generate.manifest import load_conditions, read_manifest
     from zoomfeat.generate.samplers import SamplerSettings

@@ -240,7 +240,7 @@ def gt_grid_from_slide(slide_path, x: int, y: int, kh: int, kw: int, mag: Magnif
 
 def manifest(result: SuperResResult, settings: SuperResSettings, mag: Magnification, provenance: dict) -> dict:
     """What a result file records beside the image: settings, measurement agreement, curves, provenance."""
-    from zoomfeat.config import to_jsonable
+    from zoomfeat.serial import to_jsonable
 
     return {"row": result.row, "magnification": str(mag), "output_size": list(result.image.shape[:2]),
             "psnr_sampler_db": result.psnr_sampler, "psnr_final_db": result.psnr_final,

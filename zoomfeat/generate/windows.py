@@ -2,7 +2,7 @@
 sampler that is both the ``grid`` method (Graikos et al. 2024, §3.2) and the official refinement pass.
 
 Every step of :func:`denoise_windows` (1-based t, the official large-image update; see
-``../shared/golden/generation/README.md``, ``postprocess_image``):
+the golden files' README of ``tests/test_generate_golden.py``, ``postprocess_image``):
 ``a = abar[t-1]``, ``a_prev = abar[max(t-1-stride, 0)]``, ``beta_tilde = beta[t-1] (1-a_prev)/(1-a)``; every
 latent window gets its guided eps (large-image form, the condition interpolated at its position, see
 :mod:`zoomfeat.generate.interpolate`) and its clean estimate ``x0_w = x_w/sqrt(a) - eps_w sqrt((1-a)/a)``;

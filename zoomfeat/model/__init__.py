@@ -1,4 +1,4 @@
-"""ZoomLDM in the official state_dict layout: config reader, model, loader (see DESIGN.md "ZoomLDM model API").
+"""ZoomLDM in the official state_dict layout: config reader, model, loader (see docs/ARCHITECTURE.md, "zoomfeat.model").
 
 ``from zoomfeat.model import load_zoomldm``; importing this package imports torch.
 """

@@ -25,8 +25,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from zoomfeat.config import to_jsonable as jsonable
-from zoomfeat.errors import ConfigError, DataError
+from zoomfeat.errors import ConfigError, DataError, one_line
+from zoomfeat.serial import to_jsonable as jsonable
 
 
 class OutputError(DataError):
@@ -45,7 +45,7 @@ def temp_path(path: str | Path) -> Path:
 
 def output_error(exc: OSError, path: str | Path, what: str = "write") -> OutputError:
     """One-line :class:`OutputError` for an OSError raised while writing ``path``."""
-    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    reason = exc.strerror or one_line(exc)
     fix = {errno.ENOSPC: "free disk space or write to another folder",
            errno.EDQUOT: "free quota or write to another folder",
            errno.EROFS: "the file system is read-only: write to another folder",
@@ -301,3 +301,12 @@ def check_record(path: Path, option: str, record: Mapping, section: str = "featu
     if diff:
         raise ConfigError(f"{path.parent} holds outputs made with other settings ({describe_diff(diff)}): "
                           f"pass another {option} or the same settings")
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    with atomic_write(path) as tmp, open(tmp, "w") as fh:
+        json.dump(jsonable(data), fh, indent=2, sort_keys=False)
+        fh.write("\n")
+    return path

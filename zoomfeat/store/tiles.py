@@ -1,4 +1,4 @@
-"""HDF5 tile and feature files, one per slide (format: DESIGN.md "Tile store and feature files").
+"""HDF5 tile and feature files, one per slide (format: docs/formats.md).
 
 Layout of ``<DIR>/<slide_id>.h5``::
 
@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from zoomfeat.errors import ConfigError, DataError
+from zoomfeat.errors import ConfigError, DataError, SlideError, one_line
 from zoomfeat.mags import PATCH_SIZE, MagDict, Magnification, mag_name, parse_mag
 from zoomfeat.slides import SlideInfo
-from zoomfeat.store.files import (HDF5_OVERHEAD, check_free_space, commit_file, fingerprint, same_file, temp_path,
-                                  write_failure, writing)
-from zoomfeat.tiling import TileGrid
+from zoomfeat.store.files import (HDF5_OVERHEAD, check_free_space, commit_file, describe_diff, fingerprint, same_file,
+                                  settings_diff, temp_path, write_failure, writing)
+from zoomfeat.tiling import TileGrid, grid_from_coords, make_grid, restrict_grid
+from zoomfeat.tissue import TissueParams
 
 FORMAT = "zoomfeat"
 FORMAT_VERSION = 1
@@ -64,6 +65,20 @@ def is_complete(path: str | Path, slide_path: str | Path | None = None) -> bool:
     if attrs.get("format") != FORMAT or attrs.get("format_version") != FORMAT_VERSION or not attrs.get("complete"):
         return False
     return slide_path is None or same_file(attrs.get("fingerprint", "{}"), slide_path)
+
+
+def is_complete_with(path: str | Path, slide_path: str | Path | None, extractor_config: dict | None) -> bool:
+    """``path`` is a complete feature file of ``slide_path`` (any slide when None) made with ``extractor_config``;
+    SlideError naming the keys that differ when it was made with another one (extract and the feature copies
+    skip a complete file, never overwrite one made otherwise)."""
+    if not is_complete(path, slide_path):
+        return False
+    with FeatureFile(path) as f:
+        diff = settings_diff(f.extractor_config or {}, extractor_config or {})
+    if diff:
+        raise SlideError(f"{path} holds features made with other settings ({describe_diff(diff)}): "
+                         "use another --out (or --conditioning-out), or delete the file")
+    return True
 
 
 class TileStoreWriter:
@@ -228,7 +243,7 @@ def _open_h5(path: Path):
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise DataError(f"{path}: unreadable HDF5 file ({' '.join(str(exc).split())}): it is truncated or not a "
+        raise DataError(f"{path}: unreadable HDF5 file ({one_line(exc)}): it is truncated or not a "
                         "zoomfeat file; delete it and rerun the command that wrote it") from exc
 
 
@@ -413,8 +428,6 @@ def write_feature_file(folder: str | Path, slide_id: str, features: Mapping[Magn
     default: the finest tiles in one row and their containing coarser tiles) must put every tile inside one
     tile of each coarser magnification: the parents are found from the geometry.
     """
-    from zoomfeat.tiling import grid_from_coords
-
     feats = MagDict({m: np.asarray(v, np.float32) for m, v in features.items()})
     names = sorted(feats, reverse=True)
     if coords is None:
@@ -469,7 +482,7 @@ def verify_file(path: str | Path) -> list[str]:
         with h5py.File(path, "r") as f:
             return _verify_open(f)
     except OSError as exc:
-        return [f"unreadable: {' '.join(str(exc).split())}"]
+        return [f"unreadable: {one_line(exc)}"]
 
 
 def feature_width(path: str | Path) -> int | None:
@@ -589,3 +602,41 @@ def _verify_widths(report: dict[Path, list[str]]) -> None:
         if width != common:
             report[path].append(f"feature width {width} differs from the folder's {common} (e.g. {example.name}): "
                                 "a folder holds one feature set; extract it again with the same settings")
+
+
+def slide_tile_grid(slide, mags: Sequence[Magnification], tissue: TissueParams = TissueParams(), tiles_dir=None, *,
+                    drop_larger_than_slide: bool = False) -> TileGrid:
+    """A slide's tile grid, the one way ``tile``, ``extract`` and ``prepare-train`` get it.
+
+    With ``tiles_dir`` (the ``--out`` of ``zoomfeat tile``) the stored grid of this slide is read and cut to
+    ``mags`` (SlideError when the slide has no complete, same-file tile store there); otherwise it is made
+    with :func:`make_grid` and ``tissue``. ``drop_larger_than_slide`` leaves out (as empty) the magnifications
+    whose tile is larger than the slide itself (prepare-train trains on whole patches only).
+    """
+    mags = sorted({parse_mag(m) for m in mags}, reverse=True)
+    if tiles_dir is not None:
+        path = h5_path(tiles_dir, slide.info.slide_id)
+        if not is_complete(path, slide.info.path):
+            raise SlideError(f"no complete tile store {path} of {slide.info.path}: run `zoomfeat tile` for this "
+                             "slide or drop --tiles")
+        grid = restrict_grid(read_grid(path), mags, path)
+    else:
+        info = slide.info
+        fits = [m for m in mags if not drop_larger_than_slide
+                or m.level0_size(info.base_magnification) <= min(info.width, info.height)]
+        grid = make_grid(slide, fits, tissue) if fits else None
+    if grid is None or len(grid.mags) < len(mags):
+        return _with_empty(grid, mags)
+    return grid
+
+
+def _with_empty(grid: TileGrid | None, mags: Sequence[Magnification]) -> TileGrid:
+    """``grid`` plus empty entries for the magnifications of ``mags`` it lacks (coarser ones than it has)."""
+    coords = MagDict({m: np.zeros((0, 2), np.int64) for m in mags})
+    parents = MagDict({m: MagDict({c: np.zeros(0, np.int64) for c in mags[i + 1 :]}) for i, m in enumerate(mags)})
+    sizes = MagDict({m: 0 for m in mags})
+    if grid is not None:
+        for m in grid.mags:
+            coords[m], sizes[m] = grid.coords[m], grid.patch_size_level0[m]
+            parents[m].update(grid.parents[m])
+    return TileGrid(mags=tuple(mags), coords=coords, parents=parents, patch_size_level0=sizes)

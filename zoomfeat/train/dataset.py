@@ -110,7 +110,9 @@ def val_batches(by_mag: list[np.ndarray], batch_size: int) -> list[list[int]]:
     return [a[i:i + batch_size].tolist() for a in by_mag for i in range(0, len(a), batch_size)]
 
 
-def _worker_seeder(base_seed: int):
+def worker_seeder(base_seed: int):
+    """A DataLoader ``worker_init_fn`` seeding numpy and torch in each worker from ``base_seed`` and its id."""
+
     def init(worker_id: int) -> None:
         seed = (base_seed * 1000 + worker_id) % 2**32
         np.random.seed(seed)
@@ -140,7 +142,7 @@ class ZoomLDMDataModule(L.LightningDataModule):
         gen = torch.Generator().manual_seed(self.cfg.seed + rank)
         return torch.utils.data.DataLoader(
             self.dataset, batch_sampler=batch_sampler, num_workers=self.cfg.workers, collate_fn=collate,
-            worker_init_fn=_worker_seeder(self.cfg.seed + rank), generator=gen,
+            worker_init_fn=worker_seeder(self.cfg.seed + rank), generator=gen,
             persistent_workers=self.cfg.workers > 0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self):

@@ -20,10 +20,16 @@ import lightning as L
 import torch
 
 from zoomfeat.config import save_config
-from zoomfeat.errors import ConfigError, DataError
+from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
+from zoomfeat.fitting import atomic_checkpoint_io, fit, load_checkpoint, make_trainer
+from zoomfeat.resolve import file_sha256
+from zoomfeat.serial import to_jsonable
+from zoomfeat.store import atomic_write, describe_diff, settings_diff, write_json_atomic
+from zoomfeat.store.trainset import INDEX_NAME
 from zoomfeat.train.config import TrainConfig, resolve_zoomldm_config
 from zoomfeat.train.dataset import TrainingSet, ZoomLDMDataModule
 from zoomfeat.train.module import ZoomLDMLightning
+from zoomfeat.train.prepare import FIRST_STAGE_NAME, first_stage_digest
 
 
 class OfficialExport(L.Callback):
@@ -65,7 +71,7 @@ def world_size(accelerator: str, devices, num_nodes: int = 1) -> int:
     try:
         parsed = kind.auto_device_count() if str(devices) == "auto" else kind.parse_devices(devices)
     except (MisconfigurationException, ValueError, TypeError) as exc:
-        raise ConfigError(f"trainer.devices {devices!r} (--devices): {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"trainer.devices {devices!r} (--devices): {one_line(exc)}") from exc
     count = len(parsed) if isinstance(parsed, (list, tuple)) else int(parsed or 0)
     return count * int(num_nodes)
 
@@ -91,11 +97,11 @@ LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixe
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """A Lightning precision string: ``auto`` follows extract's rule (:func:`zoomfeat.extract.runtime.resolve_runtime`:
+    """A Lightning precision string: ``auto`` follows extract's rule (:func:`zoomfeat.runtime.resolve_runtime`:
     bf16, or fp16 where bf16 is unsupported, on a GPU; fp32 on the CPU); fp32/bf16/fp16 map to 32-true /
     bf16-mixed / 16-mixed; Lightning's own strings pass through (its precision plugins do the rest)."""
     if precision == "auto":
-        from zoomfeat.extract.runtime import resolve_runtime
+        from zoomfeat.runtime import resolve_runtime
 
         device = "cpu" if accelerator == "cpu" else "auto"
         precision = resolve_runtime(device, "auto").precision
@@ -129,8 +135,6 @@ def adopt_first_stage(data: TrainingSet, model, from_checkpoint: bool) -> None:
     From scratch, the first stage comes from ``DATA/first_stage.pt``; when fine-tuning, the checkpoint's
     first stage must be that one (same digest), or the latents would not match the decoder.
     """
-    from zoomfeat.train.prepare import FIRST_STAGE_NAME, first_stage_digest
-
     if not from_checkpoint:
         path = data.root / FIRST_STAGE_NAME
         if not path.is_file():
@@ -153,7 +157,8 @@ def check_data(data: TrainingSet, model) -> None:
                         f"{model.conditioning_dim}: rerun prepare-train with the matching conditioner")
 
 
-def _loggers(out: Path) -> list:
+def run_loggers(out: Path) -> list:
+    """The loggers of a training run in ``out``: CSV always, TensorBoard when it is installed."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     loggers: list = [CSVLogger(out, name="logs")]
@@ -166,8 +171,6 @@ def build_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
     """The Lightning Trainer of a run; devices, precision and strategy are parsed by Lightning (one-line
     ConfigError for what it refuses)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from zoomfeat.fitting import atomic_checkpoint_io, make_trainer
 
     t, v = cfg.trainer, cfg.validation
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step_{step:07d}", auto_insert_metric_name=False,
@@ -182,7 +185,7 @@ def build_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
         precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps, max_epochs=-1,
         val_check_interval=t.every_n_steps, check_val_every_n_epoch=None, limit_val_batches=limit_val,
         num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, default_root_dir=out,
-        use_distributed_sampler=False, gradient_clip_val=cfg.optim.grad_clip, logger=_loggers(out),
+        use_distributed_sampler=False, gradient_clip_val=cfg.optim.grad_clip, logger=run_loggers(out),
         callbacks=[ckpt, OfficialExport(out / "official", t.every_n_steps)], plugins=[atomic_checkpoint_io()],
         enable_model_summary=False)
 
@@ -205,16 +208,11 @@ ADDED_SETTINGS: dict[str, object] = {"optim.summarizer_lr_scale": 1.0}
 
 def run_inputs(data: TrainingSet) -> dict:
     """Content fingerprints of a run's inputs: the training set's index (sha256) and first-stage digest."""
-    from zoomfeat.resolve import file_sha256
-    from zoomfeat.store.trainset import INDEX_NAME
-
     return {"index_sha256": file_sha256(data.root / INDEX_NAME), "first_stage_digest": data.first_stage_digest}
 
 
 def _fixed(settings: dict) -> dict:
     """The settings of a run that a resume must keep (RESUME_FREE dropped), in dotted form."""
-    from zoomfeat.config import to_jsonable
-
     flat = {f"{section}.{key}": value for section, values in to_jsonable(settings).items()
             if isinstance(values, dict) for key, value in values.items()}
     return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE)}
@@ -233,8 +231,6 @@ def _read_json(path: Path) -> dict:
 def check_resume(cfg: TrainConfig, out: Path, resume: str | None, inputs: dict) -> None:
     """Refuse a resume whose settings or inputs differ from those the run began with, and a fresh start
     (``--resume none``) over a folder that holds another run's checkpoints. ConfigError naming the keys."""
-    from zoomfeat.store import describe_diff, settings_diff
-
     if resume is None:
         if any((out / "checkpoints").glob("*.ckpt")):
             raise ConfigError(f"{out} holds checkpoints of an earlier run and --resume is none: continue it with "
@@ -253,16 +249,11 @@ def check_resume(cfg: TrainConfig, out: Path, resume: str | None, inputs: dict) 
 
 
 def to_settings(cfg: TrainConfig) -> dict:
-    from zoomfeat.config import to_jsonable
-
     return to_jsonable(cfg)
 
 
 def check_resume_checkpoint(path: str | None) -> None:
     """CheckpointError (one line) for a resume file that is not a Lightning checkpoint of this trainer."""
-    from zoomfeat.errors import CheckpointError
-    from zoomfeat.fitting import load_checkpoint
-
     if path is None:
         return
     fix = "pass OUT/checkpoints/last.ckpt of a `zoomfeat train` run, or --resume none"
@@ -274,8 +265,6 @@ def check_resume_checkpoint(path: str | None) -> None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    from zoomfeat.store import atomic_write
-
     with atomic_write(dst) as tmp:
         shutil.copyfile(src, tmp)
 
@@ -283,9 +272,6 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the output folder. Every check (Lightning settings, training set,
     model, resume settings and checkpoint) runs before anything is written."""
-    from zoomfeat.config import write_json_atomic
-    from zoomfeat.fitting import fit
-
     out = Path(cfg.trainer.out)
     trainer = build_trainer(cfg, out)
     resume = resolve_resume(cfg.trainer.resume, out)

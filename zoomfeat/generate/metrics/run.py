@@ -79,7 +79,8 @@ def compute_metrics(config: GenMetricsConfig) -> list[MetricResult]:
 
 def write_results(results: list[MetricResult], path: Path, config: GenMetricsConfig) -> Path:
     """``.json``: config, summary and per-item values; ``.csv``: rows metric,item,value (item empty = summary)."""
-    from zoomfeat.config import to_jsonable, write_json_atomic
+    from zoomfeat.serial import to_jsonable
+    from zoomfeat.store import write_json_atomic
     from zoomfeat.store import atomic_write
 
     if path.suffix.lower() == ".json":
