@@ -1,8 +1,9 @@
 """The ``zoomfeat`` command line: a thin layer that parses arguments and calls library functions.
 
 Each subcommand lives in ``zoomfeat/commands/<module>.py`` with ``HELP``, ``add_arguments(parser)`` and
-``run(args) -> int``. Those modules import only the standard library at module level, so ``zoomfeat --help``
-is instant; torch and friends are imported inside ``run``.
+``run(args) -> int``. At module level those modules import only the standard library and the light modules
+that building the parsers loads anyway (the config system, the store, magnifications), so ``zoomfeat --help``
+stays quick; torch and the pipeline modules are imported inside ``run``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from zoomfeat import __version__
+from zoomfeat.config import (add_config_options, apply_config_defaults, config_actions, parse_set_items,
+                             read_config_file, resolved_config, save_resolved_config)
+from zoomfeat.errors import ZoomfeatError, one_line
 
 # subcommand -> module under zoomfeat.commands (the one list of commands; `tests/test_cli.py` runs them all)
 COMMANDS: dict[str, str] = {
@@ -68,9 +74,6 @@ def _leaf_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...]):
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with ``only``, import just that subcommand's module (fast dispatch)."""
-    from zoomfeat import __version__
-    from zoomfeat.config import add_config_options
-
     parser = argparse.ArgumentParser(
         prog="zoomfeat",
         description="ZoomLDM multi-magnification features, baseline encoders and MIL evaluation for WSIs.",
@@ -124,9 +127,6 @@ def _scan(argv: list[str], flag: str) -> list[str]:
 
 def resolve(argv: list[str]):
     """Parse ``argv`` with the config system: ``(args, command path, resolved config or None)``."""
-    from zoomfeat.config import apply_config_defaults, config_actions, parse_set_items, read_config_file, \
-        resolved_config
-
     name = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=name if name in COMMANDS else None)
     path, leaf = _find_leaf(parser, argv)
@@ -145,8 +145,6 @@ def resolve(argv: list[str]):
 
 
 def _save_config(args: argparse.Namespace, config: dict | None, code: int) -> None:
-    from zoomfeat.config import save_resolved_config
-
     out = getattr(args, "out", None)
     if config is None or out is None or code not in (0, 1):
         return
@@ -154,7 +152,6 @@ def _save_config(args: argparse.Namespace, config: dict | None, code: int) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
-    from zoomfeat.errors import ZoomfeatError
     from zoomfeat.log import setup_cli_logging
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -164,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except ZoomfeatError as exc:
         if "--debug" in argv:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc, None)}", file=sys.stderr)
         return 2
     if not getattr(args, "_run", None):
         build_parser().print_help()
@@ -176,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except ZoomfeatError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc, None)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -33,13 +33,13 @@ followed for as many epochs as the protocol runs), gradient clipping and the los
   ``--average`` default (:func:`effective_model_kwargs`).
 - ``transmil``: RAdam inside Lookahead (k 6, alpha 0.5), lr 2e-4, weight decay 1e-5 (decoupled, not on biases
   and 1-d parameters), constant (TransMIL's Camelyon/TransMIL.yaml and optimiser factory); the class token
-  left out of the value convolution (``class_token_residual=False``, see :mod:`mil.transmil`).
+  left out of the value convolution (``class_token_residual=False``, see :mod:`mil.heads.transmil`).
 - ``dtfd``: Adam lr 1e-4, weight decay 1e-4, LR x 0.2 from epoch 100 (the reference's MultiStepLR([100], 0.2)
   of 200 epochs), gradient norm clipped to 5 per tier-module (DTFD-MIL).
 
 The epochs of a head's reference are kept in its recipe for the record; the protocols replace them.
 ``MILConfig`` records the step size and weight decay actually used in its ``protocol``. All heads train on one
-bag per optimiser step unless ``bags_per_step`` says otherwise (heads that cannot pad bags always take one).
+bag per optimiser step unless ``bags_per_step`` says otherwise (TransMIL and DTFD run a step's bags one by one).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from dataclasses import dataclass, field, replace
 
 from zoomfeat.errors import ConfigError
 from zoomfeat.features import FeatureSpec
+from zoomfeat.serial import to_jsonable
 
 SELECTIONS: tuple[str, ...] = ("last", "val_loss", "val_auc")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
@@ -104,12 +105,10 @@ class MILConfig:
     devices: str = "1"
     cache: bool = True
     bags_per_step: int | None = None  # None: the head's recipe (1)
-    all_folds: bool = False  # train the selected folds at once (same numbers as one by one)
     precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on the CPU), fp32, bf16
     augment: str | None = None  # folder of synthetic copies (zoomfeat synthesize): added to training folds only
     train_fraction: float = 1.0  # of each fold's training patients (stratified, seeded, nested); mil.augment
     instance_sample: float = 1.0  # share of each training bag's instances drawn per step (1: all; mil.train)
-    compile: bool = False  # the head's written-out training step through torch.compile (heads marked compilable: abmil)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", FeatureSpec.parse(self.features))  # parsed once, here
@@ -128,8 +127,6 @@ class MILConfig:
 
     def to_json(self) -> dict:
         """The config as JSON values, the feature set in its text form (``DIR@20x+5x``)."""
-        from zoomfeat.serial import to_jsonable
-
         return {**to_jsonable(self), "features": str(self.features)}
 
     def for_seed(self, seed: int) -> MILConfig:
@@ -144,10 +141,10 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(cfg: MILConfig) -> None:
     """ConfigError naming the first bad value and the fix."""
-    from mil.models import MIL_MODELS, _load_all
+    from mil.registry import load_heads
     from mil.tasks import TASKS
 
-    _load_all()
+    MIL_MODELS = load_heads()
 
     _check(len(cfg.seeds) >= 1, "--seeds names no seed: give e.g. --seeds 0,1,2")
     _check(len(set(cfg.seeds)) == len(cfg.seeds), f"--seeds {','.join(map(str, cfg.seeds))} repeats a seed")
@@ -173,16 +170,7 @@ def validate(cfg: MILConfig) -> None:
            f"--instance-sample must be in (0, 1], got {cfg.instance_sample}")
     _check(cfg.bags_per_step is None or cfg.bags_per_step >= 1,
            f"--bags-per-step must be >= 1, got {cfg.bags_per_step}")
-    limit = getattr(MIL_MODELS[cfg.model], "max_bags_per_step", None)
-    _check(cfg.bags_per_step is None or limit is None or cfg.bags_per_step <= limit,
-           f"--bags-per-step {cfg.bags_per_step}: {cfg.model} takes at most {limit} bag per step (no padding)")
     _check(cfg.precision in PRECISIONS, f"unknown --precision {cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
-    compilable = [name for name, cls in sorted(MIL_MODELS.items()) if getattr(cls, "compilable", False)]
-    _check(not cfg.compile or cfg.model in compilable,
-           f"--compile applies to the heads whose written-out training step compiles to one graph "
-           f"({', '.join(compilable)}), not {cfg.model}; drop --compile")
-    _check(not (cfg.all_folds and cfg.balanced),
-           "--all-folds needs the shared shuffled bag order; drop --balanced (or --all-folds)")
 
 
 def make_protocol(name: str, **overrides) -> Protocol:
@@ -203,7 +191,7 @@ def effective_model_kwargs(cfg: MILConfig) -> dict:
     the task, DSMIL's prediction as the mean of its two streams (``average=True``, its train_tcga.py's
     ``--average`` default and the paper's bag score) and TransMIL's class token left out of the value
     convolution (``class_token_residual=False``: in the reference the convolution lets the class token read the
-    bag's first 16 instances by position, a path that memorises small cohorts; see mil.transmil)."""
+    bag's first 16 instances by position, a path that memorises small cohorts; see mil.heads.transmil)."""
     kwargs = dict(cfg.model_kwargs)
     if cfg.model in ("clam_sb", "clam_mb") and cfg.task == "subtyping":
         kwargs.setdefault("subtyping", True)
@@ -230,7 +218,7 @@ class Recipe:
     gamma: float = 0.1  # step: LR factor per milestone
     bags_per_step: int = 1
     reference: dict = field(default_factory=dict)
-    loss: str = "bag cross-entropy"  # the training loss, as the head computes it (mil.models)
+    loss: str = "bag cross-entropy"  # the training loss, as the head computes it (mil.heads)
 
 
 _CLAM_LOSS = "0.7 bag cross-entropy + 0.3 instance clustering (smooth top-1 SVM, 8 top/bottom instances)"
@@ -268,23 +256,20 @@ class TrainingPlan:
     precision: str  # "fp32" | "bf16"
     model_kwargs: dict = field(default_factory=dict)  # the head's arguments beyond its defaults
     instance_sample: float = 1.0  # share of a training bag's instances in each step
-    compile: bool = False  # the written-out training step through torch.compile
 
 
 def training_plan(cfg: MILConfig, device: str = "cpu") -> TrainingPlan:
     """Combine protocol, recipe and overrides; bf16 autocast only on a GPU (``precision`` auto)."""
-    from mil.models import MIL_MODELS
+    from mil.registry import load_heads
 
     recipe = RECIPES.get(cfg.model, DEFAULT_RECIPE)
-    cls = MIL_MODELS[cfg.model]
+    cls = load_heads()[cfg.model]
     bags = cfg.bags_per_step or recipe.bags_per_step
-    if getattr(cls, "max_bags_per_step", None) is not None:
-        bags = min(bags, cls.max_bags_per_step)
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if device.startswith("cuda") else "fp32"
     return TrainingPlan(cfg.model, cfg.protocol, recipe, bags, dict(getattr(cls, "clip_groups", {})), precision,
-                        effective_model_kwargs(cfg), float(cfg.instance_sample), bool(cfg.compile))
+                        effective_model_kwargs(cfg), float(cfg.instance_sample))
 
 
 def plan_rows(cfg: MILConfig, device: str = "cpu") -> list[tuple[str, str, str]]:
@@ -331,8 +316,8 @@ def plan_rows(cfg: MILConfig, device: str = "cpu") -> list[tuple[str, str, str]]
         ("bag order", "class-balanced draws with replacement" if cfg.balanced else "a seeded shuffle per epoch",
          "--balanced" if cfg.balanced else "every reference (a shuffled loader)"),
         ("init seeds", ",".join(map(str, cfg.seeds)), "--seeds" if cfg.seeds != (0,) else "default (one seed, 0)"),
-        ("precision", plan.precision + (", torch.compile" if plan.compile else ""),
-         "--precision/--compile" if cfg.precision != "auto" or cfg.compile else "default (fp32 on a CPU, bf16 on a GPU)"),
+        ("precision", plan.precision,
+         "--precision" if cfg.precision != "auto" else "default (fp32 on a CPU, bf16 on a GPU)"),
     ]
     return rows
 

@@ -39,16 +39,17 @@ from torch import nn
 from mil.bags import BagStore, FeatureSpec, MILDataWarning, read_extractor, scan_bags
 from mil.config import MILConfig, describe_plan_rows, effective_model_kwargs, plan_rows
 from mil.metrics import METRICS, check_finite, classification_metrics, metric_label
-from mil.models import build_model
 from mil.record import (RECORD_NAME, RunRecord, check_resume, finished_pairs, fold_dir, input_fingerprints,
-                        split_fingerprint, write_record)
+                        read_record, split_fingerprint, write_record)
+from mil.registry import build_model
 from mil.tasks import LabelledCohort, apply_task
-from mil.train import FoldData, epoch_order, run_folds
+from mil.train import FoldData, epoch_order, resolve_device, run_folds
 from splits.audit import trainability_problems
 from splits.io import PARTS, SplitFold, read_splits_dir
 from splits.labels import read_labels
-from zoomfeat.errors import CheckpointError, ConfigError, DataError
-from zoomfeat.store import write_json_atomic
+from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
+from zoomfeat.log import note
+from zoomfeat.store import Claim, atomic_write, write_json_atomic
 
 CHECKPOINT_FORMAT = "zoomfeat-mil"
 CHECKPOINT_VERSION = 1
@@ -98,9 +99,9 @@ def check_model_kwargs(cfg: MILConfig, in_dim: int, n_classes: int) -> None:
     try:
         build_model(cfg.model, in_dim, n_classes, **effective_model_kwargs(cfg))
     except (TypeError, ValueError, RuntimeError) as exc:
-        reason = " ".join(str(exc).split())
+        reason = one_line(exc)
         raise ConfigError(f"--model-kwargs {json.dumps(cfg.model_kwargs)} does not make a {cfg.model} head "
-                          f"({reason}); see the head's arguments in mil/models.py") from exc
+                          f"({reason}); see the head's arguments in mil/heads/") from exc
 
 
 def _augmentation(cfg: MILConfig, spec: FeatureSpec, all_folds: list[SplitFold], usable: set[str],
@@ -167,7 +168,6 @@ def fold_metrics(predictions: pd.DataFrame, classes: list[str]) -> dict:
 
 def _write_fold(fold_dir: Path, result, cfg: MILConfig, cohort: LabelledCohort, dim: int) -> dict:
     """Write a fold's checkpoint, predictions and (last, marking it done) metrics; returns the metrics."""
-    from zoomfeat.store import atomic_write
 
     classes = [n for n, _ in sorted(cohort.label_map.items(), key=lambda kv: kv[1])]
     predictions = _class_columns(result.predictions, classes)
@@ -190,7 +190,6 @@ def _write_fold(fold_dir: Path, result, cfg: MILConfig, cohort: LabelledCohort, 
 
 def _check_out(run: Path) -> None:
     """``--out`` must be a new folder or a train-mil run: its config.json is never overwritten otherwise."""
-    from mil.record import read_record
 
     if (run / RECORD_NAME).is_file():
         try:
@@ -248,7 +247,6 @@ SUMMARY_COLUMNS: tuple[str, ...] = ("seed", "fold", *(f"test_{m}" for m in METRI
 
 def write_summary(run: Path, record: RunRecord) -> pd.DataFrame:
     """summary.csv (see the module docstring) from every finished (seed, fold)'s metrics.json."""
-    from zoomfeat.store import atomic_write
 
     columns = [f"test_{m}" for m in METRICS]
     rows, per_seed = [], []
@@ -299,8 +297,6 @@ def run_cv(cfg: MILConfig, progress: bool = False, on_fold=None) -> pd.DataFrame
     trainable folds (under every seed's training fraction), model arguments, device settings, and that a
     resumed run has the same inputs and seeds.
     """
-    from mil.train import resolve_device
-    from zoomfeat.log import note
     from zoomfeat.runtime import check_devices
 
     spec = cfg.features
@@ -348,8 +344,6 @@ def fold_claims(run: Path, record: RunRecord, seed: int, pending: dict[int, Fold
     ``seed_<s>_fold_<k>.lock`` in a run of several seeds; zoomfeat.store.Claim) so that another train-mil on
     the same folder leaves it alone; claims are released when the block ends, and a fold finished meanwhile by
     another process is dropped."""
-    from zoomfeat.log import note
-    from zoomfeat.store import Claim
 
     prefix = "" if len(record.seeds) == 1 else f"seed_{seed}_"
     claims = {k: Claim(run, f"{prefix}fold_{k}") for k in pending}
@@ -369,11 +363,9 @@ def fold_claims(run: Path, record: RunRecord, seed: int, pending: dict[int, Fold
 
 def _train_pending(cfg: MILConfig, run: Path, record: RunRecord, inputs: _Cohort, store, progress: bool,
                    augmentation=None, on_fold=None) -> None:
-    """Train the folds of the init seed ``cfg.seed`` not done yet (mil.train.run_folds: one by one, or all at
-    once with --all-folds); the epoch order runs over the training slides of every fold of the split folder
-    (``inputs.usable``: the checked slides of the selected folds, ``inputs.named``: every slide those folds
+    """Train the folds of the init seed ``cfg.seed`` not done yet (mil.train.run_folds, one by one); the epoch
+    order runs over the training slides of every fold of the split folder (``inputs.usable``: the checked slides of the selected folds, ``inputs.named``: every slide those folds
     name). A line per fold is printed as its result comes back."""
-    from zoomfeat.log import note
 
     cohort, spec, seed = inputs.cohort, cfg.features, cfg.seed
     data = inputs.data
@@ -424,7 +416,6 @@ def load_fold_model(run_dir: str | Path, fold: int, seed: int | None = None) -> 
     first recorded seed (its only one in a one-seed run; callers of a several-seed run say which they drew).
     CheckpointError for a missing, unreadable or foreign checkpoint, or one whose weights do not fit its own
     architecture."""
-    from mil.record import read_record
 
     run = Path(run_dir)
     record = read_record(run)
@@ -440,7 +431,7 @@ def load_fold_model(run_dir: str | Path, fold: int, seed: int | None = None) -> 
         model = build_model(ckpt["model"], kwargs.pop("in_dim"), kwargs.pop("n_classes"), **kwargs)
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        reason = " ".join(str(exc).split())[:160]
+        reason = one_line(exc, 160)
         raise CheckpointError(f"{path}: checkpoint does not rebuild its head ({reason}); retrain this fold") \
             from exc
     model.eval()

@@ -2,8 +2,9 @@
 
 Each tile of the bag (finest magnification of the feature set) is a rectangle on the thumbnail coloured by the
 percentile rank of its attention (0 = least, 1 = most attended) and alpha-blended over the tissue. Ranks, not
-raw scores, so heads whose "attention" is a softmax (ABMIL, CLAM), a similarity (DSMIL) or an instance logit
-(max pooling) all give comparable maps. A montage of the top-attended patches, read from the slide at the
+raw scores, so heads whose "attention" is a softmax (ABMIL, CLAM), a similarity (DSMIL), an instance logit
+(max pooling), the class token's Nystrom attention (TransMIL) or tier-1 x tier-2 weights (DTFD) all give
+comparable maps: every registered head returns one (mil.registry). A montage of the top-attended patches, read from the slide at the
 finest magnification, goes beside the PNG as ``<stem>_top.png``.
 """
 
@@ -84,7 +85,7 @@ def _attention(run_dir, fold: int, slide_path, spec) -> tuple[FeatureSpec, np.nd
     bag = load_bag(spec, slide_id)
     model.eval()
     with torch.no_grad():
-        out = model(bag.features.float())
+        out = model(bag.features.float().unsqueeze(0))  # a batch of one bag
     attention = out.attention.detach().float().cpu().numpy().reshape(-1)
     if attention.shape[0] != len(bag.coords_level0):
         raise DataError(f"model of fold {fold} returned {attention.shape[0]} attention values for "

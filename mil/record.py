@@ -41,6 +41,7 @@ from typing import Any
 
 from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.features import FeatureSpec
+from zoomfeat.store import describe_diff, settings_diff, write_json_atomic
 
 RECORD_NAME = "config.json"
 RECORD_FORMAT = "zoomfeat-mil-run"
@@ -148,8 +149,6 @@ def input_fingerprints(labels_path: str | Path, feature_paths: dict[str, Path]) 
 
 # ---------------------------------------------------------------------------------------------- write / read
 def write_record(run_dir: str | Path, record: RunRecord) -> Path:
-    from zoomfeat.store import write_json_atomic
-
     return write_json_atomic(Path(run_dir) / RECORD_NAME, record.to_json())
 
 
@@ -231,8 +230,6 @@ def _stamp_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
 
 def resume_differences(old: RunRecord, new: RunRecord) -> list[str]:
     """What differs between a run's record and a new invocation's, in words (empty: the run may resume)."""
-    from zoomfeat.store import describe_diff, settings_diff
-
     strip = lambda r: {**{k: v for k, v in r.config.items() if k not in RESUME_IGNORED},  # noqa: E731
                        "seeds": ",".join(map(str, r.seeds))}
     out = []

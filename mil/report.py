@@ -27,7 +27,7 @@ import pandas as pd
 from mil import html, plots
 from mil.metrics import METRICS, THRESHOLD, auc_rows, auroc, check_finite, classification_metrics, confusion, metric_label
 from mil.record import Completeness, RunRecord, check_complete, finished_pairs, fold_dir, read_record
-from zoomfeat.errors import DataError
+from zoomfeat.errors import DataError, one_line
 from zoomfeat.store import write_json_atomic
 
 BOOTSTRAP_CELLS = 2_000_000  # resampled predictions held in memory at once by the bootstrap
@@ -120,7 +120,7 @@ def _read_predictions(path: Path, record: RunRecord) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype={"slide_id": str, "case_id": str})
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"cannot read {path}: {' '.join(str(exc).split())}") from exc
+        raise DataError(f"cannot read {path}: {one_line(exc)}") from exc
     missing = [c for c in PREDICTION_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{path} lacks columns {missing}: expected {', '.join(PREDICTION_COLUMNS)} and "

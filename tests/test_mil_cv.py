@@ -80,7 +80,7 @@ def test_attention_concentrates_on_key_instances(planted_runs, planted):
     positive = preds[(preds.label == 1) & (preds.split == "test")].slide_id.iloc[0]
     bag = load_bag(FeatureSpec.parse(cfg.features), positive)
     with torch.no_grad():
-        attention = model(bag.features).attention
+        attention = model(bag.features[None]).attention[0]  # a batch of one bag
     u = torch.zeros(bag.features.shape[1])
     u[:4] = 0.5
     key = (bag.features @ u) > 3.5  # key instances sit at 7 along u
@@ -121,7 +121,7 @@ def test_run_outputs(planted_runs, planted):
     model, _ = load_fold_model(run, 2)
     spec = FeatureSpec.parse(cfg.features)
     with torch.no_grad():
-        probs = [float(torch.softmax(model(load_bag(spec, s).features).logits, 1)[0, 1]) for s in preds.slide_id]
+        probs = [float(torch.softmax(model(load_bag(spec, s).features[None]).logits, 1)[0, 1]) for s in preds.slide_id]
     assert np.allclose(probs, preds.prob, atol=1e-5)
 
 

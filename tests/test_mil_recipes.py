@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from mil.config import RECIPES, MILConfig, make_protocol, plan_rows, training_plan
-from mil.optim import FoldOptimizer, clip_per_fold, lr_at
-from mil.train import Engine, _Fold
+from mil.optim import clip_groups, lr_at, make_optimizer
+from mil.train import Selection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,61 +95,50 @@ def test_schedules_follow_torchs_schedulers():
         step.step()
 
 
-def test_fold_optimizer_is_torch_adam_per_fold_and_leaves_idle_folds_alone():
+def test_adam_is_torch_adam_with_the_recipes_betas():
     torch.manual_seed(0)
-    stacked = {"w": torch.randn(3, 4, 5), "b": torch.randn(3, 4)}
-    start = {k: v.clone() for k, v in stacked.items()}
-    opt = FoldOptimizer(stacked, RECIPES["dsmil"], lr=1e-2, weight_decay=5e-3)
-    refs = []
-    for k in range(3):
-        params = [torch.nn.Parameter(start["w"][k].clone()), torch.nn.Parameter(start["b"][k].clone())]
-        refs.append((params, torch.optim.Adam(params, lr=1e-2, betas=(0.5, 0.9), weight_decay=5e-3)))
-    for step in range(4):
-        grads = {"w": torch.randn(3, 4, 5), "b": torch.randn(3, 4)}
-        folds = [0, 2] if step % 2 else [0, 1, 2]  # fold 1 has no bag in odd steps
-        opt.step({k: g[folds] for k, g in grads.items()}, folds, lr=1e-2)
-        for k in folds:
-            (w, b), ref = refs[k]
-            w.grad, b.grad = grads["w"][k].clone(), grads["b"][k].clone()
-            ref.step()
-    for k, ((w, b), _) in enumerate(refs):
-        assert torch.allclose(stacked["w"][k], w.detach(), atol=1e-6)
-        assert torch.allclose(stacked["b"][k], b.detach(), atol=1e-6)
+    model = torch.nn.Linear(5, 4)
+    opt = make_optimizer(model, RECIPES["dsmil"], lr=1e-2, weight_decay=5e-3)
+    assert isinstance(opt, torch.optim.Adam)
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.5, 0.9) and group["weight_decay"] == 5e-3 and group["lr"] == 1e-2
 
 
-def test_radam_lookahead_per_fold():
+def test_radam_lookahead():
     """TransMIL's optimiser: timm's Lookahead(RAdam) with k 6, alpha 0.5; weight decay decoupled and only on
     weights of 2+ dimensions (its factory's no-decay group holds biases and 1-d parameters)."""
     torch.manual_seed(1)
-    stacked = {"w": torch.randn(2, 3, 4), "norm.weight": torch.randn(2, 4), "fc.bias": torch.randn(2, 3)}
-    start = {n: t.clone() for n, t in stacked.items()}
-    opt = FoldOptimizer(stacked, RECIPES["transmil"], lr=1e-2, weight_decay=0.1)
-    fast = {n: torch.nn.Parameter(t[1].clone()) for n, t in start.items()}
-    ref = torch.optim.RAdam([{"params": [fast["w"]], "weight_decay": 0.1},
-                             {"params": [fast["norm.weight"], fast["fc.bias"]], "weight_decay": 0.0}],
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = make_optimizer(model, RECIPES["transmil"], lr=1e-2, weight_decay=0.1)
+    fast = {n: torch.nn.Parameter(t.clone()) for n, t in start.items()}
+    ref = torch.optim.RAdam([{"params": [fast["0.weight"]], "weight_decay": 0.1},
+                             {"params": [fast["0.bias"], fast["1.weight"], fast["1.bias"]], "weight_decay": 0.0}],
                             lr=1e-2, decoupled_weight_decay=True)
-    slow = {n: t[1].clone() for n, t in start.items()}
+    slow = {n: t.clone() for n, t in start.items()}
     for step in range(1, 14):
-        g = {n: torch.randn_like(t) for n, t in stacked.items()}
-        opt.step(g, [0, 1], lr=1e-2)
-        for n in fast:
-            fast[n].grad = g[n][1].clone()
+        g = {n: torch.randn_like(t) for n, t in start.items()}
+        for n, p in model.named_parameters():
+            p.grad = g[n].clone()
+            fast[n].grad = g[n].clone()
+        opt.step()
         ref.step()
         if step % 6 == 0:  # Lookahead (Zhang et al. 2019), timm's k = 6: slow += 0.5 (fast - slow); fast = slow
             for n in fast:
                 slow[n] += 0.5 * (fast[n].detach() - slow[n])
                 fast[n].data.copy_(slow[n])
-    for n in fast:
-        assert torch.allclose(stacked[n][1], fast[n].detach(), atol=1e-6), n
-    assert not torch.allclose(stacked["w"][1], start["w"][1])
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.detach(), fast[n].detach(), atol=1e-6), n
+    assert not torch.allclose(model[0].weight, start["0.weight"])
 
 
-def test_gradient_clipping_is_per_fold_and_group():
-    grads = {"a.w": torch.tensor([[3.0, 4.0], [0.3, 0.4]]), "b.w": torch.tensor([[10.0, 0.0], [1.0, 0.0]])}
-    clip_per_fold(grads, {"a": 1.0, "b": 5.0})
-    assert torch.allclose(grads["a.w"][0].norm(), torch.tensor(1.0), atol=1e-5)
-    assert torch.allclose(grads["a.w"][1], torch.tensor([0.3, 0.4]))  # norm 0.5 <= 1: untouched
-    assert torch.allclose(grads["b.w"][:, 0], torch.tensor([5.0, 1.0]), atol=1e-5)
+def test_gradient_clipping_is_per_group():
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 1, bias=False), "b": torch.nn.Linear(2, 1, bias=False)})
+    model["a"].weight.grad = torch.tensor([[3.0, 4.0]])
+    model["b"].weight.grad = torch.tensor([[0.3, 0.4]])
+    clip_groups(model, {"a": 1.0, "b": 1.0})
+    assert torch.allclose(model["a"].weight.grad.norm(), torch.tensor(1.0), atol=1e-5)
+    assert torch.allclose(model["b"].weight.grad, torch.tensor([[0.3, 0.4]]))  # norm 0.5 <= 1: untouched
 
 
 class ClamEarlyStopping:
@@ -179,12 +168,10 @@ def test_clam_early_stopping_counts_as_clam(patience, stop_epoch):
     losses = (1.0 + 0.3 * torch.rand(120) - torch.linspace(0, 0.5, 120)).tolist()
     losses[10] = losses[9]  # a tie: CLAM saves it
     protocol = make_protocol("clam", patience=patience, min_epochs=stop_epoch, epochs=120)
-    engine = Engine.__new__(Engine)
-    engine.fold_state_dict = lambda row: {"epoch": row}
-    fold = _Fold(0, None, torch.zeros(0), torch.Generator())
+    fold = Selection()
     ref = ClamEarlyStopping(patience, stop_epoch)
     for epoch, loss in enumerate(losses):
-        engine._track(fold, 0, epoch, loss, None, protocol)
+        fold.update(epoch, loss, None, protocol, None, lambda: {"epoch": epoch})
         ref(epoch, loss)
         assert fold.stopped == ref.stop
         assert fold.best_epoch == ref.saved + 1  # 1-based
@@ -200,12 +187,10 @@ def test_simil_selection_scores_as_simil():
     aucs = [0.5, 1.0, 1.0, 0.75, 1.0, 0.875]
     accs = [0.5, 0.5, 0.75, 1.0, 0.875, 1.0]
     protocol = make_protocol("simil", epochs=len(aucs))
-    engine = Engine.__new__(Engine)
-    engine.fold_state_dict = lambda row: {"row": row}
-    fold = _Fold(0, None, torch.zeros(0), torch.Generator())
+    fold = Selection()
     best, saved = 0.0, None
     for epoch, (auc, acc) in enumerate(zip(aucs, accs)):
-        engine._track(fold, 0, epoch, 0.3, auc, protocol, acc)
+        fold.update(epoch, 0.3, auc, protocol, acc, lambda: {"epoch": epoch})
         if (auc + acc) / 2 >= best:
             best, saved = (auc + acc) / 2, epoch
         assert fold.best_epoch == saved + 1
@@ -240,7 +225,7 @@ def _planted_cv(tmp_path, model: str, seed: int, instance_sample: float = 1.0) -
              if (cohort / "labels.csv").exists() else
              planted_cohort(cohort, n_slides=60, dim=64, seed=seed, share=0.05))
     cfg = MILConfig(features=f"{paths['features']}@20x", labels=str(paths["labels"]), splits=str(paths["splits"]),
-                    out=str(tmp_path / f"{model}{seed}_{instance_sample:g}"), model=model, all_folds=True,
+                    out=str(tmp_path / f"{model}{seed}_{instance_sample:g}"), model=model,
                     protocol=make_protocol("hipt"), instance_sample=instance_sample)
     return float(run_cv(cfg).set_index("fold").at["mean", "test_auc"])
 

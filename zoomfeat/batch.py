@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zoomfeat.errors import ConfigError, ZoomfeatError
+from zoomfeat.errors import ConfigError, ZoomfeatError, one_line
 
 ERRORS_CSV = "errors.csv"
 OUTCOMES = ("done", "skipped", "claimed", "failed")
@@ -79,7 +79,7 @@ def parse_shard(shard: str) -> tuple[int, int]:
 
 def _one_line(exc: BaseException, slide: Path) -> str:
     """The error on one line, without a leading "<slide>: " (the report line names the slide already)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = one_line(exc, None)
     prefix = f"{slide}: "
     return text[len(prefix):] if text.startswith(prefix) else text
 

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from zoomfeat import __version__
+from zoomfeat.errors import ConfigError, one_line
 from zoomfeat.serial import to_jsonable
 from zoomfeat.store import atomic_write, write_json_atomic
 
@@ -68,16 +70,12 @@ def _bool(text: str, where: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    from zoomfeat.errors import ConfigError
-
     raise ConfigError(f"{where}: {text!r} is not a boolean: use true or false")
 
 
 def _convert(action, value: Any, where: str) -> Any:
     """A config value as the option would have parsed it (type, nargs, choices checked)."""
     import argparse
-
-    from zoomfeat.errors import ConfigError
 
     if value is None:
         return None
@@ -91,8 +89,6 @@ def _convert(action, value: Any, where: str) -> Any:
 
 
 def _convert_one(action, value: Any, where: str) -> Any:
-    from zoomfeat.errors import ConfigError
-
     if action.type is not None and isinstance(value, str):
         try:
             value = action.type(value)
@@ -107,8 +103,6 @@ def _convert_one(action, value: Any, where: str) -> Any:
 
 
 def _flatten(raw: Mapping[str, Any], table: Mapping[str, tuple[str, Any]], source: str) -> dict[str, Any]:
-    from zoomfeat.errors import ConfigError
-
     sections = sorted({s for s, _ in table.values()})
     values: dict[str, Any] = {}
     for key, value in raw.items():
@@ -135,15 +129,13 @@ def read_config_file(path: str | Path, command: str, table: Mapping[str, tuple[s
     """Values (``dest -> raw value``) of a ``--config`` YAML/JSON file for ``command``."""
     import yaml
 
-    from zoomfeat.errors import ConfigError
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file: pass a YAML file (e.g. a saved <command>{CONFIG_SUFFIX})")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())[:120]})") from exc
+        raise ConfigError(f"--config {path}: not valid YAML ({one_line(exc, 120)})") from exc
     if not isinstance(raw, Mapping):
         raise ConfigError(f"--config {path}: expected a mapping of sections, got {type(raw).__name__}")
     saved_for = raw.get("command")
@@ -155,8 +147,6 @@ def read_config_file(path: str | Path, command: str, table: Mapping[str, tuple[s
 def parse_set_items(items: list[str], table: Mapping[str, tuple[str, Any]]) -> dict[str, Any]:
     """``--set section.key=value`` (or ``key=value``) items as ``dest -> raw value`` (YAML scalars)."""
     import yaml
-
-    from zoomfeat.errors import ConfigError
 
     raw: dict[str, Any] = {}
     for item in items:
@@ -199,8 +189,6 @@ def apply_config_defaults(parser, values: Mapping[str, Any], table: Mapping[str,
 
 def resolved_config(command: str, args, table: Mapping[str, tuple[str, Any]]) -> dict[str, Any]:
     """The resolved config of a parsed command, sectioned, in plain YAML values."""
-    from zoomfeat import __version__
-
     out: dict[str, Any] = {"command": command, "zoomfeat_version": __version__}
     for dest, (section, _action) in table.items():
         out.setdefault(section, {})[dest] = to_jsonable(getattr(args, dest, None))

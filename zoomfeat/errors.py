@@ -27,3 +27,15 @@ class CheckpointError(ZoomfeatError):
 
 class TrainingError(ZoomfeatError):
     """A training run that diverged (a non-finite loss, or a loss that exploded or collapsed)."""
+
+
+def one_line(error: BaseException | str, limit: int | None = 200) -> str:
+    """An exception's message (or a text) as one line: every run of whitespace, line breaks included, becomes one
+    space; an empty message gives the exception's type name; a message longer than ``limit`` characters is cut
+    and ends with ``...`` (``limit=None``: never cut). The one way an error from a library is quoted in ours."""
+    text = " ".join(str(error).split())
+    if not text:
+        text = type(error).__name__ if isinstance(error, BaseException) else ""
+    if limit is not None and len(text) > limit:
+        text = text[: max(limit - 3, 0)].rstrip() + "..."
+    return text

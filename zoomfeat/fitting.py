@@ -18,7 +18,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from zoomfeat.errors import ConfigError
+from zoomfeat.errors import ConfigError, one_line
 
 
 def load_checkpoint(path, fix: str, *, mmap: bool = False) -> dict:
@@ -68,7 +68,7 @@ def make_trainer(*, options: dict[str, str] | None = None, **kwargs: Any):
         names = options or {}
         given = ", ".join(f"{names.get(k, k)} {kwargs[k]!r}" for k in ("accelerator", "devices", "num_nodes",
                                                                           "precision", "strategy") if k in kwargs)
-        reason = " ".join(str(exc).split())
+        reason = one_line(exc)
         raise ConfigError(f"Lightning refuses {given}: {reason}") from exc
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from zoomfeat.errors import one_line
+
 PLAIN_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _LEVEL_FACTORS = (1, 4, 16, 64)  # an in-memory pyramid is built lazily for the coarse factors
 MAX_PIXELS = 1 << 31  # refuse images whose decoded RGB would not fit a sane memory budget (2 Gpx)
@@ -60,7 +62,7 @@ def _open_tiff(path: Path):
                 pass  # not contiguous on disk: decode it
         return tifffile.imread(path, key=0), shape
     except (tifffile.TiffFileError, ValueError, OSError, KeyError) as exc:
-        raise PlainImageError(f"not a readable TIFF ({' '.join(str(exc).split())[:100]})") from exc
+        raise PlainImageError(f"not a readable TIFF ({one_line(exc, 100)})") from exc
 
 
 def _open_pil(path: Path) -> np.ndarray:
@@ -73,7 +75,7 @@ def _open_pil(path: Path) -> np.ndarray:
                                       "convert it to a pyramidal TIFF")
             return np.asarray(image.convert("RGBA" if "A" in image.getbands() else "RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise PlainImageError(f"not a readable image ({' '.join(str(exc).split())[:100]})") from exc
+        raise PlainImageError(f"not a readable image ({one_line(exc, 100)})") from exc
 
 
 class PlainImage:

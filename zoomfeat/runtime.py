@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from zoomfeat.errors import ConfigError
+from zoomfeat.errors import ConfigError, one_line
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
@@ -86,7 +86,7 @@ def check_devices(devices: int, device: str, num_nodes: int = 1) -> int:
     try:
         parsed = kind.parse_devices(int(devices))
     except (MisconfigurationException, ValueError, TypeError) as exc:
-        raise ConfigError(f"bad --devices {devices!r}: {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"bad --devices {devices!r}: {one_line(exc)}") from exc
     count = len(parsed) if isinstance(parsed, (list, tuple)) else int(parsed or 0)
     if count < 1:
         raise ConfigError(f"bad --devices {devices!r}: use the number of processes per node, 1 or more")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zoomfeat.errors import ConfigError, SlideError
+from zoomfeat.errors import ConfigError, SlideError, one_line
 from zoomfeat.mags import Magnification
 
 SLIDE_EXTENSIONS: tuple[str, ...] = (
@@ -224,7 +224,7 @@ class Slide:
         try:
             region = self._slide.read_region((int(x0), int(y0)), level, (size_at_level, size_at_level))
         except (openslide.OpenSlideError, OSError, ValueError) as exc:
-            raise SlideError(f"{self.path}: reading pixels at ({x0}, {y0}) failed ({_one_line(exc)}): "
+            raise SlideError(f"{self.path}: reading pixels at ({x0}, {y0}) failed ({one_line(exc, None)}): "
                              "the file is damaged; re-export or exclude it") from exc
         rgb = _flatten_white(region)
         if rgb.size != (out_size, out_size):
@@ -244,7 +244,7 @@ class Slide:
         try:
             thumb = self._slide.get_thumbnail((max_size, max_size))
         except (openslide.OpenSlideError, OSError, ValueError) as exc:
-            raise SlideError(f"{self.path}: reading the thumbnail failed ({_one_line(exc)}): "
+            raise SlideError(f"{self.path}: reading the thumbnail failed ({one_line(exc, None)}): "
                              "the file is damaged; re-export or exclude it") from exc
         return np.asarray(thumb.convert("RGB"), dtype=np.uint8)
 
@@ -268,7 +268,7 @@ def _open_backend(path: Path):
     try:
         return openslide.OpenSlide(str(path))
     except (openslide.OpenSlideError, OSError, ValueError) as exc:
-        raise SlideError(f"{path}: cannot be opened by OpenSlide ({_one_line(exc)}): "
+        raise SlideError(f"{path}: cannot be opened by OpenSlide ({one_line(exc, None)}): "
                          "check that it is a whole-slide image in a supported format") from exc
 
 
@@ -283,6 +283,3 @@ def _flatten_white(region):
     return background
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__

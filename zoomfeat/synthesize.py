@@ -26,9 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
+from mil.augment import source_of, synthetic_id
+from zoomfeat.batch import run_batch, shard_slides
 from zoomfeat.errors import ConfigError, DataError
+from zoomfeat.extract import conditioning_io as cio
+from zoomfeat.extract.featurizer import PatchBatch
+from zoomfeat.extract.runner import contiguous_runs
 from zoomfeat.mags import MagDict, Magnification, parse_mags
 from zoomfeat.resolve import ZoomLDMSource, file_sha256
+from zoomfeat.runtime import resolve_runtime
+from zoomfeat.slides import SlideInfo
+from zoomfeat.store import (FeatureFile, TileStoreWriter, check_output_folder, describe_diff, fingerprint, h5_path,
+                            is_complete, is_complete_with, settings_diff)
+from zoomfeat.tiling import restrict_grid
 
 CONFIG_NAME = "synthesize_config.json"
 
@@ -158,10 +168,6 @@ class Synthesizer:
         return {**self.real_config, "synthetic": {"generation": self.generation, "copies": self.cfg.copies}}
 
     def __call__(self, feature_file: Path) -> str:
-        from zoomfeat.store import FeatureFile
-
-        from zoomfeat.store import fingerprint
-
         with FeatureFile(feature_file) as f:
             info, grid = _synthetic_info(f), f.grid()
             real = MagDict({m: f.features(m) for m in grid.mags})
@@ -171,18 +177,12 @@ class Synthesizer:
         if missing:
             raise DataError(f"{feature_file} has no {', '.join(missing)} features: synthesize only magnifications "
                             f"it holds ({', '.join(grid.names)})")
-        from zoomfeat.extract import conditioning_io as cio
-
         cond = cio.read_conditioning(self.cfg.conditioning_dir, info, {m: grid.coords[m] for m in mags},
                                      self.model.conditioning_dim)
         outcomes = [self._copy(info, grid, mags, real, cond, k, source) for k in range(self.cfg.copies)]
         return "done" if "done" in outcomes else "skipped"
 
     def _copy(self, info, grid, mags, real, cond, k: int, source: dict) -> str:
-        from mil.augment import synthetic_id
-        from zoomfeat.store import TileStoreWriter, h5_path, is_complete_with
-        from zoomfeat.tiling import restrict_grid
-
         syn_id = synthetic_id(info.slide_id, k)
         path = h5_path(self.cfg.out_dir, syn_id)
         config = {**self.record(), "synthetic": {**self.record()["synthetic"], "synthetic_of": info.slide_id,
@@ -208,7 +208,6 @@ class Synthesizer:
                   cond) -> np.ndarray:
         import torch
 
-        from zoomfeat.extract.featurizer import PatchBatch
         from zoomfeat.generate.samplers import sample_patches
 
         coords = grid.coords[mag][rows]
@@ -230,16 +229,12 @@ class Synthesizer:
 
 def _write_rows(writer, mag: Magnification, rows: np.ndarray, feats: np.ndarray) -> None:
     """Feature rows at (sorted) row indices ``rows``, written as contiguous runs."""
-    from zoomfeat.extract.runner import contiguous_runs
-
     for start, stop in contiguous_runs(rows):
         writer.write_features(mag, int(rows[start]), feats[start:stop])
 
 
 def _synthetic_info(f):
     """A SlideInfo for the synthetic files, from the real feature file's root attributes."""
-    from zoomfeat.slides import SlideInfo
-
     attrs = f.attrs
     mpp = attrs.get("base_mpp")
     return SlideInfo(path=Path(str(attrs.get("slide_path", ""))), slide_id=str(attrs["slide_id"]), width=0, height=0,
@@ -250,9 +245,6 @@ def _synthetic_info(f):
 
 
 def _real_files(cfg: SynthesizeConfig) -> list[Path]:
-    from mil.augment import source_of
-    from zoomfeat.store import is_complete
-
     files = [p for p in sorted(Path(cfg.features_dir).glob("*.h5"))
              if not p.name.startswith(".") and source_of(p.stem) is None]
     if cfg.slides:
@@ -269,8 +261,6 @@ def _real_files(cfg: SynthesizeConfig) -> list[Path]:
 
 
 def _extractor_of(files: list[Path]) -> tuple[str, dict]:
-    from zoomfeat.store import FeatureFile, describe_diff, settings_diff
-
     with FeatureFile(files[0]) as f:
         extractor, config = f.extractor, f.extractor_config or {}
     for path in files[1:]:
@@ -286,10 +276,6 @@ def _extractor_of(files: list[Path]) -> tuple[str, dict]:
 
 def synthesize(cfg: SynthesizeConfig) -> int:
     """Write the synthetic copies of every slide's feature file; returns the exit code (1 if a slide failed)."""
-    from zoomfeat.batch import run_batch, shard_slides
-    from zoomfeat.runtime import resolve_runtime
-    from zoomfeat.store import check_output_folder
-
     files = _real_files(cfg)
     extractor, real_config = _extractor_of(files)
     runtime = resolve_runtime(cfg.device, cfg.precision)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+import cli
+from zoomfeat.config import dump_config
+from zoomfeat.errors import ConfigError
+
 CONFIG_SYSTEM = False  # its REMAINDER belongs to the target command
 HELP = "print the resolved config (sections, keys, values) of a command without running it"
 
@@ -16,10 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import cli
-    from zoomfeat.config import dump_config
-    from zoomfeat.errors import ConfigError
-
     target = args.target.split()
     if target[0] not in cli.COMMANDS or target[0] == "config":
         raise ConfigError(f"unknown command {args.target!r}: use one of {', '.join(c for c in cli.COMMANDS if c != 'config')}")

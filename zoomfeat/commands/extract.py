@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from zoomfeat.commands.options import add_scale_group, add_shard_option, add_tissue_group
+from zoomfeat.encoders.specs import encoder_names, parse_conditioner
+from zoomfeat.mags import parse_mags
 
 HELP = "extract ZoomLDM (or UNI/Phikon/CTransPath/toy baseline) features per slide and magnification"
 
@@ -12,8 +14,6 @@ HELP = "extract ZoomLDM (or UNI/Phikon/CTransPath/toy baseline) features per sli
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("slides", nargs="+", metavar="SLIDE_OR_DIR", help="slide files or folders of slides")
     model = parser.add_argument_group("model")
-    from zoomfeat.encoders.specs import encoder_names  # torch-free: the registry's names are the choices
-
     model.add_argument("--encoder", default="zoomldm",
                        help=f"zoomldm (default) or a baseline encoder: {', '.join(encoder_names())}")
     model.add_argument("--zoomldm", metavar="CONFIG_OR_DIR", help="official ZoomLDM config.yaml or its folder "
@@ -61,13 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from zoomfeat.encoders.specs import parse_conditioner
     """ExtractConfig from parsed arguments (every value validated here, before any work)."""
     from pathlib import Path
 
     from zoomfeat.extract.config import ExtractConfig
     from zoomfeat.extract.loading import resolve_zoomldm_paths
-    from zoomfeat.mags import parse_mags
 
     encoder = args.encoder.strip().lower()
     zoomldm_config, weights = None, (Path(args.weights) if args.weights else None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from zoomfeat.commands.options import add_scale_group
+from zoomfeat.serial import to_jsonable
+from zoomfeat.slides import Slide
 
 HELP = "show a slide's dimensions, pyramid levels, base magnification and mpp (and their sources)"
 
@@ -18,9 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-
-    from zoomfeat.serial import to_jsonable
-    from zoomfeat.slides import Slide
 
     with Slide(args.slide, base_mag=args.base_mag, mpp=args.mpp) as slide:
         info = slide.info

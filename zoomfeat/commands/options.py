@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.tissue import TissueParams
+
 
 def add_tissue_group(parser: argparse.ArgumentParser) -> None:
     """``--min-tissue``, ``--saturation-threshold``, ``--min-saturation``, ``--mask-mag`` (section "tissue")."""
@@ -23,8 +25,6 @@ def add_tissue_group(parser: argparse.ArgumentParser) -> None:
 
 def tissue_params(args: argparse.Namespace):
     """The validated :class:`zoomfeat.tissue.TissueParams` of the tissue group."""
-    from zoomfeat.tissue import TissueParams
-
     return TissueParams(min_tissue=args.min_tissue, mask_mag=args.mask_mag,
                         saturation_threshold=args.saturation_threshold, min_saturation=args.min_saturation)
 

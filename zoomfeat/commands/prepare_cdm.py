@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.cdm.config import PrepareCDMConfig
+from zoomfeat.mags import mag_names
+
 HELP = "compute the ZoomLDM Summarizer contexts [65, D] of a prepare-train set (streamed, resumable HDF5)"
 
 
@@ -33,8 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace):
     from pathlib import Path
 
-    from zoomfeat.cdm.config import PrepareCDMConfig
-
     return PrepareCDMConfig(data=Path(args.data), zoomldm=args.zoomldm, out=Path(args.out),
                             weights=Path(args.weights) if args.weights else None,
                             labels=Path(args.labels) if args.labels else None, batch_size=args.batch_size,
@@ -49,8 +50,6 @@ def run(args: argparse.Namespace) -> int:
     path = prepare_contexts(build_config(args))
     store = ContextSet(path)
     counts = [len(rows) for rows in store.by_mag()]
-    from zoomfeat.mags import mag_names
-
     print(f"contexts: {path} ({len(store)} rows of {list(store.context_shape)}; "
           + ", ".join(f"{m} {c}" for m, c in zip(mag_names(), counts) if c) + ")")
     return 0

@@ -6,6 +6,9 @@ import argparse
 from pathlib import Path
 
 from zoomfeat.commands.options import add_scale_group, add_tissue_group, tissue_params
+from zoomfeat.encoders.specs import parse_conditioner
+from zoomfeat.mags import parse_mags
+from zoomfeat.train.config import PrepareConfig
 
 HELP = "write a ZoomLDM training set: per-magnification latents and 20x conditioning grids in HDF5 shards"
 
@@ -45,10 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace):
-    from zoomfeat.encoders.specs import parse_conditioner
     from zoomfeat.runtime import check_device
-    from zoomfeat.mags import parse_mags
-    from zoomfeat.train.config import PrepareConfig
 
     name, weights = parse_conditioner(args.conditioner)
     weights = Path(weights) if weights else None

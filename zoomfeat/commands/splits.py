@@ -6,6 +6,9 @@ import argparse
 import os
 import sys
 
+from zoomfeat.errors import ConfigError
+from zoomfeat.store import write_json_atomic
+
 HELP = "import (HIPT, SI-MIL), generate (patient-grouped, stratified) and audit cross-validation splits"
 
 
@@ -162,8 +165,6 @@ def _run_audit(args) -> int:
     from splits.audit import audit_splits, format_audit
     from splits.io import read_splits_dir
     from splits.labels import read_labels
-    from zoomfeat.store import write_json_atomic
-    from zoomfeat.errors import ConfigError
 
     if args.features and not os.path.isdir(args.features):
         raise ConfigError(f"--features {args.features}: not a folder; pass the folder of <slide_id>.h5 files")

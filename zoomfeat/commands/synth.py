@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.errors import ConfigError
+
 HELP = "write synthetic H&E-like pyramidal slides + labels.csv + signal.json"
 
 
@@ -30,8 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from zoomfeat.synthetic import write_cohort
-
-    from zoomfeat.errors import ConfigError
 
     scales = tuple(s for s in args.signal_scales.split(",") if s.strip())
     try:

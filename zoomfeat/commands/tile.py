@@ -8,7 +8,11 @@ import warnings
 from pathlib import Path
 
 from zoomfeat.commands.options import add_scale_group, add_shard_option, add_tissue_group, tissue_params
-from zoomfeat.mags import Magnification
+from zoomfeat.mags import Magnification, parse_mags
+from zoomfeat.serial import to_jsonable
+from zoomfeat.slides import Slide, check_scale_overrides, find_slides, slide_id_of
+from zoomfeat.store import TileStoreWriter, check_output_folder, h5_path, is_complete, slide_tile_grid
+from zoomfeat.tissue import tissue_mask
 
 HELP = "detect tissue and write aligned multi-magnification tile grids (one .h5 per slide)"
 RECORD_NAME = "tile_config.json"
@@ -53,8 +57,6 @@ class TileConfig:
 
 def build_config(args: argparse.Namespace) -> TileConfig:
     from zoomfeat.batch import parse_shard
-    from zoomfeat.mags import parse_mags
-    from zoomfeat.slides import check_scale_overrides
 
     tissue = tissue_params(args)
     if args.shard is not None:
@@ -68,10 +70,6 @@ def tile_slide(path: Path, config: TileConfig) -> str:
     """Write one slide's tile file; "skipped" when a complete file made from the same slide exists."""
     from zoomfeat.log import warn
     from zoomfeat.preview import save_preview
-    from zoomfeat.slides import Slide, slide_id_of
-    from zoomfeat.store import TileStoreWriter, h5_path, is_complete
-    from zoomfeat.store import slide_tile_grid
-    from zoomfeat.tissue import tissue_mask
 
     target = h5_path(config.out, slide_id_of(path))
     if is_complete(target, path):
@@ -93,13 +91,9 @@ def tile_slide(path: Path, config: TileConfig) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from zoomfeat.batch import run_batch, shard_slides
-    from zoomfeat.slides import find_slides
-    from zoomfeat.store import check_output_folder
 
     config = build_config(args)
     slides = shard_slides(find_slides(config.slides), config.shard)
-    from zoomfeat.serial import to_jsonable
-
     check_output_folder(config.out, "--out", config.record(), RECORD_NAME, section="grid", extra=to_jsonable(config))
     report = run_batch(slides, config.out, lambda p: tile_slide(p, config), desc="tile",
                        progress=not args.no_progress, shard=config.shard)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.train.config import load_train_config, parse_set_options
+
 HELP = "train or fine-tune ZoomLDM (Lightning: checkpoints, resume, DDP, official-format export)"
 
 # flag -> dotted config key (flags win over --config; only flags given on the command line are applied)
@@ -72,8 +74,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def overrides(args: argparse.Namespace) -> dict:
-    from zoomfeat.train.config import parse_set_options
-
     values = parse_set_options(args.set)
     values.update({key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None})
     if args.no_val_samples:
@@ -82,7 +82,6 @@ def overrides(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from zoomfeat.train.config import load_train_config
     from zoomfeat.train.run import train
 
     config = load_train_config(args.config, overrides(args))

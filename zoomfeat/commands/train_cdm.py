@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.cdm import config as c
+from zoomfeat.cdm.config import TrainCDMConfig
+
 HELP = "train the conditioning diffusion model (DiT over Summarizer contexts; checkpoints, resume, DDP)"
 
 # argparse group = config section; every option's dest is the field name of that section
@@ -11,8 +14,6 @@ SECTIONS = ("data", "model", "optim", "trainer")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from zoomfeat.cdm.config import TrainCDMConfig  # torch-free; the dataclasses hold the defaults
-
     d = TrainCDMConfig.__dataclass_fields__
     dd, md, od, td = (d[name].default_factory() for name in SECTIONS)
     data = parser.add_argument_group("data")
@@ -66,8 +67,6 @@ def build_config(args: argparse.Namespace):
     """TrainCDMConfig from the parsed options (validated before any work)."""
     import dataclasses
     from pathlib import Path
-
-    from zoomfeat.cdm import config as c
 
     types = {"data": c.DataSection, "model": c.ModelSection, "optim": c.OptimSection, "trainer": c.TrainerSection}
     sections = {}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-# the names of mil.models.MIL_MODELS (kept here so `zoomfeat --help` needs no torch; a test checks they agree)
-MODEL_CHOICES: tuple[str, ...] = ("abmil", "clam_mb", "clam_sb", "dsmil", "dtfd", "max", "mean", "transmil")
+from mil.heads import head_help, head_names  # the registry's list of heads, torch-free
+
+MODEL_CHOICES: tuple[str, ...] = tuple(head_names())
 HELP = "train a MIL head (ABMIL, CLAM, DSMIL, ...) on every fold of a split folder (resumable per fold)"
 
 
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="--task custom: class names in index order (default: the sorted distinct labels)")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="abmil",
-                       help=f"MIL head, one of {', '.join(MODEL_CHOICES)} (default abmil)")
+                       help=f"MIL head (default abmil): {head_help()}")
     model.add_argument("--model-kwargs", default="{}", metavar="JSON",
                        help='head arguments as a JSON object, e.g. \'{"hidden": 256}\' (default {}: the head\'s '
                             "defaults)")
@@ -107,25 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "per slide and epoch (seeded); evaluation always sees whole bags (default 1.0: "
                                    "all instances)")
     speed = parser.add_argument_group("speed")  # mil.train (issue 20)
-    speed.add_argument("--all-folds", action="store_true",
-                       help="train the selected folds at once, parameters stacked per fold: the same numbers as "
-                            "one fold after another; on a CPU 1.5-1.7x faster where a step is overhead-bound "
-                            "(small heads, DSMIL) and 1.02-1.19x for default-width ABMIL/CLAM at 5 folds in fp32 "
-                            "(1.16-1.31x in bf16; benchmarks/RESULTS.md; default: one by one; not with --balanced)")
     speed.add_argument("--bags-per-step", type=int, default=None, metavar="B",
-                       help="bags per optimiser step, padded and masked; TransMIL and DTFD take 1 (default: the "
-                            "head's recipe, 1). A step holds B consecutive bags of the shared epoch order, also "
-                            "other folds' (weight 0, so that --all-folds stays bit-identical): fewer steps, but on "
-                            "a CPU in fp32 not faster (benchmarks/RESULTS.md)")
+                       help="bags per optimiser step, padded and masked (TransMIL and DTFD run them one by one; default: "
+                            "the head's recipe, 1): fewer steps, but on a CPU in fp32 not faster "
+                            "(benchmarks/RESULTS.md)")
     speed.add_argument("--precision", default="auto",
                        help="auto (bf16 autocast on a GPU, fp32 on the CPU), fp32 or bf16 (default auto); bf16 "
-                            "on a CPU with AMX/AVX-512 BF16 cut a default ABMIL or CLAM-SB epoch by 13%% (21-24%% "
-                            "with --all-folds; benchmarks/RESULTS.md)")
-    speed.add_argument("--compile", action="store_true",
-                       help="run ABMIL's written-out training step through torch.compile, elementwise work fused "
-                            "into generated loops: on a CPU 5%% shorter fp32 epochs, 12%% in bf16 with "
-                            "--all-folds, after a one-time compile of ~5-20 s; needs a C++ compiler (CPU) or "
-                            "Triton (GPU); rounding differs from the eager step (default: eager)")
+                            "on a CPU with AMX/AVX-512 BF16 (benchmarks/RESULTS.md)")
 
 def _model_kwargs(text: str) -> dict:
     from zoomfeat.errors import ConfigError
@@ -158,9 +147,9 @@ def build_config(args: argparse.Namespace):
                      classes=classes, model=args.model,
                      model_kwargs=_model_kwargs(args.model_kwargs), protocol=protocol, balanced=args.balanced,
                      seeds=seeds, folds=args.folds, accelerator=args.accelerator, devices=args.devices,
-                     cache=not args.no_cache, all_folds=args.all_folds, bags_per_step=args.bags_per_step,
+                     cache=not args.no_cache, bags_per_step=args.bags_per_step,
                      precision=args.precision, augment=args.augment, train_fraction=args.train_fraction,
-                     instance_sample=args.instance_sample, compile=args.compile)
+                     instance_sample=args.instance_sample)
 
 
 def run(args: argparse.Namespace) -> int:

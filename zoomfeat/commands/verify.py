@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat.errors import ConfigError
+from zoomfeat.slides import SLIDE_EXTENSIONS, find_slides, slide_id_of
+from zoomfeat.store import h5_path, is_complete, merged_errors, verify_dir
+
 HELP = "check tile/feature files: complete, readable, consistent, finite features, exact parent links"
 
 
@@ -22,9 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def expected_ids(source: str) -> list[str]:
     """Slide ids from a slide folder (or slide file) or a text list of paths/ids."""
     from pathlib import Path
-
-    from zoomfeat.errors import ConfigError
-    from zoomfeat.slides import SLIDE_EXTENSIONS, find_slides, slide_id_of
 
     path = Path(source)
     if path.is_dir() or path.suffix.lower() in SLIDE_EXTENSIONS:
@@ -41,9 +42,6 @@ def expected_ids(source: str) -> list[str]:
 
 def missing_slides(folder, ids: list[str]) -> dict[str, str]:
     """slide id -> what is wrong: its failure recorded by any shard's run, or that it never got a complete file."""
-    from zoomfeat.slides import slide_id_of
-    from zoomfeat.store import h5_path, is_complete, merged_errors
-
     failed = {slide_id_of(s): row["error"] for s, row in merged_errors(folder).items()}
     problems = {}
     for slide_id in ids:
@@ -56,16 +54,11 @@ def missing_slides(folder, ids: list[str]) -> dict[str, str]:
 
 def recorded_ids(folder) -> list[str]:
     """Slides the folder's error records list (every shard's): without --slides, their failures are reported."""
-    from zoomfeat.slides import slide_id_of
-    from zoomfeat.store import merged_errors
-
     return sorted({slide_id_of(s) for s in merged_errors(folder)})
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
-
-    from zoomfeat.store import h5_path, verify_dir
 
     report = verify_dir(args.folder)
     missing = missing_slides(args.folder, expected_ids(args.slides) if args.slides else recorded_ids(args.folder))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from zoomfeat.errors import CheckpointError, ConfigError
+from zoomfeat.errors import CheckpointError, ConfigError, one_line
 
 _LISTED = 8  # keys named per category in an error message
 
@@ -110,7 +110,7 @@ def import_timm(encoder: str):
         import timm
     except (ImportError, RuntimeError, OSError) as error:
         raise ConfigError(f"{encoder} needs timm (and a torchvision build matching torch), which failed "
-                          f"to import: {str(error).splitlines()[0]}; reinstall torchvision for this torch") from error
+                          f"to import: {one_line(error)}; reinstall torchvision for this torch") from error
     return timm
 
 

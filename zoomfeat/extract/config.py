@@ -9,6 +9,7 @@ from pathlib import Path
 from zoomfeat.errors import ConfigError
 from zoomfeat.mags import Magnification, mag_name, parse_mags
 from zoomfeat.slides import check_scale_overrides
+from zoomfeat.tissue import TissueParams
 
 POOLINGS = ("mean", "meanmax")
 NOISES = ("seeded", "none")
@@ -75,8 +76,6 @@ class ExtractConfig:
     @property
     def tissue(self):
         """The tissue detection settings (the same flags and rules as ``zoomfeat tile``)."""
-        from zoomfeat.tissue import TissueParams
-
         return TissueParams(min_tissue=self.min_tissue, mask_mag=self.mask_mag,
                             saturation_threshold=self.saturation_threshold, min_saturation=self.min_saturation)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from zoomfeat.batch import shard_slides
 from zoomfeat.runtime import Runtime
 
 COUNTS = ("done", "skipped", "failed", "patches", "seconds")
@@ -35,8 +36,6 @@ def start_fabric(runtime: Runtime, devices: int, num_nodes: int):
 
 def rank_slides(slides: Sequence[Path], shard: str | None, rank: int, world: int) -> list[Path]:
     """The slides of one rank: the ``--shard i/n`` part of the sorted list, then every ``world``-th from ``rank``."""
-    from zoomfeat.batch import shard_slides
-
     return shard_slides(slides, shard)[rank::world]
 
 

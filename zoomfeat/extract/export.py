@@ -22,7 +22,9 @@ import numpy as np
 
 from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.mags import Magnification
+from zoomfeat.store import FeatureFile, check_output_folder
 from zoomfeat.store.files import OutputError
+from zoomfeat.store.layouts import LAYOUTS
 
 FORMATS = ("clam", "trident", "stamp", "slide2vec", "eva")  # = zoomfeat.store.layouts.layout_names() (tested)
 RECORD_NAME = "zoomfeat_export.json"  # what filled the folder (source folder, format, magnification)
@@ -63,8 +65,6 @@ class ExportResult:
 def export_slide(src: Path, cfg: ExportConfig) -> list[Path]:
     """Export one feature file; returns the files written. DataError for an incomplete file or non-finite rows
     (nothing is written for that slide then)."""
-    from zoomfeat.store import FeatureFile
-
     with FeatureFile(src) as f:
         f.require_complete()
         if cfg.mag not in f.mags:
@@ -76,8 +76,6 @@ def export_slide(src: Path, cfg: ExportConfig) -> list[Path]:
     if bad.any():
         raise DataError(f"{src}: {int(bad.sum())} {cfg.mag} feature rows are NaN or inf (first row "
                         f"{int(np.flatnonzero(bad)[0])}): not exported; extract the slide again")
-    from zoomfeat.store.layouts import LAYOUTS
-
     mpp = _mpp_of(src)
     return LAYOUTS[cfg.fmt].write(_target_folder(src, cfg), slide_id, features, coords,
                                   patch_size_level0=int(grid.patch_size_level0[cfg.mag]),
@@ -86,8 +84,6 @@ def export_slide(src: Path, cfg: ExportConfig) -> list[Path]:
 
 
 def _mpp_of(src: Path) -> float | None:
-    from zoomfeat.store import FeatureFile
-
     with FeatureFile(src) as f:
         value = f.attrs.get("base_mpp")
     try:
@@ -101,8 +97,6 @@ def _target_folder(src: Path, cfg: ExportConfig) -> Path:
     """The folder one export run fills: ``OUT/features_<encoder>`` (TRIDENT) or ``OUT`` (the others)."""
     if cfg.fmt != "trident":
         return Path(cfg.out_dir)
-    from zoomfeat.store import FeatureFile
-
     try:
         with FeatureFile(src) as f:
             extractor = f.extractor
@@ -114,8 +108,6 @@ def _target_folder(src: Path, cfg: ExportConfig) -> Path:
 def export_features(cfg: ExportConfig) -> ExportResult:
     """Export every ``*.h5`` feature file of ``cfg.src_dir``; files that cannot be exported (incomplete,
     unreadable, non-finite rows) are listed as skipped with the reason, and the others are still exported."""
-    from zoomfeat.store import check_output_folder
-
     sources = sorted(p for p in Path(cfg.src_dir).glob("*.h5") if not p.name.startswith("."))
     if not sources:
         raise ConfigError(f"no .h5 feature files in {cfg.src_dir}: give the --out of `zoomfeat extract`")

@@ -17,11 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+from zoomfeat.batch import run_batch
+from zoomfeat.conditioning import ConditioningStream
 from zoomfeat.errors import SlideError
+from zoomfeat.extract import conditioning_io as cio, distributed as dist
 from zoomfeat.extract.config import CONFIG_NAME, ExtractConfig
+from zoomfeat.extract.featurizer import PatchBatch
 from zoomfeat.extract.loading import Networks, load_networks
 from zoomfeat.mags import CONDITIONING_MAG, PATCH_SIZE, MagDict, Magnification
 from zoomfeat.runtime import Runtime, check_devices, on_device, resolve_runtime
+from zoomfeat.slides import Slide, find_slides, slide_id_of
 from zoomfeat.store import TileStoreWriter, check_output_folder, h5_path, is_complete_with, slide_tile_grid
 
 
@@ -62,8 +67,6 @@ class SlideExtractor:
 
     def __call__(self, slide_path: Path) -> str:
         """Process one slide; "skipped" when its complete files exist (fingerprint checked), else "done"."""
-        from zoomfeat.slides import Slide, slide_id_of
-
         slide_id = slide_id_of(slide_path)
         if self.is_done(Path(slide_path), slide_id):
             return "skipped"
@@ -92,8 +95,6 @@ class SlideExtractor:
 
     def _conditioning(self, slide_path: Path, info, grid, writer, bar):
         """(conditioning grids or None, the magnifications whose features are already written)."""
-        from zoomfeat.extract import conditioning_io as cio
-
         if not self.cfg.is_zoomldm:
             return None, ()
         coords = MagDict({m: grid.coords[m] for m in self.cfg.mags})
@@ -103,8 +104,6 @@ class SlideExtractor:
         path = self.cond_path(info.slide_id)
         if cio.is_reusable(path, slide_path, self.net.conditioning_config):
             return cio.read_conditioning(path.parent, info, coords, dim), ()
-        from zoomfeat.conditioning import ConditioningStream
-
         tile = CONDITIONING_MAG
         first = coords[tile] if tile in coords and len(coords[tile]) > 0 else None
         stream = ConditioningStream(slide_path, coords, self.net.conditioner, self.cfg.batch_size, self.cfg.workers,
@@ -122,8 +121,6 @@ class SlideExtractor:
     def _features_batch(self, writer, mag: Magnification, rows: np.ndarray, images, grids, slide_id: str,
                         bar) -> None:
         """Features of one batch of patches (rows of ``mag``'s coords, in order) streamed into ``writer``."""
-        from zoomfeat.extract.featurizer import PatchBatch
-
         coords = writer.grid.coords[mag]
         feats = self.net.featurizer(PatchBatch(images, mag, coords[rows], slide_id, grids))
         for start, stop in contiguous_runs(rows):
@@ -190,10 +187,6 @@ def check_out_dir(cfg: ExtractConfig, networks: Networks, write: bool = True) ->
 def extract(cfg: ExtractConfig, slides: list[str | Path]) -> int:
     """Run extraction over ``slides`` (files or folders) on ``cfg.devices`` x ``cfg.num_nodes`` processes;
     returns the exit code (1 if any slide failed on any rank)."""
-    from zoomfeat.batch import run_batch
-    from zoomfeat.extract import distributed as dist
-    from zoomfeat.slides import find_slides
-
     all_slides = find_slides(slides)
     runtime = resolve_runtime(cfg.device, cfg.precision)
     check_devices(cfg.devices, runtime.device, cfg.num_nodes)

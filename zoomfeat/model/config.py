@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from zoomfeat.errors import ConfigError
+from zoomfeat.errors import ConfigError, one_line
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,7 @@ def read_config(config: str | Path | Mapping[str, Any] | ZoomLDMConfig) -> ZoomL
     try:
         tree = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        raise ConfigError(f"{path}: not valid YAML ({one_line(e)})") from e
     if not isinstance(tree, Mapping):
         raise ConfigError(f"{path}: expected a mapping at the top of the file")
     return parse_config(tree, str(path))

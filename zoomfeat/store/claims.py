@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zoomfeat.store.files import writing
+
 CLAIMS_DIR = ".claims"
 STALE_AFTER_S = 600.0
 HEARTBEAT_S = 30.0
@@ -94,8 +96,6 @@ class Claim:
 
     def acquire(self) -> bool:
         """Take the claim; False when a live process holds it (OutputError when the folder is not writable)."""
-        from zoomfeat.store.files import writing
-
         with writing(self.path):
             return self._acquire()
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from zoomfeat.errors import DataError
 from zoomfeat.mags import MAGNIFICATIONS, mag_name
+from zoomfeat.store.files import commit_file
 
 FORMAT = "zoomfeat-cdm-contexts"
 FORMAT_VERSION = 1
@@ -121,8 +122,6 @@ class ContextWriter:
         self.f.flush()
 
     def commit(self) -> Path:
-        from zoomfeat.store.files import commit_file
-
         if self.start != self.n:
             raise DataError(f"{self.path}: {self.start} of {self.n} rows written; cannot commit")
         self.f.attrs["complete"] = True

@@ -25,8 +25,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from zoomfeat.errors import ConfigError, DataError, one_line
 from zoomfeat.serial import to_jsonable as jsonable
-from zoomfeat.errors import ConfigError, DataError
 
 
 class OutputError(DataError):
@@ -45,7 +45,7 @@ def temp_path(path: str | Path) -> Path:
 
 def output_error(exc: OSError, path: str | Path, what: str = "write") -> OutputError:
     """One-line :class:`OutputError` for an OSError raised while writing ``path``."""
-    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    reason = exc.strerror or one_line(exc)
     fix = {errno.ENOSPC: "free disk space or write to another folder",
            errno.EDQUOT: "free quota or write to another folder",
            errno.EROFS: "the file system is read-only: write to another folder",

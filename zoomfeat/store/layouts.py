@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from zoomfeat.errors import ConfigError, DataError
+from zoomfeat.errors import ConfigError, DataError, one_line
+from zoomfeat.store import FeatureFile, atomic_write
 
 MPP_20X = 0.5  # um/px of a 20x scan, the convention behind "10 / mpp" magnifications
 
@@ -152,15 +153,11 @@ def _tensor_to_numpy(value, where: Path) -> np.ndarray:
 def _save_torch(path: Path, features: np.ndarray) -> None:
     import torch
 
-    from zoomfeat.store import atomic_write
-
     with atomic_write(path) as tmp:
         torch.save(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)), tmp)
 
 
 def _write_h5(path: Path, datasets: dict[str, np.ndarray], attrs: dict[str, dict]) -> None:
-    from zoomfeat.store import atomic_write
-
     with atomic_write(path) as tmp:
         with _h5().File(tmp, "w") as fh:
             for name, data in datasets.items():
@@ -180,7 +177,7 @@ def _read_h5_checked(path: Path):
     try:
         return _h5().File(path, "r")
     except OSError as exc:
-        raise DataError(f"{path}: unreadable HDF5 file ({' '.join(str(exc).split())[:80]}); re-export it") from exc
+        raise DataError(f"{path}: unreadable HDF5 file ({one_line(exc, 80)}); re-export it") from exc
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -389,8 +386,6 @@ def _read_slide2vec(path: Path, mpp: float | None = None) -> ForeignFeatures:
 
 def _write_slide2vec(folder: Path, slide_id: str, features: np.ndarray, coords_level0: np.ndarray, *,
                      patch_size_level0: int, magnification: float, encoder: str = "zoomfeat", **_) -> list[Path]:
-    from zoomfeat.store import atomic_write
-
     pt = folder / "tile_embeddings" / f"{slide_id}.pt"
     meta = folder / "tile_embeddings" / f"{slide_id}.meta.json"
     coords_file = folder / "coordinates" / f"{slide_id}.npy"
@@ -444,8 +439,6 @@ def _read_eva(path: Path, mpp: float | None = None) -> ForeignFeatures:
 
 
 def _write_eva(folder: Path, slide_id: str, features: np.ndarray, coords_level0: np.ndarray, **_) -> list[Path]:
-    from zoomfeat.store import atomic_write
-
     pt = folder / "embeddings" / f"{slide_id}.pt"
     _save_torch(pt, features)
     manifest = folder / "manifest.csv"
@@ -582,8 +575,6 @@ class _Part:
 
 
 def _read_native(directory: Path, mag, slide_id: str) -> _Part:
-    from zoomfeat.store import FeatureFile
-
     path = directory / f"{slide_id}.h5"
     if not path.is_file():
         raise DataError(f"{path}: feature file not found; extract slide {slide_id} or drop it from the split")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zoomfeat.errors import ConfigError, DataError, SlideError
+from zoomfeat.errors import ConfigError, DataError, SlideError, one_line
 from zoomfeat.mags import PATCH_SIZE, MagDict, Magnification, mag_name, parse_mag
 from zoomfeat.slides import SlideInfo
 from zoomfeat.store.files import (HDF5_OVERHEAD, check_free_space, commit_file, describe_diff, fingerprint, same_file,
@@ -243,7 +243,7 @@ def _open_h5(path: Path):
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise DataError(f"{path}: unreadable HDF5 file ({' '.join(str(exc).split())}): it is truncated or not a "
+        raise DataError(f"{path}: unreadable HDF5 file ({one_line(exc)}): it is truncated or not a "
                         "zoomfeat file; delete it and rerun the command that wrote it") from exc
 
 
@@ -482,7 +482,7 @@ def verify_file(path: str | Path) -> list[str]:
         with h5py.File(path, "r") as f:
             return _verify_open(f)
     except OSError as exc:
-        return [f"unreadable: {' '.join(str(exc).split())}"]
+        return [f"unreadable: {one_line(exc)}"]
 
 
 def feature_width(path: str | Path) -> int | None:

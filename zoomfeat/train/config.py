@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zoomfeat.errors import ConfigError
+from zoomfeat.encoders.specs import parse_conditioner
+from zoomfeat.errors import ConfigError, one_line
 from zoomfeat.mags import Magnification, parse_mags
 from zoomfeat.slides import check_scale_overrides
 from zoomfeat.tissue import TissueParams
@@ -65,8 +66,6 @@ class PrepareConfig:
             raise ConfigError("no slide given: pass slide files or folders to prepare-train")
         object.__setattr__(self, "mags", parse_mags(self.mags))
         check_scale_overrides(self.base_mag, self.mpp)
-        from zoomfeat.encoders.specs import parse_conditioner
-
         parse_conditioner(self.conditioner if self.conditioner_weights is None
                           else f"{self.conditioner}={self.conditioner_weights}")  # the one --conditioner rule
         if self.conditioner_weights is not None and not Path(self.conditioner_weights).is_file():
@@ -242,7 +241,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"{path} is not valid YAML: {one_line(e)}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping with sections {', '.join(_SECTION_TYPES)}")
     return data

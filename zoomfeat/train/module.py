@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from zoomfeat.errors import TrainingError
 from zoomfeat.mags import MAGNIFICATIONS, mag_name
 from zoomfeat.train.config import OptimSection, ValidationSection
+from zoomfeat.train.samples import save_sample_grid
 
 
 def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, start_factor: float):
@@ -221,8 +222,6 @@ class ZoomLDMLightning(L.LightningModule):
         contexts, self._val_contexts = self._val_contexts, {}
         if not contexts or self.sample_dir is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
-        from zoomfeat.train.samples import save_sample_grid
-
         with torch.no_grad(), ema_context(self.model):
             for m, parts in sorted(contexts.items()):
                 images = self._sample(torch.cat(parts))

@@ -19,9 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from zoomfeat.batch import run_batch
+from zoomfeat.conditioning import ConditioningGrids
 from zoomfeat.config import save_config
 from zoomfeat.mags import PATCH_SIZE, MagDict, Magnification, mag_name
 from zoomfeat.serial import to_jsonable
+from zoomfeat.slides import Slide, find_slides
+from zoomfeat.store import atomic_write, check_output_folder, slide_tile_grid
 from zoomfeat.store.trainset import (FORMAT_VERSION, INDEX_FORMAT, INDEX_NAME, SHARD_FORMAT,  # noqa: F401
                                      ShardWriter, shard_is_current, shard_path, write_index)
 from zoomfeat.train.config import PrepareConfig, resolve_zoomldm_config
@@ -99,8 +103,6 @@ def _latent_shape(first_stage: FirstStageEncoder) -> tuple[int, ...]:
 
 def _coords_by_mag(slide, mags: tuple[Magnification, ...], cfg: PrepareConfig) -> MagDict:
     """Tissue-grid patch corners per magnification; mags whose tile is larger than the slide give none."""
-    from zoomfeat.store import slide_tile_grid
-
     grid = slide_tile_grid(slide, mags, cfg.tissue, drop_larger_than_slide=True)
     return MagDict({mag: np.asarray(c, np.int64).reshape(-1, 2)[
                 subsample_rows(len(c), cfg.max_patches_per_mag, cfg.seed, slide.info.slide_id, mag)]
@@ -120,8 +122,6 @@ class SlideShardWriter:
         self.latent_shape = _latent_shape(first_stage)
 
     def __call__(self, slide_path: Path) -> str:
-        from zoomfeat.slides import Slide
-
         path = shard_path(self.cfg.out, Path(slide_path).stem)
         if shard_is_current(path, slide_path, self.settings):
             return "skipped"
@@ -134,8 +134,6 @@ class SlideShardWriter:
 
     def _write(self, path: Path, slide_path: Path, slide_id: str, coords: MagDict,
                base_mag: float) -> None:
-        from zoomfeat.conditioning import ConditioningGrids
-
         cfg = self.cfg
         grids = ConditioningGrids(slide_path, coords, self.encoder, cfg.batch_size, cfg.workers, cfg.device,
                                   base_mag=base_mag, slide_kwargs=self.slide_kwargs)
@@ -175,8 +173,6 @@ def first_stage_digest(model) -> str:
 def _save_first_stage(model, out: Path) -> str:
     import torch
 
-    from zoomfeat.store import atomic_write
-
     state = {k: v.detach().cpu() for k, v in model.first_stage_model.state_dict().items()}
     with atomic_write(out / FIRST_STAGE_NAME) as tmp:
         torch.save(state, tmp)
@@ -203,11 +199,6 @@ def _load_models(cfg: PrepareConfig):
 def prepare_training_set(cfg: PrepareConfig) -> PrepareReport:
     """Write (or complete) the training set under ``cfg.out``; returns the per-magnification counts.
     ``cfg.base_mag`` / ``cfg.mpp`` override the slides' metadata in every reader (tiling, conditioning, latents)."""
-    from zoomfeat.batch import run_batch
-    from zoomfeat.slides import find_slides
-
-    from zoomfeat.store import check_output_folder
-
     overrides = {"base_mag": cfg.base_mag, "mpp": cfg.mpp}
     slides = find_slides(cfg.slides)
     out = Path(cfg.out)

@@ -20,10 +20,16 @@ import lightning as L
 import torch
 
 from zoomfeat.config import save_config
-from zoomfeat.errors import ConfigError, DataError
+from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
+from zoomfeat.fitting import atomic_checkpoint_io, fit, load_checkpoint, make_trainer
+from zoomfeat.resolve import file_sha256
+from zoomfeat.serial import to_jsonable
+from zoomfeat.store import atomic_write, describe_diff, settings_diff, write_json_atomic
+from zoomfeat.store.trainset import INDEX_NAME
 from zoomfeat.train.config import TrainConfig, resolve_zoomldm_config
 from zoomfeat.train.dataset import TrainingSet, ZoomLDMDataModule
 from zoomfeat.train.module import ZoomLDMLightning
+from zoomfeat.train.prepare import FIRST_STAGE_NAME, first_stage_digest
 
 
 class OfficialExport(L.Callback):
@@ -65,7 +71,7 @@ def world_size(accelerator: str, devices, num_nodes: int = 1) -> int:
     try:
         parsed = kind.auto_device_count() if str(devices) == "auto" else kind.parse_devices(devices)
     except (MisconfigurationException, ValueError, TypeError) as exc:
-        raise ConfigError(f"trainer.devices {devices!r} (--devices): {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"trainer.devices {devices!r} (--devices): {one_line(exc)}") from exc
     count = len(parsed) if isinstance(parsed, (list, tuple)) else int(parsed or 0)
     return count * int(num_nodes)
 
@@ -129,8 +135,6 @@ def adopt_first_stage(data: TrainingSet, model, from_checkpoint: bool) -> None:
     From scratch, the first stage comes from ``DATA/first_stage.pt``; when fine-tuning, the checkpoint's
     first stage must be that one (same digest), or the latents would not match the decoder.
     """
-    from zoomfeat.train.prepare import FIRST_STAGE_NAME, first_stage_digest
-
     if not from_checkpoint:
         path = data.root / FIRST_STAGE_NAME
         if not path.is_file():
@@ -168,8 +172,6 @@ def build_trainer(cfg: TrainConfig, out: Path) -> L.Trainer:
     ConfigError for what it refuses)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from zoomfeat.fitting import atomic_checkpoint_io, make_trainer
-
     t, v = cfg.trainer, cfg.validation
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step_{step:07d}", auto_insert_metric_name=False,
                            every_n_train_steps=t.every_n_steps, save_top_k=-1, save_last=True)
@@ -206,16 +208,11 @@ ADDED_SETTINGS: dict[str, object] = {"optim.summarizer_lr_scale": 1.0}
 
 def run_inputs(data: TrainingSet) -> dict:
     """Content fingerprints of a run's inputs: the training set's index (sha256) and first-stage digest."""
-    from zoomfeat.resolve import file_sha256
-    from zoomfeat.store.trainset import INDEX_NAME
-
     return {"index_sha256": file_sha256(data.root / INDEX_NAME), "first_stage_digest": data.first_stage_digest}
 
 
 def _fixed(settings: dict) -> dict:
     """The settings of a run that a resume must keep (RESUME_FREE dropped), in dotted form."""
-    from zoomfeat.serial import to_jsonable
-
     flat = {f"{section}.{key}": value for section, values in to_jsonable(settings).items()
             if isinstance(values, dict) for key, value in values.items()}
     return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RESUME_FREE)}
@@ -234,8 +231,6 @@ def _read_json(path: Path) -> dict:
 def check_resume(cfg: TrainConfig, out: Path, resume: str | None, inputs: dict) -> None:
     """Refuse a resume whose settings or inputs differ from those the run began with, and a fresh start
     (``--resume none``) over a folder that holds another run's checkpoints. ConfigError naming the keys."""
-    from zoomfeat.store import describe_diff, settings_diff
-
     if resume is None:
         if any((out / "checkpoints").glob("*.ckpt")):
             raise ConfigError(f"{out} holds checkpoints of an earlier run and --resume is none: continue it with "
@@ -254,16 +249,11 @@ def check_resume(cfg: TrainConfig, out: Path, resume: str | None, inputs: dict) 
 
 
 def to_settings(cfg: TrainConfig) -> dict:
-    from zoomfeat.serial import to_jsonable
-
     return to_jsonable(cfg)
 
 
 def check_resume_checkpoint(path: str | None) -> None:
     """CheckpointError (one line) for a resume file that is not a Lightning checkpoint of this trainer."""
-    from zoomfeat.errors import CheckpointError
-    from zoomfeat.fitting import load_checkpoint
-
     if path is None:
         return
     fix = "pass OUT/checkpoints/last.ckpt of a `zoomfeat train` run, or --resume none"
@@ -275,8 +265,6 @@ def check_resume_checkpoint(path: str | None) -> None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    from zoomfeat.store import atomic_write
-
     with atomic_write(dst) as tmp:
         shutil.copyfile(src, tmp)
 
@@ -284,9 +272,6 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the output folder. Every check (Lightning settings, training set,
     model, resume settings and checkpoint) runs before anything is written."""
-    from zoomfeat.store import write_json_atomic
-    from zoomfeat.fitting import fit
-
     out = Path(cfg.trainer.out)
     trainer = build_trainer(cfg, out)
     resume = resolve_resume(cfg.trainer.resume, out)
