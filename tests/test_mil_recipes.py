@@ -227,7 +227,8 @@ def _planted_cv(tmp_path, model: str, seed: int, instance_sample: float = 1.0) -
     cfg = MILConfig(features=f"{paths['features']}@20x", labels=str(paths["labels"]), splits=str(paths["splits"]),
                     out=str(tmp_path / f"{model}{seed}_{instance_sample:g}"), model=model,
                     protocol=make_protocol("hipt"), instance_sample=instance_sample)
-    return float(run_cv(cfg).set_index("fold").at["mean", "test_auc"])
+    summary = run_cv(cfg)  # one seed: its mean over folds is the row seed "mean", fold "mean"
+    return float(summary[(summary.seed == "mean") & (summary.fold == "mean")].test_auc.iloc[0])
 
 
 @pytest.mark.slow
