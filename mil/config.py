@@ -12,9 +12,13 @@ Protocols (what they fix):
   lower than or equal to the best so far resets the counter and saves the weights, a higher one adds 1, and
   training stops once the counter is >= patience and e > stop_epoch (``min_epochs``, 50: at least 52 epochs);
   the saved (best) weights are evaluated.
-- ``simil``: 50 epochs; the epoch with the best validation score is kept and evaluated on the fixed held-out
-  test set, scored as SI-MIL's train.py does: (validation AUC + accuracy) / 2, a tie replacing the best (the
-  latest of tied epochs is kept). The epoch count is ours (SI-MIL's default is 40).
+- ``simil``: 40 epochs (SI-MIL's train.py default); the epoch with the best validation score is kept and
+  evaluated on the fixed held-out test set, scored as SI-MIL's train.py does: (validation AUC + accuracy) / 2,
+  a tie replacing the best (the latest of tied epochs is kept).
+
+A departure from a preset (``--epochs``, ``--selection``, ``--patience``, ``--instance-sample`` ...) is always an
+option the user gives; :func:`plan_rows` names, for every setting of the plan, the value and where it comes from
+(the preset's reference, the head's recipe, or the option), and the run prints and records that table.
 
 Heads (what they bring, from their reference code, named in each recipe's ``source``): the optimiser, its
 step size, betas and weight decay, the LR schedule (the reference's, epoch by epoch: a 200-epoch schedule is
@@ -41,7 +45,9 @@ bag per optimiser step unless ``bags_per_step`` says otherwise (TransMIL and DTF
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+
 from zoomfeat.errors import ConfigError
+from zoomfeat.features import FeatureSpec
 
 SELECTIONS: tuple[str, ...] = ("last", "val_loss", "val_auc")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
@@ -64,7 +70,14 @@ PROTOCOLS: dict[str, Protocol] = {
     "hipt": Protocol("hipt", lr=None, weight_decay=None, epochs=20, selection="last"),
     "clam": Protocol("clam", lr=None, weight_decay=None, epochs=200, selection="val_loss", patience=20,
                      min_epochs=50),
-    "simil": Protocol("simil", lr=None, weight_decay=None, epochs=50, selection="val_auc"),
+    "simil": Protocol("simil", lr=None, weight_decay=None, epochs=40, selection="val_auc"),
+}
+# where each preset's settings come from (the reference code it is faithful to)
+PRESET_SOURCES: dict[str, str] = {
+    "hipt": "HIPT (Chen et al. 2022) weakly-supervised subtyping: --max_epochs 20, the last epoch's model",
+    "clam": "CLAM main.py (Lu et al. 2021): --max_epochs 200 --early_stopping, EarlyStopping(patience=20, "
+            "stop_epoch=50) on the validation loss, the saved best model",
+    "simil": "SI-MIL train.py (Kapse et al. 2024): 40 epochs, the epoch of the best (val AUC + accuracy) / 2",
 }
 
 
@@ -72,7 +85,7 @@ PROTOCOLS: dict[str, Protocol] = {
 class MILConfig:
     """Everything a ``train-mil`` run depends on; saved as ``RUN_DIR/config.json``."""
 
-    features: str
+    features: FeatureSpec  # a DIR@MAGS text is parsed on construction
     labels: str
     splits: str
     out: str
@@ -84,7 +97,8 @@ class MILConfig:
     model_kwargs: dict = field(default_factory=dict)
     protocol: Protocol = PROTOCOLS["hipt"]
     balanced: bool = False
-    seed: int = 0
+    seed: int = 0  # the init seed of one cross-validation pass (mil.train reads it); the first of ``seeds``
+    seeds: tuple[int, ...] | None = None  # every init seed of the run (``--seeds``); None: (seed,)
     folds: tuple[int, ...] | None = None
     accelerator: str = "cpu"
     devices: str = "1"
@@ -96,6 +110,11 @@ class MILConfig:
     instance_sample: float = 1.0  # share of each training bag's instances drawn per step (1: all; mil.train)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "features", FeatureSpec.parse(self.features))  # parsed once, here
+        seeds = (self.seed,) if self.seeds is None else tuple(self.seeds)
+        object.__setattr__(self, "seeds", seeds)
+        if seeds and self.seed not in seeds:
+            object.__setattr__(self, "seed", seeds[0])
         p = self.protocol
         if isinstance(p, Protocol) and (p.lr is None or p.weight_decay is None):
             ref = RECIPES.get(self.model, DEFAULT_RECIPE).reference
@@ -105,6 +124,17 @@ class MILConfig:
         validate(self)
 
 
+    def to_json(self) -> dict:
+        """The config as JSON values, the feature set in its text form (``DIR@20x+5x``)."""
+        from zoomfeat.serial import to_jsonable
+
+        return {**to_jsonable(self), "features": str(self.features)}
+
+    def for_seed(self, seed: int) -> MILConfig:
+        """This config for one cross-validation pass: ``seed`` is the init seed mil.train reads."""
+        return replace(self, seed=seed)
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -112,13 +142,14 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(cfg: MILConfig) -> None:
     """ConfigError naming the first bad value and the fix."""
-    from mil.bags import FeatureSpec
     from mil.registry import load_heads
     from mil.tasks import TASKS
 
     MIL_MODELS = load_heads()
 
-    FeatureSpec.parse(cfg.features)
+    _check(len(cfg.seeds) >= 1, "--seeds names no seed: give e.g. --seeds 0,1,2")
+    _check(len(set(cfg.seeds)) == len(cfg.seeds), f"--seeds {','.join(map(str, cfg.seeds))} repeats a seed")
+    _check(all(0 <= s < 2**63 for s in cfg.seeds), f"--seeds must be in [0, 2^63), got {cfg.seeds}")
     _check(cfg.task in TASKS, f"unknown task {cfg.task!r}: use one of {', '.join(TASKS)}")
     _check(cfg.model in MIL_MODELS, f"unknown model {cfg.model!r}: use one of {', '.join(sorted(MIL_MODELS))}")
     p = cfg.protocol
@@ -242,25 +273,64 @@ def training_plan(cfg: MILConfig, device: str = "cpu") -> TrainingPlan:
                         effective_model_kwargs(cfg), float(cfg.instance_sample))
 
 
-def describe_plan(plan: TrainingPlan) -> str:
-    """One line for the start of a run: what is used and where it comes from."""
-    p, r = plan.protocol, plan.recipe
-    opt = "RAdam+Lookahead(k 6, alpha 0.5; decoupled weight decay, none on biases/1-d)" if r.optimizer == "radam_lookahead" else "Adam"
+def plan_rows(cfg: MILConfig, device: str = "cpu") -> list[tuple[str, str, str]]:
+    """(setting, value, source) for every setting of the run's plan: the preset's reference for what the preset
+    fixes, the head's recipe for what it brings, ``--option`` for every departure the user gave."""
+    plan = training_plan(cfg, device)
+    p, r, preset = plan.protocol, plan.recipe, PROTOCOLS[cfg.protocol.name]
+    preset_src = f"preset {p.name}: {PRESET_SOURCES[p.name]}"
+    recipe_src = f"{cfg.model} recipe: {r.source}"
+
+    def source(name: str, option: str, default_src: str) -> str:
+        fixed = getattr(preset, name)
+        if fixed is None:  # the preset leaves it to the head's recipe
+            return recipe_src if getattr(p, name) == r.reference.get(name) else f"{option} (recipe: {r.reference.get(name)})"
+        return default_src if getattr(p, name) == fixed else f"{option} (departs from preset {p.name}: {fixed})"
+
+    selection = {"last": "the last epoch's model", "val_loss": "the best validation-loss model",
+                 "val_auc": "the best (val AUC + accuracy) / 2, latest among ties"}[p.selection]
+    stopping = _stopping(p)
     horizon = r.reference.get("epochs", 200)
-    schedule = {"constant": "constant LR",
-                "cosine": f"cosine LR to {r.eta_min:g} over {horizon} epochs (the reference's)",
-                "step": f"LR x {r.gamma:g} from epoch {', '.join(str(round(m * horizon)) for m in r.milestones)}"}
-    stop = {"last": "the last epoch's model",
-            "val_loss": "the best validation-loss model",
-            "val_auc": "the model of the best validation (AUC + accuracy) / 2, latest among ties"}[p.selection]
-    if p.patience is not None:
-        stop += f", CLAM early stopping (patience {p.patience}, stop_epoch {p.min_epochs})"
-    clip = f", gradient norm clipped to {max(plan.clip_groups.values()):g} per part" if plan.clip_groups else ""
-    given = ", ".join(f"{k}={v}" for k, v in sorted(plan.model_kwargs.items()))
-    sampled = (f", each step seeing a random {plan.instance_sample:.0%} of the bag's instances (seeded per slide "
-               "and epoch; evaluation on whole bags)" if plan.instance_sample < 1 else "")
-    args = f" (head defaults); head arguments {given}" if given else " (head defaults)"
-    return (f"training plan: {plan.model} under protocol {p.name}: the protocol fixes {p.epochs} epochs (max) "
-            f"and {stop}; the head's recipe ({r.source}): {opt} lr {p.lr:g}, betas {r.betas[0]:g}/{r.betas[1]:g}, "
-            f"weight decay {p.weight_decay:g}, {schedule[r.schedule]}{clip}; loss {r.loss}{args}; {plan.bags_per_step} bag(s) per "
-            f"optimiser step{sampled}; {plan.precision} (--lr/--weight-decay/--epochs... override any of them)")
+    schedule = {"constant": "constant", "cosine": f"cosine to {r.eta_min:g} over {horizon} epochs",
+                "step": f"x {r.gamma:g} from epoch {', '.join(str(round(m * horizon)) for m in r.milestones)}"}
+    optimizer = "RAdam + Lookahead (k 6, alpha 0.5)" if r.optimizer == "radam_lookahead" else "Adam"
+    given = cfg.bags_per_step is not None and cfg.bags_per_step != r.bags_per_step
+    kwargs = ", ".join(f"{k}={v}" for k, v in sorted(plan.model_kwargs.items())) or "the head's defaults"
+    rows = [
+        ("epochs (max)", str(p.epochs), source("epochs", "--epochs", preset_src)),
+        ("model evaluated", selection, source("selection", "--selection", preset_src)),
+        ("early stopping", stopping, preset_src if (p.patience, p.min_epochs) == (preset.patience, preset.min_epochs)
+         else f"--patience/--min-epochs/--epochs (departs from preset {p.name}: {_stopping(preset)})"),
+        ("optimiser", f"{optimizer}, betas {r.betas[0]:g}/{r.betas[1]:g}", recipe_src),
+        ("learning rate", f"{p.lr:g}", source("lr", "--lr", recipe_src)),
+        ("weight decay", f"{p.weight_decay:g}", source("weight_decay", "--weight-decay", recipe_src)),
+        ("LR schedule", schedule[r.schedule], recipe_src),
+        ("gradient clipping", f"norm {max(plan.clip_groups.values()):g} per part" if plan.clip_groups else "none",
+         recipe_src),
+        ("loss", r.loss, recipe_src),
+        ("head arguments", kwargs, "--model-kwargs and the task (mil.config.effective_model_kwargs)"
+         if plan.model_kwargs else recipe_src),
+        ("bags per step", str(plan.bags_per_step), "--bags-per-step" if given else recipe_src),
+        ("instances per step", "all" if plan.instance_sample >= 1 else f"a random {plan.instance_sample:.0%}",
+         "--instance-sample (departs from every reference: all instances)" if plan.instance_sample < 1
+         else "every reference (whole bags)"),
+        ("bag order", "class-balanced draws with replacement" if cfg.balanced else "a seeded shuffle per epoch",
+         "--balanced" if cfg.balanced else "every reference (a shuffled loader)"),
+        ("init seeds", ",".join(map(str, cfg.seeds)), "--seeds" if cfg.seeds != (0,) else "default (one seed, 0)"),
+        ("precision", plan.precision,
+         "--precision" if cfg.precision != "auto" else "default (fp32 on a CPU, bf16 on a GPU)"),
+    ]
+    return rows
+
+
+def _stopping(p: Protocol) -> str:
+    # CLAM stops once the counter reaches patience after 0-based epoch stop_epoch: 1-based epoch stop_epoch + 2
+    return "none" if p.patience is None else f"patience {p.patience}, not before epoch {p.min_epochs + 2}"
+
+
+def describe_plan_rows(rows: list[tuple[str, str, str]], model: str, protocol: str) -> str:
+    """The plan table as printed at the start of a run (one setting a line)."""
+    width = max(len(k) for k, _, _ in rows)
+    lines = [f"training plan: {model} under preset {protocol}"]
+    lines += [f"  {k:<{width}}  {v}  [{src}]" for k, v, src in rows]
+    return "\n".join(lines)

@@ -36,7 +36,7 @@ class HeatmapResult:
 def trained_spec(record) -> FeatureSpec | None:
     """The feature set fold ``fold`` of a run was trained on: its run record's (mil.record.RunRecord; the fold's
     checkpoint is checked against it by mil.cv.load_fold_model)."""
-    return FeatureSpec.parse(record.feature_spec)
+    return record.feature_spec
 
 
 def check_slide_identity(feature_file: FeatureFile, slide_path: str | Path) -> None:
@@ -75,7 +75,7 @@ def _attention(run_dir, fold: int, slide_path, spec) -> tuple[FeatureSpec, np.nd
         if trained is None:
             raise ConfigError(f"{run_dir} does not record its feature set: pass --features DIR@MAGS")
         spec = trained
-    spec = FeatureSpec.parse(spec)
+    spec = FeatureSpec.parse(spec)  # a FeatureSpec from the command passes through
     if trained is not None and trained.mags != spec.mags:
         raise ConfigError(f"fold {fold} of {run_dir} was trained on {trained}, not on {spec}: pass --features "
                           f"DIR@{trained.mags_text}")

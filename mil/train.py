@@ -37,7 +37,7 @@ import torch
 
 from mil.bags import MILDataWarning
 from mil.cache import BagCache, LazyBags, pad_bags
-from mil.config import MILConfig, TrainingPlan, describe_plan, effective_model_kwargs, training_plan
+from mil.config import MILConfig, TrainingPlan, effective_model_kwargs, training_plan
 from mil.metrics import auroc_or_none, balanced_accuracy, f1
 from mil.optim import clip_groups, lr_at, make_optimizer
 from mil.registry import build_model
@@ -333,14 +333,12 @@ def train_one(cfg: MILConfig, fold: int, data: FoldData, bags, order: dict[str, 
 
 def run_folds(cfg: MILConfig, folds: dict[int, FoldData], order: dict[str, int], store, in_dim: int,
               n_classes: int, write, progress: bool = False) -> None:
-    """Train ``folds`` one by one and ``write(fold, result)`` each; prints the training plan first. DataErrors
-    of one fold name it."""
-    from zoomfeat.log import note
-
+    """Train ``folds`` one by one for the init seed ``cfg.seed`` and
+    ``write(fold, result)`` each as it comes back (mil.cv prints the run's plan once, and a line per fold).
+    DataErrors of one fold name it."""
     if not folds:
         return
     device = resolve_device(cfg.accelerator)
-    note(describe_plan(training_plan(cfg, device)))
     retain_freed_memory()
     bags = make_bags(store, _needed(cfg, folds), device, cfg.cache)
     for k, data in folds.items():

@@ -4,6 +4,7 @@ EarlyStopping class counts it (re-implemented here from its definition)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -11,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from mil.config import RECIPES, MILConfig, make_protocol, training_plan
+from mil.config import RECIPES, MILConfig, make_protocol, plan_rows, training_plan
 from mil.optim import clip_groups, lr_at, make_optimizer
 from mil.train import Selection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _cfg(model: str, protocol: str = "hipt", **kw) -> MILConfig:
+def _cfg(model: str, protocol: str = "hipt", instance_sample: float = 1.0, **kw) -> MILConfig:
     return MILConfig(features="f@20x", labels="l.csv", splits="s", out="o", model=model,
-                     protocol=make_protocol(protocol, **kw))
+                     protocol=make_protocol(protocol, **kw), instance_sample=instance_sample)
 
 
 def test_protocols_fix_their_settings_and_heads_bring_the_rest():
@@ -30,7 +31,7 @@ def test_protocols_fix_their_settings_and_heads_bring_the_rest():
     assert (dsmil.protocol.lr, dsmil.protocol.weight_decay) == (2e-4, 5e-3)  # DSMIL's train_tcga.py
     assert plan.recipe.betas == (0.5, 0.9) and plan.recipe.schedule == "cosine" and plan.recipe.eta_min == 5e-6
     abmil = _cfg("abmil", "simil")
-    assert (abmil.protocol.lr, abmil.protocol.weight_decay, abmil.protocol.epochs) == (5e-4, 1e-4, 50)
+    assert (abmil.protocol.lr, abmil.protocol.weight_decay, abmil.protocol.epochs) == (5e-4, 1e-4, 40)
     assert training_plan(_cfg("transmil")).recipe.optimizer == "radam_lookahead"
     dtfd = training_plan(_cfg("dtfd", "clam"))
     assert dtfd.clip_groups and dtfd.protocol.patience == 20 and dtfd.protocol.min_epochs == 50
@@ -53,9 +54,32 @@ def test_the_plan_is_printed_at_the_start_of_a_run(tmp_path, caplog):
         run_cv(cfg)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training plan")]
     assert len(lines) == 1
-    for part in ("dsmil under protocol hipt", "1 epochs", "last epoch", "betas 0.5/0.9",
-                 "cosine LR to 5e-06 over 200 epochs", "lr 0.0002", "weight decay 0.005", "1 bag(s) per optimiser step", "fp32"):
+    for part in ("dsmil under preset hipt", "epochs (max)        1  [--epochs (departs from preset hipt: 20)]",
+                 "the last epoch's model  [preset hipt: HIPT", "betas 0.5/0.9  [dsmil recipe: Li et al. 2021",
+                 "cosine to 5e-06 over 200 epochs", "learning rate       0.0002", "weight decay        0.005",
+                 "bags per step       1", "fp32", "init seeds          0  [default (one seed, 0)]"):
         assert part in lines[0], (part, lines[0])
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["plan"]
+    assert [row["setting"] for row in saved] == [line.split("  ")[1].strip() for line in lines[0].splitlines()[1:]]
+    assert all(row["source"] for row in saved)
+
+
+@pytest.mark.parametrize("name", ["hipt", "clam", "simil"])
+def test_presets_are_their_references_and_departures_are_named_options(name):
+    """hipt: 20 epochs, last epoch (HIPT); clam: at most 200 epochs, CLAM's EarlyStopping(patience=20,
+    stop_epoch=50) on the validation loss; simil: 40 epochs (SI-MIL's train.py default), best (AUC + acc) / 2.
+    Without options every setting's source is the preset or the head's recipe; an option is named as one."""
+    expected = {"hipt": (20, "last", None, 1), "clam": (200, "val_loss", 20, 50), "simil": (40, "val_auc", None, 1)}
+    p = make_protocol(name)
+    assert (p.epochs, p.selection, p.patience, p.min_epochs) == expected[name]
+    rows = {k: src for k, _, src in plan_rows(_cfg("abmil", name))}
+    assert not any(src.startswith("--") for src in rows.values()), rows
+    assert rows["epochs (max)"].startswith(f"preset {name}: ") and rows["model evaluated"] == rows["epochs (max)"]
+    assert rows["learning rate"].startswith("abmil recipe: Ilse et al. 2018")
+    departed = {k: src for k, _, src in plan_rows(_cfg("abmil", name, epochs=3, lr=1e-3, instance_sample=0.5))}
+    assert departed["epochs (max)"] == f"--epochs (departs from preset {name}: {expected[name][0]})"
+    assert departed["learning rate"] == "--lr (recipe: 0.0005)"
+    assert departed["instances per step"].startswith("--instance-sample")
 
 
 def test_schedules_follow_torchs_schedulers():
