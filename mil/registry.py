@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mil.heads import HEADS, load_all
 from zoomfeat.errors import ConfigError
 
 MIL_MODELS: dict[str, type[nn.Module]] = {}
@@ -34,7 +35,6 @@ class MILOutput(NamedTuple):
 
 def register_model(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator: add a head to :data:`MIL_MODELS` under ``name``, one of :data:`mil.heads.HEADS`."""
-    from mil.heads import HEADS
 
     def add(cls: type[nn.Module]) -> type[nn.Module]:
         if name in MIL_MODELS:
@@ -50,8 +50,6 @@ def register_model(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
 def load_heads() -> dict[str, type[nn.Module]]:
     """Every head of :data:`mil.heads.HEADS`, imported (they register themselves); returns the registry."""
-    from mil.heads import load_all
-
     load_all()
     return MIL_MODELS
 

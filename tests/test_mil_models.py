@@ -38,6 +38,15 @@ def test_cli_choices_and_help_are_the_registry_and_need_no_torch():
     assert out.strip() == f"{sorted(HEADS)} False"
 
 
+def test_the_head_table_of_the_docs_is_the_registrys():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "mil.md").read_text(encoding="utf-8")
+    block = text[text.index("<!-- heads: mil.heads.HEADS -->"):text.index("<!-- end of heads -->")]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines()[3:]]
+    assert rows == [[f"`{n}`", HEADS[n][1], f"`mil/heads/{HEADS[n][0]}.py`"] for n in sorted(HEADS)]
+
+
 @pytest.mark.parametrize("name", sorted(SMALL))
 @pytest.mark.parametrize("n", [1, 2, 37])
 @pytest.mark.parametrize("n_classes", [2, 3])
