@@ -62,8 +62,9 @@ def mean_auc(paths, out: Path, model: str, kwargs: dict, protocol: str, instance
 
     cfg = MILConfig(features=f"{paths['features']}@20x", labels=str(paths["labels"]), splits=str(paths["splits"]),
                     out=str(out), model=model, model_kwargs=kwargs, protocol=make_protocol(protocol),
-                    all_folds=True, instance_sample=instance_sample, task=task, seed=train_seed)
-    return float(run_cv(cfg).set_index("fold").at["mean", "test_auc"])
+                    instance_sample=instance_sample, task=task, seed=train_seed)
+    summary = run_cv(cfg)  # the mean over seeds of the per-seed means over folds (mil.cv.write_summary)
+    return float(summary[(summary.seed == "mean") & (summary.fold == "mean")].test_auc.iloc[0])
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ def fabricate(run_dir: Path, n_folds: int, n_test: int, seed: int) -> Path:
         pd.DataFrame({"slide_id": ids, "case_id": ids, "label": labels, "prob": probs, "split": "test",
                       "prob_IDC": 1 - probs, "prob_ILC": probs}).to_csv(
             run_dir / f"fold_{k}" / "predictions.csv", index=False)
+        (run_dir / f"fold_{k}" / "metrics.json").write_text("{}")  # train-mil's done marker (mil.record)
     return run_dir
 
 

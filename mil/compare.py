@@ -1,10 +1,14 @@
-"""Compare ``train-mil`` runs: a feature-set x task table of mean +- std test AUC, paired per-fold tests.
+"""Compare ``train-mil`` runs: a feature-set x task table of mean +- std test AUC, paired per-(seed, fold) tests.
 
-Runs are grouped by the task of their run record. Within a task every run is paired fold by fold with the reference
-run of that task (``reference`` when it is of that task, else the task's first run): the per-fold AUC
-differences (run - reference; AUC from :mod:`mil.metrics`, scikit-learn), a Wilcoxon signed-rank p-value over them, and a paired bootstrap 95% CI of their
-mean (slides resampled with replacement within each fold's test set, stratified by class so every draw has an
-AUC, the same draw for both runs). Runs of one task must share their splits and
+Runs are grouped by the task of their run record. Within a task every run is paired by (init seed, fold) with the
+reference run of that task (``reference`` when it is of that task, else the task's first run), on the pairs both
+runs hold (the number used is reported): the per-pair AUC differences (run - reference; AUC from
+:mod:`mil.metrics`, scikit-learn), a Wilcoxon signed-rank p-value over them, and a paired bootstrap 95% CI of
+their mean (slides resampled with replacement within each fold's test set, stratified by class so every draw has
+an AUC, the same draw for both runs). Each run's cell gives the mean ± std over its folds (all seeds' folds) and,
+for several seeds, the mean ± std over seeds of the per-seed means; a second table gives every metric
+(AUC, balanced accuracy, accuracy, macro F1) by name. A partial run is refused unless ``allow_partial``; then
+its cells and the notes name the missing folds. Runs of one task must share their splits and
 their label map: the ``split_fingerprints`` of their records (:mod:`mil.record`), else (records without them) the
 test slide ids of each fold; otherwise a DataError names the folds that differ.
 """
@@ -18,17 +22,16 @@ import numpy as np
 from scipy.stats import wilcoxon
 
 from mil import html, plots
-from mil.metrics import auroc
+from mil.metrics import METRICS, auroc, metric_label
 from mil.record import RunRecord
-from mil.report import RunResult, fmt, fmt_mean_std, load_run, mean_std, resampled_aucs
+from mil.report import Pair, RunResult, fmt, fmt_mean_std, fold_metrics, load_run, mean_std, resampled_aucs
 from zoomfeat.errors import DataError
-from zoomfeat.features import FeatureSpec
 from zoomfeat.store import write_json_atomic, write_text
 
 
 def base_feature_set(record: RunRecord) -> str:
     """``<extractor>@<mags>`` (e.g. ``zoomldm@20x+5x``); the feature folder's name when no extractor is recorded."""
-    spec = FeatureSpec.parse(record.feature_spec)
+    spec = record.feature_spec
     base = record.extractor or spec.directory.name or "features"
     return f"{base}@{spec.mags_text}"
 
@@ -67,7 +70,8 @@ def task_name(record: RunRecord) -> str:
 
 # ---------------------------------------------------------------------------------------------- splits
 def _test_ids(run: RunResult, fold: int) -> frozenset[str]:
-    return frozenset(run.test(fold)["slide_id"].astype(str))
+    pair = next(p for p in run.pairs if p[1] == fold)  # a fold's test set is the same under every seed
+    return frozenset(run.test(pair)["slide_id"].astype(str))
 
 
 def differing_folds(a: RunResult, b: RunResult) -> list[int]:
@@ -77,8 +81,7 @@ def differing_folds(a: RunResult, b: RunResult) -> list[int]:
         fa, fb = {int(k): v for k, v in fa.items()}, {int(k): v for k, v in fb.items()}
         return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
     folds = set(a.folds) | set(b.folds)
-    return sorted(k for k in folds if k not in a.predictions or k not in b.predictions
-                  or _test_ids(a, k) != _test_ids(b, k))
+    return sorted(k for k in folds if k not in a.folds or k not in b.folds or _test_ids(a, k) != _test_ids(b, k))
 
 
 def check_same_splits(reference: RunResult, runs: list[RunResult], task: str) -> None:
@@ -97,11 +100,17 @@ def check_same_splits(reference: RunResult, runs: list[RunResult], task: str) ->
 
 
 # ---------------------------------------------------------------------------------------------- statistics
-def fold_aucs(run: RunResult) -> dict[int, float | None]:
-    return {k: auroc(run.scores(k)[1], run.scores(k)[0], len(run.classes)) for k in run.folds}
+def fold_aucs(run: RunResult) -> dict[Pair, float | None]:
+    """(seed, fold) -> test AUC."""
+    return {p: auroc(run.scores(p)[1], run.scores(p)[0], len(run.classes)) for p in run.pairs}
 
 
-def _aligned(run: RunResult, ref: RunResult, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pair_name(pair: Pair) -> str:
+    """``"seed 0 fold 3"``: a (seed, fold) as a JSON key and in tables."""
+    return f"seed {pair[0]} fold {pair[1]}"
+
+
+def _aligned(run: RunResult, ref: RunResult, fold: Pair) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """labels [n], run probs [n, C], reference probs [n, C] on the test slides both runs scored in ``fold``."""
     a = run.test(fold).drop_duplicates("slide_id").set_index("slide_id")
     b = ref.test(fold).drop_duplicates("slide_id").set_index("slide_id")
@@ -109,7 +118,7 @@ def _aligned(run: RunResult, ref: RunResult, fold: int) -> tuple[np.ndarray, np.
     return b.loc[ids, "label"].to_numpy(dtype=int), run.probs(a.loc[ids]), ref.probs(b.loc[ids])
 
 
-def paired_bootstrap_ci(run: RunResult, ref: RunResult, folds: list[int], n_bootstrap: int, seed: int) -> dict:
+def paired_bootstrap_ci(run: RunResult, ref: RunResult, folds: list[Pair], n_bootstrap: int, seed: int) -> dict:
     """95% percentile CI of mean over ``folds`` of AUC(run) - AUC(reference), slides resampled per fold by class
     (every class keeps its count, so every draw has an AUC; the same draw for both runs)."""
     if not folds or n_bootstrap <= 0:
@@ -121,7 +130,7 @@ def paired_bootstrap_ci(run: RunResult, ref: RunResult, folds: list[int], n_boot
         members = [np.flatnonzero(labels == c) for c in range(p_run.shape[1])]
         if any(m.size == 0 for m in members):  # the slides both runs scored lack a class: no paired AUC
             return {"low": None, "high": None, "n_bootstrap": n_bootstrap, "seed": seed,
-                    "undefined_fold": k}
+                    "undefined_fold": k[1], "undefined_pair": list(k)}
         idx = np.concatenate([rng.choice(m, size=(n_bootstrap, m.size)) for m in members], axis=1)
         total += resampled_aucs(labels, p_run, idx) - resampled_aucs(labels, p_ref, idx)
     low, high = np.percentile(total / len(folds), [2.5, 97.5])
@@ -136,17 +145,22 @@ def wilcoxon_p(differences: list[float]) -> float | None:
 
 
 def paired_comparison(run: RunResult, ref: RunResult, n_bootstrap: int, seed: int) -> dict:
-    """Per-fold AUC differences (run - reference) on folds where both AUCs are defined, and their tests."""
+    """Per-(seed, fold) AUC differences (run - reference) on the pairs both runs hold where both AUCs are
+    defined, and their tests; ``n_pairs`` says how many pairs were used, ``n_unpaired`` how many were not."""
     a, b = fold_aucs(run), fold_aucs(ref)
-    folds = [k for k in sorted(set(a) & set(b)) if a[k] is not None and b[k] is not None]
-    diffs = {k: a[k] - b[k] for k in folds}
+    pairs = [p for p in b if p in a and a[p] is not None and b[p] is not None]
+    diffs = {pair_name(p): a[p] - b[p] for p in pairs}
     values = list(diffs.values())
     return {
-        "folds": folds,
+        "pairs": [list(p) for p in pairs],
+        "n_pairs": len(pairs),
+        "n_unpaired": len(set(a) ^ set(b)),
+        "folds": sorted({k for _, k in pairs}),
+        "seeds": list(dict.fromkeys(s for s, _ in pairs)),
         "differences": diffs,
         "mean_difference": float(np.mean(values)) if values else None,
         "wilcoxon_p": wilcoxon_p(values),
-        "bootstrap_ci95": paired_bootstrap_ci(run, ref, folds, n_bootstrap, seed),
+        "bootstrap_ci95": paired_bootstrap_ci(run, ref, pairs, n_bootstrap, seed),
     }
 
 
@@ -182,9 +196,7 @@ def compute_comparison(runs: list[RunResult], reference: RunResult | None = None
         references[task] = str(ref.run_dir)
         check_same_splits(ref, members, task)
         for run in members:
-            per_fold = fold_aucs(run)
-            entries.append({"run_dir": str(run.run_dir), "task": task, "feature_set": names[run.run_dir],
-                            "fold_auc": per_fold, "auc": mean_std(list(per_fold.values()))})
+            entries.append(_entry(run, task, names[run.run_dir]))
             if run is not ref:
                 comparisons.append({"task": task, "feature_set": names[run.run_dir], "run_dir": str(run.run_dir),
                                     "reference": names[ref.run_dir], "reference_run_dir": str(ref.run_dir),
@@ -196,12 +208,33 @@ def compute_comparison(runs: list[RunResult], reference: RunResult | None = None
             "table": table, "comparisons": comparisons, "n_bootstrap": n_bootstrap, "seed": seed,
             "fraction_curves": {t: {n: {str(f): a for f, a in v.items()} for n, v in s.items()}
                                 for t, s in curves.items()},
-            "notes": _notes(entries)}
+            "notes": _notes(entries, comparisons)}
 
 
-def _notes(entries: list[dict]) -> list[str]:
-    notes = ["Cells: mean ± standard deviation (ddof=1) of the test AUC over folds; paired tests are over the "
-             "folds where both runs have an AUC."]
+def _entry(run: RunResult, task: str, name: str) -> dict:
+    """One run's numbers: AUC per (seed, fold), mean ± std over folds and over seeds, every metric's mean ± std."""
+    per_pair = [{"seed": s, "fold": k, **fold_metrics(*run.scores((s, k)))} for s, k in run.pairs]
+    seed_means = [mean_std([m["auc"] for m in per_pair if m["seed"] == s])["mean"] for s in run.seeds]
+    return {"run_dir": str(run.run_dir), "task": task, "feature_set": name, "seeds": run.seeds,
+            "fold_auc": {pair_name((m["seed"], m["fold"])): m["auc"] for m in per_pair},
+            "auc": mean_std([m["auc"] for m in per_pair]), "auc_over_seeds": mean_std(seed_means),
+            "metrics": {key: mean_std([m[key] for m in per_pair]) for key in METRICS},
+            "metric_labels": {key: metric_label(key, len(run.classes)) for key in METRICS},
+            "missing": [list(p) for p in (run.completeness.missing if run.completeness else ())],
+            "partial_note": run.partial_note}
+
+
+def _notes(entries: list[dict], comparisons: list[dict]) -> list[str]:
+    notes = ["Cells: mean ± standard deviation (ddof=1) of the test AUC over folds (every seed's folds), and for "
+             "runs of several init seeds the mean ± standard deviation over seeds of the per-seed means; paired "
+             "tests are over the (seed, fold) pairs both runs hold where both have an AUC."]
+    for e in entries:
+        if e["partial_note"]:
+            notes.append(f"{e['feature_set']} / {e['task']} ({e['run_dir']}): {e['partial_note']}")
+    for c in comparisons:
+        unpaired = f", {c['n_unpaired']} (seed, fold) pair(s) held by only one of them" if c["n_unpaired"] else ""
+        notes.append(f"{c['feature_set']} vs {c['reference']} ({c['task']}): paired on {c['n_pairs']} (seed, fold) "
+                     f"pair(s) (seeds {', '.join(map(str, c['seeds'])) or 'none'}){unpaired}.")
     for e in entries:
         if e["auc"]["n_excluded"]:
             notes.append(f"{e['feature_set']} / {e['task']}: {e['auc']['n_excluded']} fold(s) with a single-class "
@@ -209,12 +242,39 @@ def _notes(entries: list[dict]) -> list[str]:
     return notes
 
 
+def cell_text(entry: dict | None) -> str:
+    """A run's table cell: mean ± std over folds, over seeds (several), and a partial run's mark."""
+    if entry is None:
+        return "—"
+    text = f"{fmt_mean_std(entry['auc'])} (n={entry['auc']['n']})"
+    if len(entry["seeds"]) > 1:
+        text += f"; over {len(entry['seeds'])} seeds {fmt_mean_std({**entry['auc_over_seeds'], 'over': 'seed'})}"
+    if entry["missing"]:
+        text += f" [partial: {len(entry['missing'])} (seed, fold) pair(s) missing]"
+    return text
+
+
 def table_rows(result: dict) -> list[list[str]]:
     rows = []
     for fs in result["feature_sets"]:
-        cells = [result["table"][fs].get(t) for t in result["tasks"]]
-        rows.append([fs] + ["—" if c is None else f"{fmt_mean_std(c)} (n={c['n']})" for c in cells])
+        cells = [next((e for e in result["runs"] if e["feature_set"] == fs and e["task"] == t), None)
+                 for t in result["tasks"]]
+        rows.append([fs] + [cell_text(c) for c in cells])
     return rows
+
+
+def _metric_rows(result: dict) -> list[list[str]]:
+    return [[e["feature_set"], e["task"]] + [fmt_mean_std(e["metrics"][key]) for key in METRICS]
+            + (["partial: " + ", ".join(pair_name(tuple(p)) for p in e["missing"])] if e["missing"] else ["complete"])
+            for e in result["runs"]]
+
+
+def _metric_header(result: dict) -> list[str]:
+    labels = {}
+    for e in result["runs"]:  # "AUC (one-vs-rest macro)" when any run has more than two classes
+        for key, label in e["metric_labels"].items():
+            labels[key] = label if len(label) > len(labels.get(key, "")) else labels[key]
+    return ["feature set", "task", *(labels[key] for key in METRICS), "folds"]
 
 
 def comparison_rows(result: dict) -> list[list[str]]:
@@ -224,18 +284,20 @@ def comparison_rows(result: dict) -> list[list[str]]:
         ci_text = "n/a" if ci["low"] is None else f"[{ci['low']:+.3f}, {ci['high']:+.3f}]"
         mean = "n/a" if c["mean_difference"] is None else f"{c['mean_difference']:+.3f}"
         diffs = ", ".join(f"{d:+.3f}" for d in c["differences"].values()) or "n/a"
-        rows.append([c["task"], c["feature_set"], c["reference"], str(len(c["folds"])), diffs, mean, ci_text,
+        rows.append([c["task"], c["feature_set"], c["reference"], str(c["n_pairs"]), diffs, mean, ci_text,
                      fmt(c["wilcoxon_p"])])
     return rows
 
 
-COMPARISON_HEADER = ["task", "feature set", "reference", "folds", "per-fold ΔAUC", "mean ΔAUC",
+COMPARISON_HEADER = ["task", "feature set", "reference", "(seed, fold) pairs", "per-pair ΔAUC", "mean ΔAUC",
                      "bootstrap 95% CI", "Wilcoxon p"]
 
 
 def render_html(result: dict, images: dict[str, bytes]) -> str:
     parts = [html.heading("Test AUC per feature set and task"),
              html.table(["feature set", *result["tasks"]], table_rows(result)),
+             html.heading("Every metric per run (mean ± std over folds)"),
+             html.table(_metric_header(result), _metric_rows(result)),
              html.heading("Paired differences against the reference")]
     if result["comparisons"]:
         parts.append(html.table(COMPARISON_HEADER, comparison_rows(result)))
@@ -254,6 +316,8 @@ def render_html(result: dict, images: dict[str, bytes]) -> str:
 def render_markdown(result: dict, images: dict[str, bytes]) -> str:
     lines = ["# Feature-set comparison", "", "## Test AUC per feature set and task", "",
              html.markdown_table(["feature set", *result["tasks"]], table_rows(result)), "",
+             "## Every metric per run (mean ± std over folds)", "",
+             html.markdown_table(_metric_header(result), _metric_rows(result)), "",
              "## Paired differences against the reference", ""]
     lines.append(html.markdown_table(COMPARISON_HEADER, comparison_rows(result)) if result["comparisons"]
                  else "No pairs: every task has a single run.")
@@ -267,25 +331,30 @@ def _safe(text: str) -> str:
 
 
 def build_comparison(run_dirs: list[str | Path], out_dir: str | Path, reference: str | Path | None = None, *,
-                     n_bootstrap: int = 1000, seed: int = 0) -> dict:
+                     n_bootstrap: int = 1000, seed: int = 0, allow_partial: bool = False) -> dict:
     """Write compare.html (and the same page as index.html), compare.md, compare.json, per-task per-fold PNGs.
 
     Returns compare.json's dict, with ``files`` (name -> path).
     """
-    runs = [load_run(d) for d in run_dirs]
+    runs = [load_run(d, allow_partial) for d in run_dirs]
     if not runs:
         raise DataError("no run directories to compare: pass at least one RUN_DIR")
     ref = None
     if reference is not None:
         ref_path = Path(reference).resolve()
-        ref = next((r for r in runs if r.run_dir.resolve() == ref_path), None) or load_run(reference)
+        ref = next((r for r in runs if r.run_dir.resolve() == ref_path), None) or load_run(reference, allow_partial)
         if not any(r is ref for r in runs):
             runs = [ref, *runs]
     result = compute_comparison(runs, ref, n_bootstrap=n_bootstrap, seed=seed)
     out = Path(out_dir)
     images = {}
     for task in result["tasks"]:
-        series = {e["feature_set"]: e["fold_auc"] for e in result["runs"] if e["task"] == task}
+        series = {}
+        for e in (e for e in result["runs"] if e["task"] == task):
+            for s in e["seeds"]:
+                name = e["feature_set"] + (f" (seed {s})" if len(e["seeds"]) > 1 else "")
+                series[name] = {int(key.split()[3]): v for key, v in e["fold_auc"].items()
+                                if key.startswith(f"seed {s} ")}
         images[f"fold_auc_{_safe(task)}.png"] = plots.fold_auc_figure(series, f"test AUC per fold: {task}")
     for task, curves in result["fraction_curves"].items():
         numeric = {n: {float(f): a for f, a in v.items()} for n, v in curves.items()}

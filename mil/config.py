@@ -12,9 +12,13 @@ Protocols (what they fix):
   lower than or equal to the best so far resets the counter and saves the weights, a higher one adds 1, and
   training stops once the counter is >= patience and e > stop_epoch (``min_epochs``, 50: at least 52 epochs);
   the saved (best) weights are evaluated.
-- ``simil``: 50 epochs; the epoch with the best validation score is kept and evaluated on the fixed held-out
-  test set, scored as SI-MIL's train.py does: (validation AUC + accuracy) / 2, a tie replacing the best (the
-  latest of tied epochs is kept). The epoch count is ours (SI-MIL's default is 40).
+- ``simil``: 40 epochs (SI-MIL's train.py default); the epoch with the best validation score is kept and
+  evaluated on the fixed held-out test set, scored as SI-MIL's train.py does: (validation AUC + accuracy) / 2,
+  a tie replacing the best (the latest of tied epochs is kept).
+
+A departure from a preset (``--epochs``, ``--selection``, ``--patience``, ``--instance-sample`` ...) is always an
+option the user gives; :func:`plan_rows` names, for every setting of the plan, the value and where it comes from
+(the preset's reference, the head's recipe, or the option), and the run prints and records that table.
 
 Heads (what they bring, from their reference code, named in each recipe's ``source``): the optimiser, its
 step size, betas and weight decay, the LR schedule (the reference's, epoch by epoch: a 200-epoch schedule is
@@ -29,19 +33,22 @@ followed for as many epochs as the protocol runs), gradient clipping and the los
   ``--average`` default (:func:`effective_model_kwargs`).
 - ``transmil``: RAdam inside Lookahead (k 6, alpha 0.5), lr 2e-4, weight decay 1e-5 (decoupled, not on biases
   and 1-d parameters), constant (TransMIL's Camelyon/TransMIL.yaml and optimiser factory); the class token
-  left out of the value convolution (``class_token_residual=False``, see :mod:`mil.transmil`).
+  left out of the value convolution (``class_token_residual=False``, see :mod:`mil.heads.transmil`).
 - ``dtfd``: Adam lr 1e-4, weight decay 1e-4, LR x 0.2 from epoch 100 (the reference's MultiStepLR([100], 0.2)
   of 200 epochs), gradient norm clipped to 5 per tier-module (DTFD-MIL).
 
 The epochs of a head's reference are kept in its recipe for the record; the protocols replace them.
 ``MILConfig`` records the step size and weight decay actually used in its ``protocol``. All heads train on one
-bag per optimiser step unless ``bags_per_step`` says otherwise (heads that cannot pad bags always take one).
+bag per optimiser step unless ``bags_per_step`` says otherwise (TransMIL and DTFD run a step's bags one by one).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+
 from zoomfeat.errors import ConfigError
+from zoomfeat.features import FeatureSpec
+from zoomfeat.serial import to_jsonable
 
 SELECTIONS: tuple[str, ...] = ("last", "val_loss", "val_auc")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
@@ -64,7 +71,14 @@ PROTOCOLS: dict[str, Protocol] = {
     "hipt": Protocol("hipt", lr=None, weight_decay=None, epochs=20, selection="last"),
     "clam": Protocol("clam", lr=None, weight_decay=None, epochs=200, selection="val_loss", patience=20,
                      min_epochs=50),
-    "simil": Protocol("simil", lr=None, weight_decay=None, epochs=50, selection="val_auc"),
+    "simil": Protocol("simil", lr=None, weight_decay=None, epochs=40, selection="val_auc"),
+}
+# where each preset's settings come from (the reference code it is faithful to)
+PRESET_SOURCES: dict[str, str] = {
+    "hipt": "HIPT (Chen et al. 2022) weakly-supervised subtyping: --max_epochs 20, the last epoch's model",
+    "clam": "CLAM main.py (Lu et al. 2021): --max_epochs 200 --early_stopping, EarlyStopping(patience=20, "
+            "stop_epoch=50) on the validation loss, the saved best model",
+    "simil": "SI-MIL train.py (Kapse et al. 2024): 40 epochs, the epoch of the best (val AUC + accuracy) / 2",
 }
 
 
@@ -72,7 +86,7 @@ PROTOCOLS: dict[str, Protocol] = {
 class MILConfig:
     """Everything a ``train-mil`` run depends on; saved as ``RUN_DIR/config.json``."""
 
-    features: str
+    features: FeatureSpec  # a DIR@MAGS text is parsed on construction
     labels: str
     splits: str
     out: str
@@ -84,20 +98,24 @@ class MILConfig:
     model_kwargs: dict = field(default_factory=dict)
     protocol: Protocol = PROTOCOLS["hipt"]
     balanced: bool = False
-    seed: int = 0
+    seed: int = 0  # the init seed of one cross-validation pass (mil.train reads it); the first of ``seeds``
+    seeds: tuple[int, ...] | None = None  # every init seed of the run (``--seeds``); None: (seed,)
     folds: tuple[int, ...] | None = None
     accelerator: str = "cpu"
     devices: str = "1"
     cache: bool = True
     bags_per_step: int | None = None  # None: the head's recipe (1)
-    all_folds: bool = False  # train the selected folds at once (same numbers as one by one)
     precision: str = "auto"  # auto (bf16 autocast on a GPU, fp32 on the CPU), fp32, bf16
     augment: str | None = None  # folder of synthetic copies (zoomfeat feature-copies): added to training folds only
     train_fraction: float = 1.0  # of each fold's training patients (stratified, seeded, nested); mil.augment
     instance_sample: float = 1.0  # share of each training bag's instances drawn per step (1: all; mil.train)
-    compile: bool = False  # the head's written-out training step through torch.compile (heads marked compilable: abmil)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "features", FeatureSpec.parse(self.features))  # parsed once, here
+        seeds = (self.seed,) if self.seeds is None else tuple(self.seeds)
+        object.__setattr__(self, "seeds", seeds)
+        if seeds and self.seed not in seeds:
+            object.__setattr__(self, "seed", seeds[0])
         p = self.protocol
         if isinstance(p, Protocol) and (p.lr is None or p.weight_decay is None):
             ref = RECIPES.get(self.model, DEFAULT_RECIPE).reference
@@ -107,6 +125,15 @@ class MILConfig:
         validate(self)
 
 
+    def to_json(self) -> dict:
+        """The config as JSON values, the feature set in its text form (``DIR@20x+5x``)."""
+        return {**to_jsonable(self), "features": str(self.features)}
+
+    def for_seed(self, seed: int) -> MILConfig:
+        """This config for one cross-validation pass: ``seed`` is the init seed mil.train reads."""
+        return replace(self, seed=seed)
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -114,13 +141,14 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(cfg: MILConfig) -> None:
     """ConfigError naming the first bad value and the fix."""
-    from mil.bags import FeatureSpec
-    from mil.models import MIL_MODELS, _load_all
+    from mil.registry import load_heads
     from mil.tasks import TASKS
 
-    _load_all()
+    MIL_MODELS = load_heads()
 
-    FeatureSpec.parse(cfg.features)
+    _check(len(cfg.seeds) >= 1, "--seeds names no seed: give e.g. --seeds 0,1,2")
+    _check(len(set(cfg.seeds)) == len(cfg.seeds), f"--seeds {','.join(map(str, cfg.seeds))} repeats a seed")
+    _check(all(0 <= s < 2**63 for s in cfg.seeds), f"--seeds must be in [0, 2^63), got {cfg.seeds}")
     _check(cfg.task in TASKS, f"unknown task {cfg.task!r}: use one of {', '.join(TASKS)}")
     _check(cfg.model in MIL_MODELS, f"unknown model {cfg.model!r}: use one of {', '.join(sorted(MIL_MODELS))}")
     p = cfg.protocol
@@ -142,16 +170,7 @@ def validate(cfg: MILConfig) -> None:
            f"--instance-sample must be in (0, 1], got {cfg.instance_sample}")
     _check(cfg.bags_per_step is None or cfg.bags_per_step >= 1,
            f"--bags-per-step must be >= 1, got {cfg.bags_per_step}")
-    limit = getattr(MIL_MODELS[cfg.model], "max_bags_per_step", None)
-    _check(cfg.bags_per_step is None or limit is None or cfg.bags_per_step <= limit,
-           f"--bags-per-step {cfg.bags_per_step}: {cfg.model} takes at most {limit} bag per step (no padding)")
     _check(cfg.precision in PRECISIONS, f"unknown --precision {cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
-    compilable = [name for name, cls in sorted(MIL_MODELS.items()) if getattr(cls, "compilable", False)]
-    _check(not cfg.compile or cfg.model in compilable,
-           f"--compile applies to the heads whose written-out training step compiles to one graph "
-           f"({', '.join(compilable)}), not {cfg.model}; drop --compile")
-    _check(not (cfg.all_folds and cfg.balanced),
-           "--all-folds needs the shared shuffled bag order; drop --balanced (or --all-folds)")
 
 
 def make_protocol(name: str, **overrides) -> Protocol:
@@ -172,7 +191,7 @@ def effective_model_kwargs(cfg: MILConfig) -> dict:
     the task, DSMIL's prediction as the mean of its two streams (``average=True``, its train_tcga.py's
     ``--average`` default and the paper's bag score) and TransMIL's class token left out of the value
     convolution (``class_token_residual=False``: in the reference the convolution lets the class token read the
-    bag's first 16 instances by position, a path that memorises small cohorts; see mil.transmil)."""
+    bag's first 16 instances by position, a path that memorises small cohorts; see mil.heads.transmil)."""
     kwargs = dict(cfg.model_kwargs)
     if cfg.model in ("clam_sb", "clam_mb") and cfg.task == "subtyping":
         kwargs.setdefault("subtyping", True)
@@ -199,7 +218,7 @@ class Recipe:
     gamma: float = 0.1  # step: LR factor per milestone
     bags_per_step: int = 1
     reference: dict = field(default_factory=dict)
-    loss: str = "bag cross-entropy"  # the training loss, as the head computes it (mil.models)
+    loss: str = "bag cross-entropy"  # the training loss, as the head computes it (mil.heads)
 
 
 _CLAM_LOSS = "0.7 bag cross-entropy + 0.3 instance clustering (smooth top-1 SVM, 8 top/bottom instances)"
@@ -237,45 +256,80 @@ class TrainingPlan:
     precision: str  # "fp32" | "bf16"
     model_kwargs: dict = field(default_factory=dict)  # the head's arguments beyond its defaults
     instance_sample: float = 1.0  # share of a training bag's instances in each step
-    compile: bool = False  # the written-out training step through torch.compile
 
 
 def training_plan(cfg: MILConfig, device: str = "cpu") -> TrainingPlan:
     """Combine protocol, recipe and overrides; bf16 autocast only on a GPU (``precision`` auto)."""
-    from mil.models import MIL_MODELS
+    from mil.registry import load_heads
 
     recipe = RECIPES.get(cfg.model, DEFAULT_RECIPE)
-    cls = MIL_MODELS[cfg.model]
+    cls = load_heads()[cfg.model]
     bags = cfg.bags_per_step or recipe.bags_per_step
-    if getattr(cls, "max_bags_per_step", None) is not None:
-        bags = min(bags, cls.max_bags_per_step)
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if device.startswith("cuda") else "fp32"
     return TrainingPlan(cfg.model, cfg.protocol, recipe, bags, dict(getattr(cls, "clip_groups", {})), precision,
-                        effective_model_kwargs(cfg), float(cfg.instance_sample), bool(cfg.compile))
+                        effective_model_kwargs(cfg), float(cfg.instance_sample))
 
 
-def describe_plan(plan: TrainingPlan) -> str:
-    """One line for the start of a run: what is used and where it comes from."""
-    p, r = plan.protocol, plan.recipe
-    opt = "RAdam+Lookahead(k 6, alpha 0.5; decoupled weight decay, none on biases/1-d)" if r.optimizer == "radam_lookahead" else "Adam"
+def plan_rows(cfg: MILConfig, device: str = "cpu") -> list[tuple[str, str, str]]:
+    """(setting, value, source) for every setting of the run's plan: the preset's reference for what the preset
+    fixes, the head's recipe for what it brings, ``--option`` for every departure the user gave."""
+    plan = training_plan(cfg, device)
+    p, r, preset = plan.protocol, plan.recipe, PROTOCOLS[cfg.protocol.name]
+    preset_src = f"preset {p.name}: {PRESET_SOURCES[p.name]}"
+    recipe_src = f"{cfg.model} recipe: {r.source}"
+
+    def source(name: str, option: str, default_src: str) -> str:
+        fixed = getattr(preset, name)
+        if fixed is None:  # the preset leaves it to the head's recipe
+            return recipe_src if getattr(p, name) == r.reference.get(name) else f"{option} (recipe: {r.reference.get(name)})"
+        return default_src if getattr(p, name) == fixed else f"{option} (departs from preset {p.name}: {fixed})"
+
+    selection = {"last": "the last epoch's model", "val_loss": "the best validation-loss model",
+                 "val_auc": "the best (val AUC + accuracy) / 2, latest among ties"}[p.selection]
+    stopping = _stopping(p)
     horizon = r.reference.get("epochs", 200)
-    schedule = {"constant": "constant LR",
-                "cosine": f"cosine LR to {r.eta_min:g} over {horizon} epochs (the reference's)",
-                "step": f"LR x {r.gamma:g} from epoch {', '.join(str(round(m * horizon)) for m in r.milestones)}"}
-    stop = {"last": "the last epoch's model",
-            "val_loss": "the best validation-loss model",
-            "val_auc": "the model of the best validation (AUC + accuracy) / 2, latest among ties"}[p.selection]
-    if p.patience is not None:
-        stop += f", CLAM early stopping (patience {p.patience}, stop_epoch {p.min_epochs})"
-    clip = f", gradient norm clipped to {max(plan.clip_groups.values()):g} per part" if plan.clip_groups else ""
-    given = ", ".join(f"{k}={v}" for k, v in sorted(plan.model_kwargs.items()))
-    sampled = (f", each step seeing a random {plan.instance_sample:.0%} of the bag's instances (seeded per slide "
-               "and epoch; evaluation on whole bags)" if plan.instance_sample < 1 else "")
-    compiled = ", training step compiled (torch.compile)" if plan.compile else ""
-    args = f" (head defaults); head arguments {given}" if given else " (head defaults)"
-    return (f"training plan: {plan.model} under protocol {p.name}: the protocol fixes {p.epochs} epochs (max) "
-            f"and {stop}; the head's recipe ({r.source}): {opt} lr {p.lr:g}, betas {r.betas[0]:g}/{r.betas[1]:g}, "
-            f"weight decay {p.weight_decay:g}, {schedule[r.schedule]}{clip}; loss {r.loss}{args}; {plan.bags_per_step} bag(s) per "
-            f"optimiser step{sampled}; {plan.precision}{compiled} (--lr/--weight-decay/--epochs... override any of them)")
+    schedule = {"constant": "constant", "cosine": f"cosine to {r.eta_min:g} over {horizon} epochs",
+                "step": f"x {r.gamma:g} from epoch {', '.join(str(round(m * horizon)) for m in r.milestones)}"}
+    optimizer = "RAdam + Lookahead (k 6, alpha 0.5)" if r.optimizer == "radam_lookahead" else "Adam"
+    given = cfg.bags_per_step is not None and cfg.bags_per_step != r.bags_per_step
+    kwargs = ", ".join(f"{k}={v}" for k, v in sorted(plan.model_kwargs.items())) or "the head's defaults"
+    rows = [
+        ("epochs (max)", str(p.epochs), source("epochs", "--epochs", preset_src)),
+        ("model evaluated", selection, source("selection", "--selection", preset_src)),
+        ("early stopping", stopping, preset_src if (p.patience, p.min_epochs) == (preset.patience, preset.min_epochs)
+         else f"--patience/--min-epochs/--epochs (departs from preset {p.name}: {_stopping(preset)})"),
+        ("optimiser", f"{optimizer}, betas {r.betas[0]:g}/{r.betas[1]:g}", recipe_src),
+        ("learning rate", f"{p.lr:g}", source("lr", "--lr", recipe_src)),
+        ("weight decay", f"{p.weight_decay:g}", source("weight_decay", "--weight-decay", recipe_src)),
+        ("LR schedule", schedule[r.schedule], recipe_src),
+        ("gradient clipping", f"norm {max(plan.clip_groups.values()):g} per part" if plan.clip_groups else "none",
+         recipe_src),
+        ("loss", r.loss, recipe_src),
+        ("head arguments", kwargs, "--model-kwargs and the task (mil.config.effective_model_kwargs)"
+         if plan.model_kwargs else recipe_src),
+        ("bags per step", str(plan.bags_per_step), "--bags-per-step" if given else recipe_src),
+        ("instances per step", "all" if plan.instance_sample >= 1 else f"a random {plan.instance_sample:.0%}",
+         "--instance-sample (departs from every reference: all instances)" if plan.instance_sample < 1
+         else "every reference (whole bags)"),
+        ("bag order", "class-balanced draws with replacement" if cfg.balanced else "a seeded shuffle per epoch",
+         "--balanced" if cfg.balanced else "every reference (a shuffled loader)"),
+        ("init seeds", ",".join(map(str, cfg.seeds)), "--seeds" if cfg.seeds != (0,) else "default (one seed, 0)"),
+        ("precision", plan.precision,
+         "--precision" if cfg.precision != "auto" else "default (fp32 on a CPU, bf16 on a GPU)"),
+    ]
+    return rows
+
+
+def _stopping(p: Protocol) -> str:
+    # CLAM stops once the counter reaches patience after 0-based epoch stop_epoch: 1-based epoch stop_epoch + 2
+    return "none" if p.patience is None else f"patience {p.patience}, not before epoch {p.min_epochs + 2}"
+
+
+def describe_plan_rows(rows: list[tuple[str, str, str]], model: str, protocol: str) -> str:
+    """The plan table as printed at the start of a run (one setting a line)."""
+    width = max(len(k) for k, _, _ in rows)
+    lines = [f"training plan: {model} under preset {protocol}"]
+    lines += [f"  {k:<{width}}  {v}  [{src}]" for k, v, src in rows]
+    return "\n".join(lines)

@@ -1,24 +1,35 @@
-"""The cross-validation run: every fold of a split folder, resumable, with a typed record of its inputs.
+"""The cross-validation run: every fold of a split folder, once per init seed, resumable per (seed, fold), with a
+typed record of its inputs.
 
-Layout of RUN_DIR:
-    config.json                the run record (mil.record: config, label map, feature spec, feature dim, split
+Layout of RUN_DIR (``mil.record.fold_dir``: ``fold_<k>/`` below for a one-seed run, ``seed_<s>/fold_<k>/`` for
+a run of several ``--seeds``):
+    config.json                the run record (mil.record: config, label map, feature spec, feature dim, seeds,
+                               planned folds, the training plan with the source of every setting, split
                                fingerprints, input fingerprints, extractor provenance, schema version)
     fold_<k>/predictions.csv   slide_id,case_id,label,prob,split,prob_<class>...: val and test rows; label =
                                class index (record label_map); prob_<class> = P(class) for every class; prob =
                                P(class 1), written for binary tasks only
-    fold_<k>/metrics.json      test/val metrics, sizes, epochs_trained, best_epoch (1-based)
-    fold_<k>/model.ckpt        state_dict + model name/kwargs + feature spec + label map (torch.save)
-    summary.csv                fold,test_auc per fold, then rows "mean" and "std" (ddof=1)
-A fold whose metrics.json exists is skipped, and only when the run's record matches the new invocation's
-(settings, labels file content, feature files, splits); every check runs before any training. Every file is
-written through :func:`zoomfeat.store.atomic_write` (a crash or Ctrl-C leaves no partial or temp file).
+    fold_<k>/metrics.json      val_/test_ auc, balanced_accuracy, accuracy, macro_f1 (mil.metrics, from the
+                               predictions), losses, sizes, epochs_trained, best_epoch (1-based), seed
+    fold_<k>/model.ckpt        state_dict + model name/kwargs + feature spec + label map + seed (torch.save)
+    summary.csv                seed,fold,test_auc,test_balanced_accuracy,test_accuracy,test_macro_f1: a row per
+                               (seed, fold); per seed rows fold "mean" and "std" (over its folds, ddof=1); then
+                               rows seed "mean" and "std", fold "mean": the mean and standard deviation (ddof=1)
+                               over seeds of the per-seed means (the spread over init seeds)
+A (seed, fold) whose metrics.json exists is skipped, and only when the run's record matches the new invocation's
+(settings and seeds, labels file content, feature files, splits); every check runs before any training. Every
+file is written through :func:`zoomfeat.store.atomic_write` (a crash or Ctrl-C leaves no partial or temp file).
+While training, a line per fold comes back as its result does: ``fold 2/5 (seed 0): val AUC 0.91, test AUC
+0.88, 41 s``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -26,18 +37,19 @@ import torch
 from torch import nn
 
 from mil.bags import BagStore, FeatureSpec, MILDataWarning, read_extractor, scan_bags
-from mil.config import MILConfig, effective_model_kwargs
-from mil.metrics import check_finite
-from mil.models import build_model
-from mil.record import RECORD_NAME, RunRecord, check_resume, input_fingerprints, split_fingerprint, write_record
+from mil.config import MILConfig, describe_plan_rows, effective_model_kwargs, plan_rows
+from mil.metrics import METRICS, check_finite, classification_metrics, metric_label
+from mil.record import (RECORD_NAME, RunRecord, check_resume, finished_pairs, fold_dir, input_fingerprints,
+                        read_record, split_fingerprint, write_record)
+from mil.registry import build_model
 from mil.tasks import LabelledCohort, apply_task
-from mil.train import FoldData, epoch_order, run_folds
+from mil.train import FoldData, epoch_order, resolve_device, run_folds
 from splits.audit import trainability_problems
 from splits.io import PARTS, SplitFold, read_splits_dir
 from splits.labels import read_labels
 from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
-from zoomfeat.serial import to_jsonable
-from zoomfeat.store import save_torch, write_json_atomic
+from zoomfeat.log import note
+from zoomfeat.store import Claim, atomic_write, save_torch, write_json_atomic
 from zoomfeat.torch_files import load_torch_file
 
 CHECKPOINT_FORMAT = "zoomfeat-mil"
@@ -90,12 +102,13 @@ def check_model_kwargs(cfg: MILConfig, in_dim: int, n_classes: int) -> None:
     except (TypeError, ValueError, RuntimeError) as exc:
         reason = one_line(exc)
         raise ConfigError(f"--model-kwargs {json.dumps(cfg.model_kwargs)} does not make a {cfg.model} head "
-                          f"({reason}); see the head's arguments in mil/models.py") from exc
+                          f"({reason}); see the head's arguments in mil/heads/") from exc
 
 
 def _augmentation(cfg: MILConfig, spec: FeatureSpec, all_folds: list[SplitFold], usable: set[str],
                   cohort: LabelledCohort, dim: int):
-    """The plan of ``--augment`` / ``--train-fraction`` over every fold of the split folder (None without them)."""
+    """The plan of ``--augment`` / ``--train-fraction`` over every fold of the split folder for the init seed
+    ``cfg.seed`` (the training fraction's patients are drawn per seed) (None without them)."""
     if cfg.augment is None and float(cfg.train_fraction) == 1.0:
         return None
     from mil.augment import plan_cohort, source_of, synthetic_ids
@@ -124,8 +137,10 @@ def _record(cfg: MILConfig, spec: FeatureSpec, cohort: LabelledCohort, dim: int,
     from zoomfeat import __version__
 
     extractor, extractor_config = read_extractor(spec, usable[0])
+    plan = [{"setting": k, "value": v, "source": src} for k, v, src in plan_rows(cfg)]
     return RunRecord(
-        config=to_jsonable(cfg), task=cfg.task, label_map=cohort.label_map, feature_spec=str(spec),
+        config=cfg.to_json(), task=cfg.task, label_map=cohort.label_map, feature_spec=spec,
+        seeds=tuple(cfg.seeds), folds=tuple(cfg.folds or ()), plan=plan,
         feature_dim=dim, split_source=str(Path(cfg.splits).resolve()),
         split_fingerprints={str(f.index): split_fingerprint({p: f.part(p) for p in PARTS}) for f in folds},
         inputs=input_fingerprints(cfg.labels, {**{s: spec.path(s) for s in usable}, **(extra_files or {})}),
@@ -141,25 +156,40 @@ def _class_columns(frame: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     return frame
 
 
-def _write_fold(fold_dir: Path, result, cfg: MILConfig, cohort: LabelledCohort, dim: int) -> None:
-    from zoomfeat.store import atomic_write
+def fold_metrics(predictions: pd.DataFrame, classes: list[str]) -> dict:
+    """``val_<m>`` and ``test_<m>`` for every metric of mil.metrics.METRICS, from a fold's predictions table."""
+    out = {}
+    for split in ("val", "test"):
+        rows = predictions[predictions["split"] == split]
+        probs = rows[[f"prob_{c}" for c in classes]].to_numpy(dtype=float).reshape(len(rows), len(classes))
+        values = classification_metrics(probs, rows["label"].to_numpy(dtype=int), len(classes))
+        out.update({f"{split}_{m}": values[m] for m in METRICS})
+    return out
+
+
+def _write_fold(fold_dir: Path, result, cfg: MILConfig, cohort: LabelledCohort, dim: int) -> dict:
+    """Write a fold's checkpoint, predictions and (last, marking it done) metrics; returns the metrics."""
 
     classes = [n for n, _ in sorted(cohort.label_map.items(), key=lambda kv: kv[1])]
     predictions = _class_columns(result.predictions, classes)
     check_finite(predictions[[f"prob_{c}" for c in classes]].to_numpy(dtype=float),
-                 f"fold {result.metrics['fold']} predictions")
+                 f"fold {result.metrics['fold']} (seed {cfg.seed}) predictions")
+    metrics = {k: v for k, v in result.metrics.items()
+               if not k.startswith(("val_", "test_")) or k in ("val_loss", "test_loss")}
+    metrics = {**metrics, "seed": cfg.seed, **fold_metrics(predictions, classes)}
     ckpt = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "model": cfg.model,
             "model_kwargs": {**effective_model_kwargs(cfg), "in_dim": dim, "n_classes": len(cohort.label_map)},
-            "features": cfg.features, "label_map": cohort.label_map, "task": cfg.task, **result.checkpoint}
+            "features": str(cfg.features), "label_map": cohort.label_map, "task": cfg.task, "seed": cfg.seed,
+            **result.checkpoint}
     save_torch(ckpt, fold_dir / "model.ckpt")
     with atomic_write(fold_dir / "predictions.csv") as tmp:
         predictions.to_csv(tmp, index=False)
-    write_json_atomic(fold_dir / "metrics.json", result.metrics)  # last: marks the fold done
+    write_json_atomic(fold_dir / "metrics.json", metrics)  # last: marks the fold done
+    return metrics
 
 
 def _check_out(run: Path) -> None:
     """``--out`` must be a new folder or a train-mil run: its config.json is never overwritten otherwise."""
-    from mil.record import read_record
 
     if (run / RECORD_NAME).is_file():
         try:
@@ -183,54 +213,93 @@ def remove_stale_temps(run: Path, now: float | None = None) -> list[Path]:
     return stale
 
 
-def done_folds(run: Path) -> list[int]:
-    """Folds of ``run`` whose metrics.json exists (finished)."""
-    return sorted(int(p.parent.name.split("_")[1]) for p in run.glob("fold_*/metrics.json")
-                  if p.parent.name.split("_")[1].isdigit())
-
-
-def _check_resumed_heads(run: Path, cfg: MILConfig, done: list[int], dim: int, n_classes: int) -> None:
+def _check_resumed_heads(run: Path, cfg: MILConfig, record: RunRecord, done: list[tuple[int, int]], dim: int,
+                         n_classes: int) -> None:
     """ConfigError when a finished fold's head was built with other arguments than this run would use: the
     record keeps the arguments as given, and what a task implies (e.g. DSMIL's one positive stream under
     ``--task hrd``, new in a later zoomfeat) could otherwise mix two kinds of head in one run."""
     want = {**effective_model_kwargs(cfg), "in_dim": dim, "n_classes": n_classes}
-    for k in done:
-        path = run / f"fold_{k}" / "model.ckpt"
+    for seed, k in done:
+        path = fold_dir(run, record.seeds, seed, k) / "model.ckpt"
         if not path.is_file():
             continue  # a finished fold without its checkpoint is reported where the checkpoint is read
         have = load_torch_file(path, "fold checkpoint", fix="delete the fold folder to retrain it").get("model_kwargs")
         if have is not None and have != want:
-            raise ConfigError(f"{run}: fold {k} was trained with head arguments {json.dumps(have, sort_keys=True)}, "
-                              f"this run would build {json.dumps(want, sort_keys=True)}; use a new --out, or "
-                              "delete the folder to start over")
+            which = f"fold {k}" if len(record.seeds) == 1 else f"seed {seed} fold {k}"
+            raise ConfigError(f"{run}: {which} was trained with head arguments "
+                              f"{json.dumps(have, sort_keys=True)}, this run would build "
+                              f"{json.dumps(want, sort_keys=True)}; use a new --out, or delete the folder to "
+                              "start over")
 
 
-def write_summary(run: Path) -> pd.DataFrame:
-    """summary.csv from every fold_<k>/metrics.json: fold,test_auc rows, then mean and std (ddof=1)."""
-    from zoomfeat.store import atomic_write
+def _spread(values: list) -> tuple[float | None, float | None]:
+    """(mean, standard deviation with ddof=1) of the defined values; None where undefined."""
+    import numpy as np
 
-    rows = [{"fold": str(k), "test_auc": json.loads((run / f"fold_{k}" / "metrics.json").read_text())["test_auc"]}
-            for k in done_folds(run)]
-    frame = pd.DataFrame(rows, columns=["fold", "test_auc"])
-    aucs = pd.to_numeric(frame["test_auc"], errors="coerce").dropna().to_numpy(dtype=float)
-    mean = float(aucs.mean()) if len(aucs) else None
-    std = float(aucs.std(ddof=1)) if len(aucs) > 1 else None
-    frame = pd.concat([frame, pd.DataFrame([{"fold": "mean", "test_auc": mean},
-                                            {"fold": "std", "test_auc": std}])], ignore_index=True)
+    defined = np.array([v for v in values if v is not None and not pd.isna(v)], dtype=float)
+    mean = float(defined.mean()) if len(defined) else None
+    std = float(defined.std(ddof=1)) if len(defined) > 1 else None
+    return mean, std
+
+
+SUMMARY_COLUMNS: tuple[str, ...] = ("seed", "fold", *(f"test_{m}" for m in METRICS))
+
+
+def write_summary(run: Path, record: RunRecord) -> pd.DataFrame:
+    """summary.csv (see the module docstring) from every finished (seed, fold)'s metrics.json."""
+
+    columns = [f"test_{m}" for m in METRICS]
+    rows, per_seed = [], []
+    for seed in record.seeds:
+        folds = [k for s, k in finished_pairs(run, record) if s == seed]
+        metrics = [json.loads((fold_dir(run, record.seeds, seed, k) / "metrics.json").read_text()) for k in folds]
+        rows += [{"seed": str(seed), "fold": str(k), **{c: m.get(c) for c in columns}} for k, m in zip(folds, metrics)]
+        if not folds:
+            continue
+        stats = {c: _spread([m.get(c) for m in metrics]) for c in columns}
+        mean = {"seed": str(seed), "fold": "mean", **{c: stats[c][0] for c in columns}}
+        rows += [mean, {"seed": str(seed), "fold": "std", **{c: stats[c][1] for c in columns}}]
+        per_seed.append(mean)
+    over = {c: _spread([m[c] for m in per_seed]) for c in columns}
+    rows += [{"seed": "mean", "fold": "mean", **{c: over[c][0] for c in columns}},
+             {"seed": "std", "fold": "mean", **{c: over[c][1] for c in columns}}]
+    frame = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     with atomic_write(run / "summary.csv") as tmp:
         frame.to_csv(tmp, index=False)
     return frame
 
 
-def run_cv(cfg: MILConfig, progress: bool = False) -> pd.DataFrame:
-    """Train and evaluate every selected fold (skipping done ones); returns the summary table.
+def _fold_line(fold: int, n_folds: int, seed: int, metrics: dict, seconds: float, n_classes: int) -> str:
+    """``fold 2/5 (seed 0): val AUC 0.91, test AUC 0.88, 41 s`` (AUC as labelled by mil.metrics)."""
+    auc = metric_label("auc", n_classes)
+    text = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    return (f"fold {fold}/{n_folds} (seed {seed}): val {auc} {text(metrics.get('val_auc'))}, "
+            f"test {auc} {text(metrics.get('test_auc'))}, {seconds:.0f} s")
+
+
+@dataclass(frozen=True)
+class _Cohort:
+    """What every seed of a run trains on, checked once before any training."""
+
+    cohort: LabelledCohort
+    all_folds: list[SplitFold]
+    data: dict[int, FoldData]  # selected fold -> its usable slides
+    usable: set[str]
+    named: set[str]
+    dim: int
+
+
+def run_cv(cfg: MILConfig, progress: bool = False, on_fold=None) -> pd.DataFrame:
+    """Train and evaluate every selected fold once per seed of ``cfg.seeds`` (skipping finished (seed, fold)
+    pairs); returns the summary table. ``on_fold(seed, fold, metrics)`` is called after each fold is written.
 
     Everything that can be checked is checked before the first fold trains: labels, splits, feature files,
-    trainable folds, model arguments, device settings, and that a resumed run has the same inputs.
+    trainable folds (under every seed's training fraction), model arguments, device settings, and that a
+    resumed run has the same inputs and seeds.
     """
     from zoomfeat.runtime import check_devices
 
-    spec = FeatureSpec.parse(cfg.features)
+    spec = cfg.features
     cohort = apply_task(read_labels(cfg.labels, label_col=cfg.label_col), cfg.task, cfg.label_col,
                         cfg.hrd_threshold, cfg.classes)
     all_folds = read_splits_dir(cfg.splits)
@@ -245,57 +314,66 @@ def run_cv(cfg: MILConfig, progress: bool = False) -> pd.DataFrame:
     check_devices(cfg.devices, "cuda" if cfg.accelerator in ("gpu", "cuda") else "cpu")
     left_out = {"no_label": len({s for f in folds for s in f.all_slides()} - named),
                 "no_features": len(scan.missing), "empty_bag": len(scan.empty)}
-    augmentation = _augmentation(cfg, spec, all_folds, usable, cohort, scan.dim)
+    augmentations = {s: _augmentation(cfg.for_seed(s), spec, all_folds, usable, cohort, scan.dim) for s in cfg.seeds}
     extra_files = {}
-    if augmentation is not None:
-        data = {k: augmentation.fold_data(k, d) for k, d in data.items()}
-        check_trainable(data, cohort.label_map, cfg.splits)
-        if augmentation.spec is not None:
-            extra_files = {s: augmentation.spec.path(s) for s in augmentation.available}
+    for augmentation in augmentations.values():
+        if augmentation is not None:
+            check_trainable({k: augmentation.fold_data(k, d) for k, d in data.items()}, cohort.label_map, cfg.splits)
+            if augmentation.spec is not None:
+                extra_files.update({s: augmentation.spec.path(s) for s in augmentation.available})
     run = Path(cfg.out)
     record = _record(cfg, spec, cohort, scan.dim, all_folds, scan.usable, left_out, extra_files)
     _check_out(run)
-    done = done_folds(run)
-    check_resume(run, record, done)
-    _check_resumed_heads(run, cfg, done, scan.dim, n_classes)
+    done = finished_pairs(run, record) if (run / RECORD_NAME).is_file() else []
+    record = check_resume(run, record, done)
+    _check_resumed_heads(run, cfg, record, done, scan.dim, n_classes)
     write_record(run, record)
     remove_stale_temps(run)
+    note(describe_plan_rows(plan_rows(cfg, resolve_device(cfg.accelerator)), cfg.model, cfg.protocol.name))
     # every bag is checked for NaN/Inf as it is loaded; mil.train keeps the bags (one contiguous tensor)
     store = BagStore(spec, cache=False)
-    _train_pending(cfg, run, all_folds, data, cohort, spec, usable, named, scan.dim, store, progress, augmentation)
-    return write_summary(run)
+    inputs = _Cohort(cohort, all_folds, data, usable, named, scan.dim)
+    for seed in cfg.seeds:
+        _train_pending(cfg.for_seed(seed), run, record, inputs, store, progress, augmentations[seed], on_fold)
+    return write_summary(run, record)
 
 
 @contextlib.contextmanager
-def fold_claims(run: Path, pending: dict[int, FoldData]):
-    """The pending folds this process may train: each claimed (``RUN_DIR/.claims/fold_<k>.lock``, see
-    zoomfeat.store.Claim) so that another train-mil on the same folder leaves it alone; claims are released
-    when the block ends, and a fold finished meanwhile by another process is dropped."""
-    from zoomfeat.log import note
-    from zoomfeat.store import Claim
+def fold_claims(run: Path, record: RunRecord, seed: int, pending: dict[int, FoldData]):
+    """The pending folds of ``seed`` this process may train: each claimed (``RUN_DIR/.claims/fold_<k>.lock``,
+    ``seed_<s>_fold_<k>.lock`` in a run of several seeds; zoomfeat.store.Claim) so that another train-mil on
+    the same folder leaves it alone; claims are released when the block ends, and a fold finished meanwhile by
+    another process is dropped."""
 
-    claims = {k: Claim(run, f"fold_{k}") for k in pending}
+    prefix = "" if len(record.seeds) == 1 else f"seed_{seed}_"
+    claims = {k: Claim(run, f"{prefix}fold_{k}") for k in pending}
     try:
         held = [k for k in pending if claims[k].acquire()]
-        mine = {k: pending[k] for k in held if not (run / f"fold_{k}" / "metrics.json").is_file()}
+        mine = {k: pending[k] for k in held
+                if not (fold_dir(run, record.seeds, seed, k) / "metrics.json").is_file()}
         others = sorted(set(pending) - set(held))
         if others:
-            note(f"fold(s) {', '.join(map(str, others))} claimed by another train-mil on {run}: left to it")
+            note(f"fold(s) {', '.join(map(str, others))} (seed {seed}) claimed by another train-mil on {run}: "
+                 "left to it")
         yield mine
     finally:
         for claim in claims.values():
             claim.release()
 
 
-def _train_pending(cfg: MILConfig, run: Path, all_folds: list[SplitFold], data: dict[int, FoldData],
-                   cohort: LabelledCohort, spec: FeatureSpec, usable: set[str], named: set[str], dim: int,
-                   store, progress: bool, augmentation=None) -> None:
-    """Train the folds not done yet (mil.train.run_folds: one by one, or all at once with --all-folds); the
-    epoch order runs over the training slides of every fold of the split folder (``usable``: the checked
-    slides of the selected folds, ``named``: every slide those folds name)."""
-    pending = {k: d for k, d in data.items() if not (run / f"fold_{k}" / "metrics.json").is_file()}
+def _train_pending(cfg: MILConfig, run: Path, record: RunRecord, inputs: _Cohort, store, progress: bool,
+                   augmentation=None, on_fold=None) -> None:
+    """Train the folds of the init seed ``cfg.seed`` not done yet (mil.train.run_folds, one by one); the epoch
+    order runs over the training slides of every fold of the split folder (``inputs.usable``: the checked slides of the selected folds, ``inputs.named``: every slide those folds
+    name). A line per fold is printed as its result comes back."""
+
+    cohort, spec, seed = inputs.cohort, cfg.features, cfg.seed
+    data = inputs.data
+    if augmentation is not None:
+        data = {k: augmentation.fold_data(k, d) for k, d in data.items()}
+    pending = {k: d for k, d in data.items() if not (fold_dir(run, record.seeds, seed, k) / "metrics.json").is_file()}
     targets = dict(zip(cohort.table["slide_id"], cohort.table["target"].astype(int)))
-    parts = [f.part("train") for f in all_folds]
+    parts = [f.part("train") for f in inputs.all_folds]
     available: set[str] = set()
     if augmentation is not None:  # the plans' training slides (fraction, synthetic copies) of every fold
         from mil.augment import AugmentedStore
@@ -304,16 +382,23 @@ def _train_pending(cfg: MILConfig, run: Path, all_folds: list[SplitFold], data: 
         available = set(augmentation.available)
         if augmentation.spec is not None:
             store = AugmentedStore(store, BagStore(augmentation.spec, cache=False))
+    usable, named = inputs.usable, inputs.named
     order = epoch_order(parts, targets,
                         lambda s: s in usable or s in available or (s not in named and spec.path(s).is_file()))
+    clock = [time.monotonic()]
 
     def write(k: int, result) -> None:
         if augmentation is not None:
             result.metrics["augmentation"] = augmentation.plans[k].record()
-        _write_fold(run / f"fold_{k}", result, cfg, cohort, dim)
+        metrics = _write_fold(fold_dir(run, record.seeds, seed, k), result, cfg, cohort, inputs.dim)
+        now = time.monotonic()
+        note(_fold_line(k, len(record.planned_folds), seed, metrics, now - clock[0], record.n_classes))
+        clock[0] = now
+        if on_fold is not None:
+            on_fold(seed, k, metrics)
 
-    with fold_claims(run, pending) as mine:  # concurrent runs into one folder share the folds
-        run_folds(cfg, mine, order, store, dim, len(cohort.label_map), write, progress)
+    with fold_claims(run, record, seed, pending) as mine:  # concurrent runs into one folder share the folds
+        run_folds(cfg, mine, order, store, inputs.dim, len(cohort.label_map), write, progress)
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -326,14 +411,18 @@ def _load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def load_fold_model(run_dir: str | Path, fold: int) -> tuple[nn.Module, RunRecord]:
-    """The trained head of ``fold`` in eval mode and the run's record; CheckpointError for a missing,
-    unreadable or foreign checkpoint, or one whose weights do not fit its own architecture."""
-    from mil.record import read_record
+def load_fold_model(run_dir: str | Path, fold: int, seed: int | None = None) -> tuple[nn.Module, RunRecord]:
+    """The trained head of (``seed``, ``fold``) in eval mode and the run's record; ``seed`` None is the run's
+    first recorded seed (its only one in a one-seed run; callers of a several-seed run say which they drew).
+    CheckpointError for a missing, unreadable or foreign checkpoint, or one whose weights do not fit its own
+    architecture."""
 
     run = Path(run_dir)
     record = read_record(run)
-    path = run / f"fold_{fold}" / "model.ckpt"
+    if seed is not None and seed not in record.seeds:
+        raise ConfigError(f"--seed {seed}: {run} was trained with seeds {','.join(map(str, record.seeds))}")
+    seed = record.seeds[0] if seed is None else seed
+    path = fold_dir(run, record.seeds, seed, fold) / "model.ckpt"
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint for fold {fold}; train it with `zoomfeat train-mil`")
     ckpt = _load_checkpoint(path)
@@ -346,8 +435,8 @@ def load_fold_model(run_dir: str | Path, fold: int) -> tuple[nn.Module, RunRecor
         raise CheckpointError(f"{path}: checkpoint does not rebuild its head ({reason}); retrain this fold") \
             from exc
     model.eval()
-    if FeatureSpec.parse(str(ckpt.get("features", record.feature_spec))).mags != \
-            FeatureSpec.parse(record.feature_spec).mags:
+    trained = ckpt.get("features")
+    if trained is not None and FeatureSpec.parse(str(trained)).mags != record.feature_spec.mags:
         raise CheckpointError(f"{path}: trained on {ckpt.get('features')}, but {run}/{RECORD_NAME} says "
                               f"{record.feature_spec}; the fold belongs to another run")
     return model, record

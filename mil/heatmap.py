@@ -2,8 +2,9 @@
 
 Each tile of the bag (finest magnification of the feature set) is a rectangle on the thumbnail coloured by the
 percentile rank of its attention (0 = least, 1 = most attended) and alpha-blended over the tissue. Ranks, not
-raw scores, so heads whose "attention" is a softmax (ABMIL, CLAM), a similarity (DSMIL) or an instance logit
-(max pooling) all give comparable maps. A montage of the top-attended patches, read from the slide at the
+raw scores, so heads whose "attention" is a softmax (ABMIL, CLAM), a similarity (DSMIL), an instance logit
+(max pooling), the class token's Nystrom attention (TransMIL) or tier-1 x tier-2 weights (DTFD) all give
+comparable maps: every registered head returns one (mil.registry). A montage of the top-attended patches, read from the slide at the
 finest magnification, goes beside the PNG as ``<stem>_top.png``.
 """
 
@@ -35,7 +36,7 @@ class HeatmapResult:
 def trained_spec(record) -> FeatureSpec | None:
     """The feature set fold ``fold`` of a run was trained on: its run record's (mil.record.RunRecord; the fold's
     checkpoint is checked against it by mil.cv.load_fold_model)."""
-    return FeatureSpec.parse(record.feature_spec)
+    return record.feature_spec
 
 
 def check_slide_identity(feature_file: FeatureFile, slide_path: str | Path) -> None:
@@ -74,7 +75,7 @@ def _attention(run_dir, fold: int, slide_path, spec) -> tuple[FeatureSpec, np.nd
         if trained is None:
             raise ConfigError(f"{run_dir} does not record its feature set: pass --features DIR@MAGS")
         spec = trained
-    spec = FeatureSpec.parse(spec)
+    spec = FeatureSpec.parse(spec)  # a FeatureSpec from the command passes through
     if trained is not None and trained.mags != spec.mags:
         raise ConfigError(f"fold {fold} of {run_dir} was trained on {trained}, not on {spec}: pass --features "
                           f"DIR@{trained.mags_text}")
@@ -84,7 +85,7 @@ def _attention(run_dir, fold: int, slide_path, spec) -> tuple[FeatureSpec, np.nd
     bag = load_bag(spec, slide_id)
     model.eval()
     with torch.no_grad():
-        out = model(bag.features.float())
+        out = model(bag.features.float().unsqueeze(0))  # a batch of one bag
     attention = out.attention.detach().float().cpu().numpy().reshape(-1)
     if attention.shape[0] != len(bag.coords_level0):
         raise DataError(f"model of fold {fold} returned {attention.shape[0]} attention values for "

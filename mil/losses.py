@@ -42,14 +42,15 @@ class SmoothTop1SVM(nn.Module):
 
 
 def bag_loss(model: nn.Module, out, y: torch.Tensor) -> torch.Tensor:
-    """Training loss of one bag (``y`` scalar long tensor), as the references' per-bag loops compute it:
-    ``bag_weight * CE(logits, y) + (1 - bag_weight) * extra_loss`` when the head returns an extra loss (CLAM
-    0.7 / 0.3, DSMIL 0.5 / 0.5) or the head's own ``combine``, else the cross-entropy. The training loop uses the
-    heads' batched ``bag_losses``; this one-bag form is the plain loop's (benchmarks and tests compare them)."""
+    """Training loss of one bag (``out`` of a batch of one bag, ``y`` a scalar long tensor), as the references'
+    per-bag loops compute it: ``bag_weight * CE(logits, y) + (1 - bag_weight) * extra_loss`` when the head
+    returns an extra loss for the bag (CLAM 0.7 / 0.3, DSMIL 0.5 / 0.5), the head's own ``combine`` where it has
+    one (DTFD), else the cross-entropy. The plain loops of the benchmark and the tests use it."""
     ce = F.cross_entropy(out.logits, y.view(1))
-    if out.extra_loss is None:
+    if out.extra_loss is None or (out.extra_valid is not None and not bool(out.extra_valid[0])):
         return ce
+    extra = out.extra_loss.reshape(())
     if hasattr(model, "combine"):
-        return model.combine(ce, out.extra_loss)
+        return model.combine(ce, extra)
     w = float(getattr(model, "bag_weight", 1.0))
-    return w * ce + (1.0 - w) * out.extra_loss
+    return w * ce + (1.0 - w) * extra

@@ -5,7 +5,10 @@ Every metric takes ``probs`` (class probabilities, [n, C], rows summing to 1) an
 
 - ``auroc``: ROC AUC (binary: of P(class 1); more classes: macro one-vs-rest); None when a class is absent;
 - ``balanced_accuracy``: mean recall over the classes present in ``labels`` (sklearn's definition);
-- ``f1``: F1 of class 1 for two classes, macro F1 for more;
+- ``accuracy``: the share of slides whose predicted class is their label (plain accuracy);
+- ``macro_f1``: the unweighted mean of every class's F1 (two classes too: F1 of class 0 and of class 1);
+- ``classification_metrics``: the four above by their names (:data:`METRICS`), the one set that summary.csv,
+  the report and compare show, labelled by :func:`metric_label`;
 - ``confusion``: C x C counts, rows = true class, columns = predicted class;
 - ``auc_rows``: many binary AUCs at once (bootstrap resamples), equal to sklearn's ``roc_auc_score``.
 """
@@ -16,7 +19,7 @@ import warnings
 
 import numpy as np
 from scipy.stats import rankdata
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
 from zoomfeat.errors import DataError
 
@@ -72,16 +75,42 @@ def balanced_accuracy(probs, labels, n_classes: int | None = None) -> float | No
         return float(balanced_accuracy_score(y, predicted_class(p)))
 
 
-def f1(probs, labels, n_classes: int | None = None) -> float | None:
-    """F1 of class 1 (two classes) or macro F1 (more); 0 when nothing is predicted right; None when empty."""
+def accuracy(probs, labels, n_classes: int | None = None) -> float | None:
+    """Share of rows whose predicted class is the label; None for an empty set."""
+    y, p = _as_numpy(probs, labels)
+    check_finite(p)
+    if len(y) == 0:
+        return None
+    return float(accuracy_score(y, predicted_class(p)))
+
+
+def macro_f1(probs, labels, n_classes: int | None = None) -> float | None:
+    """Unweighted mean of the F1 of every class (0 for a class never predicted right); None when empty."""
     y, p = _as_numpy(probs, labels)
     check_finite(p)
     if len(y) == 0:
         return None
     n_classes = n_classes or p.shape[1]
-    if n_classes == 2:
-        return float(f1_score(y, predicted_class(p), pos_label=1, zero_division=0))
     return float(f1_score(y, predicted_class(p), average="macro", labels=list(range(n_classes)), zero_division=0))
+
+
+f1 = macro_f1  # the training loop's name for it (mil.train)
+
+METRICS: tuple[str, ...] = ("auc", "balanced_accuracy", "accuracy", "macro_f1")
+
+
+def classification_metrics(probs, labels, n_classes: int | None = None) -> dict[str, float | None]:
+    """Every metric of :data:`METRICS` of one set of predictions (None where undefined)."""
+    return {"auc": auroc(probs, labels, n_classes), "balanced_accuracy": balanced_accuracy(probs, labels, n_classes),
+            "accuracy": accuracy(probs, labels, n_classes), "macro_f1": macro_f1(probs, labels, n_classes)}
+
+
+def metric_label(name: str, n_classes: int = 2) -> str:
+    """The unambiguous label of a metric of :data:`METRICS` in tables: ``AUC`` (``AUC (one-vs-rest macro)``
+    for more than two classes), ``balanced accuracy``, ``accuracy``, ``macro F1``."""
+    if name == "auc":
+        return "AUC" if n_classes <= 2 else "AUC (one-vs-rest macro)"
+    return {"balanced_accuracy": "balanced accuracy", "accuracy": "accuracy", "macro_f1": "macro F1"}[name]
 
 
 def confusion(probs, labels, n_classes: int | None = None) -> list[list[int]]:

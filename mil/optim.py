@@ -1,12 +1,9 @@
-"""Optimisers and LR schedules over parameters stacked per fold ([F, ...] tensors, one row per fold).
+"""The optimisers and LR schedules of the heads' recipes, on ``torch.optim``.
 
-Each fold keeps its own step count and moments; a step updates only the folds given (a fold with no training
-bag in a step, or stopped early, is left as it is). Updates run through PyTorch's functional optimisers on
-one view per (fold, parameter), so a fold's update is the same computation whether it is stepped alone or
-with others. Adam uses the fused CPU/GPU kernel (one pass over the weights instead of a dozen);
-``radam_lookahead`` is TransMIL's optimiser (its ``create_optimizer``, ``opt: lookahead_radam``): RAdam inside
-Lookahead with timm's defaults (k = 6, alpha = 0.5); weight decay as there: decoupled (``p -= lr * wd * p``) and
-not applied to biases and 1-d parameters (LayerNorm weights), which its factory puts in a no-decay group.
+Adam (weight decay as an L2 term, as CLAM's, DSMIL's and ABMIL's code); ``radam_lookahead`` is TransMIL's
+optimiser (its ``create_optimizer``, ``opt: lookahead_radam``): RAdam inside Lookahead (Zhang et al. 2019) with
+timm's defaults (k = 6, alpha = 0.5); weight decay as there: decoupled and not applied to biases and 1-d
+parameters (LayerNorm weights), which its factory puts in a no-decay group.
 """
 
 from __future__ import annotations
@@ -14,8 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.optim.adam as adam_impl
-import torch.optim.radam as radam_impl
+from torch import nn
 
 LOOKAHEAD_K, LOOKAHEAD_ALPHA = 6, 0.5
 
@@ -33,78 +29,43 @@ def lr_at(recipe, base_lr: float, epoch: int, epochs: int) -> float:
     return base_lr
 
 
-class FoldOptimizer:
-    """Adam / RAdam+Lookahead over ``params`` {name: [F, ...]}, stepped per fold."""
+class Lookahead:
+    """Lookahead around ``inner``: every ``k`` steps the slow weights (from the initial weights) move ``alpha`` of
+    the way to the fast ones, and the fast weights restart from them."""
 
-    def __init__(self, params: dict[str, torch.Tensor], recipe, lr: float, weight_decay: float):
-        self.params, self.recipe, self.weight_decay = params, recipe, weight_decay
-        self.names = list(params)
-        first = next(iter(params.values()))
-        folds = first.shape[0]
-        self.exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
-        self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in params.items()}
-        self.steps = [[torch.zeros((), dtype=torch.float32, device=first.device) for _ in self.names]
-                      for _ in range(folds)]
-        self.slow = ({n: p.detach().clone() for n, p in params.items()}
-                     if recipe.optimizer == "radam_lookahead" else None)
-        self.count = [0] * folds
-        # TransMIL's factory: no weight decay for biases and 1-d parameters ([F, n] when stacked)
-        self.decays = [not (n.endswith(".bias") or params[n].dim() <= 2) for n in self.names]
+    def __init__(self, inner: torch.optim.Optimizer, k: int = LOOKAHEAD_K, alpha: float = LOOKAHEAD_ALPHA):
+        self.inner, self.k, self.alpha, self.count = inner, k, alpha, 0
+        self.param_groups = inner.param_groups
+        self.slow = [p.detach().clone() for g in inner.param_groups for p in g["params"]]
 
-    def _lists(self, grads: dict[str, torch.Tensor], folds: list[int]):
-        if not hasattr(self, "_views"):  # per-fold views of the stacked state: made once, updated in place
-            self._views = [([self.params[n][k] for n in self.names], [self.exp_avg[n][k] for n in self.names],
-                            [self.exp_avg_sq[n][k] for n in self.names], self.steps[k])
-                           for k in range(len(self.steps))]
-        p, g, m, v, s = [], [], [], [], []
-        for row, k in enumerate(folds):
-            views = self._views[k]
-            p += views[0]
-            m += views[1]
-            v += views[2]
-            s += views[3]
-            # the fused kernel reads a gradient as if laid out like its parameter: a transposed one would be
-            # applied silently to the wrong elements (torch 2.14), so any strided gradient is made contiguous
-            g += [grads[n][row].contiguous() for n in self.names]
-        return p, g, m, v, s
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
-    def step(self, grads: dict[str, torch.Tensor], folds: list[int], lr: float) -> None:
-        """Update folds ``folds``; ``grads[name]`` is [len(folds), ...] in that order."""
-        p, g, m, v, s = self._lists(grads, folds)
-        beta1, beta2 = self.recipe.betas
-        if self.recipe.optimizer == "adam":
-            adam_impl.adam(p, g, m, v, [], s, fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
-                           weight_decay=self.weight_decay, eps=1e-8, maximize=False)
-        else:
-            decay = self.decays * len(folds)
-            for wanted, wd in ((True, self.weight_decay), (False, 0.0)):
-                pick = [i for i, d in enumerate(decay) if d == wanted]
-                if pick:
-                    radam_impl.radam([p[i] for i in pick], [g[i] for i in pick], [m[i] for i in pick],
-                                     [v[i] for i in pick], [s[i] for i in pick], decoupled_weight_decay=True,
-                                     foreach=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=wd, eps=1e-8)
-            self._lookahead(folds)
-
-    def _lookahead(self, folds: list[int]) -> None:
-        for k in folds:
-            self.count[k] += 1
-            if self.count[k] % LOOKAHEAD_K:
-                continue
-            for n in self.names:
-                slow, fast = self.slow[n][k], self.params[n][k]
-                slow.add_(fast - slow, alpha=LOOKAHEAD_ALPHA)
-                fast.copy_(slow)
+    def step(self) -> None:
+        self.inner.step()
+        self.count += 1
+        if self.count % self.k:
+            return
+        for slow, fast in zip(self.slow, (p for g in self.param_groups for p in g["params"])):
+            slow.add_(fast - slow, alpha=self.alpha)
+            fast.copy_(slow)
 
 
-def clip_per_fold(grads: dict[str, torch.Tensor], groups: dict[str, float]) -> None:
-    """Scale each fold's gradients of every group (parameter-name prefix -> max norm) to at most that norm
-    (``torch.nn.utils.clip_grad_norm_`` per fold and group)."""
+def make_optimizer(model: nn.Module, recipe, lr: float, weight_decay: float):
+    """The recipe's optimiser over ``model``'s parameters."""
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, betas=recipe.betas, eps=1e-8, weight_decay=weight_decay)
+    params = list(model.named_parameters())
+    decay = [p for n, p in params if not (n.endswith(".bias") or p.dim() <= 1)]
+    rest = [p for n, p in params if n.endswith(".bias") or p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return Lookahead(torch.optim.RAdam(groups, lr=lr, betas=recipe.betas, eps=1e-8, decoupled_weight_decay=True))
+
+
+def clip_groups(model: nn.Module, groups: dict[str, float]) -> None:
+    """``clip_grad_norm_`` of each group of parameters (name prefix -> max norm)."""
     for prefix, max_norm in groups.items():
-        names = [n for n in grads if n == prefix or n.startswith(prefix + ".")]
-        if not names:
-            continue
-        sq = sum(grads[n].pow(2).flatten(1).sum(1) for n in names)  # [F]
-        coef = torch.clamp(max_norm / (sq.sqrt() + 1e-6), max=1.0)
-        for n in names:
-            grads[n].mul_(coef.reshape(-1, *([1] * (grads[n].dim() - 1))))
+        params = [p for n, p in model.named_parameters() if n == prefix or n.startswith(prefix + ".")]
+        if params:
+            nn.utils.clip_grad_norm_(params, max_norm)

@@ -2,10 +2,16 @@
 
 The record says what a run was made from, so that its numbers can be traced and a resume never mixes inputs:
 
-    format              "zoomfeat-mil-run";  schema_version  2 (1 = the untyped record of earlier versions)
-    config              the validated MILConfig (JSON)
+    format              "zoomfeat-mil-run";  schema_version  3 (2 = one seed, no ``seeds``/``folds``; 1 = the
+                        untyped record of earlier versions)
+    config              the validated MILConfig (JSON; ``features`` in its text form)
     task, label_map     the task and its class name -> index map (predictions use these indices)
-    feature_spec        the feature set in canonical form (``DIR@20x+5x``); feature_dim: fused width
+    feature_spec        the feature set (a :class:`zoomfeat.features.FeatureSpec`, saved in its canonical text form
+                        ``DIR@20x+5x``); feature_dim: fused width
+    seeds               the init seeds the cross-validation runs with, once per seed (``train-mil --seeds``)
+    plan                the training plan, a row per setting: its value and its source (preset, recipe, option)
+    folds               the folds planned (every fold of the split folder, or those ``--folds`` named in any
+                        invocation of the run)
     split_source        the split folder; split_fingerprints: fold -> sha256 of its sorted train/val/test ids
     inputs              content fingerprints: labels_sha256 (the labels file's bytes) and feature_files
                         (slide id -> "size:mtime_ns" of its feature file, for every slide the run uses)
@@ -17,26 +23,33 @@ The record says what a run was made from, so that its numbers can be traced and 
 :func:`resume_differences` says what differs between a run's record and the one a new invocation would write:
 settings (not the paths: a moved project resumes), magnifications, classes, feature width, split contents, the
 labels file's content and each feature file's stamp.
+
+The record owns the run's layout and completeness: :func:`fold_dir` is where a (seed, fold) lives (``fold_<k>/``
+for a one-seed run, ``seed_<s>/fold_<k>/`` for several seeds), :func:`finished_pairs` what is done (its
+``metrics.json``, written last), and :func:`check_complete` refuses a run with planned (seed, fold) pairs missing,
+in one line naming the run, the missing folds and the fix, unless the reader allows a partial run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.features import FeatureSpec
+from zoomfeat.store import describe_diff, settings_diff, write_json_atomic
 
 RECORD_NAME = "config.json"
 RECORD_FORMAT = "zoomfeat-mil-run"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # run settings that may change between invocations of one run: which folds to do now, where to run them, and
 # where the inputs and the run folder lie (a moved project resumes: the inputs are compared by content)
 RESUME_IGNORED: tuple[str, ...] = ("folds", "devices", "accelerator", "cache", "out", "labels", "splits",
-                                   "features")
+                                   "features", "seed")  # ``seed`` is the first of ``seeds`` (compared)
 
 
 @dataclass(frozen=True)
@@ -54,11 +67,14 @@ class RunRecord:
     config: dict
     task: str
     label_map: dict[str, int]
-    feature_spec: str
+    feature_spec: FeatureSpec
     feature_dim: int
     split_source: str
     split_fingerprints: dict[str, str]
     inputs: InputFingerprints | None
+    seeds: tuple[int, ...] = (0,)
+    folds: tuple[int, ...] = ()  # the planned folds; () = every fold of split_fingerprints
+    plan: list = field(default_factory=list)  # [{setting, value, source}] (mil.config.plan_rows)
     extractor: str | None = None
     extractor_config: dict | None = None
     left_out: dict[str, int] = field(default_factory=dict)
@@ -92,8 +108,22 @@ class RunRecord:
     def labels(self) -> str | None:
         return self.config.get("labels")
 
+    @property
+    def planned_folds(self) -> list[int]:
+        """The folds the run trains per seed (``--folds``, else every fold of its split folder)."""
+        return sorted(self.folds) if self.folds else sorted(int(k) for k in self.split_fingerprints)
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        """Every planned (seed, fold), seeds in their given order."""
+        return [(s, k) for s in self.seeds for k in self.planned_folds]
+
     def to_json(self) -> dict:
-        return {"format": RECORD_FORMAT, **asdict(self)}
+        data = asdict(self)
+        data["feature_spec"] = str(self.feature_spec)
+        if isinstance(data["config"].get("features"), dict):
+            data["config"]["features"] = str(self.feature_spec)
+        return {"format": RECORD_FORMAT, **data}
 
 
 # ---------------------------------------------------------------------------------------------- fingerprints
@@ -119,8 +149,6 @@ def input_fingerprints(labels_path: str | Path, feature_paths: dict[str, Path]) 
 
 # ---------------------------------------------------------------------------------------------- write / read
 def write_record(run_dir: str | Path, record: RunRecord) -> Path:
-    from zoomfeat.store import write_json_atomic
-
     return write_json_atomic(Path(run_dir) / RECORD_NAME, record.to_json())
 
 
@@ -142,6 +170,14 @@ def _upgrade_v1(data: dict) -> dict:
     config = data["config"]
     return {**{k: v for k, v in data.items() if k in _FIELDS}, "task": config.get("task"),
             "feature_spec": config.get("features"), "inputs": None, "schema_version": 1}
+
+
+def _seeds_and_folds(data: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(seeds, planned folds) of a record; schema 1-2 records ran one seed, ``config.seed``."""
+    config = data["config"]
+    seeds = data.get("seeds") or config.get("seeds") or [config.get("seed", 0)]
+    folds = data.get("folds") if data.get("folds") is not None else (config.get("folds") or ())
+    return tuple(int(v) for v in seeds), tuple(int(v) for v in folds)
 
 
 _FIELDS = {f for f in RunRecord.__dataclass_fields__}
@@ -167,8 +203,10 @@ def record_from_json(data: dict, path: Path) -> RunRecord:
         values["inputs"] = InputFingerprints(**inputs) if isinstance(inputs, dict) else None
         values["label_map"] = {str(k): int(v) for k, v in data["label_map"].items()}
         values["feature_dim"] = int(data["feature_dim"])
+        values["feature_spec"] = FeatureSpec.parse(data["feature_spec"])
+        values["seeds"], values["folds"] = _seeds_and_folds(data)
         return RunRecord(**values)
-    except (TypeError, ValueError, AttributeError) as exc:
+    except (TypeError, ValueError, AttributeError, ConfigError) as exc:
         raise DataError(f"{path}: malformed run record ({exc}); rerun train-mil into a new --out") from exc
 
 
@@ -192,14 +230,13 @@ def _stamp_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
 
 def resume_differences(old: RunRecord, new: RunRecord) -> list[str]:
     """What differs between a run's record and a new invocation's, in words (empty: the run may resume)."""
-    from zoomfeat.store import describe_diff, settings_diff
-
-    strip = lambda c: {k: v for k, v in c.items() if k not in RESUME_IGNORED}  # noqa: E731
+    strip = lambda r: {**{k: v for k, v in r.config.items() if k not in RESUME_IGNORED},  # noqa: E731
+                       "seeds": ",".join(map(str, r.seeds))}
     out = []
-    diff = settings_diff(strip(old.config), strip(new.config))
+    diff = settings_diff(strip(old), strip(new))
     if diff:
         out.append(f"settings {describe_diff(diff)}")
-    old_mags, new_mags = (FeatureSpec.parse(r.feature_spec).mags_text for r in (old, new))
+    old_mags, new_mags = (r.feature_spec.mags_text for r in (old, new))
     if old_mags != new_mags:
         out.append(f"feature magnifications {old_mags} -> {new_mags}")
     for name in ("label_map", "feature_dim"):
@@ -218,13 +255,120 @@ def resume_differences(old: RunRecord, new: RunRecord) -> list[str]:
     return out
 
 
-def check_resume(run_dir: str | Path, new: RunRecord, done_folds: list[int]) -> None:
-    """ConfigError naming the differences when ``run_dir`` has finished folds made from other inputs/settings."""
-    if not done_folds:
-        return  # nothing made yet binds the folder to the old record
+def check_resume(run_dir: str | Path, new: RunRecord, done: list[tuple[int, int]]) -> RunRecord:
+    """The record to write for resuming ``run_dir`` with ``new``: ConfigError naming the differences when the
+    folder has finished (seed, fold) pairs made from other inputs/settings, or pairs the record does not plan
+    (another layout, a seed or fold outside the run); the planned folds are those of every invocation."""
+    stray = stray_pairs(run_dir, new)
+    if stray:
+        raise ConfigError(f"{run_dir} holds fold folders this run does not plan ({', '.join(stray)}): it was made "
+                          f"with other --seeds or splits; use a new --out, or delete the folder to start over")
+    if not done:
+        return new  # nothing made yet binds the folder to the old record
     old = read_record(run_dir)
     differences = resume_differences(old, new)
     if differences:
-        raise ConfigError(f"{run_dir} holds finished folds ({', '.join(map(str, done_folds))}) made from other "
+        raise ConfigError(f"{run_dir} holds finished folds ({describe_pairs(done, new.seeds)}) made from other "
                           f"inputs or settings: {'; '.join(differences)}. Use a new --out, or delete the folder "
                           "to start over")
+    if not new.folds:
+        return new
+    planned = set(new.folds) | set(old.planned_folds) | {k for _, k in done}
+    return replace(new, folds=tuple(sorted(planned)))
+
+
+# ---------------------------------------------------------------------------------------------- layout
+_FOLD_RE = re.compile(r"^fold_(\d+)$")
+_SEED_RE = re.compile(r"^seed_(\d+)$")
+
+
+def fold_dir(run_dir: str | Path, seeds: tuple[int, ...] | list[int], seed: int, fold: int) -> Path:
+    """Where (``seed``, ``fold``) of a run with ``seeds`` lives: ``fold_<k>`` for one seed, else
+    ``seed_<s>/fold_<k>``."""
+    run = Path(run_dir)
+    return run / f"fold_{fold}" if len(seeds) == 1 else run / f"seed_{seed}" / f"fold_{fold}"
+
+
+def _finished_dirs(run: Path) -> tuple[list[int], list[tuple[int, int]]]:
+    """(k of every ``fold_<k>/metrics.json``, (s, k) of every ``seed_<s>/fold_<k>/metrics.json``) in ``run``."""
+    flat, nested = [], []
+    if not run.is_dir():
+        return flat, nested
+    for sub in run.iterdir():
+        if _FOLD_RE.match(sub.name) and (sub / "metrics.json").is_file():
+            flat.append(int(sub.name[5:]))
+        elif _SEED_RE.match(sub.name) and sub.is_dir():
+            nested += [(int(sub.name[5:]), int(f.name[5:])) for f in sub.iterdir()
+                       if _FOLD_RE.match(f.name) and (f / "metrics.json").is_file()]
+    return sorted(flat), sorted(nested)
+
+
+def finished_pairs(run_dir: str | Path, record: RunRecord) -> list[tuple[int, int]]:
+    """The (seed, fold) pairs of ``record``'s seeds and split folds whose ``metrics.json`` exists (seeds in the
+    record's order, then folds); planned or not (``--folds`` of an earlier invocation)."""
+    flat, nested = _finished_dirs(Path(run_dir))
+    found = {(record.seeds[0], k) for k in flat} if len(record.seeds) == 1 else set(nested)
+    folds = {int(k) for k in record.split_fingerprints}  # none recorded (an old record): every fold found
+    rank = {s: i for i, s in enumerate(record.seeds)}
+    return sorted((p for p in found if p[0] in rank and (not folds or p[1] in folds)),
+                  key=lambda p: (rank[p[0]], p[1]))
+
+
+def stray_pairs(run_dir: str | Path, record: RunRecord) -> list[str]:
+    """Finished fold folders of ``run_dir`` that ``record`` cannot own (other layout, seed or fold): their paths."""
+    flat, nested = _finished_dirs(Path(run_dir))
+    folds = {int(k) for k in record.split_fingerprints}
+    if len(record.seeds) == 1:
+        bad = [f"fold_{k}" for k in flat if k not in folds] + [f"seed_{s}/fold_{k}" for s, k in nested]
+    else:
+        bad = [f"fold_{k}" for k in flat] + [f"seed_{s}/fold_{k}" for s, k in nested
+                                             if s not in record.seeds or k not in folds]
+    return bad
+
+
+def describe_pairs(pairs: list[tuple[int, int]], seeds: tuple[int, ...] | list[int]) -> str:
+    """``fold 3`` / ``folds 1, 3`` (one seed), ``seed 1: folds 2, 3; seed 2: fold 0`` (several)."""
+    def folds_text(ks: list[int]) -> str:
+        return f"fold{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))}"
+
+    if len(seeds) == 1:
+        return folds_text([k for _, k in pairs])
+    by_seed: dict[int, list[int]] = {}
+    for s, k in pairs:
+        by_seed.setdefault(s, []).append(k)
+    return "; ".join(f"seed {s}: {folds_text(ks)}" for s, ks in by_seed.items())
+
+
+@dataclass(frozen=True)
+class Completeness:
+    """The planned (seed, fold) pairs of a run and those missing (not finished)."""
+
+    run_dir: Path
+    record: RunRecord
+    missing: tuple[tuple[int, int], ...]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    def note(self) -> str | None:
+        """The sentence every table and page of a partial run carries (None for a complete run)."""
+        if not self.missing:
+            return None
+        return (f"Partial run: {describe_pairs(list(self.missing), self.record.seeds)} of the "
+                f"{len(self.record.pairs)} recorded (seed, fold) pairs missing; numbers are over the "
+                f"{len(self.record.pairs) - len(self.missing)} present.")
+
+
+def check_complete(run_dir: str | Path, record: RunRecord | None = None, allow_partial: bool = False) -> Completeness:
+    """The run's completeness; DataError (one line: the run, the missing folds, the fix) for a partial run
+    unless ``allow_partial``."""
+    run = Path(run_dir)
+    record = record if record is not None else read_record(run)
+    done = set(finished_pairs(run, record))
+    missing = tuple(p for p in record.pairs if p not in done)
+    if missing and not allow_partial:
+        raise DataError(f"{run} is a partial run: {describe_pairs(list(missing), record.seeds)} of its "
+                        f"{len(record.pairs)} recorded (seed, fold) pairs missing; finish it by rerunning "
+                        f"`zoomfeat train-mil --out {run}` with its arguments, or pass --allow-partial")
+    return Completeness(run, record, missing)

@@ -16,6 +16,7 @@ from mil.compare import build_comparison, feature_set_name
 from mil.record import RunRecord
 from test_report import assert_nontrivial_png, fabricate_run, parse_html
 from zoomfeat.errors import DataError
+from zoomfeat.features import FeatureSpec
 
 
 def fold_aucs(run_dir: Path) -> dict[int, float]:
@@ -37,7 +38,7 @@ def three_runs(tmp_path):
 
 def test_feature_set_names():
     def record(spec, extractor=None):
-        return RunRecord(config={}, task="t", label_map={"a": 0, "b": 1}, feature_spec=spec, feature_dim=4,
+        return RunRecord(config={}, task="t", label_map={"a": 0, "b": 1}, feature_spec=FeatureSpec.parse(spec), feature_dim=4,
                          split_source="s", split_fingerprints={}, inputs=None, extractor=extractor)
 
     assert feature_set_name(record("/x/feats@20x+5x", "zoomldm")) == "zoomldm@20x+5x"
@@ -70,8 +71,17 @@ def test_comparison_numbers_and_files(three_runs, tmp_path):
 
     page = parse_html(out / "compare.html")
     assert not page.external and len(page.images) == 2
-    rows = {r[0]: r for r in page.rows if r}
+    rows = {}
+    for r in page.rows:
+        if r:
+            rows.setdefault(r[0], r)  # the first table's row of each feature set
     assert rows["uni@20x"][1].startswith(f"{np.mean(list(auc_b.values())):.3f} ± ")
+    assert pair["n_pairs"] == 5 and pair["pairs"] == [[0, k] for k in range(5)] and rows["subtype"][3] == "5"
+    metric_rows = [r for r in page.rows if r and r[0] == "uni@20x"]
+    header = next(r for r in page.rows if r and r[0] == "feature set" and len(r) > 3)
+    assert header[2:6] == ["AUC", "balanced accuracy", "accuracy", "macro F1"]
+    assert metric_rows[1][2].startswith(f"{np.mean(list(auc_b.values())):.3f} ± ") and metric_rows[1][6] == "complete"
+    assert "paired on 5 (seed, fold) pair(s)" in (out / "compare.md").read_text()
     assert rows["subtype"][7] == f"{wilcoxon(diffs).pvalue:.3f}"
     assert (out / "index.html").read_text() == (out / "compare.html").read_text()
     assert "| uni@20x |" in (out / "compare.md").read_text()

@@ -94,18 +94,20 @@ def build_cohort(base: Path) -> dict:
             "boxes": info.signal_boxes_level0}
 
 
-def train_run(cohort: dict, out: Path, model: str = "abmil", seed: int = 0) -> Path:
+def train_run(cohort: dict, out: Path, model: str = "abmil", seed: int = 0, epochs: int = 12,
+              folds: tuple[str, ...] = ()) -> Path:
     """A real cross-validation run (2 folds) on the planted cohort, through ``zoomfeat train-mil``."""
     features, root = f"{cohort['features']}@20x", cohort["root"]
     argv = ["train-mil", "--features", features, "--labels", str(root / "labels.csv"), "--splits",
-            str(root / "splits"), "--task", "custom", "--model", model, "--protocol", "hipt", "--epochs", "12",
+            str(root / "splits"), "--task", "custom", "--model", model, "--protocol", "hipt", "--epochs", str(epochs),
             "--lr", "5e-3", "--model-kwargs", json.dumps(_MODEL_KWARGS[model]), "--seed", str(seed),
-            "--out", str(out)]
+            "--out", str(out), *folds]
     assert cli.main(argv) == 0
     return out
 
 
-_MODEL_KWARGS = {"abmil": {"hidden": 32, "attn_dim": 16, "dropout": 0.0}, "mean": {"hidden": 32, "dropout": 0.0}}
+_MODEL_KWARGS = {"abmil": {"hidden": 32, "attn_dim": 16, "dropout": 0.0}, "mean": {"hidden": 32, "dropout": 0.0},
+                 "transmil": {"dim": 16, "heads": 2}, "dtfd": {"dim": 16, "attn_dim": 8}}
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,6 +140,23 @@ def test_attention_lands_on_the_planted_signal(cohort, runs):
     hit_rate = signal[top].mean()
     assert hit_rate >= 0.9 and hit_rate > 2 * chance
     assert attention[signal].mean() > 3 * attention[~signal].mean()
+
+
+@pytest.mark.parametrize("model", ["transmil", "dtfd"])
+def test_heatmaps_of_the_heads_without_a_softmax_over_the_bag(cohort, tmp_path, model):
+    """TransMIL (the class token's attention row) and DTFD (tier-1 x tier-2 weights) give a map too: one finite
+    value per tile, and DTFD's weights sum to 1 over the bag."""
+    from mil.heatmap import attention_map
+
+    run = train_run(cohort, tmp_path / model, model, epochs=1, folds=("--folds", "0"))
+    coords, attention = attention_map(run, 0, cohort["slide"], f"{cohort['features']}@20x")
+    np.testing.assert_array_equal(coords, cohort["coords"])
+    assert attention.shape == (len(coords),) and np.isfinite(attention).all() and attention.std() > 0
+    if model == "dtfd":
+        assert attention.sum() == pytest.approx(1.0, abs=1e-5)
+    out = tmp_path / f"{model}.png"
+    assert cli.main(["heatmap", "--run", str(run), "--fold", "0", "--slide", str(cohort["slide"]), "--features",
+                     f"{cohort['features']}@20x", "--out", str(out)]) == 0 and out.is_file()
 
 
 def test_heatmap_cli_writes_images(cohort, runs, tmp_path):

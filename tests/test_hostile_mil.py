@@ -135,7 +135,7 @@ def _features_changed_in_place(w):
 
 
 def _other_seed_on_resume(w):
-    return _train_mil_args(w, w["run"], "--seed", "7"), ["seed 0 -> 7"]
+    return _train_mil_args(w, w["run"], "--seed", "7"), ["seeds 0 -> 7"]
 
 
 def _out_is_a_file(w):

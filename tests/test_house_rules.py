@@ -64,8 +64,8 @@ LAZY = "<made on first access>"  # a name a package makes in its module ``__geta
 
 # Left while other parts of issue 35 land (the MIL head registry in its own module; the demo page fed by the demo;
 # mil.compare's rows made public): an entry may go, never come.
-PENDING_CYCLES = ({"mil.models", "mil.dtfd", "mil.transmil"},)
-PENDING_PRIVATE = {("mil.config", "mil.models._load_all")}
+PENDING_CYCLES: tuple = ()
+PENDING_PRIVATE: set = set()
 
 # Function-level imports of the package's own modules that keep no heavy library out of the importer (the
 # imported module brings nothing heavy the importer does not already load). The count may only go down.

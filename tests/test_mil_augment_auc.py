@@ -215,9 +215,10 @@ def run_study(root: Path, study: Study) -> dict:
                 argv = _mil_argv(root, labels, seed, fraction, study.epochs, augment)
                 timed(f"train-mil s{seed} f{fraction:g}{' +syn' if augment else ''}", argv)
                 out = Path(argv[argv.index("--out") + 1])
-                summary = pd.read_csv(out / "summary.csv").set_index("fold")
+                summary = pd.read_csv(out / "summary.csv", dtype={"seed": str, "fold": str})
                 key = (seed, fraction, augment is not None)
-                runs[key], aucs[key] = out, float(summary.loc["mean", "test_auc"])
+                mean = summary[(summary.seed == "mean") & (summary.fold == "mean")].test_auc.iloc[0]
+                runs[key], aucs[key] = out, float(mean)
     return {"runs": runs, "aucs": aucs, "labels": labels, "types": types, "syn": syn, "times": times,
             "context_response": response, "transfer": type_transfer(root / "features" / "zoomldm", syn, types)}
 

@@ -28,7 +28,12 @@ def test_train_mil_cli_runs_resumes_and_reports_errors(tmp_path, capsys):
     assert config["config"]["protocol"] == {"name": "simil", "lr": 1e-3, "weight_decay": 5e-3, "epochs": 2,
                                             "selection": "val_auc", "patience": None, "min_epochs": 1}
     assert config["config"]["model_kwargs"] == {"query_dim": 8} and config["config"]["folds"] == [0, 1]
-    assert list(pd.read_csv(tmp_path / "run" / "summary.csv").fold) == ["0", "1", "mean", "std"]
+    summary = pd.read_csv(tmp_path / "run" / "summary.csv", dtype=str)
+    assert list(summary.fold) == ["0", "1", "mean", "std", "mean", "mean"]
+    assert list(summary.seed) == ["3", "3", "3", "3", "mean", "std"]
+    assert list(summary.columns) == ["seed", "fold", "test_auc", "test_balanced_accuracy", "test_accuracy",
+                                     "test_macro_f1"]
+    assert config["seeds"] == [3] and "init seeds" in {row["setting"] for row in config["plan"]}
     assert cli.main([*args, "--folds", "0,1,2"]) == 0  # resumes: folds 0 and 1 are skipped
     assert (tmp_path / "run" / "fold_2" / "metrics.json").is_file()
 

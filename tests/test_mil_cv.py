@@ -55,7 +55,8 @@ def planted_runs(planted, tmp_path_factory):
 
 
 def _mean_auc(summary: pd.DataFrame) -> float:
-    return float(summary.set_index("fold").at["mean", "test_auc"])
+    rows = summary[(summary.seed == "mean") & (summary.fold == "mean")]
+    return float(rows.test_auc.iloc[0])
 
 
 @pytest.mark.parametrize("model", sorted(HEADS))
@@ -79,7 +80,7 @@ def test_attention_concentrates_on_key_instances(planted_runs, planted):
     positive = preds[(preds.label == 1) & (preds.split == "test")].slide_id.iloc[0]
     bag = load_bag(FeatureSpec.parse(cfg.features), positive)
     with torch.no_grad():
-        attention = model(bag.features).attention
+        attention = model(bag.features[None]).attention[0]  # a batch of one bag
     u = torch.zeros(bag.features.shape[1])
     u[:4] = 0.5
     key = (bag.features @ u) > 3.5  # key instances sit at 7 along u
@@ -89,16 +90,19 @@ def test_attention_concentrates_on_key_instances(planted_runs, planted):
 def test_run_outputs(planted_runs, planted):
     cfg, summary = planted_runs["abmil"]
     run = Path(cfg.out)
-    assert list(summary.fold) == ["0", "1", "2", "3", "4", "mean", "std"]
+    assert list(summary.fold) == ["0", "1", "2", "3", "4", "mean", "std", "mean", "mean"]
+    assert list(summary.seed) == ["0"] * 7 + ["mean", "std"]
     aucs = summary.test_auc.iloc[:5].astype(float)
     assert np.isclose(summary.test_auc.iloc[5], aucs.mean()) and np.isclose(summary.test_auc.iloc[6], aucs.std(ddof=1))
-    assert pd.read_csv(run / "summary.csv").shape == (7, 2)
+    assert np.isclose(summary.test_auc.iloc[7], aucs.mean()) and pd.isna(summary.test_auc.iloc[8])  # one seed
+    assert pd.read_csv(run / "summary.csv").shape == (9, 6)
     config = json.loads((run / "config.json").read_text())
     assert config["feature_dim"] == 32 and config["extractor"] == "toy" and config["extractor_config"] == {"dim": 32}
     assert config["config"]["protocol"]["name"] == "hipt" and config["config"]["protocol"]["epochs"] == 10
     assert sorted(config["split_fingerprints"]) == ["0", "1", "2", "3", "4"]
     assert all(len(v) == 64 for v in config["split_fingerprints"].values())
-    assert config["format"] == "zoomfeat-mil-run" and config["schema_version"] == 2
+    assert config["format"] == "zoomfeat-mil-run" and config["schema_version"] == 3
+    assert config["seeds"] == [0] and config["folds"] == []
     assert config["feature_spec"] == f"{planted['features']}@20x" and config["task"] == "subtyping"
     assert config["inputs"]["labels_sha256"] == hashlib.sha256(Path(planted["labels"]).read_bytes()).hexdigest()
     assert len(config["inputs"]["feature_files"]) == 60
@@ -108,8 +112,8 @@ def test_run_outputs(planted_runs, planted):
     assert preds.split.value_counts().to_dict() == {"val": 12, "test": 12}
     assert preds.prob.between(0, 1).all()
     metrics = json.loads((run / "fold_2" / "metrics.json").read_text())
-    for key in ("fold", "test_auc", "test_balanced_accuracy", "test_f1", "val_auc", "val_loss", "n_train",
-                "n_val", "n_test", "epochs_trained", "best_epoch"):
+    for key in ("fold", "seed", "test_auc", "test_balanced_accuracy", "test_accuracy", "test_macro_f1", "val_auc",
+                "val_loss", "n_train", "n_val", "n_test", "epochs_trained", "best_epoch"):
         assert key in metrics
     assert (metrics["n_train"], metrics["n_val"], metrics["n_test"]) == (36, 12, 12)
     assert metrics["epochs_trained"] == 10 and metrics["best_epoch"] == 10  # hipt: the last epoch
@@ -117,7 +121,7 @@ def test_run_outputs(planted_runs, planted):
     model, _ = load_fold_model(run, 2)
     spec = FeatureSpec.parse(cfg.features)
     with torch.no_grad():
-        probs = [float(torch.softmax(model(load_bag(spec, s).features).logits, 1)[0, 1]) for s in preds.slide_id]
+        probs = [float(torch.softmax(model(load_bag(spec, s).features[None]).logits, 1)[0, 1]) for s in preds.slide_id]
     assert np.allclose(probs, preds.prob, atol=1e-5)
 
 
@@ -127,8 +131,8 @@ def test_resume_skips_done_folds_and_rejects_another_config(planted_runs):
     before = metrics.stat().st_mtime_ns
     run_cv(replace(cfg, folds=(0,)))
     assert metrics.stat().st_mtime_ns == before
-    with pytest.raises(ConfigError, match="other inputs or settings: settings seed 0 -> 1"):
-        run_cv(replace(cfg, seed=1))
+    with pytest.raises(ConfigError, match="other inputs or settings: settings seeds"):
+        run_cv(replace(cfg, seed=1, seeds=None))
 
 
 @pytest.fixture
@@ -234,7 +238,7 @@ def test_resume_needs_input_fingerprints_and_allows_a_fresh_start_before_any_fol
     labels = pd.read_csv(tiny["labels"])
     labels.to_csv(tmp_path / "l2.csv", index=False)
     run_cv(replace(cfg, labels=str(tmp_path / "l2.csv")))
-    assert json.loads(path.read_text())["schema_version"] == 2
+    assert json.loads(path.read_text())["schema_version"] == 3
 
 
 def test_task_sets_the_heads_reference_semantics(tiny, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mil.models import build_model
+from mil.registry import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,13 +62,13 @@ def test_dtfd_reproduces_the_papers_equations(n):
     x = torch.randn(n, 6)
     y = torch.tensor(2)
     with torch.no_grad():
-        out = model(x, y)
-        loss = model.bag_losses(model.forward_bags(x[None], None, y.view(1)), y.view(1))[0]
+        out = model(x[None], None, y.view(1))
+        loss = model.bag_losses(out, y.view(1))[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).numpy()  # the documented eval split
     logits, ref_loss, attention = dtfd_oracle(model, x.double().numpy(), 2, perm)
     np.testing.assert_allclose(out.logits[0].numpy(), logits, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
-    np.testing.assert_allclose(out.attention.numpy(), attention, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out.attention[0].numpy(), attention, rtol=1e-5, atol=1e-7)
     assert abs(out.attention.sum() - 1) < 1e-5
 
 
@@ -76,7 +76,7 @@ def test_dtfd_tier2_does_not_train_tier1_and_the_split_is_redrawn():
     torch.manual_seed(0)
     model = build_model("dtfd", 6, 2, dim=8, attn_dim=4)
     x, y = torch.randn(13, 6), torch.tensor(1)
-    out = model.forward_bags(x[None], None, y.view(1))
+    out = model(x[None], None, y.view(1))
     ce_tier2 = -torch.log_softmax(out.logits, -1)[0, 1]
     ce_tier2.backward(retain_graph=True)
     assert model.dim_reduction.fc1.weight.grad is None or model.dim_reduction.fc1.weight.grad.abs().sum() == 0
@@ -84,8 +84,8 @@ def test_dtfd_tier2_does_not_train_tier1_and_the_split_is_redrawn():
     out.extra_loss.sum().backward()
     assert model.dim_reduction.fc1.weight.grad.abs().sum() > 0
     torch.manual_seed(1)
-    first = model(x).attention
-    second = model(x).attention
+    first = model(x[None]).attention
+    second = model(x[None]).attention
     assert not torch.allclose(first, second)  # training: a new random split every step
     model.eval()
-    assert torch.equal(model(x).attention, model(x).attention)  # eval: the fixed split
+    assert torch.equal(model(x[None]).attention, model(x[None]).attention)  # eval: the fixed split

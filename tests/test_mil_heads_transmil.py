@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mil.models import build_model
+from mil.registry import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,10 +114,10 @@ def test_transmil_reproduces_the_papers_equations(n, class_token_residual):
         p.data.normal_(0, 0.5)
     x = torch.randn(n, 6)
     with torch.no_grad():
-        out = model(x)
+        out = model(x[None])
     logits, attention = transmil_oracle(model, x.double().numpy())
     np.testing.assert_allclose(out.logits[0].numpy(), logits, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(out.attention.numpy(), attention, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.attention[0].numpy(), attention, rtol=1e-4, atol=1e-5)
 
 
 def test_the_class_token_residual_reads_the_first_instances_by_position():
@@ -136,7 +136,7 @@ def test_the_class_token_residual_reads_the_first_instances_by_position():
             for conv in (model.pos_layer.proj, model.pos_layer.proj1, model.pos_layer.proj2):
                 conv.weight.zero_()  # PPEG off, so only the value convolution sees the order
                 conv.bias.zero_()
-            change[flag] = float((model(x).logits - model(moved).logits).abs().max())
+            change[flag] = float((model(x[None]).logits - model(moved[None]).logits).abs().max())
     assert change[True] > 10 * change[False]
 
 
@@ -153,7 +153,7 @@ def test_train_mil_builds_transmil_without_the_class_token_residual(tmp_path):
 
 def test_iterative_pinv_approaches_the_pseudo_inverse():
     """The scheme converges to numpy's pinv (20 iterations); TransMIL's 6 match the oracle's 6."""
-    from mil.transmil import iterative_pinv
+    from mil.heads.transmil import iterative_pinv
 
     torch.manual_seed(0)
     a = torch.softmax(torch.randn(1, 2, 5, 5, dtype=torch.float64), -1)
@@ -165,10 +165,10 @@ def test_transmil_trains_and_its_dropout_is_active_in_training():
     torch.manual_seed(0)
     model = build_model("transmil", 6, 2, dim=8, heads=2)
     x, y = torch.randn(11, 6), torch.tensor(1)
-    out = model(x, y)
+    out = model(x[None], None, y.view(1))
     loss = torch.nn.functional.cross_entropy(out.logits, y.view(1))
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert model.cls_token.grad.abs().sum() > 0 and model.pos_layer.proj.weight.grad.abs().sum() > 0
     with torch.no_grad():
-        assert not torch.equal(model(x).logits, model(x).logits)  # dropout 0.1 in training mode
+        assert not torch.equal(model(x[None]).logits, model(x[None]).logits)  # dropout 0.1 in training mode

@@ -1,18 +1,20 @@
-"""Every registered MIL head honours the one interface (single bag, padded bags, stacked folds); CLAM/DSMIL
-details against formulas computed here; the smooth top-1 SVM loss."""
+"""Every registered MIL head honours the one interface (a padded batch of bags with a mask; padding changes no
+bag's numbers); ABMIL, CLAM, DSMIL and the pooling baselines against their papers' equations computed here; the
+smooth top-1 SVM loss."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from mil.layers import fold_generators
-from mil.losses import smooth_top1_svm
-from mil.models import MIL_MODELS, MILOutput, build_model, register_model
-from mil.losses import bag_loss
+from mil.heads import HEADS
+from mil.losses import bag_loss, smooth_top1_svm
+from mil.registry import MIL_MODELS, MILOutput, build_model, load_heads, register_model
 from zoomfeat.commands.train_mil import MODEL_CHOICES
 from zoomfeat.errors import ConfigError
 
@@ -21,14 +23,28 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"abmil": {"hidden": 16, "attn_dim": 8}, "clam_sb": {"hidden": 16, "attn_dim": 8},
          "clam_mb": {"hidden": 16, "attn_dim": 8}, "dsmil": {"query_dim": 8}, "mean": {"hidden": 16},
          "max": {"hidden": 16}, "transmil": {"dim": 16, "heads": 2}, "dtfd": {"dim": 16, "attn_dim": 8}}
-PADDABLE = sorted(n for n in SMALL if n not in ("transmil", "dtfd"))
 
 
-def test_cli_choices_are_the_registry():
-    build_model("abmil", 4, 2)  # loads the heads kept in their own modules
+def _one(model, x: torch.Tensor, y: int | torch.Tensor | None = None) -> MILOutput:
+    """One bag [N, D] through a head as a batch of one."""
+    return model(x[None], None, None if y is None else torch.as_tensor(y).view(1))
+
+
+def test_cli_choices_and_help_are_the_registry_and_need_no_torch():
+    assert set(load_heads()) == set(HEADS) == set(SMALL)
     assert tuple(sorted(MIL_MODELS)) == MODEL_CHOICES
-    assert set(SMALL) == set(MIL_MODELS)
-    assert {"transmil", "dtfd"} <= set(MIL_MODELS)
+    code = "import sys; from mil.heads import head_names, head_help; print(head_names(), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"{sorted(HEADS)} False"
+
+
+def test_the_head_table_of_the_docs_is_the_registrys():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "mil.md").read_text(encoding="utf-8")
+    block = text[text.index("<!-- heads: mil.heads.HEADS -->"):text.index("<!-- end of heads -->")]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines()[3:]]
+    assert rows == [[f"`{n}`", HEADS[n][1], f"`mil/heads/{HEADS[n][0]}.py`"] for n in sorted(HEADS)]
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -39,44 +55,31 @@ def test_every_head_forward_backward(name, n, n_classes):
     model = build_model(name, 12, n_classes, **SMALL[name])
     x = torch.randn(n, 12)
     y = torch.tensor(n_classes - 1)
-    out = model(x, y)
+    out = _one(model, x, y)
     assert isinstance(out, MILOutput)
     assert out.logits.shape == (1, n_classes)
-    assert out.attention.shape == (n,)
+    assert out.attention.shape == (1, n)
     assert torch.isfinite(out.attention).all()
-    assert out.extra_loss is None or out.extra_loss.dim() == 0
+    assert out.extra_loss is None or out.extra_loss.shape == (1,)
     loss = bag_loss(model, out, y)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     model.eval()
-    assert model(x).extra_loss is None  # no label, no auxiliary loss
+    assert _one(model, x).extra_loss is None  # no label, no auxiliary loss
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_every_head_has_finite_gradients_on_features_of_large_scale(name):
     """Raw ZoomLDM U-Net features have a standard deviation of ~60 (up to ~300): a head's gradients must stay
-    finite there (the exp-based sigmoid gate once gave 0 * inf = NaN for pre-activations below -88.7)."""
+    finite there."""
     torch.manual_seed(0)
     model = build_model(name, 12, 2, **SMALL[name])
     x = torch.randn(40, 12) * 300.0
     for label in (0, 1):
         model.zero_grad()
-        bag_loss(model, model(x, torch.tensor(label)), torch.tensor(label)).backward()
+        bag_loss(model, _one(model, x, label), torch.tensor(label)).backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None), name
-
-
-def test_sigmoid_matches_torch_and_keeps_its_gradient_finite():
-    from mil.layers import Sigmoid
-
-    x = torch.tensor([-1e4, -200.0, -88.8, -80.0, -30.0, -1.0, 0.0, 2.0, 30.0, 200.0], requires_grad=True)
-    y = Sigmoid()(x)
-    y.sum().backward()
-    e = np.exp(-np.abs(x.detach().double().numpy()))  # the logistic function and its slope in float64
-    value = np.where(x.detach().numpy() >= 0, 1 / (1 + e), e / (1 + e))
-    assert np.allclose(y.detach().numpy(), value, atol=1e-7, rtol=1e-6)
-    assert torch.isfinite(x.grad).all()
-    assert np.allclose(x.grad.numpy(), e / (1 + e) ** 2, atol=1e-12, rtol=1e-5)
 
 
 def _padded(bags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,49 +90,75 @@ def _padded(bags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return x, mask
 
 
-@pytest.mark.parametrize("name", PADDABLE)
-def test_padded_bags_give_each_bags_own_numbers(name):
-    """Several bags per step: a padded, masked bag gets the logits, attention and loss it gets alone."""
+@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("train", [False, True])
+def test_padded_bags_give_each_bags_own_numbers(name, train):
+    """Several bags per step: a padded, masked bag gets the logits, attention, loss and gradient it gets alone
+    (in train mode with dropout off, and DTFD's random split drawn from the same seed)."""
     torch.manual_seed(1)
-    model = build_model(name, 12, 3, **SMALL[name]).eval()
+    model = build_model(name, 12, 3, **SMALL[name])
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.train(train)
     bags = [torch.randn(n, 12) for n in (5, 23, 1, 9)]
     x, mask = _padded(bags)
     y = torch.tensor([0, 2, 1, 2])
-    out = model.forward_bags(x, mask, y)
+    torch.manual_seed(7)
+    out = model(x, mask, y)
     losses = model.bag_losses(out, y)
+    losses.mean().backward()
+    together = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch.manual_seed(7)
+    total = 0.0
     for i, bag in enumerate(bags):
-        alone = model(bag, y[i])
-        assert torch.allclose(out.logits[i], alone.logits[0], atol=1e-5)
-        assert torch.allclose(out.attention[i, :len(bag)], alone.attention, atol=1e-5)
-        assert torch.allclose(losses[i], bag_loss(model, alone, y[i]), atol=1e-5)
+        alone = _one(model, bag, y[i])
+        assert torch.allclose(out.logits[i], alone.logits[0], atol=1e-5), name
+        assert torch.allclose(out.attention[i, :len(bag)], alone.attention[0], atol=1e-5), name
+        assert not out.attention[i, len(bag):].any(), name  # nothing on padded positions
+        loss = bag_loss(model, alone, y[i])
+        assert torch.allclose(losses[i], loss, atol=1e-5), name
+        total = total + loss / len(bags)
+    total.backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(together[n], p.grad, atol=1e-5), (name, n)
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
-def test_stacked_folds_compute_each_fold_as_alone(name):
-    """Parameters stacked over 3 folds (3 different heads): each fold's slice equals that head alone."""
-    heads = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        heads.append(build_model(name, 12, 2, **SMALL[name]).eval())
-    stacked = {n: torch.stack([dict(h.named_parameters())[n].detach() for h in heads])
-               for n, _ in heads[0].named_parameters()}
-    x = torch.randn(1, 17, 12)
-    with fold_generators([torch.Generator() for _ in heads]):
-        bags = torch.func.functional_call(_Call(heads[0]), {f"head.{k}": v for k, v in stacked.items()},
-                                          (x.expand(3, *x.shape), None, None))
-    for k, head in enumerate(heads):
-        alone = head(x[0])
-        assert torch.allclose(bags.logits[k, 0], alone.logits[0], atol=1e-5), name
-        assert torch.allclose(bags.attention[k, 0], alone.attention, atol=1e-5), name
+def test_abmil_matches_its_equations():
+    """Ilse et al. 2018, eqs. 7 and 9: a_k = softmax_k(w^T (tanh(V h_k) * sigm(U h_k))), z = sum_k a_k h_k, in
+    float64 numpy from the head's weights."""
+    torch.manual_seed(0)
+    m = build_model("abmil", 6, 3, hidden=8, attn_dim=4).eval()
+    x = torch.randn(11, 6)
+    w = {n: p.detach().double().numpy() for n, p in m.named_parameters()}
+    h = np.maximum(x.double().numpy() @ w["embed.0.weight"].T + w["embed.0.bias"], 0)
+    gate = (np.tanh(h @ w["attention.tanh_gate.0.weight"].T + w["attention.tanh_gate.0.bias"])
+            / (1 + np.exp(-(h @ w["attention.sigmoid_gate.0.weight"].T + w["attention.sigmoid_gate.0.bias"]))))
+    e = np.exp(gate @ w["attention.score.weight"][0] + w["attention.score.bias"][0])
+    a = e / e.sum()
+    logits = (a @ h) @ w["classifier.weight"].T + w["classifier.bias"]
+    with torch.no_grad():
+        out = _one(m, x)
+    assert np.allclose(out.attention[0].numpy(), a, atol=1e-6)
+    assert np.allclose(out.logits[0].numpy(), logits, atol=1e-5)
 
 
-class _Call(torch.nn.Module):
-    def __init__(self, head):
-        super().__init__()
-        self.head = head
-
-    def forward(self, x, mask, label):
-        return self.head.forward_bags(x, mask, label)
+def test_pooling_baselines_match_their_definitions():
+    torch.manual_seed(0)
+    x = torch.randn(7, 6)
+    for name in ("mean", "max"):
+        m = build_model(name, 6, 2, hidden=8).eval()
+        w = {n: p.detach().double().numpy() for n, p in m.named_parameters()}
+        h = np.maximum(x.double().numpy() @ w["embed.0.weight"].T + w["embed.0.bias"], 0)
+        with torch.no_grad():
+            out = _one(m, x)
+        if name == "mean":
+            expected = h.mean(0) @ w["classifier.weight"].T + w["classifier.bias"]
+        else:
+            expected = (h @ w["classifier.weight"].T + w["classifier.bias"]).max(0)
+        assert np.allclose(out.logits[0].numpy(), expected, atol=1e-5), name
 
 
 def test_default_dimensions_follow_the_papers():
@@ -154,7 +183,7 @@ def test_default_dimensions_follow_the_papers():
 def test_attention_heads_sum_to_one():
     x = torch.randn(20, 12)
     for name in ("abmil", "clam_sb", "clam_mb", "dsmil", "mean", "dtfd"):
-        out = build_model(name, 12, 2, **SMALL[name]).eval()(x)
+        out = _one(build_model(name, 12, 2, **SMALL[name]).eval(), x)
         assert math.isclose(float(out.attention.detach().sum()), 1.0, rel_tol=1e-5), name
 
 
@@ -169,7 +198,7 @@ def test_order_free_heads_do_not_read_instance_positions(name):
     order = torch.randperm(37)
     model = build_model(name, 12, 2, **SMALL[name]).eval()
     with torch.no_grad():
-        out, shuffled = model(x), model(x[order])
+        out, shuffled = _one(model, x), _one(model, x[order])
     torch.testing.assert_close(shuffled.logits, out.logits, rtol=1e-5, atol=1e-6)
     if out.attention is not None:
         torch.testing.assert_close(shuffled.attention, out.attention[..., order], rtol=1e-5, atol=1e-6)
@@ -208,12 +237,12 @@ def test_clam_instance_loss_matches_its_definition(name, n_classes, subtyping):
     torch.manual_seed(0)
     clam = build_model(name, 12, n_classes, hidden=16, attn_dim=8, subtyping=subtyping).eval()
     x, y = torch.randn(30, 12), n_classes - 1
-    assert math.isclose(float(clam(x, torch.tensor(y)).extra_loss), _clam_oracle(clam, x, y, subtyping),
+    assert math.isclose(float(_one(clam, x, y).extra_loss), _clam_oracle(clam, x, y, subtyping),
                         rel_tol=1e-5)
     small = torch.randn(5, 12)  # k = 2
-    assert math.isclose(float(clam(small, torch.tensor(0)).extra_loss), _clam_oracle(clam, small, 0, subtyping),
+    assert math.isclose(float(_one(clam, small, 0).extra_loss), _clam_oracle(clam, small, 0, subtyping),
                         rel_tol=1e-5)
-    assert clam(torch.randn(1, 12), torch.tensor(1)).extra_loss is None  # k = min(8, N // 2) = 0
+    assert _one(clam, torch.randn(1, 12), 1).extra_loss is None  # k = min(8, N // 2) = 0
 
 
 def test_dsmil_matches_its_equations():
@@ -230,10 +259,10 @@ def test_dsmil_matches_its_equations():
         maxes = inst.max(0).values
         target = torch.tensor([0.0, 1.0])
         bce = -(target * torch.log(torch.sigmoid(maxes)) + (1 - target) * torch.log(1 - torch.sigmoid(maxes))).mean()
-        out = m(x, torch.tensor(1))
+        out = _one(m, x, 1)
     assert torch.allclose(out.logits[0], logits, atol=1e-5)
-    assert torch.allclose(out.attention, a[:, int(logits.argmax())], atol=1e-6)
-    assert torch.allclose(out.extra_loss, bce, atol=1e-6)
+    assert torch.allclose(out.attention[0], a[:, int(logits.argmax())], atol=1e-6)
+    assert torch.allclose(out.extra_loss[0], bce, atol=1e-6)
 
 
 def test_dsmil_single_positive_stream_matches_its_equations():
@@ -253,19 +282,19 @@ def test_dsmil_single_positive_stream_matches_its_equations():
         score = float((a @ x.numpy()) @ m.head.weight[0, 0].numpy() + m.head.bias[0])
         z = s.max()
         max_bce = -np.log(1 / (1 + np.exp(-z)))  # label 1
-        out = m(x, torch.tensor(1))
+        out = _one(m, x, 1)
         assert math.isclose(float(torch.softmax(out.logits[0], -1)[1]), 1 / (1 + math.exp(-score)), rel_tol=1e-5)
-        assert np.allclose(out.attention.numpy(), a, atol=1e-6)
+        assert np.allclose(out.attention[0].numpy(), a, atol=1e-6)
         assert math.isclose(float(out.extra_loss), max_bce, rel_tol=1e-5)
-        assert math.isclose(float(m(x, torch.tensor(0)).extra_loss), max_bce + z, rel_tol=1e-5)  # -log(1 - sig z)
+        assert math.isclose(float(_one(m, x, 0).extra_loss), max_bce + z, rel_tol=1e-5)  # -log(1 - sig z)
         bags = [torch.randn(n, 6) for n in (5, 12, 1)]
         padded, mask = _padded(bags)
         y = torch.tensor([0, 1, 1])
-        together = m.forward_bags(padded, mask, y)
+        together = m(padded, mask, y)
         for i, bag in enumerate(bags):
-            alone = m(bag, y[i])
+            alone = _one(m, bag, y[i])
             assert torch.allclose(together.logits[i], alone.logits[0], atol=1e-5)
-            assert torch.allclose(together.extra_loss[i], alone.extra_loss, atol=1e-5)
+            assert torch.allclose(together.extra_loss[i], alone.extra_loss[0], atol=1e-5)
     with pytest.raises(ConfigError, match="negative_stream=False needs a binary task"):
         build_model("dsmil", 6, 3, negative_stream=False)
 
@@ -283,7 +312,7 @@ def test_dsmil_average_scores_a_bag_by_the_mean_of_its_two_streams():
         both.load_state_dict(plain.state_dict())
         x = torch.randn(9, 6) * 3
         with torch.no_grad():
-            bag_logits = plain.eval()(x).logits[0].double().numpy()  # the bag stream alone (tested above)
+            bag_logits = _one(plain.eval(), x).logits[0].double().numpy()  # the bag stream alone (tested above)
             inst = (x @ plain.instance_classifier.weight.T + plain.instance_classifier.bias).double().numpy()
             m = inst.max(0)  # [S]
             if negative_stream:
@@ -292,16 +321,16 @@ def test_dsmil_average_scores_a_bag_by_the_mean_of_its_two_streams():
             else:
                 p1 = 0.5 * sig(m[0]) + 0.5 * sig(bag_logits[1] - bag_logits[0])
                 expected = np.array([1 - p1, p1])
-            out = both.eval()(x, torch.tensor(1))
+            out = _one(both.eval(), x, 1)
             assert np.allclose(torch.softmax(out.logits[0].double(), -1).numpy(), expected, atol=1e-6)
-            assert torch.allclose(out.attention, plain(x).attention)
+            assert torch.allclose(out.attention, _one(plain, x).attention)
             both.train(), plain.train()
-            trained, reference = both(x, torch.tensor(1)), plain(x, torch.tensor(1))
+            trained, reference = _one(both, x, 1), _one(plain, x, 1)
             assert torch.equal(trained.logits, reference.logits) and torch.equal(trained.extra_loss,
                                                                                  reference.extra_loss)
     extreme = build_model("dsmil", 6, 2, query_dim=4, negative_stream=False, average=True).eval()
     with torch.no_grad():  # saturated sigmoids stay finite log-probabilities
-        assert torch.isfinite(extreme(torch.randn(9, 6) * 1e4).logits).all()
+        assert torch.isfinite(_one(extreme, torch.randn(9, 6) * 1e4).logits).all()
 
 
 def test_smooth_top1_svm_matches_its_formula_and_bounds_the_hinge():
@@ -327,5 +356,5 @@ def test_registry_rejects_unknown_names_bad_kwargs_and_duplicates():
             build_model(name, 8, 2, **{flag: "false"})
     with pytest.raises(ValueError, match="registered twice"):
         register_model("abmil")(type("Dup", (torch.nn.Module,), {}))
-    with pytest.raises(ConfigError, match="transmil takes one bag"):
-        build_model("transmil", 8, 2, dim=16, heads=2).forward_bags(*_padded([torch.randn(3, 8), torch.randn(5, 8)]))
+    with pytest.raises(ValueError, match="not listed in mil.heads.HEADS"):
+        register_model("unlisted")(type("Unlisted", (torch.nn.Module,), {}))

@@ -4,6 +4,7 @@ EarlyStopping class counts it (re-implemented here from its definition)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -11,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from mil.config import RECIPES, MILConfig, make_protocol, training_plan
-from mil.optim import FoldOptimizer, clip_per_fold, lr_at
-from mil.train import Engine, _Fold
+from mil.config import RECIPES, MILConfig, make_protocol, plan_rows, training_plan
+from mil.optim import clip_groups, lr_at, make_optimizer
+from mil.train import Selection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _cfg(model: str, protocol: str = "hipt", **kw) -> MILConfig:
+def _cfg(model: str, protocol: str = "hipt", instance_sample: float = 1.0, **kw) -> MILConfig:
     return MILConfig(features="f@20x", labels="l.csv", splits="s", out="o", model=model,
-                     protocol=make_protocol(protocol, **kw))
+                     protocol=make_protocol(protocol, **kw), instance_sample=instance_sample)
 
 
 def test_protocols_fix_their_settings_and_heads_bring_the_rest():
@@ -30,7 +31,7 @@ def test_protocols_fix_their_settings_and_heads_bring_the_rest():
     assert (dsmil.protocol.lr, dsmil.protocol.weight_decay) == (2e-4, 5e-3)  # DSMIL's train_tcga.py
     assert plan.recipe.betas == (0.5, 0.9) and plan.recipe.schedule == "cosine" and plan.recipe.eta_min == 5e-6
     abmil = _cfg("abmil", "simil")
-    assert (abmil.protocol.lr, abmil.protocol.weight_decay, abmil.protocol.epochs) == (5e-4, 1e-4, 50)
+    assert (abmil.protocol.lr, abmil.protocol.weight_decay, abmil.protocol.epochs) == (5e-4, 1e-4, 40)
     assert training_plan(_cfg("transmil")).recipe.optimizer == "radam_lookahead"
     dtfd = training_plan(_cfg("dtfd", "clam"))
     assert dtfd.clip_groups and dtfd.protocol.patience == 20 and dtfd.protocol.min_epochs == 50
@@ -53,9 +54,32 @@ def test_the_plan_is_printed_at_the_start_of_a_run(tmp_path, caplog):
         run_cv(cfg)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training plan")]
     assert len(lines) == 1
-    for part in ("dsmil under protocol hipt", "1 epochs", "last epoch", "betas 0.5/0.9",
-                 "cosine LR to 5e-06 over 200 epochs", "lr 0.0002", "weight decay 0.005", "1 bag(s) per optimiser step", "fp32"):
+    for part in ("dsmil under preset hipt", "epochs (max)        1  [--epochs (departs from preset hipt: 20)]",
+                 "the last epoch's model  [preset hipt: HIPT", "betas 0.5/0.9  [dsmil recipe: Li et al. 2021",
+                 "cosine to 5e-06 over 200 epochs", "learning rate       0.0002", "weight decay        0.005",
+                 "bags per step       1", "fp32", "init seeds          0  [default (one seed, 0)]"):
         assert part in lines[0], (part, lines[0])
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["plan"]
+    assert [row["setting"] for row in saved] == [line.split("  ")[1].strip() for line in lines[0].splitlines()[1:]]
+    assert all(row["source"] for row in saved)
+
+
+@pytest.mark.parametrize("name", ["hipt", "clam", "simil"])
+def test_presets_are_their_references_and_departures_are_named_options(name):
+    """hipt: 20 epochs, last epoch (HIPT); clam: at most 200 epochs, CLAM's EarlyStopping(patience=20,
+    stop_epoch=50) on the validation loss; simil: 40 epochs (SI-MIL's train.py default), best (AUC + acc) / 2.
+    Without options every setting's source is the preset or the head's recipe; an option is named as one."""
+    expected = {"hipt": (20, "last", None, 1), "clam": (200, "val_loss", 20, 50), "simil": (40, "val_auc", None, 1)}
+    p = make_protocol(name)
+    assert (p.epochs, p.selection, p.patience, p.min_epochs) == expected[name]
+    rows = {k: src for k, _, src in plan_rows(_cfg("abmil", name))}
+    assert not any(src.startswith("--") for src in rows.values()), rows
+    assert rows["epochs (max)"].startswith(f"preset {name}: ") and rows["model evaluated"] == rows["epochs (max)"]
+    assert rows["learning rate"].startswith("abmil recipe: Ilse et al. 2018")
+    departed = {k: src for k, _, src in plan_rows(_cfg("abmil", name, epochs=3, lr=1e-3, instance_sample=0.5))}
+    assert departed["epochs (max)"] == f"--epochs (departs from preset {name}: {expected[name][0]})"
+    assert departed["learning rate"] == "--lr (recipe: 0.0005)"
+    assert departed["instances per step"].startswith("--instance-sample")
 
 
 def test_schedules_follow_torchs_schedulers():
@@ -71,61 +95,50 @@ def test_schedules_follow_torchs_schedulers():
         step.step()
 
 
-def test_fold_optimizer_is_torch_adam_per_fold_and_leaves_idle_folds_alone():
+def test_adam_is_torch_adam_with_the_recipes_betas():
     torch.manual_seed(0)
-    stacked = {"w": torch.randn(3, 4, 5), "b": torch.randn(3, 4)}
-    start = {k: v.clone() for k, v in stacked.items()}
-    opt = FoldOptimizer(stacked, RECIPES["dsmil"], lr=1e-2, weight_decay=5e-3)
-    refs = []
-    for k in range(3):
-        params = [torch.nn.Parameter(start["w"][k].clone()), torch.nn.Parameter(start["b"][k].clone())]
-        refs.append((params, torch.optim.Adam(params, lr=1e-2, betas=(0.5, 0.9), weight_decay=5e-3)))
-    for step in range(4):
-        grads = {"w": torch.randn(3, 4, 5), "b": torch.randn(3, 4)}
-        folds = [0, 2] if step % 2 else [0, 1, 2]  # fold 1 has no bag in odd steps
-        opt.step({k: g[folds] for k, g in grads.items()}, folds, lr=1e-2)
-        for k in folds:
-            (w, b), ref = refs[k]
-            w.grad, b.grad = grads["w"][k].clone(), grads["b"][k].clone()
-            ref.step()
-    for k, ((w, b), _) in enumerate(refs):
-        assert torch.allclose(stacked["w"][k], w.detach(), atol=1e-6)
-        assert torch.allclose(stacked["b"][k], b.detach(), atol=1e-6)
+    model = torch.nn.Linear(5, 4)
+    opt = make_optimizer(model, RECIPES["dsmil"], lr=1e-2, weight_decay=5e-3)
+    assert isinstance(opt, torch.optim.Adam)
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.5, 0.9) and group["weight_decay"] == 5e-3 and group["lr"] == 1e-2
 
 
-def test_radam_lookahead_per_fold():
+def test_radam_lookahead():
     """TransMIL's optimiser: timm's Lookahead(RAdam) with k 6, alpha 0.5; weight decay decoupled and only on
     weights of 2+ dimensions (its factory's no-decay group holds biases and 1-d parameters)."""
     torch.manual_seed(1)
-    stacked = {"w": torch.randn(2, 3, 4), "norm.weight": torch.randn(2, 4), "fc.bias": torch.randn(2, 3)}
-    start = {n: t.clone() for n, t in stacked.items()}
-    opt = FoldOptimizer(stacked, RECIPES["transmil"], lr=1e-2, weight_decay=0.1)
-    fast = {n: torch.nn.Parameter(t[1].clone()) for n, t in start.items()}
-    ref = torch.optim.RAdam([{"params": [fast["w"]], "weight_decay": 0.1},
-                             {"params": [fast["norm.weight"], fast["fc.bias"]], "weight_decay": 0.0}],
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = make_optimizer(model, RECIPES["transmil"], lr=1e-2, weight_decay=0.1)
+    fast = {n: torch.nn.Parameter(t.clone()) for n, t in start.items()}
+    ref = torch.optim.RAdam([{"params": [fast["0.weight"]], "weight_decay": 0.1},
+                             {"params": [fast["0.bias"], fast["1.weight"], fast["1.bias"]], "weight_decay": 0.0}],
                             lr=1e-2, decoupled_weight_decay=True)
-    slow = {n: t[1].clone() for n, t in start.items()}
+    slow = {n: t.clone() for n, t in start.items()}
     for step in range(1, 14):
-        g = {n: torch.randn_like(t) for n, t in stacked.items()}
-        opt.step(g, [0, 1], lr=1e-2)
-        for n in fast:
-            fast[n].grad = g[n][1].clone()
+        g = {n: torch.randn_like(t) for n, t in start.items()}
+        for n, p in model.named_parameters():
+            p.grad = g[n].clone()
+            fast[n].grad = g[n].clone()
+        opt.step()
         ref.step()
         if step % 6 == 0:  # Lookahead (Zhang et al. 2019), timm's k = 6: slow += 0.5 (fast - slow); fast = slow
             for n in fast:
                 slow[n] += 0.5 * (fast[n].detach() - slow[n])
                 fast[n].data.copy_(slow[n])
-    for n in fast:
-        assert torch.allclose(stacked[n][1], fast[n].detach(), atol=1e-6), n
-    assert not torch.allclose(stacked["w"][1], start["w"][1])
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.detach(), fast[n].detach(), atol=1e-6), n
+    assert not torch.allclose(model[0].weight, start["0.weight"])
 
 
-def test_gradient_clipping_is_per_fold_and_group():
-    grads = {"a.w": torch.tensor([[3.0, 4.0], [0.3, 0.4]]), "b.w": torch.tensor([[10.0, 0.0], [1.0, 0.0]])}
-    clip_per_fold(grads, {"a": 1.0, "b": 5.0})
-    assert torch.allclose(grads["a.w"][0].norm(), torch.tensor(1.0), atol=1e-5)
-    assert torch.allclose(grads["a.w"][1], torch.tensor([0.3, 0.4]))  # norm 0.5 <= 1: untouched
-    assert torch.allclose(grads["b.w"][:, 0], torch.tensor([5.0, 1.0]), atol=1e-5)
+def test_gradient_clipping_is_per_group():
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 1, bias=False), "b": torch.nn.Linear(2, 1, bias=False)})
+    model["a"].weight.grad = torch.tensor([[3.0, 4.0]])
+    model["b"].weight.grad = torch.tensor([[0.3, 0.4]])
+    clip_groups(model, {"a": 1.0, "b": 1.0})
+    assert torch.allclose(model["a"].weight.grad.norm(), torch.tensor(1.0), atol=1e-5)
+    assert torch.allclose(model["b"].weight.grad, torch.tensor([[0.3, 0.4]]))  # norm 0.5 <= 1: untouched
 
 
 class ClamEarlyStopping:
@@ -155,12 +168,10 @@ def test_clam_early_stopping_counts_as_clam(patience, stop_epoch):
     losses = (1.0 + 0.3 * torch.rand(120) - torch.linspace(0, 0.5, 120)).tolist()
     losses[10] = losses[9]  # a tie: CLAM saves it
     protocol = make_protocol("clam", patience=patience, min_epochs=stop_epoch, epochs=120)
-    engine = Engine.__new__(Engine)
-    engine.fold_state_dict = lambda row: {"epoch": row}
-    fold = _Fold(0, None, torch.zeros(0), torch.Generator())
+    fold = Selection()
     ref = ClamEarlyStopping(patience, stop_epoch)
     for epoch, loss in enumerate(losses):
-        engine._track(fold, 0, epoch, loss, None, protocol)
+        fold.update(epoch, loss, None, protocol, None, lambda: {"epoch": epoch})
         ref(epoch, loss)
         assert fold.stopped == ref.stop
         assert fold.best_epoch == ref.saved + 1  # 1-based
@@ -176,12 +187,10 @@ def test_simil_selection_scores_as_simil():
     aucs = [0.5, 1.0, 1.0, 0.75, 1.0, 0.875]
     accs = [0.5, 0.5, 0.75, 1.0, 0.875, 1.0]
     protocol = make_protocol("simil", epochs=len(aucs))
-    engine = Engine.__new__(Engine)
-    engine.fold_state_dict = lambda row: {"row": row}
-    fold = _Fold(0, None, torch.zeros(0), torch.Generator())
+    fold = Selection()
     best, saved = 0.0, None
     for epoch, (auc, acc) in enumerate(zip(aucs, accs)):
-        engine._track(fold, 0, epoch, 0.3, auc, protocol, acc)
+        fold.update(epoch, 0.3, auc, protocol, acc, lambda: {"epoch": epoch})
         if (auc + acc) / 2 >= best:
             best, saved = (auc + acc) / 2, epoch
         assert fold.best_epoch == saved + 1
@@ -216,9 +225,10 @@ def _planted_cv(tmp_path, model: str, seed: int, instance_sample: float = 1.0) -
              if (cohort / "labels.csv").exists() else
              planted_cohort(cohort, n_slides=60, dim=64, seed=seed, share=0.05))
     cfg = MILConfig(features=f"{paths['features']}@20x", labels=str(paths["labels"]), splits=str(paths["splits"]),
-                    out=str(tmp_path / f"{model}{seed}_{instance_sample:g}"), model=model, all_folds=True,
+                    out=str(tmp_path / f"{model}{seed}_{instance_sample:g}"), model=model,
                     protocol=make_protocol("hipt"), instance_sample=instance_sample)
-    return float(run_cv(cfg).set_index("fold").at["mean", "test_auc"])
+    summary = run_cv(cfg)  # one seed: its mean over folds is the row seed "mean", fold "mean"
+    return float(summary[(summary.seed == "mean") & (summary.fold == "mean")].test_auc.iloc[0])
 
 
 @pytest.mark.slow

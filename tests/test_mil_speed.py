@@ -1,6 +1,6 @@
-"""The fast training paths give the numbers of the plain ones: all folds at once = folds one by one (bit for
-bit), one bag per step = a plain per-bag Adam loop, several padded bags per step = the mean of the bags'
-gradients. Speed itself is measured in benchmarks/bench_mil.py."""
+"""The training loop gives the numbers of the plain one: one bag per step = a plain per-bag Adam loop; a fold's
+numbers do not depend on the other folds of the run. (Several padded bags per step = the mean of the bags'
+gradients: tests/test_mil_models.py.) Speed itself is measured in benchmarks/bench_mil.py."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import cli
 from mil.bags import BagStore, FeatureSpec
 from mil.config import MILConfig, make_protocol, training_plan
 from mil.cv import run_cv
-from mil.models import build_model
+from mil.registry import build_model
 from mil.losses import bag_loss
-from mil.train import Engine, FoldData, epoch_order, make_bags
+from mil.train import FoldData, FoldTrainer, epoch_order, make_bags
 from mil_data import planted_cohort
 from splits.io import read_splits_dir
 
@@ -48,28 +48,20 @@ def _outputs(run: Path) -> tuple[pd.DataFrame, list[dict], list[dict]]:
     return preds, metrics, states
 
 
-@pytest.mark.parametrize("model,bags,protocol,kwargs", [
-    ("abmil", 1, "simil", {}), ("clam_mb", 2, "clam", {}), ("dsmil", 1, "hipt", {}),
-    ("dsmil", 2, "simil", {"negative_stream": False}),
-    pytest.param("transmil", 1, "hipt", {}, marks=pytest.mark.slow), ("dtfd", 1, "hipt", {}),
-    ("clam_sb", 3, "simil", {})])
-@pytest.mark.slow
-def test_all_folds_at_once_is_bit_identical_to_one_by_one(tiny, tmp_path, model, bags, protocol, kwargs):
-    extra = {"min_epochs": 1, "patience": 1} if protocol == "clam" else {}  # folds stop at different epochs
+def test_a_fold_gets_the_same_numbers_whichever_folds_train_with_it(tiny, tmp_path):
+    """Fold 1 trained alone (``--folds 1``) and after fold 0 in one run: the same weights and predictions, bit for
+    bit (each fold seeds its own init, dropout and random splits; the epoch order runs over every fold's
+    training slides)."""
     runs = {}
-    for mode in (False, True):
-        cfg = _cfg(tiny, tmp_path / str(mode), model, all_folds=mode, bags_per_step=bags, model_kwargs=kwargs,
-                   protocol=protocol, epochs=5 if protocol == "clam" else 2)
-        if extra:
-            from dataclasses import replace
-            cfg = replace(cfg, protocol=replace(cfg.protocol, **extra))
-        run_cv(cfg)
-        runs[mode] = _outputs(tmp_path / str(mode))
-    (p1, m1, s1), (p2, m2, s2) = runs[False], runs[True]
-    assert p1.equals(p2)  # every probability, bit for bit
-    assert m1 == m2
-    assert all(torch.equal(a[k], b[k]) for a, b in zip(s1, s2) for k in a)
-    assert p1.prob.nunique() > 4  # the runs did learn something fold-specific
+    for folds in ((1,), (0, 1)):
+        out = tmp_path / "-".join(map(str, folds))
+        run_cv(_cfg(tiny, out, "clam_mb", bags_per_step=2, protocol="clam", folds=folds, epochs=2))
+        runs[folds] = _outputs(out)
+    (p1, m1, s1), (p2, m2, s2) = runs[(1,)], runs[(0, 1)]
+    assert p1.reset_index(drop=True).equals(p2.iloc[len(p2) - len(p1):].reset_index(drop=True))
+    assert m1[0] == m2[1]
+    assert all(torch.equal(s1[0][k], s2[1][k]) for k in s1[0])
+    assert p2.prob.nunique() > 4  # the runs did learn something fold-specific
 
 
 def _fold(paths) -> tuple[list[tuple[int, FoldData]], dict[str, int]]:
@@ -81,7 +73,7 @@ def _fold(paths) -> tuple[list[tuple[int, FoldData]], dict[str, int]]:
 
 
 def test_one_bag_per_step_is_a_plain_adam_loop(tiny):
-    """Engine with one bag per step against the loop of CLAM's/DSMIL's scripts written here: model(x), loss,
+    """FoldTrainer with one bag per step against the loop of CLAM's/DSMIL's scripts written here: model(x), loss,
     zero_grad, backward, torch.optim.Adam step, over the fold's bags in the epoch order."""
     folds, target = _fold(tiny)
     cfg = _cfg(tiny, Path("/tmp/unused"), "clam_sb", protocol="hipt", epochs=2)
@@ -89,9 +81,9 @@ def test_one_bag_per_step_is_a_plain_adam_loop(tiny):
     store = BagStore(FeatureSpec.parse(cfg.features), cache=False)
     bags = make_bags(store, sorted(target), "cpu", True)
     order = epoch_order([d.parts["train"] for _, d in folds], target, lambda s: True)
-    engine = Engine(cfg, folds[:1], bags, order, 8, 2, "cpu", training_plan(cfg))
+    trainer = FoldTrainer(cfg, *folds[0], bags, order, 8, 2, "cpu", training_plan(cfg))
     for epoch in range(2):
-        engine.train_epoch(epoch)
+        trainer.train_epoch(epoch)
     torch.manual_seed(cfg.seed)
     model = build_model("clam_sb", 8, 2, hidden=8, attn_dim=4, dropout=0.0, subtyping=True)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-5)
@@ -102,68 +94,27 @@ def test_one_bag_per_step_is_a_plain_adam_loop(tiny):
             if ids[i] not in train:
                 continue
             x, y = store.get(ids[i]).features, torch.tensor(target[ids[i]])
-            loss = bag_loss(model, model(x, y), y)
+            loss = bag_loss(model, model(x[None], None, y.view(1)), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
-    trained = engine.fold_state_dict(0)
+    trained = trainer.state_dict()
     for name, p in model.named_parameters():
         if name == "attention.score.bias":  # softmax ignores it: its gradient, and so its Adam step, is rounding
             continue
         assert torch.allclose(trained[name], p.detach(), atol=1e-5), name
 
 
-@pytest.mark.parametrize("model", ["abmil", "clam_mb", "dsmil", "max"])
-def test_padded_step_gradient_is_the_mean_of_the_bags_gradients(model):
-    torch.manual_seed(0)
-    head = build_model(model, 6, 2, **{**SMALL[model], **({"dropout": 0.0} if model != "dsmil" else {})})
-    bags = [torch.randn(n, 6) for n in (3, 11, 6)]
-    y = torch.tensor([1, 0, 1])
-    x = torch.zeros(3, 11, 6)
-    mask = torch.zeros(3, 11, dtype=torch.bool)
-    for i, b in enumerate(bags):
-        x[i, :len(b)], mask[i, :len(b)] = b, True
-    head.bag_losses(head.forward_bags(x, mask, y), y).mean().backward()
-    batched = {n: p.grad.clone() for n, p in head.named_parameters()}
-    head.zero_grad()
-    for i, b in enumerate(bags):
-        (bag_loss(head, head(b, y[i]), y[i]) / 3).backward()
-    for n, p in head.named_parameters():
-        assert torch.allclose(batched[n], p.grad, atol=1e-6), n
-
-
 def test_cli_speed_options_and_refusals(tiny, tmp_path, capsys):
     args = ["train-mil", "--features", f"{tiny['features']}@20x", "--labels", str(tiny["labels"]),
             "--splits", str(tiny["splits"]), "--epochs", "1", "--model-kwargs", '{"hidden": 8, "attn_dim": 4}']
-    assert cli.main([*args, "--out", str(tmp_path / "a"), "--all-folds", "--bags-per-step", "2"]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "a"), "--folds", "0", "--bags-per-step", "2"]) == 0
     record = json.loads((tmp_path / "a" / "config.json").read_text())["config"]
-    assert record["all_folds"] is True and record["bags_per_step"] == 2
-    assert cli.main([*args, "--out", str(tmp_path / "b"), "--model", "transmil", "--bags-per-step", "2",
-                     "--model-kwargs", '{"dim": 8, "heads": 2}']) == 2
-    assert "transmil takes at most 1 bag per step" in capsys.readouterr().err
-    assert cli.main([*args, "--out", str(tmp_path / "c"), "--all-folds", "--balanced"]) == 2
-    assert "drop --balanced" in capsys.readouterr().err
+    assert record["bags_per_step"] == 2
     assert cli.main([*args, "--out", str(tmp_path / "d"), "--precision", "fp8"]) == 2
     assert "unknown --precision 'fp8'" in capsys.readouterr().err
-
-
-def test_fold_adam_steps_a_transposed_gradient_like_torch_adam():
-    """Linear weights are held transposed and their gradients may come strided: each fold's update must equal
-    torch.optim.Adam's (the fused kernel alone applies a strided gradient to the wrong elements)."""
-    from mil.config import RECIPES
-    from mil.optim import FoldOptimizer
-
-    torch.manual_seed(0)
-    start = torch.randn(2, 3, 5)
-    grad = torch.randn(2, 5, 3).transpose(1, 2)  # [F, 3, 5], strided like a bmm weight gradient
-    opt = FoldOptimizer({"w": start.clone()}, RECIPES["abmil"], 1e-1, 1e-4)
-    opt.step({"w": grad}, [0, 1], 1e-1)
-    for k in range(2):
-        p = torch.nn.Parameter(start[k].clone())
-        ref = torch.optim.Adam([p], lr=1e-1, betas=RECIPES["abmil"].betas, weight_decay=1e-4, foreach=False)
-        p.grad = grad[k].contiguous()
-        ref.step()
-        assert torch.allclose(opt.params["w"][k], p.detach(), atol=1e-6)
+    assert cli.main([*args, "--out", str(tmp_path / "e"), "--bags-per-step", "0"]) == 2
+    assert "--bags-per-step must be >= 1" in capsys.readouterr().err
 
 
 def test_retain_freed_memory_sets_glibc_malloc_once():

@@ -44,6 +44,7 @@ def fabricate_run(run_dir: Path, *, n_folds=5, n_per_fold=12, seed=0, one_class_
             frame = frame.assign(prob_IDC=1 - frame["prob"], prob_ILC=frame["prob"])
         (run_dir / f"fold_{k}").mkdir()
         frame.to_csv(run_dir / f"fold_{k}" / "predictions.csv", index=False)
+        (run_dir / f"fold_{k}" / "metrics.json").write_text("{}")  # train-mil's done marker, written last
     return run_dir
 
 
@@ -100,7 +101,8 @@ def expected_fold_metrics(run_dir: Path) -> dict[int, dict]:
         y, p = df["label"].to_numpy(), df["prob"].to_numpy()
         pred = (p >= 0.5).astype(int)
         out[k] = {"auc": roc_auc_score(y, p) if len(set(y)) == 2 else None,
-                  "f1": f1_score(y, pred, zero_division=0),
+                  "macro_f1": f1_score(y, pred, average="macro", labels=[0, 1], zero_division=0),
+                  "accuracy": float(np.mean(pred == y)),
                   "balanced_accuracy": balanced_accuracy_score(y, pred) if len(set(y)) == 2 else float(
                       np.mean(pred[y == y[0]] == y[0]))}
     return out
@@ -131,7 +133,7 @@ def test_report_numbers_files_and_html(tmp_path):
         assert (m["auc"] is None) == (w["auc"] is None)
         if w["auc"] is not None:
             assert m["auc"] == pytest.approx(w["auc"], abs=1e-12)
-        assert m["f1"] == pytest.approx(w["f1"])
+        assert m["macro_f1"] == pytest.approx(w["macro_f1"]) and m["accuracy"] == pytest.approx(w["accuracy"])
         assert m["balanced_accuracy"] == pytest.approx(w["balanced_accuracy"])
     defined = [w["auc"] for w in want.values() if w["auc"] is not None]
     assert saved["summary"]["auc"]["mean"] == pytest.approx(np.mean(defined))
@@ -153,7 +155,9 @@ def test_report_numbers_files_and_html(tmp_path):
     table = {r[0]: r for r in page.rows if r}
     for k, w in want.items():
         assert table[str(k)][3] == ("n/a" if w["auc"] is None else f"{w['auc']:.3f}")
-        assert table[str(k)][5] == f"{w['f1']:.3f}"
+        assert table[str(k)][5] == f"{w['accuracy']:.3f}" and table[str(k)][6] == f"{w['macro_f1']:.3f}"
+    header = next(r for r in page.rows if r and r[0] == "fold")
+    assert header[3:] == ["AUC", "balanced accuracy", "accuracy", "macro F1"]
     settings = {r[0]: r[1] for r in page.rows if len(r) == 2}
     assert settings["protocol"] == "hipt-5fold" and settings["model"] == "abmil" and settings["classes"] == "IDC, ILC"
     assert settings["extractor"] == "zoomldm" and settings["extractor_config.timestep"] == "50"
@@ -201,7 +205,7 @@ def test_report_on_a_real_train_mil_run(tmp_path_factory):
         df = pd.read_csv(run / f"fold_{m['fold']}" / "predictions.csv")
         df = df[df["split"] == "test"]
         assert m["auc"] == pytest.approx(roc_auc_score(df["label"], df["prob"]))
-        assert m["f1"] == pytest.approx(f1_score(df["label"], df["prob"] >= 0.5))
+        assert m["macro_f1"] == pytest.approx(f1_score(df["label"], df["prob"] >= 0.5, average="macro"))
         metrics = json.loads((run / f"fold_{m['fold']}" / "metrics.json").read_text())
         assert m["auc"] == pytest.approx(metrics["test_auc"])
     settings = {r[0]: r[1] for r in parse_html(out / "report.html").rows if len(r) == 2}
@@ -235,12 +239,13 @@ def test_three_class_report_matches_sklearn(tmp_path):
         p, y = df[["prob_A", "prob_B", "prob_C"]].to_numpy(), df["label"].to_numpy()
         assert m["auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"))
         assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p.argmax(1)))
-        assert m["f1"] == pytest.approx(f1_score(y, p.argmax(1), average="macro"))
+        assert m["macro_f1"] == pytest.approx(f1_score(y, p.argmax(1), average="macro"))
     pooled = pd.concat(pd.read_csv(run / f"fold_{k}" / "predictions.csv") for k in range(3))
     want = confusion_matrix(pooled["label"], pooled[["prob_A", "prob_B", "prob_C"]].to_numpy().argmax(1))
     assert result["pooled"]["confusion_matrix"] == want.tolist()
     assert "roc.png" not in result["files"] and (run / "report" / "confusion.png").is_file()
     assert "A/B/C" in (run / "report" / "report.md").read_text()
+    assert "AUC (one-vs-rest macro)" in (run / "report" / "report.md").read_text()
 
 
 @pytest.mark.slow
@@ -260,7 +265,7 @@ def test_records_of_the_first_schema_are_read_and_newer_ones_refused(tmp_path):
     assert record.schema_version == 1 and record.inputs is None and record.task == "subtype"
     want = expected_fold_metrics(run)
     got = {m["fold"]: m for m in build_report(run, n_bootstrap=0)["folds"]}
-    assert all(got[k]["f1"] == pytest.approx(w["f1"]) for k, w in want.items())
+    assert all(got[k]["macro_f1"] == pytest.approx(w["macro_f1"]) for k, w in want.items())
     assert "no input fingerprints" in (run / "report" / "report.md").read_text()
     (run / "config.json").write_text(json.dumps({**new, "schema_version": 99}))
     with pytest.raises(DataError, match="schema 99 is newer"):
@@ -271,7 +276,7 @@ def test_metric_functions_take_tensors_or_arrays_and_refuse_non_finite_scores():
     """The training loop (torch tensors) and the reports (numpy) get the same sklearn numbers; NaN is an error."""
     import torch
 
-    from mil.metrics import auroc, balanced_accuracy, f1
+    from mil.metrics import accuracy, auroc, balanced_accuracy, macro_f1
     from zoomfeat.errors import DataError
 
     rng = np.random.default_rng(2)
@@ -281,10 +286,32 @@ def test_metric_functions_take_tensors_or_arrays_and_refuse_non_finite_scores():
     for p, t in ((probs, y), (torch.tensor(probs, dtype=torch.float32), torch.tensor(y))):
         assert auroc(p, t) == pytest.approx(roc_auc_score(y, p1), abs=1e-6)
         assert balanced_accuracy(p, t) == pytest.approx(balanced_accuracy_score(y, p1 >= 0.5))
-        assert f1(p, t) == pytest.approx(f1_score(y, p1 >= 0.5))
+        assert macro_f1(p, t) == pytest.approx(f1_score(y, p1 >= 0.5, average="macro"))
+        assert accuracy(p, t) == pytest.approx(float(np.mean((p1 >= 0.5) == y)))
     assert auroc(probs[y == 1], y[y == 1]) is None  # one class: undefined, not 0.5 or 1.0
     bad = probs.copy()
     bad[3, 1] = np.nan
-    for metric in (auroc, balanced_accuracy, f1):
+    for metric in (auroc, balanced_accuracy, accuracy, macro_f1):
         with pytest.raises(DataError, match="non-finite"):
             metric(bad, y)
+
+
+def test_small_test_folds_are_flagged_and_per_fold_and_pooled_auc_reconciled(tmp_path):
+    run = fabricate_run(tmp_path / "run", n_folds=3, n_per_fold=8, seed=4)  # 4 IDC + 4 ILC per test fold
+    result = build_report(run, n_bootstrap=0)
+    assert result["small_folds"] == [{"fold": k, "class": c, "n": 4} for k in range(3) for c in ("IDC", "ILC")]
+    aucs, frames = [], []
+    for k in range(3):
+        df = pd.read_csv(run / f"fold_{k}" / "predictions.csv")
+        df = df[df.split == "test"]
+        aucs.append(roc_auc_score(df.label, df.prob))
+        frames.append(df)
+    pooled = pd.concat(frames)
+    pooled_auc = roc_auc_score(pooled.label, pooled.prob)
+    text = (run / "report" / "report.md").read_text()
+    assert "Small test folds (fold 0: 4 IDC; fold 0: 4 ILC; fold 1: 4 IDC" in text
+    assert "lands near 0 or 1 by chance" in text
+    assert (f"The mean per-fold AUC ({np.mean(aucs):.3f}) and the pooled AUC ({pooled_auc:.3f}) differ by "
+            f"{abs(np.mean(aucs) - pooled_auc):.3f} because") in text
+    assert fabricate_run(tmp_path / "big", n_folds=2, n_per_fold=10) and not build_report(
+        tmp_path / "big", n_bootstrap=0)["small_folds"]  # 5 slides of each class: not small

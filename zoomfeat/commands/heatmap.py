@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inputs.add_argument("--fold", type=int, default=0, metavar="K", help="fold whose model is used (default 0)")
     inputs.add_argument("--features", metavar="SPEC", help="feature set, e.g. feats/zoomldm@20x+5x (default: the one "
                         "the fold was trained on); the scale comes from its files, no --base-mag needed")
+    inputs.add_argument("--allow-partial", action="store_true",
+                        help="draw from a run missing recorded folds (default: refused); the missing folds are "
+                             "then named")
     output = parser.add_argument_group("output")
     output.add_argument("--out", metavar="PNG", help="heatmap PNG (default <run>/heatmaps/<slide_id>_fold<K>.png); "
                         "<stem>_top.png goes beside it")
@@ -38,8 +41,18 @@ def run(args: argparse.Namespace) -> int:
     if args.out and not str(args.out).lower().endswith(".png"):
         raise ConfigError(f"--out {args.out}: heatmap writes PNG images; give a file name ending in .png")
     from mil.heatmap import build_heatmap
+    from mil.record import check_complete
+    from zoomfeat.features import FeatureSpec
 
-    result = build_heatmap(run_dir, args.fold, slide, args.features, args.out, top=args.top,
+    features = FeatureSpec.parse(args.features) if args.features else None
+    completeness = check_complete(run_dir, allow_partial=args.allow_partial)  # a partial run: one line, exit 2
+    if completeness.note():
+        print(f"{run_dir}: {completeness.note()}")
+    seeds = completeness.record.seeds
+    if len(seeds) > 1:
+        print(f"{run_dir} was trained with seeds {', '.join(map(str, seeds))}: drawing fold {args.fold} of seed "
+              f"{seeds[0]}")
+    result = build_heatmap(run_dir, args.fold, slide, features, args.out, top=args.top,
                            max_size=args.max_size, alpha=args.alpha)
     print(f"{result.n_tiles} tiles: wrote {result.heatmap_png} and {result.top_png}")
     return 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-# the names of mil.models.MIL_MODELS (kept here so `zoomfeat --help` needs no torch; a test checks they agree)
-MODEL_CHOICES: tuple[str, ...] = ("abmil", "clam_mb", "clam_sb", "dsmil", "dtfd", "max", "mean", "transmil")
+from mil.heads import head_help, head_names  # the registry's list of heads, torch-free
+
+MODEL_CHOICES: tuple[str, ...] = tuple(head_names())
 HELP = "train a MIL head (ABMIL, CLAM, DSMIL, ...) on every fold of a split folder (resumable per fold)"
 
 
@@ -15,6 +16,15 @@ def _folds(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"--folds takes numbers like 0,1,2, got {text!r}") from exc
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    from zoomfeat.errors import ConfigError
+
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--seeds takes numbers like 0,1,2, got {text!r}") from exc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="folder of splits_<k>.csv files (columns train,val,test); required")
     output = parser.add_argument_group("output")
     output.add_argument("--out", required=True, metavar="DIR",
-                        help="run folder: config.json (run record), fold_<k>/, summary.csv; rerunning into it "
-                             "resumes only when inputs and settings match; required")
+                        help="run folder: config.json (run record), fold_<k>/ (seed_<s>/fold_<k>/ for several "
+                             "--seeds), summary.csv; rerunning into it resumes per (seed, fold), only when inputs, "
+                             "settings and seeds match; required")
     task = parser.add_argument_group("task")
     task.add_argument("--task", default="subtyping",
                       help="subtyping (IDC vs ILC), hrd (binary or thresholded score) or custom (default subtyping)")
@@ -43,14 +54,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="--task custom: class names in index order (default: the sorted distinct labels)")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="abmil",
-                       help=f"MIL head, one of {', '.join(MODEL_CHOICES)} (default abmil)")
+                       help=f"MIL head (default abmil): {head_help()}")
     model.add_argument("--model-kwargs", default="{}", metavar="JSON",
                        help='head arguments as a JSON object, e.g. \'{"hidden": 256}\' (default {}: the head\'s '
                             "defaults)")
     schedule = parser.add_argument_group("protocol")
     schedule.add_argument("--protocol", default="hipt",
-                          help="training preset: hipt (20 epochs, last), clam (early stopping on val loss) or simil "
-                               "(50 epochs, best val AUC) (default hipt)")
+                          help="training preset, faithful to the code it names: hipt (20 epochs, the last epoch), clam "
+                               "(CLAM's early stopping on the val loss, at most 200 epochs) or simil (SI-MIL: 40 "
+                               "epochs, best (val AUC + accuracy) / 2); the run plan names the source of every "
+                               "setting, and the options below are the departures (default hipt)")
     schedule.add_argument("--epochs", type=int, default=None,
                           help="(maximum) epochs over the training bags (default: the protocol's)")
     schedule.add_argument("--min-epochs", type=int, default=None,
@@ -66,9 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="which epoch's weights are evaluated (default: the protocol's)")
     schedule.add_argument("--balanced", action="store_true",
                           help="draw training bags class-balanced, with replacement (default: a seeded shuffle)")
-    schedule.add_argument("--seed", type=int, default=0,
-                          help="seed of the initial weights (every fold starts from the same ones), dropout and bag "
-                               "order (default 0); one seed is one draw of the init: repeat a study over several")
+    schedule.add_argument("--seeds", default=None, metavar="S,S",
+                          help="init seeds: the cross-validation runs once per seed into the run folder "
+                               "(seed_<s>/fold_<k>/ for several), summary.csv gives the mean over folds per seed "
+                               "and the mean and std over seeds; a seed sets the initial weights (every fold "
+                               "starts from the same ones), dropout and bag order (default 0: one seed)")
+    schedule.add_argument("--seed", type=int, default=None,
+                          help="one init seed: the same as --seeds S (default 0)")
     schedule.add_argument("--folds", type=_folds, default=None, metavar="K,K",
                           help="train only these folds, e.g. 0,1 (default: every fold of --splits)")
     runtime = parser.add_argument_group("runtime")
@@ -91,25 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "per slide and epoch (seeded); evaluation always sees whole bags (default 1.0: "
                                    "all instances)")
     speed = parser.add_argument_group("speed")  # mil.train (issue 20)
-    speed.add_argument("--all-folds", action="store_true",
-                       help="train the selected folds at once, parameters stacked per fold: the same numbers as "
-                            "one fold after another; on a CPU 1.5-1.7x faster where a step is overhead-bound "
-                            "(small heads, DSMIL) and 1.02-1.19x for default-width ABMIL/CLAM at 5 folds in fp32 "
-                            "(1.16-1.31x in bf16; benchmarks/RESULTS.md; default: one by one; not with --balanced)")
     speed.add_argument("--bags-per-step", type=int, default=None, metavar="B",
-                       help="bags per optimiser step, padded and masked; TransMIL and DTFD take 1 (default: the "
-                            "head's recipe, 1). A step holds B consecutive bags of the shared epoch order, also "
-                            "other folds' (weight 0, so that --all-folds stays bit-identical): fewer steps, but on "
-                            "a CPU in fp32 not faster (benchmarks/RESULTS.md)")
+                       help="bags per optimiser step, padded and masked (TransMIL and DTFD run them one by one; default: "
+                            "the head's recipe, 1): fewer steps, but on a CPU in fp32 not faster "
+                            "(benchmarks/RESULTS.md)")
     speed.add_argument("--precision", default="auto",
                        help="auto (bf16 autocast on a GPU, fp32 on the CPU), fp32 or bf16 (default auto); bf16 "
-                            "on a CPU with AMX/AVX-512 BF16 cut a default ABMIL or CLAM-SB epoch by 13%% (21-24%% "
-                            "with --all-folds; benchmarks/RESULTS.md)")
-    speed.add_argument("--compile", action="store_true",
-                       help="run ABMIL's written-out training step through torch.compile, elementwise work fused "
-                            "into generated loops: on a CPU 5%% shorter fp32 epochs, 12%% in bf16 with "
-                            "--all-folds, after a one-time compile of ~5-20 s; needs a C++ compiler (CPU) or "
-                            "Triton (GPU); rounding differs from the eager step (default: eager)")
+                            "on a CPU with AMX/AVX-512 BF16 (benchmarks/RESULTS.md)")
 
 def _model_kwargs(text: str) -> dict:
     from zoomfeat.errors import ConfigError
@@ -126,18 +131,25 @@ def build_config(args: argparse.Namespace):
     from mil.config import MILConfig, make_protocol
     from mil.tasks import default_label_col
     from splits.labels import read_table
+    from zoomfeat.errors import ConfigError
+    from zoomfeat.features import FeatureSpec
 
     label_col = args.label_col or default_label_col(args.task, list(read_table(args.labels).columns))
     protocol = make_protocol(args.protocol, epochs=args.epochs, min_epochs=args.min_epochs, patience=args.patience,
                              lr=args.lr, weight_decay=args.weight_decay, selection=args.selection)
     classes = tuple(c.strip() for c in args.classes.split(",")) if args.classes else None
-    return MILConfig(features=args.features, labels=args.labels, splits=args.splits, out=args.out, task=args.task,
-                     label_col=label_col, hrd_threshold=args.hrd_threshold, classes=classes, model=args.model,
+    if args.seed is not None and args.seeds is not None:
+        raise ConfigError(f"--seed {args.seed} and --seeds {args.seeds}: give one of them "
+                          "(--seed S is --seeds S)")
+    seeds = _seeds(args.seeds) if args.seeds is not None else (args.seed if args.seed is not None else 0,)
+    return MILConfig(features=FeatureSpec.parse(args.features), labels=args.labels, splits=args.splits,
+                     out=args.out, task=args.task, label_col=label_col, hrd_threshold=args.hrd_threshold,
+                     classes=classes, model=args.model,
                      model_kwargs=_model_kwargs(args.model_kwargs), protocol=protocol, balanced=args.balanced,
-                     seed=args.seed, folds=args.folds, accelerator=args.accelerator, devices=args.devices,
-                     cache=not args.no_cache, all_folds=args.all_folds, bags_per_step=args.bags_per_step,
+                     seeds=seeds, folds=args.folds, accelerator=args.accelerator, devices=args.devices,
+                     cache=not args.no_cache, bags_per_step=args.bags_per_step,
                      precision=args.precision, augment=args.augment, train_fraction=args.train_fraction,
-                     instance_sample=args.instance_sample, compile=args.compile)
+                     instance_sample=args.instance_sample)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,5 +160,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     summary = run_cv(cfg, progress=sys.stderr.isatty())  # warnings go through the zoomfeat logger
     print(summary.to_string(index=False))
+    if len(cfg.seeds) > 1:
+        row = summary[summary.fold == "mean"].set_index("seed")
+        mean, std = row.at["mean", "test_auc"], row.at["std", "test_auc"]
+        if mean is not None and mean == mean:
+            spread = "" if std is None or std != std else f" ± {std:.3f}"
+            print(f"test AUC over {len(cfg.seeds)} seeds (mean ± std of the per-seed means over folds): "
+                  f"{mean:.3f}{spread}")
     print(f"wrote {cfg.out}/summary.csv")
     return 0

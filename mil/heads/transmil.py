@@ -27,7 +27,8 @@ leaving the class token out of the convolution, and nothing else, gives 0.93 / 0
 
 Attention for heatmaps: the class token's row of the second layer's attention, F1[cls] Z F3, averaged over
 the heads, at the N instance tokens (not normalised; Nystrom weights can be negative).
-One bag per optimiser step (``max_bags_per_step = 1``): padded bags would change the landmarks.
+A padded batch runs bag by bag on each bag's real instances (:func:`mil.registry.one_by_one`): padding would
+change the landmarks and the token grid.
 """
 
 from __future__ import annotations
@@ -38,14 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mil.layers import Dropout, LayerNorm, Linear, depthwise_conv2d, per_fold
-from mil.models import BagsOutput, MILHead, register_model
+from mil.registry import MILHead, MILOutput, one_by_one, register_model
 from zoomfeat.errors import ConfigError
 
 
 def iterative_pinv(a: torch.Tensor, iterations: int) -> torch.Tensor:
-    """Newton-Schulz-type approximation of the pseudo-inverse of ``a`` [..., heads, m, m] (one start
-    scaling per bag: the maxima run over the heads and the rows/columns)."""
+    """Newton-Schulz-type approximation of the pseudo-inverse of ``a`` [B, heads, m, m] (one start scaling per
+    bag: the maxima run over the heads and the rows/columns)."""
     absolute = a.abs()
     row_sums = absolute.sum(-1).amax(dim=(-1, -2))
     col_sums = absolute.sum(-2).amax(dim=(-1, -2))
@@ -65,20 +65,19 @@ class NystromAttention(nn.Module):
         self.landmarks = landmarks or dim // 2
         self.pinv_iterations = pinv_iterations
         self.scale = self.dim_head ** -0.5
-        self.to_qkv = Linear(dim, 3 * heads * self.dim_head, bias=False)
-        self.to_out = nn.Sequential(Linear(heads * self.dim_head, dim), Dropout(dropout))
+        self.to_qkv = nn.Linear(dim, 3 * heads * self.dim_head, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(heads * self.dim_head, dim), nn.Dropout(dropout))
         self.res_conv = nn.Conv2d(heads, heads, (residual_kernel, 1), padding=(residual_kernel // 2, 0),
                                   groups=heads, bias=False)
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
-        """[..., n, heads * d] -> [..., heads, n, d]."""
+        """[B, n, heads * d] -> [B, heads, n, d]."""
         return t.reshape(*t.shape[:-1], self.heads, self.dim_head).transpose(-2, -3)
 
     def forward(self, x: torch.Tensor, cls_index: int | None = None, cls_residual: bool = True,
                 want_row: bool = False):
-        """``x`` [..., n, dim] -> (out [..., n, dim], the cls token's attention row [..., heads, n] if
-        ``want_row``, else None); ``cls_residual=False`` leaves the token at ``cls_index`` out of the value
-        convolution."""
+        """``x`` [B, n, dim] -> (out [B, n, dim], the cls token's attention row [B, heads, n] if ``want_row``,
+        else None); ``cls_residual=False`` leaves the token at ``cls_index`` out of the value convolution."""
         n, m = x.shape[-2], self.landmarks
         pad = (m - n % m) % m
         if pad:
@@ -91,11 +90,10 @@ class NystromAttention(nn.Module):
         f1 = torch.softmax(q @ k_land.transpose(-1, -2), dim=-1)
         z = iterative_pinv(torch.softmax(q_land @ k_land.transpose(-1, -2), dim=-1), self.pinv_iterations)
         f3 = torch.softmax(q_land @ k.transpose(-1, -2), dim=-1)
-        out = (f1 @ z) @ (f3 @ v)
-        conv = depthwise_conv2d(v, self.res_conv.weight, None, self.res_conv.padding)
+        conv = self.res_conv(v)  # depthwise over the sequence, per head
         if not cls_residual and cls_index is not None:
             conv = conv.index_fill(-2, torch.tensor([pad + cls_index], device=conv.device), 0.0)
-        out = out + conv
+        out = (f1 @ z) @ (f3 @ v) + conv
         out = out.transpose(-2, -3).reshape(*out.shape[:-3], x.shape[-2], self.heads * self.dim_head)
         out = self.to_out(out)[..., pad:, :]
         row = None
@@ -107,7 +105,7 @@ class NystromAttention(nn.Module):
 class TransLayer(nn.Module):
     def __init__(self, dim: int, **attention):
         super().__init__()
-        self.norm = LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim)
         self.attn = NystromAttention(dim, **attention)
 
     def forward(self, x: torch.Tensor, cls_index: int | None = None, cls_residual: bool = True,
@@ -126,11 +124,9 @@ class PPEG(nn.Module):
         self.proj2 = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
 
     def forward(self, x: torch.Tensor, side: int) -> torch.Tensor:
-        cls, feat = x[..., :1, :], x[..., 1:, :]
-        grid = feat.transpose(-1, -2).reshape(*feat.shape[:-2], feat.shape[-1], side, side)
-        out = grid
-        for conv in (self.proj, self.proj1, self.proj2):
-            out = out + depthwise_conv2d(grid, conv.weight, conv.bias, conv.padding)
+        cls, feat = x[:, :1, :], x[:, 1:, :]
+        grid = feat.transpose(-1, -2).reshape(feat.shape[0], feat.shape[-1], side, side)
+        out = grid + self.proj(grid) + self.proj1(grid) + self.proj2(grid)
         return torch.cat([cls, out.flatten(-2).transpose(-1, -2)], dim=-2)
 
 
@@ -138,37 +134,34 @@ class PPEG(nn.Module):
 class TransMIL(MILHead):
     """TransMIL with the paper's sizes (see the module docstring)."""
 
-    max_bags_per_step = 1
-
     def __init__(self, in_dim: int, n_classes: int = 2, dim: int = 512, heads: int = 8,
                  landmarks: int | None = None, pinv_iterations: int = 6, dropout: float = 0.1,
                  class_token_residual: bool = True):
         super().__init__()
-        self.class_token_residual = class_token_residual
         if dim % heads:
             raise ConfigError(f"transmil: dim {dim} must be a multiple of heads {heads}")
+        self.class_token_residual = class_token_residual
         attention = {"heads": heads, "landmarks": landmarks, "pinv_iterations": pinv_iterations,
                      "dropout": dropout}
-        self._fc1 = nn.Sequential(Linear(in_dim, dim), nn.ReLU())
+        self._fc1 = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         self.layer1 = TransLayer(dim, **attention)
         self.pos_layer = PPEG(dim)
         self.layer2 = TransLayer(dim, **attention)
-        self.norm = LayerNorm(dim)
-        self._fc2 = Linear(dim, n_classes)
+        self.norm = nn.LayerNorm(dim)
+        self._fc2 = nn.Linear(dim, n_classes)
 
-    def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
-        if mask is not None and not bool(mask.all()):
-            raise ConfigError("transmil takes one bag per optimiser step (no padded bags): set bags per step 1")
+    def forward(self, x, mask=None, label=None) -> MILOutput:
+        return one_by_one(self._forward_bag, x, mask, label)
+
+    def _forward_bag(self, x, label=None) -> MILOutput:
         n = x.shape[-2]
-        h = self._fc1(x)  # [*F, B, N, dim]
+        h = self._fc1(x)  # [1, N, dim]
         side = math.ceil(math.sqrt(n))
-        h = torch.cat([h, h[..., :side * side - n, :]], dim=-2)
-        cls = per_fold(self.cls_token, 3, h.dim() + 1).squeeze(-3)  # [1, dim] or [F, 1.., 1, dim]
-        h = torch.cat([cls.expand(*h.shape[:-2], 1, h.shape[-1]), h], dim=-2)
+        h = torch.cat([h, h[:, :side * side - n, :]], dim=-2)
+        h = torch.cat([self.cls_token.expand(h.shape[0], 1, h.shape[-1]), h], dim=-2)
         h, _ = self.layer1(h, cls_index=0, cls_residual=self.class_token_residual)
         h = self.pos_layer(h, side)
         h, row = self.layer2(h, cls_index=0, cls_residual=self.class_token_residual, want_row=True)
-        logits = self._fc2(self.norm(h)[..., 0, :])
-        attention = row.mean(-2)[..., 1:n + 1]
-        return BagsOutput(logits, attention, None)
+        logits = self._fc2(self.norm(h)[:, 0, :])
+        return MILOutput(logits, row.mean(-2)[:, 1:n + 1])

@@ -14,17 +14,18 @@ gradients of the four parts (dim_reduction, attention, classifier, att_classifie
 (``clip_groups``). The random split is redrawn at every training step; in eval mode the split is a fixed
 permutation (seed 0) so predictions are deterministic (the reference reshuffles at test time too).
 Attention for heatmaps: an instance's tier-1 weight within its pseudo-bag times its pseudo-bag's tier-2
-weight (sums to 1 over the bag). One bag per optimiser step. State-dict names follow the reference's saved
+weight (sums to 1 over the bag). A padded batch runs bag by bag on each bag's real instances
+(:func:`mil.registry.one_by_one`): each bag draws its own split. State-dict names follow the reference's saved
 dict (classifier, dim_reduction, attention, att_classifier).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from mil.layers import Linear, Sigmoid, fold_randperm, masked_softmax
-from mil.models import BagsOutput, MILHead, register_model
+from mil.registry import MILHead, MILOutput, one_by_one, register_model
 from zoomfeat.errors import ConfigError
 
 
@@ -33,9 +34,9 @@ class GatedScore(nn.Module):
 
     def __init__(self, dim: int = 512, attn_dim: int = 128):
         super().__init__()
-        self.attention_V = nn.Sequential(Linear(dim, attn_dim), nn.Tanh())
-        self.attention_U = nn.Sequential(Linear(dim, attn_dim), Sigmoid())
-        self.attention_weights = Linear(attn_dim, 1)
+        self.attention_V = nn.Sequential(nn.Linear(dim, attn_dim), nn.Tanh())
+        self.attention_U = nn.Sequential(nn.Linear(dim, attn_dim), nn.Sigmoid())
+        self.attention_weights = nn.Linear(attn_dim, 1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.attention_weights(self.attention_V(h) * self.attention_U(h))
@@ -44,7 +45,7 @@ class GatedScore(nn.Module):
 class Classifier1fc(nn.Module):
     def __init__(self, dim: int, n_classes: int):
         super().__init__()
-        self.fc = Linear(dim, n_classes)
+        self.fc = nn.Linear(dim, n_classes)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.fc(h)
@@ -53,7 +54,7 @@ class Classifier1fc(nn.Module):
 class DimReduction(nn.Module):
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.fc1 = Linear(in_dim, dim, bias=False)
+        self.fc1 = nn.Linear(in_dim, dim, bias=False)
         self.relu1 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,7 @@ class AttentionWithClassifier(nn.Module):
         self.classifier = Classifier1fc(dim, n_classes)
 
     def forward(self, feats: torch.Tensor):
-        w = torch.softmax(self.attention(feats).squeeze(-1), dim=-1)  # [..., M]
+        w = torch.softmax(self.attention(feats).squeeze(-1), dim=-1)  # [B, M]
         return self.classifier((w.unsqueeze(-2) @ feats).squeeze(-2)), w
 
 
@@ -83,7 +84,6 @@ def split_sizes(n: int, groups: int) -> list[int]:
 class DTFDMIL(MILHead):
     """DTFD-MIL with AFS distillation and the reference's sizes (see the module docstring)."""
 
-    max_bags_per_step = 1
     clip_groups = {"dim_reduction": 5.0, "attention": 5.0, "classifier": 5.0, "att_classifier": 5.0}
 
     def __init__(self, in_dim: int, n_classes: int = 2, dim: int = 512, attn_dim: int = 128,
@@ -102,36 +102,28 @@ class DTFDMIL(MILHead):
     def combine(self, ce: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
         return ce + extra
 
-    def _permutation(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[-2]
+    def _permutation(self, n: int, device) -> torch.Tensor:
         if self.training:
-            return fold_randperm(n, x.device, stacked=x.dim() > 3)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(x.device)
+            return torch.randperm(n, device=device)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(device)
 
-    def forward_bags(self, x, mask=None, label=None) -> BagsOutput:
-        if mask is not None and not bool(mask.all()):
-            raise ConfigError("dtfd takes one bag per optimiser step (no padded bags): set bags per step 1")
-        perm = self._permutation(x)  # [N] or [F, N]
-        perm = perm.reshape(*perm.shape[:-1], *([1] * (x.dim() - 1 - perm.dim())), perm.shape[-1])
-        perm = perm.expand(*x.shape[:-1])  # [*F, B, N]
-        mid = self.dim_reduction(x.gather(-2, perm.unsqueeze(-1).expand(*perm.shape, x.shape[-1])))
-        scores = self.attention(mid).squeeze(-1)  # [*F, B, N]
-        feats, weights, preds = [], [], []
-        for chunk_h, chunk_s in zip(mid.split(split_sizes(x.shape[-2], self.pseudo_bags), dim=-2),
-                                    scores.split(split_sizes(x.shape[-2], self.pseudo_bags), dim=-1)):
-            a = masked_softmax(chunk_s, None)  # [*F, B, n_j]
-            f = (a.unsqueeze(-2) @ chunk_h).squeeze(-2)  # [*F, B, dim]
-            feats.append(f)
-            weights.append(a)
-            preds.append(self.classifier(f))
-        pseudo = torch.stack(feats, dim=-2)  # [*F, B, M, dim]
+    def forward(self, x, mask=None, label=None) -> MILOutput:
+        return one_by_one(self._forward_bag, x, mask, label)
+
+    def _forward_bag(self, x, label=None) -> MILOutput:
+        perm = self._permutation(x.shape[-2], x.device)
+        mid = self.dim_reduction(x[:, perm])  # [1, N, dim]
+        scores = self.attention(mid).squeeze(-1)  # [1, N]
+        sizes = split_sizes(x.shape[-2], self.pseudo_bags)
+        weights = [torch.softmax(s, dim=-1) for s in scores.split(sizes, dim=-1)]  # tier 1, per pseudo-bag
+        feats = [(a.unsqueeze(-2) @ h).squeeze(-2) for a, h in zip(weights, mid.split(sizes, dim=-2))]
+        pseudo = torch.stack(feats, dim=-2)  # [1, M, dim]
         logits, tier2 = self.att_classifier(pseudo.detach() if self.training else pseudo)
-        inst = torch.cat([a * tier2[..., j:j + 1] for j, a in enumerate(weights)], dim=-1)
-        attention = torch.zeros_like(inst).scatter(-1, perm, inst)  # back to the bag's instance order
+        inst = torch.cat([a * tier2[:, j:j + 1] for j, a in enumerate(weights)], dim=-1)
+        attention = torch.zeros_like(inst).index_copy(-1, perm, inst)  # back to the bag's instance order
         extra = None
         if label is not None:
-            sub = torch.stack(preds, dim=-2)  # [*F, B, M, C]
-            logp = torch.log_softmax(sub, dim=-1)
-            target = label.reshape(-1, 1, 1).expand(*sub.shape[:-1], 1)
-            extra = -logp.gather(-1, target).squeeze(-1).mean(-1)
-        return BagsOutput(logits, attention, extra)
+            sub = self.classifier(pseudo)  # [1, M, C]
+            extra = F.cross_entropy(sub.transpose(-1, -2), label[:, None].expand(-1, sub.shape[1]),
+                                    reduction="none").mean(-1)
+        return MILOutput(logits, attention, extra)
