@@ -178,7 +178,7 @@ def test_the_model_of_each_seed_loads_and_reproduces_its_predictions(three_seeds
         model, record = load_fold_model(cfg.out, 1, seed=s)
         preds = pd.read_csv(Path(cfg.out) / f"seed_{s}" / "fold_1" / "predictions.csv")
         with torch.no_grad():
-            probs = [float(torch.softmax(model(load_bag(record.feature_spec, x).features).logits, 1)[0, 1])
+            probs = [float(torch.softmax(model(load_bag(record.feature_spec, x).features[None]).logits, 1)[0, 1])
                      for x in preds.slide_id]
         assert np.allclose(probs, preds.prob_ILC, atol=1e-5)
     with pytest.raises(ConfigError, match="--seed 5: .* was trained with seeds 0,1,2"):
