@@ -14,7 +14,6 @@ outcome in the run record:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,21 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.errors import ConfigError
-
-SYNTHETIC_SEP = "~syn"
-_SYNTHETIC_RE = re.compile(r"^(?P<source>.+)~syn(?P<k>\d+)$")
-
-
-def synthetic_id(slide_id: str, copy: int) -> str:
-    """``("TCGA-01", 2) -> "TCGA-01~syn2"``: the slide id of a synthetic copy (also its file stem)."""
-    return f"{slide_id}{SYNTHETIC_SEP}{int(copy)}"
-
-
-def source_of(slide_id: str) -> str | None:
-    """The real slide a synthetic id copies (``"a~syn0" -> "a"``), None for a real slide id."""
-    match = _SYNTHETIC_RE.match(slide_id)
-    return match.group("source") if match else None
-
+from zoomfeat.features import source_of
 
 @dataclass(frozen=True)
 class FoldAugmentation:

@@ -48,6 +48,7 @@ from splits.audit import trainability_problems
 from splits.io import PARTS, SplitFold, read_splits_dir
 from splits.labels import read_labels
 from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
+from zoomfeat.features import source_of
 from zoomfeat.log import note
 from zoomfeat.store import Claim, atomic_write, save_torch, write_json_atomic
 from zoomfeat.torch_files import load_torch_file
@@ -111,7 +112,7 @@ def _augmentation(cfg: MILConfig, spec: FeatureSpec, all_folds: list[SplitFold],
     ``cfg.seed`` (the training fraction's patients are drawn per seed) (None without them)."""
     if cfg.augment is None and float(cfg.train_fraction) == 1.0:
         return None
-    from mil.augment import plan_cohort, source_of, synthetic_ids
+    from mil.augment import plan_cohort, synthetic_ids
 
     table = cohort.table
     case_of = dict(zip(table["slide_id"], table["case_id"].astype(str)))

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mil.augment import plan_cohort, plan_fold, source_of, synthetic_for_fold, synthetic_id, training_fraction
+from mil.augment import plan_cohort, plan_fold, synthetic_for_fold, training_fraction
+from zoomfeat.features import source_of, synthetic_id
 from zoomfeat.errors import ConfigError
 
 

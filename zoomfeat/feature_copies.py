@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mil.augment import source_of, synthetic_id
+from zoomfeat.features import source_of, synthetic_id
 from zoomfeat import hub
 from zoomfeat.batch import run_batch, shard_slides
 from zoomfeat.errors import ConfigError, DataError

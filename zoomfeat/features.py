@@ -158,3 +158,18 @@ def _source_file(source: FeatureSource, slide_id: str) -> Path:
     from zoomfeat.store.layouts import layout_files
 
     return layout_files(layout, source.directory).get(slide_id, source.directory / f"{slide_id}.missing")
+
+
+SYNTHETIC_SEP = "~syn"
+_SYNTHETIC_RE = re.compile(r"^(?P<source>.+)~syn(?P<k>\d+)$")
+
+
+def synthetic_id(slide_id: str, copy: int) -> str:
+    """``("TCGA-01", 2) -> "TCGA-01~syn2"``: the slide id of a synthetic copy (also its file stem)."""
+    return f"{slide_id}{SYNTHETIC_SEP}{int(copy)}"
+
+
+def source_of(slide_id: str) -> str | None:
+    """The real slide a synthetic id copies (``"a~syn0" -> "a"``), None for a real slide id."""
+    match = _SYNTHETIC_RE.match(slide_id)
+    return match.group("source") if match else None
