@@ -317,15 +317,15 @@ def test_cdm_context_source_makes_novel_images_that_regenerate(contexts, zoomldm
 
     run = tmp_path / "cdm"
     assert _train(["--max-steps", "2", "--every-n-steps", "2"], contexts, run) == 0
-    request = ConditionRequest(mag=parse_mag("2.5x"), n_patches=2, extra={"cdm": run, "cdm_steps": 4, "cdm_seed": 9})
+    request = ConditionRequest(mag=parse_mag("5x"), n_patches=2, extra={"cdm": run, "cdm_steps": 4, "cdm_seed": 9})
     cfg = SampleConfig(zoomldm=resolve_zoomldm("tiny", zoomldm_weights), conditions=request, out=tmp_path / "gen",
                        n=2, sampler=SamplerSettings("ddim", 2, Guidance(1.75)), source="cdm", device="cpu")
     manifest = run_sample(cfg)
     rec = manifest["conditions"]
-    assert rec["source"] == "cdm" and rec["mag"] == "2.5x" and rec["contexts_drawn"] == 2
+    assert rec["source"] == "cdm" and rec["mag"] == "5x" and rec["contexts_drawn"] == 2
     assert rec["cdm_sha256"] == file_sha256(run / "official" / "last.ckpt")
     saved = load_conditions(tmp_path / "gen" / rec["file"])
-    expected = sample_contexts(load_cdm(run), "2.5x", 2, steps=4, seed=9)
+    expected = sample_contexts(load_cdm(run), "5x", 2, steps=4, seed=9)
     np.testing.assert_allclose(saved["contexts"], expected.numpy(), rtol=1e-6, atol=1e-6)
     images = [read_png(tmp_path / "gen" / e["file"]) for e in manifest["images"]]
     assert len(images) == 4 and not np.array_equal(images[0], images[2])  # two contexts, two variations each
@@ -342,7 +342,7 @@ def test_cdm_context_source_makes_novel_images_that_regenerate(contexts, zoomldm
     writer.commit()
     assert _train(["--max-steps", "1", "--every-n-steps", "1"], wide, tmp_path / "wide_run") == 0
     bad = SampleConfig(zoomldm=cfg.zoomldm, out=tmp_path / "gen2", n=1, sampler=cfg.sampler, source="cdm",
-                       device="cpu", conditions=ConditionRequest(mag=parse_mag("5x"),
+                       device="cpu", conditions=ConditionRequest(mag=parse_mag("20x"),
                                                                  extra={"cdm": tmp_path / "wide_run"}))
     with pytest.raises(ConfigError, match="32-wide contexts but this ZoomLDM takes 64"):
         gen_run.run_sample(bad)
