@@ -1,9 +1,10 @@
-"""The chaos benchmark's small version: 3 cycles of SIGKILL at seeded random moments during two concurrent
+"""The chaos benchmark's small version: 1 cycle (3 with ZOOMFEAT_CHAOS_CYCLES=3) of SIGKILL at seeded random moments during two concurrent
 ``extract`` processes and during ``train-mil``, each followed by a rerun whose outputs must be byte-identical to an
 uninterrupted run's (benchmarks/bench_chaos.py runs 20 cycles and the CDM and generation workloads too)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,10 +17,12 @@ import bench_chaos  # noqa: E402
 
 @pytest.mark.slow
 def test_killed_runs_resume_to_byte_identical_outputs(tmp_path):
-    results = bench_chaos.chaos(["extract", "train-mil"], cycles=3, seed=0, work=tmp_path, verbose=False, small=True)
+    cycles = int(os.environ.get("ZOOMFEAT_CHAOS_CYCLES", "1"))  # 3 cycles take ~140 s of CI's suite budget
+    results = bench_chaos.chaos(["extract", "train-mil"], cycles=cycles, seed=0, work=tmp_path, verbose=False,
+                                small=True)
     for name, result in results.items():
         assert result["files"] > 0, name
-        assert result["passed"] == result["cycles"] == 3, (name, result["notes"])
+        assert result["passed"] == result["cycles"] == cycles, (name, result["notes"])
 
 
 def test_digest_sees_a_changed_byte_and_ignores_logs(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 
 import numpy as np
 import pytest
@@ -232,6 +233,9 @@ def _planted_cv(tmp_path, model: str, seed: int, instance_sample: float = 1.0) -
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("ZOOMFEAT_MIL_CLAIM") != "1",
+                    reason="planted-witness claims of the MIL heads (~5 CPU minutes together, over CI's suite budget); "
+                           "run with ZOOMFEAT_MIL_CLAIM=1")
 def test_heads_find_planted_witnesses_under_the_default_preset(tmp_path):
     """Issue 20's bar, a cheap slice: DTFD-MIL (0.73 in an earlier measurement) and DSMIL (0.66 in the issue)
     at their default widths and recipes under hipt (20 epochs, last epoch) on two planted cohorts with 5%
@@ -249,6 +253,9 @@ def test_heads_find_planted_witnesses_under_the_default_preset(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("ZOOMFEAT_MIL_CLAIM") != "1",
+                    reason="planted-witness claims of the MIL heads (~5 CPU minutes together, over CI's suite budget); "
+                           "run with ZOOMFEAT_MIL_CLAIM=1")
 def test_instance_sampling_stops_the_hipt_overfitting_of_abmil_and_clam_sb(tmp_path):
     """Under hipt (20 epochs, last epoch) ABMIL and CLAM-SB memorise 36 training bags and lose the witnesses
     by the last epoch (measured 0.85 / 0.96 and 0.94 / 0.84 on these two cohorts); with a seeded random half of

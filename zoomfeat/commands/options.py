@@ -113,6 +113,8 @@ def check_common(args: argparse.Namespace) -> None:
         if dest.startswith("_") or value is None:
             continue
         if dest == "seed" or dest.endswith("_seed") or dest == "seeds" or dest.endswith("_seeds"):
+            if isinstance(value, str):  # a comma list such as train-mil --seeds 0,1,2
+                value = [int(v) for v in value.split(",") if v.strip().lstrip("-").isdigit()]
             for item in value if isinstance(value, (list, tuple)) else [value]:
                 check_seed(item, _option(dest))
         elif dest in PATH_NAME_OPTIONS and isinstance(value, str):
