@@ -22,9 +22,9 @@ import numpy as np
 from scipy.stats import wilcoxon
 
 from mil import html, plots
-from mil.metrics import METRICS, auroc, metric_label
+from mil.metrics import METRICS, auroc, mean_std, metric_label
 from mil.record import RunRecord
-from mil.report import Pair, RunResult, fmt, fmt_mean_std, fold_metrics, load_run, mean_std, resampled_aucs
+from mil.report import Pair, RunResult, fmt, fmt_mean_std, fold_metrics, load_run, resampled_aucs
 from zoomfeat.errors import DataError
 from zoomfeat.store import write_json_atomic, write_text
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from mil.bags import BagStore, FeatureSpec, MILDataWarning, read_extractor, scan_bags
 from mil.config import MILConfig, describe_plan_rows, effective_model_kwargs, plan_rows
-from mil.metrics import METRICS, check_finite, classification_metrics, metric_label
+from mil.metrics import METRICS, check_finite, classification_metrics, mean_std, metric_label
 from mil.record import (RECORD_NAME, RunRecord, check_resume, finished_pairs, fold_dir, input_fingerprints,
                         read_record, split_fingerprint, write_record)
 from mil.registry import build_model
@@ -205,8 +205,6 @@ STALE_TEMP_S = 600.0  # a temporary file this old is a writer's that died (a fol
 def remove_stale_temps(run: Path, now: float | None = None) -> list[Path]:
     """Delete the temporary files (``.<name>.tmp<pid>``, zoomfeat.store.temp_path) that a killed run left in
     ``run``; a write in progress is never that old. Returns what was removed."""
-    import time
-
     now = time.time() if now is None else now
     stale = [p for p in run.glob("**/.*.tmp*") if p.is_file() and now - p.stat().st_mtime > STALE_TEMP_S]
     for path in stale:
@@ -233,16 +231,6 @@ def _check_resumed_heads(run: Path, cfg: MILConfig, record: RunRecord, done: lis
                               "start over")
 
 
-def _spread(values: list) -> tuple[float | None, float | None]:
-    """(mean, standard deviation with ddof=1) of the defined values; None where undefined."""
-    import numpy as np
-
-    defined = np.array([v for v in values if v is not None and not pd.isna(v)], dtype=float)
-    mean = float(defined.mean()) if len(defined) else None
-    std = float(defined.std(ddof=1)) if len(defined) > 1 else None
-    return mean, std
-
-
 SUMMARY_COLUMNS: tuple[str, ...] = ("seed", "fold", *(f"test_{m}" for m in METRICS))
 
 
@@ -257,13 +245,13 @@ def write_summary(run: Path, record: RunRecord) -> pd.DataFrame:
         rows += [{"seed": str(seed), "fold": str(k), **{c: m.get(c) for c in columns}} for k, m in zip(folds, metrics)]
         if not folds:
             continue
-        stats = {c: _spread([m.get(c) for m in metrics]) for c in columns}
-        mean = {"seed": str(seed), "fold": "mean", **{c: stats[c][0] for c in columns}}
-        rows += [mean, {"seed": str(seed), "fold": "std", **{c: stats[c][1] for c in columns}}]
+        stats = {c: mean_std([m.get(c) for m in metrics]) for c in columns}
+        mean = {"seed": str(seed), "fold": "mean", **{c: stats[c]["mean"] for c in columns}}
+        rows += [mean, {"seed": str(seed), "fold": "std", **{c: stats[c]["std"] for c in columns}}]
         per_seed.append(mean)
-    over = {c: _spread([m[c] for m in per_seed]) for c in columns}
-    rows += [{"seed": "mean", "fold": "mean", **{c: over[c][0] for c in columns}},
-             {"seed": "std", "fold": "mean", **{c: over[c][1] for c in columns}}]
+    over = {c: mean_std([m[c] for m in per_seed]) for c in columns}
+    rows += [{"seed": "mean", "fold": "mean", **{c: over[c]["mean"] for c in columns}},
+             {"seed": "std", "fold": "mean", **{c: over[c]["std"] for c in columns}}]
     frame = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     with atomic_write(run / "summary.csv") as tmp:
         frame.to_csv(tmp, index=False)
@@ -290,7 +278,7 @@ class _Cohort:
     dim: int
 
 
-def run_cv(cfg: MILConfig, progress: bool = False, on_fold=None) -> pd.DataFrame:
+def run_cv(cfg: MILConfig, on_fold=None) -> pd.DataFrame:
     """Train and evaluate every selected fold once per seed of ``cfg.seeds`` (skipping finished (seed, fold)
     pairs); returns the summary table. ``on_fold(seed, fold, metrics)`` is called after each fold is written.
 
@@ -335,7 +323,7 @@ def run_cv(cfg: MILConfig, progress: bool = False, on_fold=None) -> pd.DataFrame
     store = BagStore(spec, cache=False)
     inputs = _Cohort(cohort, all_folds, data, usable, named, scan.dim)
     for seed in cfg.seeds:
-        _train_pending(cfg.for_seed(seed), run, record, inputs, store, progress, augmentations[seed], on_fold)
+        _train_pending(cfg.for_seed(seed), run, record, inputs, store, augmentations[seed], on_fold)
     return write_summary(run, record)
 
 
@@ -362,8 +350,8 @@ def fold_claims(run: Path, record: RunRecord, seed: int, pending: dict[int, Fold
             claim.release()
 
 
-def _train_pending(cfg: MILConfig, run: Path, record: RunRecord, inputs: _Cohort, store, progress: bool,
-                   augmentation=None, on_fold=None) -> None:
+def _train_pending(cfg: MILConfig, run: Path, record: RunRecord, inputs: _Cohort, store, augmentation=None,
+                   on_fold=None) -> None:
     """Train the folds of the init seed ``cfg.seed`` not done yet (mil.train.run_folds, one by one); the epoch
     order runs over the training slides of every fold of the split folder (``inputs.usable``: the checked slides of the selected folds, ``inputs.named``: every slide those folds
     name). A line per fold is printed as its result comes back."""
@@ -399,7 +387,7 @@ def _train_pending(cfg: MILConfig, run: Path, record: RunRecord, inputs: _Cohort
             on_fold(seed, k, metrics)
 
     with fold_claims(run, record, seed, pending) as mine:  # concurrent runs into one folder share the folds
-        run_folds(cfg, mine, order, store, inputs.dim, len(cohort.label_map), write, progress)
+        run_folds(cfg, mine, order, store, inputs.dim, len(cohort.label_map), write)
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -421,7 +409,8 @@ def load_fold_model(run_dir: str | Path, fold: int, seed: int | None = None) -> 
     run = Path(run_dir)
     record = read_record(run)
     if seed is not None and seed not in record.seeds:
-        raise ConfigError(f"--seed {seed}: {run} was trained with seeds {','.join(map(str, record.seeds))}")
+        raise ConfigError(f"--seed {seed}: {run} was trained with seeds {','.join(map(str, record.seeds))}; "
+                          "pass one of them")
     seed = record.seeds[0] if seed is None else seed
     path = fold_dir(run, record.seeds, seed, fold) / "model.ckpt"
     if not path.is_file():

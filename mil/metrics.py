@@ -27,10 +27,12 @@ THRESHOLD = 0.5  # P(class 1) at or above which a binary prediction is class 1
 
 
 def _as_numpy(probs, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(labels [n] int64, probs [n, C] float64) as numpy arrays; DataError for non-finite probabilities."""
     to_np = lambda v: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)  # noqa: E731
     y = to_np(labels).astype(np.int64).reshape(-1)
     p = to_np(probs).astype(np.float64)
     p = p.reshape(len(y), -1) if p.size else np.zeros((len(y), 0))
+    check_finite(p)
     return y, p
 
 
@@ -55,7 +57,6 @@ def predicted_class(probs: np.ndarray) -> np.ndarray:
 def auroc(probs, labels, n_classes: int | None = None) -> float | None:
     """ROC AUC; None when the set is empty or lacks one of the ``n_classes`` classes (undefined)."""
     y, p = _as_numpy(probs, labels)
-    check_finite(p)
     n_classes = n_classes or p.shape[1]
     if len(y) == 0 or len(np.unique(y)) < n_classes:
         return None
@@ -67,7 +68,6 @@ def auroc(probs, labels, n_classes: int | None = None) -> float | None:
 def balanced_accuracy(probs, labels, n_classes: int | None = None) -> float | None:
     """Mean recall over the classes present in ``labels``; None for an empty set."""
     y, p = _as_numpy(probs, labels)
-    check_finite(p)
     if len(y) == 0:
         return None
     with warnings.catch_warnings():  # "y_pred contains classes not in y_true": recall over present classes
@@ -78,7 +78,6 @@ def balanced_accuracy(probs, labels, n_classes: int | None = None) -> float | No
 def accuracy(probs, labels, n_classes: int | None = None) -> float | None:
     """Share of rows whose predicted class is the label; None for an empty set."""
     y, p = _as_numpy(probs, labels)
-    check_finite(p)
     if len(y) == 0:
         return None
     return float(accuracy_score(y, predicted_class(p)))
@@ -87,16 +86,22 @@ def accuracy(probs, labels, n_classes: int | None = None) -> float | None:
 def macro_f1(probs, labels, n_classes: int | None = None) -> float | None:
     """Unweighted mean of the F1 of every class (0 for a class never predicted right); None when empty."""
     y, p = _as_numpy(probs, labels)
-    check_finite(p)
     if len(y) == 0:
         return None
     n_classes = n_classes or p.shape[1]
     return float(f1_score(y, predicted_class(p), average="macro", labels=list(range(n_classes)), zero_division=0))
 
 
-f1 = macro_f1  # the training loop's name for it (mil.train)
-
 METRICS: tuple[str, ...] = ("auc", "balanced_accuracy", "accuracy", "macro_f1")
+
+
+def mean_std(values: list[float | None]) -> dict:
+    """Mean and standard deviation (ddof=1) of the defined values (None and NaN left out); std is None with
+    fewer than two."""
+    defined = [v for v in values if v is not None and not np.isnan(v)]
+    mean = float(np.mean(defined)) if defined else None
+    std = float(np.std(defined, ddof=1)) if len(defined) >= 2 else None
+    return {"mean": mean, "std": std, "n": len(defined), "n_excluded": len(values) - len(defined)}
 
 
 def classification_metrics(probs, labels, n_classes: int | None = None) -> dict[str, float | None]:
@@ -116,12 +121,8 @@ def metric_label(name: str, n_classes: int = 2) -> str:
 def confusion(probs, labels, n_classes: int | None = None) -> list[list[int]]:
     """C x C counts (rows: true class, columns: predicted class)."""
     y, p = _as_numpy(probs, labels)
-    check_finite(p)
     n_classes = n_classes or p.shape[1]
     return confusion_matrix(y, predicted_class(p), labels=list(range(n_classes))).astype(int).tolist()
-
-
-auroc_or_none = auroc  # the training loop's name for it (mil.train)
 
 
 def auc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:

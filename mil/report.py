@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from mil import html, plots
-from mil.metrics import METRICS, THRESHOLD, auc_rows, auroc, check_finite, classification_metrics, confusion, metric_label
+from mil.metrics import (METRICS, THRESHOLD, auc_rows, auroc, check_finite, classification_metrics, confusion, mean_std,
+                         metric_label)
 from mil.record import Completeness, RunRecord, check_complete, finished_pairs, fold_dir, read_record
 from zoomfeat.errors import DataError, one_line
 from zoomfeat.store import write_json_atomic
@@ -194,14 +195,6 @@ def fold_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
     if n_classes == 2:
         out.update(n_pos=int(counts[1]), n_neg=int(counts[0]))
     return {**out, **classification_metrics(probs, labels, n_classes)}
-
-
-def mean_std(values: list[float | None]) -> dict:
-    """Mean and standard deviation (ddof=1) of the defined values; std is None with fewer than two."""
-    defined = [v for v in values if v is not None]
-    mean = float(np.mean(defined)) if defined else None
-    std = float(np.std(defined, ddof=1)) if len(defined) >= 2 else None
-    return {"mean": mean, "std": std, "n": len(defined), "n_excluded": len(values) - len(defined)}
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
