@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
+from mil.record import read_record
 from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.features import FeatureSpec
 from zoomfeat.mags import PATCH_SIZE
+from zoomfeat.slides import Slide
 from zoomfeat.store import FeatureFile, atomic_write, fingerprint
 
 
@@ -148,9 +150,6 @@ def build_heatmap(run_dir: str | Path, fold: int, slide_path: str | Path, spec, 
     The scale comes from the feature file (its base magnification and tile sizes), so a slide without
     usable metadata needs no ``--base-mag``.
     """
-    from mil.record import read_record
-    from zoomfeat.slides import Slide
-
     if top < 1 or max_size < 16 or not 0 < alpha <= 1:
         raise ConfigError(f"bad heatmap settings (top={top}, max_size={max_size}, alpha={alpha}): "
                           "use top >= 1, max size >= 16, 0 < alpha <= 1")

@@ -1,16 +1,11 @@
 """The one metric code path of MIL training, reports and comparisons (scikit-learn).
 
 Every metric takes ``probs`` (class probabilities, [n, C], rows summing to 1) and ``labels`` (class indices,
-[n]), numpy arrays or torch tensors (the training loop's order); predicted class = P(class 1) >= 0.5 for two classes, else argmax. Non-finite probabilities are refused with a DataError (a NaN score must never become an AUC).
-
-- ``auroc``: ROC AUC (binary: of P(class 1); more classes: macro one-vs-rest); None when a class is absent;
-- ``balanced_accuracy``: mean recall over the classes present in ``labels`` (sklearn's definition);
-- ``accuracy``: the share of slides whose predicted class is their label (plain accuracy);
-- ``macro_f1``: the unweighted mean of every class's F1 (two classes too: F1 of class 0 and of class 1);
-- ``classification_metrics``: the four above by their names (:data:`METRICS`), the one set that summary.csv,
-  the report and compare show, labelled by :func:`metric_label`;
-- ``confusion``: C x C counts, rows = true class, columns = predicted class;
-- ``auc_rows``: many binary AUCs at once (bootstrap resamples), equal to sklearn's ``roc_auc_score``.
+[n]), numpy arrays or torch tensors (the training loop's); predicted class = P(class 1) >= 0.5 for two classes,
+else argmax. Non-finite probabilities are refused with a DataError (a NaN score must never become an AUC).
+:func:`classification_metrics` gives the one set that summary.csv, the report and compare show (:data:`METRICS`:
+AUC, one-vs-rest macro for more than two classes; balanced accuracy; plain accuracy; macro F1, the unweighted
+mean of every class's F1, two classes too), each labelled by :func:`metric_label`; :func:`mean_std` their spread.
 """
 
 from __future__ import annotations
@@ -102,6 +97,20 @@ def mean_std(values: list[float | None]) -> dict:
     mean = float(np.mean(defined)) if defined else None
     std = float(np.std(defined, ddof=1)) if len(defined) >= 2 else None
     return {"mean": mean, "std": std, "n": len(defined), "n_excluded": len(values) - len(defined)}
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number for tables, ``n/a`` for undefined."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_mean_std(stats: dict, digits: int = 3) -> str:
+    """``mean ± std`` of a :func:`mean_std` dict; ``mean (one fold)`` (its ``over``) without a std."""
+    if stats["mean"] is None:
+        return "n/a"
+    if stats["std"] is None:
+        return f"{stats['mean']:.{digits}f} (one {stats.get('over', 'fold')})"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
 def classification_metrics(probs, labels, n_classes: int | None = None) -> dict[str, float | None]:

@@ -1,24 +1,17 @@
 """Training and evaluating folds: one fresh head per fold, a plain autograd loop, predictions on val and test.
 
-The loop (no Lightning, no DataLoader: its per-step hooks and collation cost more than a small head's step):
-
-- bags come from :class:`mil.cache.BagCache`, one contiguous tensor (a step's bag is a view);
-- the bag order of an epoch is one seeded permutation of every training slide of the split folder (the union
-  of all folds' training parts); a fold takes its own training bags in that order, so its numbers do not
-  depend on which other folds are trained. With ``balanced`` (class-balanced sampling with replacement) each
-  fold draws its own order instead;
-- ``bags_per_step`` consecutive bags make one optimiser step: a padded batch with its mask through the head
-  (:mod:`mil.registry`), the loss the mean bag loss; one bag per step is the default;
-- ``instance_sample`` < 1: each training step sees a random share of each bag's instances, drawn per (seed,
-  epoch, slide) (:func:`instance_subset`); a bag memorised by its noise instances looks different every
-  epoch. Evaluation always sees whole bags;
-- the step is ``loss.backward()`` and the recipe's ``torch.optim`` optimiser (:mod:`mil.optim`), with the
-  head's LR schedule, its gradient clipping, bf16 autocast on a GPU and with ``--precision bf16`` on a CPU
-  (:func:`mil.config.training_plan`). Every fold starts from the weights of ``torch.manual_seed(seed)``, and
-  its dropout draws from a generator seeded by (seed, fold);
-- after each epoch, when the protocol selects or stops on validation, the model predicts its validation
-  bags; the best weights are kept (``last``, ``val_loss``, ``val_auc``; CLAM's early stopping);
-- a NaN/Inf training loss stops the run with a DataError naming the fold, epoch and step.
+No Lightning and no DataLoader: their per-step hooks and collation cost more than a small head's step. Bags come
+from :class:`mil.cache.BagCache`, one contiguous tensor (a step's bag is a view). The bag order of an epoch is
+one seeded permutation of every training slide of the split folder (the union of all folds' training parts); a
+fold takes its own training bags in that order, so its numbers do not depend on which other folds are trained
+(with ``balanced``, class-balanced sampling with replacement, each fold draws its own order). ``bags_per_step``
+consecutive bags make one step: a padded batch with its mask through the head (:mod:`mil.registry`), the loss
+the mean bag loss, ``loss.backward()`` and the recipe's optimiser, LR schedule and clipping (:mod:`mil.optim`),
+bf16 autocast on a GPU or with ``--precision bf16``. ``instance_sample`` < 1 gives each training step a seeded
+share of each bag's instances (:func:`instance_subset`); evaluation always sees whole bags. Every fold starts
+from the weights of ``torch.manual_seed(seed)``, and its dropout draws from a generator seeded by (seed, fold).
+After each epoch, when the protocol selects or stops on validation, the best weights are kept
+(:class:`Selection`); a NaN/Inf training loss stops the run with a DataError naming the fold, epoch and step.
 """
 
 from __future__ import annotations
@@ -259,15 +252,14 @@ class FoldTrainer:
         self.selection.update(epoch, loss, auroc(probs, target, self.n_classes), self.cfg.protocol,
                               accuracy, self.state_dict)
 
-    def needs_validation(self) -> bool:
-        return self.cfg.protocol.selection != "last" or self.cfg.protocol.patience is not None
-
     def fit(self) -> None:
-        for epoch in range(self.cfg.protocol.epochs):
+        p = self.cfg.protocol
+        validated = p.selection != "last" or p.patience is not None  # the protocol selects or stops on it
+        for epoch in range(p.epochs):
             if self.selection.stopped:
                 break
             self.train_epoch(epoch)
-            if self.needs_validation():
+            if validated:
                 self.validate(epoch)
 
     # ------------------------------------------------------------------ results
