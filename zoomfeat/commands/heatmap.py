@@ -16,8 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inputs.add_argument("--slide", metavar="SLIDE", help="the slide file (same as the second argument)")
     inputs.add_argument("--fold", type=int, default=0, metavar="K", help="fold whose model is used (default 0)")
     inputs.add_argument("--seed", type=int, default=None, metavar="S",
-                        help="init seed whose fold model is used, in a run of several train-mil --seeds (default: "
-                             "the run's first seed)")
+                        help="init seed whose fold model is used, in a run of several seeds (`train-mil --seeds`; "
+                             "default: the run's first seed)")
     inputs.add_argument("--features", metavar="SPEC", help="feature set, e.g. feats/zoomldm@20x+5x (default: the one "
                         "the fold was trained on); the scale comes from its files, no --base-mag needed")
     inputs.add_argument("--allow-partial", action="store_true",
