@@ -8,9 +8,9 @@ Workloads (tiny inputs made once under ``--work``):
 
 - ``extract``: two concurrent ``extract`` processes on one folder (3 synthetic 2048-px slides, toy encoder, 20x+5x);
   both are killed, then both rerun;
-- ``train-mil``: a 3-fold ``train-mil`` run (mean-pooling head, 12 planted slides);
+- ``train-mil``: a 3-fold ``train-mil --seeds 1,2`` run (mean-pooling head, 12 planted slides, 2 epochs);
 - ``train-cdm``: ``train-cdm`` of the tiny DiT on contexts of the tiny ZoomLDM (checkpoint every 2 steps);
-- ``generate-large``: ``generate-large`` (joint sampler, 2 steps) with the tiny ZoomLDM and the toy conditioner.
+- ``generate-large``: ``generate-large --n 2`` (joint sampler, 2 steps) with the tiny ZoomLDM and the toy conditioner.
 
 Each workload first runs uninterrupted into its run folder (the reference: sha256 of every output file, timing
 T). Each cycle empties the folder, starts the command(s) in their own process group, sends SIGKILL to the group
@@ -87,7 +87,7 @@ def setup(name: str, work: Path, small: bool = False) -> dict:
                   "folds=3)"])
         argv = _cli("train-mil", "--features", f"{data / 'feats'}@20x", "--labels", data / "labels.csv", "--splits",
                     data / "splits", "--out", run, "--model", "mean", "--model-kwargs", '{"hidden": 4}',
-                    "--epochs", 1 if small else 3, "--lr", "1e-2", "--seed", 1)
+                    "--epochs", 1 if small else 2, "--lr", "1e-2", *(("--seed", 1) if small else ("--seeds", "1,2")))
         return {"argv": argv, "procs": 1, "run": run}
     if name == "train-cdm":
         weights = _tiny_zoomldm(work)
@@ -111,7 +111,7 @@ def setup(name: str, work: Path, small: bool = False) -> dict:
             _run(_cli("synth", "--out", cohort, "--n", 3, "--size", 2048, "--seed", 3))
         slide = sorted(cohort.glob("*.svs"))[0]
         argv = _cli("generate-large", "--zoomldm", "tiny", "--weights", weights, "--slide", slide, "--mag", "10x",
-                    "--method", "joint", "--conditioner", "toy", "--steps", 2, "--device", "cpu", "--out", run)
+                    "--method", "joint", "--conditioner", "toy", "--steps", 2, "--device", "cpu", "--n", 2, "--out", run)
         return {"argv": argv, "procs": 1, "run": run}
     raise SystemExit(f"unknown workload {name!r}: use {', '.join(WORKLOADS)}")
 
