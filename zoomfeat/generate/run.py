@@ -338,10 +338,11 @@ class ManifestRun:
             if _plan(old, planned) != _plan(manifest, planned):
                 raise ConfigError(f"--out {out} holds the manifest of a different run (other settings, model, "
                                   "conditions or images): give a new folder, or rerun the original command")
-            for entry, before in zip(manifest["images"], old["images"]):
+            for entry, before, keys in zip(manifest["images"], old["images"], planned):
                 f = self.out / before["file"]
                 if before.get("status") == "done" and f.is_file() and file_sha256(f) == before.get("sha256"):
-                    entry.update(status="done", sha256=before["sha256"])
+                    # the item's results (status, hash, the joint sampler's statistics) are kept as finished
+                    entry.update({k: v for k, v in before.items() if k not in keys})
             self.resumed = sum(e["status"] == "done" for e in manifest["images"])
         else:
             self.resumed = 0
