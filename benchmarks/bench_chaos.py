@@ -51,23 +51,29 @@ def _env() -> dict:
     return env
 
 
-def _run(argv: list[str], **kw) -> None:
-    done = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, text=True, **kw)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip().splitlines()[-3:]}")
+def _run(argv: list[str], fork: bool = False, log: Path | None = None) -> None:
+    """Make an input: ``python -m cli ...`` or ``python -c CODE``, as a fresh process or (``fork``) a forked one."""
+    if fork:
+        child = Forked(argv, log)
+        code, err = child.wait(), child.read_log()
+    else:
+        done = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, text=True)
+        code, err = done.returncode, done.stderr
+    if code != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))} exited {code}: {err.strip().splitlines()[-3:]}")
 
 
-def _tiny_zoomldm(work: Path) -> Path:
+def _tiny_zoomldm(work: Path, fork: bool = False) -> Path:
     """A tiny ZoomLDM checkpoint with seeded random weights (what prepare-cdm and generate-large load)."""
     path = work / "zoomldm_tiny.ckpt"
     if not path.is_file():
         _run([sys.executable, "-c", "import torch; from zoomfeat.model import build_zoomldm; "
               "from zoomfeat.resolve import tiny_config_path; torch.manual_seed(0); "
-              f"build_zoomldm(tiny_config_path()).save_official({str(path)!r})"])
+              f"build_zoomldm(tiny_config_path()).save_official({str(path)!r})"], fork, work / "setup.log")
     return path
 
 
-def setup(name: str, work: Path, small: bool = False) -> dict:
+def setup(name: str, work: Path, small: bool = False, fork: bool = False) -> dict:
     """Inputs of a workload (made once) and its command: {"argv": [...], "procs": k, "run": folder}; ``small``:
     the test suite's version (2 slides of 1024 px, 1 epoch)."""
     run = work / name / "run"
@@ -75,41 +81,42 @@ def setup(name: str, work: Path, small: bool = False) -> dict:
         cohort = work / "cohort"
         if not (cohort / "labels.csv").is_file():
             _run(_cli("synth", "--out", cohort, "--n", 2 if small else 3, "--size", 1024 if small else 2048,
-                      "--seed", 3))
+                      "--seed", 3), fork, work / "setup.log")
         argv = _cli("extract", cohort, "--out", run, "--encoder", "toy", "--mags", "20x,5x", "--device", "cpu",
                     "--workers", 0, "--batch-size", 16)
         return {"argv": argv, "procs": 2, "run": run}
     if name == "train-mil":
         data = work / "mil"
         if not (data / "labels.csv").is_file():
-            _run([sys.executable, "-c", "import sys; sys.path.insert(0, 'tests'); from mil_data import planted_cohort; "
+            _run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
+                  "from mil_data import planted_cohort; "
                   f"planted_cohort(__import__('pathlib').Path({str(data)!r}), n_slides=12, dim=4, sizes=(4, 7), "
-                  "folds=3)"])
+                  "folds=3)"], fork, work / "setup.log")
         argv = _cli("train-mil", "--features", f"{data / 'feats'}@20x", "--labels", data / "labels.csv", "--splits",
                     data / "splits", "--out", run, "--model", "mean", "--model-kwargs", '{"hidden": 4}',
-                    "--epochs", 1 if small else 2, "--lr", "1e-2", *(("--seed", 1) if small else ("--seeds", "1,2")))
+                    "--epochs", 1 if small else 2, "--lr", "1e-2", "--seeds", "1,2")
         return {"argv": argv, "procs": 1, "run": run}
     if name == "train-cdm":
-        weights = _tiny_zoomldm(work)
+        weights = _tiny_zoomldm(work, fork)
         cohort, trainset, ctx = work / "cdm_cohort", work / "cdm_trainset", work / "cdm_contexts"
         if not (cohort / "labels.csv").is_file():
-            _run(_cli("synth", "--out", cohort, "--n", 2, "--size", 2048, "--seed", 5))
+            _run(_cli("synth", "--out", cohort, "--n", 2, "--size", 2048, "--seed", 5), fork, work / "setup.log")
         if not (trainset / "index.h5").is_file():
             _run(_cli("prepare-train", cohort, "--out", trainset, "--conditioner", "toy", "--zoomldm", "tiny",
-                      "--mags", "20x,5x", "--max-patches-per-mag", 2, "--batch-size", 16))
+                      "--mags", "20x,5x", "--max-patches-per-mag", 2, "--batch-size", 16), fork, work / "setup.log")
         if not (ctx / "contexts.h5").is_file():
             _run(_cli("prepare-cdm", "--data", trainset, "--zoomldm", "tiny", "--weights", weights, "--out", ctx,
-                      "--batch-size", 4, "--workers", 0, "--device", "cpu"))
+                      "--batch-size", 4, "--workers", 0, "--device", "cpu"), fork, work / "setup.log")
         argv = _cli("train-cdm", "--data", ctx, "--out", run, "--size", "DiT-S", "--depth", 1, "--hidden-size", 32,
                     "--num-heads", 2, "--batch-size", 4, "--workers", 0, "--accelerator", "cpu", "--devices", 1,
                     "--max-steps", 8, "--every-n-steps", 2, "--resume", "auto", "--log-every-n-steps", 1)
         return {"argv": argv, "procs": 1, "run": run, "outputs": ("official/",)}
     if name == "generate-large":
-        weights = _tiny_zoomldm(work)
+        weights = _tiny_zoomldm(work, fork)
         cohort = work / "cohort"
         if not (cohort / "labels.csv").is_file():
             _run(_cli("synth", "--out", cohort, "--n", 2 if small else 3, "--size", 1024 if small else 2048,
-                      "--seed", 3))
+                      "--seed", 3), fork, work / "setup.log")
         slide = sorted(cohort.glob("*.svs"))[0]
         argv = _cli("generate-large", "--zoomldm", "tiny", "--weights", weights, "--slide", slide, "--mag", "10x",
                     "--method", "joint", "--conditioner", "toy", "--steps", 2, "--device", "cpu", "--n", 2,
@@ -148,9 +155,13 @@ class Forked:
                 os.dup2(null, 1)
                 os.dup2(fd, 2)
                 sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
-                import cli
+                if argv[1] == "-c":
+                    exec(compile(argv[2], "<chaos setup>", "exec"), {"__name__": "__main__"})
+                    code = 0
+                else:
+                    import cli
 
-                code = cli.main(argv[3:])
+                    code = cli.main([str(a) for a in argv[3:]])
                 sys.stdout.flush()
                 sys.stderr.flush()
             except BaseException as exc:  # noqa: BLE001  (a crash is reported through the log and the status)
@@ -257,7 +268,7 @@ def chaos(workloads, cycles: int, seed: int, work: Path, verbose: bool = True, s
     if fork:
         warm_imports()
     for name in workloads:
-        spec = {**setup(name, work, small), "fork": fork}
+        spec = {**setup(name, work, small, fork), "fork": fork}
         ref, seconds = reference(spec)
         rng = random.Random(f"{seed}-{name}")
         passed, notes = 0, []
