@@ -37,7 +37,7 @@ from mil.tasks import LabelledCohort, apply_task
 from mil.train import FoldData, epoch_order, resolve_device, run_folds
 from splits.audit import trainability_problems
 from splits.io import PARTS, SplitFold, read_splits_dir
-from splits.labels import read_labels
+from zoomfeat.labels import read_labels
 from zoomfeat import __version__
 from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
 from zoomfeat.features import source_of

@@ -85,7 +85,7 @@ def _custom(df: pd.DataFrame, classes: tuple[str, ...] | None, source: str, col:
 
 def apply_task(labels: pd.DataFrame, task: str, label_col: str = "label", hrd_threshold: float | None = None,
                classes: tuple[str, ...] | None = None) -> LabelledCohort:
-    """Map the ``label`` column of a :func:`splits.labels.read_labels` table to class indices."""
+    """Map the ``label`` column of a :func:`zoomfeat.labels.read_labels` table to class indices."""
     source = labels.attrs.get("source", "labels")
     if task == "subtyping":
         target, label_map, dropped = _subtyping(labels)

@@ -19,7 +19,7 @@ from typing import Collection, Mapping, Sequence
 import pandas as pd
 
 from splits.io import PARTS, SplitFold
-from splits.labels import normalize_slide_id
+from zoomfeat.labels import normalize_slide_id
 from splits.simil import tcga_patient
 
 PAIRS: tuple[tuple[str, str], ...] = (("train", "val"), ("train", "test"), ("val", "test"))

@@ -18,7 +18,7 @@ from typing import Sequence
 import pandas as pd
 
 from splits.io import PARTS, SplitFold, make_fold, read_splits_dir, write_splits_dir
-from splits.labels import read_labels, write_labels
+from zoomfeat.labels import read_labels, write_labels
 from zoomfeat.errors import ConfigError
 
 HIPT_CLASSES: tuple[str, ...] = ("IDC", "ILC")

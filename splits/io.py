@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from splits.labels import normalize_slide_id
+from zoomfeat.labels import normalize_slide_id
 from zoomfeat.errors import DataError
 from zoomfeat.store import write_json_atomic
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from splits.generate import Patients, cv_over, holdout_kfold_splits, patients_from_labels
 from splits.io import SplitFold
-from splits.labels import normalize_slide_id
+from zoomfeat.labels import normalize_slide_id
 from zoomfeat.errors import ConfigError, DataError
 
 TCGA_PATIENT = re.compile(r"^(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})", re.IGNORECASE)

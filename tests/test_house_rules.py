@@ -286,8 +286,6 @@ def test_function_level_imports_keep_heavy_libraries_out():
 
 # Layers, lowest first: a module imports only modules of its own layer or lower ones.
 ORCHESTRATION = {"cli", "zoomfeat.commands.config", "zoomfeat.commands.demo", "zoomfeat.demo"}  # run other commands
-# Left for its owner (issue 35): the CDM's prepare reads the labels table of splits. May only go.
-PENDING_UPWARD = {("zoomfeat.cdm.prepare", "splits.labels")}
 
 
 def _layer(module: str) -> int:
@@ -302,8 +300,7 @@ def test_no_upward_imports():
     """The library (zoomfeat) < splits < mil < the commands < cli and the commands that run commands."""
     graph = _graph()
     upward = sorted((m, t) for m, targets in graph.edges.items() for t in targets if _layer(t) > _layer(m))
-    offenders = [edge for edge in upward if edge not in PENDING_UPWARD]
-    assert not offenders, f"(importer, imported) where the importer is on a lower layer: {offenders}"
+    assert not upward, f"(importer, imported) where the importer is on a lower layer: {upward}"
     assert _layer("zoomfeat.store.tiles") < _layer("splits.io") < _layer("mil.cv") < _layer("zoomfeat.commands.tile")
 
 

@@ -10,7 +10,7 @@ from cli import main
 from splits.audit import audit_splits, format_audit
 from splits.hipt import NOT_IN_TABLE, import_hipt
 from splits.io import read_splits_dir
-from splits.labels import read_labels
+from zoomfeat.labels import read_labels
 
 HIPT = ("splits_data", "HIPT", "2-Weakly-Supervised-Subtyping")
 EXPECTED_SIZES = [(715, 79, 81), (711, 84, 80), (718, 80, 77), (708, 81, 86), (716, 80, 79), (716, 77, 82),

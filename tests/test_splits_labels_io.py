@@ -10,7 +10,7 @@ import pytest
 
 from splits.io import (SplitFold, check_folds_against_labels, read_split_file, read_splits_dir,
                        write_splits_dir)
-from splits.labels import normalize_slide_id, read_labels, write_labels
+from zoomfeat.labels import normalize_slide_id, read_labels, write_labels
 from zoomfeat.errors import DataError
 
 CSV = "case_id,slide_id,label\nP1,S1.svs,A\nP1,S2,A\nP2,S3.tiff,B\nP3,S4,B\n"

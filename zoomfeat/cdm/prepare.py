@@ -22,7 +22,7 @@ from zoomfeat.errors import DataError
 
 def label_vectors(labels_csv: Path, slide_of_row: np.ndarray, slide_ids: list[str]) -> tuple[np.ndarray, list[str]]:
     """One-hot rows [N, L] of each row's slide label (columns = sorted labels), and the label names."""
-    from splits.labels import read_labels
+    from zoomfeat.labels import read_labels
 
     table = read_labels(labels_csv, required=("slide_id",))
     by_slide = dict(zip(table["slide_id"], table["label"]))

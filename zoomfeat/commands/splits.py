@@ -131,7 +131,7 @@ def _report_folds(folds, labels, out, patients_note: str = "") -> None:
 
 def _run_simil(args) -> int:
     from splits.io import write_splits_dir
-    from splits.labels import read_labels, write_labels
+    from zoomfeat.labels import read_labels, write_labels
     from splits.simil import SimilConfig, simil_from_json, simil_splits
 
     config = SimilConfig(test_frac=args.test_frac, folds=args.folds, seed=args.seed, group=args.group)
@@ -154,7 +154,7 @@ def _run_simil(args) -> int:
 def _run_make(args) -> int:
     from splits.generate import MakeConfig, make_splits
     from splits.io import write_splits_dir
-    from splits.labels import read_labels
+    from zoomfeat.labels import read_labels
 
     config = MakeConfig(folds=args.folds, mode=args.mode, val_frac=args.val_frac, test_frac=args.test_frac,
                         group=args.group, seed=args.seed)
@@ -169,7 +169,7 @@ def _run_make(args) -> int:
 def _run_audit(args) -> int:
     from splits.audit import audit_splits, format_audit
     from splits.io import read_splits_dir
-    from splits.labels import read_labels
+    from zoomfeat.labels import read_labels
 
     if args.features and not os.path.isdir(args.features):
         raise ConfigError(f"--features {args.features}: not a folder; pass the folder of <slide_id>.h5 files")

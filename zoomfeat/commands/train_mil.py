@@ -130,7 +130,7 @@ def _model_kwargs(text: str) -> dict:
 def build_config(args: argparse.Namespace):
     from mil.config import MILConfig, make_protocol
     from mil.tasks import default_label_col
-    from splits.labels import read_table
+    from zoomfeat.labels import read_table
     from zoomfeat.errors import ConfigError
     from zoomfeat.features import FeatureSpec
 
