@@ -27,6 +27,11 @@ ZoomLDM, CVPR 2025: one model at every magnification, §3.2 joint multi-scale sa
    the model's R px; mpp = the source slide's 20x mpp when R = 256) with the settings, seeds, model hash and
    the source slide's fingerprint in its description.
 
+With a CDM instead of a real slide (``cfg.cdm``, ``cfg.size``; :func:`drawn_layout`): the whole area is tissue,
+the first level's contexts are drawn by the CDM, one per first-level patch (:meth:`Cascade.draw`), and each finer
+level's 20x embedding grid is the conditioner's on the level above as generated (:meth:`Cascade.embed_level`);
+this rule is the toolkit's, not the paper's (:data:`DRAWN_RULE`).
+
 Resumable and deterministic: every finished unit (conditions, the coarsest level, each region's latent) is
 written atomically into ``<out>.parts/`` before the next starts; each region draws its noise from its own seed
 ``SeedSequence([seed, level, row, col])`` and reads only finished files, so a killed run, started again with
@@ -47,7 +52,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zoomfeat.cdm.sample import sample_contexts
+from zoomfeat.cdm.source import load_checked
 from zoomfeat.errors import ConfigError, DataError
+from zoomfeat.extract.loading import load_conditioner
 from zoomfeat.generate.conditions import contexts_for_mag, grid_source
 from zoomfeat.generate.decode import decode_large, to_uint8
 from zoomfeat.generate.guidance import Guidance, guided_eps
@@ -97,6 +105,11 @@ class SlideGenConfig:
     compression: str = "jpeg"
     quality: int = 90
     keep_parts: bool = False
+    size: tuple[int, int] | None = None  # --cdm: (W, H) px of the new slide at 20x
+    cdm: Path | None = None  # a train-cdm run folder or CDM checkpoint: the first level's contexts are drawn
+    cdm_steps: int = 200
+    cdm_guidance: float = 1.0
+    cdm_seed: int = 0
 
     def __post_init__(self) -> None:
         levels = tuple(sorted({parse_mag(m) for m in self.levels}))
@@ -115,6 +128,7 @@ class SlideGenConfig:
             raise ConfigError("bad --refine-t0/--refine-stride: t0 in 0..1000 (0 = off), stride >= 1")
         if self.seed < 0:
             raise ConfigError(f"bad --seed {self.seed}: use a seed >= 0")
+        self._check_cdm()
         if self.decode_stride is not None and self.decode_stride < 1:
             raise ConfigError(f"bad --decode-stride {self.decode_stride}: use 1 or more latent px")
         if self.window_stride is not None and self.window_stride < 1:
@@ -127,6 +141,21 @@ class SlideGenConfig:
         if Path(self.out).exists():
             raise ConfigError(f"--out {self.out} exists: give a new file name (generation never overwrites)")
         PyramidSettings(self.tile, self.compression, self.quality)
+
+    def _check_cdm(self) -> None:
+        if self.cdm is None:
+            if self.size is not None:
+                raise ConfigError("--size is the layout of a slide drawn with --cdm: pass --cdm, or drop --size "
+                                  "(a real --slide gives the layout)")
+            return
+        if self.region is not None:
+            raise ConfigError("--region is a part of a real slide: with --cdm give the new slide's --size W,H")
+        if self.size is None or len(self.size) != 2 or min(self.size) < 1:
+            raise ConfigError(f"--cdm needs --size W,H (px of the new slide at 20x, e.g. 4096,4096), got {self.size}")
+        if not 2 <= self.cdm_steps <= 1000:
+            raise ConfigError(f"bad --cdm-steps {self.cdm_steps}: use 2..1000")
+        if self.cdm_seed < 0:
+            raise ConfigError(f"bad --cdm-seed {self.cdm_seed}: use a seed >= 0")
 
     def joint_settings(self, stride: int):
         return JointSettings(1000, stride, self.guidance, self.h, self.lr, update=self.joint_update,
@@ -145,7 +174,9 @@ class SlideGenConfig:
                 "refine_stride": self.refine_stride, "window_stride": self.window_stride, "decode_stride": self.decode_stride,
                 "seed": self.seed,
                 "batch_size": self.batch_size, "tile": self.tile, "compression": self.compression,
-                "quality": self.quality}
+                "quality": self.quality,
+                **({"size": list(self.size), "cdm_steps": self.cdm_steps, "cdm_guidance": self.cdm_guidance,
+                    "cdm_seed": self.cdm_seed} if self.cdm is not None else {})}
 
 
 def region_seed(seed: int, level: int, row: int, col: int) -> int:
@@ -315,6 +346,44 @@ def read_source(model, cfg: SlideGenConfig, runtime) -> tuple[Source, int, int]:
     return source, rows0, cols0
 
 
+# ----- a slide with no real counterpart: contexts drawn by a CDM ----------------------------------------------
+DRAWN_RULE = ("toolkit rule (not the paper's): the first level's contexts are drawn by the CDM, one per first-level "
+              "patch, a window taking the context of the patch under its centre; the 20x embeddings that condition "
+              "each finer level are the conditioner's on the level above as generated (each 20x tile's area of it, "
+              "resized by the conditioner's preprocessing)")
+
+
+DRAWN_MPP = 0.5  # the nominal mpp of 20x (ZoomLDM's 20x training tiles)
+
+
+def drawn_layout(model, cfg: SlideGenConfig, cdm) -> tuple[Source, int, int]:
+    """The layout of a ``--cdm`` slide: ``cfg.size`` px at 20x rounded down to whole first-level patches, all of
+    it tissue; no embeddings (each finer level's come from the level above, :meth:`Cascade.embed_level`)."""
+    r = int(model.first_stage_resolution)  # output px of one 20x tile
+    p0 = cfg.levels[0].grid_width * r
+    w, h = cfg.size
+    rows0, cols0 = h // p0, w // p0
+    if rows0 < 1 or cols0 < 1:
+        raise ConfigError(f"--size {w},{h} is smaller than one {cfg.levels[0].name} patch ({p0} px with this "
+                          "model): give a larger --size or a finer first level in --levels")
+    for above in cfg.levels[:-1]:
+        if r % above.grid_width:
+            raise ConfigError(f"--levels: a 20x tile is {r / above.grid_width:g} px of the generated {above.name} "
+                              f"level with this {r}-px model, too small for the conditioner: start --levels at a "
+                              f"magnification of at least {20 / r:g}x")
+    tile0 = float(PATCH_SIZE)  # a virtual 20x level 0: 256 px per 20x tile, as a real 20x slide
+    extent = (cols0 * cfg.levels[0].grid_width * tile0, rows0 * cfg.levels[0].grid_width * tile0)
+    record = {"cdm": Path(cdm.weights).name, "cdm_sha256": cdm.weights_sha256,
+              "cdm_trained_on_zoomldm_sha256": cdm.zoomldm_sha256, "cdm_mags_seen": cdm.mags_seen,
+              "contexts_drawn": rows0 * cols0, "layout": "--size at 20x, all tissue",
+              "conditioner": {"conditioner": cfg.conditions.conditioner,
+                              "toy_seed": cfg.conditions.toy_seed if cfg.conditions.conditioner == "toy" else None},
+              "rule": DRAWN_RULE}
+    empty = np.zeros((int(model.conditioning_dim), 0, 0), np.float32)
+    source = Source(empty, np.ones((1, 1), bool), extent, (0, 0), tile0, DRAWN_MPP, (255, 255, 255), record)
+    return source, int(rows0), int(cols0)
+
+
 def tissue_rows(source: Source, y0: int, y1: int, width: int, px_per_tile: int) -> np.ndarray:
     """bool [y1-y0, width] tissue mask at output px rows y0..y1 (nearest mask px of each output px)."""
     to0 = source.tile0 / px_per_tile  # level-0 px per output px
@@ -346,6 +415,16 @@ class Cascade:
         self.channels = int(model.latent_channels)
         self.device = model.alphas_cumprod.device
         self.stride = max(1, 1000 // cfg.steps)
+        self.drawn = None  # --cdm: float32 [rows0 * cols0, 65, D] contexts of the first level's patches
+        self.grids: dict[int, np.ndarray] = {}  # --cdm: level index -> its 20x embedding grid (embed_level)
+
+    def grid(self, level: Level) -> np.ndarray:
+        """The raw 20x embedding grid [D, rows20, cols20] that conditions ``level``."""
+        if self.cfg.cdm is None:
+            return self.src.embeddings
+        if level.index not in self.grids:
+            self.grids = {level.index: self.parts.load(f"E{level.index}")}  # one level's grid at a time
+        return self.grids[level.index]
 
     # conditions ---------------------------------------------------------------------------------------------
     def window_contexts(self, level: Level, positions: np.ndarray, offset: tuple[int, int] = (0, 0)):
@@ -354,11 +433,16 @@ class Cascade:
         embedding (official rule)."""
 
         pos = np.asarray(positions, np.int64) + np.asarray(offset, np.int64)
+        if level.index == 0 and self.drawn is not None:  # the patch under each window's centre
+            rows = np.minimum((pos[:, 0] + self.side // 2) // self.side, level.rows - 1)
+            cols = np.minimum((pos[:, 1] + self.side // 2) // self.side, level.cols - 1)
+            return torch.from_numpy(np.ascontiguousarray(self.drawn[rows * level.cols + cols])).to(self.device)
+        grid = self.grid(level)
         if level.g == 1:
-            return contexts_20x(self.m, embeddings_at(self.src.embeddings, pos, self.side))
+            return contexts_20x(self.m, embeddings_at(grid, pos, self.side))
         rows = pos[:, 0] * level.g // self.side
         cols = pos[:, 1] * level.g // self.side
-        grids = np.stack([self.src.embeddings[:, r:r + level.g, c:c + level.g] for r, c in zip(rows, cols)])
+        grids = np.stack([grid[:, r:r + level.g, c:c + level.g] for r, c in zip(rows, cols)])
         with torch.no_grad():
             return contexts_for_mag(self.m, grids, level.mag)
 
@@ -429,6 +513,48 @@ class Cascade:
         x = self.windows_denoise(level, x, self.timesteps(1000, self.stride), self.stride, noise, active=active)
         self._check(x, "the coarsest level")
         self.parts.save(name, x[0].float().cpu().numpy())
+
+    def draw(self, cdm) -> None:
+        """--cdm: one context per first-level patch, drawn by the CDM at the first level's magnification (seeded
+        by ``cdm_seed``; the draw does not depend on the batch size), kept in the parts store."""
+        level, name = self.levels[0], "cdm_contexts"
+        if not self.parts.has(name):
+            contexts = sample_contexts(cdm, level.mag, level.rows * level.cols, steps=self.cfg.cdm_steps,
+                                       guidance=self.cfg.cdm_guidance, seed=self.cfg.cdm_seed,
+                                       batch_size=self.cfg.batch_size)
+            self.parts.save(name, contexts.numpy())
+        self.drawn = np.load(self.parts.path(name), mmap_mode="r", allow_pickle=False)
+
+    def embed_level(self, level: Level, encoder) -> None:
+        """--cdm: the 20x embedding grid that conditions ``level``, the conditioner on the level above as
+        generated: that level decoded one row of its patches at a time (one window of margin), each 20x tile's
+        area of it (R / g px square) embedded; stored as ``E<level>``."""
+        name = f"E{level.index}"
+        if self.parts.has(name):
+            return
+        above, s, f = self.levels[level.index - 1], self.side, self.f
+        q, g, cols20 = self.side * f // above.g, above.g, self.levels[-1].cols
+        reader = LatentReader(self.parts, above, s, self.channels, cache=2 * above.n_regions[1] + 2)
+        h_lat, w_lat = above.rows * s, above.cols * s
+        out = np.empty((int(encoder.spec.dim), self.levels[-1].rows, cols20), np.float32)
+        autocast = self.runtime.autocast() if self.runtime.precision != "fp32" else None
+        for i in range(above.rows):
+            a, b = _widen(max(0, (i - 1) * s), min(h_lat, (i + 2) * s), h_lat, s)
+            lat = torch.from_numpy(reader.crop(a, b, 0, w_lat))[None].to(self.device)
+            with torch.no_grad():
+                img = decode_large(self.m, lat, batch_size=self.cfg.batch_size, stride=self.cfg.decode_stride)
+            rows = to_uint8(img[:, :, f * (i * s - a):f * ((i + 1) * s - a)])[0]  # [R, W, 3]
+            tiles = rows.reshape(g, q, cols20, q, 3).transpose(0, 2, 4, 1, 3).reshape(g * cols20, 3, q, q)
+            embs = []
+            for k in range(0, len(tiles), self.cfg.batch_size):
+                batch = torch.from_numpy(np.ascontiguousarray(tiles[k:k + self.cfg.batch_size])).to(self.device)
+                with torch.no_grad(), autocast() if autocast else torch.autocast("cpu", enabled=False):
+                    embs.append(encoder(encoder.preprocess(batch)).float().cpu().numpy())
+            out[:, i * g:(i + 1) * g] = np.concatenate(embs).T.reshape(-1, g, cols20)
+        if not np.isfinite(out).all():
+            raise DataError(f"the conditioner's embeddings of the generated {above.name} level are not finite: use "
+                            "--precision fp32")
+        self.parts.save(name, out)
 
     def guide_image(self, level: Level, i: int, j: int):
         """The level above decoded over region (i, j) of ``level``: float [1, 3, h, w] in about [-1, 1]."""
@@ -560,20 +686,32 @@ def generate_slide(cfg: SlideGenConfig, progress=None) -> dict:
     if model.first_stage_resolution // int(model.config.diffusion.image_size) * int(model.config.diffusion.image_size) \
             != model.first_stage_resolution:
         raise ConfigError("the model's first-stage resolution is not a multiple of its latent side")
-    source, rows0, cols0 = _cached_source(model, cfg, runtime)
-    record = {"settings": cfg.record(), "model": _model_record(cfg.zoomldm, model), "source_slide": source.record,
+    cdm = encoder = None
+    if cfg.cdm is not None:  # refused (one line) before anything is written
+        cdm = load_checked(model, cfg.cdm, cfg.levels[0], runtime.device)
+        encoder = load_conditioner(cfg.conditions, model.conditioning_dim).to(runtime.device).eval()
+        source, rows0, cols0 = drawn_layout(model, cfg, cdm)
+    else:
+        source, rows0, cols0 = _cached_source(model, cfg, runtime)
+    record = {"settings": cfg.record(), "model": _model_record(cfg.zoomldm, model),
+              "source_slide": source.record if cdm is None else None,
               "seeds": "SeedSequence([seed, level, row, col]) per unit, level 0 the coarsest",
-              "patch_px_20x": int(model.first_stage_resolution), "parts_version": PARTS_VERSION}
+              "patch_px_20x": int(model.first_stage_resolution), "parts_version": PARTS_VERSION,
+              **({"drawn": source.record} if cdm is not None else {})}
     parts = Parts(cfg.parts, record)
     levels = build_levels(cfg.levels, rows0, cols0)
     cascade = Cascade(model, cfg, source, levels, parts, runtime)
     units = 1 + sum(lv.n_regions[0] * lv.n_regions[1] for lv in levels[1:])
     done = 0
+    if cdm is not None:
+        cascade.draw(cdm)
     cascade.coarsest()
     done += 1
     if progress:
         progress(done, units)
     for level in levels[1:]:
+        if encoder is not None:
+            cascade.embed_level(level, encoder)
         for i in range(level.n_regions[0]):
             for j in range(level.n_regions[1]):
                 cascade.region(level, i, j)
