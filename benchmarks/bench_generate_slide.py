@@ -119,6 +119,62 @@ print(json.dumps(stats))
 """
 
 
+STATE = r"""
+import json, resource, sys, tempfile, time
+import numpy as np, torch
+torch.set_num_threads(1)
+from pathlib import Path
+from zoomfeat.generate.pyramid import PyramidSettings, write_pyramid_streamed
+from zoomfeat.generate.slide import Cascade, Parts, SlideGenConfig, Source, build_levels, unit_name
+from zoomfeat.model import load_zoomldm
+from zoomfeat.runtime import resolve_runtime
+side, model_dir, extra = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+work = Path(tempfile.mkdtemp(dir=sys.argv[4]))
+model = load_zoomldm(model_dir, use_ema=True).eval()
+r, lat, ch = int(model.first_stage_resolution), int(model.config.diffusion.image_size), int(model.latent_channels)
+cfg = SlideGenConfig(zoomldm=None, conditions=None, out=work / "x.tiff", levels=("5x", "20x"), **extra["cfg"])
+g0 = cfg.levels[0].grid_width
+rows0 = cols0 = side // (g0 * r)
+rows20 = rows0 * g0
+rng = np.random.default_rng(0)
+# the arrays of a real run at this size: the 20x embedding grid (random here: its size is what counts) ...
+grid = rng.standard_normal((int(model.conditioning_dim), rows20, rows20), dtype=np.float32)
+extent = float(rows20 * 256)
+source = Source(grid, np.ones((1, 1), bool), (extent, extent), (0, 0), 256.0, 0.5, (255, 255, 255), {})
+levels = build_levels(cfg.levels, rows0, cols0)
+parts = Parts(work / "parts", {"bench": side})
+# ... and the finished first level (random latent of its full size, as the sampler leaves it)
+n0 = rows0 * lat
+with open(parts.path(unit_name(0, 0, 0)), "wb") as fh:  # written in chunks: the bench holds no copy of it
+    np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (ch, n0, n0)})
+    for c in range(ch):
+        for y in range(0, n0, 256):
+            fh.write(rng.standard_normal((min(256, n0 - y), n0), dtype=np.float32).tobytes())
+cascade = Cascade(model, cfg, source, levels, parts, resolve_runtime("cpu", "fp32"))
+t = time.perf_counter()
+for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):  # four regions of the finest level: (1, 1) reads three neighbours
+    cascade.region(levels[1], i, j)
+region_s = (time.perf_counter() - t) / 4
+h = w = rows20 * r
+x = np.arange(w, dtype=np.int64)
+def pixels(y0, y1):  # the writer's input: cheap pixels of the right size for every band (no decoder)
+    out = np.empty((y1 - y0, w, 3), np.uint8)
+    for k, row in enumerate(range(y0, y1)):
+        out[k, :, 0] = (x // 7 + row) % 256
+        out[k, :, 1] = (row // 5) % 256
+        out[k, :, 2] = ((x + row) // 3) % 256
+    return out
+t = time.perf_counter()
+write_pyramid_streamed(work / "x.tiff", h, w, pixels, mpp=0.5, magnification=20.0,
+                       settings=PyramidSettings(cfg.tile, "jpeg", 90))
+write_s = time.perf_counter() - t
+print(json.dumps({"side": side, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "grid_mb": grid.nbytes / 2**20, "first_level_latent_mb": 4 * ch * (rows0 * lat) ** 2 / 2**20,
+                  "region_s": region_s, "write_s": write_s, "tiff_mb": (work / "x.tiff").stat().st_size / 2**20}))
+import shutil; shutil.rmtree(work)
+"""
+
+
 def _source(work: Path) -> None:
     from zoomfeat.synthetic import write_synthetic_slide
 
@@ -138,18 +194,35 @@ def run_slide(sides, model: str, conditioner: str, device: str, args: list[str],
         extra = {"args": args, "patch_px": patch_px, "region_px": 4 * patch_px, "zoom": 4}
         for side in sides:
             rows.append(_child(SLIDE, str(side), model, conditioner, device, d, json.dumps(extra)))
+            rows[-1]["args"] = " ".join(args)
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-TINY_ARGS = ["--levels", "5x,20x", "--steps", "2", "--refine-t0", "300", "--refine-stride", "150",
-             "--window-stride", "4", "--decode-stride", "4", "--batch-size", "32", "--compression", "deflate"]
+def run_state(sides, model: str, steps: int) -> list[dict]:
+    """Per size: four finest-level regions sampled and the whole pyramid written (pixels made up, no decoder),
+    with the embedding grid and the first level's latent of that size in memory (no full sampling run)."""
+    cfg = {"steps": steps, "refine_t0": 300, "refine_stride": 300, "window_stride": 4, "decode_stride": 4,
+           "batch_size": 32}
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for side in sides:
+            rows.append(_child(STATE, str(side), model, json.dumps({"cfg": cfg}), d))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def tiny_args(steps: int) -> list[str]:
+    """The tiny model's settings: ``steps`` from t = 1000, the refinement pass from t0 300 in one step."""
+    return ["--levels", "5x,20x", "--steps", str(steps), "--refine-t0", "300", "--refine-stride", "300",
+            "--window-stride", "4", "--decode-stride", "4", "--batch-size", "32", "--compression", "deflate"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("writer", "slide", "gpu"))
-    parser.add_argument("--sides", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("mode", choices=("writer", "slide", "state", "gpu"))
+    parser.add_argument("--sides", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--steps", type=int, default=1, help="sampling steps (slide, state; default 1, the fewest)")
     parser.add_argument("--zoomldm", default=None, help="gpu: the ZoomLDM folder")
     parser.add_argument("--conditioner", default="toy")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
@@ -161,11 +234,16 @@ def main() -> None:
         sys.path.insert(0, str(ROOT / "tests"))
         from helpers_generate import fitted_model_dir
 
-        rows = run_slide(args.sides, str(fitted_model_dir()), "toy", "cpu", TINY_ARGS, 16)
+        rows = run_slide(args.sides, str(fitted_model_dir()), "toy", "cpu", tiny_args(args.steps), 16)
+    elif args.mode == "state":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from helpers_generate import fitted_model_dir
+
+        rows = run_state(args.sides, str(fitted_model_dir()), args.steps)
     else:
         if not args.zoomldm:
             raise SystemExit("gpu mode needs --zoomldm DIR and --conditioner uni=PATH")
-        rows = run_slide(args.sides, args.zoomldm, args.conditioner, "cuda", ["--batch-size", "32"], 256)
+        rows = run_slide(args.sides, args.zoomldm, args.conditioner, "cuda", ["--batch-size", "32"], 256)  # defaults
     for row in rows:
         print(json.dumps(row))
     if args.json:

@@ -261,7 +261,9 @@ class LatentReader:
         key = (i, j)
         if key not in self.cache:
             name = unit_name(self.level.index, i, j)
-            self.cache[key] = self.parts.load(name) if self.parts.has(name) else None
+            # memory-mapped: a crop reads only its rows (the first level is one unit as large as the slide's latent)
+            self.cache[key] = (np.load(self.parts.path(name), mmap_mode="r", allow_pickle=False)
+                               if self.parts.has(name) else None)
             if len(self.cache) > self.size:
                 self.cache.popitem(last=False)
         return self.cache[key]
@@ -438,8 +440,11 @@ class Cascade:
             cols = np.minimum((pos[:, 1] + self.side // 2) // self.side, level.cols - 1)
             return torch.from_numpy(np.ascontiguousarray(self.drawn[rows * level.cols + cols])).to(self.device)
         grid = self.grid(level)
-        if level.g == 1:
-            return contexts_20x(self.m, embeddings_at(grid, pos, self.side))
+        if level.g == 1:  # only the tiles under the batch (and the next ones, for the interpolation) are read
+            r0, c0 = int(pos[:, 0].min()) // self.side, int(pos[:, 1].min()) // self.side
+            r1, c1 = int(pos[:, 0].max()) // self.side + 2, int(pos[:, 1].max()) // self.side + 2
+            local = pos - np.array([r0 * self.side, c0 * self.side], np.int64)
+            return contexts_20x(self.m, embeddings_at(grid[:, r0:r1, c0:c1], local, self.side))
         rows = pos[:, 0] * level.g // self.side
         cols = pos[:, 1] * level.g // self.side
         grids = np.stack([grid[:, r:r + level.g, c:c + level.g] for r, c in zip(rows, cols)])
