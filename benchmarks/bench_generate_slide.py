@@ -7,16 +7,21 @@ Modes (each measurement in its own subprocess, peak RSS from ``resource.getrusag
   1024- and 4096-px images, after importing torch as the command does. The bar: peak RSS at 4096 px within
   1.2x of 1024 px.
 * ``slide``: ``generate-slide`` on the fitted test model (``tests/helpers_generate.py``, 16-px patches) for
-  outputs of the given sides (default 2048 8192 32768 px): a synthetic source slide of 2048 px read at a base
+  outputs of the given sides (default 512 1024 px): a synthetic source slide of 2048 px read at a base
   magnification chosen so that it maps onto the output (``--base-mag``), tissue in a fixed part of it. Reports
   seconds per tissue megapixel, peak RSS, the seam statistic (mean |difference| of adjacent tissue pixels that
   straddle a region border, over pairs across patch borders inside regions and over pairs inside patches) and the disagreement between the 20x output
   box-downsampled 4x and the 5x level decoded (rms, 0-255 scale). The bar: peak RSS at 32k within 1.2x of 4k.
+* ``state``: what a ``slide`` run of each side (default 512 1024; e.g. 2048 4096 8192 32768) holds, without the
+  full sampling run (out of reach on CPU at 32k): the run's files of that size (20x embedding grid, first level's
+  latent), four finest-level regions sampled, one output band decoded across the whole width, the whole pyramid
+  streamed with made-up pixels. Peak RSS per stage; the bar: 32k within 1.2x of 4k.
 * ``gpu``: the same ``slide`` measurement with a real ZoomLDM (``--zoomldm DIR --conditioner uni=PATH``) on
   CUDA, for a device machine.
 
     python benchmarks/bench_generate_slide.py writer
     python benchmarks/bench_generate_slide.py slide --sides 2048 8192
+    python benchmarks/bench_generate_slide.py state --sides 2048 4096 8192 32768
     python benchmarks/bench_generate_slide.py gpu --zoomldm weights/zoomldm --conditioner uni=weights/uni --sides 4096
 """
 
@@ -119,6 +124,72 @@ print(json.dumps(stats))
 """
 
 
+STATE = r"""
+import json, resource, sys, tempfile, time
+import numpy as np, torch
+torch.set_num_threads(1)
+from pathlib import Path
+from zoomfeat.generate.pyramid import PyramidSettings, write_pyramid_streamed
+from zoomfeat.generate.slide import Cascade, Parts, SlideGenConfig, Source, build_levels, save_bands, unit_name
+from zoomfeat.model import load_zoomldm
+from zoomfeat.runtime import resolve_runtime
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+side, model_dir, extra = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+work = Path(tempfile.mkdtemp(dir=sys.argv[4]))
+model = load_zoomldm(model_dir, use_ema=True).eval()
+r, lat, ch = int(model.first_stage_resolution), int(model.config.diffusion.image_size), int(model.latent_channels)
+d = int(model.conditioning_dim)
+cfg = SlideGenConfig(zoomldm=None, conditions=None, out=work / "x.tiff", levels=("5x", "20x"), **extra["cfg"])
+g0 = cfg.levels[0].grid_width
+rows0 = cols0 = side // (g0 * r)
+rows20 = rows0 * g0
+rng = np.random.default_rng(0)
+stages = {"model": peak()}
+# the files of a run at this size, written as the tool writes them (band by band: the bench holds neither):
+# the 20x embedding grid (random: its size is what counts) and the finished first level's latent
+save_bands(work / "grid.npy", (d, rows20, rows20),
+           ((y, rng.standard_normal((d, min(64, rows20 - y), rows20), dtype=np.float32)) for y in range(0, rows20, 64)))
+extent = float(rows20 * 256)
+source = Source(work / "grid.npy", np.ones((1, 1), bool), (extent, extent), (0, 0), 256.0, 0.5, (255, 255, 255), {})
+levels = build_levels(cfg.levels, rows0, cols0)
+parts = Parts(work / "parts", {"bench": side})
+n0 = rows0 * lat
+save_bands(parts.path(unit_name(0, 0, 0)), (ch, n0, n0),
+           ((y, rng.standard_normal((ch, min(256, n0 - y), n0), dtype=np.float32)) for y in range(0, n0, 256)))
+stages["files"] = peak()
+cascade = Cascade(model, cfg, source, levels, parts, resolve_runtime("cpu", "fp32"))
+t = time.perf_counter()
+for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):  # four regions of the finest level: (1, 1) reads three neighbours
+    cascade.region(levels[1], i, j)
+region_s = (time.perf_counter() - t) / 4
+stages["regions"] = peak()
+band, (h, w) = cascade.band_source()
+t = time.perf_counter()
+first = band(0, cfg.tile)  # one output band decoded across the whole width (unsampled regions decode as zeros)
+band_s = time.perf_counter() - t
+stages["decoded_band"] = peak()
+x = np.arange(w, dtype=np.int64)
+def pixels(y0, y1):  # the writer's input: cheap pixels of the right size for every band (no decoder)
+    out = np.empty((y1 - y0, w, 3), np.uint8)
+    for k, row in enumerate(range(y0, y1)):
+        out[k, :, 0] = (x // 7 + row) % 256
+        out[k, :, 1] = (row // 5) % 256
+        out[k, :, 2] = ((x + row) // 3) % 256
+    return out
+t = time.perf_counter()
+write_pyramid_streamed(work / "x.tiff", h, w, pixels, mpp=0.5, magnification=20.0,
+                       settings=PyramidSettings(cfg.tile, "jpeg", 90))
+write_s = time.perf_counter() - t
+stages["pyramid"] = peak()
+print(json.dumps({"side": side, "peak_rss_mb": peak(), "peak_after_mb": stages,
+                  "grid_mb": 4 * d * rows20 ** 2 / 2**20, "first_level_latent_mb": 4 * ch * n0 ** 2 / 2**20,
+                  "region_s": region_s, "band_s": band_s, "write_s": write_s,
+                  "tiff_mb": (work / "x.tiff").stat().st_size / 2**20}))
+import shutil; shutil.rmtree(work)
+"""
+
+
 def _source(work: Path) -> None:
     from zoomfeat.synthetic import write_synthetic_slide
 
@@ -138,18 +209,40 @@ def run_slide(sides, model: str, conditioner: str, device: str, args: list[str],
         extra = {"args": args, "patch_px": patch_px, "region_px": 4 * patch_px, "zoom": 4}
         for side in sides:
             rows.append(_child(SLIDE, str(side), model, conditioner, device, d, json.dumps(extra)))
+            rows[-1]["args"] = " ".join(args)
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-TINY_ARGS = ["--levels", "5x,20x", "--steps", "2", "--refine-t0", "300", "--refine-stride", "150",
-             "--window-stride", "4", "--decode-stride", "4", "--batch-size", "32", "--compression", "deflate"]
+def run_state(sides, model: str, steps: int) -> list[dict]:
+    """Per size: the files of a run of that size (20x embedding grid, first level's latent: random, written band
+    by band as the tool writes them), four finest-level regions sampled from them, one output band decoded across
+    the whole width and the whole pyramid written (pixels made up); not a full sampling run."""
+    cfg = {"steps": steps, "refine_t0": 300, "refine_stride": 300, "window_stride": 4, "decode_stride": 4,
+           "batch_size": 32}
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for side in sides:
+            rows.append(_child(STATE, str(side), model, json.dumps({"cfg": cfg}), d))
+            print(json.dumps(rows[-1]), flush=True)
+    base = {row["side"]: row["peak_rss_mb"] for row in rows}.get(4096)
+    for row in rows:
+        if base:
+            row["ratio_to_4096"] = row["peak_rss_mb"] / base
+    return rows
+
+
+def tiny_args(steps: int) -> list[str]:
+    """The tiny model's settings: ``steps`` from t = 1000, the refinement pass from t0 300 in one step."""
+    return ["--levels", "5x,20x", "--steps", str(steps), "--refine-t0", "300", "--refine-stride", "300",
+            "--window-stride", "4", "--decode-stride", "4", "--batch-size", "32", "--compression", "deflate"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("writer", "slide", "gpu"))
-    parser.add_argument("--sides", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("mode", choices=("writer", "slide", "state", "gpu"))
+    parser.add_argument("--sides", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--steps", type=int, default=1, help="sampling steps (slide, state; default 1, the fewest)")
     parser.add_argument("--zoomldm", default=None, help="gpu: the ZoomLDM folder")
     parser.add_argument("--conditioner", default="toy")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
@@ -161,11 +254,16 @@ def main() -> None:
         sys.path.insert(0, str(ROOT / "tests"))
         from helpers_generate import fitted_model_dir
 
-        rows = run_slide(args.sides, str(fitted_model_dir()), "toy", "cpu", TINY_ARGS, 16)
+        rows = run_slide(args.sides, str(fitted_model_dir()), "toy", "cpu", tiny_args(args.steps), 16)
+    elif args.mode == "state":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from helpers_generate import fitted_model_dir
+
+        rows = run_state(args.sides, str(fitted_model_dir()), args.steps)
     else:
         if not args.zoomldm:
             raise SystemExit("gpu mode needs --zoomldm DIR and --conditioner uni=PATH")
-        rows = run_slide(args.sides, args.zoomldm, args.conditioner, "cuda", ["--batch-size", "32"], 256)
+        rows = run_slide(args.sides, args.zoomldm, args.conditioner, "cuda", ["--batch-size", "32"], 256)  # defaults
     for row in rows:
         print(json.dumps(row))
     if args.json:

@@ -126,6 +126,37 @@ def test_generated_slide_goes_through_tile_extract_and_verify(generated, tmp_pat
         assert h5["20x/features"].shape[0] == 1 and h5["20x/coords"][0].tolist() == [0, 0]
 
 
+def test_the_output_decoded_in_narrow_column_chunks_matches_one_chunk(generated, real, tmp_path, monkeypatch):
+    """The finest level is decoded across a band in column chunks (memory bounded by the chunk, not the slide's
+    width); each chunk with one window of margin: chunks of 32 px (8 per band) give the one-chunk file's pixels."""
+    import shutil
+
+    from zoomfeat.generate import slide as slide_module
+
+    again = tmp_path / "again.tiff"
+    shutil.copytree(str(generated) + ".parts", str(again) + ".parts")  # every region stored: only the decoding runs
+    monkeypatch.setattr(slide_module, "DECODE_CHUNK_PX", 32)
+    assert cli.main(["generate-slide", *FAST, "--slide", str(real), "--out", str(again)]) == 0
+    with tifffile.TiffFile(generated) as a, tifffile.TiffFile(again) as b:
+        one, chunked = a.pages[0].asarray().astype(int), b.pages[0].asarray().astype(int)
+    assert np.abs(one - chunked).max() <= 1, np.abs(one - chunked).max()
+
+
+def test_grid_files_are_written_band_by_band_and_read_by_crops(tmp_path):
+    """save_bands writes what np.save would hold (read back by np.load); read_crop is the slice of it."""
+    from zoomfeat.errors import DataError
+    from zoomfeat.generate.slide import read_crop, save_bands
+
+    array = np.random.default_rng(0).standard_normal((3, 10, 7)).astype(np.float32)
+    save_bands(tmp_path / "a.npy", array.shape, ((r, array[:, r:r + 4]) for r in range(0, 10, 4)))
+    assert np.array_equal(np.load(tmp_path / "a.npy"), array)
+    crop = read_crop(tmp_path / "a.npy", np.s_[:, 3:9, 2:5])
+    assert type(crop) is np.ndarray and np.array_equal(crop, array[:, 3:9, 2:5])
+    with pytest.raises(DataError, match="8 of 10 rows"):
+        save_bands(tmp_path / "b.npy", array.shape, ((r, array[:, r:r + 4]) for r in range(0, 8, 4)))
+    assert not (tmp_path / "b.npy").exists()
+
+
 def _run(args, env):
     return subprocess.Popen([sys.executable, "-m", "cli", "generate-slide", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

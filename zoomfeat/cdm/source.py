@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from zoomfeat import hub
-from zoomfeat.cdm.sample import DEFAULT_STEPS, check_cdm_fits, load_cdm, sample_contexts
+from zoomfeat.cdm.sample import DEFAULT_STEPS, LoadedCDM, check_cdm_fits, load_cdm, sample_contexts
 from zoomfeat.errors import ConfigError
 from zoomfeat.generate.conditions import Conditions, register_context_source
 from zoomfeat.mags import parse_mag
@@ -31,13 +31,20 @@ def _options(extra: dict) -> dict:
     return {**OPTIONS, **extra}
 
 
-def _draw(model, mag, n: int, opts: dict, device, batch_size: int) -> Conditions:
-    cdm = load_cdm(Path(opts["cdm"]), device=device)
+def load_checked(model, cdm_path, mag, device) -> LoadedCDM:
+    """The CDM at ``cdm_path``, refused (ConfigError, one line) when it was trained on another ZoomLDM's contexts,
+    never saw ``mag`` or draws contexts of another width than ``model`` takes."""
+    cdm = load_cdm(Path(cdm_path), device=device)
     check_cdm_fits(cdm, getattr(model, "weights_path", None), mag)
     width = int(model.context_dim)
     if cdm.context_shape[1] != width:
         raise ConfigError(f"the CDM {cdm.weights} draws {cdm.context_shape[1]}-wide contexts but this ZoomLDM takes "
                           f"{width}: train the CDM on contexts of this checkpoint (prepare-cdm --zoomldm it)")
+    return cdm
+
+
+def _draw(model, mag, n: int, opts: dict, device, batch_size: int) -> Conditions:
+    cdm = load_checked(model, opts["cdm"], mag, device)
     contexts = sample_contexts(cdm, mag, n, steps=int(opts["cdm_steps"]), guidance=float(opts["cdm_guidance"]),
                                seed=int(opts["cdm_seed"]), batch_size=batch_size)
     record = {"source": SOURCE, "mag": mag.name, "cdm": str(Path(opts["cdm"])), "cdm_weights": str(cdm.weights),

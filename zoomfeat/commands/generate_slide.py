@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from zoomfeat import hub
 from zoomfeat.commands.options import add_scale_group, add_tissue_group, tissue_params
 from zoomfeat.commands.generate_large import add_guidance_options, add_joint_options, add_refine_options, guidance_of
 from zoomfeat.commands.sample import add_model_group, add_runtime_group
@@ -21,14 +22,26 @@ COMPRESSIONS = ("jpeg", "deflate", "none")  # zoomfeat.generate.pyramid.COMPRESS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_group(parser)
     cond = parser.add_argument_group("conditions")
-    cond.add_argument("--slide", required=True, help="the real slide whose tissue mask and 20x embeddings the "
-                      "synthetic slide takes")
+    cond.add_argument("--slide", help="the real slide whose tissue mask and 20x embeddings the synthetic slide "
+                      "takes (or --cdm for a slide with no real counterpart)")
     cond.add_argument("--region", metavar="X,Y,W,H", help="level-0 rectangle of the slide to generate (default: "
                       "the whole slide), rounded down to whole patches of the first level")
     cond.add_argument("--conditioning", metavar="DIR", help="conditioning folder written by `zoomfeat extract` "
                       "(20x embeddings; no conditioner runs)")
     add_tissue_group(parser)
     add_scale_group(parser)
+    cdm = parser.add_argument_group("cdm")
+    cdm.add_argument("--cdm", metavar="DIR", help="train-cdm run folder (or CDM checkpoint) trained on this "
+                     "ZoomLDM's contexts: a slide with no real counterpart, the first level's contexts drawn from "
+                     "it, each finer level conditioned on the conditioner's embeddings of the level above as "
+                     "generated; needs --size, takes no --slide")
+    cdm.add_argument("--size", metavar="W,H", help="with --cdm: the new slide's size in px at 20x, all of it "
+                     "tissue, rounded down to whole patches of the first level (e.g. 4096,4096)")
+    cdm.add_argument("--cdm-steps", type=int, default=200, help="CDM DDIM steps (default 200, as the official "
+                     "CDM evaluation)")
+    cdm.add_argument("--cdm-guidance", type=float, default=1.0, help="CDM classifier-free guidance on the "
+                     "magnification (default 1 = none; > 1 needs a CDM trained with label dropout)")
+    cdm.add_argument("--cdm-seed", type=int, default=0, help="seed of the CDM's noise (default 0)")
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--levels", default="1.25x,5x,20x", help="magnifications of the cascade, coarsest first, "
                           "ending at 20x (default 1.25x,5x,20x)")
@@ -68,6 +81,32 @@ def _region(text: str | None):
     return values
 
 
+def _size(text: str | None):
+
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 2 or min(values) < 1:
+        raise ConfigError(f"bad --size {text!r}: give W,H in px at 20x, e.g. 4096,4096")
+    return values
+
+
+def _check_sources(args: argparse.Namespace) -> None:
+    """--slide (a real slide's layout and conditions) or --cdm with --size (a new slide), never both."""
+    if args.cdm is None:
+        if args.slide is None:
+            raise ConfigError("no conditions: pass --slide REAL_SLIDE, or --cdm DIR with --size W,H for a slide "
+                              "with no real counterpart")
+        return
+    given = [o for o, v in (("--slide", args.slide), ("--region", args.region), ("--conditioning", args.conditioning),
+                            ("--base-mag", args.base_mag), ("--mpp", args.mpp)) if v is not None]
+    if given:
+        raise ConfigError(f"--cdm makes a slide with no real counterpart: drop {', '.join(given)}")
+
+
 def build_config(args: argparse.Namespace):
     from pathlib import Path
 
@@ -77,6 +116,7 @@ def build_config(args: argparse.Namespace):
     from zoomfeat.resolve import resolve_zoomldm
     from zoomfeat.slides import check_scale_overrides
 
+    _check_sources(args)
     for option, value in (("--slide", args.slide), ("--conditioning", args.conditioning)):
         if value is not None and not Path(value).exists():
             raise ConfigError(f"{option} {value} does not exist: give an existing path")
@@ -89,7 +129,12 @@ def build_config(args: argparse.Namespace):
         raise ConfigError("--guide-guidance: generate-slide's guide is the finished level above (fixed, not "
                           "sampled): drop it")
     levels = parse_mags(args.levels)
-    request = ConditionRequest(mag=levels[0], slide=Path(args.slide),
+    cdm = None
+    if args.cdm is not None:
+        cdm = hub.local_file(args.cdm, ("last.ckpt",), "--cdm")  # a path, or a hub reference resolved to its file
+        if not cdm.exists():
+            raise ConfigError(f"--cdm {args.cdm} not found: pass a train-cdm run folder or a CDM checkpoint file")
+    request = ConditionRequest(mag=levels[0], slide=Path(args.slide) if args.slide else None,
                                conditioning_dir=Path(args.conditioning) if args.conditioning else None,
                                conditioner=conditioner, conditioner_weights=Path(weights) if weights else None,
                                toy_seed=args.toy_seed, base_mag=args.base_mag, mpp=args.mpp,
@@ -102,7 +147,9 @@ def build_config(args: argparse.Namespace):
                           refine_stride=args.refine_stride, window_stride=args.window_stride,
                           decode_stride=args.decode_stride, seed=args.seed,
                           batch_size=args.batch_size, device=args.device, precision=args.precision, tile=args.tile,
-                          compression=args.compression, quality=args.quality, keep_parts=args.keep_parts)
+                          compression=args.compression, quality=args.quality, keep_parts=args.keep_parts,
+                          size=_size(args.size), cdm=cdm, cdm_steps=args.cdm_steps, cdm_guidance=args.cdm_guidance,
+                          cdm_seed=args.cdm_seed)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,8 @@ provenance the caller adds (source slide fingerprint, model hash, seeds, setting
 Streaming: level 0 is produced band by band by a caller's ``band(y0, y1) -> uint8 [y1-y0, W, 3]`` and handed to
 tifffile tile by tile from a generator; while a band is cut into tiles it is also 2x2 box-averaged
 (``(a+b+c+d+2)//4``, dropping an odd last row/column) into a raw file on disk, which is level 1's band source,
-and so on down the levels. Memory holds one band of ``tile`` rows of the widest level, never the image; the
+and so on down the levels. Memory holds one band of ``tile`` rows of the widest level, never the image (tiles
+go to tifffile's encoder one at a time); the
 temporary raw files (about a third of level 0's raw size in all) are deleted when the file is done. The output
 is written to a hidden temporary file and renamed into place (:func:`zoomfeat.store.atomic_write`), so a killed
 run never leaves a file that looks finished. The bytes depend only on the pixels, the metadata and the
@@ -73,11 +74,16 @@ def level_shapes(height: int, width: int, tile: int) -> list[tuple[int, int]]:
     return shapes
 
 
-def downsample2(band: np.ndarray) -> np.ndarray:
-    """2x2 box average of uint8 [h, w, 3] with round-half-up, odd last row/column dropped: [h//2, w//2, 3]."""
+def downsample2(band: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """2x2 box average of uint8 [h, w, 3] with round-half-up, odd last row/column dropped: [h//2, w//2, 3].
+    Computed ``chunk`` columns at a time, so its uint16 temporaries do not grow with the band's width."""
     h, w = band.shape[0] // 2 * 2, band.shape[1] // 2 * 2
-    b = band[:h, :w].astype(np.uint16)
-    return ((b[0::2, 0::2] + b[0::2, 1::2] + b[1::2, 0::2] + b[1::2, 1::2] + 2) // 4).astype(np.uint8)
+    out = np.empty((h // 2, w // 2, 3), np.uint8)
+    for x0 in range(0, w, chunk):
+        b = band[:h, x0:min(w, x0 + chunk)].astype(np.uint16)
+        out[:, x0 // 2:x0 // 2 + b.shape[1] // 2] = (b[0::2, 0::2] + b[0::2, 1::2] + b[1::2, 0::2] + b[1::2, 1::2]
+                                                     + 2) // 4
+    return out
 
 
 def description(magnification: float, mpp: float, metadata: dict | None = None) -> str:
@@ -155,7 +161,9 @@ def write_pyramid_streamed(path: str | Path, height: int, width: int, band: Band
                 sink = _RawLevel(scratch, shapes[level + 1][1]) if level + 1 < len(shapes) else None
                 scale = width / w
                 extra = {"description": description(magnification, mpp, metadata)} if level == 0 else {}
-                tif.write(_tiles(source, (h, w), settings.tile, sink), shape=(h, w, 3),
+                # maxworkers=1: tifffile's threaded encoder buffers up to 512 MiB of tiles (memory that grows
+                # with the slide up to that size); one encoder pulls one tile at a time (same bytes)
+                tif.write(_tiles(source, (h, w), settings.tile, sink), shape=(h, w, 3), maxworkers=1,
                           resolution=(px_per_cm / scale, px_per_cm / scale), subfiletype=0 if level == 0 else 1,
                           **extra, **common)
                 if previous is not None:

@@ -27,27 +27,38 @@ ZoomLDM, CVPR 2025: one model at every magnification, §3.2 joint multi-scale sa
    the model's R px; mpp = the source slide's 20x mpp when R = 256) with the settings, seeds, model hash and
    the source slide's fingerprint in its description.
 
+With a CDM instead of a real slide (``cfg.cdm``, ``cfg.size``; :func:`drawn_layout`): the whole area is tissue,
+the first level's contexts are drawn by the CDM, one per first-level patch (:meth:`Cascade.draw`), and each finer
+level's 20x embedding grid is the conditioner's on the level above as generated (:meth:`Cascade.embed_level`);
+this rule is the toolkit's, not the paper's (:data:`DRAWN_RULE`).
+
 Resumable and deterministic: every finished unit (conditions, the coarsest level, each region's latent) is
 written atomically into ``<out>.parts/`` before the next starts; each region draws its noise from its own seed
 ``SeedSequence([seed, level, row, col])`` and reads only finished files, so a killed run, started again with
 the same command, skips what is there and writes a byte-identical TIFF. ``<out>.parts`` is removed once the
-TIFF is complete (``keep_parts`` keeps it). Memory: one region's latents and activations, one row of region
-latents while assembling, one band of output pixels; the conditions grid (D floats per 20x tile) and the
-coarsest latent are the only arrays that grow with the slide (1/256 of the output's pixel count or less).
+TIFF is complete (``keep_parts`` keeps it).
+
+Memory: one region's latents and activations, one band of output pixels (``tile`` rows of the slide's width,
+decoded in column chunks of :data:`DECODE_CHUNK_PX`); the 20x embedding grid and the finished levels' latents
+stay on disk, written band by band and read by crops (:func:`read_crop`, :func:`save_bands`). Only the coarsest
+level grows with the slide while it is sampled (one latent over the whole area, 1/(g0 f)^2 of the output's
+pixels per channel, a few copies: start ``levels`` at 1.25x for large slides) and the tissue mask (1.25x).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from zoomfeat.cdm.sample import sample_contexts
+from zoomfeat.cdm.source import load_checked
 from zoomfeat.errors import ConfigError, DataError
+from zoomfeat.extract.loading import load_conditioner
 from zoomfeat.generate.conditions import contexts_for_mag, grid_source
 from zoomfeat.generate.decode import decode_large, to_uint8
 from zoomfeat.generate.guidance import Guidance, guided_eps
@@ -65,6 +76,7 @@ from zoomfeat.tissue import TissueParams, mask_from_rgb
 
 PARTS_VERSION = 1
 DEFAULT_LEVELS = ("1.25x", "5x", "20x")
+DECODE_CHUNK_PX = 4096  # output px of the finest level decoded at a time across a band (whole windows)
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,11 @@ class SlideGenConfig:
     compression: str = "jpeg"
     quality: int = 90
     keep_parts: bool = False
+    size: tuple[int, int] | None = None  # --cdm: (W, H) px of the new slide at 20x
+    cdm: Path | None = None  # a train-cdm run folder or CDM checkpoint: the first level's contexts are drawn
+    cdm_steps: int = 200
+    cdm_guidance: float = 1.0
+    cdm_seed: int = 0
 
     def __post_init__(self) -> None:
         levels = tuple(sorted({parse_mag(m) for m in self.levels}))
@@ -115,6 +132,7 @@ class SlideGenConfig:
             raise ConfigError("bad --refine-t0/--refine-stride: t0 in 0..1000 (0 = off), stride >= 1")
         if self.seed < 0:
             raise ConfigError(f"bad --seed {self.seed}: use a seed >= 0")
+        self._check_cdm()
         if self.decode_stride is not None and self.decode_stride < 1:
             raise ConfigError(f"bad --decode-stride {self.decode_stride}: use 1 or more latent px")
         if self.window_stride is not None and self.window_stride < 1:
@@ -127,6 +145,21 @@ class SlideGenConfig:
         if Path(self.out).exists():
             raise ConfigError(f"--out {self.out} exists: give a new file name (generation never overwrites)")
         PyramidSettings(self.tile, self.compression, self.quality)
+
+    def _check_cdm(self) -> None:
+        if self.cdm is None:
+            if self.size is not None:
+                raise ConfigError("--size is the layout of a slide drawn with --cdm: pass --cdm, or drop --size "
+                                  "(a real --slide gives the layout)")
+            return
+        if self.region is not None:
+            raise ConfigError("--region is a part of a real slide: with --cdm give the new slide's --size W,H")
+        if self.size is None or len(self.size) != 2 or min(self.size) < 1:
+            raise ConfigError(f"--cdm needs --size W,H (px of the new slide at 20x, e.g. 4096,4096), got {self.size}")
+        if not 2 <= self.cdm_steps <= 1000:
+            raise ConfigError(f"bad --cdm-steps {self.cdm_steps}: use 2..1000")
+        if self.cdm_seed < 0:
+            raise ConfigError(f"bad --cdm-seed {self.cdm_seed}: use a seed >= 0")
 
     def joint_settings(self, stride: int):
         return JointSettings(1000, stride, self.guidance, self.h, self.lr, update=self.joint_update,
@@ -145,7 +178,9 @@ class SlideGenConfig:
                 "refine_stride": self.refine_stride, "window_stride": self.window_stride, "decode_stride": self.decode_stride,
                 "seed": self.seed,
                 "batch_size": self.batch_size, "tile": self.tile, "compression": self.compression,
-                "quality": self.quality}
+                "quality": self.quality,
+                **({"size": list(self.size), "cdm_steps": self.cdm_steps, "cdm_guidance": self.cdm_guidance,
+                    "cdm_seed": self.cdm_seed} if self.cdm is not None else {})}
 
 
 def region_seed(seed: int, level: int, row: int, col: int) -> int:
@@ -186,6 +221,35 @@ class Parts:
         return np.load(self.path(name), allow_pickle=False)
 
 
+# The arrays that grow with the slide (the 20x embedding grid, the first level's latent) stay on disk: they are
+# written band by band and read by crops, so memory holds one band or one crop of them, never the whole.
+def read_crop(path: Path, index) -> np.ndarray:
+    """``np.load(path)[index]`` through a memory map opened for this read only: only the crop's pages are read,
+    and none stay mapped (a map kept open would count every page it ever read in the resident set)."""
+    return np.array(np.load(path, mmap_mode="r", allow_pickle=False)[index])
+
+
+def save_bands(path: Path, shape: tuple[int, int, int], bands) -> None:
+    """Write a float32 [D, rows, cols] ``.npy`` at ``path`` (atomically) from ``bands``, an iterable of
+    (row0, float32 [D, n, cols]) covering the rows in order, one band in memory at a time."""
+    d, rows, cols = (int(v) for v in shape)
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (d, rows, cols)})
+        start, done = fh.tell(), 0
+        fh.truncate(start + 4 * d * rows * cols)
+        for r0, band in bands:
+            band = np.ascontiguousarray(band, np.float32)
+            if r0 != done or band.shape[0] != d or band.shape[2] != cols:
+                raise DataError(f"{path}: a band at row {r0} of shape {band.shape} does not continue "
+                                f"[{d}, {rows}, {cols}]")
+            for k in range(d):  # row-major [D, rows, cols]: one contiguous run of rows per channel
+                fh.seek(start + 4 * (k * rows + r0) * cols)
+                fh.write(band[k].tobytes())
+            done += band.shape[1]
+        if done != rows:
+            raise DataError(f"{path}: {done} of {rows} rows written")
+
+
 # ----- geometry --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Level:
@@ -217,36 +281,25 @@ def build_levels(mags: tuple[Magnification, ...], rows0: int, cols0: int) -> lis
 
 
 class LatentReader:
-    """Crops of one level's latent assembled from its unit files (a region not sampled reads as zeros), with a
-    small cache of loaded regions."""
+    """Crops of one level's latent assembled from its unit files (a region not sampled reads as zeros), each
+    file read through a memory map opened for that crop only (:func:`read_crop`)."""
 
-    def __init__(self, parts: Parts, level: Level, side: int, channels: int, cache: int):
+    def __init__(self, parts: Parts, level: Level, side: int, channels: int):
         self.parts, self.level, self.side, self.channels = parts, level, side, channels
         self.rh, self.rw = level.region_rows * side, level.region_cols * side
-        self.cache: OrderedDict[tuple[int, int], np.ndarray | None] = OrderedDict()
-        self.size = max(2, cache)
-
-    def _region(self, i: int, j: int) -> np.ndarray | None:
-        key = (i, j)
-        if key not in self.cache:
-            name = unit_name(self.level.index, i, j)
-            self.cache[key] = self.parts.load(name) if self.parts.has(name) else None
-            if len(self.cache) > self.size:
-                self.cache.popitem(last=False)
-        return self.cache[key]
 
     def crop(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         """float32 [C, r1-r0, c1-c0] of the level's latent (latent px)."""
         out = np.zeros((self.channels, r1 - r0, c1 - c0), np.float32)
         for i in range(r0 // self.rh, (r1 - 1) // self.rh + 1):
             for j in range(c0 // self.rw, (c1 - 1) // self.rw + 1):
-                lat = self._region(i, j)
-                if lat is None:
+                name = unit_name(self.level.index, i, j)
+                if not self.parts.has(name):
                     continue
                 y0, y1 = max(r0, i * self.rh), min(r1, (i + 1) * self.rh)
                 x0, x1 = max(c0, j * self.rw), min(c1, (j + 1) * self.rw)
-                out[:, y0 - r0:y1 - r0, x0 - c0:x1 - c0] = lat[:, y0 - i * self.rh:y1 - i * self.rh,
-                                                            x0 - j * self.rw:x1 - j * self.rw]
+                index = np.s_[:, y0 - i * self.rh:y1 - i * self.rh, x0 - j * self.rw:x1 - j * self.rw]
+                out[:, y0 - r0:y1 - r0, x0 - c0:x1 - c0] = read_crop(self.parts.path(name), index)
         return out
 
 
@@ -259,7 +312,7 @@ def unit_name(level: int, row: int, col: int) -> str:
 class Source:
     """What the real slide gives: its 20x embedding grid under the region, tissue mask, geometry, provenance."""
 
-    embeddings: np.ndarray  # float32 [D, rows20, cols20], raw (as the conditioner writes them)
+    grid: Path | None  # .npy of the raw 20x embeddings float32 [D, rows20, cols20] (as the conditioner writes them)
     mask: np.ndarray  # bool [h, w] tissue mask of the whole slide
     mask_scale: tuple[float, float]  # level-0 px per mask px (x, y)
     origin: tuple[int, int]  # level-0 (x, y) of the region's corner
@@ -284,8 +337,9 @@ def _region_patches(info, cfg: SlideGenConfig) -> tuple[int, int, int, int, floa
     return int(x), int(y), rows0, cols0, tile0
 
 
-def read_source(model, cfg: SlideGenConfig, runtime) -> tuple[Source, int, int]:
-    """The conditions and tissue of the real slide's region (conditioner on every 20x tile under it)."""
+def read_source(model, cfg: SlideGenConfig, runtime, grid: Path) -> tuple[Source, int, int]:
+    """The conditions and tissue of the real slide's region (conditioner on every 20x tile under it); the
+    embedding grid is written to ``grid`` one row of first-level patches at a time."""
 
 
     request = cfg.conditions
@@ -300,19 +354,63 @@ def read_source(model, cfg: SlideGenConfig, runtime) -> tuple[Source, int, int]:
     background = tuple(int(v) for v in np.median(thumb[~mask], axis=0)) if (~mask).any() else (255, 255, 255)
     g0 = cfg.levels[0].grid_width
     p0 = int(round(g0 * tile0))
-    coords = tuple((x + j * p0, y + i * p0) for i in range(rows0) for j in range(cols0))
-    conds = grid_source(model, replace(request, mag=cfg.levels[0], coords=coords), runtime)
-    grids = conds.grids.reshape(rows0, cols0, -1, g0, g0)  # [rows0, cols0, D, g0, g0]
-    embeddings = np.ascontiguousarray(grids.transpose(2, 0, 3, 1, 4).reshape(grids.shape[2], rows0 * g0, cols0 * g0))
+    records = []
+
+    def bands():
+        for i in range(rows0):
+            coords = tuple((x + j * p0, y + i * p0) for j in range(cols0))
+            conds = grid_source(model, replace(request, mag=cfg.levels[0], coords=coords), runtime)
+            records.append(conds.record)
+            grids = conds.grids.reshape(cols0, -1, g0, g0)  # [cols0, D, g0, g0]
+            yield i * g0, grids.transpose(1, 2, 0, 3).reshape(grids.shape[1], g0, cols0 * g0)
+
+    save_bands(grid, (model.conditioning_dim, rows0 * g0, cols0 * g0), bands())
     mpp20 = info.base_mpp * info.base_magnification / CONDITIONING_MAG if info.base_mpp else 0.5
     record = {"slide_id": info.slide_id, "file": Path(info.path).name, "bytes": Path(info.path).stat().st_size,
               "openslide_quickhash1": props.get("openslide.quickhash-1"),
               "base_magnification": info.base_magnification, "base_mpp": info.base_mpp,
               "region_level0": [x, y, int(cols0 * p0), int(rows0 * p0)],
-              "conditioner": {k: conds.record.get(k) for k in ("conditioner", "toy_seed", "conditioning_dir")}}
+              "conditioner": {k: records[0].get(k) for k in ("conditioner", "toy_seed", "conditioning_dir")}}
     scale = (info.width / mask.shape[1], info.height / mask.shape[0])
-    source = Source(embeddings.astype(np.float32), mask, scale, (x, y), tile0, float(mpp20), background, record)
+    source = Source(Path(grid), mask, scale, (x, y), tile0, float(mpp20), background, record)
     return source, rows0, cols0
+
+
+# ----- a slide with no real counterpart: contexts drawn by a CDM ----------------------------------------------
+DRAWN_RULE = ("toolkit rule (not the paper's): the first level's contexts are drawn by the CDM, one per first-level "
+              "patch, a window taking the context of the patch under its centre; the 20x embeddings that condition "
+              "each finer level are the conditioner's on the level above as generated (each 20x tile's area of it, "
+              "resized by the conditioner's preprocessing)")
+
+
+DRAWN_MPP = 0.5  # the nominal mpp of 20x (ZoomLDM's 20x training tiles)
+
+
+def drawn_layout(model, cfg: SlideGenConfig, cdm) -> tuple[Source, int, int]:
+    """The layout of a ``--cdm`` slide: ``cfg.size`` px at 20x rounded down to whole first-level patches, all of
+    it tissue; no embeddings (each finer level's come from the level above, :meth:`Cascade.embed_level`)."""
+    r = int(model.first_stage_resolution)  # output px of one 20x tile
+    p0 = cfg.levels[0].grid_width * r
+    w, h = cfg.size
+    rows0, cols0 = h // p0, w // p0
+    if rows0 < 1 or cols0 < 1:
+        raise ConfigError(f"--size {w},{h} is smaller than one {cfg.levels[0].name} patch ({p0} px with this "
+                          "model): give a larger --size or a finer first level in --levels")
+    for above in cfg.levels[:-1]:
+        if r % above.grid_width:
+            raise ConfigError(f"--levels: a 20x tile is {r / above.grid_width:g} px of the generated {above.name} "
+                              f"level with this {r}-px model, too small for the conditioner: start --levels at a "
+                              f"magnification of at least {20 / r:g}x")
+    tile0 = float(PATCH_SIZE)  # a virtual 20x level 0: 256 px per 20x tile, as a real 20x slide
+    extent = (cols0 * cfg.levels[0].grid_width * tile0, rows0 * cfg.levels[0].grid_width * tile0)
+    record = {"cdm": Path(cdm.weights).name, "cdm_sha256": cdm.weights_sha256,
+              "cdm_trained_on_zoomldm_sha256": cdm.zoomldm_sha256, "cdm_mags_seen": cdm.mags_seen,
+              "contexts_drawn": rows0 * cols0, "layout": "--size at 20x, all tissue",
+              "conditioner": {"conditioner": cfg.conditions.conditioner,
+                              "toy_seed": cfg.conditions.toy_seed if cfg.conditions.conditioner == "toy" else None},
+              "rule": DRAWN_RULE}
+    source = Source(None, np.ones((1, 1), bool), extent, (0, 0), tile0, DRAWN_MPP, (255, 255, 255), record)
+    return source, int(rows0), int(cols0)
 
 
 def tissue_rows(source: Source, y0: int, y1: int, width: int, px_per_tile: int) -> np.ndarray:
@@ -346,6 +444,11 @@ class Cascade:
         self.channels = int(model.latent_channels)
         self.device = model.alphas_cumprod.device
         self.stride = max(1, 1000 // cfg.steps)
+        self.drawn = None  # --cdm: float32 [rows0 * cols0, 65, D] contexts of the first level's patches
+
+    def grid(self, level: Level) -> Path:
+        """The .npy of the raw 20x embedding grid [D, rows20, cols20] that conditions ``level`` (read by crops)."""
+        return self.src.grid if self.cfg.cdm is None else self.parts.path(f"E{level.index}")
 
     # conditions ---------------------------------------------------------------------------------------------
     def window_contexts(self, level: Level, positions: np.ndarray, offset: tuple[int, int] = (0, 0)):
@@ -354,11 +457,21 @@ class Cascade:
         embedding (official rule)."""
 
         pos = np.asarray(positions, np.int64) + np.asarray(offset, np.int64)
-        if level.g == 1:
-            return contexts_20x(self.m, embeddings_at(self.src.embeddings, pos, self.side))
+        if level.index == 0 and self.drawn is not None:  # the patch under each window's centre
+            rows = np.minimum((pos[:, 0] + self.side // 2) // self.side, level.rows - 1)
+            cols = np.minimum((pos[:, 1] + self.side // 2) // self.side, level.cols - 1)
+            return torch.from_numpy(np.ascontiguousarray(self.drawn[rows * level.cols + cols])).to(self.device)
+        if level.g == 1:  # only the tiles under the batch (and the next ones, for the interpolation) are read
+            r0, c0 = int(pos[:, 0].min()) // self.side, int(pos[:, 1].min()) // self.side
+            r1, c1 = int(pos[:, 0].max()) // self.side + 2, int(pos[:, 1].max()) // self.side + 2
+            local = pos - np.array([r0 * self.side, c0 * self.side], np.int64)
+            crop = read_crop(self.grid(level), np.s_[:, r0:r1, c0:c1])
+            return contexts_20x(self.m, embeddings_at(crop, local, self.side))
         rows = pos[:, 0] * level.g // self.side
         cols = pos[:, 1] * level.g // self.side
-        grids = np.stack([self.src.embeddings[:, r:r + level.g, c:c + level.g] for r, c in zip(rows, cols)])
+        grid = np.load(self.grid(level), mmap_mode="r", allow_pickle=False)  # unmapped when this call returns
+        grids = np.stack([np.array(grid[:, r:r + level.g, c:c + level.g]) for r, c in zip(rows, cols)])
+        del grid
         with torch.no_grad():
             return contexts_for_mag(self.m, grids, level.mag)
 
@@ -430,11 +543,57 @@ class Cascade:
         self._check(x, "the coarsest level")
         self.parts.save(name, x[0].float().cpu().numpy())
 
+    def draw(self, cdm) -> None:
+        """--cdm: one context per first-level patch, drawn by the CDM at the first level's magnification (seeded
+        by ``cdm_seed``; the draw does not depend on the batch size), kept in the parts store."""
+        level, name = self.levels[0], "cdm_contexts"
+        if not self.parts.has(name):
+            contexts = sample_contexts(cdm, level.mag, level.rows * level.cols, steps=self.cfg.cdm_steps,
+                                       guidance=self.cfg.cdm_guidance, seed=self.cfg.cdm_seed,
+                                       batch_size=self.cfg.batch_size)
+            self.parts.save(name, contexts.numpy())
+        self.drawn = np.load(self.parts.path(name), mmap_mode="r", allow_pickle=False)
+
+    def embed_level(self, level: Level, encoder) -> None:
+        """--cdm: the 20x embedding grid that conditions ``level``, the conditioner on the level above as
+        generated: that level decoded one row of its patches at a time (one window of margin), each 20x tile's
+        area of it (R / g px square) embedded; stored as ``E<level>``."""
+        name = f"E{level.index}"
+        if self.parts.has(name):
+            return
+        above = self.levels[level.index - 1]
+        reader = LatentReader(self.parts, above, self.side, self.channels)
+        autocast = self.runtime.autocast() if self.runtime.precision != "fp32" else None
+        save_bands(self.parts.path(name), (int(encoder.spec.dim), self.levels[-1].rows, self.levels[-1].cols),
+                   (self._embed_row(above, i, reader, encoder, autocast) for i in range(above.rows)))
+
+    def _embed_row(self, above: Level, i: int, reader: LatentReader, encoder, autocast):
+        """(row0, embeddings [D, g, cols20]) of the 20x tiles under patch row ``i`` of ``above``."""
+        s, f = self.side, self.f
+        q, g, cols20 = self.side * f // above.g, above.g, self.levels[-1].cols
+        h_lat, w_lat = above.rows * s, above.cols * s
+        a, b = _widen(max(0, (i - 1) * s), min(h_lat, (i + 2) * s), h_lat, s)
+        lat = torch.from_numpy(reader.crop(a, b, 0, w_lat))[None].to(self.device)
+        with torch.no_grad():
+            img = decode_large(self.m, lat, batch_size=self.cfg.batch_size, stride=self.cfg.decode_stride)
+        rows = to_uint8(img[:, :, f * (i * s - a):f * ((i + 1) * s - a)])[0]  # [R, W, 3]
+        tiles = rows.reshape(g, q, cols20, q, 3).transpose(0, 2, 4, 1, 3).reshape(g * cols20, 3, q, q)
+        embs = []
+        for k in range(0, len(tiles), self.cfg.batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(tiles[k:k + self.cfg.batch_size])).to(self.device)
+            with torch.no_grad(), autocast() if autocast else torch.autocast("cpu", enabled=False):
+                embs.append(encoder(encoder.preprocess(batch)).float().cpu().numpy())
+        out = np.concatenate(embs).T.reshape(-1, g, cols20)
+        if not np.isfinite(out).all():
+            raise DataError(f"the conditioner's embeddings of the generated {above.name} level are not finite: use "
+                            "--precision fp32")
+        return i * g, out
+
     def guide_image(self, level: Level, i: int, j: int):
         """The level above decoded over region (i, j) of ``level``: float [1, 3, h, w] in about [-1, 1]."""
 
         above = self.levels[level.index - 1]
-        reader = LatentReader(self.parts, above, self.side, self.channels, cache=4)
+        reader = LatentReader(self.parts, above, self.side, self.channels)
         zoom = level.region_rows  # patches of this level per patch of the level above
         lat_per_patch = self.side // zoom  # latent px of the level above per patch of this level
         if lat_per_patch * zoom != self.side:
@@ -480,7 +639,7 @@ class Cascade:
         top, left = (s if i > 0 else 0), (s if j > 0 else 0)
         rh, rw = latent.shape[-2:]
         r0, c0 = i * rh - top, j * rw - left
-        reader = LatentReader(self.parts, level, s, self.channels, cache=4)
+        reader = LatentReader(self.parts, level, s, self.channels)
         z = torch.from_numpy(reader.crop(r0, r0 + top + rh, c0, c0 + left + rw))[None].to(self.device)
         mask = torch.zeros(1, 1, top + rh, left + rw, dtype=torch.bool, device=self.device)
         mask[:, :, :top] = True
@@ -501,7 +660,7 @@ class Cascade:
         """``band(y0, y1)`` of the finest level's output pixels (uint8 [y1-y0, W, 3]) and (H, W)."""
 
         level = self.levels[-1]
-        reader = LatentReader(self.parts, level, self.side, self.channels, cache=2 * level.n_regions[1] + 2)
+        reader = LatentReader(self.parts, level, self.side, self.channels)
         h_lat, w_lat = level.rows * self.side, level.cols * self.side
         f, px_per_tile = self.f, self.side * self.f
         bg = np.array(self.src.background, np.uint8)
@@ -518,12 +677,18 @@ class Cascade:
             a, b = _widen(max(0, ly0 - self.side), min(h_lat, ly1 + self.side), h_lat, self.side)
             c, d = _widen(max(0, cols[0] // f - self.side), min(w_lat, -(-(cols[-1] + 1) // f) + self.side), w_lat,
                           self.side)
-            lat = torch.from_numpy(reader.crop(a, b, c, d))[None].to(self.device)
-            with torch.no_grad():
-                img = decode_large(self.m, lat, batch_size=self.cfg.batch_size, stride=self.cfg.decode_stride)
-            rows = to_uint8(img[:, :, y0 - f * a:y1 - f * a])[0]
-            span = slice(f * c, f * d)
-            out[:, span] = np.where(tissue[:, span, None], rows, bg)
+            # column chunks of whole windows, each decoded with one window of margin on both sides (as the band
+            # has above and below): memory holds one chunk's decode, however wide the slide
+            step = max(1, DECODE_CHUNK_PX // (f * self.side)) * self.side
+            for k0 in range(c, d, step):
+                k1 = min(d, k0 + step)
+                e0, e1 = _widen(max(c, k0 - self.side), min(d, k1 + self.side), w_lat, self.side)
+                lat = torch.from_numpy(reader.crop(a, b, e0, e1))[None].to(self.device)
+                with torch.no_grad():
+                    img = decode_large(self.m, lat, batch_size=self.cfg.batch_size, stride=self.cfg.decode_stride)
+                rows = to_uint8(img[:, :, y0 - f * a:y1 - f * a, f * (k0 - e0):f * (k1 - e0)])[0]
+                span = slice(f * k0, f * k1)
+                out[:, span] = np.where(tissue[:, span, None], rows, bg)
             return out
 
         return band, (h_lat * f, w_lat * f)
@@ -560,20 +725,32 @@ def generate_slide(cfg: SlideGenConfig, progress=None) -> dict:
     if model.first_stage_resolution // int(model.config.diffusion.image_size) * int(model.config.diffusion.image_size) \
             != model.first_stage_resolution:
         raise ConfigError("the model's first-stage resolution is not a multiple of its latent side")
-    source, rows0, cols0 = _cached_source(model, cfg, runtime)
-    record = {"settings": cfg.record(), "model": _model_record(cfg.zoomldm, model), "source_slide": source.record,
+    cdm = encoder = None
+    if cfg.cdm is not None:  # refused (one line) before anything is written
+        cdm = load_checked(model, cfg.cdm, cfg.levels[0], runtime.device)
+        encoder = load_conditioner(cfg.conditions, model.conditioning_dim).to(runtime.device).eval()
+        source, rows0, cols0 = drawn_layout(model, cfg, cdm)
+    else:
+        source, rows0, cols0 = _cached_source(model, cfg, runtime)
+    record = {"settings": cfg.record(), "model": _model_record(cfg.zoomldm, model),
+              "source_slide": source.record if cdm is None else None,
               "seeds": "SeedSequence([seed, level, row, col]) per unit, level 0 the coarsest",
-              "patch_px_20x": int(model.first_stage_resolution), "parts_version": PARTS_VERSION}
+              "patch_px_20x": int(model.first_stage_resolution), "parts_version": PARTS_VERSION,
+              **({"drawn": source.record} if cdm is not None else {})}
     parts = Parts(cfg.parts, record)
     levels = build_levels(cfg.levels, rows0, cols0)
     cascade = Cascade(model, cfg, source, levels, parts, runtime)
     units = 1 + sum(lv.n_regions[0] * lv.n_regions[1] for lv in levels[1:])
     done = 0
+    if cdm is not None:
+        cascade.draw(cdm)
     cascade.coarsest()
     done += 1
     if progress:
         progress(done, units)
     for level in levels[1:]:
+        if encoder is not None:
+            cascade.embed_level(level, encoder)
         for i in range(level.n_regions[0]):
             for j in range(level.n_regions[1]):
                 cascade.region(level, i, j)
@@ -590,23 +767,22 @@ def generate_slide(cfg: SlideGenConfig, progress=None) -> dict:
 
 
 def _cached_source(model, cfg: SlideGenConfig, runtime) -> tuple[Source, int, int]:
-    """:func:`read_source`, its arrays kept in ``<out>.parts/source.npz`` so a resumed run reads no tile."""
+    """:func:`read_source`, kept in ``<out>.parts/`` so a resumed run reads no tile: the embedding grid in
+    ``source_grid.npy``, the rest in ``source.npz`` (written last: its key vouches for the grid)."""
     folder = cfg.parts
-    cache = folder / "source.npz"
+    cache, grid = folder / "source.npz", folder / "source_grid.npy"
     key = json.dumps({"slide": str(Path(cfg.conditions.slide).resolve()), "settings": cfg.record()}, sort_keys=True)
-    if cache.exists():
+    if cache.exists() and grid.exists():
         with np.load(cache, allow_pickle=False) as z:
             if str(z["key"]) == key:
                 meta = json.loads(str(z["meta"]))
-                src = Source(z["embeddings"], z["mask"], tuple(meta["mask_scale"]), tuple(meta["origin"]),
+                src = Source(grid, z["mask"], tuple(meta["mask_scale"]), tuple(meta["origin"]),
                              meta["tile0"], meta["mpp20"], tuple(meta["background"]), meta["record"])
                 return src, meta["rows0"], meta["cols0"]
-    source, rows0, cols0 = read_source(model, cfg, runtime)
-    meta = {k: v for k, v in asdict(source).items() if k not in ("embeddings", "mask")}
-    meta.update(rows0=rows0, cols0=cols0)
-
     folder.mkdir(parents=True, exist_ok=True)
+    source, rows0, cols0 = read_source(model, cfg, runtime, grid)
+    meta = {k: v for k, v in asdict(source).items() if k not in ("grid", "mask")}
+    meta.update(rows0=rows0, cols0=cols0)
     with atomic_write(cache) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, embeddings=source.embeddings, mask=source.mask, key=np.array(key),
-                 meta=np.array(json.dumps(meta)))
+        np.savez(fh, mask=source.mask, key=np.array(key), meta=np.array(json.dumps(meta)))
     return source, rows0, cols0
