@@ -132,8 +132,10 @@ def select_patches(slide, request: ConditionRequest) -> np.ndarray:
 
 
 @register_context_source("grid")
-def grid_source(model, request: ConditionRequest, runtime=None) -> Conditions:
-    """Real conditions: the raw 20x embedding grids under the requested patches of ``request.slide``."""
+def grid_source(model, request: ConditionRequest, runtime=None, encoder=None) -> Conditions:
+    """Real conditions: the raw 20x embedding grids under the requested patches of ``request.slide``; ``encoder``:
+    the conditioner already loaded by :func:`zoomfeat.extract.loading.load_conditioner` (a caller that asks for
+    many regions loads it once), else it is loaded here."""
     from zoomfeat.conditioning import ConditioningGrids
     from zoomfeat.slides import Slide
 
@@ -153,7 +155,8 @@ def grid_source(model, request: ConditionRequest, runtime=None) -> Conditions:
     else:
         from zoomfeat.extract.loading import load_conditioner  # the one conditioner loader (reads the same fields)
 
-        encoder = load_conditioner(request, model.conditioning_dim).to(device)
+        if encoder is None:
+            encoder = load_conditioner(request, model.conditioning_dim).to(device)
         autocast = runtime.autocast() if runtime is not None else None
         cond = ConditioningGrids(info.path, {name: coords}, encoder, batch_size=request.batch_size, workers=0,
                                  device=device, base_mag=info.base_magnification, slide_kwargs=overrides,

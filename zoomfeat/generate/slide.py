@@ -340,8 +340,6 @@ def _region_patches(info, cfg: SlideGenConfig) -> tuple[int, int, int, int, floa
 def read_source(model, cfg: SlideGenConfig, runtime, grid: Path) -> tuple[Source, int, int]:
     """The conditions and tissue of the real slide's region (conditioner on every 20x tile under it); the
     embedding grid is written to ``grid`` one row of first-level patches at a time."""
-
-
     request = cfg.conditions
     with Slide(request.slide, base_mag=request.base_mag, mpp=request.mpp) as slide:
         info = slide.info
@@ -355,11 +353,14 @@ def read_source(model, cfg: SlideGenConfig, runtime, grid: Path) -> tuple[Source
     g0 = cfg.levels[0].grid_width
     p0 = int(round(g0 * tile0))
     records = []
+    encoder = None  # the conditioner, loaded once for every row (UNI's weights take seconds to load)
+    if request.conditioning_dir is None:
+        encoder = load_conditioner(request, model.conditioning_dim).to(runtime.device if runtime else "cpu")
 
     def bands():
         for i in range(rows0):
             coords = tuple((x + j * p0, y + i * p0) for j in range(cols0))
-            conds = grid_source(model, replace(request, mag=cfg.levels[0], coords=coords), runtime)
+            conds = grid_source(model, replace(request, mag=cfg.levels[0], coords=coords), runtime, encoder)
             records.append(conds.record)
             grids = conds.grids.reshape(cols0, -1, g0, g0)  # [cols0, D, g0, g0]
             yield i * g0, grids.transpose(1, 2, 0, 3).reshape(grids.shape[1], g0, cols0 * g0)
