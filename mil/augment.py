@@ -9,6 +9,9 @@ outcome in the run record:
 * :func:`synthetic_for_fold` picks the synthetic copies (``<slide_id>~syn<k>``, written by
   ``zoomfeat feature-copies``) of the fold's training slides, and only those: never a copy of a validation or test
   slide, never a copy of any slide of a patient who has a slide held out in that fold.
+
+The copies (either unit, ``--unit patch`` or ``--unit slide``) must have been made from the feature set the run
+trains on (:func:`usable_copies`, through :func:`zoomfeat.feature_copies.check_made_from`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from zoomfeat.errors import ConfigError
+from zoomfeat.errors import ConfigError, DataError
+from zoomfeat.feature_copies import check_made_from
 from zoomfeat.features import source_of
 
 @dataclass(frozen=True)
@@ -161,3 +165,14 @@ def plan_cohort(folds_data: Mapping[int, object], case_of: Mapping[str, str], la
         plans[k] = plan_fold(data.parts["train"], held, case_of, label_of, fraction=fraction, seed=seed, fold=k,
                              available=available)
     return CohortAugmentation(plans, augment_spec, tuple(available))
+
+
+def usable_copies(folder: str | Path, spec, usable: Iterable[str]) -> list[str]:
+    """The copies in ``folder`` of the slides in ``usable``, after checking that they were made from the feature
+    set ``spec`` the run trains on (DataError naming both otherwise, or when there is none)."""
+    usable = set(usable)
+    candidates = [s for s in synthetic_ids(folder) if source_of(s) in usable]
+    if not candidates:
+        raise DataError(f"--augment {folder}: no synthetic copy of a slide of this run")
+    check_made_from(Path(folder), spec, candidates)
+    return candidates

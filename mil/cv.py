@@ -48,7 +48,6 @@ from splits.audit import trainability_problems
 from splits.io import PARTS, SplitFold, read_splits_dir
 from splits.labels import read_labels
 from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
-from zoomfeat.features import source_of
 from zoomfeat.log import note
 from zoomfeat.store import Claim, atomic_write, save_torch, write_json_atomic
 from zoomfeat.torch_files import load_torch_file
@@ -112,7 +111,7 @@ def _augmentation(cfg: MILConfig, spec: FeatureSpec, all_folds: list[SplitFold],
     ``cfg.seed`` (the training fraction's patients are drawn per seed) (None without them)."""
     if cfg.augment is None and float(cfg.train_fraction) == 1.0:
         return None
-    from mil.augment import plan_cohort, synthetic_ids
+    from mil.augment import plan_cohort, usable_copies
 
     table = cohort.table
     case_of = dict(zip(table["slide_id"], table["case_id"].astype(str)))
@@ -120,9 +119,7 @@ def _augmentation(cfg: MILConfig, spec: FeatureSpec, all_folds: list[SplitFold],
     aug_spec, available = None, ()
     if cfg.augment is not None:
         aug_spec = FeatureSpec(Path(cfg.augment), spec.mags)
-        candidates = [s for s in synthetic_ids(cfg.augment) if source_of(s) in usable]
-        if not candidates:
-            raise DataError(f"--augment {cfg.augment}: no synthetic copy of a slide of this run")
+        candidates = usable_copies(cfg.augment, spec, usable)  # refused unless made from this feature set
         scan = scan_bags(aug_spec, candidates)
         if scan.dim != dim:
             raise DataError(f"--augment {cfg.augment}: {scan.dim}-d bags, but {spec} gives {dim}-d: make the "

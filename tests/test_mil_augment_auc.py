@@ -67,6 +67,7 @@ class Study:
     epochs: int = 10
     train_args: tuple[str, ...] = ()  # extra `zoomfeat train` options
     ramp: float = 0.0  # per-slide illumination ramp (grey levels from tile centre to edge), 0: none
+    slide_unit: bool = False  # also `feature-copies --unit slide` (whole synthetic slides) as a third arm
 
 
 CI_STUDY = Study()
@@ -77,7 +78,10 @@ OVERLAP_STUDY = Study(slides=40, side=1024, signal_counts=((1, 2, 3, 4), (2, 3, 
 # the conditioning cannot see, a generator trained 3000 steps with its Summarizer frozen and gradients clipped,
 # 20 seeds of the 10% draw
 CLAIM_STUDY = replace(OVERLAP_STUDY, signal_counts=((0, 1), (2, 3)), ramp=40.0, train_steps=3000,
-                      seeds=tuple(range(20)), train_args=("--summarizer-lr-scale", "0", "--grad-clip", "1.0"))
+                      seeds=tuple(range(20)), train_args=("--summarizer-lr-scale", "0", "--grad-clip", "1.0"),
+                      slide_unit=True)
+# the slide unit's cascade on these 1024-px slides: one 5x patch, one region of 4x4 20x patches
+SLIDE_UNIT_ARGS = ("--unit", "slide", "--levels", "5x,20x")
 
 
 def write_cohort(root: Path, study: Study, seed: int = 0) -> tuple[Path, dict[str, list[int]]]:
@@ -113,15 +117,16 @@ def write_cohort(root: Path, study: Study, seed: int = 0) -> tuple[Path, dict[st
     return root / "labels.csv", types
 
 
-def _fraction_slides(splits: Path, labels: Path, study: Study) -> list[str]:
-    """The real slides of every (seed, fold, fraction) training subset: the ones that need synthetic copies."""
+def _fraction_slides(splits: Path, labels: Path, study: Study, seeds=None) -> list[str]:
+    """The real slides of every (seed, fold, fraction) training subset (of ``seeds``, default the study's): the
+    ones that need synthetic copies."""
     from mil.augment import training_fraction
     from splits.io import read_splits_dir
 
     table = pd.read_csv(labels)
     case_of, label_of = dict(zip(table.slide_id, table.case_id)), dict(zip(table.slide_id, table.label))
     need: set[str] = set()
-    for seed in study.seeds:
+    for seed in study.seeds if seeds is None else seeds:
         for fold in read_splits_dir(splits):
             for fraction in study.fractions:
                 kept, _ = training_fraction(list(fold.part("train")), case_of, label_of, fraction, seed, fold.index)
@@ -131,13 +136,17 @@ def _fraction_slides(splits: Path, labels: Path, study: Study) -> list[str]:
 
 def type_transfer(real_dir: Path, syn_dir: Path, types: dict[str, list[int]]) -> dict[str, float]:
     """How much of the real signal-vs-normal feature difference the synthetic copies keep (see the module text)."""
-    real, kinds = {}, {}
-    for slide_id, kind in types.items():
+    def kind_of(slide_id, coords):  # the type of the real tile at each 20x corner (a whole-slide copy has the
+        side = int(np.sqrt(len(types[slide_id])))  # real slide's layout, so the same corners mean the same tiles)
+        return np.array([types[slide_id][(int(y) // TILE) * side + int(x) // TILE] for x, y in coords])
+
+    real, kinds, real_at = {}, {}, {}
+    for slide_id in types:
         with FeatureFile(real_dir / f"{slide_id}.h5") as f:
             coords, feats = f.coords("20x"), f.features("20x")
-        side = int(np.sqrt(len(kind)))
         real[slide_id] = feats
-        kinds[slide_id] = np.array([kind[(int(y) // TILE) * side + int(x) // TILE] for x, y in coords])
+        kinds[slide_id] = kind_of(slide_id, coords)
+        real_at[slide_id] = {(int(x), int(y)): row for (x, y), row in zip(coords, feats)}
     everything = np.concatenate(list(real.values()))
     labels = np.concatenate(list(kinds.values()))
     mu0, mu1 = everything[labels == 0].mean(0), everything[labels == 1].mean(0)
@@ -147,10 +156,13 @@ def type_transfer(real_dir: Path, syn_dir: Path, types: dict[str, list[int]]) ->
     for path in sorted(syn_dir.glob("*~syn*.h5")):
         source = path.stem.split("~syn")[0]
         with FeatureFile(path) as f:
-            syn = f.features("20x")
+            coords, syn = f.coords("20x"), f.features("20x")
+        syn_kinds = kind_of(source, coords)
         for kind in (0, 1):
-            probes[kind].extend(((syn - mu0) @ direction)[kinds[source] == kind])
-        distance.append(np.linalg.norm(syn - real[source], axis=1) / np.linalg.norm(real[source], axis=1))
+            probes[kind].extend(((syn - mu0) @ direction)[syn_kinds == kind])
+        pairs = [(row, real_at[source][(int(x), int(y))]) for (x, y), row in zip(coords, syn)
+                 if (int(x), int(y)) in real_at[source]]
+        distance.append(np.array([np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in pairs]))
     normal = everything[labels == 0]
     spread = np.linalg.norm(normal - mu0, axis=1) / np.linalg.norm(normal, axis=1)
     return {"transfer": float(np.mean(probes[1]) - np.mean(probes[0])),
@@ -160,7 +172,7 @@ def type_transfer(real_dir: Path, syn_dir: Path, types: dict[str, list[int]]) ->
 
 
 def _mil_argv(root: Path, labels: Path, seed: int, fraction: float, epochs: int, augment: Path | None) -> list[str]:
-    name = f"f{fraction:g}_s{seed}" + ("_syn" if augment else "")
+    name = f"f{fraction:g}_s{seed}" + (f"_{augment.name}" if augment else "")
     argv = ["train-mil", "--task", "custom", "--label-col", "label", "--labels", str(labels),
             "--splits", str(root / "splits"), "--features", f"{root / 'features' / 'zoomldm'}@20x",
             "--model", "abmil", "--epochs", str(epochs), "--seed", str(seed), "--train-fraction", f"{fraction:g}",
@@ -203,34 +215,49 @@ def run_study(root: Path, study: Study) -> dict:
                       "--device", "cpu", "--workers", 0, "--batch-size", 32, *tissue])
     timed("splits", ["splits", "make", "--labels", labels, "--out", root / "splits", "--folds", 5,
                      "--mode", "kfold", "--seed", 0])
-    syn = root / "synthetic"
-    timed("feature-copies", ["feature-copies", *_fraction_slides(root / "splits", labels, study),
-                         "--features", root / "features" / "zoomldm", "--conditioning", root / "features" / "toy",
-                         *model, "--copies", study.copies, "--steps", study.gen_steps, "--out", syn,
-                         "--device", "cpu", "--batch-size", 64])
+    syn, syn_slide = root / "synthetic", root / "synthetic_slide"
+    copies = ["--features", root / "features" / "zoomldm", "--conditioning", root / "features" / "toy", *model,
+              "--copies", study.copies, "--steps", study.gen_steps, "--device", "cpu"]
+    timed("feature-copies", ["feature-copies", *_fraction_slides(root / "splits", labels, study), *copies,
+                             "--out", syn, "--batch-size", 64])
+    arms = {False: None, True: syn}
+    if study.slide_unit:
+        arms["slide"] = syn_slide
     runs, aucs = {}, {}
     for seed in study.seeds:
+        if study.slide_unit:  # this seed's slides (resumable: the copies of earlier seeds are skipped)
+            timed(f"feature-copies --unit slide s{seed}", ["feature-copies", *SLIDE_UNIT_ARGS, *_fraction_slides(
+                root / "splits", labels, study, [seed]), *copies, "--out", syn_slide, "--batch-size", 16])
         for fraction in study.fractions:
-            for augment in (None, syn):
+            for arm, augment in arms.items():
                 argv = _mil_argv(root, labels, seed, fraction, study.epochs, augment)
-                timed(f"train-mil s{seed} f{fraction:g}{' +syn' if augment else ''}", argv)
+                timed(f"train-mil s{seed} f{fraction:g}{' +' + augment.name if augment else ''}", argv)
                 out = Path(argv[argv.index("--out") + 1])
                 summary = pd.read_csv(out / "summary.csv", dtype={"seed": str, "fold": str})
-                key = (seed, fraction, augment is not None)
+                key = (seed, fraction, arm)
                 mean = summary[(summary.seed == "mean") & (summary.fold == "mean")].test_auc.iloc[0]
                 runs[key], aucs[key] = out, float(mean)
-    return {"runs": runs, "aucs": aucs, "labels": labels, "types": types, "syn": syn, "times": times,
-            "context_response": response, "transfer": type_transfer(root / "features" / "zoomldm", syn, types)}
+                print(f"AUC seed {seed} fraction {fraction:g} arm {arm}: {float(mean):.4f}", flush=True)
+    result = {"runs": runs, "aucs": aucs, "labels": labels, "types": types, "syn": syn, "times": times,
+              "context_response": response, "transfer": type_transfer(root / "features" / "zoomldm", syn, types)}
+    if study.slide_unit:
+        result["syn_slide"] = syn_slide
+        result["transfer_slide"] = type_transfer(root / "features" / "zoomldm", syn_slide, types)
+    return result
 
 
 def _report(result: dict, study: Study) -> str:
     lines = [f"study {study}", f"stage seconds {json.dumps(result['times'])}",
              f"context response {json.dumps(result['context_response']['by_mag'])}",
              f"type transfer {json.dumps(result['transfer'])}"]
+    if "transfer_slide" in result:
+        lines.append(f"type transfer (slide unit) {json.dumps(result['transfer_slide'])}")
     for seed in study.seeds:
         for fraction in study.fractions:
+            slide = result["aucs"].get((seed, fraction, "slide"))
             lines.append(f"seed {seed} fraction {fraction:g}: real {result['aucs'][(seed, fraction, False)]:.3f} "
-                         f"+syn {result['aucs'][(seed, fraction, True)]:.3f}")
+                         f"+syn {result['aucs'][(seed, fraction, True)]:.3f}"
+                         + (f" +slide {slide:.3f}" if slide is not None else ""))
     return "\n".join(lines)
 
 
@@ -304,6 +331,13 @@ def test_augmentation_raises_mean_test_auc_at_10_percent(tmp_path):
     synthetic = np.array([result["aucs"][(s, 0.1, True)] for s in CLAIM_STUDY.seeds])
     # a gain beyond the seed-to-seed noise: the paired per-seed differences, one-sided Wilcoxon signed-rank
     test = wilcoxon(synthetic, real, alternative="greater")
+    if CLAIM_STUDY.slide_unit:  # whole synthetic slides beside the per-patch copies: reported, not asserted
+        slide = np.array([result["aucs"][(s, 0.1, "slide")] for s in CLAIM_STUDY.seeds])
+        for name, arm in (("+patch copies", synthetic), ("+slide copies", slide)):
+            diff = arm - real
+            print(f"{name}: mean {arm.mean():.3f} vs real {real.mean():.3f}, paired difference {diff.mean():+.3f} "
+                  f"(SE {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}), {int((diff > 0).sum())} of {len(diff)} seeds "
+                  f"up, one-sided Wilcoxon p {wilcoxon(arm, real, alternative='greater').pvalue:.3g}")
     assert synthetic.mean() > real.mean() and test.pvalue < 0.05, (
         f"mean test AUC at 10% over {len(real)} seeds: real {real.mean():.3f}, +syn {synthetic.mean():.3f}, "
         f"one-sided Wilcoxon p {test.pvalue:.3g}")
