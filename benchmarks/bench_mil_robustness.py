@@ -20,7 +20,16 @@ witnesses' spread (default 3: witnesses also have 3x the noise's norm; 1: a pure
 direction), ``--unmatched`` drops the small opposite shift of the positive bags' other instances (which keeps
 both classes' expected bag mean equal, so that mean pooling sees little). ``--train-seeds 0,1,...`` repeats each
 cell for several ``train-mil --seed`` values: every fold of a run starts from the seed's weights, so one seed is one
-draw of the head's initialisation for the whole cross-validation.
+draw of the head's initialisation for the whole cross-validation. ``--accelerator cuda --precision fp32`` runs the
+cells on a GPU (the TransMIL cells at default width: the command in RESULTS.md).
+
+``--step-cost`` trains nothing: it times ``--steps`` training steps (forward, the head's loss, backward, Adam) of
+each head of ``--heads`` at its default width on one bag of the cohort's mean size (``--instances`` midpoint,
+``--dim``), in CPU seconds of the process, and counts the step's FLOPs (torch.utils.flop_counter; TransMIL's
+Nystrom pseudo-inverse iterations are counted apart), then prints the hours one cross-validation of
+``--slides`` slides (5 folds, 3/5 of the slides training, ``--epochs`` epochs) takes at that rate:
+
+    python benchmarks/bench_mil_robustness.py --step-cost --heads abmil,transmil --slides 80 --dim 64
 """
 
 from __future__ import annotations
@@ -56,15 +65,74 @@ def as_task(paths, task: str):
 
 
 def mean_auc(paths, out: Path, model: str, kwargs: dict, protocol: str, instance_sample: float = 1.0,
-             task: str = "hrd", train_seed: int = 0) -> float:
+             task: str = "hrd", train_seed: int = 0, accelerator: str = "cpu", precision: str = "auto") -> float:
     from mil.config import MILConfig, make_protocol
     from mil.cv import run_cv
 
     cfg = MILConfig(features=f"{paths['features']}@20x", labels=str(paths["labels"]), splits=str(paths["splits"]),
                     out=str(out), model=model, model_kwargs=kwargs, protocol=make_protocol(protocol),
-                    instance_sample=instance_sample, task=task, seed=train_seed)
+                    instance_sample=instance_sample, task=task, seed=train_seed, accelerator=accelerator,
+                    precision=precision)
     summary = run_cv(cfg)  # the mean over seeds of the per-seed means over folds (mil.cv.write_summary)
     return float(summary[(summary.seed == "mean") & (summary.fold == "mean")].test_auc.iloc[0])
+
+
+def pinv_flops(model) -> int:
+    """Forward FLOPs of TransMIL's pseudo-inverse iterations per bag: per layer, head and iteration four m x m
+    matrix products (A Z, then AZ times each bracket, then Z times the result), 2 m^3 FLOPs each."""
+    layers = [mod for mod in model.modules() if hasattr(mod, "pinv_iterations")]
+    return sum(4 * 2 * a.landmarks ** 3 * a.heads * a.pinv_iterations for a in layers)
+
+
+def step_cost(model: str, dim: int, n: int, steps: int, task: str) -> dict:
+    """CPU seconds and FLOPs of one training step of ``model`` (default width) on one bag of ``n`` instances."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mil.config import MILConfig, effective_model_kwargs, training_plan
+    from mil.optim import make_optimizer
+    from mil.registry import build_model
+
+    cfg = MILConfig(features="unused@20x", labels="unused", splits="unused", out="unused", model=model, task=task)
+    torch.manual_seed(0)
+    head = build_model(model, dim, 2, **effective_model_kwargs(cfg))
+    opt = make_optimizer(head, training_plan(cfg).recipe, cfg.protocol.lr, cfg.protocol.weight_decay)
+    x, y = torch.randn(1, n, dim), torch.tensor([1])
+
+    def step():
+        loss = head.bag_losses(head(x, None, y), y).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    head.train()
+    step()  # warm-up
+    with FlopCounterMode(display=False) as counter:
+        step()
+    start = time.process_time()
+    for _ in range(steps):
+        step()
+    seconds = (time.process_time() - start) / steps
+    forward_pinv = pinv_flops(head)
+    return {"seconds": seconds, "gflop": counter.get_total_flops() / 1e9, "pinv_gflop": 3 * forward_pinv / 1e9}
+
+
+def print_step_costs(args) -> None:
+    """The ``--step-cost`` table (see the module docstring)."""
+    import torch
+
+    torch.set_num_threads(1)
+    lo, hi = (int(v) for v in args.instances.split(","))
+    n, dim = (lo + hi) // 2, args.dim or 64
+    steps_per_cv = args.epochs * round(args.slides * 3 / 5) * 5
+    print(f"one bag of {n} instances, {dim}-d, 1 thread; a CV: 5 folds x {args.epochs} epochs x "
+          f"{round(args.slides * 3 / 5)} training bags = {steps_per_cv} steps")
+    print("| head | CPU s / step | GFLOP / step | of which pinv (fwd + bwd) | GFLOP/s | CPU h per CV |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for model in args.heads.split(","):
+        c = step_cost(model, dim, n, args.steps, args.task)
+        print(f"| {model} | {c['seconds']:.3f} | {c['gflop']:.2f} | {c['pinv_gflop']:.2f} | "
+              f"{c['gflop'] / c['seconds']:.0f} | {c['seconds'] * steps_per_cv / 3600:.2f} |", flush=True)
 
 
 def main() -> None:
@@ -92,7 +160,15 @@ def main() -> None:
                              "fold of a run starts from the same weights), comma-separated: one row per cohort seed "
                              "and train seed, then their mean")
     parser.add_argument("--reduced", default="", help="heads run at reduced width (REDUCED), comma-separated")
+    parser.add_argument("--accelerator", default="cpu", help="train-mil --accelerator (cpu, cuda)")
+    parser.add_argument("--precision", default="auto", help="train-mil --precision (auto: bf16 on a GPU)")
+    parser.add_argument("--step-cost", action="store_true", help="time and count one training step per head")
+    parser.add_argument("--steps", type=int, default=5, help="--step-cost: steps timed per head")
+    parser.add_argument("--epochs", type=int, default=20, help="--step-cost: epochs of the CV estimated")
     args = parser.parse_args()
+    if args.step_cost:
+        print_step_costs(args)
+        return
     sizes = tuple(int(v) for v in args.instances.split(","))
     reduced = set(filter(None, args.reduced.split(",")))
     heads = {m: REDUCED[m] if m in reduced else {} for m in args.heads.split(",")}
@@ -119,7 +195,8 @@ def main() -> None:
                     for train_seed in train_seeds:
                         start = time.perf_counter()
                         aucs = {m: mean_auc(paths, root / f"{preset}_{share}_{seed}_{train_seed}_{m}", m, kw, preset,
-                                            args.instance_sample, args.task, train_seed) for m, kw in heads.items()}
+                                            args.instance_sample, args.task, train_seed, args.accelerator,
+                                            args.precision) for m, kw in heads.items()}
                         rows.append(aucs)
                         print(_row(f"| {preset} | {share:.0%} | {dim} | {seed} | {train_seed}", aucs, floor,
                                    f"{time.perf_counter() - start:.0f}"), flush=True)

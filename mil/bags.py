@@ -21,6 +21,7 @@ import torch
 from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.features import FeatureSpec
 from zoomfeat.store import FeatureFile
+from zoomfeat.store.layouts import detect_layout, read_spec_bag
 
 __all__ = ["Bag", "BagStore", "FeatureSpec", "MILDataWarning", "ScanResult", "is_native", "load_bag",
            "read_extractor", "scan_bags"]
@@ -46,8 +47,6 @@ def is_native(spec: FeatureSpec) -> bool:
         return False
     if spec.sources[0].layout == "zoomfeat" or not spec.directory.is_dir():
         return True
-    from zoomfeat.store.layouts import detect_layout
-
     try:
         return detect_layout(spec.directory) == "zoomfeat"
     except ConfigError:
@@ -59,8 +58,6 @@ def _read(spec: FeatureSpec, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path}: feature file not found; extract slide {slide_id} or drop it from the split")
     if not is_native(spec):
-        from zoomfeat.store.layouts import read_spec_bag
-
         feats, coords = read_spec_bag(spec, slide_id)
         return feats, (np.full((len(feats), 2), -1, np.int64) if coords is None else coords)
     with FeatureFile(path) as f:
@@ -87,8 +84,6 @@ def read_extractor(spec: FeatureSpec, slide_id: str) -> tuple[str | None, dict |
     """(``extractor``, parsed ``extractor_config``) root attributes of one feature file; for another tool's
     layout, (``"<layout>:<encoder or folder>"``, a record of the layout and folder)."""
     if not is_native(spec):
-        from zoomfeat.store.layouts import detect_layout
-
         source = spec.sources[0]
         layout = source.layout or detect_layout(source.directory)
         folder = spec.path(slide_id).parent  # e.g. TRIDENT's features_<encoder> folder inside the one given

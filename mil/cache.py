@@ -32,7 +32,6 @@ class LazyBags:
 
     def __init__(self, store: BagStore, slide_ids: list[str], device: str = "cpu"):
         self.store, self.ids, self.device = store, list(slide_ids), device
-        self.index = {s: i for i, s in enumerate(self.ids)}
 
     def bag(self, i: int) -> torch.Tensor:
         return self.store.get(self.ids[i]).features.to(self.device)

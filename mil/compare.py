@@ -2,15 +2,13 @@
 
 Runs are grouped by the task of their run record. Within a task every run is paired by (init seed, fold) with the
 reference run of that task (``reference`` when it is of that task, else the task's first run), on the pairs both
-runs hold (the number used is reported): the per-pair AUC differences (run - reference; AUC from
-:mod:`mil.metrics`, scikit-learn), a Wilcoxon signed-rank p-value over them, and a paired bootstrap 95% CI of
-their mean (slides resampled with replacement within each fold's test set, stratified by class so every draw has
-an AUC, the same draw for both runs). Each run's cell gives the mean ± std over its folds (all seeds' folds) and,
-for several seeds, the mean ± std over seeds of the per-seed means; a second table gives every metric
-(AUC, balanced accuracy, accuracy, macro F1) by name. A partial run is refused unless ``allow_partial``; then
-its cells and the notes name the missing folds. Runs of one task must share their splits and
-their label map: the ``split_fingerprints`` of their records (:mod:`mil.record`), else (records without them) the
-test slide ids of each fold; otherwise a DataError names the folds that differ.
+runs hold (the number used is reported): the per-pair AUC differences (run - reference), a Wilcoxon signed-rank
+p-value over them, and a paired bootstrap 95% CI of their mean (slides resampled with replacement within each
+fold's test set, stratified by class so every draw has an AUC, the same draw for both runs). A second table gives
+every metric of :mod:`mil.metrics` by name. A partial run is refused unless ``allow_partial``; then its cells
+and the notes name the missing folds. Runs of one task must share their label map and their splits (the
+``split_fingerprints`` of their records, else the test slide ids of each fold): otherwise a DataError names the
+folds that differ.
 """
 
 from __future__ import annotations
@@ -22,9 +20,9 @@ import numpy as np
 from scipy.stats import wilcoxon
 
 from mil import html, plots
-from mil.metrics import METRICS, auroc, metric_label
+from mil.metrics import METRICS, auroc, fmt, fmt_mean_std, mean_std, metric_label
 from mil.record import RunRecord
-from mil.report import Pair, RunResult, fmt, fmt_mean_std, fold_metrics, load_run, mean_std, resampled_aucs
+from mil.report import Pair, RunResult, fold_metrics, load_run, resampled_aucs
 from zoomfeat.errors import DataError
 from zoomfeat.store import write_json_atomic, write_text
 
@@ -62,10 +60,6 @@ def fraction_curves(entries: list[dict], records: dict[str, RunRecord]) -> dict[
         curves.setdefault(e["task"], {}).setdefault(series, {})[fraction] = e["auc"]["mean"]
     return {t: {n: dict(sorted(v.items())) for n, v in series.items() if len(v) >= 2}
             for t, series in curves.items() if any(len(v) >= 2 for v in series.values())}
-
-
-def task_name(record: RunRecord) -> str:
-    return record.task
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -121,16 +115,16 @@ def _aligned(run: RunResult, ref: RunResult, fold: Pair) -> tuple[np.ndarray, np
 def paired_bootstrap_ci(run: RunResult, ref: RunResult, folds: list[Pair], n_bootstrap: int, seed: int) -> dict:
     """95% percentile CI of mean over ``folds`` of AUC(run) - AUC(reference), slides resampled per fold by class
     (every class keeps its count, so every draw has an AUC; the same draw for both runs)."""
+    empty = {"low": None, "high": None, "n_bootstrap": n_bootstrap, "seed": seed}
     if not folds or n_bootstrap <= 0:
-        return {"low": None, "high": None, "n_bootstrap": n_bootstrap, "seed": seed}
+        return empty
     rng = np.random.default_rng(seed)
     total = np.zeros(n_bootstrap)
     for k in folds:
         labels, p_run, p_ref = _aligned(run, ref, k)
         members = [np.flatnonzero(labels == c) for c in range(p_run.shape[1])]
         if any(m.size == 0 for m in members):  # the slides both runs scored lack a class: no paired AUC
-            return {"low": None, "high": None, "n_bootstrap": n_bootstrap, "seed": seed,
-                    "undefined_fold": k[1], "undefined_pair": list(k)}
+            return {**empty, "undefined_fold": k[1], "undefined_pair": list(k)}
         idx = np.concatenate([rng.choice(m, size=(n_bootstrap, m.size)) for m in members], axis=1)
         total += resampled_aucs(labels, p_run, idx) - resampled_aucs(labels, p_ref, idx)
     low, high = np.percentile(total / len(folds), [2.5, 97.5])
@@ -165,22 +159,15 @@ def paired_comparison(run: RunResult, ref: RunResult, n_bootstrap: int, seed: in
 
 
 # ---------------------------------------------------------------------------------------------- assembly
-def _group_by_task(runs: list[RunResult]) -> dict[str, list[RunResult]]:
-    groups: dict[str, list[RunResult]] = {}
-    for run in runs:
-        groups.setdefault(task_name(run.record), []).append(run)
-    return groups
-
-
 def _row_names(runs: list[RunResult]) -> dict[Path, str]:
     """Feature-set name of each run, made unique within a task by adding the run folder's name."""
     names, seen = {}, set()
     for run in runs:
         name = feature_set_name(run.record)
-        key = (name, task_name(run.record))
+        key = (name, run.record.task)
         if key in seen:
             name = f"{name} ({run.run_dir.name})"
-        seen.add((name, task_name(run.record)))
+        seen.add((name, run.record.task))
         names[run.run_dir] = name
     return names
 
@@ -189,10 +176,12 @@ def compute_comparison(runs: list[RunResult], reference: RunResult | None = None
                        seed: int = 0) -> dict:
     """Every number of the comparison (JSON-ready); raises DataError for runs of one task on different splits."""
     names = _row_names(runs)
-    groups = _group_by_task(runs)
+    groups: dict[str, list[RunResult]] = {}  # task -> its runs
+    for run in runs:
+        groups.setdefault(run.record.task, []).append(run)
     entries, comparisons, references = [], [], {}
     for task, members in groups.items():
-        ref = reference if reference is not None and task_name(reference.record) == task else members[0]
+        ref = reference if reference is not None and reference.record.task == task else members[0]
         references[task] = str(ref.run_dir)
         check_same_splits(ref, members, task)
         for run in members:

@@ -1,43 +1,22 @@
 """Typed, frozen configuration of a MIL cross-validation run, validated before any work starts.
 
-A run's training plan (:func:`training_plan`) comes from two places. The protocol preset fixes the settings a
-published evaluation protocol prescribes; the head's recipe (:data:`RECIPES`) brings what its reference code
-uses for everything the protocol leaves open. Every value can be overridden (``--epochs``, ``--lr`` ...).
-
-Protocols (what they fix):
-
-- ``hipt``: 20 epochs, the model of the last epoch is evaluated (HIPT's weakly-supervised subtyping protocol).
-- ``clam``: at most 200 epochs with CLAM's early stopping on the validation bag loss, counted as CLAM's
-  ``EarlyStopping(patience=20, stop_epoch=50)`` does: after every epoch (0-based index e) a validation loss
-  lower than or equal to the best so far resets the counter and saves the weights, a higher one adds 1, and
-  training stops once the counter is >= patience and e > stop_epoch (``min_epochs``, 50: at least 52 epochs);
-  the saved (best) weights are evaluated.
-- ``simil``: 40 epochs (SI-MIL's train.py default); the epoch with the best validation score is kept and
-  evaluated on the fixed held-out test set, scored as SI-MIL's train.py does: (validation AUC + accuracy) / 2,
-  a tie replacing the best (the latest of tied epochs is kept).
-
-A departure from a preset (``--epochs``, ``--selection``, ``--patience``, ``--instance-sample`` ...) is always an
+A run's training plan (:func:`training_plan`) comes from two places. The protocol preset (:data:`PROTOCOLS`,
+its reference in :data:`PRESET_SOURCES`) fixes the settings a published evaluation protocol prescribes; the
+head's recipe (:data:`RECIPES`, its reference code in ``source``) brings what that code uses for everything the
+protocol leaves open: the optimiser, its step size, betas and weight decay, the LR schedule, gradient clipping
+and the loss weights (in the head). Every value can be overridden (``--epochs``, ``--lr`` ...), always as an
 option the user gives; :func:`plan_rows` names, for every setting of the plan, the value and where it comes from
 (the preset's reference, the head's recipe, or the option), and the run prints and records that table.
 
-Heads (what they bring, from their reference code, named in each recipe's ``source``): the optimiser, its
-step size, betas and weight decay, the LR schedule (the reference's, epoch by epoch: a 200-epoch schedule is
-followed for as many epochs as the protocol runs), gradient clipping and the loss weights (in the head):
+The presets (:data:`PRESET_SOURCES` names what each takes from its reference): ``hipt`` evaluates the last
+epoch's model; ``simil`` the epoch of the best (validation AUC + accuracy) / 2, the latest of tied epochs
+(:class:`mil.train.Selection`); ``clam`` stops early as CLAM's ``EarlyStopping(patience=20, stop_epoch=50)``
+counts: after every epoch (0-based index e) a validation loss lower than or equal to the best so far resets the
+counter and saves the weights, a higher one adds 1, and training stops once the counter is >= patience and
+e > stop_epoch (``min_epochs``, 50: at least 52 epochs); the saved (best) weights are evaluated.
 
-- ``abmil``, ``mean``, ``max``: Adam lr 5e-4, (0.9, 0.999), weight decay 1e-4, constant (Ilse et al. 2018).
-- ``clam_sb``, ``clam_mb``: Adam lr 2e-4, (0.9, 0.999), weight decay 1e-5, constant; bag loss 0.7 /
-  instance loss 0.3 (CLAM's README runs).
-- ``dsmil``: Adam lr 2e-4, betas (0.5, 0.9), weight decay 5e-3, cosine annealing to 5e-6 over 200 epochs
-  (DSMIL's train_tcga.py); one positive stream under ``--task hrd`` (its ``--num_classes 1``), one stream per
-  class otherwise; a bag is scored by the mean of the two streams' probabilities, as train_tcga.py's
-  ``--average`` default (:func:`effective_model_kwargs`).
-- ``transmil``: RAdam inside Lookahead (k 6, alpha 0.5), lr 2e-4, weight decay 1e-5 (decoupled, not on biases
-  and 1-d parameters), constant (TransMIL's Camelyon/TransMIL.yaml and optimiser factory); the class token
-  left out of the value convolution (``class_token_residual=False``, see :mod:`mil.heads.transmil`).
-- ``dtfd``: Adam lr 1e-4, weight decay 1e-4, LR x 0.2 from epoch 100 (the reference's MultiStepLR([100], 0.2)
-  of 200 epochs), gradient norm clipped to 5 per tier-module (DTFD-MIL).
-
-The epochs of a head's reference are kept in its recipe for the record; the protocols replace them.
+A recipe's LR schedule is its reference's, followed epoch by epoch (a 200-epoch schedule runs for as many epochs
+as the protocol does, :func:`mil.optim.lr_at`); the reference's epochs are kept in the recipe for the record.
 ``MILConfig`` records the step size and weight decay actually used in its ``protocol``. All heads train on one
 bag per optimiser step unless ``bags_per_step`` says otherwise (TransMIL and DTFD run a step's bags one by one).
 """
@@ -46,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from mil.heads import HEADS
 from zoomfeat.errors import ConfigError
 from zoomfeat.features import FeatureSpec
 from zoomfeat.serial import to_jsonable
@@ -124,7 +104,6 @@ class MILConfig:
             object.__setattr__(self, "protocol", replace(p, lr=lr, weight_decay=wd))  # the values used
         validate(self)
 
-
     def to_json(self) -> dict:
         """The config as JSON values, the feature set in its text form (``DIR@20x+5x``)."""
         return {**to_jsonable(self), "features": str(self.features)}
@@ -141,16 +120,13 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(cfg: MILConfig) -> None:
     """ConfigError naming the first bad value and the fix."""
-    from mil.registry import load_heads
     from mil.tasks import TASKS
-
-    MIL_MODELS = load_heads()
 
     _check(len(cfg.seeds) >= 1, "--seeds names no seed: give e.g. --seeds 0,1,2")
     _check(len(set(cfg.seeds)) == len(cfg.seeds), f"--seeds {','.join(map(str, cfg.seeds))} repeats a seed")
     _check(all(0 <= s < 2**63 for s in cfg.seeds), f"--seeds must be in [0, 2^63), got {cfg.seeds}")
     _check(cfg.task in TASKS, f"unknown task {cfg.task!r}: use one of {', '.join(TASKS)}")
-    _check(cfg.model in MIL_MODELS, f"unknown model {cfg.model!r}: use one of {', '.join(sorted(MIL_MODELS))}")
+    _check(cfg.model in HEADS, f"unknown model {cfg.model!r}: use one of {', '.join(sorted(HEADS))}")
     p = cfg.protocol
     _check(p.lr > 0, f"--lr must be > 0, got {p.lr}")
     _check(p.weight_decay >= 0, f"--weight-decay must be >= 0, got {p.weight_decay}")
@@ -185,13 +161,11 @@ def make_protocol(name: str, **overrides) -> Protocol:
 
 def effective_model_kwargs(cfg: MILConfig) -> dict:
     """``model_kwargs`` plus what the task implies for a head, unless given explicitly: CLAM's
-    ``subtyping=True`` for ``--task subtyping`` (subtypes are mutually exclusive: the most attended instances
-    are also negatives for the other classes' instance classifiers, as in CLAM's reference code), and DSMIL's
-    single positive stream for ``--task hrd``, a positive/negative task (DSMIL's ``--num_classes 1``); whatever
-    the task, DSMIL's prediction as the mean of its two streams (``average=True``, its train_tcga.py's
-    ``--average`` default and the paper's bag score) and TransMIL's class token left out of the value
-    convolution (``class_token_residual=False``: in the reference the convolution lets the class token read the
-    bag's first 16 instances by position, a path that memorises small cohorts; see mil.heads.transmil)."""
+    ``subtyping=True`` for ``--task subtyping`` (mutually exclusive classes: the most attended instances are also
+    negatives for the other classes' instance classifiers, as in CLAM's code); DSMIL's single positive stream
+    for ``--task hrd`` (its ``--num_classes 1``) and, whatever the task, its prediction as the mean of its two
+    streams (``average=True``, its train_tcga.py's ``--average`` default and the paper's bag score); TransMIL's
+    class token left out of the value convolution (``class_token_residual=False``; why: mil.heads.transmil)."""
     kwargs = dict(cfg.model_kwargs)
     if cfg.model in ("clam_sb", "clam_mb") and cfg.task == "subtyping":
         kwargs.setdefault("subtyping", True)
@@ -295,7 +269,7 @@ def plan_rows(cfg: MILConfig, device: str = "cpu") -> list[tuple[str, str, str]]
     optimizer = "RAdam + Lookahead (k 6, alpha 0.5)" if r.optimizer == "radam_lookahead" else "Adam"
     given = cfg.bags_per_step is not None and cfg.bags_per_step != r.bags_per_step
     kwargs = ", ".join(f"{k}={v}" for k, v in sorted(plan.model_kwargs.items())) or "the head's defaults"
-    rows = [
+    return [
         ("epochs (max)", str(p.epochs), source("epochs", "--epochs", preset_src)),
         ("model evaluated", selection, source("selection", "--selection", preset_src)),
         ("early stopping", stopping, preset_src if (p.patience, p.min_epochs) == (preset.patience, preset.min_epochs)
@@ -319,7 +293,6 @@ def plan_rows(cfg: MILConfig, device: str = "cpu") -> list[tuple[str, str, str]]
         ("precision", plan.precision,
          "--precision" if cfg.precision != "auto" else "default (fp32 on a CPU, bf16 on a GPU)"),
     ]
-    return rows
 
 
 def _stopping(p: Protocol) -> str:

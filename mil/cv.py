@@ -1,26 +1,17 @@
 """The cross-validation run: every fold of a split folder, once per init seed, resumable per (seed, fold), with a
 typed record of its inputs.
 
-Layout of RUN_DIR (``mil.record.fold_dir``: ``fold_<k>/`` below for a one-seed run, ``seed_<s>/fold_<k>/`` for
-a run of several ``--seeds``):
-    config.json                the run record (mil.record: config, label map, feature spec, feature dim, seeds,
-                               planned folds, the training plan with the source of every setting, split
-                               fingerprints, input fingerprints, extractor provenance, schema version)
-    fold_<k>/predictions.csv   slide_id,case_id,label,prob,split,prob_<class>...: val and test rows; label =
-                               class index (record label_map); prob_<class> = P(class) for every class; prob =
-                               P(class 1), written for binary tasks only
-    fold_<k>/metrics.json      val_/test_ auc, balanced_accuracy, accuracy, macro_f1 (mil.metrics, from the
-                               predictions), losses, sizes, epochs_trained, best_epoch (1-based), seed
-    fold_<k>/model.ckpt        state_dict + model name/kwargs + feature spec + label map + seed (torch.save)
-    summary.csv                seed,fold,test_auc,test_balanced_accuracy,test_accuracy,test_macro_f1: a row per
-                               (seed, fold); per seed rows fold "mean" and "std" (over its folds, ddof=1); then
-                               rows seed "mean" and "std", fold "mean": the mean and standard deviation (ddof=1)
-                               over seeds of the per-seed means (the spread over init seeds)
-A (seed, fold) whose metrics.json exists is skipped, and only when the run's record matches the new invocation's
-(settings and seeds, labels file content, feature files, splits); every check runs before any training. Every
-file is written through :func:`zoomfeat.store.atomic_write` (a crash or Ctrl-C leaves no partial or temp file).
-While training, a line per fold comes back as its result does: ``fold 2/5 (seed 0): val AUC 0.91, test AUC
-0.88, 41 s``.
+RUN_DIR holds the run record ``config.json`` (:mod:`mil.record`), ``summary.csv`` (:func:`write_summary`) and a
+folder per (seed, fold) (``mil.record.fold_dir``: ``fold_<k>/``, or ``seed_<s>/fold_<k>/`` in a run of several
+``--seeds``) with
+    predictions.csv   slide_id,case_id,label,prob,split,prob_<class>...: val and test rows; label = class index
+                      (record label_map); prob_<class> = P(class) for every class; prob = P(class 1), written
+                      for binary tasks only
+    metrics.json      val_/test_ auc, balanced_accuracy, accuracy, macro_f1 (mil.metrics, from the predictions),
+                      losses, sizes, epochs_trained, best_epoch (1-based), seed; written last: the fold is done
+    model.ckpt        state_dict + model name/kwargs + feature spec + label map + seed (torch.save)
+A (seed, fold) whose metrics.json exists is skipped (:func:`run_cv`). Every file is written through
+:func:`zoomfeat.store.atomic_write` (a crash or Ctrl-C leaves no partial or temp file).
 """
 
 from __future__ import annotations
@@ -33,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 from torch import nn
 
+from mil.augment import AugmentedStore, plan_cohort, usable_copies
 from mil.bags import BagStore, FeatureSpec, MILDataWarning, read_extractor, scan_bags
 from mil.config import MILConfig, describe_plan_rows, effective_model_kwargs, plan_rows
-from mil.metrics import METRICS, check_finite, classification_metrics, metric_label
+from mil.metrics import METRICS, check_finite, classification_metrics, fmt, mean_std, metric_label
 from mil.record import (RECORD_NAME, RunRecord, check_resume, finished_pairs, fold_dir, input_fingerprints,
                         read_record, split_fingerprint, write_record)
 from mil.registry import build_model
@@ -47,10 +38,12 @@ from mil.train import FoldData, epoch_order, resolve_device, run_folds
 from splits.audit import trainability_problems
 from splits.io import PARTS, SplitFold, read_splits_dir
 from splits.labels import read_labels
+from zoomfeat import __version__
 from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
+from zoomfeat.fitting import load_checkpoint
 from zoomfeat.log import note
+from zoomfeat.runtime import check_devices
 from zoomfeat.store import Claim, atomic_write, save_torch, write_json_atomic
-from zoomfeat.torch_files import load_torch_file
 
 CHECKPOINT_FORMAT = "zoomfeat-mil"
 CHECKPOINT_VERSION = 1
@@ -100,9 +93,8 @@ def check_model_kwargs(cfg: MILConfig, in_dim: int, n_classes: int) -> None:
     try:
         build_model(cfg.model, in_dim, n_classes, **effective_model_kwargs(cfg))
     except (TypeError, ValueError, RuntimeError) as exc:
-        reason = one_line(exc)
         raise ConfigError(f"--model-kwargs {json.dumps(cfg.model_kwargs)} does not make a {cfg.model} head "
-                          f"({reason}); see the head's arguments in mil/heads/") from exc
+                          f"({one_line(exc)}); see the head's arguments in mil/heads/") from exc
 
 
 def _augmentation(cfg: MILConfig, spec: FeatureSpec, all_folds: list[SplitFold], usable: set[str],
@@ -111,8 +103,6 @@ def _augmentation(cfg: MILConfig, spec: FeatureSpec, all_folds: list[SplitFold],
     ``cfg.seed`` (the training fraction's patients are drawn per seed) (None without them)."""
     if cfg.augment is None and float(cfg.train_fraction) == 1.0:
         return None
-    from mil.augment import plan_cohort, usable_copies
-
     table = cohort.table
     case_of = dict(zip(table["slide_id"], table["case_id"].astype(str)))
     label_of = dict(zip(table["slide_id"], table["target"].astype(int)))
@@ -132,8 +122,6 @@ def _augmentation(cfg: MILConfig, spec: FeatureSpec, all_folds: list[SplitFold],
 
 def _record(cfg: MILConfig, spec: FeatureSpec, cohort: LabelledCohort, dim: int, folds: list[SplitFold],
             usable: tuple[str, ...], left_out: dict[str, int], extra_files: dict | None = None) -> RunRecord:
-    from zoomfeat import __version__
-
     extractor, extractor_config = read_extractor(spec, usable[0])
     plan = [{"setting": k, "value": v, "source": src} for k, v, src in plan_rows(cfg)]
     return RunRecord(
@@ -167,7 +155,6 @@ def fold_metrics(predictions: pd.DataFrame, classes: list[str]) -> dict:
 
 def _write_fold(fold_dir: Path, result, cfg: MILConfig, cohort: LabelledCohort, dim: int) -> dict:
     """Write a fold's checkpoint, predictions and (last, marking it done) metrics; returns the metrics."""
-
     classes = [n for n, _ in sorted(cohort.label_map.items(), key=lambda kv: kv[1])]
     predictions = _class_columns(result.predictions, classes)
     check_finite(predictions[[f"prob_{c}" for c in classes]].to_numpy(dtype=float),
@@ -188,7 +175,6 @@ def _write_fold(fold_dir: Path, result, cfg: MILConfig, cohort: LabelledCohort, 
 
 def _check_out(run: Path) -> None:
     """``--out`` must be a new folder or a train-mil run: its config.json is never overwritten otherwise."""
-
     if (run / RECORD_NAME).is_file():
         try:
             read_record(run)
@@ -202,8 +188,6 @@ STALE_TEMP_S = 600.0  # a temporary file this old is a writer's that died (a fol
 def remove_stale_temps(run: Path, now: float | None = None) -> list[Path]:
     """Delete the temporary files (``.<name>.tmp<pid>``, zoomfeat.store.temp_path) that a killed run left in
     ``run``; a write in progress is never that old. Returns what was removed."""
-    import time
-
     now = time.time() if now is None else now
     stale = [p for p in run.glob("**/.*.tmp*") if p.is_file() and now - p.stat().st_mtime > STALE_TEMP_S]
     for path in stale:
@@ -221,7 +205,7 @@ def _check_resumed_heads(run: Path, cfg: MILConfig, record: RunRecord, done: lis
         path = fold_dir(run, record.seeds, seed, k) / "model.ckpt"
         if not path.is_file():
             continue  # a finished fold without its checkpoint is reported where the checkpoint is read
-        have = load_torch_file(path, "fold checkpoint", fix="delete the fold folder to retrain it").get("model_kwargs")
+        have = _load_checkpoint(path).get("model_kwargs")
         if have is not None and have != want:
             which = f"fold {k}" if len(record.seeds) == 1 else f"seed {seed} fold {k}"
             raise ConfigError(f"{run}: {which} was trained with head arguments "
@@ -230,22 +214,13 @@ def _check_resumed_heads(run: Path, cfg: MILConfig, record: RunRecord, done: lis
                               "start over")
 
 
-def _spread(values: list) -> tuple[float | None, float | None]:
-    """(mean, standard deviation with ddof=1) of the defined values; None where undefined."""
-    import numpy as np
-
-    defined = np.array([v for v in values if v is not None and not pd.isna(v)], dtype=float)
-    mean = float(defined.mean()) if len(defined) else None
-    std = float(defined.std(ddof=1)) if len(defined) > 1 else None
-    return mean, std
-
-
 SUMMARY_COLUMNS: tuple[str, ...] = ("seed", "fold", *(f"test_{m}" for m in METRICS))
 
 
 def write_summary(run: Path, record: RunRecord) -> pd.DataFrame:
-    """summary.csv (see the module docstring) from every finished (seed, fold)'s metrics.json."""
-
+    """summary.csv from every finished (seed, fold)'s metrics.json: seed,fold,test_<metric> (mil.metrics.METRICS),
+    a row per (seed, fold); per seed the rows fold ``mean`` and ``std`` over its folds (ddof=1); then the rows
+    seed ``mean`` and ``std``, fold ``mean``: over seeds of the per-seed means (the spread over init seeds)."""
     columns = [f"test_{m}" for m in METRICS]
     rows, per_seed = [], []
     for seed in record.seeds:
@@ -254,13 +229,13 @@ def write_summary(run: Path, record: RunRecord) -> pd.DataFrame:
         rows += [{"seed": str(seed), "fold": str(k), **{c: m.get(c) for c in columns}} for k, m in zip(folds, metrics)]
         if not folds:
             continue
-        stats = {c: _spread([m.get(c) for m in metrics]) for c in columns}
-        mean = {"seed": str(seed), "fold": "mean", **{c: stats[c][0] for c in columns}}
-        rows += [mean, {"seed": str(seed), "fold": "std", **{c: stats[c][1] for c in columns}}]
+        stats = {c: mean_std([m.get(c) for m in metrics]) for c in columns}
+        mean = {"seed": str(seed), "fold": "mean", **{c: stats[c]["mean"] for c in columns}}
+        rows += [mean, {"seed": str(seed), "fold": "std", **{c: stats[c]["std"] for c in columns}}]
         per_seed.append(mean)
-    over = {c: _spread([m[c] for m in per_seed]) for c in columns}
-    rows += [{"seed": "mean", "fold": "mean", **{c: over[c][0] for c in columns}},
-             {"seed": "std", "fold": "mean", **{c: over[c][1] for c in columns}}]
+    over = {c: mean_std([m[c] for m in per_seed]) for c in columns}
+    rows += [{"seed": "mean", "fold": "mean", **{c: over[c]["mean"] for c in columns}},
+             {"seed": "std", "fold": "mean", **{c: over[c]["std"] for c in columns}}]
     frame = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     with atomic_write(run / "summary.csv") as tmp:
         frame.to_csv(tmp, index=False)
@@ -270,9 +245,8 @@ def write_summary(run: Path, record: RunRecord) -> pd.DataFrame:
 def _fold_line(fold: int, n_folds: int, seed: int, metrics: dict, seconds: float, n_classes: int) -> str:
     """``fold 2/5 (seed 0): val AUC 0.91, test AUC 0.88, 41 s`` (AUC as labelled by mil.metrics)."""
     auc = metric_label("auc", n_classes)
-    text = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    return (f"fold {fold}/{n_folds} (seed {seed}): val {auc} {text(metrics.get('val_auc'))}, "
-            f"test {auc} {text(metrics.get('test_auc'))}, {seconds:.0f} s")
+    return (f"fold {fold}/{n_folds} (seed {seed}): val {auc} {fmt(metrics.get('val_auc'), 2)}, "
+            f"test {auc} {fmt(metrics.get('test_auc'), 2)}, {seconds:.0f} s")
 
 
 @dataclass(frozen=True)
@@ -287,7 +261,7 @@ class _Cohort:
     dim: int
 
 
-def run_cv(cfg: MILConfig, progress: bool = False, on_fold=None) -> pd.DataFrame:
+def run_cv(cfg: MILConfig, on_fold=None) -> pd.DataFrame:
     """Train and evaluate every selected fold once per seed of ``cfg.seeds`` (skipping finished (seed, fold)
     pairs); returns the summary table. ``on_fold(seed, fold, metrics)`` is called after each fold is written.
 
@@ -295,8 +269,6 @@ def run_cv(cfg: MILConfig, progress: bool = False, on_fold=None) -> pd.DataFrame
     trainable folds (under every seed's training fraction), model arguments, device settings, and that a
     resumed run has the same inputs and seeds.
     """
-    from zoomfeat.runtime import check_devices
-
     spec = cfg.features
     cohort = apply_task(read_labels(cfg.labels, label_col=cfg.label_col), cfg.task, cfg.label_col,
                         cfg.hrd_threshold, cfg.classes)
@@ -332,7 +304,7 @@ def run_cv(cfg: MILConfig, progress: bool = False, on_fold=None) -> pd.DataFrame
     store = BagStore(spec, cache=False)
     inputs = _Cohort(cohort, all_folds, data, usable, named, scan.dim)
     for seed in cfg.seeds:
-        _train_pending(cfg.for_seed(seed), run, record, inputs, store, progress, augmentations[seed], on_fold)
+        _train_pending(cfg.for_seed(seed), run, record, inputs, store, augmentations[seed], on_fold)
     return write_summary(run, record)
 
 
@@ -342,7 +314,6 @@ def fold_claims(run: Path, record: RunRecord, seed: int, pending: dict[int, Fold
     ``seed_<s>_fold_<k>.lock`` in a run of several seeds; zoomfeat.store.Claim) so that another train-mil on
     the same folder leaves it alone; claims are released when the block ends, and a fold finished meanwhile by
     another process is dropped."""
-
     prefix = "" if len(record.seeds) == 1 else f"seed_{seed}_"
     claims = {k: Claim(run, f"{prefix}fold_{k}") for k in pending}
     try:
@@ -359,12 +330,11 @@ def fold_claims(run: Path, record: RunRecord, seed: int, pending: dict[int, Fold
             claim.release()
 
 
-def _train_pending(cfg: MILConfig, run: Path, record: RunRecord, inputs: _Cohort, store, progress: bool,
-                   augmentation=None, on_fold=None) -> None:
+def _train_pending(cfg: MILConfig, run: Path, record: RunRecord, inputs: _Cohort, store, augmentation=None,
+                   on_fold=None) -> None:
     """Train the folds of the init seed ``cfg.seed`` not done yet (mil.train.run_folds, one by one); the epoch
     order runs over the training slides of every fold of the split folder (``inputs.usable``: the checked slides of the selected folds, ``inputs.named``: every slide those folds
     name). A line per fold is printed as its result comes back."""
-
     cohort, spec, seed = inputs.cohort, cfg.features, cfg.seed
     data = inputs.data
     if augmentation is not None:
@@ -374,8 +344,6 @@ def _train_pending(cfg: MILConfig, run: Path, record: RunRecord, inputs: _Cohort
     parts = [f.part("train") for f in inputs.all_folds]
     available: set[str] = set()
     if augmentation is not None:  # the plans' training slides (fraction, synthetic copies) of every fold
-        from mil.augment import AugmentedStore
-
         parts, targets = augmentation.train_parts(), augmentation.targets(targets)
         available = set(augmentation.available)
         if augmentation.spec is not None:
@@ -396,12 +364,10 @@ def _train_pending(cfg: MILConfig, run: Path, record: RunRecord, inputs: _Cohort
             on_fold(seed, k, metrics)
 
     with fold_claims(run, record, seed, pending) as mine:  # concurrent runs into one folder share the folds
-        run_folds(cfg, mine, order, store, inputs.dim, len(cohort.label_map), write, progress)
+        run_folds(cfg, mine, order, store, inputs.dim, len(cohort.label_map), write)
 
 
 def _load_checkpoint(path: Path) -> dict:
-    from zoomfeat.fitting import load_checkpoint
-
     ckpt = load_checkpoint(path, "retrain this fold with `zoomfeat train-mil` (delete its fold folder first)")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a zoomfeat MIL checkpoint (format {ckpt.get('format')!r}); pass a "
@@ -414,11 +380,11 @@ def load_fold_model(run_dir: str | Path, fold: int, seed: int | None = None) -> 
     first recorded seed (its only one in a one-seed run; callers of a several-seed run say which they drew).
     CheckpointError for a missing, unreadable or foreign checkpoint, or one whose weights do not fit its own
     architecture."""
-
     run = Path(run_dir)
     record = read_record(run)
     if seed is not None and seed not in record.seeds:
-        raise ConfigError(f"--seed {seed}: {run} was trained with seeds {','.join(map(str, record.seeds))}")
+        raise ConfigError(f"--seed {seed}: {run} was trained with seeds {','.join(map(str, record.seeds))}; "
+                          "pass one of them")
     seed = record.seeds[0] if seed is None else seed
     path = fold_dir(run, record.seeds, seed, fold) / "model.ckpt"
     if not path.is_file():

@@ -17,26 +17,25 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
+from mil.record import read_record
 from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.features import FeatureSpec
 from zoomfeat.mags import PATCH_SIZE
+from zoomfeat.slides import Slide
 from zoomfeat.store import FeatureFile, atomic_write, fingerprint
 
 
 @dataclass(frozen=True)
 class HeatmapResult:
-    """What ``build_heatmap`` wrote and drew: PNG paths, number of tiles, indices of the top-attended tiles."""
+    """What ``build_heatmap`` wrote and drew: PNG paths, the (seed, fold) whose model was drawn, number of
+    tiles, indices of the top-attended tiles."""
 
     heatmap_png: Path
     top_png: Path
+    seed: int
+    fold: int
     n_tiles: int
     top_indices: tuple[int, ...]
-
-
-def trained_spec(record) -> FeatureSpec | None:
-    """The feature set fold ``fold`` of a run was trained on: its run record's (mil.record.RunRecord; the fold's
-    checkpoint is checked against it by mil.cv.load_fold_model)."""
-    return record.feature_spec
 
 
 def check_slide_identity(feature_file: FeatureFile, slide_path: str | Path) -> None:
@@ -54,38 +53,32 @@ def check_slide_identity(feature_file: FeatureFile, slide_path: str | Path) -> N
                         "another modification time): give that slide file, or extract this slide's features")
 
 
-def attention_map(run_dir: str | Path, fold: int, slide_path: str | Path, spec=None) -> tuple[np.ndarray, np.ndarray]:
-    """The fold model's attention on one slide: coords int64 [N, 2] (level-0 x, y) and attention float [N].
+def attention_map(run_dir: str | Path, fold: int, slide_path: str | Path, spec=None,
+                  seed: int | None = None) -> tuple[FeatureSpec, np.ndarray, np.ndarray]:
+    """The attention of the model of (``seed``, ``fold``) on one slide: the feature set read, coords int64
+    [N, 2] (level-0 x, y) and attention float [N].
 
-    ``spec`` is a FeatureSpec or its text (``DIR@20x+5x``), by default the one the fold was trained on; its
-    magnifications must be the run's. The slide must be the file the features were made from.
+    ``seed`` None is the run's first recorded seed. ``spec`` is a FeatureSpec or its text (``DIR@20x+5x``), by
+    default the one the run was trained on; its magnifications must be the run's. The slide must be the file the
+    features were made from.
     """
-    return _attention(run_dir, fold, slide_path, spec)[1:]
-
-
-def _attention(run_dir, fold: int, slide_path, spec) -> tuple[FeatureSpec, np.ndarray, np.ndarray]:
     import torch
 
     from mil.bags import load_bag
     from mil.cv import load_fold_model
 
-    model, record = load_fold_model(run_dir, fold)
-    trained = trained_spec(record)
-    if spec is None:
-        if trained is None:
-            raise ConfigError(f"{run_dir} does not record its feature set: pass --features DIR@MAGS")
-        spec = trained
-    spec = FeatureSpec.parse(spec)  # a FeatureSpec from the command passes through
-    if trained is not None and trained.mags != spec.mags:
+    model, record = load_fold_model(run_dir, fold, seed)
+    trained = record.feature_spec
+    spec = trained if spec is None else FeatureSpec.parse(spec)  # a FeatureSpec from the command passes through
+    if trained.mags != spec.mags:
         raise ConfigError(f"fold {fold} of {run_dir} was trained on {trained}, not on {spec}: pass --features "
                           f"DIR@{trained.mags_text}")
     slide_id = Path(slide_path).stem
     with FeatureFile(spec.path(slide_id)) as f:
         check_slide_identity(f, slide_path)
     bag = load_bag(spec, slide_id)
-    model.eval()
     with torch.no_grad():
-        out = model(bag.features.float().unsqueeze(0))  # a batch of one bag
+        out = model(bag.features.float().unsqueeze(0))  # a batch of one bag; the model is in eval mode
     attention = out.attention.detach().float().cpu().numpy().reshape(-1)
     if attention.shape[0] != len(bag.coords_level0):
         raise DataError(f"model of fold {fold} returned {attention.shape[0]} attention values for "
@@ -148,22 +141,25 @@ def _save_png(path: Path, pixels: np.ndarray) -> None:
 
 
 def build_heatmap(run_dir: str | Path, fold: int, slide_path: str | Path, spec, out_png: str | Path | None, *,
-                  top: int = 16, max_size: int = 2048, alpha: float = 0.5, patch_px: int = PATCH_SIZE) -> HeatmapResult:
+                  seed: int | None = None, top: int = 16, max_size: int = 2048, alpha: float = 0.5,
+                  patch_px: int = PATCH_SIZE) -> HeatmapResult:
     """Write the heatmap PNG and ``<stem>_top.png`` (the ``top`` most attended patches at the finest mag).
 
-    ``spec`` None = the fold's own feature set; ``out_png`` None = ``<run>/heatmaps/<slide_id>_fold<k>.png``.
+    ``spec`` None = the fold's own feature set; ``seed`` None = the run's first recorded seed; ``out_png`` None =
+    ``<run>/heatmaps/<slide_id>_fold<k>.png`` (``<slide_id>_seed<s>_fold<k>.png`` in a run of several seeds).
     The scale comes from the feature file (its base magnification and tile sizes), so a slide without
     usable metadata needs no ``--base-mag``.
     """
-    from zoomfeat.slides import Slide
-
     if top < 1 or max_size < 16 or not 0 < alpha <= 1:
         raise ConfigError(f"bad heatmap settings (top={top}, max_size={max_size}, alpha={alpha}): "
                           "use top >= 1, max size >= 16, 0 < alpha <= 1")
-    spec, coords, attention = _attention(run_dir, fold, slide_path, spec)
+    seeds = read_record(run_dir).seeds
+    seed = seeds[0] if seed is None else seed
+    spec, coords, attention = attention_map(run_dir, fold, slide_path, spec, seed)
     slide_id = Path(slide_path).stem
     if out_png is None:
-        out_png = Path(run_dir) / "heatmaps" / f"{slide_id}_fold{fold}.png"
+        which = f"seed{seed}_fold{fold}" if len(seeds) > 1 else f"fold{fold}"
+        out_png = Path(run_dir) / "heatmaps" / f"{slide_id}_{which}.png"
     out_png = Path(out_png)
     top_png = out_png.with_name(f"{out_png.stem}_top.png")
     mag = spec.mags[0]
@@ -180,4 +176,4 @@ def build_heatmap(run_dir: str | Path, fold: int, slide_path: str | Path, spec, 
         patches = [slide.read_patch(int(coords[i, 0]), int(coords[i, 1]), mag, patch_px) for i in order]
     _save_png(out_png, render_heatmap(thumb, coords, tile_level0, size, attention_percentiles(attention), alpha))
     _save_png(top_png, montage(patches))
-    return HeatmapResult(out_png, top_png, len(attention), tuple(int(i) for i in order))
+    return HeatmapResult(out_png, top_png, seed, fold, len(attention), tuple(int(i) for i in order))

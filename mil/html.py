@@ -19,14 +19,9 @@ code { background: #f4f4f4; padding: 0 0.2em; }
 """
 
 
-def png_data_uri(png: bytes) -> str:
-    """``data:image/png;base64,...`` for PNG bytes."""
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
 def image(png: bytes, alt: str) -> str:
-    """An ``<img>`` whose source is the PNG itself (no file next to the page)."""
-    return f'<img src="{png_data_uri(png)}" alt="{escape(alt)}">'
+    """An ``<img>`` whose source is the PNG itself, a base64 data URI (no file next to the page)."""
+    return f'<img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" alt="{escape(alt)}">'
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[object]], numeric: Sequence[bool] | None = None) -> str:

@@ -2,7 +2,7 @@
 
 For scores ``s`` [B, C] and labels ``y`` [B], with margin ``alpha`` and temperature ``tau``:
 
-    loss = tau * log sum_j exp((alpha * [j != y] + s_j - s_y) / tau)        (mean over the batch)
+    loss = tau * log sum_j exp((alpha * [j != y] + s_j - s_y) / tau)
 
 It is a smooth upper bound of the hinge ``max_j(alpha * [j != y] + s_j) - s_y``; tau -> 0 gives the hinge.
 CLAM uses C = 2, alpha = 1, tau = 1.
@@ -23,34 +23,12 @@ def smooth_top1_svm_rows(scores: torch.Tensor, target: torch.Tensor, alpha: floa
     return tau * torch.logsumexp((scores + alpha * (1.0 - onehot) - true_score) / tau, dim=-1)
 
 
-def smooth_top1_svm(scores: torch.Tensor, target: torch.Tensor, alpha: float = 1.0,
-                    tau: float = 1.0) -> torch.Tensor:
-    """Mean smooth top-1 SVM loss of ``scores`` [B, C] against integer ``target`` [B]."""
-    return smooth_top1_svm_rows(scores, target, alpha, tau).mean()
-
-
-class SmoothTop1SVM(nn.Module):
-    """Module form of :func:`smooth_top1_svm` with fixed ``alpha`` and ``tau``."""
-
-    def __init__(self, alpha: float = 1.0, tau: float = 1.0):
-        super().__init__()
-        self.alpha = alpha
-        self.tau = tau
-
-    def forward(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return smooth_top1_svm(scores, target, self.alpha, self.tau)
-
-
 def bag_loss(model: nn.Module, out, y: torch.Tensor) -> torch.Tensor:
     """Training loss of one bag (``out`` of a batch of one bag, ``y`` a scalar long tensor), as the references'
-    per-bag loops compute it: ``bag_weight * CE(logits, y) + (1 - bag_weight) * extra_loss`` when the head
-    returns an extra loss for the bag (CLAM 0.7 / 0.3, DSMIL 0.5 / 0.5), the head's own ``combine`` where it has
-    one (DTFD), else the cross-entropy. The plain loops of the benchmark and the tests use it."""
+    per-bag loops compute it: the head's ``combine`` of the cross-entropy and its extra loss when it returns
+    one for the bag (CLAM 0.7 / 0.3, DSMIL 0.5 / 0.5, DTFD the sum), else the cross-entropy. The plain loops of
+    the benchmark and the tests use it."""
     ce = F.cross_entropy(out.logits, y.view(1))
     if out.extra_loss is None or (out.extra_valid is not None and not bool(out.extra_valid[0])):
         return ce
-    extra = out.extra_loss.reshape(())
-    if hasattr(model, "combine"):
-        return model.combine(ce, extra)
-    w = float(getattr(model, "bag_weight", 1.0))
-    return w * ce + (1.0 - w) * extra
+    return model.combine(ce, out.extra_loss.reshape(()))

@@ -1,16 +1,11 @@
 """The one metric code path of MIL training, reports and comparisons (scikit-learn).
 
 Every metric takes ``probs`` (class probabilities, [n, C], rows summing to 1) and ``labels`` (class indices,
-[n]), numpy arrays or torch tensors (the training loop's order); predicted class = P(class 1) >= 0.5 for two classes, else argmax. Non-finite probabilities are refused with a DataError (a NaN score must never become an AUC).
-
-- ``auroc``: ROC AUC (binary: of P(class 1); more classes: macro one-vs-rest); None when a class is absent;
-- ``balanced_accuracy``: mean recall over the classes present in ``labels`` (sklearn's definition);
-- ``accuracy``: the share of slides whose predicted class is their label (plain accuracy);
-- ``macro_f1``: the unweighted mean of every class's F1 (two classes too: F1 of class 0 and of class 1);
-- ``classification_metrics``: the four above by their names (:data:`METRICS`), the one set that summary.csv,
-  the report and compare show, labelled by :func:`metric_label`;
-- ``confusion``: C x C counts, rows = true class, columns = predicted class;
-- ``auc_rows``: many binary AUCs at once (bootstrap resamples), equal to sklearn's ``roc_auc_score``.
+[n]), numpy arrays or torch tensors (the training loop's); predicted class = P(class 1) >= 0.5 for two classes,
+else argmax. Non-finite probabilities are refused with a DataError (a NaN score must never become an AUC).
+:func:`classification_metrics` gives the one set that summary.csv, the report and compare show (:data:`METRICS`:
+AUC, one-vs-rest macro for more than two classes; balanced accuracy; plain accuracy; macro F1, the unweighted
+mean of every class's F1, two classes too), each labelled by :func:`metric_label`; :func:`mean_std` their spread.
 """
 
 from __future__ import annotations
@@ -27,10 +22,12 @@ THRESHOLD = 0.5  # P(class 1) at or above which a binary prediction is class 1
 
 
 def _as_numpy(probs, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(labels [n] int64, probs [n, C] float64) as numpy arrays; DataError for non-finite probabilities."""
     to_np = lambda v: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)  # noqa: E731
     y = to_np(labels).astype(np.int64).reshape(-1)
     p = to_np(probs).astype(np.float64)
     p = p.reshape(len(y), -1) if p.size else np.zeros((len(y), 0))
+    check_finite(p)
     return y, p
 
 
@@ -55,7 +52,6 @@ def predicted_class(probs: np.ndarray) -> np.ndarray:
 def auroc(probs, labels, n_classes: int | None = None) -> float | None:
     """ROC AUC; None when the set is empty or lacks one of the ``n_classes`` classes (undefined)."""
     y, p = _as_numpy(probs, labels)
-    check_finite(p)
     n_classes = n_classes or p.shape[1]
     if len(y) == 0 or len(np.unique(y)) < n_classes:
         return None
@@ -67,7 +63,6 @@ def auroc(probs, labels, n_classes: int | None = None) -> float | None:
 def balanced_accuracy(probs, labels, n_classes: int | None = None) -> float | None:
     """Mean recall over the classes present in ``labels``; None for an empty set."""
     y, p = _as_numpy(probs, labels)
-    check_finite(p)
     if len(y) == 0:
         return None
     with warnings.catch_warnings():  # "y_pred contains classes not in y_true": recall over present classes
@@ -78,7 +73,6 @@ def balanced_accuracy(probs, labels, n_classes: int | None = None) -> float | No
 def accuracy(probs, labels, n_classes: int | None = None) -> float | None:
     """Share of rows whose predicted class is the label; None for an empty set."""
     y, p = _as_numpy(probs, labels)
-    check_finite(p)
     if len(y) == 0:
         return None
     return float(accuracy_score(y, predicted_class(p)))
@@ -87,16 +81,36 @@ def accuracy(probs, labels, n_classes: int | None = None) -> float | None:
 def macro_f1(probs, labels, n_classes: int | None = None) -> float | None:
     """Unweighted mean of the F1 of every class (0 for a class never predicted right); None when empty."""
     y, p = _as_numpy(probs, labels)
-    check_finite(p)
     if len(y) == 0:
         return None
     n_classes = n_classes or p.shape[1]
     return float(f1_score(y, predicted_class(p), average="macro", labels=list(range(n_classes)), zero_division=0))
 
 
-f1 = macro_f1  # the training loop's name for it (mil.train)
-
 METRICS: tuple[str, ...] = ("auc", "balanced_accuracy", "accuracy", "macro_f1")
+
+
+def mean_std(values: list[float | None]) -> dict:
+    """Mean and standard deviation (ddof=1) of the defined values (None and NaN left out); std is None with
+    fewer than two."""
+    defined = [v for v in values if v is not None and not np.isnan(v)]
+    mean = float(np.mean(defined)) if defined else None
+    std = float(np.std(defined, ddof=1)) if len(defined) >= 2 else None
+    return {"mean": mean, "std": std, "n": len(defined), "n_excluded": len(values) - len(defined)}
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number for tables, ``n/a`` for undefined."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def fmt_mean_std(stats: dict, digits: int = 3) -> str:
+    """``mean ± std`` of a :func:`mean_std` dict; ``mean (one fold)`` (its ``over``) without a std."""
+    if stats["mean"] is None:
+        return "n/a"
+    if stats["std"] is None:
+        return f"{stats['mean']:.{digits}f} (one {stats.get('over', 'fold')})"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
 def classification_metrics(probs, labels, n_classes: int | None = None) -> dict[str, float | None]:
@@ -116,12 +130,8 @@ def metric_label(name: str, n_classes: int = 2) -> str:
 def confusion(probs, labels, n_classes: int | None = None) -> list[list[int]]:
     """C x C counts (rows: true class, columns: predicted class)."""
     y, p = _as_numpy(probs, labels)
-    check_finite(p)
     n_classes = n_classes or p.shape[1]
     return confusion_matrix(y, predicted_class(p), labels=list(range(n_classes))).astype(int).tolist()
-
-
-auroc_or_none = auroc  # the training loop's name for it (mil.train)
 
 
 def auc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import matplotlib
 
@@ -10,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
+
+from zoomfeat.store import atomic_write  # noqa: E402
 
 FPR_GRID = np.linspace(0.0, 1.0, 101)  # common false-positive-rate grid of the mean ROC
 
@@ -23,10 +26,6 @@ def _png(fig) -> bytes:
 
 def write_png(path, png: bytes):
     """Write PNG bytes to ``path`` atomically (zoomfeat.store.atomic_write); returns the path."""
-    from pathlib import Path
-
-    from zoomfeat.store import atomic_write
-
     with atomic_write(path) as tmp:
         Path(tmp).write_bytes(png)
     return Path(path)

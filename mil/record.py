@@ -1,25 +1,8 @@
 """Typed MIL run records: ``RUN_DIR/config.json``, written by cross-validation, read by report, compare, heatmap.
 
-The record says what a run was made from, so that its numbers can be traced and a resume never mixes inputs:
-
-    format              "zoomfeat-mil-run";  schema_version  3 (2 = one seed, no ``seeds``/``folds``; 1 = the
-                        untyped record of earlier versions)
-    config              the validated MILConfig (JSON; ``features`` in its text form)
-    task, label_map     the task and its class name -> index map (predictions use these indices)
-    feature_spec        the feature set (a :class:`zoomfeat.features.FeatureSpec`, saved in its canonical text form
-                        ``DIR@20x+5x``); feature_dim: fused width
-    seeds               the init seeds the cross-validation runs with, once per seed (``train-mil --seeds``)
-    plan                the training plan, a row per setting: its value and its source (preset, recipe, option)
-    folds               the folds planned (every fold of the split folder, or those ``--folds`` named in any
-                        invocation of the run)
-    split_source        the split folder; split_fingerprints: fold -> sha256 of its sorted train/val/test ids
-    inputs              content fingerprints: labels_sha256 (the labels file's bytes) and feature_files
-                        (slide id -> "size:mtime_ns" of its feature file, for every slide the run uses)
-    extractor           root attributes ``extractor`` / ``extractor_config`` of the feature files
-    left_out, labels_dropped   counts of slides left out, by reason
-    zoomfeat_version    the package that wrote it
-
-:func:`read_record` is the one reader (report, compare and heatmap use it, never the raw JSON);
+The record (:class:`RunRecord`, a comment per field) says what a run was made from, so that its numbers can be
+traced and a resume never mixes inputs. :func:`read_record` is the one reader (report, compare and heatmap use
+it, never the raw JSON); records of schema 1 (untyped) and 2 (one seed) are read as one-seed runs.
 :func:`resume_differences` says what differs between a run's record and the one a new invocation would write:
 settings (not the paths: a moved project resumes), magnifications, classes, feature width, split contents, the
 labels file's content and each feature file's stamp.
@@ -41,6 +24,7 @@ from typing import Any
 
 from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.features import FeatureSpec
+from zoomfeat.resolve import file_sha256
 from zoomfeat.store import describe_diff, settings_diff, write_json_atomic
 
 RECORD_NAME = "config.json"
@@ -62,24 +46,24 @@ class InputFingerprints:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """What one ``train-mil`` run was made from (see the module docstring for each field)."""
+    """What one ``train-mil`` run was made from; saved with ``format`` "zoomfeat-mil-run"."""
 
-    config: dict
+    config: dict  # the validated MILConfig (JSON; ``features`` in its text form)
     task: str
-    label_map: dict[str, int]
-    feature_spec: FeatureSpec
-    feature_dim: int
-    split_source: str
-    split_fingerprints: dict[str, str]
-    inputs: InputFingerprints | None
-    seeds: tuple[int, ...] = (0,)
-    folds: tuple[int, ...] = ()  # the planned folds; () = every fold of split_fingerprints
+    label_map: dict[str, int]  # class name -> index (predictions use these indices)
+    feature_spec: FeatureSpec  # saved in its canonical text form ``DIR@20x+5x``
+    feature_dim: int  # the fused width
+    split_source: str  # the split folder
+    split_fingerprints: dict[str, str]  # fold -> sha256 of its sorted train/val/test ids
+    inputs: InputFingerprints | None  # None in records of schema 1
+    seeds: tuple[int, ...] = (0,)  # the init seeds; the cross-validation runs once per seed (``--seeds``)
+    folds: tuple[int, ...] = ()  # the planned folds (``--folds`` of any invocation); () = every fold of the splits
     plan: list = field(default_factory=list)  # [{setting, value, source}] (mil.config.plan_rows)
-    extractor: str | None = None
+    extractor: str | None = None  # root attributes ``extractor`` / ``extractor_config`` of the feature files
     extractor_config: dict | None = None
-    left_out: dict[str, int] = field(default_factory=dict)
+    left_out: dict[str, int] = field(default_factory=dict)  # slides left out, by reason
     labels_dropped: dict[str, int] = field(default_factory=dict)
-    zoomfeat_version: str = "unknown"
+    zoomfeat_version: str = "unknown"  # the package that wrote it
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -141,8 +125,6 @@ def file_stamp(path: str | Path) -> str:
 
 def input_fingerprints(labels_path: str | Path, feature_paths: dict[str, Path]) -> InputFingerprints:
     """Fingerprints of the labels file (content sha256) and of each used slide's feature file."""
-    from zoomfeat.resolve import file_sha256
-
     return InputFingerprints(labels_sha256=file_sha256(labels_path),
                              feature_files={s: file_stamp(p) for s, p in sorted(feature_paths.items())})
 
@@ -343,13 +325,8 @@ def describe_pairs(pairs: list[tuple[int, int]], seeds: tuple[int, ...] | list[i
 class Completeness:
     """The planned (seed, fold) pairs of a run and those missing (not finished)."""
 
-    run_dir: Path
     record: RunRecord
     missing: tuple[tuple[int, int], ...]
-
-    @property
-    def complete(self) -> bool:
-        return not self.missing
 
     def note(self) -> str | None:
         """The sentence every table and page of a partial run carries (None for a complete run)."""
@@ -371,4 +348,4 @@ def check_complete(run_dir: str | Path, record: RunRecord | None = None, allow_p
         raise DataError(f"{run} is a partial run: {describe_pairs(list(missing), record.seeds)} of its "
                         f"{len(record.pairs)} recorded (seed, fold) pairs missing; finish it by rerunning "
                         f"`zoomfeat train-mil --out {run}` with its arguments, or pass --allow-partial")
-    return Completeness(run, record, missing)
+    return Completeness(record, missing)

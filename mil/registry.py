@@ -8,11 +8,12 @@ when labels are given (CLAM's instance clustering, DSMIL's max-instance loss, DT
 training loss of a bag is :meth:`MILHead.bag_losses`. Padding never changes a bag's numbers (tested per head).
 
 Heads live one per module under :mod:`mil.heads`; that package's explicit list (``HEADS``) names them without
-importing torch, and :func:`build_model` imports them through it. The registry imports no head module itself.
+importing torch, and :func:`load_heads` imports them through it when called (importing the registry imports no head).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Callable, NamedTuple
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mil.heads import HEADS, load_all
+from mil.heads import HEADS
 from zoomfeat.errors import ConfigError
 
 MIL_MODELS: dict[str, type[nn.Module]] = {}
@@ -50,7 +51,8 @@ def register_model(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
 def load_heads() -> dict[str, type[nn.Module]]:
     """Every head of :data:`mil.heads.HEADS`, imported (they register themselves); returns the registry."""
-    load_all()
+    for module in sorted({m for m, _ in HEADS.values()}):
+        importlib.import_module(f"mil.heads.{module}")
     return MIL_MODELS
 
 
@@ -89,19 +91,14 @@ class MILHead(nn.Module):
         return mixed if out.extra_valid is None else torch.where(out.extra_valid, mixed, ce)
 
 
-def bag_sizes(x: torch.Tensor, mask: torch.Tensor | None) -> list[int]:
-    """The number of real instances of each bag of ``x`` [B, N, D]."""
-    return [x.shape[1]] * x.shape[0] if mask is None else mask.sum(-1).tolist()
-
-
 def one_by_one(forward_one, x: torch.Tensor, mask: torch.Tensor | None, label: torch.Tensor | None) -> MILOutput:
     """A padded batch through a head whose arithmetic mixes a bag's instances beyond a masked softmax
     (TransMIL's landmarks and token grid, DTFD's pseudo-bags): ``forward_one(bag [1, n, D], label [1] | None)``
     per bag on its real instances, attention zero-padded back to [B, N]."""
     if x.shape[0] == 1 and mask is None:
         return forward_one(x, label)
-    outs = [forward_one(x[b:b + 1, :n], None if label is None else label[b:b + 1])
-            for b, n in enumerate(bag_sizes(x, mask))]
+    sizes = [x.shape[1]] * x.shape[0] if mask is None else mask.sum(-1).tolist()  # real instances per bag
+    outs = [forward_one(x[b:b + 1, :n], None if label is None else label[b:b + 1]) for b, n in enumerate(sizes)]
     attention = torch.stack([F.pad(o.attention[0], (0, x.shape[1] - o.attention.shape[1])) for o in outs])
     extra = None if outs[0].extra_loss is None else torch.cat([o.extra_loss for o in outs])
     return MILOutput(torch.cat([o.logits for o in outs]), attention, extra)

@@ -1,18 +1,15 @@
 """Cross-validation report of one ``train-mil`` run: per-fold test metrics, their spread over folds and over init
 seeds, pooled AUC with a bootstrap CI, plots.
 
-A run folder (written by ``zoomfeat train-mil``) holds its record ``config.json`` (read through
-:func:`mil.record.read_record`) and per (seed, fold) a ``predictions.csv`` (``mil.record.fold_dir``) with
-``slide_id, case_id, label, split`` and one ``prob_<class>`` column per class of the record's label map
-(``label`` = class index; runs of earlier versions have only ``prob`` = P(class 1), read as [1 - prob, prob]).
-A run missing recorded (seed, fold) pairs is refused (:func:`mil.record.check_complete`) unless
-``allow_partial``, and then every table and page names the missing folds. Metrics are on the test rows and come
-from :mod:`mil.metrics` (scikit-learn), each labelled as such: AUC (one-vs-rest macro for more than two
-classes), balanced accuracy, accuracy and macro F1; predicted class = P(class 1) >= 0.5 (two classes) or
-argmax. The spread over folds is the standard deviation (ddof=1) of one seed's fold values; the spread over
-seeds that of the per-seed means. The report warns of test folds with fewer than :data:`SMALL_FOLD` slides of a
-class and says why the mean per-fold AUC and the pooled AUC differ. ``build_report`` writes ``report.html``
-(self-contained), ``report.md``, ``report.json`` (every number) and the PNG plots.
+A run is read from its record (:func:`mil.record.read_record`) and per (seed, fold) its ``predictions.csv``
+(``slide_id, case_id, label, split`` and ``prob_<class>`` per class; runs of earlier versions have only ``prob``
+= P(class 1), read as [1 - prob, prob]). A run missing recorded (seed, fold) pairs is refused
+(:func:`mil.record.check_complete`) unless ``allow_partial``, and then every table and page names the missing
+folds. Metrics (:mod:`mil.metrics`) are on the test rows. The spread over folds is the standard deviation
+(ddof=1) of one seed's fold values; the spread over seeds that of the per-seed means. The report warns of test
+folds with fewer than :data:`SMALL_FOLD` slides of a class and says why the mean per-fold AUC and the pooled AUC
+differ. ``build_report`` writes ``report.html`` (self-contained), ``report.md``, ``report.json`` (every number)
+and the PNG plots.
 """
 
 from __future__ import annotations
@@ -25,10 +22,11 @@ import numpy as np
 import pandas as pd
 
 from mil import html, plots
-from mil.metrics import METRICS, THRESHOLD, auc_rows, auroc, check_finite, classification_metrics, confusion, metric_label
+from mil.metrics import (METRICS, THRESHOLD, auc_rows, auroc, classification_metrics, confusion, fmt, fmt_mean_std,
+                         mean_std, metric_label)
 from mil.record import Completeness, RunRecord, check_complete, finished_pairs, fold_dir, read_record
 from zoomfeat.errors import DataError, one_line
-from zoomfeat.store import write_json_atomic
+from zoomfeat.store import write_json_atomic, write_text
 
 BOOTSTRAP_CELLS = 2_000_000  # resampled predictions held in memory at once by the bootstrap
 PREDICTION_COLUMNS = ("slide_id", "case_id", "label", "split")
@@ -134,9 +132,7 @@ def load_run(run_dir: str | Path, allow_partial: bool = False) -> RunResult:
     """Read the record and the predictions of every finished (seed, fold) of a run folder; DataError for a run
     missing recorded pairs unless ``allow_partial`` (mil.record.check_complete)."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise DataError(f"{run_dir} is not a train-mil run folder (not a folder); pass RUN_DIR of train-mil --out")
-    record = read_record(run_dir)
+    record = read_record(run_dir)  # a path that is not a run folder: one line naming it
     pairs = finished_pairs(run_dir, record)
     if not pairs:
         raise DataError(f"{run_dir} has no finished fold (fold_<k>/metrics.json): has train-mil finished?")
@@ -168,8 +164,7 @@ def bootstrap_auc_ci(labels: np.ndarray, probs: np.ndarray, n_bootstrap: int, se
     probs = np.asarray(probs, dtype=float)
     probs = np.stack([1 - probs, probs], 1) if probs.ndim == 1 else probs
     empty = {"low": None, "high": None, "n_bootstrap": n_bootstrap, "n_valid": 0, "seed": seed}
-    check_finite(probs)
-    if n_bootstrap <= 0 or auroc(probs, labels) is None:
+    if auroc(probs, labels) is None or n_bootstrap <= 0:  # auroc refuses non-finite probabilities
         return empty
     rng = np.random.default_rng(seed)
     chunk = max(1, BOOTSTRAP_CELLS // len(labels))  # resamples per batch: bounded memory on large cohorts
@@ -194,27 +189,6 @@ def fold_metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
     if n_classes == 2:
         out.update(n_pos=int(counts[1]), n_neg=int(counts[0]))
     return {**out, **classification_metrics(probs, labels, n_classes)}
-
-
-def mean_std(values: list[float | None]) -> dict:
-    """Mean and standard deviation (ddof=1) of the defined values; std is None with fewer than two."""
-    defined = [v for v in values if v is not None]
-    mean = float(np.mean(defined)) if defined else None
-    std = float(np.std(defined, ddof=1)) if len(defined) >= 2 else None
-    return {"mean": mean, "std": std, "n": len(defined), "n_excluded": len(values) - len(defined)}
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    """A number for tables, ``n/a`` for undefined."""
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def fmt_mean_std(stats: dict, digits: int = 3) -> str:
-    if stats["mean"] is None:
-        return "n/a"
-    if stats["std"] is None:
-        return f"{stats['mean']:.{digits}f} (one {stats.get('over', 'fold')})"
-    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
 # ---------------------------------------------------------------------------------------------- metadata
@@ -435,8 +409,6 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_bo
                  seed: int = 0, allow_partial: bool = False) -> dict:
     """Write report.html / report.md / report.json / confusion.png (and roc.png for binary tasks); return
     report.json's dict. ``out_dir`` defaults to ``RUN_DIR/report``; the dict has ``files`` (name -> path)."""
-    from zoomfeat.store import write_text
-
     run = load_run(run_dir, allow_partial)
     out = Path(out_dir) if out_dir is not None else run.run_dir / "report"
     result = compute_report(run, n_bootstrap=n_bootstrap, seed=seed)

@@ -1,24 +1,17 @@
 """Training and evaluating folds: one fresh head per fold, a plain autograd loop, predictions on val and test.
 
-The loop (no Lightning, no DataLoader: its per-step hooks and collation cost more than a small head's step):
-
-- bags come from :class:`mil.cache.BagCache`, one contiguous tensor (a step's bag is a view);
-- the bag order of an epoch is one seeded permutation of every training slide of the split folder (the union
-  of all folds' training parts); a fold takes its own training bags in that order, so its numbers do not
-  depend on which other folds are trained. With ``balanced`` (class-balanced sampling with replacement) each
-  fold draws its own order instead;
-- ``bags_per_step`` consecutive bags make one optimiser step: a padded batch with its mask through the head
-  (:mod:`mil.registry`), the loss the mean bag loss; one bag per step is the default;
-- ``instance_sample`` < 1: each training step sees a random share of each bag's instances, drawn per (seed,
-  epoch, slide) (:func:`instance_subset`); a bag memorised by its noise instances looks different every
-  epoch. Evaluation always sees whole bags;
-- the step is ``loss.backward()`` and the recipe's ``torch.optim`` optimiser (:mod:`mil.optim`), with the
-  head's LR schedule, its gradient clipping, bf16 autocast on a GPU and with ``--precision bf16`` on a CPU
-  (:func:`mil.config.training_plan`). Every fold starts from the weights of ``torch.manual_seed(seed)``, and
-  its dropout draws from a generator seeded by (seed, fold);
-- after each epoch, when the protocol selects or stops on validation, the model predicts its validation
-  bags; the best weights are kept (``last``, ``val_loss``, ``val_auc``; CLAM's early stopping);
-- a NaN/Inf training loss stops the run with a DataError naming the fold, epoch and step.
+No Lightning and no DataLoader: their per-step hooks and collation cost more than a small head's step. Bags come
+from :class:`mil.cache.BagCache`, one contiguous tensor (a step's bag is a view). The bag order of an epoch is
+one seeded permutation of every training slide of the split folder (the union of all folds' training parts); a
+fold takes its own training bags in that order, so its numbers do not depend on which other folds are trained
+(with ``balanced``, class-balanced sampling with replacement, each fold draws its own order). ``bags_per_step``
+consecutive bags make one step: a padded batch with its mask through the head (:mod:`mil.registry`), the loss
+the mean bag loss, ``loss.backward()`` and the recipe's optimiser, LR schedule and clipping (:mod:`mil.optim`),
+bf16 autocast on a GPU or with ``--precision bf16``. ``instance_sample`` < 1 gives each training step a seeded
+share of each bag's instances (:func:`instance_subset`); evaluation always sees whole bags. Every fold starts
+from the weights of ``torch.manual_seed(seed)``, and its dropout draws from a generator seeded by (seed, fold).
+After each epoch, when the protocol selects or stops on validation, the best weights are kept
+(:class:`Selection`); a NaN/Inf training loss stops the run with a DataError naming the fold, epoch and step.
 """
 
 from __future__ import annotations
@@ -38,7 +31,7 @@ import torch
 from mil.bags import MILDataWarning
 from mil.cache import BagCache, LazyBags, pad_bags
 from mil.config import MILConfig, TrainingPlan, effective_model_kwargs, training_plan
-from mil.metrics import auroc_or_none, balanced_accuracy, f1
+from mil.metrics import auroc
 from mil.optim import clip_groups, lr_at, make_optimizer
 from mil.registry import build_model
 from zoomfeat.errors import ConfigError, DataError
@@ -70,9 +63,8 @@ def retain_freed_memory() -> bool:
     By default glibc serves blocks above a dynamic threshold with fresh mmaps and trims the heap whenever more
     than twice that threshold is free at its top. A training step allocates and frees several ~1 MB activations
     (a default ABMIL on a bag of a few thousand instances), so every step page-faulted its memory in again
-    (benchmarks/RESULTS.md). With blocks up to 32 MB
-    from the heap and 256 MB of free heap kept, the pages stay mapped. True when set; False off glibc (nothing
-    is changed there)."""
+    (benchmarks/RESULTS.md). With blocks up to 32 MB from the heap and 256 MB of free heap kept, the pages stay
+    mapped. True when set; False off glibc (nothing is changed there)."""
     import ctypes
     import ctypes.util
 
@@ -257,18 +249,17 @@ class FoldTrainer:
         probs, loss = self.predict(None, val)
         target = torch.tensor([self.data.target[s] for s in val])
         accuracy = float((probs.argmax(1) == target).double().mean())
-        self.selection.update(epoch, loss, auroc_or_none(probs, target, self.n_classes), self.cfg.protocol,
+        self.selection.update(epoch, loss, auroc(probs, target, self.n_classes), self.cfg.protocol,
                               accuracy, self.state_dict)
 
-    def needs_validation(self) -> bool:
-        return self.cfg.protocol.selection != "last" or self.cfg.protocol.patience is not None
-
     def fit(self) -> None:
-        for epoch in range(self.cfg.protocol.epochs):
+        p = self.cfg.protocol
+        validated = p.selection != "last" or p.patience is not None  # the protocol selects or stops on it
+        for epoch in range(p.epochs):
             if self.selection.stopped:
                 break
             self.train_epoch(epoch)
-            if self.needs_validation():
+            if validated:
                 self.validate(epoch)
 
     # ------------------------------------------------------------------ results
@@ -278,11 +269,8 @@ class FoldTrainer:
         best = sel.best_epoch if sel.best_state is not None else self.epochs
         metrics, frame = self._evaluate(state)
         parts = self.data.parts
-        metrics = {"fold": self.fold, "test_auc": metrics["test_auc"],
-                   "test_balanced_accuracy": metrics["test_balanced_accuracy"], "test_f1": metrics["test_f1"],
-                   "val_auc": metrics["val_auc"], "val_loss": metrics["val_loss"], "test_loss": metrics["test_loss"],
-                   "n_train": len(parts["train"]), "n_val": len(parts["val"]), "n_test": len(parts["test"]),
-                   "epochs_trained": self.epochs, "best_epoch": best}
+        metrics = {"fold": self.fold, **metrics, "n_train": len(parts["train"]), "n_val": len(parts["val"]),
+                   "n_test": len(parts["test"]), "epochs_trained": self.epochs, "best_epoch": best}
         return FoldResult(metrics, frame, {"state_dict": state, "best_epoch": best})
 
     def _evaluate(self, state: dict):
@@ -291,14 +279,11 @@ class FoldTrainer:
             ids = self.data.parts[split]
             probs, loss = self.predict(state, ids)
             target = torch.tensor([self.data.target[s] for s in ids], dtype=torch.long)
-            auc = auroc_or_none(probs, target, self.n_classes)
+            auc = auroc(probs, target, self.n_classes)
             if auc is None and split == "test":
                 warnings.warn(f"fold {self.fold}: the test set has {len(ids)} slide(s) of fewer than "
                               f"{self.n_classes} classes; test AUC is undefined (null)", MILDataWarning, stacklevel=2)
-            metrics[f"{split}_auc"] = auc
-            metrics[f"{split}_loss"] = loss
-            metrics[f"{split}_balanced_accuracy"] = balanced_accuracy(probs, target, self.n_classes)
-            metrics[f"{split}_f1"] = f1(probs, target, self.n_classes)
+            metrics.update({f"{split}_auc": auc, f"{split}_loss": loss})  # every other metric: mil.cv, from the rows
             rows += [(s, self.data.case[s], self.data.target[s], float(p[1]) if p.numel() > 1 else float("nan"),
                       split, *map(float, p)) for s, p in zip(ids, probs)]
         columns = ["slide_id", "case_id", "label", "prob", "split", *(f"prob_{c}" for c in range(self.n_classes))]
@@ -317,32 +302,22 @@ def make_bags(store, slide_ids: list[str], device: str, cache: bool):
     return BagCache(store, slide_ids, device) if cache else LazyBags(store, slide_ids, device)
 
 
-def _needed(cfg: MILConfig, folds: dict[int, FoldData]) -> list[str]:
-    """Bags a run reads: every part of the folds trained."""
-    return sorted({s for data in folds.values() for part in data.parts.values() for s in part})
-
-
-def train_one(cfg: MILConfig, fold: int, data: FoldData, bags, order: dict[str, int], in_dim: int,
-              n_classes: int) -> FoldResult:
-    """Train one fold's head and evaluate it on its val and test parts."""
-    device = resolve_device(cfg.accelerator)
-    trainer = FoldTrainer(cfg, fold, data, bags, order, in_dim, n_classes, device, training_plan(cfg, device))
-    trainer.fit()
-    return trainer.result()
-
-
 def run_folds(cfg: MILConfig, folds: dict[int, FoldData], order: dict[str, int], store, in_dim: int,
-              n_classes: int, write, progress: bool = False) -> None:
+              n_classes: int, write) -> None:
     """Train ``folds`` one by one for the init seed ``cfg.seed`` and ``write(fold, result)`` each as it comes back
     (mil.cv prints the run's plan once, and a line per fold). DataErrors of one fold name it."""
     if not folds:
         return
     device = resolve_device(cfg.accelerator)
+    plan = training_plan(cfg, device)
     retain_freed_memory()
-    bags = make_bags(store, _needed(cfg, folds), device, cfg.cache)
+    needed = sorted({s for data in folds.values() for part in data.parts.values() for s in part})
+    bags = make_bags(store, needed, device, cfg.cache)
     for k, data in folds.items():
         try:
-            result = train_one(cfg, k, data, bags, order, in_dim, n_classes)
+            trainer = FoldTrainer(cfg, k, data, bags, order, in_dim, n_classes, device, plan)
+            trainer.fit()
+            result = trainer.result()
         except DataError as exc:
             if str(exc).startswith(f"fold {k}"):
                 raise

@@ -295,3 +295,21 @@ def test_generate_large_n_seeds_from_one_load(slide, tmp_path):
     single = tmp_path / "one"
     assert cli.main(["generate-large", *common, "--seed", "2", "--out", str(single)]) == 0
     assert np.array_equal(read_png(single / "large.png"), read_png(out / "large_001.png"))
+
+
+def test_a_finished_joint_run_reruns_without_redoing_anything(slide, tmp_path, capsys):
+    """The joint sampler adds its statistics to each finished image's manifest entry; a rerun of the same command
+    (after a kill, or after it finished) must still see the same plan and resume, not refuse the folder, and keep
+    those statistics (the chaos benchmark found both: a refused rerun, then a manifest that lost them)."""
+    out = tmp_path / "joint"
+    argv = ["generate-large", *BASE, "--slide", str(slide), "--method", "joint", "--steps", "2", "--no-refine",
+            "--n", "2", "--out", str(out)]
+    assert cli.main(argv) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert all("disagreement_per_step" in e for e in man["images"] if e["file"].startswith("large"))
+    before = {p.name: (p.stat().st_mtime_ns, _sha(p)) for p in out.glob("*.png")}
+    manifest = (out / "manifest.json").read_bytes()
+    capsys.readouterr()
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert {p.name: (p.stat().st_mtime_ns, _sha(p)) for p in out.glob("*.png")} == before
+    assert (out / "manifest.json").read_bytes() == manifest  # the done items keep their statistics

@@ -95,13 +95,14 @@ def build_cohort(base: Path) -> dict:
 
 
 def train_run(cohort: dict, out: Path, model: str = "abmil", seed: int = 0, epochs: int = 12,
-              folds: tuple[str, ...] = ()) -> Path:
-    """A real cross-validation run (2 folds) on the planted cohort, through ``zoomfeat train-mil``."""
+              folds: tuple[str, ...] = (), seeds: str | None = None) -> Path:
+    """A real cross-validation run (2 folds) on the planted cohort, through ``zoomfeat train-mil``; ``seeds``
+    (``"0,1"``) runs it once per seed instead of once with ``seed``."""
     features, root = f"{cohort['features']}@20x", cohort["root"]
     argv = ["train-mil", "--features", features, "--labels", str(root / "labels.csv"), "--splits",
             str(root / "splits"), "--task", "custom", "--model", model, "--protocol", "hipt", "--epochs", str(epochs),
-            "--lr", "5e-3", "--model-kwargs", json.dumps(_MODEL_KWARGS[model]), "--seed", str(seed),
-            "--out", str(out), *folds]
+            "--lr", "5e-3", "--model-kwargs", json.dumps(_MODEL_KWARGS[model]),
+            *(["--seeds", seeds] if seeds else ["--seed", str(seed)]), "--out", str(out), *folds]
     assert cli.main(argv) == 0
     return out
 
@@ -130,7 +131,7 @@ def runs(tmp_path_factory):
 def test_attention_lands_on_the_planted_signal(cohort, runs):
     from mil.heatmap import attention_map
 
-    coords, attention = attention_map(runs[0], 0, cohort["slide"], f"{cohort['features']}@20x")
+    _, coords, attention = attention_map(runs[0], 0, cohort["slide"], f"{cohort['features']}@20x")
     np.testing.assert_array_equal(coords, cohort["coords"])
     signal = cohort["signal"]
     chance = signal.mean()
@@ -149,7 +150,7 @@ def test_heatmaps_of_the_heads_without_a_softmax_over_the_bag(cohort, tmp_path, 
     from mil.heatmap import attention_map
 
     run = train_run(cohort, tmp_path / model, model, epochs=1, folds=("--folds", "0"))
-    coords, attention = attention_map(run, 0, cohort["slide"], f"{cohort['features']}@20x")
+    _, coords, attention = attention_map(run, 0, cohort["slide"], f"{cohort['features']}@20x")
     np.testing.assert_array_equal(coords, cohort["coords"])
     assert attention.shape == (len(coords),) and np.isfinite(attention).all() and attention.std() > 0
     if model == "dtfd":
@@ -157,6 +158,46 @@ def test_heatmaps_of_the_heads_without_a_softmax_over_the_bag(cohort, tmp_path, 
     out = tmp_path / f"{model}.png"
     assert cli.main(["heatmap", "--run", str(run), "--fold", "0", "--slide", str(cohort["slide"]), "--features",
                      f"{cohort['features']}@20x", "--out", str(out)]) == 0 and out.is_file()
+
+
+def test_heatmap_of_a_multi_seed_run_draws_the_chosen_seed(cohort, tmp_path, capsys, one_thread):
+    """``--seed S`` draws the fold model of seed S: seed 1's map differs from seed 0's and equals ABMIL's
+    attention (Ilse et al. 2018, eq. 9) computed here from seed 1's saved weights. Without ``--seed`` one line
+    names the seed drawn (the first) and how to pick another; an unknown seed is a one-line error naming the
+    run's seeds."""
+    import torch
+
+    from mil.bags import load_bag
+    from mil.heatmap import attention_map
+    from zoomfeat.features import FeatureSpec
+
+    run = train_run(cohort, tmp_path / "two", "abmil", epochs=1, folds=("--folds", "0"), seeds="0,1")
+    spec, slide = f"{cohort['features']}@20x", str(cohort["slide"])
+    maps = {s: attention_map(run, 0, slide, spec, seed=s)[2] for s in (0, 1)}
+    assert not np.allclose(maps[0], maps[1], atol=1e-4)
+    ckpt = torch.load(run / "seed_1" / "fold_0" / "model.ckpt", map_location="cpu", weights_only=True)
+    w = {k: v.double() for k, v in ckpt["state_dict"].items()}
+    x = load_bag(FeatureSpec.parse(spec), Path(slide).stem).features.double()
+    h = torch.relu(x @ w["embed.0.weight"].T + w["embed.0.bias"])
+    gate = (torch.tanh(h @ w["attention.tanh_gate.0.weight"].T + w["attention.tanh_gate.0.bias"])
+            * torch.sigmoid(h @ w["attention.sigmoid_gate.0.weight"].T + w["attention.sigmoid_gate.0.bias"]))
+    expected = torch.softmax((gate @ w["attention.score.weight"].T + w["attention.score.bias"])[:, 0], dim=0)
+    np.testing.assert_allclose(maps[1], expected.numpy(), rtol=1e-4, atol=1e-7)
+
+    small = ["--top", "2", "--max-size", "256"]
+    capsys.readouterr()
+    assert cli.main(["heatmap", str(run), slide, "--out", str(tmp_path / "default.png"), *small]) == 0
+    assert "drawing fold 0 of seed 0 (the first); --seed S draws another" in capsys.readouterr().out
+    for s in (0, 1):
+        assert cli.main(["heatmap", str(run), slide, "--seed", str(s), *small]) == 0
+        assert "drawing" not in capsys.readouterr().out
+    drawn = {s: (run / "heatmaps" / f"target_seed{s}_fold0.png").read_bytes() for s in (0, 1)}
+    assert (tmp_path / "default.png").read_bytes() == drawn[0] != drawn[1]
+    assert cli.main(["heatmap", str(run), slide, "--seed", "7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--seed 7:" in err and "was trained with seeds 0,1" in err and len(err.splitlines()) == 1
+    assert cli.main(["heatmap", str(run), slide, "--seed", "-1"]) == 2
+    assert "bad --seed -1" in capsys.readouterr().err
 
 
 def test_heatmap_cli_writes_images(cohort, runs, tmp_path):

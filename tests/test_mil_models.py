@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mil.heads import HEADS
-from mil.losses import bag_loss, smooth_top1_svm
+from mil.losses import bag_loss, smooth_top1_svm_rows
 from mil.registry import MIL_MODELS, MILOutput, build_model, load_heads, register_model
 from zoomfeat.commands.train_mil import MODEL_CHOICES
 from zoomfeat.errors import ConfigError
@@ -339,10 +339,10 @@ def test_smooth_top1_svm_matches_its_formula_and_bounds_the_hinge():
     expected = torch.stack([torch.logsumexp(torch.tensor([0.0, 1 + 0.5 - 2.0]), 0),
                             torch.logsumexp(torch.tensor([0.0, 1 + 3.0]), 0),
                             torch.logsumexp(torch.tensor([1 + 1.0 - 1.0, 0.0]), 0)]).mean()
-    assert torch.allclose(smooth_top1_svm(scores, target), expected)
+    assert torch.allclose(smooth_top1_svm_rows(scores, target).mean(), expected)
     hinge = torch.tensor([0.0, 4.0, 1.0]).mean()  # max_j(alpha [j != y] + s_j) - s_y
-    assert smooth_top1_svm(scores, target) >= hinge
-    assert torch.allclose(smooth_top1_svm(scores, target, tau=1e-3), hinge, atol=1e-2)
+    assert smooth_top1_svm_rows(scores, target).mean() >= hinge
+    assert torch.allclose(smooth_top1_svm_rows(scores, target, tau=1e-3).mean(), hinge, atol=1e-2)
 
 
 def test_registry_rejects_unknown_names_bad_kwargs_and_duplicates():

@@ -161,6 +161,28 @@ def test_atomic_write_leaves_nothing_on_error_and_turns_a_full_disk_into_one_lin
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_rewrite_removes_the_temporary_files_of_killed_writers_only(tmp_path):
+    import subprocess
+    import sys
+
+    from zoomfeat.store import atomic_write
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a writer that was killed mid-write: its temporary file stays behind
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / f".x.json.tmp{gone.pid}").write_text("half")
+        (tmp_path / f".x.json.tmp{running.pid}").write_text("being written")
+        (tmp_path / f".y.json.tmp{gone.pid}").write_text("another file's")
+        with atomic_write(tmp_path / "x.json") as tmp:
+            tmp.write_text("{}")
+        names = sorted(p.name for p in tmp_path.iterdir())
+    finally:
+        running.kill()
+        running.wait()
+    assert names == [f".x.json.tmp{running.pid}", f".y.json.tmp{gone.pid}", "x.json"]
+
+
 def test_settings_diff_names_the_nested_keys():
     from pathlib import Path
 

@@ -25,7 +25,7 @@ own pixels). The feature files have the patch unit's ids and records, so ``train
 
 Every copy records what it was made from (``synthetic.made_from``: the unit, the sha256 of the real feature
 file, of the ZoomLDM checkpoint and config, and of the conditioner: the slide's conditioning file for the patch
-unit, the conditioner's weights or toy seed for the slide unit); :func:`check_made_from` refuses copies of
+unit, the conditioner's weights or toy seed for the slide unit); :func:`mil.augment.check_made_from` refuses copies of
 another feature set (``train-mil --augment``).
 """
 
@@ -532,40 +532,6 @@ def _check_synthetic_slide(tiff: Path, settings: dict, slide_id: str, checkpoint
     if diff or other:
         what = describe_diff(diff) if diff else "another slide or model"
         raise DataError(f"{tiff} holds a synthetic slide made otherwise ({what}): delete it or use another --out")
-
-
-# ----- train-mil --augment: copies of the feature set it trains on ----------------------------------------------
-_SHA256: dict[tuple[str, int, int], str] = {}
-
-
-def _sha256_cached(path: Path) -> str:
-    """sha256 of a file, computed once per (path, size, mtime) in a process (train-mil checks each seed)."""
-    stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA256:
-        _SHA256[key] = file_sha256(path)
-    return _SHA256[key]
-
-
-def check_made_from(folder: Path, spec, ids) -> None:
-    """DataError (one line naming both) unless every copy in ``ids`` (of ``folder``) was made from the real
-    feature file its source slide has in ``spec`` (a :class:`zoomfeat.features.FeatureSpec`): the sha256 the copy
-    records against that file's."""
-    for syn in ids:
-        source = source_of(syn)
-        with FeatureFile(h5_path(folder, syn)) as f:
-            made = ((f.extractor_config or {}).get("synthetic") or {}).get("made_from") or {}
-        if not made.get("features_sha256"):
-            raise DataError(f"--augment {folder}: {syn} records no feature file it was made from (copies of an "
-                            "older zoomfeat): delete the folder and run `zoomfeat feature-copies` again")
-        files = [p for p in spec.files(source) if p.is_file()]
-        hashes = {_sha256_cached(p): p for p in files}
-        if made["features_sha256"] not in hashes:
-            real = files[0] if files else spec.path(source)
-            ours = next(iter(hashes), "missing")
-            raise DataError(f"--augment {folder}: {syn} was made from {made.get('features_file')} (sha256 "
-                            f"{made['features_sha256'][:12]}), not from {real} (sha256 {ours[:12]}) of the feature "
-                            f"set {spec} this run trains on: make the copies from {spec} with `zoomfeat feature-copies`")
 
 
 def _write_rows(writer, mag: Magnification, rows: np.ndarray, feats: np.ndarray) -> None:

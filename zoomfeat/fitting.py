@@ -32,13 +32,7 @@ def load_checkpoint(path, fix: str, *, mmap: bool = False) -> dict:
 
 def atomic_checkpoint_io():
     """A :class:`lightning.pytorch.plugins.io.TorchCheckpointIO` whose files appear complete or not at all."""
-    from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-    from zoomfeat.store import save_torch
-
-    class AtomicCheckpointIO(TorchCheckpointIO):
-        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-            save_torch(checkpoint, path)  # what TorchCheckpointIO saves, through the one torch writer
+    from zoomfeat.trainer_parts import AtomicCheckpointIO
 
     return AtomicCheckpointIO()
 
@@ -51,11 +45,12 @@ def make_trainer(*, options: dict[str, str] | None = None, **kwargs: Any):
     from lightning.pytorch.callbacks import ProgressBar
 
     from zoomfeat.log import quiet_third_party
+    from zoomfeat.trainer_parts import StepProgressBar
 
     quiet_third_party()
     callbacks = list(kwargs.get("callbacks") or [])
     if kwargs.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
-        kwargs["callbacks"] = [*callbacks, _step_progress_bar()]  # no empty "Training: 0/?" bar
+        kwargs["callbacks"] = [*callbacks, StepProgressBar()]  # no empty "Training: 0/?" bar
     try:
         return L.Trainer(**kwargs)
     except (MisconfigurationException, ValueError, TypeError) as exc:
@@ -64,29 +59,6 @@ def make_trainer(*, options: dict[str, str] | None = None, **kwargs: Any):
                                                                           "precision", "strategy") if k in kwargs)
         reason = one_line(exc)
         raise ConfigError(f"Lightning refuses {given}: {reason}") from exc
-
-
-def _step_progress_bar():
-    """Lightning's TQDM bar without its empty first lines: the training bar is shown once it has a total (it is
-    created before the epoch's length is known and would print "Training: 0/?" twice)."""
-    import sys
-
-    from lightning.pytorch.callbacks import TQDMProgressBar
-    from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
-
-    class StepProgressBar(TQDMProgressBar):
-        def init_train_tqdm(self):
-            return Tqdm(desc=self.train_description, position=2 * self.process_position, disable=self.is_disabled,
-                        leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT,
-                        delay=1e-9)
-
-        def on_train_epoch_start(self, trainer, *_: Any) -> None:
-            bar = self.train_progress_bar
-            bar.set_description(f"Epoch {trainer.current_epoch}", refresh=False)
-            bar.reset(convert_inf(self.total_train_batches))
-            bar.initial = 0
-
-    return StepProgressBar()
 
 
 def fit(trainer, *args: Any, **kwargs: Any) -> None:

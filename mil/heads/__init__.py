@@ -7,8 +7,6 @@ CLI's choices and help come from it without torch; a head registered under a nam
 
 from __future__ import annotations
 
-import importlib
-
 HEADS: dict[str, tuple[str, str]] = {
     "abmil": ("abmil", "gated-attention MIL (Ilse et al. 2018)"),
     "clam_sb": ("clam", "CLAM single-branch with instance clustering (Lu et al. 2021)"),
@@ -29,9 +27,3 @@ def head_names() -> list[str]:
 def head_help() -> str:
     """One entry per head for --help texts: ``name (description)``."""
     return "; ".join(f"{name} ({HEADS[name][1]})" for name in head_names())
-
-
-def load_all() -> None:
-    """Import every head module (each registers its heads)."""
-    for module in sorted({m for m, _ in HEADS.values()}):
-        importlib.import_module(f"mil.heads.{module}")

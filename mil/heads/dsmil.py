@@ -14,13 +14,12 @@ one critical instance and one bag score s for class 1; the logits are (0, s), so
 DSMIL's binary cross-entropy of s. ``--task hrd`` sets it (``mil.config.effective_model_kwargs``); subtyping
 keeps a stream per class, as DSMIL's TCGA runs.
 
-``average=True``: the prediction (eval mode) is the mean of the two streams' probabilities, the bag score
-c(B) = (c_m(B) + c_b(B)) / 2 of the paper (eq. 5) and the default (``--average True``) of DSMIL's current
-train_tcga.py (``0.5 sigmoid(max instance logit) + 0.5 sigmoid(bag logit)``). With one positive stream that is
-the probability of class 1; with a stream per class the instance stream's sigmoids are normalised over the
-classes and averaged with the bag stream's softmax; ``logits`` are then the log of those probabilities;
-training is unchanged. The class default ``False`` scores by the bag stream alone, as DSMIL's 2021
-train_tcga.py did; ``train-mil`` builds the head with ``True`` (:func:`mil.config.effective_model_kwargs`).
+``average=True`` (what ``train-mil`` builds): the prediction (eval mode) is the mean of the two streams'
+probabilities, the bag score c(B) = (c_m(B) + c_b(B)) / 2 of the paper (eq. 5), ``0.5 sigmoid(max instance
+logit) + 0.5 sigmoid(bag logit)`` in DSMIL's current train_tcga.py. With one positive stream that is the
+probability of class 1; with a stream per class the instance stream's sigmoids are normalised over the classes
+and averaged with the bag stream's softmax; ``logits`` are then the log of those probabilities; training is
+unchanged. The class default ``False`` scores by the bag stream alone, as DSMIL's 2021 train_tcga.py did.
 
 Attention for heatmaps: the predicted class's column of U (with one positive stream, class 1's).
 """

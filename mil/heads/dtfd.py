@@ -21,6 +21,8 @@ dict (classifier, dim_reduction, attention, att_classifier).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,23 +44,9 @@ class GatedScore(nn.Module):
         return self.attention_weights(self.attention_V(h) * self.attention_U(h))
 
 
-class Classifier1fc(nn.Module):
-    def __init__(self, dim: int, n_classes: int):
-        super().__init__()
-        self.fc = nn.Linear(dim, n_classes)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fc(h)
-
-
-class DimReduction(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(in_dim, dim, bias=False)
-        self.relu1 = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu1(self.fc1(x))
+def classifier_1fc(dim: int, n_classes: int) -> nn.Sequential:
+    """The reference's Classifier_1fc: one Linear, its parameters named ``fc.weight`` / ``fc.bias``."""
+    return nn.Sequential(OrderedDict(fc=nn.Linear(dim, n_classes)))
 
 
 class AttentionWithClassifier(nn.Module):
@@ -67,7 +55,7 @@ class AttentionWithClassifier(nn.Module):
     def __init__(self, dim: int, n_classes: int, attn_dim: int = 128):
         super().__init__()
         self.attention = GatedScore(dim, attn_dim)
-        self.classifier = Classifier1fc(dim, n_classes)
+        self.classifier = classifier_1fc(dim, n_classes)
 
     def forward(self, feats: torch.Tensor):
         w = torch.softmax(self.attention(feats).squeeze(-1), dim=-1)  # [B, M]
@@ -94,9 +82,10 @@ class DTFDMIL(MILHead):
         if pseudo_bags < 1:
             raise ConfigError(f"dtfd: pseudo_bags must be >= 1, got {pseudo_bags}")
         self.pseudo_bags = pseudo_bags
-        self.dim_reduction = DimReduction(in_dim, dim)
+        # the reference's DimReduction: Linear(D, dim, no bias) + ReLU, named fc1 / relu1
+        self.dim_reduction = nn.Sequential(OrderedDict(fc1=nn.Linear(in_dim, dim, bias=False), relu1=nn.ReLU()))
         self.attention = GatedScore(dim, attn_dim)
-        self.classifier = Classifier1fc(dim, n_classes)
+        self.classifier = classifier_1fc(dim, n_classes)
         self.att_classifier = AttentionWithClassifier(dim, n_classes, attn_dim)
 
     def combine(self, ce: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:

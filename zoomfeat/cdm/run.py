@@ -26,6 +26,7 @@ from zoomfeat.store.contexts import ContextSet
 from zoomfeat.cdm.dit import DiTConfig
 from zoomfeat.serial import to_jsonable
 from zoomfeat.errors import ConfigError
+from zoomfeat.fitting import fit, make_trainer
 from zoomfeat.mags import MAGNIFICATIONS, mag_name
 
 CONFIG_NAME = "train_cdm_config.json"
@@ -60,7 +61,6 @@ def check_out(out: Path, cfg: TrainCDMConfig, record: dict, labels: list[str], r
 
 
 def build_trainer(cfg: TrainCDMConfig, out: Path):
-    import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from zoomfeat.train.run import OfficialExport, parse_devices, run_loggers, resolve_precision, resolve_strategy
@@ -69,9 +69,11 @@ def build_trainer(cfg: TrainCDMConfig, out: Path):
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="step_{step:07d}", auto_insert_metric_name=False,
                            every_n_train_steps=t.every_n_steps, save_top_k=-1, save_last=True)
     devices = parse_devices(t.devices)
-    return L.Trainer(
+    return make_trainer(
+        options={"accelerator": "--accelerator", "devices": "--devices", "num_nodes": "--num-nodes",
+                 "precision": "--precision", "strategy": "--strategy"},
         accelerator=t.accelerator, devices=devices, num_nodes=t.num_nodes,
-        strategy=resolve_strategy(t.strategy, devices, t.num_nodes),
+        strategy=resolve_strategy(t.strategy, devices, t.num_nodes, t.accelerator),
         precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps, max_epochs=-1,
         limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, default_root_dir=out,
         use_distributed_sampler=False, gradient_clip_val=cfg.optim.grad_clip, logger=run_loggers(out),
@@ -83,7 +85,6 @@ def train_cdm(cfg: TrainCDMConfig) -> Path:
     from zoomfeat.cdm.data import CDMDataModule
     from zoomfeat.cdm.module import CDM, CDMLightning
     from zoomfeat.log import quiet_third_party
-    from zoomfeat.fitting import fit
     from zoomfeat.train.run import resolve_resume
 
     out = Path(cfg.trainer.out)

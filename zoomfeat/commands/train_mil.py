@@ -153,12 +153,10 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     from mil.cv import run_cv
 
     cfg = build_config(args)
-    summary = run_cv(cfg, progress=sys.stderr.isatty())  # warnings go through the zoomfeat logger
+    summary = run_cv(cfg)  # warnings go through the zoomfeat logger
     print(summary.to_string(index=False))
     if len(cfg.seeds) > 1:
         row = summary[summary.fold == "mean"].set_index("seed")

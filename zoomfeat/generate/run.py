@@ -305,11 +305,15 @@ def _check_out_or_manifest(out: Path) -> None:
 _PLAN_KEYS = ("command", "model", "sampling", "variations_per_patch", "runtime")
 
 
-def _plan(manifest: dict) -> dict:
-    """What must agree for a folder to be resumed: settings, model, conditions (less the file hash), items."""
+def _plan(manifest: dict, image_keys: list[set[str]]) -> dict:
+    """What must agree for a folder to be resumed: settings, model, conditions (less the file hash), items. Of
+    each item only ``image_keys`` (the planned fields of a new manifest's entries) count: what ``finish`` adds to a
+    done item (its hash, the joint sampler's statistics) is a result, not the plan."""
     plan = {k: manifest.get(k) for k in _PLAN_KEYS}
     plan["conditions"] = {k: v for k, v in manifest["conditions"].items() if k != "sha256"}
-    plan["images"] = [{k: v for k, v in e.items() if k not in ("status", "sha256")} for e in manifest["images"]]
+    images = manifest["images"]
+    plan["images"] = ([{k: e.get(k) for k in sorted(keys)} for e, keys in zip(images, image_keys)]
+                      if len(images) == len(image_keys) else None)
     return json_roundtrip(plan)
 
 
@@ -330,13 +334,15 @@ class ManifestRun:
         path = self.out / MANIFEST_NAME
         if path.is_file():
             old = read_manifest(path)
-            if _plan(old) != _plan(manifest):
+            planned = [set(e) - {"status", "sha256"} for e in manifest["images"]]
+            if _plan(old, planned) != _plan(manifest, planned):
                 raise ConfigError(f"--out {out} holds the manifest of a different run (other settings, model, "
                                   "conditions or images): give a new folder, or rerun the original command")
-            for entry, before in zip(manifest["images"], old["images"]):
+            for entry, before, keys in zip(manifest["images"], old["images"], planned):
                 f = self.out / before["file"]
                 if before.get("status") == "done" and f.is_file() and file_sha256(f) == before.get("sha256"):
-                    entry.update(status="done", sha256=before["sha256"])
+                    # the item's results (status, hash, the joint sampler's statistics) are kept as finished
+                    entry.update({k: v for k, v in before.items() if k not in keys})
             self.resumed = sum(e["status"] == "done" for e in manifest["images"])
         else:
             self.resumed = 0

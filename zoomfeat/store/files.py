@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import re
@@ -123,7 +124,9 @@ def commit_file(tmp: str | Path, path: str | Path) -> Path:
     """Make a finished temporary file the real ``path``: fsync it, rename it over ``path``, fsync the folder.
 
     The one rename of the package: every writer (feature files, JSON/YAML records, CSV tables, checkpoints,
-    images) ends here, directly or through :func:`atomic_write`.
+    images) ends here, directly or through :func:`atomic_write`. The temporary files of ``path`` that a killed
+    writer left (their process is gone) are removed then, so a rerun after SIGKILL leaves the folder as an
+    uninterrupted run does.
     """
     tmp, path = Path(tmp), Path(path)
     try:
@@ -133,7 +136,22 @@ def commit_file(tmp: str | Path, path: str | Path) -> Path:
     except OSError as exc:
         raise output_error(exc, path) from exc
     _fsync_dir(path.parent)
+    for left in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+        pid = left.name.rpartition(".tmp")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            discard(left)
     return path
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (a writer of another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def make_folder(folder: str | Path, option: str = "--out") -> Path:
