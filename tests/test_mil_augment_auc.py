@@ -27,6 +27,11 @@ conditioner barely sees: two real training slides per class are told apart most 
 regenerated from the conditioning keep the tile type and redraw the ramp, and augmentation raises the mean test
 AUC at 10% over 20 seeds (0.488 -> 0.579, benchmarks/RESULTS.md, "Label efficiency with synthetic copies").
 On ``OVERLAP_STUDY`` (overlapping classes, no confound) it does not (0.538 -> 0.530 over five seeds).
+
+Issue 39 adds whole synthetic slides: ``CLAIM_STUDY`` also runs ``feature-copies --unit slide`` (generate-slide's
+cascade over each real slide's layout and conditions, then extracted like the real slides) and, beside it, patch
+copies of the same number per slide; the per-seed AUCs of every arm are printed as they finish (real and patch
+copies first for every seed, then the slower arms seed by seed), and the slide arm is reported, not asserted.
 """
 
 from __future__ import annotations
@@ -67,7 +72,8 @@ class Study:
     epochs: int = 10
     train_args: tuple[str, ...] = ()  # extra `zoomfeat train` options
     ramp: float = 0.0  # per-slide illumination ramp (grey levels from tile centre to edge), 0: none
-    slide_unit: bool = False  # also `feature-copies --unit slide` (whole synthetic slides) as a third arm
+    slide_copies: int = 0  # >0: also `feature-copies --unit slide` (whole synthetic slides), this many per slide,
+    # and, when it differs from ``copies``, patch-unit copies of the same number (equal counts side by side)
 
 
 CI_STUDY = Study()
@@ -79,8 +85,9 @@ OVERLAP_STUDY = Study(slides=40, side=1024, signal_counts=((1, 2, 3, 4), (2, 3, 
 # 20 seeds of the 10% draw
 CLAIM_STUDY = replace(OVERLAP_STUDY, signal_counts=((0, 1), (2, 3)), ramp=40.0, train_steps=3000,
                       seeds=tuple(range(20)), train_args=("--summarizer-lr-scale", "0", "--grad-clip", "1.0"),
-                      slide_unit=True)
-# the slide unit's cascade on these 1024-px slides: one 5x patch, one region of 4x4 20x patches
+                      slide_copies=1)
+# the slide unit's cascade on these 1024-px slides: one 5x patch, one region of 4x4 20x patches (~40 CPU s per
+# synthetic slide with the 3000-step model: one copy per slide keeps the study near 40 CPU minutes)
 SLIDE_UNIT_ARGS = ("--unit", "slide", "--levels", "5x,20x")
 
 
@@ -192,6 +199,7 @@ def run_study(root: Path, study: Study) -> dict:
         start = time.perf_counter()
         assert cli.main([str(a) for a in argv]) == 0, name
         times[name] = round(time.perf_counter() - start, 1)
+        print(f"stage {name}: {times[name]} s", flush=True)
 
     slides = root / "slides"
     slides.mkdir(parents=True)
@@ -216,20 +224,33 @@ def run_study(root: Path, study: Study) -> dict:
     timed("splits", ["splits", "make", "--labels", labels, "--out", root / "splits", "--folds", 5,
                      "--mode", "kfold", "--seed", 0])
     syn, syn_slide = root / "synthetic", root / "synthetic_slide"
+    syn_patch_n = root / f"synthetic_patch{study.slide_copies}"
     copies = ["--features", root / "features" / "zoomldm", "--conditioning", root / "features" / "toy", *model,
-              "--copies", study.copies, "--steps", study.gen_steps, "--device", "cpu"]
-    timed("feature-copies", ["feature-copies", *_fraction_slides(root / "splits", labels, study), *copies,
-                             "--out", syn, "--batch-size", 64])
+              "--steps", study.gen_steps, "--device", "cpu"]
+    needed = _fraction_slides(root / "splits", labels, study)
+    timed("feature-copies", ["feature-copies", *needed, *copies, "--copies", study.copies, "--out", syn,
+                             "--batch-size", 64])
+    print(f"context response {json.dumps(response['by_mag'])}; type transfer "
+          f"{json.dumps(type_transfer(root / 'features' / 'zoomldm', syn, types))}", flush=True)
     arms = {False: None, True: syn}
-    if study.slide_unit:
+    if study.slide_copies:
+        if study.slide_copies != study.copies:
+            timed(f"feature-copies x{study.slide_copies}", ["feature-copies", *needed, *copies, "--copies",
+                                                           study.slide_copies, "--out", syn_patch_n,
+                                                           "--batch-size", 64])
+            arms["patch_n"] = syn_patch_n
         arms["slide"] = syn_slide
     runs, aucs = {}, {}
-    for seed in study.seeds:
-        if study.slide_unit:  # this seed's slides (resumable: the copies of earlier seeds are skipped)
+    # every seed of the real and patch-copy arms first, then seed by seed the arms whose copies take longer to make
+    for seed, group in [(s, (False, True)) for s in study.seeds] + [(s, tuple(arms)[2:]) for s in study.seeds]:
+        if "slide" in group:  # this seed's slides (resumable: the copies of earlier seeds are skipped)
             timed(f"feature-copies --unit slide s{seed}", ["feature-copies", *SLIDE_UNIT_ARGS, *_fraction_slides(
-                root / "splits", labels, study, [seed]), *copies, "--out", syn_slide, "--batch-size", 16])
+                root / "splits", labels, study, [seed]), *copies, "--copies", study.slide_copies, "--out",
+                syn_slide, "--batch-size", 16])
+            so_far = type_transfer(root / "features" / "zoomldm", syn_slide, types)
+            print(f"type transfer (slide unit, so far) {json.dumps(so_far)}", flush=True)
         for fraction in study.fractions:
-            for arm, augment in arms.items():
+            for arm, augment in ((a, arms[a]) for a in group):
                 argv = _mil_argv(root, labels, seed, fraction, study.epochs, augment)
                 timed(f"train-mil s{seed} f{fraction:g}{' +' + augment.name if augment else ''}", argv)
                 out = Path(argv[argv.index("--out") + 1])
@@ -240,7 +261,7 @@ def run_study(root: Path, study: Study) -> dict:
                 print(f"AUC seed {seed} fraction {fraction:g} arm {arm}: {float(mean):.4f}", flush=True)
     result = {"runs": runs, "aucs": aucs, "labels": labels, "types": types, "syn": syn, "times": times,
               "context_response": response, "transfer": type_transfer(root / "features" / "zoomldm", syn, types)}
-    if study.slide_unit:
+    if study.slide_copies:
         result["syn_slide"] = syn_slide
         result["transfer_slide"] = type_transfer(root / "features" / "zoomldm", syn_slide, types)
     return result
@@ -254,10 +275,10 @@ def _report(result: dict, study: Study) -> str:
         lines.append(f"type transfer (slide unit) {json.dumps(result['transfer_slide'])}")
     for seed in study.seeds:
         for fraction in study.fractions:
-            slide = result["aucs"].get((seed, fraction, "slide"))
+            more = "".join(f" +{arm} {result['aucs'][(seed, fraction, arm)]:.3f}" for arm in ("patch_n", "slide")
+                           if (seed, fraction, arm) in result["aucs"])
             lines.append(f"seed {seed} fraction {fraction:g}: real {result['aucs'][(seed, fraction, False)]:.3f} "
-                         f"+syn {result['aucs'][(seed, fraction, True)]:.3f}"
-                         + (f" +slide {slide:.3f}" if slide is not None else ""))
+                         f"+syn {result['aucs'][(seed, fraction, True)]:.3f}{more}")
     return "\n".join(lines)
 
 
@@ -331,9 +352,12 @@ def test_augmentation_raises_mean_test_auc_at_10_percent(tmp_path):
     synthetic = np.array([result["aucs"][(s, 0.1, True)] for s in CLAIM_STUDY.seeds])
     # a gain beyond the seed-to-seed noise: the paired per-seed differences, one-sided Wilcoxon signed-rank
     test = wilcoxon(synthetic, real, alternative="greater")
-    if CLAIM_STUDY.slide_unit:  # whole synthetic slides beside the per-patch copies: reported, not asserted
-        slide = np.array([result["aucs"][(s, 0.1, "slide")] for s in CLAIM_STUDY.seeds])
-        for name, arm in (("+patch copies", synthetic), ("+slide copies", slide)):
+    n = CLAIM_STUDY.slide_copies
+    if n:  # whole synthetic slides beside the per-patch copies: reported, not asserted
+        arms = [(f"+{CLAIM_STUDY.copies} patch copies", synthetic)]
+        arms += [(f"+{n} {unit} copies", np.array([result["aucs"][(s, 0.1, arm)] for s in CLAIM_STUDY.seeds]))
+                 for unit, arm in (("patch", "patch_n"), ("slide", "slide")) if (0, 0.1, arm) in result["aucs"]]
+        for name, arm in arms:
             diff = arm - real
             print(f"{name}: mean {arm.mean():.3f} vs real {real.mean():.3f}, paired difference {diff.mean():+.3f} "
                   f"(SE {diff.std(ddof=1) / np.sqrt(len(diff)):.3f}), {int((diff > 0).sum())} of {len(diff)} seeds "

@@ -129,8 +129,8 @@ class FeatureCopiesConfig:
         if self.unit == "slide":
             return {"unit": "slide", "zoomldm_checkpoint_sha256": file_sha256(self.zoomldm.weights),
                     "zoomldm_config_sha256": file_sha256(self.zoomldm.config), "seed": self.seed,
-                    "generate_slide": self.slide_generation(Path(self.out_dir) / SLIDES_FOLDER / ".record.tiff",
-                                                            0).record(),
+                    "generate_slide": {k: v for k, v in self.slide_generation(
+                        Path(self.out_dir) / SLIDES_FOLDER / ".record.tiff", 0).record().items() if k != "seed"},
                     "seed_rule": "sha256(seed|slide_id|copy|slide) -> generate-slide --seed",
                     **hub.weights_sources(checkpoint=self.zoomldm.weights, config=self.zoomldm.config)}
         return {"zoomldm_checkpoint_sha256": file_sha256(self.zoomldm.weights),
@@ -140,16 +140,14 @@ class FeatureCopiesConfig:
                 "use_ema": True, "seed": self.seed, "fraction": float(self.fraction),
                 "seed_rule": "sha256(seed|slide_id|copy|mag|x|y) -> torch.Generator seed of x_T",
                 **hub.weights_sources(checkpoint=self.zoomldm.weights, config=self.zoomldm.config)}
-
-
-    def slide_generation(self, out: Path, seed: int, request=None):
-        """The ``generate-slide`` settings of one synthetic slide (``request``: its ConditionRequest)."""
+    def slide_generation(self, out: Path, seed: int):
+        """The ``generate-slide`` settings of one synthetic slide, without its conditions (set per slide)."""
         from zoomfeat.generate.guidance import Guidance
         from zoomfeat.generate.slide import SlideGenConfig
 
         options = {k: v for k, v in self.slide_options.items() if v is not None}
         # --guidance is the standard scale s everywhere; the cascade takes it in the large-image form w = s - 1
-        return SlideGenConfig(zoomldm=self.zoomldm, conditions=request, out=out, steps=self.steps,
+        return SlideGenConfig(zoomldm=self.zoomldm, conditions=None, out=out, steps=self.steps,
                               guidance=Guidance(float(self.guidance) - 1.0, "large_image"), seed=seed,
                               batch_size=self.batch_size, device=self.device, precision=self.precision, **options)
 
