@@ -210,4 +210,5 @@ def check_made_from(folder: Path, spec, ids) -> None:
             ours = next(iter(hashes), "missing")
             raise DataError(f"--augment {folder}: {syn} was made from {made.get('features_file')} (sha256 "
                             f"{made['features_sha256'][:12]}), not from {real} (sha256 {ours[:12]}) of the feature "
-                            f"set {spec} this run trains on: make the copies from {spec} with `zoomfeat feature-copies`")
+                            f"set {spec} this run trains on: make the copies from {spec} with "
+                            "`zoomfeat feature-copies`")

@@ -21,8 +21,8 @@ Two measurements come with every run (printed; asserted only as finite numbers h
 The CI study (30 training steps) checks the plumbing: which bags each fold trained on, that no synthetic bag is
 ever evaluated, and that compare's curve is the runs' mean AUCs. The issue's claim (augmentation at 10% raises
 ABMIL's mean test AUC over seeds) is ``test_augmentation_raises_mean_test_auc_at_10_percent``, an opt-in
-measurement (``ZOOMFEAT_AUGMENT_CLAIM=1``, ~60 minutes on a shared 2-core machine: its generator trains for 3000 steps). In
-``CLAIM_STUDY`` every tile of a slide also carries that slide's illumination ramp (``Study.ramp``), which the toy
+measurement (``ZOOMFEAT_AUGMENT_CLAIM=1``, ~60 minutes on a shared 2-core machine: its generator trains for
+3000 steps). In ``CLAIM_STUDY`` every tile of a slide also carries that slide's illumination ramp (``Study.ramp``), which the toy
 conditioner barely sees: two real training slides per class are told apart most easily by their ramps, copies
 regenerated from the conditioning keep the tile type and redraw the ramp, and augmentation raised the mean test
 AUC at 10% over 20 seeds on 2026-12-02 (0.488 -> 0.579); the 2026-12-07 rerun does not reproduce it (0.493 ->
@@ -343,8 +343,8 @@ def test_compare_shows_the_label_efficiency_curve_real_vs_synthetic(study, tmp_p
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("ZOOMFEAT_AUGMENT_CLAIM") != "1",
                     reason="issue 17's claim (augmentation at 10% raises mean test AUC over seeds) trains its "
-                           "generator for 3000 steps (~60 minutes with the slide arm, measured in benchmarks/RESULTS.md); run "
-                           "with ZOOMFEAT_AUGMENT_CLAIM=1")
+                           "generator for 3000 steps (~60 minutes with the slide arm, measured in "
+                           "benchmarks/RESULTS.md); run with ZOOMFEAT_AUGMENT_CLAIM=1")
 def test_augmentation_raises_mean_test_auc_at_10_percent(tmp_path):
     from scipy.stats import wilcoxon
 
