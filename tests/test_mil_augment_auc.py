@@ -23,11 +23,11 @@ ever evaluated, and that compare's curve is the runs' mean AUCs. The issue's cla
 ABMIL's mean test AUC over seeds) is ``test_augmentation_raises_mean_test_auc_at_10_percent``, an opt-in
 measurement (``ZOOMFEAT_AUGMENT_CLAIM=1``, ~60 minutes on a shared 2-core machine: its generator trains for
 3000 steps). In ``CLAIM_STUDY`` every tile of a slide also carries that slide's illumination ramp
-(``Study.ramp``), which the toy conditioner barely sees: two real training slides per class are told apart most easily by their ramps, copies
-regenerated from the conditioning keep the tile type and redraw the ramp, and augmentation raised the mean test
-AUC at 10% over 20 seeds on 2026-12-02 (0.488 -> 0.579); the 2026-12-07 rerun does not reproduce it (0.493 ->
-0.504, p 0.23: its generator keeps half the type difference, so this test fails), benchmarks/RESULTS.md, "Label
-efficiency with synthetic copies".
+(``Study.ramp``), which the toy conditioner barely sees: two real training slides per class are told apart most
+easily by their ramps, copies regenerated from the conditioning keep the tile type and redraw the ramp, and
+augmentation raised the mean test AUC at 10% over 20 seeds on 2026-12-02 (0.488 -> 0.579); the 2026-12-07 rerun
+does not reproduce it (0.493 -> 0.504, p 0.23: its generator keeps half the type difference, so this test fails),
+benchmarks/RESULTS.md, "Label efficiency with synthetic copies".
 On ``OVERLAP_STUDY`` (overlapping classes, no confound) it does not (0.538 -> 0.530 over five seeds).
 
 Issue 39 adds whole synthetic slides: ``CLAIM_STUDY`` also runs ``feature-copies --unit slide`` (generate-slide's
