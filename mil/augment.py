@@ -9,6 +9,9 @@ outcome in the run record:
 * :func:`synthetic_for_fold` picks the synthetic copies (``<slide_id>~syn<k>``, written by
   ``zoomfeat feature-copies``) of the fold's training slides, and only those: never a copy of a validation or test
   slide, never a copy of any slide of a patient who has a slide held out in that fold.
+
+The copies (either unit, ``--unit patch`` or ``--unit slide``) must have been made from the feature set the run
+trains on (:func:`usable_copies`, through :func:`check_made_from`).
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from zoomfeat.errors import ConfigError
+from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.features import source_of
+from zoomfeat.resolve import file_sha256
+from zoomfeat.store import FeatureFile, h5_path
+
 
 @dataclass(frozen=True)
 class FoldAugmentation:
@@ -161,3 +167,48 @@ def plan_cohort(folds_data: Mapping[int, object], case_of: Mapping[str, str], la
         plans[k] = plan_fold(data.parts["train"], held, case_of, label_of, fraction=fraction, seed=seed, fold=k,
                              available=available)
     return CohortAugmentation(plans, augment_spec, tuple(available))
+
+
+def usable_copies(folder: str | Path, spec, usable: Iterable[str]) -> list[str]:
+    """The copies in ``folder`` of the slides in ``usable``, after checking that they were made from the feature
+    set ``spec`` the run trains on (DataError naming both otherwise, or when there is none)."""
+    usable = set(usable)
+    candidates = [s for s in synthetic_ids(folder) if source_of(s) in usable]
+    if not candidates:
+        raise DataError(f"--augment {folder}: no synthetic copy of a slide of this run")
+    check_made_from(Path(folder), spec, candidates)
+    return candidates
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256_cached(path: Path) -> str:
+    """sha256 of a file, computed once per (path, size, mtime) in a process (train-mil checks each seed)."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        _SHA256[key] = file_sha256(path)
+    return _SHA256[key]
+
+
+def check_made_from(folder: Path, spec, ids) -> None:
+    """DataError (one line naming both) unless every copy in ``ids`` (of ``folder``) was made from the real
+    feature file its source slide has in ``spec`` (a :class:`zoomfeat.features.FeatureSpec`): the sha256 the copy
+    records against that file's."""
+    for syn in ids:
+        source = source_of(syn)
+        with FeatureFile(h5_path(folder, syn)) as f:
+            made = ((f.extractor_config or {}).get("synthetic") or {}).get("made_from") or {}
+        if not made.get("features_sha256"):
+            raise DataError(f"--augment {folder}: {syn} records no feature file it was made from (copies of an "
+                            "older zoomfeat): delete the folder and run `zoomfeat feature-copies` again")
+        files = [p for p in spec.files(source) if p.is_file()]
+        hashes = {_sha256_cached(p): p for p in files}
+        if made["features_sha256"] not in hashes:
+            real = files[0] if files else spec.path(source)
+            ours = next(iter(hashes), "missing")
+            raise DataError(f"--augment {folder}: {syn} was made from {made.get('features_file')} (sha256 "
+                            f"{made['features_sha256'][:12]}), not from {real} (sha256 {ours[:12]}) of the feature "
+                            f"set {spec} this run trains on: make the copies from {spec} with "
+                            "`zoomfeat feature-copies`")

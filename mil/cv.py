@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 from torch import nn
 
-from mil.augment import AugmentedStore, plan_cohort, synthetic_ids
+from mil.augment import AugmentedStore, plan_cohort, usable_copies
 from mil.bags import BagStore, FeatureSpec, MILDataWarning, read_extractor, scan_bags
 from mil.config import MILConfig, describe_plan_rows, effective_model_kwargs, plan_rows
 from mil.metrics import METRICS, check_finite, classification_metrics, fmt, mean_std, metric_label
@@ -40,7 +40,6 @@ from splits.io import PARTS, SplitFold, read_splits_dir
 from zoomfeat.labels import read_labels
 from zoomfeat import __version__
 from zoomfeat.errors import CheckpointError, ConfigError, DataError, one_line
-from zoomfeat.features import source_of
 from zoomfeat.fitting import load_checkpoint
 from zoomfeat.log import note
 from zoomfeat.runtime import check_devices
@@ -110,9 +109,7 @@ def _augmentation(cfg: MILConfig, spec: FeatureSpec, all_folds: list[SplitFold],
     aug_spec, available = None, ()
     if cfg.augment is not None:
         aug_spec = FeatureSpec(Path(cfg.augment), spec.mags)
-        candidates = [s for s in synthetic_ids(cfg.augment) if source_of(s) in usable]
-        if not candidates:
-            raise DataError(f"--augment {cfg.augment}: no synthetic copy of a slide of this run")
+        candidates = usable_copies(cfg.augment, spec, usable)  # refused unless made from this feature set
         scan = scan_bags(aug_spec, candidates)
         if scan.dim != dim:
             raise DataError(f"--augment {cfg.augment}: {scan.dim}-d bags, but {spec} gives {dim}-d: make the "

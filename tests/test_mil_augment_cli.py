@@ -1,9 +1,12 @@
 """``train-mil --augment DIR --train-fraction F``: synthetic bags join training folds only, fractions are
-recorded per fold, runs are reproducible, and a resume with another fraction is refused."""
+recorded per fold, runs are reproducible, a resume with another fraction is refused, and copies made from
+another feature set (or recording none) are refused with one line naming both."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -25,9 +28,11 @@ def cohort(tmp_path_factory):
     for path in sorted(paths["features"].glob("*.h5")):
         with FeatureFile(path) as f:
             feats = f.features("20x")
+        made = {"synthetic": {"made_from": {"features_file": path.name,  # what feature-copies records
+                                            "features_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}}}
         for k in range(2):  # two copies of every slide, a little noise on the real rows
             write_feature_file(root / "syn", f"{path.stem}~syn{k}", {"20x": feats + 0.1 * rng.standard_normal(
-                feats.shape).astype(np.float32)}, extractor="toy")
+                feats.shape).astype(np.float32)}, extractor="toy", extractor_config=made)
     return {**paths, "syn": root / "syn", "root": root}
 
 
@@ -104,3 +109,37 @@ def test_compare_shows_real_vs_synthetic_and_fraction_curves(cohort, tmp_path):
     assert [float(f) for f in curves["toy@20x +syn"]] == [0.25, 0.5, 1.0]
     assert len(result["comparisons"]) == 5  # every run paired with the reference on the same folds
     assert (tmp_path / "cmp" / "fraction_auc_subtyping.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("case", ["re-extracted", "no record"])
+def test_copies_of_another_feature_set_are_refused(cohort, tmp_path, capsys, case):
+    """The copies record the sha256 of the real file they were made from; a feature set whose file differs (here
+    one slide's features rewritten, as a re-extraction does) or copies that record nothing are refused."""
+    features = tmp_path / "features"
+    shutil.copytree(cohort["features"], features)
+    syn = tmp_path / "syn"
+    shutil.copytree(cohort["syn"], syn)
+    victim = sorted(features.glob("*.h5"))[0]
+    if case == "re-extracted":
+        with FeatureFile(victim) as f:
+            feats = f.features("20x")
+        victim.unlink()
+        write_feature_file(features, victim.stem, {"20x": feats + 1.0}, extractor="toy")
+    else:
+        copy = syn / f"{victim.stem}~syn0.h5"
+        with FeatureFile(copy) as f:
+            feats = f.features("20x")
+        copy.unlink()
+        write_feature_file(syn, copy.stem, {"20x": feats}, extractor="toy")
+    argv = _argv(cohort, tmp_path / "run", "--augment", str(syn))
+    argv[argv.index("--features") + 1] = f"{features}@20x"
+    capsys.readouterr()
+    assert cli.main(argv) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(syn) in err[0], err
+    if case == "re-extracted":
+        expected = hashlib.sha256(victim.read_bytes()).hexdigest()[:12]
+        assert f"{victim.stem}~syn" in err[0] and str(victim) in err[0] and expected in err[0] and "made from" in err[0]
+    else:
+        assert "records no feature file" in err[0]
+    assert not (tmp_path / "run" / "fold_0").exists()

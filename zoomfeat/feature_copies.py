@@ -14,11 +14,25 @@ The output is ordinary feature files ``<out>/<slide_id>~syn<k>.h5`` with the rea
 checkpoint sha256, the seed rule, the fraction replaced). Runs are resumable (a complete file made with the same
 settings is skipped; one made with other settings is refused), sharded (``--shard i/n``) and claimed per slide
 like ``extract``; memory stays bounded by the batch size.
+
+``unit="slide"`` (``--unit slide``) makes whole synthetic slides instead: for each real slide and copy k,
+:func:`zoomfeat.generate.slide.generate_slide` (``generate-slide``'s cascade) writes a pyramidal TIFF
+``<out>/slides/<slide_id>~syn<k>.tiff`` with the real slide's tissue layout and 20x conditions (the conditioner
+that made ``--conditioning``, run on the real slide), and :class:`zoomfeat.extract.runner.SlideExtractor` (the
+extract stage itself) tiles and featurises it with the feature set's own settings (``extract_config.json``:
+encoder, mags, tissue rules; the synthetic slide's 20x conditioning computed by the same conditioner on its
+own pixels). The feature files have the patch unit's ids and records, so ``train-mil --augment`` takes either.
+
+Every copy records what it was made from (``synthetic.made_from``: the unit, the sha256 of the real feature
+file, of the ZoomLDM checkpoint and config, and of the conditioner: the slide's conditioning file for the patch
+unit, the conditioner's weights or toy seed for the slide unit); :func:`mil.augment.check_made_from` refuses copies of
+another feature set (``train-mil --augment``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -27,21 +41,28 @@ from pathlib import Path
 import numpy as np
 
 from zoomfeat.features import source_of, synthetic_id
+from zoomfeat.generate.pyramid import PyramidSettings, write_pyramid_streamed
 from zoomfeat import hub
 from zoomfeat.batch import run_batch, shard_slides
+from zoomfeat.encoders.specs import encoder_weights, parse_conditioner
 from zoomfeat.errors import ConfigError, DataError
 from zoomfeat.extract import conditioning_io as cio
+from zoomfeat.extract.config import CONFIG_NAME as EXTRACT_CONFIG_NAME, ExtractConfig
 from zoomfeat.extract.featurizer import PatchBatch
-from zoomfeat.extract.runner import contiguous_runs
-from zoomfeat.mags import MagDict, Magnification, parse_mags
+from zoomfeat.extract.loading import load_networks
+from zoomfeat.extract.runner import ExtractStats, SlideExtractor, contiguous_runs
+from zoomfeat.mags import PATCH_SIZE, MagDict, Magnification, parse_mags
 from zoomfeat.resolve import ZoomLDMSource, file_sha256
 from zoomfeat.runtime import resolve_runtime
 from zoomfeat.slides import SlideInfo
 from zoomfeat.store import (FeatureFile, TileStoreWriter, check_output_folder, describe_diff, fingerprint, h5_path,
                             is_complete, is_complete_with, settings_diff)
 from zoomfeat.tiling import restrict_grid
+from zoomfeat.tissue import TissueParams
 
 CONFIG_NAME = "feature_copies_config.json"
+UNITS = ("patch", "slide")
+SLIDES_FOLDER = "slides"  # <out>/slides/: the slide unit's synthetic TIFFs and their conditioning embeddings
 
 
 @dataclass(frozen=True)
@@ -65,8 +86,28 @@ class FeatureCopiesConfig:
     precision: str = "auto"
     shard: str | None = None
     slides: tuple[str, ...] = field(default_factory=tuple)  # slide ids to do (empty: all)
+    unit: str = "patch"  # "patch": each tile regenerated alone; "slide": a whole synthetic slide, then extracted
+    conditioner: str | None = None  # slide unit: uni=PATH (None: the toy conditioner recorded in --conditioning)
+    slide_dir: Path | None = None  # slide unit: where the real slides are (None: the paths the features record)
+    slide_options: dict = field(default_factory=dict)  # slide unit: SlideGenConfig settings (levels, refine_t0 ...)
 
     def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise ConfigError(f"bad --unit {self.unit!r}: use patch (each tile regenerated alone) or slide (whole "
+                              "synthetic slides, then extracted)")
+        if self.unit == "slide":
+            if float(self.fraction) != 1.0:
+                raise ConfigError("--fraction is for --unit patch: a synthetic slide is generated whole")
+            if self.sampler != "ddim":
+                raise ConfigError(f"--sampler {self.sampler} is for --unit patch: --unit slide samples with "
+                                  "generate-slide's cascade")
+            if isinstance(self.slide_options.get("levels"), str):
+                object.__setattr__(self, "slide_options", {**self.slide_options,
+                                                           "levels": parse_mags(self.slide_options["levels"])})
+            if self.slide_dir is not None and not Path(self.slide_dir).is_dir():
+                raise ConfigError(f"--slide-dir {self.slide_dir} is not a folder: give the folder of the real slides")
+        elif self.conditioner is not None or self.slide_dir is not None or self.slide_options:
+            raise ConfigError("--conditioner, --slide-dir and the slide generation options are for --unit slide")
         if not Path(self.features_dir).is_dir():
             raise ConfigError(f"--features {self.features_dir} is not a folder: give the --out of `zoomfeat extract`")
         if not Path(self.conditioning_dir).is_dir():
@@ -85,6 +126,13 @@ class FeatureCopiesConfig:
 
     def generation_record(self) -> dict:
         """What the synthetic tiles depend on, besides the slide (stored in every file and in the folder)."""
+        if self.unit == "slide":
+            return {"unit": "slide", "zoomldm_checkpoint_sha256": file_sha256(self.zoomldm.weights),
+                    "zoomldm_config_sha256": file_sha256(self.zoomldm.config), "seed": self.seed,
+                    "generate_slide": {k: v for k, v in self.slide_generation(
+                        Path(self.out_dir) / SLIDES_FOLDER / ".record.tiff", 0).record().items() if k != "seed"},
+                    "seed_rule": "sha256(seed|slide_id|copy|slide) -> generate-slide --seed",
+                    **hub.weights_sources(checkpoint=self.zoomldm.weights, config=self.zoomldm.config)}
         return {"zoomldm_checkpoint_sha256": file_sha256(self.zoomldm.weights),
                 "zoomldm_config_sha256": file_sha256(self.zoomldm.config),
                 "sampler": self.sampler, "steps": self.steps, "guidance": self.guidance,
@@ -92,6 +140,22 @@ class FeatureCopiesConfig:
                 "use_ema": True, "seed": self.seed, "fraction": float(self.fraction),
                 "seed_rule": "sha256(seed|slide_id|copy|mag|x|y) -> torch.Generator seed of x_T",
                 **hub.weights_sources(checkpoint=self.zoomldm.weights, config=self.zoomldm.config)}
+    def slide_generation(self, out: Path, seed: int):
+        """The ``generate-slide`` settings of one synthetic slide, without its conditions (set per slide)."""
+        from zoomfeat.generate.guidance import Guidance
+        from zoomfeat.generate.slide import SlideGenConfig
+
+        options = {k: v for k, v in self.slide_options.items() if v is not None}
+        # --guidance is the standard scale s everywhere; the cascade takes it in the large-image form w = s - 1
+        return SlideGenConfig(zoomldm=self.zoomldm, conditions=None, out=out, steps=self.steps,
+                              guidance=Guidance(float(self.guidance) - 1.0, "large_image"), seed=seed,
+                              batch_size=self.batch_size, device=self.device, precision=self.precision, **options)
+
+
+def copy_seed(seed: int, slide_id: str, copy: int) -> int:
+    """The ``generate-slide`` seed of one synthetic slide (63-bit, from sha256 of its identity)."""
+    text = f"{seed}|{slide_id}|{copy}|slide".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 def tile_seed(seed: int, slide_id: str, copy: int, mag: Magnification, x: int, y: int) -> int:
@@ -168,7 +232,8 @@ class FeatureCopier:
 
     def record(self) -> dict:
         """The extractor_config of every synthetic file (the real one plus the generation record)."""
-        return {**self.real_config, "synthetic": {"generation": self.generation, "copies": self.cfg.copies}}
+        return {**self.real_config, "synthetic": {"unit": "patch", "generation": self.generation,
+                                                  "copies": self.cfg.copies}}
 
     def __call__(self, feature_file: Path) -> str:
         with FeatureFile(feature_file) as f:
@@ -182,14 +247,18 @@ class FeatureCopier:
                             f"it holds ({', '.join(grid.names)})")
         cond = cio.read_conditioning(self.cfg.conditioning_dir, info, {m: grid.coords[m] for m in mags},
                                      self.model.conditioning_dim)
-        outcomes = [self._copy(info, grid, mags, real, cond, k, source) for k in range(self.cfg.copies)]
+        cond_file = h5_path(self.cfg.conditioning_dir, info.slide_id)
+        made = made_from_record(self.cfg, feature_file, {"conditioning_file": cond_file.name,
+                                                         "conditioning_sha256": file_sha256(cond_file)})
+        outcomes = [self._copy(info, grid, mags, real, cond, k, source, made) for k in range(self.cfg.copies)]
         return "done" if "done" in outcomes else "skipped"
 
-    def _copy(self, info, grid, mags, real, cond, k: int, source: dict) -> str:
+    def _copy(self, info, grid, mags, real, cond, k: int, source: dict, made: dict) -> str:
         syn_id = synthetic_id(info.slide_id, k)
         path = h5_path(self.cfg.out_dir, syn_id)
         config = {**self.record(), "synthetic": {**self.record()["synthetic"], "synthetic_of": info.slide_id,
-                                                 "copy": k, "source_features": source, "mags": [m.name for m in mags]}}
+                                                 "copy": k, "source_features": source, "made_from": made,
+                                                 "mags": [m.name for m in mags]}}
         if is_complete_with(path, None, config):  # complete with these settings: skip; with others: refused
             return "skipped"
         out_grid = restrict_grid(grid, mags, info.slide_id)
@@ -228,6 +297,239 @@ class FeatureCopier:
                 decoded = self.model.decode_first_stage(latents.to(self.runtime.device)).float()
             images = ((decoded.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)  # [-1, 1] -> uint8
             return self.featurizer(replace(batch, images=images))
+
+
+def made_from_record(cfg: FeatureCopiesConfig, feature_file: Path, conditioner: dict) -> dict:
+    """What one slide's copies were made from, by sha256: the real feature file, the ZoomLDM, the conditioner."""
+    return {"unit": cfg.unit, "features_file": Path(feature_file).name, "features_sha256": file_sha256(feature_file),
+            "zoomldm_checkpoint_sha256": file_sha256(cfg.zoomldm.weights),
+            "zoomldm_config_sha256": file_sha256(cfg.zoomldm.config), "conditioner": conditioner}
+
+
+# ----- the slide unit ------------------------------------------------------------------------------------------
+# extractor_config keys that may differ between the real extraction and the synthetic slides' one: how the run
+# went (precision, code version, where the weights were read from), not what the features are
+RUN_KEYS = ("precision", "code_version", "weights_sources")
+# and, when the real features read their conditioning from a folder, the conditioner's keys (checked against
+# that folder's record instead: see SlideCopier.conditioner)
+CONDITIONING_KEYS = ("conditioner", "conditioner_weights_sha256", "conditioning_dir")
+
+
+def extract_record(features_dir: Path) -> dict:
+    """The ``features`` section of ``<features>/extract_config.json`` (extractor, tissue rules, scale overrides)."""
+    path = Path(features_dir) / EXTRACT_CONFIG_NAME
+    try:
+        record = json.loads(path.read_text())["features"]
+        record["tissue"] = TissueParams(**record["tissue"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--unit slide reads how the features were tiled from {path}, which is missing or not "
+                          f"`zoomfeat extract`'s ({type(exc).__name__}): give a --features folder written by "
+                          "`zoomfeat extract`") from exc
+    return record
+
+
+def conditioner_of(cfg: FeatureCopiesConfig, slide_id: str) -> tuple[str, Path | None, int, dict]:
+    """(name, weights, toy seed, record) of the conditioner that made ``--conditioning`` (its files' record),
+    checked against ``--conditioner`` (needed for weights; the toy conditioner is rebuilt from its seed)."""
+    path = h5_path(cfg.conditioning_dir, slide_id)
+    if not is_complete(path):
+        raise DataError(f"no complete conditioning file {path}: give --conditioning the folder `zoomfeat extract` "
+                        "wrote beside these features")
+    with FeatureFile(path) as f:
+        recorded = f.extractor_config or {}
+    name, sha, seed = str(recorded.get("encoder")), recorded.get("weights_sha256"), int(recorded.get("seed") or 0)
+    if cfg.conditioner is None:
+        if name != "toy":
+            raise ConfigError(f"{cfg.conditioning_dir} was made by the {name} conditioner: pass --conditioner "
+                              f"{name}=PATH with its weights")
+        weights = None
+    else:
+        given, weights = parse_conditioner(cfg.conditioner)
+        weights = Path(weights) if weights else None
+        if given != name or (sha is not None and file_sha256(weights) != sha):
+            raise ConfigError(f"--conditioner {cfg.conditioner} is not the conditioner that made {cfg.conditioning_dir}"
+                              f" ({name}{', weights sha256 ' + sha[:12] if sha else ''}): pass that one")
+    return name, weights, seed, {"conditioner": name, "weights_sha256": sha,
+                                 "toy_seed": seed if name == "toy" else None}
+
+
+def real_slide(feature_file: Path, slide_dir: Path | None) -> Path:
+    """The slide a real feature file was made from (the path it records, or its file name in ``slide_dir``)."""
+    with FeatureFile(feature_file) as f:
+        recorded = Path(str(f.attrs.get("slide_path", "")))
+    path = Path(slide_dir) / recorded.name if slide_dir is not None else recorded
+    if not path.is_file():
+        where = f"in --slide-dir {slide_dir}" if slide_dir is not None else "at the path the features record"
+        raise DataError(f"{feature_file} was made from {recorded.name}, which is not {where} ({path}): pass "
+                        "--slide-dir with the folder of the real slides")
+    return path
+
+
+class SlideCopier:
+    """``--unit slide``: per real slide and copy, a synthetic slide (generate-slide's cascade) extracted by
+    the extract stage with the feature set's own settings. ``__call__(feature_file)`` writes its copies."""
+
+    def __init__(self, cfg: FeatureCopiesConfig, runtime, extractor: str, real_config: dict, first: Path):
+        self.cfg, self.runtime = cfg, runtime
+        self.extractor, self.real_config = extractor, dict(real_config)
+        self.extracted = extract_record(cfg.features_dir)
+        name, weights, seed, self.conditioner = conditioner_of(cfg, first.stem)
+        self.request_fields = {"conditioner": name, "conditioner_weights": weights, "toy_seed": seed,
+                               "base_mag": self.extracted.get("base_mag"), "mpp": self.extracted.get("mpp"),
+                               "tissue": self.extracted["tissue"], "batch_size": cfg.batch_size}
+        self.generation = cfg.generation_record()
+        self.zoom = _view_zoom(cfg.zoomldm)
+        mags = list(cfg.mags) if cfg.mags else [m for m in parse_mags(self.real_config.get("mags") or ())]
+        if not mags:
+            raise DataError(f"{cfg.features_dir} records no magnifications in its extractor_config: re-extract it")
+        self.mags = tuple(mags)
+        tissue = self.extracted["tissue"]
+        self.extract_cfg = ExtractConfig(
+            out_dir=Path(cfg.out_dir), encoder=extractor, mags=self.mags,
+            zoomldm_config=cfg.zoomldm.config if extractor == "zoomldm" else None,
+            weights=cfg.zoomldm.weights if extractor == "zoomldm" else self._encoder_weights(),
+            conditioner=name, conditioner_weights=weights, toy_seed=self._toy_seed(seed),
+            timestep=int(self.real_config.get("timestep", 50)), block=int(self.real_config.get("block", 3)),
+            pooling=str(self.real_config.get("pooling", "mean")), noise=str(self.real_config.get("noise", "seeded")),
+            conditioning_out=Path(cfg.out_dir) / SLIDES_FOLDER / name, batch_size=cfg.batch_size, workers=0,
+            device=cfg.device, precision=cfg.precision,
+            min_tissue=tissue.min_tissue, saturation_threshold=tissue.saturation_threshold,
+            min_saturation=tissue.min_saturation, mask_mag=tissue.mask_mag)
+        self.networks = load_networks(self.extract_cfg, runtime)
+        self._check_same_extraction(self.networks.extractor_config)
+        self.patches = 0
+
+    def _encoder_weights(self) -> Path | None:
+        if self.extractor == "toy":
+            return None
+        if self.cfg.encoder_weights is None:
+            raise ConfigError(f"{self.cfg.features_dir} holds {self.extractor} features: pass --encoder-weights with "
+                              f"the {self.extractor} weights that extracted them")
+        return encoder_weights(self.extractor, self.cfg.encoder_weights, "--encoder-weights")
+
+    def _toy_seed(self, conditioner_seed: int) -> int:
+        """The toy seed of the extraction: the toy encoder's own (pixel features) or the toy conditioner's."""
+        return int(self.real_config.get("seed") or 0) if self.extractor == "toy" else conditioner_seed
+
+    def _check_same_extraction(self, made: dict) -> None:
+        """The synthetic slides' extractor_config must be the real one's, up to how the run went."""
+        skip = set(RUN_KEYS) | (set(CONDITIONING_KEYS) if self.real_config.get("conditioning_dir") else set())
+        if self.cfg.mags:
+            skip.add("mags")
+        diff = settings_diff({k: v for k, v in self.real_config.items() if k not in skip},
+                             {k: v for k, v in made.items() if k not in skip})
+        if diff:
+            raise ConfigError(f"the synthetic slides would be featurised otherwise than {self.cfg.features_dir} "
+                              f"({describe_diff(diff)}): give the --zoomldm/--weights/--encoder-weights that "
+                              "extracted the features")
+
+    def record(self) -> dict:
+        return {**self.real_config, "synthetic": {"unit": "slide", "generation": self.generation,
+                                                  "copies": self.cfg.copies}}
+
+    def __call__(self, feature_file: Path) -> str:
+        with FeatureFile(feature_file) as f:
+            slide_id = str(f.attrs["slide_id"])
+        source = fingerprint(feature_file)
+        made = made_from_record(self.cfg, feature_file, self.conditioner)
+        slide = None
+        outcomes = []
+        for k in range(self.cfg.copies):
+            syn_id = synthetic_id(slide_id, k)
+            config = {**self.record(), "synthetic": {**self.record()["synthetic"], "synthetic_of": slide_id,
+                                                     "copy": k, "source_features": source, "made_from": made,
+                                                     "mags": [m.name for m in self.mags]}}
+            if is_complete_with(h5_path(self.cfg.out_dir, syn_id), None, config):
+                outcomes.append("skipped")
+                continue
+            slide = slide or real_slide(feature_file, self.cfg.slide_dir)
+            tiff = self._synthetic_slide(slide, slide_id, k)
+            self.networks.extractor_config = config
+            extractor = SlideExtractor(self.extract_cfg, self.networks, self.runtime, ExtractStats())
+            outcomes.append(extractor(tiff))
+            self.patches += extractor.stats.patches
+        return "done" if "done" in outcomes else "skipped"
+
+    def _synthetic_slide(self, slide: Path, slide_id: str, k: int) -> Path:
+        """``<out>/slides/<id>~syn<k>.tiff``, generated (or resumed from its parts) unless it is there."""
+        from zoomfeat.generate.conditions import ConditionRequest
+        from zoomfeat.generate.slide import generate_slide
+
+        folder = Path(self.cfg.out_dir) / SLIDES_FOLDER
+        view = folder / f"{synthetic_id(slide_id, k)}.tiff"  # what is extracted: the synthetic slide at 20x scale
+        tiff = view if self.zoom == 1 else folder / f"{synthetic_id(slide_id, k)}.generated.tiff"
+        seed = copy_seed(self.cfg.seed, slide_id, k)
+        if tiff.exists():
+            _check_synthetic_slide(tiff, self.cfg.slide_generation(tiff.with_name(".record.tiff"), seed).record(),
+                                   slide_id, file_sha256(self.cfg.zoomldm.weights))
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            settings = self.cfg.slide_generation(tiff, seed)
+            request = ConditionRequest(mag=settings.levels[0], slide=slide, **self.request_fields)
+            generate_slide(replace(settings, conditions=request))
+        if not view.exists():
+            write_20x_view(tiff, view, self.zoom)
+        return view
+
+
+def _view_zoom(source: ZoomLDMSource) -> int:
+    """256 / R for a generator whose 20x patch is R px (official config; 1 for the released models' R = 256)."""
+    import yaml
+
+    try:
+        params = yaml.safe_load(Path(source.config).read_text())["model"]["params"]
+        resolution = int(params["first_stage_config"]["params"]["ddconfig"]["resolution"])
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{source.config} gives no first-stage resolution (model.params.first_stage_config."
+                          "params.ddconfig.resolution): give an official ZoomLDM config") from exc
+    if resolution > PATCH_SIZE or PATCH_SIZE % resolution:
+        raise ConfigError(f"{source.config}: a {resolution}-px patch is not 256 px divided by a whole number: "
+                          "--unit slide cannot lay its synthetic slides on the real slides' 20x grid")
+    return PATCH_SIZE // resolution
+
+
+def write_20x_view(generated: Path, view: Path, zoom: int) -> Path:
+    """``generated`` (a generate-slide TIFF of a model whose 20x patch is 256 / ``zoom`` px) at the real slides'
+    20x scale: every pixel repeated ``zoom`` x ``zoom`` times (a 256-px tile then holds one model patch, which the
+    featuriser resizes back to R px), streamed band by band into a lossless pyramidal TIFF with the generated
+    file's mpp, magnification and record (atomic)."""
+    import openslide
+
+    with openslide.OpenSlide(str(generated)) as slide:
+        width, height = slide.dimensions
+        mpp = float(slide.properties.get(openslide.PROPERTY_NAME_MPP_X, 0.5))
+        record = json.loads(slide.properties.get("tiff.ImageDescription", "{}"))
+
+        def band(y0: int, y1: int) -> np.ndarray:
+            top, bottom = y0 // zoom, -(-y1 // zoom)
+            rows = np.asarray(slide.read_region((0, top), 0, (width, bottom - top)).convert("RGB"))
+            rows = np.repeat(np.repeat(rows, zoom, axis=0), zoom, axis=1)
+            return rows[y0 - top * zoom:y1 - top * zoom]
+
+        meta = {**{k: v for k, v in record.items() if k not in ("mpp", "magnification")},
+                "generator": "zoomfeat feature-copies --unit slide (20x view)", "view_of": generated.name,
+                "view_zoom": zoom}
+        return write_pyramid_streamed(view, height * zoom, width * zoom, band, mpp=mpp,
+                                      magnification=float(record.get("magnification", 20.0)), metadata=meta,
+                                      settings=PyramidSettings(compression="deflate"))
+
+
+def _check_synthetic_slide(tiff: Path, settings: dict, slide_id: str, checkpoint_sha256: str | None) -> None:
+    """A synthetic slide already in ``<out>/slides`` must have been made with these settings from this slide."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(tiff) as tif:
+            record = json.loads(tif.pages[0].description)
+    except (OSError, ValueError, tifffile.TiffFileError) as exc:
+        raise DataError(f"{tiff} is not a synthetic slide of generate-slide ({type(exc).__name__}): delete it") \
+            from exc
+    diff = settings_diff(record.get("settings"), settings)
+    other = record.get("source_slide", {}).get("slide_id") != slide_id or \
+        record.get("model", {}).get("checkpoint_sha256") != checkpoint_sha256
+    if diff or other:
+        what = describe_diff(diff) if diff else "another slide or model"
+        raise DataError(f"{tiff} holds a synthetic slide made otherwise ({what}): delete it or use another --out")
 
 
 def _write_rows(writer, mag: Magnification, rows: np.ndarray, feats: np.ndarray) -> None:
@@ -282,12 +584,16 @@ def make_feature_copies(cfg: FeatureCopiesConfig) -> int:
     files = _real_files(cfg)
     extractor, real_config = _extractor_of(files)
     runtime = resolve_runtime(cfg.device, cfg.precision)
-    worker = FeatureCopier(cfg, runtime, extractor, real_config)
+    if cfg.unit == "slide":
+        worker = SlideCopier(cfg, runtime, extractor, real_config, files[0])
+    else:
+        worker = FeatureCopier(cfg, runtime, extractor, real_config)
     check_output_folder(cfg.out_dir, "--out", {"extractor": extractor, "extractor_config": worker.record()},
                         CONFIG_NAME, extra={"config": cfg})
     start = time.perf_counter()
     report = run_batch(shard_slides(files, cfg.shard), cfg.out_dir, worker, desc="feature-copies", shard=cfg.shard)
+    what = "tiles of synthetic slides" if cfg.unit == "slide" else "synthetic tiles"
     print(f"feature-copies: {report.count('done')} slides done, {report.count('skipped')} skipped, "
-          f"{report.count('failed')} failed; {worker.patches} synthetic tiles in {time.perf_counter() - start:.1f} s "
+          f"{report.count('failed')} failed; {worker.patches} {what} in {time.perf_counter() - start:.1f} s "
           f"on {runtime.device}; features in {cfg.out_dir}", file=sys.stderr)
     return report.exit_code
