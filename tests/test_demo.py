@@ -424,12 +424,20 @@ def test_a_stage_that_prints_nothing_gets_a_progress_line_every_heartbeat(monkey
     assert "still running" not in capsys.readouterr().out
 
 
+def _as_from_a_terminal() -> None:
+    """The child starts with SIGINT as a shell in a terminal gives it (default action, not blocked), not with what
+    the test process's libraries may have set at the C level (an ignored SIGINT is inherited through exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_names_the_stage_and_how_to_resume(tmp_path):
     """SIGINT while the demo runs: one line naming the stage and the way to resume, exit code 130."""
     root = Path(__file__).parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "cli", "demo", "--quick", "--out", str(tmp_path / "d")],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_terminal)
     try:
         for line in proc.stdout:
             if line.startswith("[1/"):

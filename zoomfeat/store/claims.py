@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zoomfeat.store.files import writing
+from zoomfeat.store.files import pid_alive, writing
 
 CLAIMS_DIR = ".claims"
 STALE_AFTER_S = 600.0
@@ -31,16 +31,6 @@ TAKEOVER_STALE_S = 60.0
 
 def _host() -> str:
     return socket.gethostname()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _create_exclusive(path: Path, content: str) -> bool:
@@ -91,7 +81,7 @@ class Claim:
         except (OSError, TypeError, ValueError):
             age = float("inf")
         if record.get("host") == _host() and isinstance(record.get("pid"), int):
-            return not _pid_alive(record["pid"]) or age > self.stale_after
+            return not pid_alive(record["pid"]) or age > self.stale_after
         return age > self.stale_after
 
     def acquire(self) -> bool:

@@ -138,19 +138,22 @@ def commit_file(tmp: str | Path, path: str | Path) -> Path:
     _fsync_dir(path.parent)
     for left in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
         pid = left.name.rpartition(".tmp")[2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             discard(left)
     return path
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process ``pid`` runs on this machine (a writer of another user's counts as running)."""
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (one of another user's counts as running; a number no
+    process can have does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:
+    except PermissionError:
         return True
+    except (OSError, OverflowError):  # a pid out of range, read from a damaged file name or record
+        return False
     return True
 
 
